@@ -1,0 +1,5 @@
+"""`sftjob` command line entry point (filled in by later issues)."""
+
+
+def main() -> int:
+    return 0
