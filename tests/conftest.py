@@ -1,0 +1,81 @@
+"""Shared fixtures: the real test bed (see docs/testing.md).
+
+Fixtures
+  s3            function  a fresh bucket on a session-wide SeaweedFS S3 server (testbed.seaweed.S3Bucket)
+  kube          session   the real control plane with KWOK GPU nodes (testbed.kube.Cluster)
+  namespace     function  a fresh namespace name in `kube`, deleted afterwards
+  prometheus    session   a real Prometheus (testbed.prom.Prometheus)
+  testbed_logs  session   directory holding every component's log
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from testbed import procs
+from testbed.seaweed import S3Bucket, SeaweedServer
+
+
+@pytest.fixture(scope="session")
+def testbed_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Logs of every component; SFTJOB_TESTBED_LOGS keeps them somewhere stable (e.g. a CI artifact dir)."""
+    chosen = os.environ.get("SFTJOB_TESTBED_LOGS")
+    path = Path(chosen) if chosen else tmp_path_factory.mktemp("testbed-logs")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path) -> Iterator[SeaweedServer]:
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs"), testbed_logs).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(seaweed_server: SeaweedServer) -> S3Bucket:
+    return seaweed_server.new_bucket()
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path):  # -> testbed.kube.Cluster
+    from testbed.kube import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("kube"), testbed_logs)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def namespace(kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = kube.create_namespace(request.node.name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def prometheus(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path):  # -> testbed.prom.Prometheus
+    from testbed.prom import Prometheus
+
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), testbed_logs)
+    try:
+        prom.start()
+        yield prom
+    finally:
+        prom.stop()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """On a failure, attach the tail of every running test-bed component's log to the report."""
+    report = yield
+    if report.failed and procs.RUNNING:
+        for proc in list(procs.RUNNING):
+            report.sections.append((f"testbed log: {proc.name} ({proc.log_path})", proc.tail(30)))
+    return report
