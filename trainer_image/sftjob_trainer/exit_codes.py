@@ -1,0 +1,45 @@
+"""Exit codes of the trainer: a contract with the Job's podFailurePolicy (torch-free on purpose).
+
+0 success; PERMANENT (2) means retrying cannot help (bad config, bad or empty data, a model that cannot be
+loaded as configured) and maps to `FailJob`; every other non-zero code is retryable and the next pod
+resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+OK = 0
+# Unexpected crash (Python's default for an uncaught exception): retryable.
+RETRYABLE = 1
+# Bad config, bad data, empty data after filtering: retrying cannot help.
+PERMANENT = 2
+# SIGTERM received (preemption, node drain, `kubectl delete pod`): a checkpoint was saved; retryable.
+PREEMPTED = 143
+# Storage (S3) unreachable or failing after retries: retryable.
+STORAGE = 75  # EX_TEMPFAIL
+
+PERMANENT_CODES = frozenset({PERMANENT})
+RETRYABLE_CODES = frozenset({RETRYABLE, PREEMPTED, STORAGE})
+
+
+class TrainerError(Exception):
+    """Base class: carries the exit code the process should end with."""
+
+    exit_code = RETRYABLE
+
+
+class PermanentError(TrainerError):
+    """Bad config or bad data: the Job must fail without retries."""
+
+    exit_code = PERMANENT
+
+
+class StorageError(TrainerError):
+    """Object storage failed after retries: retry the pod."""
+
+    exit_code = STORAGE
+
+
+class Preempted(TrainerError):
+    """SIGTERM arrived; a checkpoint was written before exiting."""
+
+    exit_code = PREEMPTED

@@ -1,0 +1,219 @@
+"""Object storage behind one small interface: S3 (boto3, retries, concurrent transfers) or a local dir.
+
+The output location of a run can be `s3://bucket/prefix` or a filesystem path (PVC, or `sftjob run`
+locally); checkpointing and artifact code only sees `Store`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+from .exit_codes import PermanentError, StorageError
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    key: str
+
+    @staticmethod
+    def parse(uri: str) -> S3Location:
+        if not uri.startswith("s3://"):
+            raise PermanentError(f"not an s3:// URI: {uri}")
+        bucket, _, key = uri[5:].partition("/")
+        if not bucket:
+            raise PermanentError(f"S3 URI without bucket: {uri}")
+        return S3Location(bucket, key)
+
+    def join(self, *parts: str) -> S3Location:
+        key = "/".join(p.strip("/") for p in (self.key, *parts) if p.strip("/"))
+        return S3Location(self.bucket, key)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def s3_client(endpoint_url: str | None = None, path_style: bool | None = None) -> Any:
+    """boto3 client; AWS_ENDPOINT_URL / AWS_* env work as usual, path style for S3-compatible stores."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    if path_style is None:
+        path_style = bool(endpoint)
+    cfg = Config(retries={"max_attempts": 8, "mode": "standard"},
+                 s3={"addressing_style": "path" if path_style else "auto"})
+    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+
+
+def _transfer_config() -> Any:
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(max_concurrency=8, multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+
+
+def _wrap(e: Exception, what: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    if isinstance(e, ClientError):
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return PermanentError(f"{what}: {code}")
+        if code in ("404", "NoSuchKey"):
+            return PermanentError(f"{what}: not found")
+    return StorageError(f"{what}: {e}")
+
+
+def download_file(loc: S3Location, dest: str, client: Any = None) -> None:
+    client = client or s3_client()
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    try:
+        client.download_file(loc.bucket, loc.key, dest + ".part", Config=_transfer_config())
+    except Exception as e:
+        raise _wrap(e, f"download {loc}") from e
+    os.replace(dest + ".part", dest)
+
+
+def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> list[str]:
+    """Mirror every object under a prefix into dest_dir; files already there with the same size are kept."""
+    client = client or s3_client()
+    got = []
+    prefix = loc.key.rstrip("/") + "/" if loc.key else ""
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):]
+                if not rel or rel.endswith("/"):
+                    continue
+                dest = os.path.join(dest_dir, rel)
+                if not (os.path.exists(dest) and os.path.getsize(dest) == obj["Size"]):
+                    download_file(S3Location(loc.bucket, obj["Key"]), dest, client)
+                got.append(rel)
+    except (PermanentError, StorageError):
+        raise
+    except Exception as e:
+        raise _wrap(e, f"list {loc}") from e
+    return got
+
+
+class Store:
+    """Keys are '/'-separated paths relative to the run's output root."""
+
+    def put_file(self, local: str, key: str) -> None: raise NotImplementedError
+    def put_bytes(self, data: bytes, key: str) -> None: raise NotImplementedError
+    def get_bytes(self, key: str) -> bytes: raise NotImplementedError
+    def list(self, prefix: str) -> list[str]: raise NotImplementedError
+    def download_dir(self, prefix: str, dest: str) -> list[str]: raise NotImplementedError
+    def delete_prefix(self, prefix: str) -> None: raise NotImplementedError
+
+    def upload_dir(self, local_dir: str, prefix: str) -> list[str]:
+        keys = []
+        for root, _, files in os.walk(local_dir):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                key = prefix.rstrip("/") + "/" + os.path.relpath(path, local_dir).replace(os.sep, "/")
+                self.put_file(path, key)
+                keys.append(key)
+        return keys
+
+
+class LocalStore(Store):
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _p(self, key: str) -> str:
+        return os.path.join(self.root, *key.split("/"))
+
+    def put_file(self, local: str, key: str) -> None:
+        dest = self._p(key)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(local, dest + ".part")
+        os.replace(dest + ".part", dest)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        dest = self._p(key)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with open(dest + ".part", "wb") as f:
+            f.write(data)
+        os.replace(dest + ".part", dest)
+
+    def get_bytes(self, key: str) -> bytes:
+        with open(self._p(key), "rb") as f:
+            return f.read()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._p(prefix.rstrip("/"))
+        out = []
+        for root, _, files in os.walk(base):
+            for name in files:
+                if not name.endswith(".part"):
+                    rel = os.path.relpath(os.path.join(root, name), self.root)
+                    out.append(rel.replace(os.sep, "/"))
+        return sorted(out)
+
+    def download_dir(self, prefix: str, dest: str) -> list[str]:
+        keys = self.list(prefix)
+        for k in keys:
+            target = os.path.join(dest, k[len(prefix.rstrip("/")) + 1:])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(self._p(k), target)
+        return keys
+
+    def delete_prefix(self, prefix: str) -> None:
+        shutil.rmtree(self._p(prefix.rstrip("/")), ignore_errors=True)
+
+
+class S3Store(Store):
+    def __init__(self, uri: str, client: Any = None) -> None:
+        self.loc = S3Location.parse(uri)
+        self.client = client or s3_client()
+
+    def _k(self, key: str) -> str:
+        return self.loc.join(key).key
+
+    def put_file(self, local: str, key: str) -> None:
+        try:
+            self.client.upload_file(local, self.loc.bucket, self._k(key), Config=_transfer_config())
+        except Exception as e:
+            raise _wrap(e, f"upload s3://{self.loc.bucket}/{self._k(key)}") from e
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        try:
+            self.client.put_object(Bucket=self.loc.bucket, Key=self._k(key), Body=data)
+        except Exception as e:
+            raise _wrap(e, f"put s3://{self.loc.bucket}/{self._k(key)}") from e
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return bytes(self.client.get_object(Bucket=self.loc.bucket, Key=self._k(key))["Body"].read())
+        except Exception as e:
+            raise _wrap(e, f"get s3://{self.loc.bucket}/{self._k(key)}") from e
+
+    def list(self, prefix: str) -> list[str]:
+        full = self._k(prefix).rstrip("/") + "/"
+        root = self.loc.key.rstrip("/") + "/" if self.loc.key else ""
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.loc.bucket,
+                                                                              Prefix=full):
+                out += [o["Key"][len(root):] for o in page.get("Contents", [])]
+        except Exception as e:
+            raise _wrap(e, f"list s3://{self.loc.bucket}/{full}") from e
+        return sorted(out)
+
+    def download_dir(self, prefix: str, dest: str) -> list[str]:
+        return download_prefix(self.loc.join(prefix), dest, self.client)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = self.list(prefix)
+        for i in range(0, len(keys), 1000):
+            objs = [{"Key": self._k(k)} for k in keys[i:i + 1000]]
+            self.client.delete_objects(Bucket=self.loc.bucket, Delete={"Objects": objs, "Quiet": True})
+
+
+def open_store(uri: str) -> Store:
+    return S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
