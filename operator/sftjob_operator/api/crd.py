@@ -1,0 +1,227 @@
+"""Generate the SFTJob CustomResourceDefinition from the pydantic models (the single source of truth).
+
+python -m sftjob_operator.api.crd            # print the CRD YAML
+python -m sftjob_operator.api.crd --write    # update crds/ (and the Helm chart's copy)
+python -m sftjob_operator.api.crd --check    # exit 1 if the committed file differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from . import resource
+from .base import ApiModel
+from .spec import SFTJobSpec
+from .status import SFTJobStatus
+
+CRD_FILE = f"{resource.GROUP}_{resource.PLURAL}.yaml"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+# Run-defining parts of the spec are immutable once created (CEL transition rules); scheduling
+# hints, suspend and the run policy stay editable.
+IMMUTABLE_PATHS = (
+    ("model",),
+    ("dataset",),
+    ("method",),
+    ("training",),
+    ("output",),
+    ("resources", "nodes"),
+    ("resources", "gpusPerNode"),
+    ("resources", "deepspeed"),
+)
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def _model_classes(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Every model reachable from `root`, by the name pydantic uses in $defs."""
+    found: dict[str, type[BaseModel]] = {}
+
+    def visit(tp: Any) -> None:
+        if isinstance(tp, type) and issubclass(tp, BaseModel) and tp.__name__ not in found:
+            found[tp.__name__] = tp
+            for f in tp.model_fields.values():
+                visit(f.annotation)
+        for arg in typing.get_args(tp):
+            visit(arg)
+
+    visit(root)
+    return found
+
+
+def _factory_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """Defaults pydantic leaves out of its JSON schema (default_factory), by wire name."""
+    out: dict[str, Any] = {}
+    for name, f in cls.model_fields.items():
+        if f.default_factory is None:
+            continue
+        value = f.default_factory()  # type: ignore[call-arg]
+        out[f.alias or name] = {} if isinstance(value, BaseModel) else value
+    return out
+
+
+def _unwrap_optional(schema: dict[str, Any]) -> dict[str, Any]:
+    options = schema.get("anyOf")
+    if options is None:
+        return schema
+    real = [o for o in options if o.get("type") != "null"]
+    if len(real) != 1:
+        raise ValueError(f"unsupported union in schema: {schema}")
+    merged = {k: v for k, v in schema.items() if k not in ("anyOf", "default")}
+    if schema.get("default") is not None:
+        merged["default"] = schema["default"]
+    return {**real[0], **merged}
+
+
+class _Converter:
+    """JSON Schema (pydantic, 2020-12 flavour) -> Kubernetes structural OpenAPI v3."""
+
+    def __init__(self, json_schema: dict[str, Any], root: type[BaseModel]):
+        self.defs = json_schema.get("$defs", {})
+        self.classes = _model_classes(root)
+
+    def convert(self, schema: dict[str, Any]) -> dict[str, Any]:
+        schema = _unwrap_optional(schema)
+        if "$ref" in schema:
+            name = schema["$ref"].rsplit("/", 1)[-1]
+            target = self.convert(self.defs[name])
+            overrides = {k: v for k, v in schema.items() if k != "$ref"}
+            return {**target, **self.convert_keywords(overrides)}
+        return self.convert_keywords(schema)
+
+    def convert_keywords(self, schema: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in schema.items():
+            if key in ("title", "$defs"):
+                continue
+            if key == "description":
+                out[key] = " ".join(str(value).split())  # docstrings wrap; kubectl explain re-wraps
+            elif key == "const":
+                out["enum"] = [value]
+            elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+                out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+                out[key] = True
+            elif key == "additionalProperties":
+                if value is True:
+                    out["x-kubernetes-preserve-unknown-fields"] = True
+                elif isinstance(value, dict):
+                    out[key] = self.convert(value)
+                # `false` is implied by a structural schema with properties (unknown fields are pruned)
+            elif key == "items":
+                out[key] = self.convert(value)
+            elif key == "properties":
+                out[key] = {k: self.convert(v) for k, v in value.items()}
+            else:
+                out[key] = value
+        if "properties" in out:
+            cls = self.classes.get(str(schema.get("title", "")))
+            if cls is not None:
+                for prop, default in _factory_defaults(cls).items():
+                    out["properties"][prop].setdefault("default", default)
+        return out
+
+
+def openapi_schema(model: type[ApiModel]) -> dict[str, Any]:
+    """The structural schema of one top-level model (spec or status)."""
+    json_schema = model.model_json_schema(by_alias=True, mode="validation")
+    return _Converter(json_schema, model).convert(json_schema)
+
+
+def _add_immutability(spec_schema: dict[str, Any]) -> None:
+    for path in IMMUTABLE_PATHS:
+        node = spec_schema
+        for part in path:
+            node = node["properties"][part]
+        dotted = "spec." + ".".join(path)
+        node.setdefault("x-kubernetes-validations", []).append(
+            {"rule": "self == oldSelf", "message": f"{dotted} is immutable once the SFTJob is created"}
+        )
+
+
+def build_crd() -> dict[str, Any]:
+    spec = openapi_schema(SFTJobSpec)
+    _add_immutability(spec)
+    status = openapi_schema(SFTJobStatus)
+    root_rules = [r.to_schema() for r in resource.SFTJob.cel_rules]
+    schema = {
+        "type": "object",
+        "description": resource.SFTJob.__doc__,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string", "description": "API version of this object."},
+            "kind": {"type": "string", "description": "Kind of this object."},
+            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "spec": spec,
+            "status": status,
+        },
+        "x-kubernetes-validations": root_rules,
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{resource.PLURAL}.{resource.GROUP}"},
+        "spec": {
+            "group": resource.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": resource.KIND,
+                "listKind": f"{resource.KIND}List",
+                "plural": resource.PLURAL,
+                "singular": resource.SINGULAR,
+                "shortNames": resource.SHORT_NAMES,
+                "categories": resource.CATEGORIES,
+            },
+            "versions": [
+                {
+                    "name": resource.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+
+
+def render_crd_yaml() -> str:
+    header = "# Generated by `python -m sftjob_operator.api.crd --write`. Do not edit.\n"
+    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="write crds/ in the repository")
+    parser.add_argument("--check", action="store_true", help="fail if crds/ is not up to date")
+    args = parser.parse_args(argv)
+    text = render_crd_yaml()
+    target = REPO_ROOT / "crds" / CRD_FILE
+    if args.write:
+        target.write_text(text)
+        print(f"wrote {target}")
+    elif args.check:
+        if not target.exists() or target.read_text() != text:
+            print(f"{target} is stale: run python -m sftjob_operator.api.crd --write", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""`SFTJob.spec`: what the user asks for. The CRD schema is generated from these models.
+
+Every field's docstring becomes its description in the CRD (`kubectl explain sftjob.spec...`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, CelRule
+
+# s3://bucket/key, an absolute path (e.g. a PVC mounted into the pod), pvc://claim/path, or a bare
+# model-cache name such as "smollm2-135m-instruct".
+DATA_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|/.*)$"
+MODEL_URI = DATA_URI[:-2] + r"|[A-Za-z0-9][A-Za-z0-9._-]*)$"
+OUTPUT_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|/.*|\./.*|[A-Za-z0-9_][A-Za-z0-9._/-]*)$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
+DataUri = Annotated[str, Field(pattern=DATA_URI, max_length=1024)]
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    uri: str = Field(pattern=MODEL_URI, max_length=1024)
+    """Base model: s3://bucket/prefix, an absolute path (e.g. on a mounted PVC), pvc://claim/path, or a
+    name resolved from the operator's model cache (e.g. smollm2-135m-instruct)."""
+    revision: str | None = Field(default=None, max_length=128)
+    """Revision (tag or commit) of the model, recorded in the artifact manifest."""
+    tokenizer: str | None = Field(default=None, pattern=MODEL_URI, max_length=1024)
+    """Tokenizer location when it differs from the model's."""
+    trust_remote_code: bool = False
+    """Allow the model repository's own Python code to run. Off by default: it executes arbitrary code."""
+
+
+class FieldMapping(ApiModel):
+    """Column names in the dataset when they differ from the format's defaults."""
+
+    instruction: str = Field(default="instruction", max_length=128)
+    """alpaca: the instruction column."""
+    input: str = Field(default="input", max_length=128)
+    """alpaca: the optional input/context column."""
+    output: str = Field(default="output", max_length=128)
+    """alpaca: the response column (the only part trained on)."""
+    messages: str = Field(default="messages", max_length=128)
+    """messages: the column holding the list of {role, content} turns."""
+    prompt: str = Field(default="prompt", max_length=128)
+    """prompt_completion: the prompt column."""
+    completion: str = Field(default="completion", max_length=128)
+    """prompt_completion: the completion column (the only part trained on)."""
+
+
+class FilterSpec(ApiModel):
+    """Rows dropped before training; the trainer reports how many and why."""
+
+    min_tokens: int = Field(default=1, ge=1, le=1_000_000)
+    """Drop samples with fewer tokens than this (prompt + response)."""
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Drop samples longer than this instead of truncating them."""
+    dedup: bool = True
+    """Drop exact duplicate samples."""
+
+    cel_rules = (
+        CelRule(
+            cel="!has(self.maxTokens) || self.maxTokens >= self.minTokens",
+            message="maxTokens must be >= minTokens",
+            check=lambda f: f.max_tokens is None or f.max_tokens >= f.min_tokens,
+            field_path=".maxTokens",
+        ),
+    )
+
+
+class DatasetSpec(ApiModel):
+    """Training (and optional evaluation) data."""
+
+    train: list[DataUri] = Field(min_length=1, max_length=64)
+    """Training files: s3://bucket/key or paths (JSONL or Parquet, chosen by extension)."""
+    format: Literal["alpaca", "messages", "prompt_completion"] = "alpaca"
+    """alpaca: instruction/input/output; messages: chat turns rendered with the tokenizer's chat template
+    (only assistant turns are trained); prompt_completion: prompt/completion pairs."""
+    eval: list[DataUri] | None = Field(default=None, max_length=64)
+    """Held-out evaluation files. If unset, evalSplit of the training data is held out."""
+    eval_split: float = Field(default=0.05, gt=0, lt=0.5)
+    """Fraction of training rows held out for evaluation (fixed seed) when eval is unset."""
+    field_mapping: FieldMapping = Field(default_factory=FieldMapping)
+    """Column names when they differ from the format's defaults."""
+    max_seq_length: int = Field(default=2048, ge=16, le=131072)
+    """Maximum tokens per sample; longer prompts are truncated from the left so the response stays."""
+    packing: bool = True
+    """Pack several samples into one sequence (padding-free, no attention across samples)."""
+    filter: FilterSpec = Field(default_factory=FilterSpec)
+    """Length and duplicate filtering."""
+
+
+class LoraSpec(ApiModel):
+    """LoRA adapter settings (used by the lora and qlora methods)."""
+
+    r: int = Field(default=16, ge=1, le=1024)
+    """Rank of the adapter matrices."""
+    alpha: int = Field(default=32, ge=1, le=4096)
+    """Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=64
+    )
+    """Module names to adapt, or ["all-linear"] for every linear layer except the output head."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha / sqrt(r)."""
+
+
+class QuantizationSpec(ApiModel):
+    """bitsandbytes 4-bit quantization of the frozen base weights (QLoRA)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type; nf4 is the QLoRA paper's choice."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    compute_dtype: Dtype = "bfloat16"
+    """dtype of the matmuls; the trainer uses float32 when no GPU is present."""
+
+
+class MethodSpec(ApiModel):
+    """How the model is adapted."""
+
+    type: Literal["qlora", "lora", "full"] = "qlora"
+    """qlora: 4-bit frozen base + LoRA; lora: full-precision frozen base + LoRA; full: all weights."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """Adapter settings (ignored by full)."""
+    quantization: QuantizationSpec | None = None
+    """Quantization settings; only valid with qlora (defaults apply when unset)."""
+
+    cel_rules = (
+        CelRule(
+            cel="!has(self.quantization) || self.type == 'qlora'",
+            message="quantization is only valid with type qlora",
+            check=lambda m: m.quantization is None or m.type == "qlora",
+            field_path=".quantization",
+        ),
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Optimisation hyperparameters."""
+
+    epochs: float | None = Field(default=None, gt=0, le=1000)
+    """Passes over the training data (default 1 when maxSteps is unset)."""
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Optimizer steps to run; exclusive with epochs."""
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1)
+    """Peak learning rate."""
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_ratio: float = Field(default=0.03, ge=0, le=0.5)
+    """Fraction of total steps spent warming up linearly from 0."""
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1000)
+    """Gradient clipping norm."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """adamw_8bit uses bitsandbytes' 8-bit optimizer state."""
+    global_batch_size: int = Field(default=16, ge=1, le=65536)
+    """Samples (packed rows when packing) per optimizer step across all ranks."""
+    micro_batch_size: int = Field(default=4, ge=1, le=4096)
+    """Samples per rank per forward pass; gradient accumulation = global / (micro x world size)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass to save memory (~20% slower)."""
+    seed: int = Field(default=42, ge=0, le=2**31 - 1)
+    """Seed for data order, split, adapter init and dropout."""
+    checkpoint_steps: int = Field(default=100, ge=1, le=10_000_000)
+    """Save a resumable checkpoint every N optimizer steps (and on SIGTERM)."""
+    neftune_alpha: float | None = Field(default=None, gt=0, le=100)
+    """NEFTune: add uniform noise of this scale to input embeddings during training."""
+
+    cel_rules = (
+        CelRule(
+            cel="!(has(self.epochs) && has(self.maxSteps))",
+            message="set either epochs or maxSteps, not both",
+            check=lambda t: t.epochs is None or t.max_steps is None,
+            field_path=".maxSteps",
+        ),
+        CelRule(
+            cel="self.globalBatchSize % self.microBatchSize == 0",
+            message="globalBatchSize must be a multiple of microBatchSize",
+            check=lambda t: t.global_batch_size % t.micro_batch_size == 0,
+            field_path=".microBatchSize",
+        ),
+    )
+
+
+class DeepSpeedSpec(ApiModel):
+    """DeepSpeed ZeRO settings."""
+
+    zero_stage: int = Field(default=3, ge=0, le=3)
+    """ZeRO stage: 3 shards parameters, gradients and optimizer state across ranks."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """Keep optimizer state in host memory."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep parameters in host memory (ZeRO-3 only)."""
+
+    cel_rules = (
+        CelRule(
+            cel="self.offloadParams == 'none' || self.zeroStage == 3",
+            message="offloadParams requires zeroStage 3",
+            check=lambda d: d.offload_params == "none" or d.zero_stage == 3,
+            field_path=".offloadParams",
+        ),
+    )
+
+
+Object = dict[str, Any]
+
+
+class ResourcesSpec(ApiModel):
+    """Where and on what the trainer pods run."""
+
+    nodes: int = Field(default=1, ge=1, le=512)
+    """Number of trainer pods (one per node); pod 0 is the rendezvous master."""
+    gpus_per_node: int = Field(default=1, ge=0, le=16)
+    """nvidia.com/gpu per pod, one rank per GPU; 0 trains on CPU with one rank per pod."""
+    cpu: str | None = Field(default=None, pattern=QUANTITY, max_length=32)
+    """CPU request and limit per pod (Kubernetes quantity)."""
+    memory: str | None = Field(default=None, pattern=QUANTITY, max_length=32)
+    """Memory request and limit per pod (Kubernetes quantity)."""
+    shm_size: str = Field(default="8Gi", pattern=QUANTITY, max_length=32)
+    """Size of the /dev/shm emptyDir NCCL uses."""
+    image: str | None = Field(default=None, max_length=512)
+    """Trainer image; the operator's default when unset."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pods must match."""
+    tolerations: list[Object] = Field(default_factory=list, max_length=64)
+    """Pod tolerations (core/v1 Toleration)."""
+    affinity: Object | None = None
+    """Pod affinity (core/v1 Affinity)."""
+    priority_class_name: str | None = Field(default=None, max_length=253)
+    """PriorityClass of the pods."""
+    service_account_name: str | None = Field(default=None, max_length=253)
+    """ServiceAccount of the pods; the chart's trainer account (no API permissions) when unset."""
+    pod_labels: dict[str, str] = Field(default_factory=dict)
+    """Extra labels on every pod."""
+    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra annotations on every pod."""
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    """DeepSpeed ZeRO settings."""
+
+
+class SecretRef(ApiModel):
+    """A Secret in the SFTJob's namespace holding S3 credentials."""
+
+    name: str = Field(min_length=1, max_length=253)
+    """Secret name."""
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=253)
+    """Key of the access key id in the Secret."""
+    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=253)
+    """Key of the secret access key in the Secret."""
+
+
+class OutputSpec(ApiModel):
+    """Where artifacts go: <uri>/<namespace>/<name>/{checkpoints,adapter,eval,merged}/ and manifest.json."""
+
+    uri: str = Field(pattern=OUTPUT_URI, max_length=1024)
+    """s3://bucket/prefix in a cluster; `sftjob run` also accepts a local directory."""
+    endpoint: str | None = Field(default=None, pattern=r"^https?://", max_length=512)
+    """S3 endpoint of an S3-compatible store (MinIO, SeaweedFS, ...); AWS when unset."""
+    path_style: bool = False
+    """Path-style addressing (needed by most S3-compatible stores)."""
+    region: str | None = Field(default=None, max_length=64)
+    """S3 region."""
+    credentials_secret: SecretRef | None = None
+    """Secret with the S3 keys (never inline keys); workload identity when unset."""
+    keep_checkpoints: int = Field(default=2, ge=0, le=1000)
+    """How many newest complete checkpoints to keep; 0 keeps all."""
+
+
+Metric = Literal["loss", "perplexity", "rouge_l", "exact_match"]
+ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "rouge_l", "exact_match")
+
+
+class EvalGates(ApiModel):
+    """Thresholds that must hold for the merge to run; a failed gate ends in Failed/EvalGateFailed."""
+
+    max_eval_loss: float | None = Field(default=None, gt=0)
+    """Highest acceptable eval loss."""
+    max_perplexity: float | None = Field(default=None, gt=1)
+    """Highest acceptable perplexity."""
+    min_rouge_l: float | None = Field(default=None, ge=0, le=1)
+    """Lowest acceptable ROUGE-L F1."""
+    min_exact_match: float | None = Field(default=None, ge=0, le=1)
+    """Lowest acceptable exact-match rate."""
+
+
+class EvalSpec(ApiModel):
+    """The evaluation stage after training."""
+
+    enabled: bool = True
+    """Run the evaluation stage."""
+    metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS), min_length=1, max_length=4)
+    """Metrics to compute on the held-out data."""
+    max_samples: int = Field(default=64, ge=1, le=100_000)
+    """Held-out samples generated for ROUGE-L and exact match."""
+    max_new_tokens: int = Field(default=128, ge=1, le=8192)
+    """Generation length limit for those samples."""
+    gates: EvalGates | None = None
+    """Thresholds that block the merge."""
+
+    cel_rules = (
+        CelRule(
+            cel="!has(self.gates) || self.enabled",
+            message="gates require eval enabled",
+            check=lambda e: e.gates is None or e.enabled,
+            field_path=".gates",
+        ),
+        CelRule(
+            cel="!has(self.gates) || !has(self.gates.minRougeL) || 'rouge_l' in self.metrics",
+            message="gates.minRougeL requires rouge_l in metrics",
+            check=lambda e: e.gates is None or e.gates.min_rouge_l is None or "rouge_l" in e.metrics,
+            field_path=".gates.minRougeL",
+        ),
+        CelRule(
+            cel="!has(self.gates) || !has(self.gates.minExactMatch) || 'exact_match' in self.metrics",
+            message="gates.minExactMatch requires exact_match in metrics",
+            check=lambda e: e.gates is None or e.gates.min_exact_match is None or "exact_match" in e.metrics,
+            field_path=".gates.minExactMatch",
+        ),
+    )
+
+
+class MergeSpec(ApiModel):
+    """The merge stage: the adapter folded into the full-precision base model."""
+
+    enabled: bool = True
+    """Run the merge stage (skipped for method full, whose output is already a full model)."""
+    dtype: Dtype = "bfloat16"
+    """dtype of the merged weights."""
+    uri: str | None = Field(default=None, pattern=OUTPUT_URI, max_length=1024)
+    """Where the merged model goes; <output>/merged/ when unset."""
+
+
+class RunPolicy(ApiModel):
+    """Retries, deadlines and clean-up."""
+
+    backoff_limit: int = Field(default=3, ge=0, le=100)
+    """Retryable trainer failures tolerated before Failed/BackoffLimitExceeded; each resumes from the
+    newest complete checkpoint."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Wall-clock limit from the start of training; then Failed/DeadlineExceeded."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Clean up this long after Succeeded or Failed (see ttlPolicy)."""
+    ttl_policy: Literal["DeleteChildren", "DeleteSFTJob"] = "DeleteChildren"
+    """DeleteChildren keeps the SFTJob (and its status) but deletes its Jobs, pods, Service and
+    ConfigMap; DeleteSFTJob deletes the SFTJob itself. Artifacts in S3 are never deleted."""
+    stuck_pending_timeout_seconds: int = Field(default=600, ge=10)
+    """Pods Pending longer than this set the Stuck condition with the cause."""
+    fail_when_stuck_seconds: int | None = Field(default=None, ge=10)
+    """If set, an SFTJob Stuck this much longer ends Failed/Stuck."""
+
+
+class SFTJobSpec(ApiModel):
+    """A supervised fine-tuning run: train, then evaluate, then merge."""
+
+    model: ModelSpec
+    """The base model."""
+    dataset: DatasetSpec
+    """Training and evaluation data."""
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    """qlora (default), lora or full."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Optimisation hyperparameters."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """Pods, GPUs and DeepSpeed."""
+    output: OutputSpec
+    """Artifact location and credentials."""
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    """Evaluation stage and gates."""
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    """Merge stage."""
+    suspend: bool = False
+    """Suspend the run: pods are deleted, a checkpoint is kept, and unsuspending resumes from it."""
+    run_policy: RunPolicy = Field(default_factory=RunPolicy)
+    """Retries, deadlines and clean-up."""
+
+    cel_rules = (
+        CelRule(
+            cel="self.training.globalBatchSize % (self.training.microBatchSize * self.resources.nodes"
+            " * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1)) == 0",
+            message="training.globalBatchSize must be a multiple of microBatchSize x world size"
+            " (nodes x max(gpusPerNode, 1))",
+            check=lambda s: (
+                s.training.global_batch_size
+                % (s.training.micro_batch_size * s.resources.nodes * max(s.resources.gpus_per_node, 1))
+                == 0
+            ),
+            field_path=".training.globalBatchSize",
+        ),
+        CelRule(
+            cel="self.resources.deepspeed.zeroStage == 3 || self.method.type != 'qlora'"
+            " || self.resources.nodes * self.resources.gpusPerNode <= 1",
+            message="multi-GPU qlora needs resources.deepspeed.zeroStage 3 (4-bit weights are sharded)",
+            check=lambda s: (
+                s.resources.deepspeed.zero_stage == 3
+                or s.method.type != "qlora"
+                or s.resources.nodes * s.resources.gpus_per_node <= 1
+            ),
+            field_path=".resources.deepspeed.zeroStage",
+        ),
+    )
+
+    def world_size(self) -> int:
+        return self.resources.nodes * max(self.resources.gpus_per_node, 1)
+
+
+# Fields that define the run; changing them after creation would mix two runs' checkpoints.
+IMMUTABLE_FIELDS = ("model", "dataset", "method", "training", "resources", "output")

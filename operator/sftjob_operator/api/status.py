@@ -1,0 +1,138 @@
+"""`SFTJob.status`: what the operator observed. Written only by the operator (status subresource)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+
+Phase = Literal["Pending", "Training", "Evaluating", "Merging", "Succeeded", "Failed", "Suspended"]
+TERMINAL_PHASES: tuple[Phase, ...] = ("Succeeded", "Failed")
+ConditionType = Literal[
+    "Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed", "Suspended", "Stuck"
+]
+
+
+class Condition(ApiModel):
+    """A Kubernetes-style condition."""
+
+    type: ConditionType
+    """Condition type."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str = Field(default="", max_length=1024)
+    """CamelCase machine-readable reason, e.g. TrainingFailed, Unschedulable."""
+    message: str = Field(default="", max_length=32768)
+    """Human-readable details."""
+    last_transition_time: datetime | None = None
+    """When status last changed."""
+    observed_generation: int | None = None
+    """metadata.generation the condition was computed from."""
+
+
+class Progress(ApiModel):
+    """Training progress read from the rank-0 trainer's metrics endpoint."""
+
+    step: int | None = None
+    """Optimizer steps done."""
+    total_steps: int | None = None
+    """Optimizer steps planned."""
+    percent: float | None = None
+    """step / totalSteps x 100."""
+    summary: str | None = None
+    """"step/total (percent%)", shown by kubectl get."""
+    epoch: float | None = None
+    """Epochs done (fractional)."""
+    loss: float | None = None
+    """Latest training loss."""
+    tokens_per_second: float | None = None
+    """Training throughput in real (non-padding) tokens per second, all ranks."""
+    eta: str | None = None
+    """Estimated time left, e.g. 1h12m."""
+    last_update: datetime | None = None
+    """When progress was last read."""
+
+
+class EvalResults(ApiModel):
+    """Results of the evaluation stage."""
+
+    eval_loss: float | None = None
+    """Mean token cross-entropy on the held-out data (response tokens only)."""
+    perplexity: float | None = None
+    """exp(evalLoss)."""
+    rouge_l: float | None = None
+    """ROUGE-L F1 of generations against references."""
+    exact_match: float | None = None
+    """Share of generations equal to the reference after normalisation."""
+    gates_passed: bool | None = None
+    """Whether every configured gate held."""
+    failed_gates: list[str] = Field(default_factory=list)
+    """Gates that did not hold, e.g. maxEvalLoss: 2.31 > 2.0."""
+
+
+class Artifacts(ApiModel):
+    """Where the run's outputs are."""
+
+    root: str | None = None
+    """<output.uri>/<namespace>/<name>/."""
+    checkpoints: str | None = None
+    """Resumable checkpoints."""
+    latest_checkpoint: str | None = None
+    """Newest complete checkpoint."""
+    adapter: str | None = None
+    """The trained LoRA adapter (or full weights for method full)."""
+    eval: str | None = None
+    """eval/results.json and sample generations."""
+    merged: str | None = None
+    """The merged model."""
+    manifest: str | None = None
+    """manifest.json: every file with sha256 and size; written last."""
+
+
+class Children(ApiModel):
+    """Names of the objects the operator created (all owned by the SFTJob)."""
+
+    config_map: str | None = None
+    """Trainer config."""
+    service: str | None = None
+    """Headless Service for the rendezvous."""
+    train_job: str | None = None
+    """Indexed training Job."""
+    eval_job: str | None = None
+    """Evaluation Job."""
+    merge_job: str | None = None
+    """Merge Job."""
+
+
+class SFTJobStatus(ApiModel):
+    """Observed state of the run."""
+
+    phase: Phase | None = None
+    """Pending, Training, Evaluating, Merging, Succeeded, Failed or Suspended."""
+    reason: str | None = None
+    """Why the phase was entered, e.g. TrainingFailed, EvalGateFailed."""
+    message: str | None = None
+    """Human-readable summary of the current state."""
+    conditions: list[Condition] = Field(default_factory=list)
+    """Kubernetes-style conditions."""
+    observed_generation: int | None = None
+    """metadata.generation last acted upon."""
+    start_time: datetime | None = None
+    """When the run was accepted."""
+    training_start_time: datetime | None = None
+    """When the first trainer pod ran."""
+    completion_time: datetime | None = None
+    """When the run reached Succeeded or Failed."""
+    progress: Progress | None = None
+    """Training progress."""
+    eval_results: EvalResults | None = None
+    """Evaluation stage results."""
+    artifacts: Artifacts | None = None
+    """Artifact URIs."""
+    restarts: int = 0
+    """Retryable trainer failures so far (each resumed from a checkpoint)."""
+    children: Children | None = None
+    """Child object names."""
