@@ -7,7 +7,6 @@ import ipaddress
 import json
 
 import pytest
-
 from testbed.kube import GPU_NODES, GPUS_PER_NODE, POOL, POOL_LABEL
 
 pytestmark = pytest.mark.e2e
