@@ -1,0 +1,82 @@
+"""Deterministic names and labels of everything the operator creates for one SFTJob."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..api import API_VERSION, GROUP, KIND
+
+LABEL_JOB_NAME = f"{GROUP}/job-name"
+LABEL_STAGE = f"{GROUP}/stage"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "sftjob-operator"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
+# Set by the Job controller on every pod of an Indexed Job (also exported as JOB_COMPLETION_INDEX).
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+STAGE_TRAIN = "train"
+STAGE_EVAL = "eval"
+STAGE_MERGE = "merge"
+STAGE_CONFIG = "config"
+STAGES = (STAGE_TRAIN, STAGE_EVAL, STAGE_MERGE)
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    """Names of the children of SFTJob `name`; identical on every reconcile, so creation is idempotent."""
+
+    name: str
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.name}-config"
+
+    @property
+    def service(self) -> str:
+        # The headless Service is the pods' subdomain: <name>-train-<index>.<name>-train resolves.
+        return f"{self.name}-train"
+
+    @property
+    def train_job(self) -> str:
+        return f"{self.name}-train"
+
+    @property
+    def eval_job(self) -> str:
+        return f"{self.name}-eval"
+
+    @property
+    def merge_job(self) -> str:
+        return f"{self.name}-merge"
+
+    def job(self, stage: str) -> str:
+        return {STAGE_TRAIN: self.train_job, STAGE_EVAL: self.eval_job, STAGE_MERGE: self.merge_job}[stage]
+
+    @property
+    def master_addr(self) -> str:
+        """Stable DNS name of rank 0 (pod hostname = <job>-<index>, subdomain = the Service)."""
+        return f"{self.train_job}-0.{self.service}"
+
+
+def labels(name: str, stage: str) -> dict[str, str]:
+    return {
+        LABEL_JOB_NAME: name,
+        LABEL_STAGE: stage,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        "app.kubernetes.io/name": "sftjob",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": stage,
+    }
+
+
+def owner_reference(name: str, uid: str) -> dict[str, object]:
+    """The SFTJob as controlling owner: the garbage collector deletes children with it."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }

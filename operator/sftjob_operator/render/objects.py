@@ -1,0 +1,364 @@
+"""Pure renderers: SFTJob -> ConfigMap, headless Service, indexed train Job, eval Job, merge Job.
+
+No I/O and no clock: the same SFTJob always renders the same objects, so re-creating after an operator
+restart is idempotent (names are deterministic; an AlreadyExists answer means "done").
+
+Commands are exec arrays. The only `$(VAR)` references are Kubernetes' own env expansion of variables the
+operator defines (or the Job controller injects: JOB_COMPLETION_INDEX); no spec string reaches a shell.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ..api import SFTJobSpec
+from ..api.spec import ResourcesSpec
+from .artifacts import artifact_root
+from .names import (
+    KUEUE_LABELS,
+    STAGE_CONFIG,
+    STAGE_EVAL,
+    STAGE_MERGE,
+    STAGE_TRAIN,
+    ChildNames,
+    labels,
+    owner_reference,
+)
+from .trainer_config import CONFIG_FILE, render_trainer_config
+
+Obj = dict[str, Any]
+
+CONFIG_DIR = "/etc/sftjob"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+CONTAINER = "trainer"
+METRICS_PORT = 9400
+MASTER_PORT = 29500
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+RUN_AS_USER = 1000
+# Long enough for the trainer to write a checkpoint on SIGTERM (suspend, preemption, node drain).
+TERMINATION_GRACE_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Operator-wide inputs to rendering."""
+
+    default_image: str = "ghcr.io/sftjob/trainer:0.1.0"
+    metrics_port: int = METRICS_PORT
+    image_pull_policy: str = "IfNotPresent"
+
+
+@dataclass(frozen=True)
+class SFTJobRef:
+    """The parts of the SFTJob object the renderers need besides its spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def kueue_labels(self) -> dict[str, str]:
+        return {k: v for k, v in self.labels if k in KUEUE_LABELS}
+
+    @property
+    def queued(self) -> bool:
+        """Kueue manages admission: child Jobs are created suspended and Kueue unsuspends them."""
+        return any(k == KUEUE_LABELS[0] for k, _ in self.labels)
+
+
+def _meta(ref: SFTJobRef, name: str, stage: str, extra_labels: dict[str, str] | None = None) -> Obj:
+    return {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": {**labels(ref.name, stage), **(extra_labels or {})},
+        "ownerReferences": [owner_reference(ref.name, ref.uid)],
+    }
+
+
+def render_config_map(ref: SFTJobRef, spec: SFTJobSpec) -> Obj:
+    config = render_trainer_config(ref.namespace, ref.name, spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(ref, ChildNames(ref.name).config_map, STAGE_CONFIG),
+        # JSON is valid YAML: the trainer reads either; sort_keys keeps it byte-stable.
+        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"},
+    }
+
+
+def render_service(ref: SFTJobRef) -> Obj:
+    names = ChildNames(ref.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ref, names.service, STAGE_TRAIN),
+        "spec": {
+            "clusterIP": "None",
+            # Ranks must resolve each other before they are Ready (rendezvous happens first).
+            "publishNotReadyAddresses": True,
+            "selector": labels(ref.name, STAGE_TRAIN),
+            "ports": [
+                {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _selector_labels(ref: SFTJobRef, stage: str) -> dict[str, str]:
+    return labels(ref.name, stage)
+
+
+def _env(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, stage: str) -> list[Obj]:
+    env: list[Obj] = [
+        {"name": "SFTJOB_CONFIG", "value": CONFIG_PATH},
+        {"name": "SFTJOB_NAME", "value": ref.name},
+        {"name": "SFTJOB_NAMESPACE", "value": ref.namespace},
+        {"name": "SFTJOB_STAGE", "value": stage},
+        {"name": "SFTJOB_OUTPUT_ROOT", "value": artifact_root(spec, ref.namespace, ref.name)},
+        {"name": "SFTJOB_METRICS_PORT", "value": str(opts.metrics_port)},
+        {"name": "SFTJOB_TERMINATION_LOG", "value": TERMINATION_MESSAGE_PATH},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if spec.resources.gpus_per_node == 0:
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    out = spec.output
+    if out.credentials_secret is not None:
+        sec = out.credentials_secret
+        for var, key in (
+            ("AWS_ACCESS_KEY_ID", sec.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", sec.secret_access_key_key),
+        ):
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": sec.name, "key": key}}})
+    if out.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": out.endpoint})
+    if out.region:
+        env.append({"name": "AWS_REGION", "value": out.region})
+        env.append({"name": "AWS_DEFAULT_REGION", "value": out.region})
+    if out.path_style:
+        env.append({"name": "SFTJOB_S3_PATH_STYLE", "value": "true"})
+    return env
+
+
+def _resources(res: ResourcesSpec, gpus: int) -> Obj:
+    quantities: dict[str, str] = {}
+    if res.cpu:
+        quantities["cpu"] = res.cpu
+    if res.memory:
+        quantities["memory"] = res.memory
+    if gpus > 0:
+        quantities["nvidia.com/gpu"] = str(gpus)
+    if not quantities:
+        return {}
+    # Requests == limits: Guaranteed QoS for the trainer; GPUs must be in limits anyway.
+    return {"requests": dict(quantities), "limits": dict(quantities)}
+
+
+def _container_security() -> Obj:
+    return {
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_template(
+    ref: SFTJobRef,
+    spec: SFTJobSpec,
+    opts: RenderOptions,
+    stage: str,
+    command: list[str],
+    gpus: int,
+    extra_env: list[Obj] | None = None,
+    subdomain: str | None = None,
+) -> Obj:
+    res = spec.resources
+    pod_labels = {**res.pod_labels, **ref.kueue_labels, **_selector_labels(ref, stage)}
+    container: Obj = {
+        "name": CONTAINER,
+        "image": res.image or opts.default_image,
+        "imagePullPolicy": opts.image_pull_policy,
+        "command": command,
+        "env": _env(ref, spec, opts, stage) + (extra_env or []),
+        "ports": [{"name": "metrics", "containerPort": opts.metrics_port, "protocol": "TCP"}],
+        "resources": _resources(res, gpus),
+        "securityContext": _container_security(),
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/tmp"},
+        ],
+    }
+    if stage == STAGE_TRAIN:
+        container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
+    pod_spec: Obj = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": ChildNames(ref.name).config_map}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    }
+    if subdomain:
+        pod_spec["subdomain"] = subdomain
+    if res.service_account_name:
+        pod_spec["serviceAccountName"] = res.service_account_name
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
+    if res.affinity:
+        pod_spec["affinity"] = dict(res.affinity)
+    if res.priority_class_name:
+        pod_spec["priorityClassName"] = res.priority_class_name
+    return {
+        "metadata": {"labels": pod_labels, "annotations": dict(res.pod_annotations)},
+        "spec": pod_spec,
+    }
+
+
+def pod_failure_policy(permanent_codes: tuple[int, ...]) -> Obj:
+    """Permanent trainer exit codes fail the Job at once; disruptions (preemption, drain) do not count.
+
+    Every other failure counts against backoffLimit and the next pod resumes from the newest checkpoint.
+    """
+    return {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(permanent_codes)},
+            },
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
+
+
+def _job(
+    ref: SFTJobRef,
+    spec: SFTJobSpec,
+    stage: str,
+    template: Obj,
+    completions: int,
+    backoff_limit: int,
+    suspend: bool,
+    permanent_codes: tuple[int, ...],
+    indexed: bool,
+) -> Obj:
+    job_spec: Obj = {
+        "completions": completions,
+        "parallelism": completions,
+        "completionMode": "Indexed" if indexed else "NonIndexed",
+        "backoffLimit": backoff_limit,
+        "podFailurePolicy": pod_failure_policy(permanent_codes),
+        # A replacement pod starts only once the failed one is gone: two rank-0s never race on a checkpoint.
+        "podReplacementPolicy": "Failed",
+        "suspend": suspend,
+        "manualSelector": False,
+        "template": template,
+    }
+    deadline = spec.run_policy.active_deadline_seconds
+    if deadline is not None and stage == STAGE_TRAIN:
+        job_spec["activeDeadlineSeconds"] = deadline
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(ref, ChildNames(ref.name).job(stage), stage, ref.kueue_labels),
+        "spec": job_spec,
+    }
+
+
+def child_suspended(ref: SFTJobRef, spec: SFTJobSpec) -> bool:
+    """A child Job starts suspended when the user suspended the run or when Kueue must admit it."""
+    return spec.suspend or ref.queued
+
+
+def render_train_job(
+    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
+) -> Obj:
+    names = ChildNames(ref.name)
+    res = spec.resources
+    nprocs = max(res.gpus_per_node, 1)
+    command = [
+        "torchrun",
+        f"--nnodes={res.nodes}",
+        f"--nproc-per-node={nprocs}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "--module",
+        "sftjob_trainer",
+        "train",
+        "--config",
+        CONFIG_PATH,
+    ]
+    extra_env: list[Obj] = [
+        {"name": "MASTER_ADDR", "value": names.master_addr},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "SFTJOB_NNODES", "value": str(res.nodes)},
+        {"name": "SFTJOB_NPROC_PER_NODE", "value": str(nprocs)},
+        # Also injected by the Job controller; defined here so $(JOB_COMPLETION_INDEX) always expands.
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+            },
+        },
+    ]
+    template = _pod_template(
+        ref, spec, opts, STAGE_TRAIN, command, res.gpus_per_node, extra_env, subdomain=names.service
+    )
+    # Every retry may take all ranks down with it (torchrun stops the group): allow backoffLimit rounds.
+    backoff = spec.run_policy.backoff_limit * res.nodes
+    return _job(
+        ref, spec, STAGE_TRAIN, template, res.nodes, backoff, child_suspended(ref, spec), permanent_codes, True
+    )
+
+
+def render_eval_job(
+    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
+) -> Obj:
+    command = ["python", "-m", "sftjob_trainer", "eval", "--config", CONFIG_PATH]
+    gpus = min(spec.resources.gpus_per_node, 1)
+    template = _pod_template(ref, spec, opts, STAGE_EVAL, command, gpus)
+    return _job(
+        ref, spec, STAGE_EVAL, template, 1, min(spec.run_policy.backoff_limit, 2),
+        child_suspended(ref, spec), permanent_codes, False,
+    )
+
+
+def render_merge_job(
+    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
+) -> Obj:
+    # Merging needs host memory, not a GPU (DeepSpeed cannot merge; peft's merge_and_unload runs on CPU).
+    command = ["python", "-m", "sftjob_trainer", "merge", "--config", CONFIG_PATH]
+    template = _pod_template(ref, spec, opts, STAGE_MERGE, command, 0)
+    return _job(
+        ref, spec, STAGE_MERGE, template, 1, min(spec.run_policy.backoff_limit, 2),
+        child_suspended(ref, spec), permanent_codes, False,
+    )
+
+
+def render_stage_job(
+    stage: str, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
+) -> Obj:
+    renderer = {STAGE_TRAIN: render_train_job, STAGE_EVAL: render_eval_job, STAGE_MERGE: render_merge_job}
+    return renderer[stage](ref, spec, opts, permanent_codes)

@@ -1,0 +1,172 @@
+"""Slim, typed views of observed child Jobs and Pods, built from their API dicts (pure)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+Obj = dict[str, Any]
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class JobObs:
+    """What the phase machine needs from one batch/v1 Job."""
+
+    name: str
+    suspended: bool = False
+    active: int = 0
+    ready: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    completions: int = 1
+    complete: bool = False
+    failed_reason: str | None = None  # Job condition reason when Failed/FailureTarget is True
+    failed_message: str = ""
+    start_time: datetime | None = None
+    uid: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.complete or self.failed_reason is not None
+
+
+def observe_job(job: Obj) -> JobObs:
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    status = job.get("status") or {}
+    complete = False
+    failed_reason: str | None = None
+    failed_message = ""
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        ctype = cond.get("type")
+        if ctype in ("Complete", "SuccessCriteriaMet"):
+            complete = True
+        elif ctype in ("Failed", "FailureTarget") and failed_reason is None:
+            failed_reason = str(cond.get("reason") or "Failed")
+            failed_message = str(cond.get("message") or "")
+        elif ctype == "Failed":
+            # Prefer the final condition's wording over FailureTarget's when both are present.
+            failed_reason = str(cond.get("reason") or failed_reason)
+            failed_message = str(cond.get("message") or failed_message)
+    return JobObs(
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        suspended=bool(spec.get("suspend")),
+        active=int(status.get("active") or 0),
+        ready=int(status.get("ready") or 0),
+        succeeded=int(status.get("succeeded") or 0),
+        failed=int(status.get("failed") or 0),
+        completions=int(spec.get("completions") or 1),
+        complete=complete and failed_reason is None,
+        failed_reason=failed_reason,
+        failed_message=failed_message,
+        start_time=parse_time(status.get("startTime")),
+    )
+
+
+@dataclass(frozen=True)
+class Waiting:
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PodObs:
+    """What progress and stuck detection need from one pod."""
+
+    name: str
+    stage: str
+    phase: str
+    created: datetime | None
+    index: int | None = None
+    ip: str | None = None
+    deleting: bool = False
+    unschedulable_message: str | None = None
+    scheduled: bool = False
+    waiting: tuple[Waiting, ...] = ()
+    termination_message: str | None = None
+    exit_code: int | None = None
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+
+def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    lab = meta.get("labels") or {}
+    unschedulable: str | None = None
+    scheduled = False
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled":
+            if cond.get("status") == "True":
+                scheduled = True
+            elif cond.get("reason") == "Unschedulable":
+                unschedulable = str(cond.get("message") or "Unschedulable")
+    waiting: list[Waiting] = []
+    term_msg: str | None = None
+    exit_code: int | None = None
+    for cs in status.get("containerStatuses") or []:
+        state = cs.get("state") or {}
+        if state.get("waiting"):
+            w = state["waiting"]
+            waiting.append(Waiting(str(w.get("reason") or ""), str(w.get("message") or "")))
+        if state.get("terminated"):
+            t = state["terminated"]
+            if t.get("message"):
+                term_msg = str(t["message"])
+            if t.get("exitCode") is not None:
+                exit_code = int(t["exitCode"])
+    raw_index = lab.get(index_label) or (meta.get("annotations") or {}).get(index_label)
+    return PodObs(
+        name=str(meta.get("name", "")),
+        stage=str(lab.get(stage_label, "")),
+        phase=str(status.get("phase") or "Pending"),
+        created=parse_time(meta.get("creationTimestamp")),
+        index=int(raw_index) if raw_index is not None and str(raw_index).isdigit() else None,
+        ip=status.get("podIP") or None,
+        deleting=bool(meta.get("deletionTimestamp")),
+        unschedulable_message=unschedulable,
+        scheduled=scheduled,
+        waiting=tuple(waiting),
+        termination_message=term_msg,
+        exit_code=exit_code,
+    )
+
+
+def parse_eval_results(message: str | None) -> dict[str, float] | None:
+    """Eval results the eval pod wrote to its termination message (JSON), camelCase or snake_case keys."""
+    if not message:
+        return None
+    try:
+        data = json.loads(message.strip().splitlines()[-1] if "\n" in message.strip() else message)
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("evalResults"), dict):
+        data = data["evalResults"]
+    keys = {
+        "evalLoss": ("evalLoss", "eval_loss", "loss"),
+        "perplexity": ("perplexity",),
+        "rougeL": ("rougeL", "rouge_l"),
+        "exactMatch": ("exactMatch", "exact_match"),
+    }
+    out: dict[str, float] = {}
+    for key, aliases in keys.items():
+        for alias in aliases:
+            value = data.get(alias)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[key] = float(value)
+                break
+    return out or None
