@@ -1,0 +1,238 @@
+"""Grafana dashboards for the Helm chart, generated from a short list of panels (pure functions).
+
+    python -m sftjob_operator.dashboards --write   # regenerate helm/sftjob-operator/dashboards/*.json
+    python -m sftjob_operator.dashboards --check   # exit 1 if the committed JSON is stale
+
+Trainer series carry the labels namespace, sftjob and rank (`job` is Prometheus' own target label).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "helm" / "sftjob-operator" / "dashboards"
+SEL = 'namespace=~"$namespace", sftjob=~"$sftjob"'
+RANK0 = SEL + ', rank="0"'
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    expr: str
+    unit: str = "short"
+    legend: str = "{{namespace}}/{{sftjob}}"
+    kind: str = "timeseries"  # timeseries | stat | state-timeline
+    description: str = ""
+    needs: str | None = None  # an exporter outside this project the panel reads (e.g. dcgm-exporter)
+
+
+TRAINING_PANELS = [
+    Panel(
+        "Training loss",
+        f"sft_train_loss{{{RANK0}}}",
+        description="Mean loss of the last optimizer step (rank 0).",
+    ),
+    Panel("Eval loss", f"sft_eval_loss{{{SEL}}}", description="Held-out loss from the evaluation stage."),
+    Panel(
+        "Learning rate",
+        f"sft_learning_rate{{{RANK0}}}",
+        description="Scheduler output (warmup, then cosine).",
+    ),
+    Panel(
+        "Tokens per second (all ranks)",
+        f"sum by (namespace, sftjob) (rate(sft_train_tokens_total{{{SEL}}}[1m]))",
+        unit="short",
+        description="Real (non-padding) tokens trained per second, summed over ranks.",
+    ),
+    Panel(
+        "Progress",
+        f"100 * sft_train_step{{{RANK0}}} / sft_train_total_steps{{{RANK0}}}",
+        unit="percent",
+        kind="stat",
+        description="Optimizer steps done over steps planned.",
+    ),
+    Panel(
+        "ETA", f"sft_train_eta_seconds{{{RANK0}}}", unit="s", kind="stat", description="Estimated time left."
+    ),
+    Panel(
+        "Gradient norm",
+        f"sft_train_grad_norm{{{RANK0}}}",
+        description="Global gradient norm before clipping; spikes precede loss explosions.",
+    ),
+    Panel(
+        "Checkpoint save duration",
+        f"rate(sft_checkpoint_save_seconds_sum{{{RANK0}}}[15m]) / rate(sft_checkpoint_save_seconds_count{{{RANK0}}}[15m])",
+        unit="s",
+        description="Mean time to write a checkpoint (all shards + COMPLETE marker).",
+    ),
+    Panel(
+        "Memory in use",
+        f"sft_memory_bytes{{{SEL}}}",
+        unit="bytes",
+        legend="{{sftjob}} rank {{rank}} {{device}}",
+        description="GPU memory allocated by torch per rank; process RSS on CPU.",
+    ),
+    Panel(
+        "Samples dropped",
+        f"sum by (namespace, sftjob, reason) (sft_data_samples_dropped_total{{{RANK0}}})",
+        legend="{{sftjob}} {{reason}}",
+        description="Rows the data pipeline dropped, by reason (malformed, too long, duplicate, ...).",
+    ),
+    Panel(
+        "GPU utilization",
+        'DCGM_FI_DEV_GPU_UTIL{namespace=~"$namespace", pod=~"$sftjob-train-.*"}',
+        unit="percent",
+        legend="{{pod}} gpu {{gpu}}",
+        description="From NVIDIA dcgm-exporter, where it runs.",
+        needs="dcgm-exporter",
+    ),
+    Panel(
+        "GPU memory used",
+        'DCGM_FI_DEV_FB_USED{namespace=~"$namespace", pod=~"$sftjob-train-.*"} * 1024 * 1024',
+        unit="bytes",
+        legend="{{pod}} gpu {{gpu}}",
+        description="Framebuffer in use, from NVIDIA dcgm-exporter, where it runs.",
+        needs="dcgm-exporter",
+    ),
+    Panel(
+        "Phase timeline",
+        'sftjob_operator_job_phase{namespace=~"$namespace", sftjob=~"$sftjob"} == 1',
+        legend="{{sftjob}} {{phase}}",
+        kind="state-timeline",
+        description="The SFTJob's phase over time, from the operator.",
+    ),
+]
+
+OPERATOR_PANELS = [
+    Panel("SFTJobs by phase", "sum by (phase) (sftjob_operator_jobs)", legend="{{phase}}", kind="stat"),
+    Panel(
+        "Phase transitions",
+        "sum by (from_phase, to_phase) (increase(sftjob_operator_phase_transitions_total[5m]))",
+        legend="{{from_phase}} -> {{to_phase}}",
+    ),
+    Panel(
+        "Time to training p95",
+        "histogram_quantile(0.95, sum by (le) (rate(sftjob_operator_time_to_training_seconds_bucket[1h])))",
+        unit="s",
+        legend="p95",
+        description="From creation to the first trainer pod running.",
+    ),
+    Panel(
+        "Handler invocations",
+        "sum by (handler) (rate(sftjob_operator_handler_invocations_total[5m]))",
+        legend="{{handler}}",
+        unit="ops",
+    ),
+    Panel(
+        "Reconcile errors",
+        "sum by (handler) (rate(sftjob_operator_handler_errors_total[5m]))",
+        legend="{{handler}}",
+        unit="ops",
+    ),
+    Panel(
+        "Handler latency p95",
+        "histogram_quantile(0.95, sum by (le, handler) (rate(sftjob_operator_handler_duration_seconds_bucket[5m])))",
+        legend="{{handler}}",
+        unit="s",
+    ),
+    Panel(
+        "Trainer restarts",
+        "sum(increase(sftjob_operator_restarts_total[1h]))",
+        legend="restarts",
+        description="Retryable trainer failures resumed from a checkpoint.",
+    ),
+]
+
+
+def _panel_json(panel: Panel, index: int) -> dict[str, Any]:
+    width = 12 if panel.kind != "stat" else 6
+    per_row = 24 // width
+    return {
+        "id": index + 1,
+        "type": panel.kind,
+        "title": panel.title,
+        "description": panel.description + (f" Needs {panel.needs}." if panel.needs else ""),
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": width, "x": (index % per_row) * width, "y": (index // per_row) * 8},
+        "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
+        "options": {},
+        "targets": [{"refId": "A", "expr": panel.expr, "legendFormat": panel.legend}],
+    }
+
+
+def _variable(name: str, query: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "query": {"query": query, "refId": name},
+        "refresh": 2,
+        "includeAll": True,
+        "multi": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+    }
+
+
+def dashboard(uid: str, title: str, panels: list[Panel], with_job_variables: bool) -> dict[str, Any]:
+    variables: list[dict[str, Any]] = [
+        {"name": "datasource", "type": "datasource", "query": "prometheus", "current": {}},
+    ]
+    if with_job_variables:
+        variables += [
+            _variable("namespace", "label_values(sft_train_step, namespace)"),
+            _variable("sftjob", 'label_values(sft_train_step{namespace=~"$namespace"}, sftjob)'),
+        ]
+    return {
+        "uid": uid,
+        "title": title,
+        "tags": ["sftjob"],
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "templating": {"list": variables},
+        "panels": [_panel_json(p, i) for i, p in enumerate(panels)],
+    }
+
+
+DASHBOARDS = {
+    "sftjob-training.json": dashboard("sftjob-training", "SFTJob training", TRAINING_PANELS, True),
+    "sftjob-operator.json": dashboard("sftjob-operator", "SFTJob operator", OPERATOR_PANELS, False),
+}
+
+
+def all_panels() -> list[Panel]:
+    return TRAINING_PANELS + OPERATOR_PANELS
+
+
+def render(name: str) -> str:
+    return json.dumps(DASHBOARDS[name], indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    stale = []
+    for name in DASHBOARDS:
+        path = DASHBOARD_DIR / name
+        if args.write:
+            path.write_text(render(name))
+        elif not path.exists() or path.read_text() != render(name):
+            stale.append(str(path))
+    if args.check and stale:
+        print(f"stale: {stale}; run python -m sftjob_operator.dashboards --write", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The Helm chart, rendered offline: lint, schema-valid manifests, least-privilege RBAC, dashboards and
+alert rules checked by the real helm and promtool binaries."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+from chart import CHART, RULES, grafana_to_promql, helm, render, set_args
+
+from sftjob_operator import dashboards
+
+FULL = {
+    "watch.namespaces": "{team-a,team-b}",
+    "networkPolicy.enabled": "true",
+    "serviceMonitor.enabled": "true",
+    "podMonitor.enabled": "true",
+    "prometheusRule.enabled": "true",
+    "replicaCount": "2",
+}
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # Prometheus Operator CRDs
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "everything-on"])
+def test_lint_is_clean(values):
+    result = helm("lint", "--strict", str(CHART), *set_args(values), "--kube-version", "1.34.0")
+    assert "0 chart(s) failed" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "everything-on"])
+def test_rendered_manifests_match_the_kubernetes_schemas(values):
+    docs = render(values)
+    checked = 0
+    for doc in docs:
+        if doc["kind"] in MONITORING_KINDS:
+            continue
+        kubernetes_validate.validate(doc, "1.34", strict=True)
+        checked += 1
+    assert checked >= 8
+
+
+def test_schema_rejects_bad_values():
+    bad = helm("template", "sft", str(CHART), "--set", "replicaCount=many", check=False)
+    assert bad.returncode != 0 and "replicaCount" in bad.stderr
+    typo = helm("template", "sft", str(CHART), "--set", "watch.namespace=x", check=False)
+    assert typo.returncode != 0 and "namespace" in typo.stderr
+
+
+def test_chart_crd_is_the_generated_one():
+    docs = {d["metadata"]["name"]: d for d in render() if d["kind"] == "CustomResourceDefinition"}
+    generated = yaml.safe_load((CHART.parents[1] / "crds" / "sft.tuning.dev_sftjobs.yaml").read_text())
+    assert docs["sftjobs.sft.tuning.dev"] == generated
+
+
+def _rules(docs, kind):
+    return [r for d in docs if d["kind"] == kind for r in d["rules"]]
+
+
+def test_rbac_is_least_privilege():
+    for values in ({}, FULL):
+        docs = render(values)
+        rules = _rules(docs, "ClusterRole") + _rules(docs, "Role")
+        assert rules
+        for rule in rules:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+            assert "secrets" not in rule["resources"], rule
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+
+
+def test_namespace_list_mode_grants_no_cluster_wide_access_to_workloads():
+    docs = render(FULL)
+    cluster_resources = {res for r in _rules(docs, "ClusterRole") for res in r["resources"]}
+    assert cluster_resources == {"customresourcedefinitions"}
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    trainer_sas = [
+        d for d in docs if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "sftjob-trainer"
+    ]
+    assert len(trainer_sas) == 2 and all(sa["automountServiceAccountToken"] is False for sa in trainer_sas)
+
+
+def test_dashboards_are_generated_and_shipped_as_configmaps():
+    assert dashboards.main(["--check"]) == 0, "run python -m sftjob_operator.dashboards --write"
+    maps = [d for d in render() if d["kind"] == "ConfigMap"]
+    assert len(maps) == 2 and all(m["metadata"]["labels"]["grafana_dashboard"] == "1" for m in maps)
+    titles = {json.loads(next(iter(m["data"].values())))["title"] for m in maps}
+    assert titles == {"SFTJob training", "SFTJob operator"}
+
+
+def test_every_promql_expression_parses(tmp_path):
+    exprs = [grafana_to_promql(p.expr) for p in dashboards.all_panels()]
+    rules = yaml.safe_load(RULES.read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    as_rules = {
+        "groups": [
+            {"name": "parse", "rules": [{"record": f"check:{i}", "expr": e} for i, e in enumerate(exprs)]}
+        ]
+    }
+    path = tmp_path / "parse.yaml"
+    path.write_text(yaml.safe_dump(as_rules))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(exprs)} rules found" in result.stdout
+
+
+def test_alert_rules_pass_their_promtool_unit_tests():
+    tests = CHART.parent / "tests" / "sftjob-alerts.test.yaml"
+    result = subprocess.run(["promtool", "test", "rules", str(tests)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    alerts = {r["alert"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    cases = yaml.safe_load(tests.read_text())["tests"]
+    firing = {a["alertname"] for c in cases for a in c["alert_rule_test"] if a["exp_alerts"]}
+    assert len(alerts) == 7 and firing == alerts, "every alert needs a test case where it fires"
+
+
+def test_prometheus_rule_wraps_the_rules_file():
+    rule = next(d for d in render(FULL) if d["kind"] == "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(RULES.read_text())
