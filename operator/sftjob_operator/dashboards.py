@@ -109,11 +109,18 @@ TRAINING_PANELS = [
 ]
 
 OPERATOR_PANELS = [
-    Panel("SFTJobs by phase", "sum by (phase) (sftjob_operator_jobs)", legend="{{phase}}", kind="stat"),
+    Panel(
+        "SFTJobs by phase",
+        "sum by (phase) (sftjob_operator_jobs)",
+        legend="{{phase}}",
+        kind="stat",
+        description="SFTJobs the operator currently sees, by phase.",
+    ),
     Panel(
         "Phase transitions",
         "sum by (from_phase, to_phase) (increase(sftjob_operator_phase_transitions_total[5m]))",
         legend="{{from_phase}} -> {{to_phase}}",
+        description="Phase changes in the last 5 minutes.",
     ),
     Panel(
         "Time to training p95",
@@ -127,18 +134,21 @@ OPERATOR_PANELS = [
         "sum by (handler) (rate(sftjob_operator_handler_invocations_total[5m]))",
         legend="{{handler}}",
         unit="ops",
+        description="kopf handler calls per second.",
     ),
     Panel(
         "Reconcile errors",
         "sum by (handler) (rate(sftjob_operator_handler_errors_total[5m]))",
         legend="{{handler}}",
         unit="ops",
+        description="Handler calls that raised, per second (kopf retries them).",
     ),
     Panel(
         "Handler latency p95",
         "histogram_quantile(0.95, sum by (le, handler) (rate(sftjob_operator_handler_duration_seconds_bucket[5m])))",
         legend="{{handler}}",
         unit="s",
+        description="95th percentile of handler duration.",
     ),
     Panel(
         "Trainer restarts",

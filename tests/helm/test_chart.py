@@ -119,3 +119,9 @@ def test_alert_rules_pass_their_promtool_unit_tests():
 def test_prometheus_rule_wraps_the_rules_file():
     rule = next(d for d in render(FULL) if d["kind"] == "PrometheusRule")
     assert rule["spec"] == yaml.safe_load(RULES.read_text())
+
+
+def test_every_panel_is_documented():
+    doc = (CHART.parents[1] / "docs" / "observability.md").read_text()
+    missing = [p.title for p in dashboards.all_panels() if f"| {p.title} |" not in doc]
+    assert not missing, f"docs/observability.md lacks panels {missing}"
