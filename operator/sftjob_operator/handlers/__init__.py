@@ -1,0 +1,117 @@
+# mypy: disable-error-code="arg-type"
+"""kopf handlers: thin glue from watch events and timers to `Reconciler.reconcile` (see reconcile.py).
+
+Registered into a registry by `register()` so that settings (timer interval, finalizer use) apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+from typing import Any
+
+import kopf
+
+from .. import metrics
+from ..api import GROUP, PLURAL, VERSION
+from ..render.names import LABEL_JOB_NAME
+from ..settings import Settings
+from .kube import Kube, new_api_client
+from .reconcile import Reconciler, Snapshot, slim_job, slim_pod
+
+log = logging.getLogger("sftjob_operator.handlers")
+
+
+def _snapshot(namespace: str, name: str, jobs_index: Any, pods_index: Any) -> Snapshot:
+    """Copy this SFTJob's children out of kopf's indexes (on the event loop, so nothing mutates them)."""
+    key = (namespace, name)
+    jobs = [dict(j) for j in jobs_index.get(key, [])] if key in jobs_index else []
+    pods = [dict(p) for p in pods_index.get(key, [])] if key in pods_index else []
+    return Snapshot(jobs=jobs, pods=pods)
+
+
+def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
+    api = new_api_client(settings.kubeconfig, pool_size=settings.workers + 4)
+    reconciler = Reconciler(settings, Kube(api, settings.request_timeout))
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers,
+                                                     thread_name_prefix="reconcile")
+
+    async def run(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, tick: bool = False) -> str | None:
+        snap = _snapshot(namespace, name, sft_jobs, sft_pods)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            executor, functools.partial(reconciler.reconcile, namespace, name, snap, tick))
+
+    children = {LABEL_JOB_NAME: kopf.PRESENT}
+
+    # ---- indexes of children (in memory, fed by watch streams) ---------------------------------------------
+
+    @kopf.index("batch", "v1", "jobs", labels=children, registry=registry)
+    def sft_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> dict[tuple[str, str], Any]:
+        return {(namespace, labels[LABEL_JOB_NAME]): slim_job(body)}
+
+    @kopf.index("", "v1", "pods", labels=children, registry=registry)
+    def sft_pods(namespace: str, labels: Any, body: Any, **_: Any) -> dict[tuple[str, str], Any]:
+        return {(namespace, labels[LABEL_JOB_NAME]): slim_pod(body)}
+
+    # ---- the SFTJob itself ---------------------------------------------------------------------------------
+
+    async def _reconcile_or_retry(handler: str, namespace: str, name: str, sft_jobs: Any, sft_pods: Any) -> None:
+        try:
+            await run(namespace, name, sft_jobs, sft_pods)
+        except Exception as e:
+            # API trouble (never user input: that ends in Failed/InvalidSpec): let kopf retry with backoff.
+            raise kopf.TemporaryError(f"{handler}: {type(e).__name__}: {e}", delay=5) from e
+
+    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @metrics.instrumented("create")
+    async def on_create(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
+        await _reconcile_or_retry("create", namespace, name, sft_jobs, sft_pods)
+
+    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @metrics.instrumented("resume")
+    async def on_resume(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
+        await _reconcile_or_retry("resume", namespace, name, sft_jobs, sft_pods)
+
+    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    @metrics.instrumented("update")
+    async def on_update(namespace: str, name: str, diff: Any, sft_jobs: Any, sft_pods: Any,
+                        **_: Any) -> None:
+        await _reconcile_or_retry("update", namespace, name, sft_jobs, sft_pods)
+
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, optional=not settings.use_finalizer)
+    @metrics.instrumented("delete")
+    async def on_delete(namespace: str, name: str, uid: str, **_: Any) -> None:
+        # Children go with the SFTJob through their ownerReferences (garbage collector).
+        reconciler.forget(namespace, name, uid)
+
+    @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.progress_interval, registry=registry,
+                initial_delay=min(settings.progress_interval, 5.0))
+    @metrics.instrumented("timer")
+    async def tick(namespace: str, name: str, status: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
+        # Progress, stuck detection and TTL are time-based: no watch event announces them.
+        try:
+            await run(namespace, name, sft_jobs, sft_pods, tick=True)
+        except Exception as e:
+            log.warning("timer on %s/%s: %s: %s", namespace, name, type(e).__name__, e)
+            raise
+
+    # ---- child Jobs drive transitions ----------------------------------------------------------------------
+
+    @kopf.on.event("batch", "v1", "jobs", labels=children, registry=registry)
+    @metrics.instrumented("child_job_event")
+    async def child_job_event(namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
+        parent = labels[LABEL_JOB_NAME]
+        try:
+            await run(namespace, parent, sft_jobs, sft_pods)
+        except Exception as e:  # event handlers are not retried: the timer resyncs
+            log.warning("reconciling %s/%s after a Job event: %s: %s", namespace, parent, type(e).__name__, e)
+            raise
+
+    @kopf.on.probe(id="reconciler", registry=registry)
+    def probe(**_: Any) -> str:
+        return "ok"
+
+    return reconciler

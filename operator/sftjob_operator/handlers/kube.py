@@ -1,0 +1,171 @@
+# mypy: disable-error-code="arg-type,no-untyped-call,assignment"
+"""All Kubernetes API calls of the operator (sync kubernetes client; called from worker threads).
+
+API verbs used here (the Helm chart's ClusterRole must grant them):
+  sft.tuning.dev  sftjobs            get, delete (ttlPolicy DeleteSFTJob); list, watch, patch (kopf)
+  sft.tuning.dev  sftjobs/status     patch
+  sft.tuning.dev  sftjobs/finalizers update (ownerReferences with blockOwnerDeletion)
+  batch           jobs               create, patch (suspend), delete (TTL); list, watch (kopf index)
+  ""              pods               list, watch (kopf index)
+  ""              configmaps         create, delete (TTL)
+  ""              services           create, delete (TTL)
+  ""              events             create; list (stuck detection: FailedCreate on a Job)
+  kopf.dev        kopfpeerings / clusterkopfpeerings  get, list, watch, patch (kopf peering)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from ..api import GROUP, PLURAL, VERSION
+
+log = logging.getLogger("sftjob_operator.kube")
+Obj = dict[str, Any]
+COMPONENT = "sftjob-operator"
+
+
+def new_api_client(kubeconfig: str | None, pool_size: int) -> client.ApiClient:
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    cfg.connection_pool_maxsize = pool_size
+    cfg.retries = urllib3.Retry(total=3, connect=3, read=2, backoff_factor=0.2, status_forcelist=(),
+                                allowed_methods=None)
+    return client.ApiClient(cfg)
+
+
+def is_status(exc: BaseException, *codes: int) -> bool:
+    return isinstance(exc, ApiException) and exc.status in codes
+
+
+class Kube:
+    """Thin, typed-enough wrapper; every call has a request timeout."""
+
+    def __init__(self, api: client.ApiClient, request_timeout: float):
+        self.api = api
+        self.timeout = request_timeout
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.batch = client.BatchV1Api(api)
+        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+        self._lock = threading.Lock()
+
+    # ---- SFTJobs -------------------------------------------------------------------------------------------
+
+    def get_sftjob(self, namespace: str, name: str) -> Obj | None:
+        try:
+            obj: Obj = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout)
+            return obj
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def patch_sftjob_status(self, namespace: str, name: str, status: Obj, resource_version: str | None) -> Obj:
+        body: Obj = {"status": status}
+        if resource_version:
+            # Optimistic concurrency: a stale view (another replica, a lagging watch) gets 409 and retries.
+            body["metadata"] = {"resourceVersion": resource_version}
+        out: Obj = self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=self.timeout,
+            _content_type="application/merge-patch+json")
+        return out
+
+    def delete_sftjob(self, namespace: str, name: str, uid: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout,
+                body=client.V1DeleteOptions(propagation_policy="Background",
+                                            preconditions=client.V1Preconditions(uid=uid)))
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+
+    # ---- children ------------------------------------------------------------------------------------------
+
+    def create(self, obj: Obj) -> bool:
+        """Create a child; False when it already exists (idempotent re-creation after a restart)."""
+        kind = obj["kind"]
+        ns = obj["metadata"]["namespace"]
+        try:
+            if kind == "ConfigMap":
+                self.core.create_namespaced_config_map(ns, obj, _request_timeout=self.timeout)
+            elif kind == "Service":
+                self.core.create_namespaced_service(ns, obj, _request_timeout=self.timeout)
+            elif kind == "Job":
+                self.batch.create_namespaced_job(ns, obj, _request_timeout=self.timeout)
+            else:
+                raise ValueError(f"cannot create {kind}")
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+        return True
+
+    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
+        try:
+            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
+                                            _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def delete_children(self, namespace: str, job_names: list[str], config_map: str, service: str) -> None:
+        opts = client.V1DeleteOptions(propagation_policy="Background")
+        calls = [(self.batch.delete_namespaced_job, n) for n in job_names]
+        calls += [(self.core.delete_namespaced_service, service), (self.core.delete_namespaced_config_map,
+                                                                   config_map)]
+        for fn, name in calls:
+            try:
+                fn(name, namespace, body=opts, _request_timeout=self.timeout)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
+
+    def job_warning_events(self, namespace: str, job_name: str) -> list[Obj]:
+        out = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name},type=Warning",
+            _request_timeout=self.timeout, limit=50)
+        return [self.api.sanitize_for_serialization(e) for e in out.items]
+
+    # ---- events --------------------------------------------------------------------------------------------
+
+    def post_event(self, sftjob: Obj, event_type: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the SFTJob; failures are logged, never raised (events are best effort)."""
+        meta = sftjob.get("metadata") or {}
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta.get('name')}.", "namespace": meta.get("namespace")},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "SFTJob",
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta.get("namespace"), body, _request_timeout=self.timeout)
+        except Exception as e:  # best effort
+            log.warning("could not post event %s on %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), e)

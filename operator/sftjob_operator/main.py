@@ -1,0 +1,94 @@
+"""The operator process: `python -m sftjob_operator [flags]` or `sftjob_operator.main.run(argv)`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+
+from . import metrics
+from .api import GROUP, PLURAL
+from .handlers import register
+from .render.names import LABEL_JOB_NAME
+from .settings import Settings, from_args
+
+log = logging.getLogger("sftjob_operator")
+
+
+def configure(settings: Settings, kopf_settings: kopf.OperatorSettings) -> None:
+    """Apply our settings to kopf's."""
+    prefix = settings.annotation_prefix
+    # status is a structural schema that prunes unknown fields: keep kopf's bookkeeping in annotations.
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=prefix, key="last-handled-configuration", ignored_fields=["status"])
+    kopf_settings.persistence.finalizer = settings.finalizer
+    kopf_settings.watching.server_timeout = settings.watch_server_timeout
+    kopf_settings.watching.client_timeout = settings.watch_client_timeout
+    kopf_settings.watching.connect_timeout = 10
+    kopf_settings.networking.request_timeout = settings.request_timeout
+    kopf_settings.networking.connect_timeout = 10
+    # Only our children travel over the Job and Pod watches (server-side label selectors).
+    kopf_settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_JOB_NAME
+    kopf_settings.watching.label_selectors["v1", "pods"] = LABEL_JOB_NAME
+    kopf_settings.posting.level = logging.WARNING  # our own Events are posted by the reconciler
+    kopf_settings.posting.reporting_component = "sftjob-operator"
+    kopf_settings.peering.name = settings.peering_name
+    kopf_settings.peering.priority = settings.priority
+    kopf_settings.peering.standalone = settings.standalone
+    kopf_settings.peering.clusterwide = settings.clusterwide
+    kopf_settings.execution.max_workers = max(settings.workers, 4)
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    settings = from_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if settings.kubeconfig:
+        os.environ["KUBECONFIG"] = settings.kubeconfig  # for kopf's login as well as ours
+
+    registry = kopf.OperatorRegistry()
+    register(registry, settings)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        configure(settings_ours, settings)
+        metrics.serve(settings_ours.metrics_port, settings_ours.metrics_address)
+        log.info("sftjob-operator watching %s for %s.%s; metrics on :%s",
+                 "all namespaces" if settings_ours.clusterwide else ",".join(settings_ours.namespaces),
+                 PLURAL, GROUP, settings_ours.metrics_port)
+
+    settings_ours = settings
+    liveness = (f"http://{settings.health_address}:{settings.health_port}/healthz"
+                if settings.health_port else None)
+    kwargs: dict[str, Any] = {
+        "registry": registry,
+        "standalone": settings.standalone,
+        "priority": settings.priority,
+        "peering_name": settings.peering_name,
+        "liveness_endpoint": liveness,
+    }
+    if settings.clusterwide:
+        kwargs["clusterwide"] = True
+    else:
+        kwargs["namespaces"] = list(settings.namespaces)
+    try:
+        kopf.run(**kwargs)
+    except KeyboardInterrupt:
+        return 0
+    except asyncio.CancelledError:
+        return 0
+    return 0
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
