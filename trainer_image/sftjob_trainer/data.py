@@ -52,7 +52,7 @@ def truncate(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int]
     first = next((i for i, x in enumerate(labels) if x != IGNORE), None)
     if first is None:
         return ids[:max_len], labels[:max_len]
-    start = max(0, first - max_len // 2)
+    start = max(0, min(first - max_len // 2, len(ids) - max_len))
     return ids[start:start + max_len], labels[start:start + max_len]
 
 
@@ -87,6 +87,8 @@ def build_examples(
     pending: list[tuple[Formatted, str]] = []
 
     def flush() -> None:
+        if not pending:
+            return
         for (f, where), (ids, labels) in zip(pending, tokenize_batch(tok, [p[0] for p in pending], not templ),
                                              strict=True):
             if max_tokens is not None and len(ids) > max_tokens:

@@ -1,0 +1,76 @@
+"""Causal-LM loss computed only where a label exists, in chunks (the big CPU/memory lever).
+
+Full-vocabulary logits for every position cost time and memory (B x L x V floats); most positions are
+prompt or padding. `SelectiveLossLM` runs the decoder, gathers hidden states at labelled positions and
+applies the output layer there only, chunk by chunk with activation recomputation, returning the *sum* of
+token losses and the token count so the caller normalizes over the whole global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE
+
+
+def base_causal_lm(model: nn.Module) -> Any:
+    """The transformers *ForCausalLM under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _chunk_ce(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+
+def selective_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                     chunk: int = 2048) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over positions whose target != IGNORE (targets already shifted)."""
+    mask = targets != IGNORE
+    h = hidden[mask]
+    t = targets[mask]
+    n = int(t.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0  # keeps the graph connected (ZeRO-3 expects every rank to backward)
+    if n <= chunk:
+        return _chunk_ce(head, h, t), n
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        # recompute the chunk's logits in backward instead of keeping all of them alive
+        total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], t[s:s + chunk], use_reentrant=False)
+    return total, n
+
+
+class SelectiveLossLM(nn.Module):
+    """Wraps a (peft) causal LM: forward(input_ids, position_ids, targets) -> (loss_sum, n_tokens).
+
+    No attention mask on purpose: restarting position ids + use_cache=False make transformers build a
+    block-diagonal causal mask, so packed samples never attend to each other.
+    """
+
+    def __init__(self, lm: nn.Module, neftune_alpha: float | None = None, chunk: int = 2048) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk = chunk
+        self.neftune_alpha = neftune_alpha
+        if neftune_alpha:
+            emb = base_causal_lm(lm).get_input_embeddings()
+            emb.register_forward_hook(self._neftune_hook)
+
+    def _neftune_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        # NEFTune (arXiv:2310.05914): uniform noise scaled by alpha / sqrt(L * d), training only
+        if not self.training or not self.neftune_alpha:
+            return output
+        scale = self.neftune_alpha / (output.size(1) * output.size(2)) ** 0.5
+        return output + torch.zeros_like(output).uniform_(-scale, scale)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+        base = base_causal_lm(self.lm)
+        out = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return selective_ce_sum(base.get_output_embeddings(), out.last_hidden_state, targets, self.chunk)
