@@ -1,0 +1,294 @@
+"""Unit tests of the phase machine, conditions, gates, stuck detection and progress parsing."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sftjob_operator.render import phase as ph
+from sftjob_operator.render.conditions import derive_conditions, get_condition, set_condition
+from sftjob_operator.render.observe import JobObs, PodObs, Waiting, observe_job, observe_pod, parse_eval_results
+from sftjob_operator.render.progress import format_duration, parse_progress, progress_changed
+from sftjob_operator.render.stuck import JobEvent, detect_stuck, stuck_failure_message
+
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def job(name: str = "x-train", **kw: object) -> JobObs:
+    return JobObs(name=name, **kw)  # type: ignore[arg-type]
+
+
+DONE = job(complete=True, succeeded=1)
+RUNNING = job(active=1, ready=1)
+
+
+def decide(**kw: object) -> ph.Decision:
+    return ph.next_phase(ph.Observed(**kw))  # type: ignore[arg-type]
+
+
+# ---- next_phase -------------------------------------------------------------------------------------------
+
+
+def test_new_sftjob_is_pending_until_children_exist() -> None:
+    assert decide() == ph.Decision("Pending", "CreatingChildren", "creating the training Job")
+
+
+def test_pending_while_pods_not_running() -> None:
+    d = decide(train=job(active=1))
+    assert (d.phase, d.reason) == ("Pending", "PodsPending")
+
+
+def test_training_when_a_pod_runs() -> None:
+    assert decide(train=job(active=1), running_train_pods=1).phase == "Training"
+    d = decide(train=RUNNING)
+    assert (d.phase, d.reason) == ("Training", "PodsRunning")
+
+
+def test_retry_keeps_training_phase() -> None:
+    d = decide(phase="Training", train=job(active=1, failed=1))
+    assert (d.phase, d.reason) == ("Training", "Restarting")
+
+
+def test_full_happy_path() -> None:
+    assert decide(train=DONE).phase == "Evaluating"
+    assert decide(train=DONE, eval=job("x-eval", active=1)).phase == "Evaluating"
+    d = decide(train=DONE, eval=job("x-eval", complete=True), gate_failures=())
+    assert (d.phase, d.reason) == ("Merging", "MergeRunning")
+    assert decide(train=DONE, eval=job("x-eval", complete=True), gate_failures=(),
+                  merge=job("x-merge", active=1)).phase == "Merging"
+    d = decide(train=DONE, eval=job("x-eval", complete=True), gate_failures=(),
+               merge=job("x-merge", complete=True))
+    assert (d.phase, d.reason) == ("Succeeded", "Succeeded")
+
+
+def test_eval_and_merge_skipped_when_disabled() -> None:
+    assert decide(train=DONE, eval_enabled=False).phase == "Merging"
+    d = decide(train=DONE, eval_enabled=False, merge_enabled=False)
+    assert d.phase == "Succeeded" and d.message == "training completed"
+    assert decide(train=DONE, eval=job(complete=True), merge_enabled=False).phase == "Succeeded"
+
+
+@pytest.mark.parametrize(("k8s_reason", "reason"), [
+    ("PodFailurePolicy", "TrainingFailed"),
+    ("BackoffLimitExceeded", "BackoffLimitExceeded"),
+    ("DeadlineExceeded", "DeadlineExceeded"),
+    ("SomethingNew", "TrainingFailed"),
+])
+def test_training_failures(k8s_reason: str, reason: str) -> None:
+    d = decide(train=job(failed=1, failed_reason=k8s_reason, failed_message="boom"))
+    assert (d.phase, d.reason) == ("Failed", reason)
+
+
+def test_eval_merge_gate_failures() -> None:
+    assert decide(train=DONE, eval=job(failed_reason="BackoffLimitExceeded")).reason == "EvalFailed"
+    d = decide(train=DONE, eval=job(complete=True), gate_failures=("maxEvalLoss: 2.3 > 2",))
+    assert (d.phase, d.reason) == ("Failed", "EvalGateFailed")
+    assert "maxEvalLoss" in d.message and "adapter kept" in d.message
+    d = decide(train=DONE, eval=job(complete=True), gate_failures=(), merge=job(failed_reason="PodFailurePolicy"))
+    assert (d.phase, d.reason) == ("Failed", "MergeFailed")
+
+
+def test_invalid_spec_wins_and_terminal_is_sticky() -> None:
+    d = decide(spec_error="spec.output.uri: bad", train=RUNNING)
+    assert (d.phase, d.reason, d.message) == ("Failed", "InvalidSpec", "spec.output.uri: bad")
+    assert decide(phase="Succeeded", train=job(failed_reason="X")).phase == "Succeeded"
+    assert decide(phase="Failed", train=DONE).phase == "Failed"
+
+
+def test_suspend_in_every_stage() -> None:
+    assert decide(suspend=True).phase == "Suspended"
+    assert decide(suspend=True, train=job(suspended=True)).phase == "Suspended"
+    assert decide(suspend=True, train=DONE).phase == "Suspended"
+    assert decide(suspend=True, train=DONE, eval=job(active=1)).phase == "Suspended"
+    assert decide(suspend=True, train=DONE, eval=job(complete=True), gate_failures=()).phase == "Suspended"
+    # a finished run stays finished
+    assert decide(suspend=True, phase="Succeeded").phase == "Succeeded"
+    # resume: the child is still suspended for a moment -> Pending, not Suspended
+    assert decide(phase="Suspended", train=job(suspended=True)).phase == "Pending"
+
+
+def test_kueue_queued() -> None:
+    d = decide(queued=True, train=job(suspended=True))
+    assert (d.phase, d.reason) == ("Pending", "Queued")
+    assert decide(queued=True, train=RUNNING).phase == "Training"
+    assert decide(queued=True, train=DONE, eval=job(suspended=True)).reason == "Queued"
+
+
+def test_stuck_failure() -> None:
+    d = decide(train=job(active=1), stuck_failure="stuck for 30s")
+    assert (d.phase, d.reason) == ("Failed", "Stuck")
+
+
+def test_active_stage() -> None:
+    obs = ph.Observed(train=DONE)
+    assert ph.active_stage(ph.next_phase(obs), obs) == "eval"
+    obs = ph.Observed(train=DONE, eval_enabled=False)
+    assert ph.active_stage(ph.next_phase(obs), obs) == "merge"
+    obs = ph.Observed(train=None)
+    assert ph.active_stage(ph.next_phase(obs), obs) == "train"
+    obs = ph.Observed(train=job(failed_reason="X"))
+    assert ph.active_stage(ph.next_phase(obs), obs) is None
+
+
+def test_gates() -> None:
+    res = {"evalLoss": 2.5, "perplexity": 12.0, "rougeL": 0.3, "exactMatch": 0.5}
+    assert ph.evaluate_gates(res) == ()
+    assert ph.evaluate_gates(res, max_eval_loss=3.0, min_rouge_l=0.2) == ()
+    f = ph.evaluate_gates(res, max_eval_loss=2.0, min_rouge_l=0.35, min_exact_match=0.5)
+    assert f == ("maxEvalLoss: 2.5 > 2", "minRougeL: 0.3 < 0.35")
+    assert ph.evaluate_gates(None, max_perplexity=5) == ("maxPerplexity: perplexity not reported by the evaluation",)
+
+
+# ---- observe ----------------------------------------------------------------------------------------------
+
+
+def test_observe_job_conditions() -> None:
+    j = observe_job({"metadata": {"name": "a"}, "spec": {"completions": 2, "suspend": False},
+                     "status": {"active": 2, "ready": 1, "failed": 1, "startTime": "2026-01-01T00:00:00Z"}})
+    assert (j.active, j.ready, j.failed, j.completions, j.finished) == (2, 1, 1, 2, False)
+    j = observe_job({"metadata": {"name": "a"}, "status": {"conditions": [
+        {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": "exit 2"},
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}]}})
+    assert j.failed_reason == "PodFailurePolicy" and j.failed_message == "exit code 2" and not j.complete
+    j = observe_job({"metadata": {"name": "a"}, "status": {"conditions": [
+        {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}})
+    assert j.complete and j.finished
+    j = observe_job({"metadata": {"name": "a"}, "status": {"conditions": [
+        {"type": "Complete", "status": "False"}]}})
+    assert not j.complete
+
+
+def test_observe_pod() -> None:
+    p = observe_pod({
+        "metadata": {"name": "p", "labels": {"sft.tuning.dev/stage": "train",
+                                             "batch.kubernetes.io/job-completion-index": "0"},
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]},
+    }, "sft.tuning.dev/stage", "batch.kubernetes.io/job-completion-index")
+    assert p.index == 0 and p.stage == "train" and p.unschedulable_message and not p.scheduled
+
+
+def test_eval_results_from_termination_message() -> None:
+    assert parse_eval_results('{"evalLoss": 1.5, "perplexity": 4.48, "rouge_l": 0.4}') == {
+        "evalLoss": 1.5, "perplexity": 4.48, "rougeL": 0.4}
+    assert parse_eval_results("log line\n{\"eval_loss\": 2}") == {"evalLoss": 2.0}
+    assert parse_eval_results("Traceback ...") is None
+    assert parse_eval_results(None) is None
+
+
+# ---- conditions -------------------------------------------------------------------------------------------
+
+
+def test_conditions_happy_path_and_transition_times() -> None:
+    obs = ph.Observed(train=RUNNING)
+    conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
+    assert get_condition(conds, "Created")["status"] == "True"  # type: ignore[index]
+    assert get_condition(conds, "Training")["status"] == "True"  # type: ignore[index]
+    assert get_condition(conds, "Succeeded")["status"] == "False"  # type: ignore[index]
+    later = NOW + timedelta(minutes=5)
+    obs2 = ph.Observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
+    conds2 = derive_conditions(conds, ph.next_phase(obs2), obs2, later, 1)
+    by = {c["type"]: c for c in conds2}
+    assert by["Created"]["lastTransitionTime"] == "2026-01-01T12:00:00Z"  # unchanged status keeps its time
+    assert by["Training"]["status"] == "False" and by["Training"]["reason"] == "TrainingCompleted"
+    assert by["Training"]["lastTransitionTime"] == "2026-01-01T12:05:00Z"
+    assert by["Evaluated"]["status"] == by["Merged"]["status"] == by["Succeeded"]["status"] == "True"
+    assert by["Failed"]["status"] == "False"
+    assert [c["type"] for c in conds2] == ["Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed"]
+
+
+def test_conditions_failure_and_suspend() -> None:
+    obs = ph.Observed(train=job(failed_reason="PodFailurePolicy"))
+    by = {c["type"]: c for c in derive_conditions([], ph.next_phase(obs), obs, NOW, 2)}
+    assert by["Failed"]["status"] == "True" and by["Failed"]["reason"] == "TrainingFailed"
+    assert by["Failed"]["observedGeneration"] == 2
+    obs = ph.Observed(suspend=True, train=job(suspended=True))
+    conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
+    assert get_condition(conds, "Suspended")["status"] == "True"  # type: ignore[index]
+    obs = ph.Observed(phase="Suspended", train=RUNNING)
+    conds = derive_conditions(conds, ph.next_phase(obs), obs, NOW, 2)
+    assert get_condition(conds, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
+    invalid = ph.Observed(spec_error="spec.x: bad")
+    by = {c["type"]: c for c in derive_conditions([], ph.next_phase(invalid), invalid, NOW, 1)}
+    assert by["Failed"]["reason"] == "InvalidSpec" and "Created" not in by
+
+
+def test_set_condition_is_idempotent() -> None:
+    c1 = set_condition([], "Stuck", "True", "Unschedulable", "m", NOW, 1)
+    c2 = set_condition(c1, "Stuck", "True", "Unschedulable", "m", NOW + timedelta(hours=1), 1)
+    assert c1 == c2
+
+
+# ---- stuck ------------------------------------------------------------------------------------------------
+
+
+def pod(phase: str = "Pending", age: float = 100, **kw: object) -> PodObs:
+    return PodObs(name="p-0", stage="train", phase=phase, created=NOW - timedelta(seconds=age), **kw)  # type: ignore[arg-type]
+
+
+def test_stuck_unschedulable_names_the_scheduler_message() -> None:
+    msg = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    s = detect_stuck([pod(unschedulable_message=msg)], NOW, 0, False, [], NOW, 60)
+    assert s is not None and s.reason == "Unschedulable" and msg in s.message
+    assert detect_stuck([pod(age=30, unschedulable_message=msg)], NOW, 0, False, [], NOW, 60) is None
+    assert detect_stuck([pod(unschedulable_message=msg)], NOW, 0, True, [], NOW, 60) is None
+    assert detect_stuck([pod(phase="Running")], NOW, 1, False, [], NOW, 60) is None
+
+
+def test_stuck_image_pull_and_quota() -> None:
+    s = detect_stuck([pod(scheduled=True, waiting=(Waiting("ImagePullBackOff", "back-off pulling"),))],
+                     NOW, 1, False, [], NOW, 60)
+    assert s is not None and s.reason == "ImagePullBackOff"
+    ev = [JobEvent("FailedCreate", 'pods "x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=8', NOW)]
+    s = detect_stuck([], NOW - timedelta(seconds=120), 0, False, ev, NOW, 60)
+    assert s is not None and s.reason == "QuotaExceeded" and "exceeded quota" in s.message
+    assert detect_stuck([], NOW - timedelta(seconds=120), 0, False, [], NOW, 60) is None
+
+
+def test_stuck_failure_after_second_timeout() -> None:
+    s = detect_stuck([pod(age=100, unschedulable_message="no")], NOW, 0, False, [], NOW, 60)
+    assert s is not None
+    assert stuck_failure_message(s, NOW, 60, None) is None
+    assert stuck_failure_message(s, NOW, 60, 60) is None
+    assert stuck_failure_message(s, NOW, 60, 30) is not None
+
+
+# ---- progress ---------------------------------------------------------------------------------------------
+
+METRICS = """# HELP sft_train_step Optimizer steps done.
+# TYPE sft_train_step gauge
+sft_train_step{namespace="ns",job="j",rank="0"} 120.0
+# TYPE sft_train_total_steps gauge
+sft_train_total_steps{namespace="ns",job="j",rank="0"} 480.0
+# TYPE sft_train_loss gauge
+sft_train_loss{namespace="ns",job="j",rank="0"} 1.23456
+# TYPE sft_train_tokens_per_second gauge
+sft_train_tokens_per_second{namespace="ns",job="j",rank="0"} 2413.37
+# TYPE sft_train_eta_seconds gauge
+sft_train_eta_seconds{namespace="ns",job="j",rank="0"} 4330
+# TYPE sft_train_epoch gauge
+sft_train_epoch{namespace="ns",job="j",rank="0"} 0.25
+"""
+
+
+def test_parse_progress() -> None:
+    p = parse_progress(METRICS, NOW)
+    assert p == {"step": 120, "totalSteps": 480, "percent": 25.0, "summary": "120/480 (25%)", "loss": 1.2346,
+                 "tokensPerSecond": 2413.4, "eta": "1h12m", "epoch": 0.25, "lastUpdate": "2026-01-01T12:00:00Z"}
+    assert parse_progress("# nothing\nfoo 1\n", NOW) is None
+    assert progress_changed(None, p)
+    assert not progress_changed(p, {**p, "lastUpdate": "later"})
+    assert progress_changed(p, {**p, "step": 121})
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (0, 59, 61, 3600, 90061)] == ["0s", "59s", "1m01s", "1h00m", "1d1h"]
+
+
+def test_replace_keeps_frozen_observed() -> None:
+    o = ph.Observed(train=RUNNING)
+    assert replace(o, suspend=True).suspend and not o.suspend

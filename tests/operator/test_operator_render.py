@@ -1,0 +1,251 @@
+"""Unit tests of the pure renderers: children of an SFTJob, deterministic and secure."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sftjob_operator.api import parse_spec
+from sftjob_operator.render import objects as o
+from sftjob_operator.render.artifacts import artifacts, cluster_output_error, merge_enabled
+from sftjob_operator.render.names import LABEL_JOB_NAME, LABEL_STAGE, ChildNames
+from sftjob_operator.render.trainer_config import render_trainer_config
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+PERMANENT = (2,)
+
+
+def load(name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / name).read_text())
+    return doc
+
+
+def ref_of(doc: dict[str, Any], ns: str = "team-a", uid: str = "uid-123") -> o.SFTJobRef:
+    labels = doc["metadata"].get("labels") or {}
+    return o.SFTJobRef(doc["metadata"]["name"], ns, uid, tuple(sorted(labels.items())))
+
+
+@pytest.fixture
+def multinode() -> tuple[o.SFTJobRef, Any]:
+    doc = load("sftjob-multinode-qlora.yaml")
+    return ref_of(doc), parse_spec(doc["spec"])
+
+
+@pytest.fixture
+def minimal() -> tuple[o.SFTJobRef, Any]:
+    doc = load("sftjob-minimal.yaml")
+    return ref_of(doc), parse_spec(doc["spec"])
+
+
+def all_children(ref: o.SFTJobRef, spec: Any) -> list[dict[str, Any]]:
+    opts = o.RenderOptions()
+    return [
+        o.render_config_map(ref, spec),
+        o.render_service(ref),
+        o.render_train_job(ref, spec, opts, PERMANENT),
+        o.render_eval_job(ref, spec, opts, PERMANENT),
+        o.render_merge_job(ref, spec, opts, PERMANENT),
+    ]
+
+
+def test_names_are_deterministic_and_short(multinode: Any) -> None:
+    ref, spec = multinode
+    first = all_children(ref, spec)
+    second = all_children(ref, copy.deepcopy(spec))
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    names = [c["metadata"]["name"] for c in first]
+    assert names == ["llama-8b-support-bot-config", "llama-8b-support-bot-train", "llama-8b-support-bot-train",
+                     "llama-8b-support-bot-eval", "llama-8b-support-bot-merge"]
+    # pod hostnames <job>-<index> of a 42-character name stay a DNS label
+    assert len(ChildNames("a" * 42).train_job + "-511") <= 63
+
+
+def test_every_child_is_owned_and_labelled(multinode: Any) -> None:
+    ref, spec = multinode
+    for child in all_children(ref, spec):
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "sft.tuning.dev/v1alpha1", "kind": "SFTJob", "name": ref.name, "uid": "uid-123",
+            "controller": True, "blockOwnerDeletion": True}]
+        assert meta["labels"][LABEL_JOB_NAME] == ref.name
+        assert meta["labels"][LABEL_STAGE] in ("config", "train", "eval", "merge")
+
+
+def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
+    ref, spec = multinode
+    job = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)
+    s = job["spec"]
+    assert s["completionMode"] == "Indexed"
+    assert s["completions"] == s["parallelism"] == 2
+    assert s["backoffLimit"] == 4 * 2
+    assert s["activeDeadlineSeconds"] == 86400
+    assert s["podReplacementPolicy"] == "Failed"
+    pod = s["template"]["spec"]
+    assert pod["subdomain"] == "llama-8b-support-bot-train"
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["command"] == [
+        "torchrun", "--nnodes=2", "--nproc-per-node=8", "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)", "--module", "sftjob_trainer",
+        "train", "--config", "/etc/sftjob/config.yaml"]
+    assert "args" not in c
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MASTER_ADDR"]["value"] == "llama-8b-support-bot-train-0.llama-8b-support-bot-train"
+    assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3-credentials",
+                                                                      "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
+    assert env["AWS_REGION"]["value"] == "us-east-1"
+    assert c["resources"]["limits"] == {"cpu": "64", "memory": "900Gi", "nvidia.com/gpu": "8"}
+    assert c["resources"]["requests"] == c["resources"]["limits"]
+    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["priorityClassName"] == "training-high"
+
+
+def test_no_spec_string_reaches_a_shell(minimal: Any) -> None:
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    doc["spec"]["model"]["uri"] = "/models/$(rm -rf /);`reboot`"
+    spec = parse_spec(doc["spec"])
+    for job in all_children(ref, spec)[2:]:
+        c = job["spec"]["template"]["spec"]["containers"][0]
+        assert c["command"][0] in ("torchrun", "python")
+        assert not any(x in ("sh", "bash", "-c", "/bin/sh") for x in c["command"])
+        assert "rm -rf" not in json.dumps(c["command"]) + json.dumps(c["env"])
+    cm = o.render_config_map(ref, spec)
+    assert "rm -rf" in cm["data"]["config.yaml"]  # the value lives in the config file, as data
+
+
+def test_security_context_and_shm(minimal: Any) -> None:
+    ref, spec = minimal
+    for job in all_children(ref, spec)[2:]:
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        sc = pod["containers"][0]["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["privileged"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        assert "/dev/shm" in mounts and "/etc/sftjob" in mounts
+
+
+def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
+    from sftjob_trainer import exit_codes
+
+    ref, spec = minimal
+    job = o.render_train_job(ref, spec, o.RenderOptions(), tuple(sorted(exit_codes.PERMANENT_CODES)))
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                             "values": [exit_codes.PERMANENT]}}
+    assert rules[1]["action"] == "Ignore"
+    for code in exit_codes.RETRYABLE_CODES:
+        assert code not in rules[0]["onExitCodes"]["values"]
+
+
+def test_pod_annotations_and_labels_reach_every_pod(minimal: Any) -> None:
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    doc["spec"]["resources"] = {"podAnnotations": {"kwok.sftjob.dev/delay": "3s"},
+                                "podLabels": {"team": "nlp", LABEL_JOB_NAME: "spoofed"}}
+    spec = parse_spec(doc["spec"])
+    for job in all_children(ref, spec)[2:]:
+        tmeta = job["spec"]["template"]["metadata"]
+        assert tmeta["annotations"] == {"kwok.sftjob.dev/delay": "3s"}
+        assert tmeta["labels"]["team"] == "nlp"
+        assert tmeta["labels"][LABEL_JOB_NAME] == "minimal"  # ours win: the index relies on them
+
+
+def test_kueue_label_passthrough_and_suspended_children(multinode: Any, minimal: Any) -> None:
+    ref, spec = multinode
+    assert ref.queued
+    for job in all_children(ref, spec)[2:]:
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
+        assert job["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
+        assert job["spec"]["suspend"] is True
+    ref2, spec2 = minimal
+    assert not ref2.queued
+    assert o.render_train_job(ref2, spec2, o.RenderOptions(), PERMANENT)["spec"]["suspend"] is False
+    spec2.suspend = True
+    assert o.render_train_job(ref2, spec2, o.RenderOptions(), PERMANENT)["spec"]["suspend"] is True
+
+
+def test_eval_and_merge_jobs(multinode: Any) -> None:
+    ref, spec = multinode
+    ev = o.render_eval_job(ref, spec, o.RenderOptions(), PERMANENT)
+    mg = o.render_merge_job(ref, spec, o.RenderOptions(), PERMANENT)
+    assert ev["spec"]["completions"] == 1 and ev["spec"]["completionMode"] == "NonIndexed"
+    assert ev["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "python", "-m", "sftjob_trainer", "eval", "--config", "/etc/sftjob/config.yaml"]
+    assert ev["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert mg["spec"]["template"]["spec"]["containers"][0]["command"][3] == "merge"
+    assert "nvidia.com/gpu" not in mg["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "activeDeadlineSeconds" not in ev["spec"]
+    assert ev["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_service_is_headless_and_selects_train_pods(minimal: Any) -> None:
+    ref, _ = minimal
+    svc = o.render_service(ref)
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"][LABEL_STAGE] == "train"
+    assert svc["metadata"]["name"] == ChildNames("minimal").service
+
+
+def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    doc["spec"]["resources"] = {"gpusPerNode": 0}
+    spec = parse_spec(doc["spec"])
+    c = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
+    assert "--nproc-per-node=1" in c["command"]
+    assert c["resources"] == {}
+
+
+def test_trainer_config_and_artifacts(minimal: Any) -> None:
+    ref, spec = minimal
+    cfg = render_trainer_config("team-a", "minimal", spec)
+    assert cfg["run"] == {"namespace": "team-a", "name": "minimal",
+                          "outputRoot": "s3://artifacts/sft/team-a/minimal/"}
+    assert cfg["model"]["uri"] == "s3://models/smollm2-135m-instruct"
+    assert "suspend" not in cfg and "runPolicy" not in cfg
+    cm = o.render_config_map(ref, spec)
+    assert json.loads(cm["data"]["config.yaml"]) == cfg
+    a = artifacts(spec, "team-a", "minimal")
+    assert a["adapter"] == "s3://artifacts/sft/team-a/minimal/adapter/"
+    assert a["merged"] == "s3://artifacts/sft/team-a/minimal/merged/"
+
+
+def test_merge_disabled_for_full_and_cluster_output_rule() -> None:
+    doc = load("sftjob-minimal.yaml")
+    doc["spec"]["method"] = {"type": "full"}
+    assert not merge_enabled(parse_spec(doc["spec"]))
+    doc = load("sftjob-minimal.yaml")
+    assert cluster_output_error(parse_spec(doc["spec"])) is None
+    doc["spec"]["output"]["uri"] = "./out"
+    err = cluster_output_error(parse_spec(doc["spec"]))
+    assert err is not None and err.startswith("spec.output.uri:")
+    doc["spec"]["output"]["uri"] = "/mnt/pvc/out"
+    assert cluster_output_error(parse_spec(doc["spec"])) is None
+
+
+def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    ref, spec = multinode
+    for child in all_children(ref, spec):
+        kv.validate(child, "1.34", strict=True)

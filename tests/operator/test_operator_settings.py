@@ -1,0 +1,52 @@
+"""Operator settings from flags and environment."""
+
+from __future__ import annotations
+
+import kopf
+import pytest
+
+from sftjob_operator.main import configure
+from sftjob_operator.metrics import REGISTRY, instrumented
+from sftjob_operator.settings import Settings, from_args
+
+
+def test_defaults_watch_all_namespaces() -> None:
+    s = from_args([], env={})
+    assert s.clusterwide and s.namespaces == ()
+    assert s.progress_interval == 15.0 and s.metrics_port == 8080
+
+
+def test_flags_and_env() -> None:
+    env = {"SFTJOB_OPERATOR_NAMESPACES": "a, b", "SFTJOB_OPERATOR_DEFAULT_IMAGE": "img:1",
+           "SFTJOB_OPERATOR_PROGRESS_INTERVAL": "2", "SFTJOB_OPERATOR_STANDALONE": "true"}
+    s = from_args([], env=env)
+    assert s.namespaces == ("a", "b") and s.default_image == "img:1" and s.progress_interval == 2.0
+    assert s.standalone
+    s = from_args(["-n", "x", "--namespace", "y,z", "--default-image", "img:2", "--finalizer", "f/x"], env=env)
+    assert s.namespaces == ("x", "y", "z") and s.default_image == "img:2" and s.finalizer == "f/x"
+    assert from_args(["-A"], env=env).clusterwide
+    assert s.render_options().default_image == "img:2"
+    with pytest.raises(SystemExit):
+        from_args(["--workers", "0"], env={})
+
+
+def test_configure_kopf() -> None:
+    ks = kopf.OperatorSettings()
+    configure(Settings(namespaces=("a",), finalizer="x.dev/f", watch_server_timeout=60, request_timeout=9), ks)
+    assert isinstance(ks.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert ks.persistence.finalizer == "x.dev/f"
+    assert ks.watching.server_timeout == 60 and ks.networking.request_timeout == 9
+    assert not ks.peering.clusterwide
+
+
+def test_instrumented_counts_errors() -> None:
+    @instrumented("unit_test")
+    def boom() -> None:
+        raise ValueError("x")
+
+    with pytest.raises(ValueError):
+        boom()
+    assert REGISTRY.get_sample_value("sftjob_operator_handler_invocations_total", {"handler": "unit_test"}) == 1
+    assert REGISTRY.get_sample_value("sftjob_operator_handler_errors_total", {"handler": "unit_test"}) == 1
+    assert REGISTRY.get_sample_value("sftjob_operator_handler_duration_seconds_count",
+                                     {"handler": "unit_test"}) == 1
