@@ -9,7 +9,14 @@ import pytest
 
 from sftjob_operator.render import phase as ph
 from sftjob_operator.render.conditions import derive_conditions, get_condition, set_condition
-from sftjob_operator.render.observe import JobObs, PodObs, Waiting, observe_job, observe_pod, parse_eval_results
+from sftjob_operator.render.observe import (
+    JobObs,
+    PodObs,
+    Waiting,
+    observe_job,
+    observe_pod,
+    parse_eval_results,
+)
 from sftjob_operator.render.progress import format_duration, parse_progress, progress_changed
 from sftjob_operator.render.stuck import JobEvent, detect_stuck, stuck_failure_message
 
