@@ -59,7 +59,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     registry = kopf.OperatorRegistry()
     register(registry, settings)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="startup", registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings_ours, settings)
         metrics.serve(settings_ours.metrics_port, settings_ours.metrics_address)

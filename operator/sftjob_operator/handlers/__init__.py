@@ -48,11 +48,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     # ---- indexes of children (in memory, fed by watch streams) ---------------------------------------------
 
-    @kopf.index("batch", "v1", "jobs", labels=children, registry=registry)
+    @kopf.index("batch", "v1", "jobs", id="sft_jobs", labels=children, registry=registry)
     def sft_jobs(namespace: str, labels: Any, body: Any, **_: Any) -> dict[tuple[str, str], Any]:
         return {(namespace, labels[LABEL_JOB_NAME]): slim_job(body)}
 
-    @kopf.index("", "v1", "pods", labels=children, registry=registry)
+    @kopf.index("", "v1", "pods", id="sft_pods", labels=children, registry=registry)
     def sft_pods(namespace: str, labels: Any, body: Any, **_: Any) -> dict[tuple[str, str], Any]:
         return {(namespace, labels[LABEL_JOB_NAME]): slim_pod(body)}
 
@@ -65,29 +65,30 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
             # API trouble (never user input: that ends in Failed/InvalidSpec): let kopf retry with backoff.
             raise kopf.TemporaryError(f"{handler}: {type(e).__name__}: {e}", delay=5) from e
 
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="create", registry=registry)
     @metrics.instrumented("create")
     async def on_create(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
         await _reconcile_or_retry("create", namespace, name, sft_jobs, sft_pods)
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="resume", registry=registry)
     @metrics.instrumented("resume")
     async def on_resume(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
         await _reconcile_or_retry("resume", namespace, name, sft_jobs, sft_pods)
 
-    @kopf.on.update(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="update", registry=registry)
     @metrics.instrumented("update")
     async def on_update(namespace: str, name: str, diff: Any, sft_jobs: Any, sft_pods: Any,
                         **_: Any) -> None:
         await _reconcile_or_retry("update", namespace, name, sft_jobs, sft_pods)
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry, optional=not settings.use_finalizer)
+    @kopf.on.delete(GROUP, VERSION, PLURAL, id="delete", registry=registry,
+                    optional=not settings.use_finalizer)
     @metrics.instrumented("delete")
     async def on_delete(namespace: str, name: str, uid: str, **_: Any) -> None:
         # Children go with the SFTJob through their ownerReferences (garbage collector).
         reconciler.forget(namespace, name, uid)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, interval=settings.progress_interval, registry=registry,
+    @kopf.timer(GROUP, VERSION, PLURAL, id="tick", interval=settings.progress_interval, registry=registry,
                 initial_delay=min(settings.progress_interval, 5.0))
     @metrics.instrumented("timer")
     async def tick(namespace: str, name: str, status: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
@@ -100,7 +101,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     # ---- child Jobs drive transitions ----------------------------------------------------------------------
 
-    @kopf.on.event("batch", "v1", "jobs", labels=children, registry=registry)
+    @kopf.on.event("batch", "v1", "jobs", id="child_job_event", labels=children, registry=registry)
     @metrics.instrumented("child_job_event")
     async def child_job_event(namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
         parent = labels[LABEL_JOB_NAME]
