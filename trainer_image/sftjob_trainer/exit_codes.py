@@ -12,12 +12,15 @@ OK = 0
 RETRYABLE = 1
 # Bad config, bad data, empty data after filtering: retrying cannot help.
 PERMANENT = 2
+# The eval stage ran fine but a spec.eval.gates threshold did not hold: the merge must not run and retrying
+# cannot change the result (the operator ends Failed/EvalGateFailed and keeps the adapter).
+EVAL_GATE_FAILED = 3
 # SIGTERM received (preemption, node drain, `kubectl delete pod`): a checkpoint was saved; retryable.
 PREEMPTED = 143
 # Storage (S3) unreachable or failing after retries: retryable.
 STORAGE = 75  # EX_TEMPFAIL
 
-PERMANENT_CODES = frozenset({PERMANENT})
+PERMANENT_CODES = frozenset({PERMANENT, EVAL_GATE_FAILED})
 RETRYABLE_CODES = frozenset({RETRYABLE, PREEMPTED, STORAGE})
 
 
@@ -31,6 +34,12 @@ class PermanentError(TrainerError):
     """Bad config or bad data: the Job must fail without retries."""
 
     exit_code = PERMANENT
+
+
+class EvalGateFailed(TrainerError):
+    """An eval gate did not hold (see EVAL_GATE_FAILED)."""
+
+    exit_code = EVAL_GATE_FAILED
 
 
 class StorageError(TrainerError):
