@@ -6,13 +6,22 @@ import functools
 import inspect
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .render.phase import ALL_PHASES
 
+disable_created_metrics()  # no *_created series: they double the series count for nothing here
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 HANDLER_INVOCATIONS = Counter(
@@ -50,26 +59,45 @@ for _phase in ALL_PHASES:
 
 
 class PhaseBook:
-    """uid -> phase for every SFTJob seen; feeds the sftjob_operator_jobs gauge."""
+    """Phase (and Stuck) of every SFTJob seen, by uid; feeds sftjob_operator_jobs{phase} and the per-job
+    series sftjob_operator_job_phase{namespace,sftjob,phase} == 1 and sftjob_operator_job_stuck, which the
+    chart's alert rules and dashboards use. Per-job series vanish when the SFTJob is deleted."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._phases: dict[str, str] = {}
+        self._jobs: dict[str, tuple[str, str, str, bool]] = {}  # uid -> (namespace, name, phase, stuck)
 
-    def set(self, uid: str, phase: str | None) -> None:
+    def set(self, uid: str, phase: str | None, namespace: str = "", name: str = "", stuck: bool = False) -> None:
         with self._lock:
             if phase is None:
-                self._phases.pop(uid, None)
+                self._jobs.pop(uid, None)
             else:
-                self._phases[uid] = phase
+                self._jobs[uid] = (namespace, name, phase, stuck)
             counts = {p: 0 for p in ALL_PHASES}
-            for p in self._phases.values():
+            for _, _, p, _ in self._jobs.values():
                 counts[p] = counts.get(p, 0) + 1
         for p, n in counts.items():
             JOBS.labels(phase=p).set(n)
 
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            jobs = list(self._jobs.values())
+        phase = GaugeMetricFamily("sftjob_operator_job_phase", "1 for the current phase of each SFTJob.",
+                                  labels=["namespace", "sftjob", "phase"])
+        stuck = GaugeMetricFamily("sftjob_operator_job_stuck", "1 while the SFTJob's Stuck condition is True.",
+                                  labels=["namespace", "sftjob"])
+        for ns, name, p, is_stuck in jobs:
+            phase.add_metric([ns, name, p], 1.0)
+            stuck.add_metric([ns, name], 1.0 if is_stuck else 0.0)
+        yield phase
+        yield stuck
+
+    def describe(self) -> list[Metric]:
+        return []
+
 
 PHASES = PhaseBook()
+REGISTRY.register(PHASES)
 
 F = TypeVar("F", bound=Callable[..., Any])
 

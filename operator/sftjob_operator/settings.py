@@ -9,13 +9,18 @@ from dataclasses import dataclass, field
 
 from .render.objects import METRICS_PORT, RenderOptions
 
-ENV_PREFIX = "SFTJOB_OPERATOR_"
+ENV_PREFIX = "SFTJOB_"
+# Environment variables (the Helm chart sets these): SFTJOB_NAMESPACES, SFTJOB_TRAINER_IMAGE,
+# SFTJOB_TRAINER_SERVICE_ACCOUNT, SFTJOB_PROGRESS_INTERVAL, SFTJOB_WATCH_TIMEOUT, SFTJOB_REQUEST_TIMEOUT,
+# SFTJOB_FINALIZER, SFTJOB_USE_FINALIZER, SFTJOB_METRICS_PORT, SFTJOB_HEALTH_PORT, SFTJOB_PEERING (peering
+# name; empty: standalone), SFTJOB_PRIORITY, SFTJOB_WORKERS, SFTJOB_LOG_LEVEL, SFTJOB_KUBECONFIG.
 
 
 @dataclass(frozen=True)
 class Settings:
     namespaces: tuple[str, ...] = ()  # empty: every namespace (cluster-wide)
     default_image: str = RenderOptions.default_image
+    trainer_service_account: str | None = None  # pods' ServiceAccount when spec.resources leaves it unset
     image_pull_policy: str = "IfNotPresent"
     trainer_metrics_port: int = METRICS_PORT
     watch_server_timeout: int = 300  # seconds the API server keeps one watch open
@@ -47,6 +52,7 @@ class Settings:
             default_image=self.default_image,
             metrics_port=self.trainer_metrics_port,
             image_pull_policy=self.image_pull_policy,
+            default_service_account=self.trainer_service_account or None,
         )
 
 
@@ -68,19 +74,22 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="sftjob-operator",
-        description="Run the SFTJob operator. Every flag also reads SFTJOB_OPERATOR_<FLAG> (upper case, _).",
+        description="Run the SFTJob operator. Flags override the SFTJOB_* environment variables.",
     )
     p.add_argument("--namespace", "-n", action="append", dest="namespaces",
                    help="namespace to watch (repeat, or comma-separated; env NAMESPACES); default all")
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
-    p.add_argument("--default-image", default=ev("DEFAULT_IMAGE", d.default_image))
+    p.add_argument("--default-image", "--trainer-image", dest="default_image",
+                   default=_env(e, "TRAINER_IMAGE") or ev("DEFAULT_IMAGE", d.default_image),
+                   help="trainer image for SFTJobs without spec.resources.image (env TRAINER_IMAGE)")
+    p.add_argument("--trainer-service-account", default=_env(e, "TRAINER_SERVICE_ACCOUNT") or None,
+                   help="ServiceAccount of trainer pods without spec.resources.serviceAccountName")
     p.add_argument("--image-pull-policy", default=ev("IMAGE_PULL_POLICY", d.image_pull_policy))
     p.add_argument("--trainer-metrics-port", type=int, default=int(ev("TRAINER_METRICS_PORT",
                                                                       d.trainer_metrics_port)))
-    p.add_argument("--watch-server-timeout", type=int, default=int(ev("WATCH_SERVER_TIMEOUT",
-                                                                      d.watch_server_timeout)))
-    p.add_argument("--watch-client-timeout", type=int, default=int(ev("WATCH_CLIENT_TIMEOUT",
-                                                                      d.watch_client_timeout)))
+    p.add_argument("--watch-timeout", dest="watch_server_timeout", type=int,
+                   default=int(ev("WATCH_TIMEOUT", d.watch_server_timeout)),
+                   help="seconds the API server keeps a watch open (the client waits 30 s longer)")
     p.add_argument("--request-timeout", type=int, default=int(ev("REQUEST_TIMEOUT", d.request_timeout)))
     p.add_argument("--finalizer", default=ev("FINALIZER", d.finalizer))
     p.add_argument("--use-finalizer", action="store_true", default=_bool(_env(e, "USE_FINALIZER")))
@@ -91,8 +100,12 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--progress-interval", type=float, default=float(ev("PROGRESS_INTERVAL",
                                                                        d.progress_interval)))
     p.add_argument("--progress-timeout", type=float, default=float(ev("PROGRESS_TIMEOUT", d.progress_timeout)))
-    p.add_argument("--peering-name", default=ev("PEERING_NAME", d.peering_name))
-    p.add_argument("--standalone", action="store_true", default=_bool(_env(e, "STANDALONE")))
+    peering_env = _env(e, "PEERING")
+    p.add_argument("--peering-name", default=peering_env or d.peering_name,
+                   help="kopf peering name: replicas with the same name elect one active (env PEERING)")
+    p.add_argument("--standalone", action="store_true",
+                   default=_bool(_env(e, "STANDALONE")) or peering_env == "",
+                   help="no peering (one replica); SFTJOB_PEERING set but empty means the same")
     p.add_argument("--priority", type=int, default=int(ev("PRIORITY", d.priority)))
     p.add_argument("--workers", type=int, default=int(ev("WORKERS", d.workers)))
     p.add_argument("--kubeconfig", default=_env(e, "KUBECONFIG"))
@@ -119,7 +132,8 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         image_pull_policy=args.image_pull_policy,
         trainer_metrics_port=args.trainer_metrics_port,
         watch_server_timeout=args.watch_server_timeout,
-        watch_client_timeout=args.watch_client_timeout,
+        watch_client_timeout=args.watch_server_timeout + 30,
+        trainer_service_account=args.trainer_service_account,
         request_timeout=args.request_timeout,
         finalizer=args.finalizer,
         use_finalizer=args.use_finalizer,

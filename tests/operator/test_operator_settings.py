@@ -17,11 +17,19 @@ def test_defaults_watch_all_namespaces() -> None:
 
 
 def test_flags_and_env() -> None:
-    env = {"SFTJOB_OPERATOR_NAMESPACES": "a, b", "SFTJOB_OPERATOR_DEFAULT_IMAGE": "img:1",
-           "SFTJOB_OPERATOR_PROGRESS_INTERVAL": "2", "SFTJOB_OPERATOR_STANDALONE": "true"}
+    # the names the Helm chart's Deployment sets
+    env = {"SFTJOB_NAMESPACES": "a, b", "SFTJOB_TRAINER_IMAGE": "img:1", "SFTJOB_PROGRESS_INTERVAL": "2",
+           "SFTJOB_PEERING": "", "SFTJOB_WATCH_TIMEOUT": "120", "SFTJOB_TRAINER_SERVICE_ACCOUNT": "trainer",
+           "SFTJOB_FINALIZER": "sft.tuning.dev/finalizer", "SFTJOB_METRICS_PORT": "9000",
+           "SFTJOB_HEALTH_PORT": "9001"}
     s = from_args([], env=env)
     assert s.namespaces == ("a", "b") and s.default_image == "img:1" and s.progress_interval == 2.0
-    assert s.standalone
+    assert s.standalone  # SFTJOB_PEERING="" (one replica)
+    assert s.watch_server_timeout == 120 and s.watch_client_timeout == 150
+    assert (s.metrics_port, s.health_port) == (9000, 9001)
+    assert s.render_options().default_service_account == "trainer"
+    peered = from_args([], env={"SFTJOB_PEERING": "sftjob-operator"})
+    assert not peered.standalone and peered.peering_name == "sftjob-operator"
     s = from_args(["-n", "x", "--namespace", "y,z", "--default-image", "img:2", "--finalizer", "f/x"], env=env)
     assert s.namespaces == ("x", "y", "z") and s.default_image == "img:2" and s.finalizer == "f/x"
     assert from_args(["-A"], env=env).clusterwide

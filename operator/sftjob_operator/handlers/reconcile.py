@@ -177,7 +177,7 @@ class Reconciler:
         now = _now()
 
         if prev_phase in ph.TERMINAL:
-            metrics.PHASES.set(uid, prev_phase)
+            metrics.PHASES.set(uid, prev_phase, namespace, name)
             self._after_terminal(body, prev, snap, memo, now)
             return str(prev_phase)
 
@@ -258,7 +258,7 @@ class Reconciler:
         changed = {k: v for k, v in status.items() if prev.get(k) != v}
         if changed:
             self.kube.patch_sftjob_status(namespace, name, changed, meta.get("resourceVersion"))
-        metrics.PHASES.set(uid, decision.phase)
+        metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None)
         self._record_transition(body, prev, status, decision, obs, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:
             self._progress(body, prev, pod_obs, memo, now)

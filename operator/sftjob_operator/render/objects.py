@@ -48,6 +48,7 @@ class RenderOptions:
     default_image: str = "ghcr.io/sftjob/trainer:0.1.0"
     metrics_port: int = METRICS_PORT
     image_pull_policy: str = "IfNotPresent"
+    default_service_account: str | None = None
 
 
 @dataclass(frozen=True)
@@ -220,8 +221,8 @@ def _pod_template(
     }
     if subdomain:
         pod_spec["subdomain"] = subdomain
-    if res.service_account_name:
-        pod_spec["serviceAccountName"] = res.service_account_name
+    if res.service_account_name or opts.default_service_account:
+        pod_spec["serviceAccountName"] = res.service_account_name or opts.default_service_account
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
