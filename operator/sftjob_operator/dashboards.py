@@ -37,7 +37,7 @@ TRAINING_PANELS = [
         f"sft_train_loss{{{RANK0}}}",
         description="Mean loss of the last optimizer step (rank 0).",
     ),
-    Panel("Eval loss", f"sft_eval_loss{{{SEL}}}", description="Held-out loss from the evaluation stage."),
+    Panel("Eval loss", f"sftjob_operator_job_eval_loss{{{SEL}}}", description="Held-out loss from the evaluation stage."),
     Panel(
         "Learning rate",
         f"sft_learning_rate{{{RANK0}}}",
@@ -66,20 +66,20 @@ TRAINING_PANELS = [
     ),
     Panel(
         "Checkpoint save duration",
-        f"rate(sft_checkpoint_save_seconds_sum{{{RANK0}}}[15m]) / rate(sft_checkpoint_save_seconds_count{{{RANK0}}}[15m])",
+        f"rate(sft_checkpoint_save_duration_seconds_sum{{{RANK0}}}[15m]) / rate(sft_checkpoint_save_duration_seconds_count{{{RANK0}}}[15m])",
         unit="s",
         description="Mean time to write a checkpoint (all shards + COMPLETE marker).",
     ),
     Panel(
         "Memory in use",
-        f"sft_memory_bytes{{{SEL}}}",
+        f"sft_memory_used_bytes{{{SEL}}}",
         unit="bytes",
         legend="{{sftjob}} rank {{rank}} {{device}}",
         description="GPU memory allocated by torch per rank; process RSS on CPU.",
     ),
     Panel(
         "Samples dropped",
-        f"sum by (namespace, sftjob, reason) (sft_data_samples_dropped_total{{{RANK0}}})",
+        f"sum by (namespace, sftjob, reason) (sft_data_rows_dropped_total{{{RANK0}}})",
         legend="{{sftjob}} {{reason}}",
         description="Rows the data pipeline dropped, by reason (malformed, too long, duplicate, ...).",
     ),
