@@ -74,7 +74,7 @@ TRAINING_PANELS = [
         "Memory in use",
         f"sft_memory_used_bytes{{{SEL}}}",
         unit="bytes",
-        legend="{{sftjob}} rank {{rank}} {{device}}",
+        legend="{{sftjob}} rank {{rank}}",
         description="GPU memory allocated by torch per rank; process RSS on CPU.",
     ),
     Panel(
