@@ -93,6 +93,9 @@ def test_eval_merge_gate_failures() -> None:
     d = decide(train=DONE, eval=job(complete=True), gate_failures=("maxEvalLoss: 2.3 > 2",))
     assert (d.phase, d.reason) == ("Failed", "EvalGateFailed")
     assert "maxEvalLoss" in d.message and "adapter kept" in d.message
+    # the trainer's eval exits EVAL_GATE_FAILED (a FailJob code): the Job fails by PodFailurePolicy
+    d = decide(train=DONE, eval=job(failed_reason="PodFailurePolicy"), eval_gate_exit="maxEvalLoss: 2.5 > 2")
+    assert (d.phase, d.reason) == ("Failed", "EvalGateFailed") and "maxEvalLoss: 2.5 > 2" in d.message
     d = decide(train=DONE, eval=job(complete=True), gate_failures=(), merge=job(failed_reason="PodFailurePolicy"))
     assert (d.phase, d.reason) == ("Failed", "MergeFailed")
 

@@ -90,9 +90,10 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
     assert pod["subdomain"] == "llama-8b-support-bot-train"
     assert pod["restartPolicy"] == "Never"
     (c,) = pod["containers"]
+    # `launch` = torchrun (torch.distributed.run) that keeps the worker's real exit code
     assert c["command"] == [
-        "torchrun", "--nnodes=2", "--nproc-per-node=8", "--node-rank=$(JOB_COMPLETION_INDEX)",
-        "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)", "--module", "sftjob_trainer",
+        "python", "-m", "sftjob_trainer", "launch", "--nnodes=2", "--nproc-per-node=8",
+        "--node-rank=$(JOB_COMPLETION_INDEX)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
         "train", "--config", "/etc/sftjob/config.yaml"]
     assert "args" not in c
     env = {e["name"]: e for e in c["env"]}
@@ -118,7 +119,7 @@ def test_no_spec_string_reaches_a_shell(minimal: Any) -> None:
     spec = parse_spec(doc["spec"])
     for job in all_children(ref, spec)[2:]:
         c = job["spec"]["template"]["spec"]["containers"][0]
-        assert c["command"][0] in ("torchrun", "python")
+        assert c["command"][:3] == ["python", "-m", "sftjob_trainer"]
         assert not any(x in ("sh", "bash", "-c", "/bin/sh") for x in c["command"])
         assert "rm -rf" not in json.dumps(c["command"]) + json.dumps(c["env"])
     cm = o.render_config_map(ref, spec)
@@ -150,7 +151,8 @@ def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
     job = o.render_train_job(ref, spec, o.RenderOptions(), tuple(sorted(exit_codes.PERMANENT_CODES)))
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                             "values": [exit_codes.PERMANENT]}}
+                                                             "values": sorted(exit_codes.PERMANENT_CODES)}}
+    assert exit_codes.PERMANENT in rules[0]["onExitCodes"]["values"]
     assert rules[1]["action"] == "Ignore"
     for code in exit_codes.RETRYABLE_CODES:
         assert code not in rules[0]["onExitCodes"]["values"]
@@ -214,6 +216,7 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     c = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
     assert "--nproc-per-node=1" in c["command"]
+    assert c["command"][3] == "launch"
     assert c["resources"] == {}
 
 
@@ -249,3 +252,16 @@ def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) ->
     ref, spec = multinode
     for child in all_children(ref, spec):
         kv.validate(child, "1.34", strict=True)
+
+
+def test_rendered_config_is_a_valid_trainer_config(multinode: Any, minimal: Any) -> None:
+    """The contract with the trainer: its own (torch-free) config model accepts what the operator renders."""
+    from sftjob_trainer.config import parse_config
+
+    for ref, spec in (multinode, minimal):
+        cm = o.render_config_map(ref, spec)
+        cfg = parse_config(json.loads(cm["data"]["config.yaml"]))
+        assert cfg.run.name == ref.name and cfg.run.namespace == "team-a"
+        assert cfg.run.output_root == f"s3://artifacts/sft/team-a/{ref.name}/"
+        assert cfg.resources.deepspeed.zero_stage == spec.resources.deepspeed.zero_stage
+        assert cfg.training == spec.training and cfg.model == spec.model

@@ -58,7 +58,16 @@ def permanent_exit_codes() -> tuple[int, ...]:
 
         return tuple(sorted(exit_codes.PERMANENT_CODES))
     except ImportError:  # the trainer package is not installed next to the operator
-        return (2,)
+        return (2, 3)
+
+
+def eval_gate_exit_code() -> int:
+    try:
+        from sftjob_trainer import exit_codes
+
+        return int(exit_codes.EVAL_GATE_FAILED)
+    except (ImportError, AttributeError):
+        return 3
 
 
 @dataclass
@@ -128,6 +137,7 @@ class Reconciler:
         self.kube = kube
         self.opts = settings.render_options()
         self.permanent_codes = permanent_exit_codes()
+        self.gate_exit_code = eval_gate_exit_code()
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._memos: dict[str, _Memo] = {}
@@ -207,14 +217,24 @@ class Reconciler:
 
         eval_results = None
         gate_failures: tuple[str, ...] | None = None
-        if spec is not None and STAGE_EVAL in obs_jobs and obs_jobs[STAGE_EVAL].complete:
-            msg = next((p.termination_message for p in pod_obs
-                        if p.stage == STAGE_EVAL and p.phase == "Succeeded" and p.termination_message), None)
+        gate_exit: str | None = None
+        eval_job = obs_jobs.get(STAGE_EVAL)
+        if spec is not None and eval_job is not None and eval_job.finished:
+            eval_pods = [p for p in pod_obs if p.stage == STAGE_EVAL]
+            msg = next((p.termination_message for p in eval_pods
+                        if p.phase == "Succeeded" and p.termination_message), None)
+            # The trainer enforces the gates itself (exit code EVAL_GATE_FAILED); when the eval pod also
+            # reports its results (JSON termination message) the operator records them and re-checks.
             eval_results = parse_eval_results(msg) or (prev.get("evalResults") or None)
             gates = spec.eval.gates
-            gate_failures = ph.evaluate_gates(
-                eval_results, gates.max_eval_loss, gates.max_perplexity, gates.min_rouge_l,
-                gates.min_exact_match) if gates is not None else ()
+            if eval_job.complete:
+                gate_failures = ph.evaluate_gates(
+                    eval_results, gates.max_eval_loss, gates.max_perplexity, gates.min_rouge_l,
+                    gates.min_exact_match) if gates is not None and eval_results else ()
+            gate_pod = next((p for p in eval_pods if p.exit_code == self.gate_exit_code), None)
+            if eval_job.failed_reason is not None and gate_pod is not None:
+                gate_exit = (gate_pod.termination_message or "").strip() or \
+                    f"eval exited with code {self.gate_exit_code}"
 
         stuck: Stuck | None = None
         stuck_fail: str | None = None
@@ -238,6 +258,7 @@ class Reconciler:
             running_train_pods=sum(1 for p in pod_obs if p.stage == STAGE_TRAIN and p.phase == "Running"
                                    and not p.deleting),
             stuck_failure=stuck_fail,
+            eval_gate_exit=gate_exit,
         )
         decision = ph.next_phase(obs)
 

@@ -298,15 +298,18 @@ def render_train_job(
     names = ChildNames(ref.name)
     res = spec.resources
     nprocs = max(res.gpus_per_node, 1)
+    # `launch` runs torchrun (python -m torch.distributed.run) and restores the worker's real exit code
+    # (torchrun reports any failed worker as 1, which would turn a permanent error into a retry).
     command = [
-        "torchrun",
+        "python",
+        "-m",
+        "sftjob_trainer",
+        "launch",
         f"--nnodes={res.nodes}",
         f"--nproc-per-node={nprocs}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
         "--master-addr=$(MASTER_ADDR)",
         "--master-port=$(MASTER_PORT)",
-        "--module",
-        "sftjob_trainer",
         "train",
         "--config",
         CONFIG_PATH,

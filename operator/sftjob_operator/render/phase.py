@@ -64,6 +64,8 @@ class Observed:
     gate_failures: tuple[str, ...] | None = None
     running_train_pods: int = 0  # train pods in phase Running (not deleting)
     stuck_failure: str | None = None  # set when pods were Stuck past runPolicy.failWhenStuckSeconds
+    # The eval pod exited with the trainer's EVAL_GATE_FAILED code; its termination message says which gate.
+    eval_gate_exit: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,8 @@ def next_phase(obs: Observed) -> Decision:
             if obs.suspend:
                 return Decision(SUSPENDED, R_SUSPENDED, "training done; evaluation waits for spec.suspend")
             return Decision(EVALUATING, R_EVAL_RUNNING, "training complete; starting evaluation")
+        if ev.failed_reason is not None and obs.eval_gate_exit is not None:
+            return Decision(FAILED, R_GATE_FAILED, "eval gates failed (adapter kept): " + obs.eval_gate_exit)
         if ev.failed_reason is not None:
             return Decision(FAILED, R_EVAL_FAILED,
                             f"evaluation Job failed ({ev.failed_reason}): {ev.failed_message or ev.failed_reason}")
