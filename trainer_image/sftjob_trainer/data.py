@@ -89,7 +89,7 @@ def build_examples(
     def flush() -> None:
         if not pending:
             return
-        for (f, where), (ids, labels) in zip(pending, tokenize_batch(tok, [p[0] for p in pending], not templ),
+        for (_f, where), (ids, labels) in zip(pending, tokenize_batch(tok, [p[0] for p in pending], not templ),
                                              strict=True):
             if max_tokens is not None and len(ids) > max_tokens:
                 report.drop("too_long", where, f"{len(ids)} tokens > max {max_tokens}")

@@ -80,7 +80,7 @@ def row_arrays(row: Row, examples: Sequence[Example]) -> tuple[list[int], list[i
     for i in row:
         ex = examples[i]
         ids += ex.input_ids
-        tgt += ex.labels[1:] + [IGNORE]
+        tgt += [*ex.labels[1:], IGNORE]
         pos += list(range(len(ex.input_ids)))
     return ids, tgt, pos
 

@@ -1,0 +1,130 @@
+"""Checkpoints under `<output_root>/checkpoints/step-N/` with a COMPLETE marker written last.
+
+Protocol (every rank takes part):
+  1. each rank: DeepSpeed save_checkpoint into its own local staging dir, plus its RNG state;
+  2. each rank uploads what it wrote to checkpoints/step-N/ (rank files never collide);
+  3. barrier; rank 0 writes checkpoints/step-N/COMPLETE (JSON: step, world size, trainer state); barrier;
+  4. rank 0 deletes the oldest complete checkpoints beyond `keep`, and incomplete ones older than N.
+Resume only ever considers steps whose COMPLETE exists, so a crash mid-upload is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from typing import Any
+
+from .storage import Store
+
+PREFIX = "checkpoints"
+MARKER = "COMPLETE"
+_STEP = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
+
+
+def step_dir(step: int) -> str:
+    return f"{PREFIX}/step-{step}"
+
+
+def scan(keys: Iterable[str]) -> tuple[list[int], list[int]]:
+    """(complete steps, incomplete steps), ascending, from a listing of keys under the output root."""
+    seen: set[int] = set()
+    done: set[int] = set()
+    for k in keys:
+        m = _STEP.match(k)
+        if m:
+            seen.add(int(m.group(1)))
+            if m.group(2) == MARKER:
+                done.add(int(m.group(1)))
+    return sorted(done), sorted(seen - done)
+
+
+def newest_complete(keys: Iterable[str]) -> int | None:
+    done, _ = scan(keys)
+    return done[-1] if done else None
+
+
+def to_delete(keys: Iterable[str], keep: int, just_written: int) -> list[int]:
+    """Old complete checkpoints beyond `keep` (never the one just written), and stale incomplete ones."""
+    done, partial = scan(keys)
+    old = [s for s in done if s != just_written][: max(0, len(done) - max(keep, 1))]
+    return old + [s for s in partial if s < just_written]
+
+
+def read_marker(store: Store, step: int) -> dict[str, Any]:
+    return dict(json.loads(store.get_bytes(f"{step_dir(step)}/{MARKER}")))
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                          "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_state: dict[str, Any],
+         keep: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    tag = f"step-{step}"
+    local = os.path.join(staging, f"rank{rank}")
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local, exist_ok=True)
+    engine.save_checkpoint(local, tag=tag)
+    torch.save(rng_state(), os.path.join(local, tag, f"rng_state_rank{rank}.pt"))
+    store.upload_dir(os.path.join(local, tag), step_dir(step))
+    shutil.rmtree(local, ignore_errors=True)
+    dist.barrier()
+    if rank == 0:
+        marker = {"step": step, "world_size": dist.get_world_size(), "trainer_state": trainer_state}
+        store.put_bytes(json.dumps(marker, indent=1).encode(), f"{step_dir(step)}/{MARKER}")
+        for old in to_delete(store.list(PREFIX), keep, step):
+            store.delete_prefix(step_dir(old))
+    dist.barrier()
+
+
+def load(engine: Any, store: Store, step: int, rank: int, staging: str) -> dict[str, Any]:
+    """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state."""
+    import torch
+    import torch.distributed as dist
+
+    from .exit_codes import PermanentError
+
+    marker = read_marker(store, step)
+    if marker["world_size"] != dist.get_world_size():
+        raise PermanentError(f"checkpoint step-{step} was written by {marker['world_size']} ranks, this run "
+                             f"has {dist.get_world_size()}: ZeRO-3 shards cannot be re-partitioned here")
+    tag = f"step-{step}"
+    local = os.path.join(staging, f"resume-rank{rank}")
+    shutil.rmtree(local, ignore_errors=True)
+    store.download_dir(step_dir(step), os.path.join(local, tag))
+    path, _ = engine.load_checkpoint(local, tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint step-{step}")
+    rng_file = os.path.join(local, tag, f"rng_state_rank{rank}.pt")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    shutil.rmtree(local, ignore_errors=True)
+    return dict(marker["trainer_state"])

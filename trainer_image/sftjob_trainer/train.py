@@ -1,0 +1,244 @@
+"""The training loop: DeepSpeed (ZeRO-3 by default) under torchrun, readable top to bottom.
+
+One optimizer step = `accum` micro-batches on each of `world` ranks. The loss is the sum of token losses
+over the *whole global batch* divided by its label count (counted across ranks before the step), so
+packing, padding and rank count do not change what is optimized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+from . import checkpoint
+from .config import DistEnv, TrainerConfig
+from .exit_codes import Preempted
+from .metrics import TrainerMetrics, log_json
+from .packing import collate, epoch_order, micro_batches_for, pack_rows, single_rows
+from .schedule import deepspeed_config, lr_factor, plan_batches
+from .storage import open_store
+
+
+class StopFlag:
+    """Set by SIGTERM; checked (and agreed on by all ranks) after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed(env: DistEnv, on_gpu: bool) -> None:
+    import deepspeed
+
+    if "MASTER_ADDR" not in os.environ:  # plain `python -m sftjob_trainer train`: a world of one
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
+    import torch
+
+    t = cfg.training
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+    groups = [{"params": ps, "weight_decay": wd}
+              for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps]  # ZeRO drops empty groups
+    if t.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=t.learning_rate)
+    return torch.optim.AdamW(groups, lr=t.learning_rate)
+
+
+def _allreduce(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return [float(x) for x in t]
+
+
+def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: int, out_dir: str) -> str:
+    """Rank 0 writes the adapter (lora/qlora) or the full model in transformers format into out_dir."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from .loss import base_causal_lm
+
+    full = cfg.method.type == "full"
+    names = [n for n, p in model.named_parameters() if full or p.requires_grad]
+    params = [p for n, p in model.named_parameters() if full or p.requires_grad]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if rank == 0:
+            sd = {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)}
+            if full:
+                base_causal_lm(model).save_pretrained(out_dir, state_dict=sd)
+            else:
+                model.save_pretrained(out_dir, state_dict=sd)
+            tok.save_pretrained(out_dir)
+    dist.barrier()
+    return "model" if full else "adapter"
+
+
+def train(cfg: TrainerConfig) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    env = DistEnv.from_env()
+    if on_gpu:
+        torch.cuda.set_device(env.local_rank)
+    stop = StopFlag()
+    init_distributed(env, on_gpu)
+    env = DistEnv.from_env()
+    import deepspeed
+
+    from .loss import SelectiveLossLM
+    from .model import load_for_training
+    from .pipeline import cache_dir, model_spec, prepare_examples
+
+    t = cfg.training
+    seed_all(t.seed)
+    port = cfg.runtime.metrics_port + env.local_rank if cfg.runtime.metrics_port else None
+    metrics = TrainerMetrics(cfg.run.namespace, cfg.run.name, env.rank, port)
+    store = open_store(cfg.run.output_root)
+    staging = os.path.join(cfg.runtime.work_dir, "staging")
+    is0 = env.rank == 0
+
+    model, tok, _ = load_for_training(model_spec(cfg, on_gpu), cache_dir(cfg))
+    examples, eval_examples, report = prepare_examples(cfg, tok)
+    metrics.record_drops(dict(report.dropped))
+    lengths = [len(e.input_ids) for e in examples]
+    rows = pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
+    plan = plan_batches(len(rows), t.global_batch_size, t.micro_batch_size, env.world_size, t.epochs,
+                        t.max_steps)
+    if is0:
+        log_json("data", report=report.as_dict(), train_examples=len(examples), eval_examples=len(eval_examples),
+                 rows=len(rows), packing=cfg.dataset.packing, plan=plan.__dict__)
+        store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), "train/data_report.json")
+
+    bf16 = on_gpu and model_spec(cfg, on_gpu).dtype == "bfloat16"
+    wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
+    optimizer = make_optimizer(wrapper, cfg)
+    warmup = math.ceil(t.warmup_ratio * plan.total_steps)
+
+    def make_sched(opt: Any) -> Any:  # built on DeepSpeed's wrapped optimizer, saved in its checkpoints
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan.total_steps, warmup,
+                                                                          t.scheduler))
+
+    ds = cfg.resources.deepspeed
+    ds_cfg = deepspeed_config(micro=plan.micro, accum=plan.accum, world=env.world_size, stage=ds.zero_stage,
+                              offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
+                              bf16=bf16, fp16=False, grad_clip=t.max_grad_norm)
+    engine, _, _, sched = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=make_sched,
+                                               config=ds_cfg)
+
+    start, tokens_seen = 0, 0
+    resume = checkpoint.newest_complete(store.list(checkpoint.PREFIX))
+    if resume is not None:
+        state = checkpoint.load(engine, store, resume, env.rank, staging)
+        start, tokens_seen = int(state["step"]), int(state.get("tokens", 0))
+        metrics.resumed_step.set(start)
+        if is0:
+            log_json("resumed", step=start)
+    metrics.total_steps.set(plan.total_steps)
+    metrics.step.set(start)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    order_epoch, ordered = -1, rows
+    t_run = time.monotonic()
+    loss = float("nan")
+
+    for step in range(start, plan.total_steps):
+        t0 = time.monotonic()
+        epoch, within = divmod(step, plan.steps_per_epoch)
+        if epoch != order_epoch:
+            order_epoch, ordered = epoch, epoch_order(rows, t.seed, epoch)
+        mbs = micro_batches_for(env.rank, env.world_size, within, ordered, lengths, plan.micro, plan.accum)
+        batches = [collate(mb, examples, pad_id) for mb in mbs]
+        local_labels = sum(int((b["targets"] != -100).sum()) for b in batches)
+        local_real = sum(b["real_tokens"] for b in batches)
+        n_labels, _ = _allreduce([local_labels, 0.0])
+        scale = plan.accum * env.world_size / max(n_labels, 1.0)
+        lr = sched.get_last_lr()[0]
+        loss_sum = 0.0
+        for b in batches:
+            out, _ = engine(b["input_ids"], b["position_ids"], b["targets"])
+            engine.backward(out * scale)
+            engine.step()
+            loss_sum += float(out.detach())
+        tot_loss, tot_real, stop_votes = _allreduce([loss_sum, float(local_real), float(stop.requested)])
+        loss = tot_loss / max(n_labels, 1.0)
+        tokens_seen += local_real
+        done = step + 1
+        dt = time.monotonic() - t0
+        gn = engine.get_global_grad_norm()
+        tps = tot_real / dt if dt > 0 else 0.0
+        eta = (time.monotonic() - t_run) / (done - start) * (plan.total_steps - done)
+        metrics.loss.set(loss)
+        metrics.lr.set(lr)
+        metrics.step.set(done)
+        metrics.epoch.set(done / plan.steps_per_epoch)
+        metrics.tokens.inc(local_real)
+        metrics.tps.set(tps)
+        metrics.eta.set(eta)
+        if gn is not None:
+            metrics.grad_norm.set(float(gn))
+        metrics.sample_memory()
+        if is0 and (done % cfg.runtime.log_every_steps == 0 or done == plan.total_steps):
+            log_json("step", step=done, total_steps=plan.total_steps, loss=round(loss, 6), lr=lr,
+                     grad_norm=None if gn is None else float(gn), epoch=round(done / plan.steps_per_epoch, 4),
+                     tokens_per_second=round(tps, 1), eta_seconds=round(eta, 1))
+        preempt = stop_votes > 0
+        if (done % t.checkpoint_steps == 0 or preempt) and done < plan.total_steps:
+            c0 = time.monotonic()
+            checkpoint.save(engine, store, done, env.rank, staging,
+                            {"step": done, "tokens": tokens_seen, "loss": loss}, cfg.output.keep_checkpoints)
+            metrics.ckpt_seconds.observe(time.monotonic() - c0)
+            if is0:
+                log_json("checkpoint", step=done, seconds=round(time.monotonic() - c0, 3))
+        if preempt:
+            raise Preempted(f"SIGTERM: checkpoint step-{done} saved, exiting for a retry")
+
+    out_dir = os.path.join(staging, "final")
+    kind = export_weights(engine, model, tok, cfg, env.rank, out_dir)
+    if is0:
+        store.upload_dir(out_dir, kind)
+        summary = {"steps": plan.total_steps, "final_loss": loss, "tokens": tokens_seen,
+                   "resumed_from": resume, "plan": plan.__dict__, "data": report.as_dict()}
+        store.put_bytes(json.dumps(summary, indent=1).encode(), "train/summary.json")
+        log_json("done", kind=kind, steps=plan.total_steps, final_loss=loss)
+    import torch.distributed as dist
+
+    dist.barrier()
+    return 0
