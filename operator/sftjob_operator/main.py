@@ -41,6 +41,8 @@ def configure(settings: Settings, kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.peering.name = settings.peering_name
     kopf_settings.peering.priority = settings.priority
     kopf_settings.peering.standalone = settings.standalone
+    # Without an explicit peering name kopf auto-detects: peering if the CRDs exist, else standalone.
+    kopf_settings.peering.mandatory = settings.peering_required
     kopf_settings.peering.clusterwide = settings.clusterwide
     kopf_settings.execution.max_workers = max(settings.workers, 4)
 
@@ -53,11 +55,21 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if settings.log_level.upper() != "DEBUG":
+        # kopf logs every handler/timer success at INFO per object: noise at hundreds of SFTJobs.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if settings.kubeconfig:
         os.environ["KUBECONFIG"] = settings.kubeconfig  # for kopf's login as well as ours
 
     registry = kopf.OperatorRegistry()
     register(registry, settings)
+
+    @kopf.on.login(id="login", registry=registry)
+    def login(**kwargs: Any) -> Any:
+        # A private registry has none of kopf's default login handlers: use the kubernetes client's
+        # loader (in-cluster service account, else $KUBECONFIG), as kopf does by default.
+        return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(id="startup", registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -74,9 +86,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         "registry": registry,
         "standalone": settings.standalone,
         "priority": settings.priority,
-        "peering_name": settings.peering_name,
         "liveness_endpoint": liveness,
     }
+    if settings.peering_required:
+        kwargs["peering_name"] = settings.peering_name  # kopf then requires the peering CRDs
     if settings.clusterwide:
         kwargs["clusterwide"] = True
     else:

@@ -36,6 +36,7 @@ class Settings:
     progress_timeout: float = 3.0  # HTTP timeout reading a trainer's /metrics
     peering_name: str = "sftjob-operator"
     standalone: bool = False  # no peering: for one replica or tests
+    peering_required: bool = False  # a peering name was given: without the peering CRDs, wait (never run twice)
     priority: int = 0  # peering priority: the highest is active, others pause
     workers: int = 8  # threads doing Kubernetes I/O
     kubeconfig: str | None = None
@@ -101,7 +102,7 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
                                                                        d.progress_interval)))
     p.add_argument("--progress-timeout", type=float, default=float(ev("PROGRESS_TIMEOUT", d.progress_timeout)))
     peering_env = _env(e, "PEERING")
-    p.add_argument("--peering-name", default=peering_env or d.peering_name,
+    p.add_argument("--peering-name", default=peering_env or None,
                    help="kopf peering name: replicas with the same name elect one active (env PEERING)")
     p.add_argument("--standalone", action="store_true",
                    default=_bool(_env(e, "STANDALONE")) or peering_env == "",
@@ -143,8 +144,9 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         health_address=args.health_address,
         progress_interval=args.progress_interval,
         progress_timeout=args.progress_timeout,
-        peering_name=args.peering_name,
+        peering_name=args.peering_name or Settings.peering_name,
         standalone=args.standalone,
+        peering_required=bool(args.peering_name) and not args.standalone,
         priority=args.priority,
         workers=args.workers,
         kubeconfig=args.kubeconfig,

@@ -81,7 +81,11 @@ class Operator:
         self.proc.popen.wait(10)
         self.proc.stop()
 
-    def stop(self) -> None:
+    def stop(self, delete_sftjobs: bool = True) -> None:
+        """Stop; first delete the namespace's SFTJobs while running, so that kopf takes its finalizer off
+        (it puts one on every SFTJob: timers need it) and the namespace can go."""
+        if self.proc is not None and self.proc.alive() and delete_sftjobs:
+            self.kube.kubectl("delete", "sftjobs", "--all", "-n", self.namespace, "--timeout=30s", check=False)
         if self.proc is not None:
             self.proc.stop()
 

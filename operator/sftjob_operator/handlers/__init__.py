@@ -17,6 +17,7 @@ import kopf
 from .. import metrics
 from ..api import GROUP, PLURAL, VERSION
 from ..render.names import LABEL_JOB_NAME
+from ..render.phase import TERMINAL
 from ..settings import Settings
 from .kube import Kube, new_api_client
 from .reconcile import Reconciler, Snapshot, slim_job, slim_pod
@@ -30,6 +31,17 @@ def _snapshot(namespace: str, name: str, jobs_index: Any, pods_index: Any) -> Sn
     jobs = [dict(j) for j in jobs_index.get(key, [])] if key in jobs_index else []
     pods = [dict(p) for p in pods_index.get(key, [])] if key in pods_index else []
     return Snapshot(jobs=jobs, pods=pods)
+
+
+def _ttl_pending(spec: Any, status: Any, reconciler: Reconciler, jobs_index: Any, namespace: str,
+                 name: str) -> bool:
+    """Whether a finished SFTJob still has TTL clean-up due (or coming)."""
+    ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    if ttl is None:
+        return False
+    if (spec.get("runPolicy") or {}).get("ttlPolicy") == "DeleteSFTJob":
+        return True
+    return (namespace, name) in jobs_index  # DeleteChildren: done once no child Job is left
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
@@ -91,8 +103,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
     @kopf.timer(GROUP, VERSION, PLURAL, id="tick", interval=settings.progress_interval, registry=registry,
                 initial_delay=min(settings.progress_interval, 5.0))
     @metrics.instrumented("timer")
-    async def tick(namespace: str, name: str, status: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
+    async def tick(namespace: str, name: str, status: Any, spec: Any, sft_jobs: Any, sft_pods: Any,
+                   **_: Any) -> None:
         # Progress, stuck detection and TTL are time-based: no watch event announces them.
+        if status.get("phase") in TERMINAL and not _ttl_pending(spec, status, reconciler, sft_jobs,
+                                                                 namespace, name):
+            return  # finished and nothing left to clean up: no API call at all
         try:
             await run(namespace, name, sft_jobs, sft_pods, tick=True)
         except Exception as e:

@@ -104,14 +104,13 @@ def derive_conditions(
     elif phase == MERGING:
         put("Merged", "False", "MergeRunning", decision.message)
 
+    # Succeeded and Failed appear when the run ends (one True, the other False), as kubectl wait expects.
     if phase == SUCCEEDED:
         put("Succeeded", "True", decision.reason, decision.message)
-    else:
-        put("Succeeded", "False", decision.reason, decision.message)
-    if phase == FAILED:
+        put("Failed", "False", decision.reason, "the run succeeded")
+    elif phase == FAILED:
         put("Failed", "True", decision.reason, decision.message)
-    else:
-        put("Failed", "False", decision.reason, decision.message)
+        put("Succeeded", "False", decision.reason, decision.message)
 
     if phase == SUSPENDED:
         put("Suspended", "True", decision.reason, decision.message)
