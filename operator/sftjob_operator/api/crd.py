@@ -70,7 +70,11 @@ def _factory_defaults(cls: type[BaseModel]) -> dict[str, Any]:
         if f.default_factory is None:
             continue
         value = f.default_factory()  # type: ignore[call-arg]
-        out[f.alias or name] = {} if isinstance(value, BaseModel) else value
+        # A nested object defaults to its fully defaulted form: the API server checks each default
+        # against the CEL rules as written, without first applying the defaults nested inside it.
+        out[f.alias or name] = (
+            value.model_dump(mode="json", exclude_none=True) if isinstance(value, BaseModel) else value
+        )
     return out
 
 
@@ -164,7 +168,7 @@ def build_crd() -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string", "description": "API version of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},
-            "metadata": {"type": "object", "description": "Standard object metadata."},
+            "metadata": {"type": "object"},  # the API server forbids anything else here
             "spec": spec,
             "status": status,
         },

@@ -14,8 +14,10 @@ from .base import ApiModel, CelRule
 # s3://bucket/key, an absolute path (e.g. a PVC mounted into the pod), pvc://claim/path, a path relative to
 # the manifest's directory starting with ./ or ../ (only meaningful for `sftjob run`), or for models a bare
 # model-cache name such as "smollm2-135m-instruct".
-DATA_URI = (r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|/.*"
-            r"|\.{1,2}/.*)$")
+DATA_URI = (
+    r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|/.*"
+    r"|\.{1,2}/.*)$"
+)
 MODEL_URI = DATA_URI[:-2] + r"|[A-Za-z0-9][A-Za-z0-9._-]*)$"
 OUTPUT_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|/.*|\./.*|[A-Za-z0-9_][A-Za-z0-9._/-]*)$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
