@@ -28,7 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 20261125
 N_TRAIN = 3000
-N_EVAL = 200
+N_EVAL = 64
 
 INSTRUCTION = ("Extract the person's details as JSON with the keys last_name, first_name, age and city, "
                "in that order. Reply with the JSON only.")

@@ -8,6 +8,7 @@ Under the run's output root `<output.uri>/<namespace>/<name>/`:
     train/                   summary.json (steps, final loss, tokens), data_report.json (train stage)
     eval/                    results.json, samples.jsonl                              (eval stage)
     merged/                  safetensors + tokenizer + generation config, verification.json (merge stage)
+    report/                  report.md, loss_curve.png                                (`sftjob run` only)
     manifest.json            every file above with size and sha256, the config, versions, metrics
 
 Uploads go through `storage.Store` (S3: boto3 managed transfers, multipart above 64 MiB with 8 concurrent
@@ -38,7 +39,8 @@ EVAL = "eval"
 MERGED = "merged"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-LAYOUT = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, EVAL, MERGED)
+REPORT = "report"
+LAYOUT = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, EVAL, MERGED, REPORT)
 PACKAGES = ("sftjob", "torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "safetensors",
             "tokenizers")
 

@@ -1,0 +1,1 @@
+"""`sftjob run`: the operator's pipeline (train -> eval -> merge) on one machine, no cluster."""

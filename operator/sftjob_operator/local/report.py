@@ -1,0 +1,149 @@
+"""What `sftjob run` shows and leaves behind: the summary table, the loss curve and report.md (pure-ish)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+ROWS = (
+    ("eval_loss", "eval loss", "lower"),
+    ("perplexity", "perplexity", "lower"),
+    ("rouge_l", "ROUGE-L", "higher"),
+    ("exact_match", "exact match", "higher"),
+)
+
+
+def _fmt(v: Any, key: str) -> str:
+    if v is None:
+        return "-"
+    if key in ("rouge_l", "exact_match"):
+        return f"{100 * v:.1f}%"
+    return f"{v:.4f}" if v < 100 else f"{v:.1f}"
+
+
+def _change(base: Any, trained: Any, key: str) -> str:
+    if base is None or trained is None:
+        return "-"
+    if key in ("rouge_l", "exact_match"):
+        return f"{100 * (trained - base):+.1f} pts"
+    if base == 0:
+        return "-"
+    return f"{100 * (trained - base) / base:+.1f}%"
+
+
+def eval_table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(metric, base, trained, change) rows from eval/results.json."""
+    base, trained = results.get("base") or {}, results.get("trained") or {}
+    out = []
+    for key, label, _ in ROWS:
+        if key in base or key in trained:
+            out.append(
+                (
+                    label,
+                    _fmt(base.get(key), key),
+                    _fmt(trained.get(key), key),
+                    _change(base.get(key), trained.get(key), key),
+                )
+            )
+    return out
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt = lambda r: " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+    return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def loss_curve_png(
+    steps: Sequence[dict[str, Any]], path: str, title: str, eval_points: dict[str, float] | None = None
+) -> bool:
+    """Training loss per step (and base/trained eval loss as horizontal lines); False if nothing to plot."""
+    pts = sorted({int(s["step"]): float(s["loss"]) for s in steps if s.get("loss") is not None}.items())
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], label="train loss", color="tab:blue")
+    for (label, y), color in zip((eval_points or {}).items(), ("tab:red", "tab:green"), strict=False):
+        ax.axhline(y, linestyle="--", color=color, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean token cross-entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def markdown_report(
+    name: str,
+    spec_path: str,
+    phases: dict[str, float],
+    results: dict[str, Any] | None,
+    train_summary: dict[str, Any] | None,
+    merge_check: dict[str, Any] | None,
+    samples: Sequence[dict[str, Any]],
+    artifacts_root: str,
+    has_png: bool,
+) -> str:
+    lines = [f"# SFTJob `{name}`", "", f"Spec: `{spec_path}`  ", f"Artifacts: `{artifacts_root}`", ""]
+    lines += [
+        "## Phases",
+        "",
+        markdown_table(("phase", "seconds"), [(k, f"{v:.0f}") for k, v in phases.items()]),
+        "",
+    ]
+    if train_summary:
+        lines += [
+            "## Training",
+            "",
+            f"{train_summary.get('steps')} optimizer steps, "
+            f"{train_summary.get('tokens')} tokens, final train loss {train_summary.get('final_loss'):.4f}.",
+            "",
+        ]
+    if has_png:
+        lines += ["![loss curve](loss_curve.png)", ""]
+    if results:
+        lines += [
+            "## Evaluation (held-out data)",
+            "",
+            markdown_table(("metric", "base model", "fine-tuned", "change"), eval_table(results)),
+            "",
+        ]
+        if results.get("failed_gates"):
+            lines += ["**Eval gates failed:** " + "; ".join(results["failed_gates"]), ""]
+        elif results.get("gates"):
+            lines += ["Eval gates passed: " + json.dumps(results["gates"]), ""]
+    if merge_check:
+        lines += [
+            "## Merge",
+            "",
+            f"dtype {merge_check.get('dtype')}; merged vs base+adapter logits (float32): "
+            f"max |diff| {merge_check.get('max_abs_diff'):.2e}; saved copy: "
+            f"{json.dumps(merge_check.get('saved'))}; passed: {merge_check.get('passed')}.",
+            "",
+        ]
+    if samples:
+        lines += ["## Sample generations", ""]
+        for s in samples[:5]:
+            lines += [
+                f"- reference: `{s.get('reference', '').strip()}`",
+                f"  - base: `{(s.get('base') or '').strip()[:200]}`",
+                f"  - fine-tuned: `{(s.get('trained') or '').strip()[:200]}`",
+            ]
+        lines.append("")
+    return "\n".join(lines)
