@@ -37,7 +37,11 @@ TRAINING_PANELS = [
         f"sft_train_loss{{{RANK0}}}",
         description="Mean loss of the last optimizer step (rank 0).",
     ),
-    Panel("Eval loss", f"sftjob_operator_job_eval_loss{{{SEL}}}", description="Held-out loss from the evaluation stage."),
+    Panel(
+        "Eval loss",
+        f"sftjob_operator_job_eval_loss{{{SEL}}}",
+        description="Held-out loss from the evaluation stage.",
+    ),
     Panel(
         "Learning rate",
         f"sft_learning_rate{{{RANK0}}}",

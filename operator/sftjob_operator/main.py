@@ -26,7 +26,8 @@ def configure(settings: Settings, kopf_settings: kopf.OperatorSettings) -> None:
     # status is a structural schema that prunes unknown fields: keep kopf's bookkeeping in annotations.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration", ignored_fields=["status"])
+        prefix=prefix, key="last-handled-configuration", ignored_fields=["status"]
+    )
     kopf_settings.persistence.finalizer = settings.finalizer
     kopf_settings.watching.server_timeout = settings.watch_server_timeout
     kopf_settings.watching.client_timeout = settings.watch_client_timeout
@@ -67,21 +68,29 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
-        # A private registry has none of kopf's default login handlers: use the kubernetes client's
-        # loader (in-cluster service account, else $KUBECONFIG), as kopf does by default.
+        # A private registry has none of kopf's default login handlers. With --kubeconfig use kopf's own
+        # kubeconfig reader (it reads $KUBECONFIG now; the kubernetes client read it at import time);
+        # otherwise the kubernetes client's loader: in-cluster service account, else ~/.kube/config.
+        if settings_ours.kubeconfig:
+            return kopf.login_with_kubeconfig(**kwargs)
         return kopf.login_via_client(**kwargs)
 
     @kopf.on.startup(id="startup", registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings_ours, settings)
         metrics.serve(settings_ours.metrics_port, settings_ours.metrics_address)
-        log.info("sftjob-operator watching %s for %s.%s; metrics on :%s",
-                 "all namespaces" if settings_ours.clusterwide else ",".join(settings_ours.namespaces),
-                 PLURAL, GROUP, settings_ours.metrics_port)
+        log.info(
+            "sftjob-operator watching %s for %s.%s; metrics on :%s",
+            "all namespaces" if settings_ours.clusterwide else ",".join(settings_ours.namespaces),
+            PLURAL,
+            GROUP,
+            settings_ours.metrics_port,
+        )
 
     settings_ours = settings
-    liveness = (f"http://{settings.health_address}:{settings.health_port}/healthz"
-                if settings.health_port else None)
+    liveness = (
+        f"http://{settings.health_address}:{settings.health_port}/healthz" if settings.health_port else None
+    )
     kwargs: dict[str, Any] = {
         "registry": registry,
         "standalone": settings.standalone,

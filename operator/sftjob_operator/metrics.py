@@ -28,29 +28,42 @@ HANDLER_INVOCATIONS = Counter(
     "sftjob_operator_handler_invocations", "Handler invocations, by handler.", ["handler"], registry=REGISTRY
 )
 HANDLER_ERRORS = Counter(
-    "sftjob_operator_handler_errors", "Handler invocations that raised, by handler.", ["handler"],
+    "sftjob_operator_handler_errors",
+    "Handler invocations that raised, by handler.",
+    ["handler"],
     registry=REGISTRY,
 )
 HANDLER_DURATION = Histogram(
-    "sftjob_operator_handler_duration_seconds", "Handler run time, by handler.", ["handler"],
+    "sftjob_operator_handler_duration_seconds",
+    "Handler run time, by handler.",
+    ["handler"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
-JOBS = Gauge("sftjob_operator_jobs", "SFTJobs known to this operator, by phase.", ["phase"], registry=REGISTRY)
+JOBS = Gauge(
+    "sftjob_operator_jobs", "SFTJobs known to this operator, by phase.", ["phase"], registry=REGISTRY
+)
 TRANSITIONS = Counter(
-    "sftjob_operator_phase_transitions", "Phase transitions, by from_phase and to_phase.",
-    ["from_phase", "to_phase"], registry=REGISTRY,
+    "sftjob_operator_phase_transitions",
+    "Phase transitions, by from_phase and to_phase.",
+    ["from_phase", "to_phase"],
+    registry=REGISTRY,
 )
 TIME_TO_TRAINING = Histogram(
-    "sftjob_operator_time_to_training_seconds", "From SFTJob creation to the first trainer pod running.",
-    buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600), registry=REGISTRY,
+    "sftjob_operator_time_to_training_seconds",
+    "From SFTJob creation to the first trainer pod running.",
+    buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+    registry=REGISTRY,
 )
 RESTARTS = Counter(
-    "sftjob_operator_restarts", "Retryable trainer failures observed (each resumes from a checkpoint).",
+    "sftjob_operator_restarts",
+    "Retryable trainer failures observed (each resumes from a checkpoint).",
     registry=REGISTRY,
 )
 PROGRESS_READS = Counter(
-    "sftjob_operator_progress_reads", "Reads of trainer /metrics endpoints, by result.", ["result"],
+    "sftjob_operator_progress_reads",
+    "Reads of trainer /metrics endpoints, by result.",
+    ["result"],
     registry=REGISTRY,
 )
 
@@ -67,7 +80,9 @@ class PhaseBook:
         self._lock = threading.Lock()
         self._jobs: dict[str, tuple[str, str, str, bool]] = {}  # uid -> (namespace, name, phase, stuck)
 
-    def set(self, uid: str, phase: str | None, namespace: str = "", name: str = "", stuck: bool = False) -> None:
+    def set(
+        self, uid: str, phase: str | None, namespace: str = "", name: str = "", stuck: bool = False
+    ) -> None:
         with self._lock:
             if phase is None:
                 self._jobs.pop(uid, None)
@@ -82,10 +97,16 @@ class PhaseBook:
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             jobs = list(self._jobs.values())
-        phase = GaugeMetricFamily("sftjob_operator_job_phase", "1 for the current phase of each SFTJob.",
-                                  labels=["namespace", "sftjob", "phase"])
-        stuck = GaugeMetricFamily("sftjob_operator_job_stuck", "1 while the SFTJob's Stuck condition is True.",
-                                  labels=["namespace", "sftjob"])
+        phase = GaugeMetricFamily(
+            "sftjob_operator_job_phase",
+            "1 for the current phase of each SFTJob.",
+            labels=["namespace", "sftjob", "phase"],
+        )
+        stuck = GaugeMetricFamily(
+            "sftjob_operator_job_stuck",
+            "1 while the SFTJob's Stuck condition is True.",
+            labels=["namespace", "sftjob"],
+        )
         for ns, name, p, is_stuck in jobs:
             phase.add_metric([ns, name, p], 1.0)
             stuck.add_metric([ns, name], 1.0 if is_stuck else 0.0)

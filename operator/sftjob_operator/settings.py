@@ -36,7 +36,9 @@ class Settings:
     progress_timeout: float = 3.0  # HTTP timeout reading a trainer's /metrics
     peering_name: str = "sftjob-operator"
     standalone: bool = False  # no peering: for one replica or tests
-    peering_required: bool = False  # a peering name was given: without the peering CRDs, wait (never run twice)
+    peering_required: bool = (
+        False  # a peering name was given: without the peering CRDs, wait (never run twice)
+    )
     priority: int = 0  # peering priority: the highest is active, others pause
     workers: int = 8  # threads doing Kubernetes I/O
     kubeconfig: str | None = None
@@ -77,20 +79,37 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         prog="sftjob-operator",
         description="Run the SFTJob operator. Flags override the SFTJOB_* environment variables.",
     )
-    p.add_argument("--namespace", "-n", action="append", dest="namespaces",
-                   help="namespace to watch (repeat, or comma-separated; env NAMESPACES); default all")
+    p.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        dest="namespaces",
+        help="namespace to watch (repeat, or comma-separated; env NAMESPACES); default all",
+    )
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)")
-    p.add_argument("--default-image", "--trainer-image", dest="default_image",
-                   default=_env(e, "TRAINER_IMAGE") or ev("DEFAULT_IMAGE", d.default_image),
-                   help="trainer image for SFTJobs without spec.resources.image (env TRAINER_IMAGE)")
-    p.add_argument("--trainer-service-account", default=_env(e, "TRAINER_SERVICE_ACCOUNT") or None,
-                   help="ServiceAccount of trainer pods without spec.resources.serviceAccountName")
+    p.add_argument(
+        "--default-image",
+        "--trainer-image",
+        dest="default_image",
+        default=_env(e, "TRAINER_IMAGE") or ev("DEFAULT_IMAGE", d.default_image),
+        help="trainer image for SFTJobs without spec.resources.image (env TRAINER_IMAGE)",
+    )
+    p.add_argument(
+        "--trainer-service-account",
+        default=_env(e, "TRAINER_SERVICE_ACCOUNT") or None,
+        help="ServiceAccount of trainer pods without spec.resources.serviceAccountName",
+    )
     p.add_argument("--image-pull-policy", default=ev("IMAGE_PULL_POLICY", d.image_pull_policy))
-    p.add_argument("--trainer-metrics-port", type=int, default=int(ev("TRAINER_METRICS_PORT",
-                                                                      d.trainer_metrics_port)))
-    p.add_argument("--watch-timeout", dest="watch_server_timeout", type=int,
-                   default=int(ev("WATCH_TIMEOUT", d.watch_server_timeout)),
-                   help="seconds the API server keeps a watch open (the client waits 30 s longer)")
+    p.add_argument(
+        "--trainer-metrics-port", type=int, default=int(ev("TRAINER_METRICS_PORT", d.trainer_metrics_port))
+    )
+    p.add_argument(
+        "--watch-timeout",
+        dest="watch_server_timeout",
+        type=int,
+        default=int(ev("WATCH_TIMEOUT", d.watch_server_timeout)),
+        help="seconds the API server keeps a watch open (the client waits 30 s longer)",
+    )
     p.add_argument("--request-timeout", type=int, default=int(ev("REQUEST_TIMEOUT", d.request_timeout)))
     p.add_argument("--finalizer", default=ev("FINALIZER", d.finalizer))
     p.add_argument("--use-finalizer", action="store_true", default=_bool(_env(e, "USE_FINALIZER")))
@@ -98,15 +117,24 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default=ev("METRICS_ADDRESS", d.metrics_address))
     p.add_argument("--health-port", type=int, default=int(ev("HEALTH_PORT", d.health_port)))
     p.add_argument("--health-address", default=ev("HEALTH_ADDRESS", d.health_address))
-    p.add_argument("--progress-interval", type=float, default=float(ev("PROGRESS_INTERVAL",
-                                                                       d.progress_interval)))
-    p.add_argument("--progress-timeout", type=float, default=float(ev("PROGRESS_TIMEOUT", d.progress_timeout)))
+    p.add_argument(
+        "--progress-interval", type=float, default=float(ev("PROGRESS_INTERVAL", d.progress_interval))
+    )
+    p.add_argument(
+        "--progress-timeout", type=float, default=float(ev("PROGRESS_TIMEOUT", d.progress_timeout))
+    )
     peering_env = _env(e, "PEERING")
-    p.add_argument("--peering-name", default=peering_env or None,
-                   help="kopf peering name: replicas with the same name elect one active (env PEERING)")
-    p.add_argument("--standalone", action="store_true",
-                   default=_bool(_env(e, "STANDALONE")) or peering_env == "",
-                   help="no peering (one replica); SFTJOB_PEERING set but empty means the same")
+    p.add_argument(
+        "--peering-name",
+        default=peering_env or None,
+        help="kopf peering name: replicas with the same name elect one active (env PEERING)",
+    )
+    p.add_argument(
+        "--standalone",
+        action="store_true",
+        default=_bool(_env(e, "STANDALONE")) or peering_env == "",
+        help="no peering (one replica); SFTJOB_PEERING set but empty means the same",
+    )
     p.add_argument("--priority", type=int, default=int(ev("PRIORITY", d.priority)))
     p.add_argument("--workers", type=int, default=int(ev("WORKERS", d.workers)))
     p.add_argument("--kubeconfig", default=_env(e, "KUBECONFIG"))

@@ -16,7 +16,8 @@ import requests
 from testbed.procs import Proc, free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "sft.tuning.dev_sftjobs.yaml"
+# SFTJOB_E2E_CRD: apply another CRD file (e.g. while debugging the generator); the committed one by default.
+CRD = Path(os.environ.get("SFTJOB_E2E_CRD") or REPO / "crds" / "sft.tuning.dev_sftjobs.yaml")
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     assert train["spec"]["podFailurePolicy"]["rules"][0]["action"] == "FailJob"
     tmpl = train["spec"]["template"]
     assert tmpl["metadata"]["annotations"]["kwok.sftjob.dev/delay"] == "2s"
-    assert tmpl["spec"]["containers"][0]["command"][0] == "torchrun"
+    assert tmpl["spec"]["containers"][0]["command"][:4] == ["python", "-m", "sftjob_trainer", "launch"]
     assert tmpl["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     svc = kube.get_json("service", "happy-train", "-n", namespace)
     assert svc["spec"]["clusterIP"] == "None" and svc["metadata"]["ownerReferences"][0]["uid"] == owner

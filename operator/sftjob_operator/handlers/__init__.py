@@ -33,8 +33,9 @@ def _snapshot(namespace: str, name: str, jobs_index: Any, pods_index: Any) -> Sn
     return Snapshot(jobs=jobs, pods=pods)
 
 
-def _ttl_pending(spec: Any, status: Any, reconciler: Reconciler, jobs_index: Any, namespace: str,
-                 name: str) -> bool:
+def _ttl_pending(
+    spec: Any, status: Any, reconciler: Reconciler, jobs_index: Any, namespace: str, name: str
+) -> bool:
     """Whether a finished SFTJob still has TTL clean-up due (or coming)."""
     ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
     if ttl is None:
@@ -47,14 +48,16 @@ def _ttl_pending(spec: Any, status: Any, reconciler: Reconciler, jobs_index: Any
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
     api = new_api_client(settings.kubeconfig, pool_size=settings.workers + 4)
     reconciler = Reconciler(settings, Kube(api, settings.request_timeout))
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=settings.workers,
-                                                     thread_name_prefix="reconcile")
+    executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=settings.workers, thread_name_prefix="reconcile"
+    )
 
     async def run(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, tick: bool = False) -> str | None:
         snap = _snapshot(namespace, name, sft_jobs, sft_pods)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            executor, functools.partial(reconciler.reconcile, namespace, name, snap, tick))
+            executor, functools.partial(reconciler.reconcile, namespace, name, snap, tick)
+        )
 
     children = {LABEL_JOB_NAME: kopf.PRESENT}
 
@@ -70,7 +73,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     # ---- the SFTJob itself ---------------------------------------------------------------------------------
 
-    async def _reconcile_or_retry(handler: str, namespace: str, name: str, sft_jobs: Any, sft_pods: Any) -> None:
+    async def _reconcile_or_retry(
+        handler: str, namespace: str, name: str, sft_jobs: Any, sft_pods: Any
+    ) -> None:
         try:
             await run(namespace, name, sft_jobs, sft_pods)
         except Exception as e:
@@ -89,25 +94,34 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     @kopf.on.update(GROUP, VERSION, PLURAL, id="update", registry=registry)
     @metrics.instrumented("update")
-    async def on_update(namespace: str, name: str, diff: Any, sft_jobs: Any, sft_pods: Any,
-                        **_: Any) -> None:
+    async def on_update(namespace: str, name: str, diff: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
         await _reconcile_or_retry("update", namespace, name, sft_jobs, sft_pods)
 
-    @kopf.on.delete(GROUP, VERSION, PLURAL, id="delete", registry=registry,
-                    optional=not settings.use_finalizer)
+    @kopf.on.delete(
+        GROUP, VERSION, PLURAL, id="delete", registry=registry, optional=not settings.use_finalizer
+    )
     @metrics.instrumented("delete")
     async def on_delete(namespace: str, name: str, uid: str, **_: Any) -> None:
         # Children go with the SFTJob through their ownerReferences (garbage collector).
         reconciler.forget(namespace, name, uid)
 
-    @kopf.timer(GROUP, VERSION, PLURAL, id="tick", interval=settings.progress_interval, registry=registry,
-                initial_delay=min(settings.progress_interval, 5.0))
+    @kopf.timer(
+        GROUP,
+        VERSION,
+        PLURAL,
+        id="tick",
+        interval=settings.progress_interval,
+        registry=registry,
+        initial_delay=min(settings.progress_interval, 5.0),
+    )
     @metrics.instrumented("timer")
-    async def tick(namespace: str, name: str, status: Any, spec: Any, sft_jobs: Any, sft_pods: Any,
-                   **_: Any) -> None:
+    async def tick(
+        namespace: str, name: str, status: Any, spec: Any, sft_jobs: Any, sft_pods: Any, **_: Any
+    ) -> None:
         # Progress, stuck detection and TTL are time-based: no watch event announces them.
-        if status.get("phase") in TERMINAL and not _ttl_pending(spec, status, reconciler, sft_jobs,
-                                                                 namespace, name):
+        if status.get("phase") in TERMINAL and not _ttl_pending(
+            spec, status, reconciler, sft_jobs, namespace, name
+        ):
             return  # finished and nothing left to clean up: no API call at all
         try:
             await run(namespace, name, sft_jobs, sft_pods, tick=True)

@@ -40,8 +40,9 @@ def new_api_client(kubeconfig: str | None, pool_size: int) -> client.ApiClient:
     except config.ConfigException:
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     cfg.connection_pool_maxsize = pool_size
-    cfg.retries = urllib3.Retry(total=3, connect=3, read=2, backoff_factor=0.2, status_forcelist=(),
-                                allowed_methods=None)
+    cfg.retries = urllib3.Retry(
+        total=3, connect=3, read=2, backoff_factor=0.2, status_forcelist=(), allowed_methods=None
+    )
     return client.ApiClient(cfg)
 
 
@@ -66,29 +67,46 @@ class Kube:
     def get_sftjob(self, namespace: str, name: str) -> Obj | None:
         try:
             obj: Obj = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout)
+                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout
+            )
             return obj
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
 
-    def patch_sftjob_status(self, namespace: str, name: str, status: Obj, resource_version: str | None) -> Obj:
+    def patch_sftjob_status(
+        self, namespace: str, name: str, status: Obj, resource_version: str | None
+    ) -> Obj:
         body: Obj = {"status": status}
         if resource_version:
             # Optimistic concurrency: a stale view (another replica, a lagging watch) gets 409 and retries.
             body["metadata"] = {"resourceVersion": resource_version}
         out: Obj = self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, body, _request_timeout=self.timeout,
-            _content_type="application/merge-patch+json")
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            body,
+            _request_timeout=self.timeout,
+            _content_type="application/merge-patch+json",
+        )
         return out
 
     def delete_sftjob(self, namespace: str, name: str, uid: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=self.timeout,
-                body=client.V1DeleteOptions(propagation_policy="Background",
-                                            preconditions=client.V1Preconditions(uid=uid)))
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                _request_timeout=self.timeout,
+                body=client.V1DeleteOptions(
+                    propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid)
+                ),
+            )
         except ApiException as e:
             if e.status not in (404, 409):
                 raise
@@ -116,8 +134,9 @@ class Kube:
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         try:
-            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}},
-                                            _request_timeout=self.timeout)
+            self.batch.patch_namespaced_job(
+                name, namespace, {"spec": {"suspend": suspend}}, _request_timeout=self.timeout
+            )
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -125,8 +144,10 @@ class Kube:
     def delete_children(self, namespace: str, job_names: list[str], config_map: str, service: str) -> None:
         opts = client.V1DeleteOptions(propagation_policy="Background")
         calls = [(self.batch.delete_namespaced_job, n) for n in job_names]
-        calls += [(self.core.delete_namespaced_service, service), (self.core.delete_namespaced_config_map,
-                                                                   config_map)]
+        calls += [
+            (self.core.delete_namespaced_service, service),
+            (self.core.delete_namespaced_config_map, config_map),
+        ]
         for fn, name in calls:
             try:
                 fn(name, namespace, body=opts, _request_timeout=self.timeout)
@@ -136,8 +157,11 @@ class Kube:
 
     def job_warning_events(self, namespace: str, job_name: str) -> list[Obj]:
         out = self.core.list_namespaced_event(
-            namespace, field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name},type=Warning",
-            _request_timeout=self.timeout, limit=50)
+            namespace,
+            field_selector=f"involvedObject.kind=Job,involvedObject.name={job_name},type=Warning",
+            _request_timeout=self.timeout,
+            limit=50,
+        )
         return [self.api.sanitize_for_serialization(e) for e in out.items]
 
     # ---- events --------------------------------------------------------------------------------------------
@@ -168,4 +192,6 @@ class Kube:
         try:
             self.core.create_namespaced_event(meta.get("namespace"), body, _request_timeout=self.timeout)
         except Exception as e:  # best effort
-            log.warning("could not post event %s on %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), e)
+            log.warning(
+                "could not post event %s on %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), e
+            )

@@ -45,8 +45,18 @@ Obj = dict[str, Any]
 
 # Status keys the reconcile owns; progress is written by the progress reader.
 OWNED_STATUS_KEYS = (
-    "phase", "reason", "message", "conditions", "observedGeneration", "startTime", "trainingStartTime",
-    "completionTime", "evalResults", "artifacts", "restarts", "children",
+    "phase",
+    "reason",
+    "message",
+    "conditions",
+    "observedGeneration",
+    "startTime",
+    "trainingStartTime",
+    "completionTime",
+    "evalResults",
+    "artifacts",
+    "restarts",
+    "children",
 )
 # Re-create a child that the index still does not show this long after we created it (deleted by hand).
 RECREATE_AFTER_S = 30.0
@@ -83,13 +93,17 @@ def slim_job(body: Any) -> Obj:
     meta = body.get("metadata", {})
     return {
         "metadata": {
-            "name": meta.get("name"), "uid": meta.get("uid"), "labels": dict(meta.get("labels") or {}),
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "labels": dict(meta.get("labels") or {}),
             "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
-        "spec": {"suspend": body.get("spec", {}).get("suspend"),
-                 "completions": body.get("spec", {}).get("completions")},
+        "spec": {
+            "suspend": body.get("spec", {}).get("suspend"),
+            "completions": body.get("spec", {}).get("completions"),
+        },
         "status": json.loads(json.dumps(dict(body.get("status") or {}))),
     }
 
@@ -99,16 +113,21 @@ def slim_pod(body: Any) -> Obj:
     status = body.get("status") or {}
     return {
         "metadata": {
-            "name": meta.get("name"), "labels": dict(meta.get("labels") or {}),
-            "annotations": {k: v for k, v in (meta.get("annotations") or {}).items()
-                            if k == COMPLETION_INDEX_LABEL},
+            "name": meta.get("name"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {
+                k: v for k, v in (meta.get("annotations") or {}).items() if k == COMPLETION_INDEX_LABEL
+            },
             "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
         "status": {
-            "phase": status.get("phase"), "podIP": status.get("podIP"),
-            "conditions": [dict(c) for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"],
+            "phase": status.get("phase"),
+            "podIP": status.get("podIP"),
+            "conditions": [
+                dict(c) for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
+            ],
             "containerStatuses": json.loads(json.dumps(list(status.get("containerStatuses") or []))),
         },
     }
@@ -201,11 +220,15 @@ class Reconciler:
         except Exception as e:  # the operator must never crash on user input
             spec_error = f"spec could not be read: {e}"
 
-        ref = SFTJobRef(name=name, namespace=namespace, uid=uid,
-                        labels=tuple(sorted((meta.get("labels") or {}).items())))
+        ref = SFTJobRef(
+            name=name, namespace=namespace, uid=uid, labels=tuple(sorted((meta.get("labels") or {}).items()))
+        )
         names = ChildNames(name)
-        jobs = {j["metadata"].get("labels", {}).get(LABEL_STAGE): j for j in snap.jobs
-                if _owned_by(j, uid) and not j["metadata"].get("deletionTimestamp")}
+        jobs = {
+            j["metadata"].get("labels", {}).get(LABEL_STAGE): j
+            for j in snap.jobs
+            if _owned_by(j, uid) and not j["metadata"].get("deletionTimestamp")
+        }
         job_uids = {s: j["metadata"].get("uid") for s, j in jobs.items()}
         pods = [p for p in snap.pods if any(_owned_by(p, u) for u in job_uids.values() if u)]
         obs_jobs: dict[str, JobObs] = {s: observe_job(j) for s, j in jobs.items() if s in STAGES}
@@ -221,28 +244,47 @@ class Reconciler:
         eval_job = obs_jobs.get(STAGE_EVAL)
         if spec is not None and eval_job is not None and eval_job.finished:
             eval_pods = [p for p in pod_obs if p.stage == STAGE_EVAL]
-            msg = next((p.termination_message for p in eval_pods
-                        if p.phase == "Succeeded" and p.termination_message), None)
+            msg = next(
+                (
+                    p.termination_message
+                    for p in eval_pods
+                    if p.phase == "Succeeded" and p.termination_message
+                ),
+                None,
+            )
             # The trainer enforces the gates itself (exit code EVAL_GATE_FAILED); when the eval pod also
             # reports its results (JSON termination message) the operator records them and re-checks.
             eval_results = parse_eval_results(msg) or (prev.get("evalResults") or None)
             gates = spec.eval.gates
             if eval_job.complete:
-                gate_failures = ph.evaluate_gates(
-                    eval_results, gates.max_eval_loss, gates.max_perplexity, gates.min_rouge_l,
-                    gates.min_exact_match) if gates is not None and eval_results else ()
+                gate_failures = (
+                    ph.evaluate_gates(
+                        eval_results,
+                        gates.max_eval_loss,
+                        gates.max_perplexity,
+                        gates.min_rouge_l,
+                        gates.min_exact_match,
+                    )
+                    if gates is not None and eval_results
+                    else ()
+                )
             gate_pod = next((p for p in eval_pods if p.exit_code == self.gate_exit_code), None)
             if eval_job.failed_reason is not None and gate_pod is not None:
-                gate_exit = (gate_pod.termination_message or "").strip() or \
-                    f"eval exited with code {self.gate_exit_code}"
+                gate_exit = (
+                    gate_pod.termination_message or ""
+                ).strip() or f"eval exited with code {self.gate_exit_code}"
 
         stuck: Stuck | None = None
         stuck_fail: str | None = None
         if spec is not None and spec_error is None and not spec.suspend:
             stuck = self._stuck(namespace, names, obs_jobs, pod_obs, spec, now)
             if stuck is not None:
-                stuck_fail = stuck_failure_message(stuck, now, spec.run_policy.stuck_pending_timeout_seconds,
-                                                   spec.run_policy.fail_when_stuck_seconds)
+                stuck_fail = stuck_failure_message(
+                    stuck,
+                    now,
+                    spec.run_policy.stuck_pending_timeout_seconds,
+                    spec.run_policy.fail_when_stuck_seconds,
+                )
 
         obs = ph.Observed(
             phase=prev_phase,
@@ -255,8 +297,9 @@ class Reconciler:
             eval_enabled=bool(spec.eval.enabled) if spec else True,
             merge_enabled=merge_enabled(spec) if spec else True,
             gate_failures=gate_failures,
-            running_train_pods=sum(1 for p in pod_obs if p.stage == STAGE_TRAIN and p.phase == "Running"
-                                   and not p.deleting),
+            running_train_pods=sum(
+                1 for p in pod_obs if p.stage == STAGE_TRAIN and p.phase == "Running" and not p.deleting
+            ),
             stuck_failure=stuck_fail,
             eval_gate_exit=gate_exit,
         )
@@ -287,8 +330,9 @@ class Reconciler:
 
     # ---- pieces --------------------------------------------------------------------------------------------
 
-    def _ensure_base_children(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs],
-                              memo: _Memo) -> None:
+    def _ensure_base_children(
+        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: _Memo
+    ) -> None:
         # Once the train Job exists its ConfigMap and Service were created before it.
         if STAGE_TRAIN in jobs:
             return
@@ -308,19 +352,31 @@ class Reconciler:
             log.info("created %s Job %s/%s", stage, ref.namespace, job["metadata"]["name"])
         memo.created[stage] = time.monotonic()
 
-    def _refresh_created(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs],
-                         memo: _Memo) -> dict[str, JobObs]:
+    def _refresh_created(
+        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: _Memo
+    ) -> dict[str, JobObs]:
         """A Job we created whose watch event has not arrived yet counts as existing (fresh, not started)."""
         out = dict(jobs)
         for stage in STAGES:
-            if stage not in out and stage in memo.created and \
-                    time.monotonic() - memo.created[stage] < RECREATE_AFTER_S:
-                out[stage] = JobObs(name=ChildNames(ref.name).job(stage),
-                                    suspended=spec.suspend or ref.queued)
+            if (
+                stage not in out
+                and stage in memo.created
+                and time.monotonic() - memo.created[stage] < RECREATE_AFTER_S
+            ):
+                out[stage] = JobObs(
+                    name=ChildNames(ref.name).job(stage), suspended=spec.suspend or ref.queued
+                )
         return out
 
-    def _stuck(self, namespace: str, names: ChildNames, jobs: dict[str, JobObs], pods: list[PodObs],
-               spec: SFTJobSpec, now: datetime) -> Stuck | None:
+    def _stuck(
+        self,
+        namespace: str,
+        names: ChildNames,
+        jobs: dict[str, JobObs],
+        pods: list[PodObs],
+        spec: SFTJobSpec,
+        now: datetime,
+    ) -> Stuck | None:
         timeout = spec.run_policy.stuck_pending_timeout_seconds
         for stage in STAGES:
             job = jobs.get(stage)
@@ -330,12 +386,21 @@ class Reconciler:
             events: list[JobEvent] = []
             live = [p for p in stage_pods if not p.deleting and p.phase in ("Pending", "Running")]
             created = job.start_time
-            if not live and job.active == 0 and created is not None and \
-                    (now - created).total_seconds() >= timeout:
+            if (
+                not live
+                and job.active == 0
+                and created is not None
+                and (now - created).total_seconds() >= timeout
+            ):
                 try:
-                    events = [JobEvent(str(e.get("reason") or ""), str(e.get("message") or ""),
-                                       parse_time(e.get("lastTimestamp") or e.get("eventTime")))
-                              for e in self.kube.job_warning_events(namespace, job.name)]
+                    events = [
+                        JobEvent(
+                            str(e.get("reason") or ""),
+                            str(e.get("message") or ""),
+                            parse_time(e.get("lastTimestamp") or e.get("eventTime")),
+                        )
+                        for e in self.kube.job_warning_events(namespace, job.name)
+                    ]
                 except ApiException as e:
                     log.warning("listing events of Job %s/%s: %s", namespace, job.name, e.reason)
             found = detect_stuck(stage_pods, created, job.active, job.suspended, events, now, timeout)
@@ -343,9 +408,19 @@ class Reconciler:
                 return found
         return None
 
-    def _status(self, body: Obj, prev: Obj, spec: SFTJobSpec | None, decision: ph.Decision, obs: ph.Observed,
-                eval_results: dict[str, float] | None, stuck: Stuck | None, now: datetime,
-                generation: int | None, names: ChildNames) -> Obj:
+    def _status(
+        self,
+        body: Obj,
+        prev: Obj,
+        spec: SFTJobSpec | None,
+        decision: ph.Decision,
+        obs: ph.Observed,
+        eval_results: dict[str, float] | None,
+        stuck: Stuck | None,
+        now: datetime,
+        generation: int | None,
+        names: ChildNames,
+    ) -> Obj:
         meta = body["metadata"]
         conds = derive_conditions(list(prev.get("conditions") or []), decision, obs, now, generation)
         if stuck is not None and decision.phase not in (ph.SUCCEEDED,):
@@ -383,16 +458,28 @@ class Reconciler:
             status["completionTime"] = prev.get("completionTime") or iso(now)
         return status
 
-    def _record_transition(self, body: Obj, prev: Obj, status: Obj, decision: ph.Decision, obs: ph.Observed,
-                           stuck: Stuck | None, now: datetime) -> None:
+    def _record_transition(
+        self,
+        body: Obj,
+        prev: Obj,
+        status: Obj,
+        decision: ph.Decision,
+        obs: ph.Observed,
+        stuck: Stuck | None,
+        now: datetime,
+    ) -> None:
         prev_phase = prev.get("phase")
         new_phase = decision.phase
         restarts_before = int(prev.get("restarts") or 0)
         if status["restarts"] > restarts_before:
             metrics.RESTARTS.inc(status["restarts"] - restarts_before)
-            self.kube.post_event(body, "Warning", "TrainerRestarted",
-                                 f"trainer failed with a retryable error ({status['restarts']} so far);"
-                                 " the next pod resumes from the newest checkpoint")
+            self.kube.post_event(
+                body,
+                "Warning",
+                "TrainerRestarted",
+                f"trainer failed with a retryable error ({status['restarts']} so far);"
+                " the next pod resumes from the newest checkpoint",
+            )
         if prev_phase != new_phase or prev.get("reason") != decision.reason:
             if prev_phase != new_phase:
                 metrics.TRANSITIONS.labels(from_phase=prev_phase or "", to_phase=new_phase).inc()
@@ -402,10 +489,21 @@ class Reconciler:
                     metrics.TIME_TO_TRAINING.observe(max((now - created).total_seconds(), 0.0))
             etype = "Warning" if new_phase == ph.FAILED else "Normal"
             if prev_phase != new_phase or new_phase == ph.FAILED:
-                self.kube.post_event(body, etype, decision.reason or new_phase,
-                                     f"{prev_phase or 'New'} -> {new_phase}: {decision.message}")
-            log.info("%s/%s: %s -> %s (%s) %s", body["metadata"]["namespace"], body["metadata"]["name"],
-                     prev_phase, new_phase, decision.reason, decision.message)
+                self.kube.post_event(
+                    body,
+                    etype,
+                    decision.reason or new_phase,
+                    f"{prev_phase or 'New'} -> {new_phase}: {decision.message}",
+                )
+            log.info(
+                "%s/%s: %s -> %s (%s) %s",
+                body["metadata"]["namespace"],
+                body["metadata"]["name"],
+                prev_phase,
+                new_phase,
+                decision.reason,
+                decision.message,
+            )
         prev_stuck = get_condition(list(prev.get("conditions") or []), "Stuck")
         if stuck is not None and (prev_stuck is None or prev_stuck.get("status") != "True"):
             self.kube.post_event(body, "Warning", f"Stuck{stuck.reason}", stuck.message)
@@ -416,8 +514,18 @@ class Reconciler:
         interval = self.settings.progress_interval
         if time.monotonic() - memo.last_progress_write < interval * 0.8:
             return  # rate limit: at most one progress write per interval per SFTJob
-        rank0 = next((p for p in pods if p.stage == STAGE_TRAIN and p.index == 0 and p.phase == "Running"
-                      and p.ip and not p.deleting), None)
+        rank0 = next(
+            (
+                p
+                for p in pods
+                if p.stage == STAGE_TRAIN
+                and p.index == 0
+                and p.phase == "Running"
+                and p.ip
+                and not p.deleting
+            ),
+            None,
+        )
         if rank0 is None:
             return
         url = f"http://{rank0.ip}:{self.settings.trainer_metrics_port}/metrics"
@@ -445,8 +553,9 @@ class Reconciler:
         meta = body["metadata"]
         generation = meta.get("generation")
         if prev.get("observedGeneration") != generation:
-            self.kube.patch_sftjob_status(meta["namespace"], meta["name"], {"observedGeneration": generation},
-                                          None)
+            self.kube.patch_sftjob_status(
+                meta["namespace"], meta["name"], {"observedGeneration": generation}, None
+            )
         try:
             spec = parse_spec(body.get("spec") or {})
         except Exception:
@@ -465,12 +574,19 @@ class Reconciler:
             return
         names = ChildNames(meta["name"])
         if spec.run_policy.ttl_policy == "DeleteSFTJob":
-            self.kube.post_event(body, "Normal", "TTLExpired", f"deleting the SFTJob {ttl}s after it finished")
+            self.kube.post_event(
+                body, "Normal", "TTLExpired", f"deleting the SFTJob {ttl}s after it finished"
+            )
             self.kube.delete_sftjob(meta["namespace"], meta["name"], meta["uid"])
         elif any(_owned_by(j, meta["uid"]) for j in snap.jobs):
-            self.kube.delete_children(meta["namespace"], [names.job(s) for s in STAGES],
-                                      names.config_map, names.service)
-            self.kube.post_event(body, "Normal", "TTLExpired",
-                                 f"deleted the child Jobs, Service and ConfigMap {ttl}s after it finished;"
-                                 " the SFTJob and its status are kept")
+            self.kube.delete_children(
+                meta["namespace"], [names.job(s) for s in STAGES], names.config_map, names.service
+            )
+            self.kube.post_event(
+                body,
+                "Normal",
+                "TTLExpired",
+                f"deleted the child Jobs, Service and ConfigMap {ttl}s after it finished;"
+                " the SFTJob and its status are kept",
+            )
         memo.ttl_done = True

@@ -28,7 +28,13 @@ def iso(t: datetime) -> str:
 
 
 def set_condition(
-    conds: list[Cond], ctype: str, status: str, reason: str, message: str, now: datetime, generation: int | None
+    conds: list[Cond],
+    ctype: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
 ) -> list[Cond]:
     """Return conds with `ctype` set; lastTransitionTime changes only when the status does."""
     out: list[Cond] = []
@@ -39,19 +45,27 @@ def set_condition(
             continue
         found = True
         changed = c.get("status") != status
-        out.append({
-            "type": ctype,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": iso(now) if changed else c.get("lastTransitionTime") or iso(now),
-            "observedGeneration": generation,
-        })
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": iso(now) if changed else c.get("lastTransitionTime") or iso(now),
+                "observedGeneration": generation,
+            }
+        )
     if not found:
-        out.append({
-            "type": ctype, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": iso(now), "observedGeneration": generation,
-        })
+        out.append(
+            {
+                "type": ctype,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": iso(now),
+                "observedGeneration": generation,
+            }
+        )
     order = {t: i for i, t in enumerate(CONDITION_ORDER)}
     return sorted(out, key=lambda c: order.get(str(c.get("type")), len(order)))
 
@@ -88,8 +102,12 @@ def derive_conditions(
     if not obs.eval_enabled:
         put("Evaluated", "False", "Disabled", "spec.eval.enabled is false")
     elif obs.eval is not None and obs.eval.complete and not obs.gate_failures:
-        put("Evaluated", "True", "EvalPassed", "evaluation completed" + (" and every gate held"
-                                                                         if obs.gate_failures == () else ""))
+        put(
+            "Evaluated",
+            "True",
+            "EvalPassed",
+            "evaluation completed" + (" and every gate held" if obs.gate_failures == () else ""),
+        )
     elif decision.reason in (R_EVAL_FAILED, R_GATE_FAILED):
         put("Evaluated", "False", decision.reason, decision.message)
     elif phase == EVALUATING:

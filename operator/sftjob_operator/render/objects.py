@@ -246,7 +246,11 @@ def pod_failure_policy(permanent_codes: tuple[int, ...]) -> Obj:
         "rules": [
             {
                 "action": "FailJob",
-                "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(permanent_codes)},
+                "onExitCodes": {
+                    "containerName": CONTAINER,
+                    "operator": "In",
+                    "values": list(permanent_codes),
+                },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         ]
@@ -333,7 +337,15 @@ def render_train_job(
     # Every retry may take all ranks down with it (torchrun stops the group): allow backoffLimit rounds.
     backoff = spec.run_policy.backoff_limit * res.nodes
     return _job(
-        ref, spec, STAGE_TRAIN, template, res.nodes, backoff, child_suspended(ref, spec), permanent_codes, True
+        ref,
+        spec,
+        STAGE_TRAIN,
+        template,
+        res.nodes,
+        backoff,
+        child_suspended(ref, spec),
+        permanent_codes,
+        True,
     )
 
 
@@ -344,8 +356,15 @@ def render_eval_job(
     gpus = min(spec.resources.gpus_per_node, 1)
     template = _pod_template(ref, spec, opts, STAGE_EVAL, command, gpus)
     return _job(
-        ref, spec, STAGE_EVAL, template, 1, min(spec.run_policy.backoff_limit, 2),
-        child_suspended(ref, spec), permanent_codes, False,
+        ref,
+        spec,
+        STAGE_EVAL,
+        template,
+        1,
+        min(spec.run_policy.backoff_limit, 2),
+        child_suspended(ref, spec),
+        permanent_codes,
+        False,
     )
 
 
@@ -356,8 +375,15 @@ def render_merge_job(
     command = ["python", "-m", "sftjob_trainer", "merge", "--config", CONFIG_PATH]
     template = _pod_template(ref, spec, opts, STAGE_MERGE, command, 0)
     return _job(
-        ref, spec, STAGE_MERGE, template, 1, min(spec.run_policy.backoff_limit, 2),
-        child_suspended(ref, spec), permanent_codes, False,
+        ref,
+        spec,
+        STAGE_MERGE,
+        template,
+        1,
+        min(spec.run_policy.backoff_limit, 2),
+        child_suspended(ref, spec),
+        permanent_codes,
+        False,
     )
 
 

@@ -108,21 +108,28 @@ def next_phase(obs: Observed) -> Decision:
         return _train_failure(train)
     if not train.complete:
         if obs.suspend:
-            return Decision(SUSPENDED, R_SUSPENDED, "training suspended by spec.suspend; resuming continues"
-                            " from the newest checkpoint")
+            return Decision(
+                SUSPENDED,
+                R_SUSPENDED,
+                "training suspended by spec.suspend; resuming continues from the newest checkpoint",
+            )
         if train.suspended:
             if obs.queued:
                 return Decision(PENDING, R_QUEUED, "waiting for Kueue to admit the training Job")
             return Decision(PENDING, R_PODS_PENDING, "training Job is suspended")
         if obs.running_train_pods > 0 or train.ready > 0:
             return Decision(
-                TRAINING, R_PODS_RUNNING,
+                TRAINING,
+                R_PODS_RUNNING,
                 f"{max(obs.running_train_pods, train.ready)}/{train.completions} trainer pod(s) running",
             )
         if obs.phase == TRAINING:
             # A retryable failure: the Job controller is replacing the pod; training resumes from a checkpoint.
-            return Decision(TRAINING, R_RESTARTING,
-                            f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint")
+            return Decision(
+                TRAINING,
+                R_RESTARTING,
+                f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
+            )
         return Decision(PENDING, R_PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start")
 
     # Training is complete.
@@ -135,8 +142,11 @@ def next_phase(obs: Observed) -> Decision:
         if ev.failed_reason is not None and obs.eval_gate_exit is not None:
             return Decision(FAILED, R_GATE_FAILED, "eval gates failed (adapter kept): " + obs.eval_gate_exit)
         if ev.failed_reason is not None:
-            return Decision(FAILED, R_EVAL_FAILED,
-                            f"evaluation Job failed ({ev.failed_reason}): {ev.failed_message or ev.failed_reason}")
+            return Decision(
+                FAILED,
+                R_EVAL_FAILED,
+                f"evaluation Job failed ({ev.failed_reason}): {ev.failed_message or ev.failed_reason}",
+            )
         if not ev.complete:
             if obs.suspend:
                 return Decision(SUSPENDED, R_SUSPENDED, "evaluation suspended by spec.suspend")
@@ -144,8 +154,9 @@ def next_phase(obs: Observed) -> Decision:
                 return Decision(EVALUATING, R_QUEUED, "waiting for Kueue to admit the evaluation Job")
             return Decision(EVALUATING, R_EVAL_RUNNING, "evaluating the adapter on held-out data")
         if obs.gate_failures:
-            return Decision(FAILED, R_GATE_FAILED, "eval gates failed (adapter kept): "
-                            + "; ".join(obs.gate_failures))
+            return Decision(
+                FAILED, R_GATE_FAILED, "eval gates failed (adapter kept): " + "; ".join(obs.gate_failures)
+            )
 
     if obs.merge_enabled:
         mg = obs.merge
@@ -154,8 +165,11 @@ def next_phase(obs: Observed) -> Decision:
                 return Decision(SUSPENDED, R_SUSPENDED, "merge waits for spec.suspend")
             return Decision(MERGING, R_MERGE_RUNNING, "merging the adapter into the base model")
         if mg.failed_reason is not None:
-            return Decision(FAILED, R_MERGE_FAILED,
-                            f"merge Job failed ({mg.failed_reason}): {mg.failed_message or mg.failed_reason}")
+            return Decision(
+                FAILED,
+                R_MERGE_FAILED,
+                f"merge Job failed ({mg.failed_reason}): {mg.failed_message or mg.failed_reason}",
+            )
         if not mg.complete:
             if obs.suspend:
                 return Decision(SUSPENDED, R_SUSPENDED, "merge suspended by spec.suspend")
@@ -163,8 +177,14 @@ def next_phase(obs: Observed) -> Decision:
                 return Decision(MERGING, R_QUEUED, "waiting for Kueue to admit the merge Job")
             return Decision(MERGING, R_MERGE_RUNNING, "merging the adapter into the base model")
 
-    return Decision(SUCCEEDED, R_SUCCEEDED, "training" + (", evaluation" if obs.eval_enabled else "")
-                    + (" and merge" if obs.merge_enabled else "") + " completed")
+    return Decision(
+        SUCCEEDED,
+        R_SUCCEEDED,
+        "training"
+        + (", evaluation" if obs.eval_enabled else "")
+        + (" and merge" if obs.merge_enabled else "")
+        + " completed",
+    )
 
 
 def active_stage(decision: Decision, obs: Observed) -> str | None:

@@ -83,6 +83,7 @@ def progress_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
     """Whether anything but lastUpdate differs (unchanged progress is not written)."""
     if not old:
         return True
+
     def strip(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in d.items() if k != "lastUpdate"}
 

@@ -65,7 +65,9 @@ def detect_stuck(
         waited = (now - pod.created).total_seconds()
         if waited >= timeout_seconds:
             reason, message = pod_stuck_cause(pod)
-            return Stuck(reason, f"pod {pod.name} Pending for {int(waited)}s: {message}", pod.created, pod.name)
+            return Stuck(
+                reason, f"pod {pod.name} Pending for {int(waited)}s: {message}", pod.created, pod.name
+            )
     live = [p for p in pods if not p.deleting and p.phase in ("Pending", "Running")]
     if not live and job_active == 0 and job_created is not None:
         waited = (now - job_created).total_seconds()
@@ -77,11 +79,15 @@ def detect_stuck(
     return None
 
 
-def stuck_failure_message(stuck: Stuck, now: datetime, timeout_seconds: float, fail_after: float | None) -> str | None:
+def stuck_failure_message(
+    stuck: Stuck, now: datetime, timeout_seconds: float, fail_after: float | None
+) -> str | None:
     """Failed/Stuck once Stuck has lasted runPolicy.failWhenStuckSeconds beyond the Stuck threshold."""
     if fail_after is None:
         return None
     waited = (now - stuck.since).total_seconds()
     if waited >= timeout_seconds + fail_after:
-        return f"stuck for {int(waited)}s (stuckPendingTimeoutSeconds + failWhenStuckSeconds): {stuck.message}"
+        return (
+            f"stuck for {int(waited)}s (stuckPendingTimeoutSeconds + failWhenStuckSeconds): {stuck.message}"
+        )
     return None
