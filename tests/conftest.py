@@ -56,7 +56,8 @@ def kube(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path):  # -> te
 def namespace(kube, request: pytest.FixtureRequest) -> Iterator[str]:
     name = kube.create_namespace(request.node.name)
     yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    # Wait for the deletion: the GPU nodes are shared, so leftover pods would skew the next test's scheduling.
+    kube.kubectl("delete", "namespace", name, "--timeout=60s", check=False)
 
 
 @pytest.fixture(scope="session")
@@ -77,5 +78,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = yield
     if report.failed and procs.RUNNING:
         for proc in list(procs.RUNNING):
-            report.sections.append((f"testbed log: {proc.name} ({proc.log_path})", proc.tail(30)))
+            report.sections.append((f"testbed log: {proc.name} ({proc.log_path})", proc.tail(20)))
     return report

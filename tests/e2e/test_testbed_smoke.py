@@ -17,24 +17,36 @@ def loopback(ip: str) -> bool:
 
 
 def container(gpus: int = 1, name: str = "trainer") -> dict:
-    return {"name": name, "image": "registry.invalid/sftjob-trainer:test",
-            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
+    return {
+        "name": name,
+        "image": "registry.invalid/sftjob-trainer:test",
+        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+    }
 
 
 def job(name: str, completions: int, gpus: int, annotations: dict | None = None, **spec) -> str:
-    return json.dumps({
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-        "spec": {
-            "completions": completions, "parallelism": completions, "completionMode": "Indexed",
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"annotations": annotations or {}},
-                "spec": {"restartPolicy": "Never", "nodeSelector": {POOL_LABEL: POOL},
-                         "containers": [container(gpus)]},
+    return json.dumps(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name},
+            "spec": {
+                "completions": completions,
+                "parallelism": completions,
+                "completionMode": "Indexed",
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"annotations": annotations or {}},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "nodeSelector": {POOL_LABEL: POOL},
+                        "containers": [container(gpus)],
+                    },
+                },
+                **spec,
             },
-            **spec,
-        },
-    })
+        }
+    )
 
 
 def pods(kube, namespace: str, selector: str) -> list[dict]:
@@ -54,11 +66,16 @@ def test_gpu_nodes_are_ready_with_loopback_addresses(kube):
 
 def test_scheduler_binds_deployment_pods_to_gpu_nodes(kube, namespace):
     deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
         "spec": {
-            "replicas": 3, "selector": {"matchLabels": {"app": "web"}},
-            "template": {"metadata": {"labels": {"app": "web"}},
-                         "spec": {"nodeSelector": {POOL_LABEL: POOL}, "containers": [container(gpus=4)]}},
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"nodeSelector": {POOL_LABEL: POOL}, "containers": [container(gpus=4)]},
+            },
         },
     }
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(deployment))
@@ -81,8 +98,10 @@ def test_indexed_job_completes_with_one_full_node_per_index(kube, namespace):
     assert status["succeeded"] == GPU_NODES
     assert status["completedIndexes"] == f"0-{GPU_NODES - 1}"
     items = pods(kube, namespace, "job-name=train")
-    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in items) == [
-        str(i) for i in range(GPU_NODES)]
+    assert sorted(
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in items
+    ) == [str(i) for i in range(GPU_NODES)]
+    # The previous tests' pods are gone (the namespace fixture waits), so every index gets its own node.
     assert sorted(p["spec"]["nodeName"] for p in items) == sorted(kube.nodes)
     for pod in items:
         assert pod["status"]["phase"] == "Succeeded"
@@ -92,23 +111,56 @@ def test_indexed_job_completes_with_one_full_node_per_index(kube, namespace):
 
 
 def test_delay_annotation_keeps_the_pod_running(kube, namespace):
-    kube.kubectl("apply", "-n", namespace, "-f", "-",
-                 input=job("slow", 1, 1, annotations={"kwok.sftjob.dev/delay": "4s"}))
-    kube.kubectl("wait", "-n", namespace, "--for=jsonpath={.status.phase}=Running", "pod",
-                 "-l", "job-name=slow", "--timeout=30s")
+    kube.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("slow", 1, 1, annotations={"kwok.sftjob.dev/delay": "4s"}),
+    )
+    kube.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        "--for=jsonpath={.status.phase}=Running",
+        "pod",
+        "-l",
+        "job-name=slow",
+        "--timeout=30s",
+    )
     kube.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/slow", "--timeout=60s")
     status = kube.get_json("job/slow", "-n", namespace)["status"]
     from datetime import datetime
 
-    took = (datetime.fromisoformat(status["completionTime"]) - datetime.fromisoformat(status["startTime"]))
+    took = datetime.fromisoformat(status["completionTime"]) - datetime.fromisoformat(status["startTime"])
     assert took.total_seconds() >= 4
 
 
 def test_exit_code_annotation_fails_the_pod_and_matches_pod_failure_policy(kube, namespace):
-    policy = {"rules": [{"action": "FailJob",
-                         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [42]}}]}
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input=job(
-        "bad", 1, 1, annotations={"kwok.sftjob.dev/exit-code": "42"}, backoffLimit=5, podFailurePolicy=policy))
+    policy = {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [42]},
+            }
+        ]
+    }
+    kube.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job(
+            "bad",
+            1,
+            1,
+            annotations={"kwok.sftjob.dev/exit-code": "42"},
+            backoffLimit=5,
+            podFailurePolicy=policy,
+        ),
+    )
     kube.kubectl("wait", "-n", namespace, "--for=condition=Failed", "job/bad", "--timeout=60s")
     conditions = {c["type"]: c for c in kube.get_json("job/bad", "-n", namespace)["status"]["conditions"]}
     # FailJob despite backoffLimit 5: the Job controller matched the exit code from the pod status.
@@ -121,11 +173,21 @@ def test_exit_code_annotation_fails_the_pod_and_matches_pod_failure_policy(kube,
 
 
 def test_too_many_gpus_stays_pending_unschedulable(kube, namespace):
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "greedy"},
-           "spec": {"containers": [container(gpus=GPUS_PER_NODE + 1)]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "greedy"},
+        "spec": {"containers": [container(gpus=GPUS_PER_NODE + 1)]},
+    }
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-    kube.kubectl("wait", "-n", namespace, "--for=jsonpath={.status.conditions[0].reason}=Unschedulable",
-                 "pod/greedy", "--timeout=30s")
+    kube.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        "--for=jsonpath={.status.conditions[0].reason}=Unschedulable",
+        "pod/greedy",
+        "--timeout=30s",
+    )
     status = kube.get_json("pod/greedy", "-n", namespace)["status"]
     assert status["phase"] == "Pending"
     [scheduled] = [c for c in status["conditions"] if c["type"] == "PodScheduled"]
@@ -133,12 +195,19 @@ def test_too_many_gpus_stays_pending_unschedulable(kube, namespace):
 
 
 def test_rbac_denies_a_restricted_service_account_and_allows_its_role(kube, namespace):
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-reader"},
-            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}
-    binding = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-               "metadata": {"name": "pod-reader"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
-               "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}]}
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "pod-reader"},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "pod-reader"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+    }
     kubeconfig = kube.sa_kubeconfig(namespace, "reader")
 
     def can_i(*args: str) -> str:
@@ -155,7 +224,9 @@ def test_rbac_denies_a_restricted_service_account_and_allows_its_role(kube, name
     assert kube.kubectl("get", "pods", "-n", namespace, kubeconfig=kubeconfig).returncode == 0
     denied = kube.kubectl("get", "secrets", "-n", namespace, kubeconfig=kubeconfig, check=False)
     assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
-    whoami = kube.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig)
+    whoami = kube.kubectl(
+        "auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig
+    )
     assert whoami.stdout == f"system:serviceaccount:{namespace}:reader"
 
 
