@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import secrets
 
 import pytest
@@ -53,3 +55,25 @@ def test_non_loopback_targets_are_refused(prometheus):
 def test_query_times_out_with_a_clear_message(prometheus):
     with pytest.raises(TimeoutError, match="no_such_metric"):
         prometheus.query("no_such_metric_anywhere", timeout=2)
+
+
+def test_prometheus_scrapes_a_real_endpoint_on_a_kwok_pod_ip(kube, namespace, prometheus):
+    """The point of loopback pod IPs: a real process can serve on the address KWOK gave a pod."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rank0"},
+           "spec": {"containers": [{"name": "trainer", "image": "registry.invalid/trainer:test"}]}}
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    kube.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/rank0", "--timeout=30s")
+    pod_ip = kube.get_json("pod/rank0", "-n", namespace)["status"]["podIP"]
+    assert ipaddress.ip_address(pod_ip).is_loopback
+
+    registry = CollectorRegistry()
+    Gauge("sft_train_step", "step", registry=registry).set(7)
+    port = free_port()
+    server, thread = start_http_server(port, addr=pod_ip, registry=registry)
+    try:
+        job = "pod-" + secrets.token_hex(3)
+        prometheus.add_target(job, f"{pod_ip}:{port}")
+        assert prometheus.value(f'sft_train_step{{job="{job}",instance="{pod_ip}:{port}"}}') == 7.0
+    finally:
+        server.shutdown()
+        thread.join(5)

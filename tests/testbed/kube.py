@@ -108,11 +108,18 @@ class Cluster:
     def start(self, timeout: float = 120.0) -> Cluster:
         bins = find_binaries()
         t0 = time.monotonic()
+        laps: list[str] = []
+
+        def lap(what: str) -> None:  # start-up time per step, printed at the end (cold vs warm machines)
+            laps.append(f"{what} {time.monotonic() - t0:.1f}s")
+
         self.pki.create()
         write_kubeconfig(self.kubeconfig, self.server, self.pki.ca_crt, {
             "client-certificate": str(self.pki.admin_crt), "client-key": str(self.pki.admin_key)})
         etcd_url = self._start_etcd(bins["etcd"], timeout)
+        lap("etcd")
         self._start_apiserver(bins["kube-apiserver"], etcd_url, timeout)
+        lap("kube-apiserver")
         kc = str(self.kubeconfig)
         common = [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
                   f"--bind-address={LOOPBACK}", "--leader-elect=false"]
@@ -136,14 +143,16 @@ class Cluster:
             proc = self._proc(name)
             wait_until(lambda p=proc, u=url: p.check_alive() and self._ok(u, verify=False), timeout,
                        f"{name} /healthz")
+        lap("controllers+kwok")
         self.kubectl("apply", "-f", "-", input=json.dumps(
             {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i) for i in range(GPU_NODES)]}))
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s")
         # Pods need the namespace's default ServiceAccount, made by the controller-manager.
         wait_until(lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
                    timeout, "the default ServiceAccount (kube-controller-manager running?)")
+        lap("nodes Ready")
         (self.logs_dir / "kubeconfig-path").write_text(f"{self.kubeconfig}\n")
-        print(f"test bed control plane ready in {time.monotonic() - t0:.1f}s at {self.server}")
+        print(f"test bed control plane ready at {self.server}: {', '.join(laps)}")
         return self
 
     def stop(self) -> None:
