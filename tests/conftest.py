@@ -18,6 +18,8 @@ import pytest
 from testbed import procs
 from testbed.seaweed import S3Bucket, SeaweedServer
 
+TESTBED_FIXTURES = {"kube", "namespace", "s3", "seaweed_server", "prometheus"}
+
 
 @pytest.fixture(scope="session")
 def testbed_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -74,9 +76,9 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path):  #
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
-    """On a failure, attach the tail of every running test-bed component's log to the report."""
+    """On a failure of a test using the test bed, attach the tail of every running component's log."""
     report = yield
-    if report.failed and procs.RUNNING:
+    if report.failed and procs.RUNNING and TESTBED_FIXTURES & set(getattr(item, "fixturenames", ())):
         for proc in list(procs.RUNNING):
             report.sections.append((f"testbed log: {proc.name} ({proc.log_path})", proc.tail(20)))
     return report

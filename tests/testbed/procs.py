@@ -19,6 +19,14 @@ LOOPBACK = "127.0.0.1"
 RUNNING: list[Proc] = []
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, so a killed pytest leaves no servers behind."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port() -> int:
     """A currently free TCP port on loopback (the OS picks; a tiny race with other users is accepted)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -65,6 +73,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # own group: stop() signals it without touching pytest
+            preexec_fn=_die_with_parent,
         )
         RUNNING.append(self)
 

@@ -93,7 +93,7 @@ class SeaweedServer:
         }
         argv = [
             weed, "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-idleTimeout=2",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
             f"-s3.config={identities}", f"-metricsIp={LOOPBACK}",
             *(f"-{k}={v}" for k, v in ports.items()),
         ]
