@@ -1,0 +1,128 @@
+"""Real training runs: 2-rank torchrun, DeepSpeed ZeRO-3 (gloo), checkpoints in real S3 (SeaweedFS).
+
+Slow by nature (each launch imports torch/transformers/deepspeed in every rank), so runs are shared
+within a test where one run can prove several things.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+
+import pytest
+
+from .runner import json_events, launch_cmd, make_config, run, trainer_env, write_config
+from .tiny import dataset_rows, write_jsonl
+
+pytestmark = [pytest.mark.trainer, pytest.mark.slow]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once, as when a pod dies (torchrun puts each worker
+    in its own session, so a process-group kill would leave them running)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    children = root.children(recursive=True)
+    for p in [root, *children]:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(children, timeout=30)  # not the root: Popen.wait must reap it to see -9
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def keys(s3, prefix: str) -> list[str]:
+    resp = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
+    return sorted(o["Key"][len(prefix):] for o in resp.get("Contents", []))
+
+
+def adapter_tensors(s3, prefix: str, tmp_path) -> dict:
+    from safetensors.torch import load_file
+
+    dest = str(tmp_path / (prefix.replace("/", "_") + ".safetensors"))
+    s3.client().download_file(s3.bucket, prefix + "adapter/adapter_model.safetensors", dest)
+    return load_file(dest)
+
+
+@pytest.fixture
+def data_file(tmp_path) -> str:
+    return write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(120, seed=5))
+
+
+def losses(events) -> list[float]:
+    return [e["loss"] for e in events if e["event"] == "step"]
+
+
+def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file, tmp_path):
+    env = trainer_env(s3.env())
+
+    def config(name: str) -> str:
+        cfg = make_config(tiny_model_dir, data_file, s3.uri(f"{name}/"), str(tmp_path / f"work-{name}"),
+                          max_steps=12, checkpoint_steps=4, global_batch=8, micro=2)
+        return write_config(str(tmp_path / f"{name}.json"), cfg)
+
+    # 1. uninterrupted reference run
+    ref = run(launch_cmd(config("ref"), 2, free_port()), env)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    ev = json_events(ref.stdout)
+    ls = losses(ev)
+    assert len(ls) == 12 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3, ls
+    ref_keys = keys(s3, "ref/")
+    # keepCheckpoints=2: step-4 and step-8, each with both ranks' ZeRO-3 shards and the marker
+    for step in (4, 8):
+        for f in ("COMPLETE", "rng_state_rank0.pt", "rng_state_rank1.pt",
+                  "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+            assert f"checkpoints/step-{step}/{f}" in ref_keys, ref_keys
+    assert "adapter/adapter_model.safetensors" in ref_keys and "adapter/adapter_config.json" in ref_keys
+
+    # 2. same run, killed with SIGKILL (whole process group) right after checkpoint step-4 is complete
+    cfg_b = config("crash")
+    proc = subprocess.Popen(launch_cmd(cfg_b, 2, free_port()), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    seen = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen += json_events(line)
+        if seen and seen[-1]["event"] == "checkpoint" and seen[-1]["step"] == 4:
+            kill_tree(proc.pid)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    crash_keys = keys(s3, "crash/")
+    assert "checkpoints/step-4/COMPLETE" in crash_keys
+    assert not any(k.startswith("adapter/") for k in crash_keys)
+    # a half-written newer checkpoint (no COMPLETE) must be ignored, never loaded
+    s3.client().put_object(Bucket=s3.bucket, Key="crash/checkpoints/step-8/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                           Body=b"garbage")
+
+    # 3. restart: resumes from step-4 and ends exactly where the uninterrupted run ended
+    again = run(launch_cmd(cfg_b, 2, free_port()), env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    ev2 = json_events(again.stdout)
+    assert [e["step"] for e in ev2 if e["event"] == "resumed"] == [4]
+    assert [e["step"] for e in ev2 if e["event"] == "step"] == list(range(5, 13))
+    assert losses(ev2) == pytest.approx(ls[4:], rel=1e-6)
+    a = adapter_tensors(s3, "ref/", tmp_path)
+    b = adapter_tensors(s3, "crash/", tmp_path)
+    assert a.keys() == b.keys() and len(a) > 0
+    import torch
+
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at 0: it trained
+
+
+def test_qlora_4bit_zero3_two_ranks(s3, tiny_model_dir, data_file, tmp_path):
+    cfg = make_config(tiny_model_dir, data_file, s3.uri("q/"), str(tmp_path / "work"), method="qlora",
+                      max_steps=6, checkpoint_steps=3, global_batch=8, micro=2)
+    res = run(launch_cmd(write_config(str(tmp_path / "q.json"), cfg), 2, free_port()), trainer_env(s3.env()))
+    assert res.returncode == 0, res.stderr[-4000:]
+    ls = losses(json_events(res.stdout))
+    assert len(ls) == 6 and ls[-1] < ls[0], ls
+    k = keys(s3, "q/")
+    assert "checkpoints/step-3/COMPLETE" in k and "adapter/adapter_model.safetensors" in k
