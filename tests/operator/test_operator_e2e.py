@@ -129,7 +129,7 @@ def test_backoff_limit_exceeded(sftjob_crd: Any, namespace: str, operator: Opera
     apply(kube, namespace, sftjob("backoff", exit_code=1, runPolicy={"backoffLimit": 1}))
     st = wait_phase(kube, namespace, "backoff", ("Failed", "Succeeded"), 120, operator)
     assert (st["phase"], st["reason"]) == ("Failed", "BackoffLimitExceeded"), st
-    assert st["restarts"] == 2
+    wait_until(lambda: status(kube, namespace, "backoff")["restarts"] == 2, 15, "restarts == 2")
     assert kube.get_json("job", "backoff-train", "-n", namespace)["status"]["failed"] == 2
 
 

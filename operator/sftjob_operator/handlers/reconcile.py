@@ -318,6 +318,9 @@ class Reconciler:
                 elif not spec.suspend and job.suspended and not ref.queued:
                     self.kube.set_job_suspend(namespace, job.name, False)
 
+        if decision.phase in ph.TERMINAL:
+            self._stop_unfinished(namespace, list(obs_jobs.values()))
+
         status = self._status(body, prev, spec, decision, obs, eval_results, stuck, now, generation, names)
         changed = {k: v for k, v in status.items() if prev.get(k) != v}
         if changed:
@@ -328,7 +331,15 @@ class Reconciler:
             self._progress(body, prev, pod_obs, memo, now)
         return decision.phase
 
-    # ---- pieces --------------------------------------------------------------------------------------------
+    # ---- pieces ---------------------------------------------------------------------------------------------
+
+    def _stop_unfinished(self, namespace: str, jobs: list[JobObs]) -> None:
+        """A finished run keeps nothing running: suspend leftover Jobs (a Failed/Stuck run's Pending pods)."""
+        for job in jobs:
+            if job.uid and not job.finished and not job.suspended:
+                self.kube.set_job_suspend(namespace, job.name, True)
+
+    # ---- children and status --------------------------------------------------------------------------------
 
     def _ensure_base_children(
         self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: _Memo
@@ -560,12 +571,12 @@ class Reconciler:
             spec = parse_spec(body.get("spec") or {})
         except Exception:
             return
-        # Stop anything still running (e.g. a Failed/Stuck run's Pending pods, a gate failure's leftovers).
-        for j in snap.jobs:
-            if _owned_by(j, meta["uid"]):
-                job = observe_job(j)
-                if not job.finished and not job.suspended:
-                    self.kube.set_job_suspend(meta["namespace"], job.name, True)
+        owned = [observe_job(j) for j in snap.jobs if _owned_by(j, meta["uid"])]
+        self._stop_unfinished(meta["namespace"], owned)
+        # The Job controller may count the last failed pod after the Job's Failed condition: keep up.
+        train = next((j for j in owned if j.name == ChildNames(meta["name"]).train_job), None)
+        if train is not None and train.failed > int(prev.get("restarts") or 0):
+            self.kube.patch_sftjob_status(meta["namespace"], meta["name"], {"restarts": train.failed}, None)
         ttl = spec.run_policy.ttl_seconds_after_finished
         done_at = parse_time(prev.get("completionTime"))
         if ttl is None or done_at is None or memo.ttl_done:
