@@ -58,8 +58,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path):  # -> te
 def namespace(kube, request: pytest.FixtureRequest) -> Iterator[str]:
     name = kube.create_namespace(request.node.name)
     yield name
-    # Wait for the deletion: the GPU nodes are shared, so leftover pods would skew the next test's scheduling.
-    kube.kubectl("delete", "namespace", name, "--timeout=60s", check=False)
+    kube.delete_namespace(name)
 
 
 @pytest.fixture(scope="session")

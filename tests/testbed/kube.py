@@ -242,6 +242,16 @@ class Cluster:
                    .returncode == 0, 30, f"default ServiceAccount in namespace {name}")
         return name
 
+    def delete_namespace(self, name: str, timeout: int = 60) -> None:
+        """Delete a namespace and wait until its pods are gone: the GPU nodes are shared, so leftover pods
+        would skew the next test's scheduling. (Waiting for the namespace itself costs ~5 s more.)"""
+        self.kubectl("delete", "namespace", name, "--wait=false", check=False)
+        # Terminating now, the namespace admits no new objects. The namespace controller only starts
+        # deleting content after ~5 s, so remove the pods and their owners ourselves (KWOK drops them at once).
+        self.kubectl("delete", "jobs,deployments,statefulsets,replicasets,pods", "--all", "-n", name,
+                     "--wait=false", check=False)
+        self.kubectl("wait", "--for=delete", "pods", "--all", "-n", name, f"--timeout={timeout}s", check=False)
+
     def sa_kubeconfig(self, namespace: str, service_account: str, duration: str = "2h") -> Path:
         """A token kubeconfig for `service_account` (created if missing): it has only what RBAC grants it."""
         r = self.kubectl("create", "serviceaccount", service_account, "-n", namespace, check=False)
