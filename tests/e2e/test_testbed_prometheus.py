@@ -59,8 +59,12 @@ def test_query_times_out_with_a_clear_message(prometheus):
 
 def test_prometheus_scrapes_a_real_endpoint_on_a_kwok_pod_ip(kube, namespace, prometheus):
     """The point of loopback pod IPs: a real process can serve on the address KWOK gave a pod."""
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rank0"},
-           "spec": {"containers": [{"name": "trainer", "image": "registry.invalid/trainer:test"}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "rank0"},
+        "spec": {"containers": [{"name": "trainer", "image": "registry.invalid/trainer:test"}]},
+    }
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
     kube.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/rank0", "--timeout=30s")
     pod_ip = kube.get_json("pod/rank0", "-n", namespace)["status"]["podIP"]

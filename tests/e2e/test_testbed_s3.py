@@ -20,11 +20,13 @@ def test_multipart_upload_and_read_back(s3):
     upload = client.create_multipart_upload(Bucket=s3.bucket, Key="ckpt/model.bin")
     parts = []
     for number, data in enumerate(parts_data, start=1):
-        r = client.upload_part(Bucket=s3.bucket, Key="ckpt/model.bin", PartNumber=number,
-                               UploadId=upload["UploadId"], Body=data)
+        r = client.upload_part(
+            Bucket=s3.bucket, Key="ckpt/model.bin", PartNumber=number, UploadId=upload["UploadId"], Body=data
+        )
         parts.append({"PartNumber": number, "ETag": r["ETag"]})
-    client.complete_multipart_upload(Bucket=s3.bucket, Key="ckpt/model.bin", UploadId=upload["UploadId"],
-                                     MultipartUpload={"Parts": parts})
+    client.complete_multipart_upload(
+        Bucket=s3.bucket, Key="ckpt/model.bin", UploadId=upload["UploadId"], MultipartUpload={"Parts": parts}
+    )
 
     body = client.get_object(Bucket=s3.bucket, Key="ckpt/model.bin")["Body"].read()
     assert len(body) == 2 * PART + 1000

@@ -25,7 +25,9 @@ from .procs import LOOPBACK, Proc, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("SFTJOB_TESTBED_CACHE", Path.home() / ".cache" / "sftjob-testbed"))
-PROVISION_HINT = "run `bash tests/testbed/provision.sh` (builds the control plane into ~/.cache/sftjob-testbed)"
+PROVISION_HINT = (
+    "run `bash tests/testbed/provision.sh` (builds the control plane into ~/.cache/sftjob-testbed)"
+)
 
 GPU_NODES = 4
 GPUS_PER_NODE = 8
@@ -42,8 +44,11 @@ def find_binaries() -> dict[str, Path]:
         raise RuntimeError(f"test bed binaries not built ({env_file} missing): {PROVISION_HINT}")
     dirs = dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
     names = {
-        "etcd": "ETCD_BIN", "kube-apiserver": "KUBERNETES_BIN", "kube-controller-manager": "KUBERNETES_BIN",
-        "kube-scheduler": "KUBERNETES_BIN", "kwok": "KWOK_BIN",
+        "etcd": "ETCD_BIN",
+        "kube-apiserver": "KUBERNETES_BIN",
+        "kube-controller-manager": "KUBERNETES_BIN",
+        "kube-scheduler": "KUBERNETES_BIN",
+        "kwok": "KWOK_BIN",
     }
     found = {name: Path(dirs.get(var, "/nonexistent")) / name for name, var in names.items()}
     missing = [str(p) for p in found.values() if not os.access(p, os.X_OK)]
@@ -57,8 +62,13 @@ def find_binaries() -> dict[str, Path]:
 def gpu_node(i: int) -> dict[str, Any]:
     """A fake GPU node: capacity, labels and loopback addresses are ours, kwok keeps it Ready."""
     name = f"gpu-node-{i}"
-    resources = {"cpu": "96", "memory": "1Ti", "pods": "110", "ephemeral-storage": "1Ti",
-                 "nvidia.com/gpu": str(GPUS_PER_NODE)}
+    resources = {
+        "cpu": "96",
+        "memory": "1Ti",
+        "pods": "110",
+        "ephemeral-storage": "1Ti",
+        "nvidia.com/gpu": str(GPUS_PER_NODE),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -83,8 +93,10 @@ def gpu_node(i: int) -> dict[str, Any]:
         "status": {
             "capacity": resources,
             "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": f"127.10.0.{i + 1}"},
-                          {"type": "Hostname", "address": name}],
+            "addresses": [
+                {"type": "InternalIP", "address": f"127.10.0.{i + 1}"},
+                {"type": "Hostname", "address": name},
+            ],
         },
     }
 
@@ -114,42 +126,81 @@ class Cluster:
             laps.append(f"{what} {time.monotonic() - t0:.1f}s")
 
         self.pki.create()
-        write_kubeconfig(self.kubeconfig, self.server, self.pki.ca_crt, {
-            "client-certificate": str(self.pki.admin_crt), "client-key": str(self.pki.admin_key)})
+        write_kubeconfig(
+            self.kubeconfig,
+            self.server,
+            self.pki.ca_crt,
+            {"client-certificate": str(self.pki.admin_crt), "client-key": str(self.pki.admin_key)},
+        )
         etcd_url = self._start_etcd(bins["etcd"], timeout)
         lap("etcd")
         self._start_apiserver(bins["kube-apiserver"], etcd_url, timeout)
         lap("kube-apiserver")
         kc = str(self.kubeconfig)
-        common = [f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
-                  f"--bind-address={LOOPBACK}", "--leader-elect=false"]
+        common = [
+            f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}",
+            f"--authorization-kubeconfig={kc}",
+            f"--bind-address={LOOPBACK}",
+            "--leader-elect=false",
+        ]
         kcm_port, sched_port = free_port(), free_port()
-        self._spawn("kube-controller-manager", [
-            str(bins["kube-controller-manager"]), *common, f"--secure-port={kcm_port}",
-            f"--service-account-private-key-file={self.pki.sa_key}", f"--root-ca-file={self.pki.ca_crt}",
-            "--use-service-account-credentials=false", f"--service-cluster-ip-range={SERVICE_CIDR}",
-            "--controllers=*", "--node-monitor-grace-period=40s", "--concurrent-job-syncs=5",
-        ])
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(bins["kube-controller-manager"]),
+                *common,
+                f"--secure-port={kcm_port}",
+                f"--service-account-private-key-file={self.pki.sa_key}",
+                f"--root-ca-file={self.pki.ca_crt}",
+                "--use-service-account-credentials=false",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                "--controllers=*",
+                "--node-monitor-grace-period=40s",
+                "--concurrent-job-syncs=5",
+            ],
+        )
         self._spawn("kube-scheduler", [str(bins["kube-scheduler"]), *common, f"--secure-port={sched_port}"])
         kwok_port = free_port()
-        self._spawn("kwok", [
-            str(bins["kwok"]), f"--kubeconfig={kc}", f"--config={HERE / 'kwok-stages.yaml'}",
-            "--manage-all-nodes=true", "--node-lease-duration-seconds=40",
-            f"--server-address={LOOPBACK}:{kwok_port}", f"--node-ip={LOOPBACK}",
-        ])
-        for name, url in (("kube-controller-manager", f"https://{LOOPBACK}:{kcm_port}/healthz"),
-                          ("kube-scheduler", f"https://{LOOPBACK}:{sched_port}/healthz"),
-                          ("kwok", f"http://{LOOPBACK}:{kwok_port}/healthz")):
+        self._spawn(
+            "kwok",
+            [
+                str(bins["kwok"]),
+                f"--kubeconfig={kc}",
+                f"--config={HERE / 'kwok-stages.yaml'}",
+                "--manage-all-nodes=true",
+                "--node-lease-duration-seconds=40",
+                f"--server-address={LOOPBACK}:{kwok_port}",
+                f"--node-ip={LOOPBACK}",
+            ],
+        )
+        for name, url in (
+            ("kube-controller-manager", f"https://{LOOPBACK}:{kcm_port}/healthz"),
+            ("kube-scheduler", f"https://{LOOPBACK}:{sched_port}/healthz"),
+            ("kwok", f"http://{LOOPBACK}:{kwok_port}/healthz"),
+        ):
             proc = self._proc(name)
-            wait_until(lambda p=proc, u=url: p.check_alive() and self._ok(u, verify=False), timeout,
-                       f"{name} /healthz")
+            wait_until(
+                lambda p=proc, u=url: p.check_alive() and self._ok(u, verify=False),
+                timeout,
+                f"{name} /healthz",
+            )
         lap("controllers+kwok")
-        self.kubectl("apply", "-f", "-", input=json.dumps(
-            {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i) for i in range(GPU_NODES)]}))
+        self.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i) for i in range(GPU_NODES)]}
+            ),
+        )
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s")
         # Pods need the namespace's default ServiceAccount, made by the controller-manager.
-        wait_until(lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
-                   timeout, "the default ServiceAccount (kube-controller-manager running?)")
+        wait_until(
+            lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0,
+            timeout,
+            "the default ServiceAccount (kube-controller-manager running?)",
+        )
         lap("nodes Ready")
         (self.logs_dir / "kubeconfig-path").write_text(f"{self.kubeconfig}\n")
         print(f"test bed control plane ready at {self.server}: {', '.join(laps)}")
@@ -178,50 +229,87 @@ class Cluster:
     def _start_etcd(self, etcd: Path, timeout: float) -> str:
         client, peer = free_port(), free_port()
         url = f"http://{LOOPBACK}:{client}"
-        proc = self._spawn("etcd", [
-            str(etcd), "--name=testbed", f"--data-dir={self.work_dir / 'etcd'}",
-            f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
-            f"--listen-peer-urls=http://{LOOPBACK}:{peer}", f"--initial-advertise-peer-urls=http://{LOOPBACK}:{peer}",
-            f"--initial-cluster=testbed=http://{LOOPBACK}:{peer}",
-            # Throwaway data: no fsync makes etcd fast on a busy disk.
-            "--unsafe-no-fsync", "--quota-backend-bytes=2147483648", "--log-level=warn",
-        ])
-        wait_until(lambda: proc.check_alive() and requests.get(f"{url}/health", timeout=2).json()["health"]
-                   == "true", timeout, "etcd /health")
+        proc = self._spawn(
+            "etcd",
+            [
+                str(etcd),
+                "--name=testbed",
+                f"--data-dir={self.work_dir / 'etcd'}",
+                f"--listen-client-urls={url}",
+                f"--advertise-client-urls={url}",
+                f"--listen-peer-urls=http://{LOOPBACK}:{peer}",
+                f"--initial-advertise-peer-urls=http://{LOOPBACK}:{peer}",
+                f"--initial-cluster=testbed=http://{LOOPBACK}:{peer}",
+                # Throwaway data: no fsync makes etcd fast on a busy disk.
+                "--unsafe-no-fsync",
+                "--quota-backend-bytes=2147483648",
+                "--log-level=warn",
+            ],
+        )
+        wait_until(
+            lambda: (
+                proc.check_alive() and requests.get(f"{url}/health", timeout=2).json()["health"] == "true"
+            ),
+            timeout,
+            "etcd /health",
+        )
         return url
 
     def _start_apiserver(self, apiserver: Path, etcd_url: str, timeout: float) -> None:
         p = self.pki
-        proc = self._spawn("kube-apiserver", [
-            str(apiserver), f"--etcd-servers={etcd_url}",
-            f"--bind-address={LOOPBACK}", f"--advertise-address={LOOPBACK}", f"--secure-port={self.port}",
-            f"--tls-cert-file={p.serving_crt}", f"--tls-private-key-file={p.serving_key}",
-            f"--client-ca-file={p.ca_crt}", "--authorization-mode=RBAC",
-            # Without a front-proxy CA the controllers' delegated authn logs an error every second.
-            f"--requestheader-client-ca-file={p.ca_crt}", "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={p.sa_pub}", f"--service-account-signing-key-file={p.sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
-            # Endpoints may not hold loopback addresses, so the apiserver must not publish its own.
-            "--endpoint-reconciler-type=none",
-            "--allow-privileged=true", "--profiling=false", f"--cert-dir={self.work_dir / 'apiserver-certs'}",
-        ])
+        proc = self._spawn(
+            "kube-apiserver",
+            [
+                str(apiserver),
+                f"--etcd-servers={etcd_url}",
+                f"--bind-address={LOOPBACK}",
+                f"--advertise-address={LOOPBACK}",
+                f"--secure-port={self.port}",
+                f"--tls-cert-file={p.serving_crt}",
+                f"--tls-private-key-file={p.serving_key}",
+                f"--client-ca-file={p.ca_crt}",
+                "--authorization-mode=RBAC",
+                # Without a front-proxy CA the controllers' delegated authn logs an error every second.
+                f"--requestheader-client-ca-file={p.ca_crt}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={p.sa_pub}",
+                f"--service-account-signing-key-file={p.sa_key}",
+                f"--service-cluster-ip-range={SERVICE_CIDR}",
+                # Endpoints may not hold loopback addresses, so the apiserver must not publish its own.
+                "--endpoint-reconciler-type=none",
+                "--allow-privileged=true",
+                "--profiling=false",
+                f"--cert-dir={self.work_dir / 'apiserver-certs'}",
+            ],
+        )
         cert = (str(p.admin_crt), str(p.admin_key))
-        wait_until(lambda: proc.check_alive() and self._ok(f"{self.server}/readyz", cert=cert,
-                                                          verify=str(p.ca_crt)),
-                   timeout, f"kube-apiserver /readyz at {self.server}")
+        wait_until(
+            lambda: proc.check_alive() and self._ok(f"{self.server}/readyz", cert=cert, verify=str(p.ca_crt)),
+            timeout,
+            f"kube-apiserver /readyz at {self.server}",
+        )
 
     # ---- helpers for tests -----------------------------------------------------------------------------
 
-    def kubectl(self, *args: str, check: bool = True, input: str | None = None,
-                kubeconfig: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        check: bool = True,
+        input: str | None = None,
+        kubeconfig: Path | None = None,
+        timeout: float = 120,
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl against the test bed; with check=True a failure raises with stdout and stderr."""
         argv = ["kubectl", f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         r = subprocess.run(argv, capture_output=True, text=True, input=input, timeout=timeout)
         if check and r.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+            raise RuntimeError(
+                f"{' '.join(argv)} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+            )
         return r
 
     def get_json(self, *args: str) -> Any:
@@ -238,8 +326,11 @@ class Cluster:
         base = re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-")[:40].strip("-") or "test"
         name = f"{base}-{secrets.token_hex(3)}"
         self.kubectl("create", "namespace", name)
-        wait_until(lambda: self.kubectl("get", "serviceaccount", "default", "-n", name, check=False)
-                   .returncode == 0, 30, f"default ServiceAccount in namespace {name}")
+        wait_until(
+            lambda: self.kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0,
+            30,
+            f"default ServiceAccount in namespace {name}",
+        )
         return name
 
     def delete_namespace(self, name: str, timeout: int = 60) -> None:
@@ -248,17 +339,28 @@ class Cluster:
         self.kubectl("delete", "namespace", name, "--wait=false", check=False)
         # Terminating now, the namespace admits no new objects. The namespace controller only starts
         # deleting content after ~5 s, so remove the pods and their owners ourselves (KWOK drops them at once).
-        self.kubectl("delete", "jobs,deployments,statefulsets,replicasets,pods", "--all", "-n", name,
-                     "--wait=false", check=False)
-        self.kubectl("wait", "--for=delete", "pods", "--all", "-n", name, f"--timeout={timeout}s", check=False)
+        self.kubectl(
+            "delete",
+            "jobs,deployments,statefulsets,replicasets,pods",
+            "--all",
+            "-n",
+            name,
+            "--wait=false",
+            check=False,
+        )
+        self.kubectl(
+            "wait", "--for=delete", "pods", "--all", "-n", name, f"--timeout={timeout}s", check=False
+        )
 
     def sa_kubeconfig(self, namespace: str, service_account: str, duration: str = "2h") -> Path:
         """A token kubeconfig for `service_account` (created if missing): it has only what RBAC grants it."""
         r = self.kubectl("create", "serviceaccount", service_account, "-n", namespace, check=False)
         if r.returncode != 0 and "AlreadyExists" not in r.stderr:
             raise RuntimeError(f"creating ServiceAccount {namespace}/{service_account}: {r.stderr}")
-        token = self.kubectl("create", "token", service_account, "-n", namespace,
-                             f"--duration={duration}").stdout.strip()
+        token = self.kubectl(
+            "create", "token", service_account, "-n", namespace, f"--duration={duration}"
+        ).stdout.strip()
         path = self.work_dir / f"sa-{namespace}-{service_account}.kubeconfig"
-        return write_kubeconfig(path, self.server, self.pki.ca_crt, {"token": token},
-                                name=f"{namespace}-{service_account}")
+        return write_kubeconfig(
+            path, self.server, self.pki.ca_crt, {"token": token}, name=f"{namespace}-{service_account}"
+        )

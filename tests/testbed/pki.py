@@ -43,11 +43,27 @@ class Pki:
         d = self.dir
         d.mkdir(parents=True, exist_ok=True)
         _ec_key("ca.key", d)
-        _openssl("req", "-x509", "-new", "-key", "ca.key", "-out", "ca.crt", "-days", "30",
-                 "-subj", "/CN=sftjob-testbed-ca", "-addext", "basicConstraints=critical,CA:TRUE",
-                 "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature", cwd=d)
-        self._leaf("apiserver", "/CN=kube-apiserver", f"subjectAltName={SERVING_SANS}",
-                   "extendedKeyUsage=serverAuth")
+        _openssl(
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=sftjob-testbed-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            cwd=d,
+        )
+        self._leaf(
+            "apiserver", "/CN=kube-apiserver", f"subjectAltName={SERVING_SANS}", "extendedKeyUsage=serverAuth"
+        )
         # Group system:masters is bound to cluster-admin by RBAC bootstrap policy.
         self._leaf("admin", "/O=system:masters/CN=testbed-admin", "extendedKeyUsage=clientAuth")
         # Service-account tokens are signed with RSA by convention (RS256 is what every verifier accepts).
@@ -60,19 +76,42 @@ class Pki:
         ext: list[str] = []
         for e in ("basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature", *extensions):
             ext += ["-addext", e]
-        _openssl("req", "-x509", "-new", "-key", f"{name}.key", "-out", f"{name}.crt", "-days", "30",
-                 "-subj", subject, "-CA", "ca.crt", "-CAkey", "ca.key", *ext, cwd=self.dir)
+        _openssl(
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            f"{name}.key",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "30",
+            "-subj",
+            subject,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            *ext,
+            cwd=self.dir,
+        )
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, user: dict[str, str], name: str = "testbed") -> Path:
     """A one-context kubeconfig; `user` is e.g. {"token": ...} or {"client-certificate": ..., "client-key": ...}."""
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "testbed", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": name, "user": user}],
-        "contexts": [{"name": name, "context": {"cluster": "testbed", "user": name}}],
-        "current-context": name,
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {"name": "testbed", "cluster": {"server": server, "certificate-authority": str(ca)}}
+                ],
+                "users": [{"name": name, "user": user}],
+                "contexts": [{"name": name, "context": {"cluster": "testbed", "user": name}}],
+                "current-context": name,
+            }
+        )
+    )
     path.chmod(0o600)
     return path

@@ -29,17 +29,30 @@ class Prometheus:
     def start(self, timeout: float = 60.0) -> Prometheus:
         binary = shutil.which("prometheus")
         if not binary:
-            raise RuntimeError("prometheus not installed: run `bash tests/testbed/provision.sh` "
-                               "(apt-get install --no-install-recommends prometheus)")
+            raise RuntimeError(
+                "prometheus not installed: run `bash tests/testbed/provision.sh` "
+                "(apt-get install --no-install-recommends prometheus)"
+            )
         self._write_config()
-        self.proc = Proc("prometheus", [
-            binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.work_dir / 'data'}",
-            f"--web.listen-address={LOOPBACK}:{self.port}", "--web.enable-lifecycle",
-            "--storage.tsdb.retention.time=1d", "--log.level=info",
-        ], self.log_dir)
+        self.proc = Proc(
+            "prometheus",
+            [
+                binary,
+                f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.work_dir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{self.port}",
+                "--web.enable-lifecycle",
+                "--storage.tsdb.retention.time=1d",
+                "--log.level=info",
+            ],
+            self.log_dir,
+        )
         proc = self.proc
-        wait_until(lambda: proc.check_alive() and requests.get(f"{self.url}/-/ready", timeout=2).ok,
-                   timeout, f"Prometheus /-/ready at {self.url}")
+        wait_until(
+            lambda: proc.check_alive() and requests.get(f"{self.url}/-/ready", timeout=2).ok,
+            timeout,
+            f"Prometheus /-/ready at {self.url}",
+        )
         return self
 
     def stop(self) -> None:
@@ -47,8 +60,9 @@ class Prometheus:
             self.proc.stop()
             self.proc = None
 
-    def add_target(self, job: str, host_port: str, labels: dict[str, str] | None = None,
-                   metrics_path: str = "/metrics") -> None:
+    def add_target(
+        self, job: str, host_port: str, labels: dict[str, str] | None = None, metrics_path: str = "/metrics"
+    ) -> None:
         """Scrape http://host_port{metrics_path} as `job` (adds to the job's targets). Loopback hosts only."""
         host = host_port.rsplit(":", 1)[0]
         if not ipaddress.ip_address(host).is_loopback:
@@ -75,8 +89,11 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": self.rule_files,
             "scrape_configs": [
-                {"job_name": job, "metrics_path": e["metrics_path"],
-                 "static_configs": [{"targets": e["targets"], "labels": e["labels"]}]}
+                {
+                    "job_name": job,
+                    "metrics_path": e["metrics_path"],
+                    "static_configs": [{"targets": e["targets"], "labels": e["labels"]}],
+                }
                 for job, e in self.targets.items()
             ],
         }
@@ -92,8 +109,12 @@ class Prometheus:
 
     def query(self, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         """Instant query, polled until the result is non-empty (the first sample takes ~5 s to appear)."""
-        return wait_until(lambda: self.api("query", query=promql)["result"], timeout,
-                          f"a non-empty result for PromQL {promql!r} from {self.url}", interval=0.5)
+        return wait_until(
+            lambda: self.api("query", query=promql)["result"],
+            timeout,
+            f"a non-empty result for PromQL {promql!r} from {self.url}",
+            interval=0.5,
+        )
 
     def value(self, promql: str, timeout: float = 30.0) -> float:
         """The value of a single-series instant query, as a float."""

@@ -75,26 +75,47 @@ class SeaweedServer:
         data = self.work_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
         identities = self.work_dir / "identities.json"
-        identities.write_text(json.dumps({"identities": [{
-            "name": "testbed",
-            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}))
+        identities.write_text(
+            json.dumps(
+                {
+                    "identities": [
+                        {
+                            "name": "testbed",
+                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                        }
+                    ]
+                }
+            )
+        )
         # Explicit ports for every listener (gRPC would default to port+10000, maybe taken),
         # loopback binds, and no telemetry: without these it binds a public address and phones home.
         ports = {
-            "master.port": free_port(), "master.port.grpc": free_port(),
-            "volume.port": free_port(), "volume.port.grpc": free_port(),
-            "filer.port": free_port(), "filer.port.grpc": free_port(),
-            "s3.port": self.s3_port, "s3.port.grpc": free_port(),
-            "s3.port.iceberg": free_port(), "s3.port.lance": free_port(),
-            "admin.port": free_port(), "admin.port.grpc": free_port(),
+            "master.port": free_port(),
+            "master.port.grpc": free_port(),
+            "volume.port": free_port(),
+            "volume.port.grpc": free_port(),
+            "filer.port": free_port(),
+            "filer.port.grpc": free_port(),
+            "s3.port": self.s3_port,
+            "s3.port.grpc": free_port(),
+            "s3.port.iceberg": free_port(),
+            "s3.port.lance": free_port(),
+            "admin.port": free_port(),
+            "admin.port.grpc": free_port(),
             "webdav.port": free_port(),
         }
         argv = [
-            weed, "mini", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
-            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
-            f"-s3.config={identities}", f"-metricsIp={LOOPBACK}",
+            weed,
+            "mini",
+            f"-dir={data}",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
+            "-master.telemetry=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-s3.config={identities}",
+            f"-metricsIp={LOOPBACK}",
             *(f"-{k}={v}" for k, v in ports.items()),
         ]
         self.proc = Proc("seaweedfs", argv, self.log_dir)
@@ -113,8 +134,13 @@ class SeaweedServer:
         return self
 
     def new_bucket(self) -> S3Bucket:
-        b = S3Bucket(self.endpoint_url, self.access_key, self.secret_key, self.region,
-                     bucket="t-" + uuid.uuid4().hex[:16])
+        b = S3Bucket(
+            self.endpoint_url,
+            self.access_key,
+            self.secret_key,
+            self.region,
+            bucket="t-" + uuid.uuid4().hex[:16],
+        )
         b.client().create_bucket(Bucket=b.bucket)
         return b
 
