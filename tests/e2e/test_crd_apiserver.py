@@ -44,10 +44,14 @@ def test_run_defining_fields_are_immutable_but_suspend_is_not(crd, namespace):
     path = EXAMPLES / "sftjob-minimal.yaml"
     crd.kubectl("apply", "-n", namespace, "-f", str(path))
     patch = json.dumps({"spec": {"training": {"learningRate": 0.001}}})
-    refused = crd.kubectl("patch", "sftjob", "minimal", "-n", namespace, "--type=merge", "-p", patch, check=False)
+    refused = crd.kubectl(
+        "patch", "sftjob", "minimal", "-n", namespace, "--type=merge", "-p", patch, check=False
+    )
     assert refused.returncode != 0
     assert "spec.training is immutable once the SFTJob is created" in refused.stderr
-    crd.kubectl("patch", "sftjob", "minimal", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    crd.kubectl(
+        "patch", "sftjob", "minimal", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
     assert crd.get_json("sftjob", "minimal", "-n", namespace)["spec"]["suspend"] is True
 
 

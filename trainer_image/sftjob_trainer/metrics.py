@@ -1,6 +1,6 @@
 """Prometheus metrics per rank and JSON log lines on rank 0.
 
-Names follow Prometheus conventions; labels are namespace/job/rank only (plus `reason` on the drop counter).
+Names follow Prometheus conventions; labels are namespace/sftjob/rank only (plus `reason` on the drop counter).
 The operator's progress reader (sftjob_operator.render.progress) reads sft_train_step, sft_train_total_steps,
 sft_train_loss, sft_train_tokens_per_second, sft_train_eta_seconds and sft_train_epoch from rank 0.
 """
@@ -27,7 +27,7 @@ def rss_bytes() -> int:
 class TrainerMetrics:
     def __init__(self, namespace: str, job: str, rank: int, port: int | None) -> None:
         self.registry = CollectorRegistry()
-        self.labels = {"namespace": namespace, "job": job, "rank": str(rank)}
+        self.labels = {"namespace": namespace, "sftjob": job, "rank": str(rank)}  # `job` is Prometheus' target label
         names = list(self.labels)
         r = self.registry
 
