@@ -1,0 +1,117 @@
+"""Pure parts of the trainer (no torch): checkpoint selection, batch planning, LR schedule, exit codes,
+config rendering by the operator and parsing by the trainer."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import yaml
+
+from sftjob_trainer import exit_codes
+from sftjob_trainer.__main__ import combine_exit_codes, main
+from sftjob_trainer.checkpoint import newest_complete, scan, to_delete
+from sftjob_trainer.config import load_config, parse_config
+from sftjob_trainer.exit_codes import PermanentError
+from sftjob_trainer.schedule import deepspeed_config, lr_factor, plan_batches
+
+
+def test_only_complete_checkpoints_count():
+    keys = ["checkpoints/step-4/a.pt", "checkpoints/step-4/COMPLETE", "checkpoints/step-12/a.pt",
+            "checkpoints/step-8/COMPLETE", "checkpoints/step-8/a.pt", "adapter/x", "checkpoints/step-x/COMPLETE"]
+    assert scan(keys) == ([4, 8], [12])
+    assert newest_complete(keys) == 8  # 12 is newer but half-written
+    assert newest_complete(["checkpoints/step-3/a.pt"]) is None
+
+
+def test_retention_keeps_newest_and_drops_stale_partials():
+    keys = [f"checkpoints/step-{s}/COMPLETE" for s in (2, 4, 6)] + ["checkpoints/step-5/x", "checkpoints/step-9/x"]
+    assert to_delete(keys, keep=2, just_written=6) == [2, 5]
+    assert to_delete(keys, keep=0, just_written=6) == [2, 4, 5]  # keep>=1: never the one just written
+
+
+def test_gradient_accumulation_is_derived_and_must_divide():
+    p = plan_batches(n_rows=100, global_batch=16, micro=2, world=2, epochs=2, max_steps=None)
+    assert (p.accum, p.steps_per_epoch, p.total_steps, p.rows_per_step) == (4, 6, 12, 16)
+    assert plan_batches(100, 16, 4, 1, None, 5).total_steps == 5
+    with pytest.raises(PermanentError, match="not a multiple"):
+        plan_batches(100, 16, 3, 2, 1, None)
+    with pytest.raises(PermanentError, match="fewer than one global batch"):
+        plan_batches(10, 16, 2, 2, 1, None)
+
+
+def test_cosine_schedule_with_warmup():
+    total, warm = 100, 10
+    f = [lr_factor(s, total, warm) for s in range(total)]
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11)
+    assert f[10] == pytest.approx(1.0)
+    assert f[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in itertools.pairwise(f[10:])) and f[-1] < 0.01
+    assert lr_factor(50, 100, 0, "linear") == pytest.approx(0.5)
+    assert lr_factor(90, 100, 5, "constant_with_warmup") == 1.0
+
+
+def test_deepspeed_config_shape():
+    c = deepspeed_config(micro=2, accum=4, world=2, stage=3, offload_optimizer="cpu", offload_params="none",
+                         bf16=True, fp16=False, grad_clip=1.0)
+    assert c["train_batch_size"] == 16 and c["gradient_accumulation_steps"] == 4
+    assert c["zero_optimization"]["stage"] == 3
+    assert c["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert c["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "offload_param" not in c["zero_optimization"]
+
+
+def test_exit_code_contract():
+    assert exit_codes.PERMANENT == 2 and exit_codes.OK == 0
+    assert exit_codes.PERMANENT_CODES.isdisjoint(exit_codes.RETRYABLE_CODES)
+    # torchrun reports any worker failure as 1; the launcher restores the worker's code
+    assert combine_exit_codes(1, [0, 2]) == exit_codes.PERMANENT
+    assert combine_exit_codes(0, [0, 0]) == exit_codes.OK
+    assert combine_exit_codes(1, [143, 143]) == exit_codes.PREEMPTED
+    assert combine_exit_codes(-15, []) == exit_codes.PREEMPTED
+    assert combine_exit_codes(1, [1]) == exit_codes.RETRYABLE
+    assert combine_exit_codes(2, []) == exit_codes.RETRYABLE  # a launcher's own 2 is not our permanent 2
+
+
+SPEC = {
+    "model": {"uri": "s3://models/llama"},
+    "dataset": {"train": ["s3://data/train.jsonl"], "format": "messages"},
+    "method": {"type": "lora", "lora": {"r": 8}},
+    "training": {"maxSteps": 10, "globalBatchSize": 8, "microBatchSize": 2},
+    "output": {"uri": "s3://out/runs"},
+}
+
+
+def test_operator_rendered_config_is_a_valid_trainer_config(tmp_path):
+    from sftjob_operator.api import parse_spec
+    from sftjob_operator.render.trainer_config import render_trainer_config
+
+    rendered = render_trainer_config("team-a", "run-1", parse_spec(SPEC))
+    p = tmp_path / "config.yaml"
+    p.write_text(yaml.safe_dump(rendered))
+    cfg = load_config(str(p))
+    assert cfg.run.output_root == "s3://out/runs/team-a/run-1/"
+    assert cfg.method.type == "lora" and cfg.method.lora.r == 8 and cfg.training.max_steps == 10
+    assert cfg.dataset.format == "messages"
+
+
+def test_bad_config_names_the_field(tmp_path, monkeypatch):
+    bad = {"run": {"outputRoot": "/tmp/x"}, **SPEC, "training": {"microBatchSize": 0}}
+    with pytest.raises(PermanentError, match=r"training\.microBatchSize"):
+        parse_config(bad)
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(bad))
+    assert main(["train", "--config", str(p)]) == exit_codes.PERMANENT
+    monkeypatch.delenv("SFTJOB_CONFIG", raising=False)
+    assert main(["train"]) == exit_codes.PERMANENT
+
+
+def test_config_module_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sftjob_trainer.config, sftjob_trainer.exit_codes; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
