@@ -28,10 +28,9 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 20261125
 N_TRAIN = 3000
-N_EVAL = 64
+N_EVAL = 48
 
-INSTRUCTION = ("Extract the person's details as JSON with the keys last_name, first_name, age and city, "
-               "in that order. Reply with the JSON only.")
+INSTRUCTION = "Reply with JSON only: last_name, first_name, age, city."
 
 FIRST = ["Maria", "James", "Aisha", "Chen", "Lukas", "Sofia", "Mateo", "Priya", "Olga", "Kwame", "Emma",
          "Hiroshi", "Fatima", "Noah", "Ingrid", "Diego", "Amara", "Tomasz", "Yara", "Oliver", "Leila", "Ravi",
