@@ -111,6 +111,7 @@ class Stage:
                 try:
                     for line in proc.stdout:
                         log.write(line)
+                        log.flush()
                         if line.startswith("{") and '"event"' in line:
                             with contextlib.suppress(json.JSONDecodeError):
                                 on_event(json.loads(line))
