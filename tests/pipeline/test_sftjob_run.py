@@ -1,0 +1,120 @@
+"""`sftjob run` end to end on the tiny model: invalid specs stop before any work; Ctrl-C checkpoints and a
+re-run resumes, then eval, merge, report and a manifest that verifies against S3 (real SeaweedFS)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+CLI = [sys.executable, "-m", "sftjob_operator.cli"]
+
+
+def spec_doc(model_dir: str, **over: object) -> dict:
+    doc = {
+        "apiVersion": "sft.tuning.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": "tiny-run"},
+        "spec": {
+            "model": {"uri": model_dir},
+            "dataset": {"train": ["./train.jsonl"], "eval": ["./eval.jsonl"], "format": "alpaca",
+                        "maxSeqLength": 96},
+            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+            "training": {"maxSteps": 30, "learningRate": 3e-3, "globalBatchSize": 4, "microBatchSize": 2,
+                         "gradientCheckpointing": False, "checkpointSteps": 5},
+            "resources": {"nodes": 1, "gpusPerNode": 0, "deepspeed": {"zeroStage": 0}},
+            "output": {"uri": "./runs"},
+            "eval": {"maxSamples": 8, "maxNewTokens": 8},
+            "merge": {"dtype": "float32"},
+        },
+    }
+    doc["spec"].update(over)
+    return doc
+
+
+def write_spec(path, doc) -> str:
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize("broken, expected", [
+    ({"training": {"globalBatchSize": 4, "microBatchSize": 3}}, "spec.training.microBatchSize: "),
+    ({"method": {"type": "prefix-tuning"}}, "spec.method.type: "),
+    ({"dataset": {"train": ["relative/no-dot.jsonl"]}}, "spec.dataset.train.0: "),
+])
+def test_invalid_spec_prints_field_path_and_does_no_work(tmp_path, broken, expected):
+    spec = write_spec(tmp_path / "bad.yaml", spec_doc("/nonexistent/model", **broken))
+    work = tmp_path / "work"
+    proc = subprocess.run([*CLI, "run", spec, "--work-dir", str(work)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert expected in proc.stderr, proc.stderr
+    assert "phase" not in proc.stdout  # not even Pending
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml"]  # no output dir, no work dir
+
+
+def wait_for_step(steps_file: str, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "sftjob run ended before it could be interrupted"
+        if os.path.exists(steps_file):
+            with open(steps_file) as f:
+                if any(json.loads(x)["step"] >= step for x in f if x.strip()):
+                    return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+@pytest.mark.trainer
+@pytest.mark.slow
+def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s3):
+    from trainer.tiny import dataset_rows, write_jsonl
+
+    write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(240, seed=1))
+    write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(12, seed=2))
+    out = {"uri": f"s3://{s3.bucket}/runs", "endpoint": s3.endpoint_url, "pathStyle": True}
+    spec = write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, output=out))
+    work = tmp_path / "work"
+    env = {**os.environ, **s3.env(), "OMP_NUM_THREADS": "1"}
+    cmd = [*CLI, "run", spec, "--work-dir", str(work)]
+
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    wait_for_step(str(work / "steps.jsonl"), first, 2)
+    first.send_signal(signal.SIGINT)  # what Ctrl-C does
+    log1, _ = first.communicate(timeout=300)
+    assert first.returncode == 130, log1[-3000:]
+    client = s3.client()
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/")["Contents"]]
+    done = sorted(int(k.split("/")[4][5:]) for k in keys if k.endswith("/COMPLETE"))
+    assert done, keys
+    assert f"checkpoint step-{done[-1]} saved" in log1
+    assert not any(k.endswith("manifest.json") for k in keys)
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"resuming from step {done[-1]}" in second.stdout
+    for phase in ("Pending", "Training", "Evaluating", "Merging", "Succeeded"):
+        assert f"phase {phase}" in second.stdout
+    assert "exact match" in second.stdout and "eval loss" in second.stdout
+
+    root = "runs/local/tiny-run/"
+
+    def get(key: str) -> bytes:
+        return client.get_object(Bucket=s3.bucket, Key=root + key)["Body"].read()
+
+    summary = json.loads(get("train/summary.json"))
+    assert summary["resumed_from"] == done[-1] and summary["steps"] == 30
+    manifest = json.loads(get("manifest.json"))
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"adapter/adapter_model.safetensors", "eval/results.json", "merged/model.safetensors",
+            "report/report.md", "report/loss_curve.png"} <= paths
+    for f in manifest["files"]:
+        body = get(f["path"])
+        assert (len(body), hashlib.sha256(body).hexdigest()) == (f["size"], f["sha256"]), f["path"]
+    assert get("report/loss_curve.png")[:4] == b"\x89PNG"
