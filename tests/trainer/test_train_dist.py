@@ -122,7 +122,10 @@ def test_qlora_4bit_zero3_two_ranks(s3, tiny_model_dir, data_file, tmp_path):
                       max_steps=6, checkpoint_steps=3, global_batch=8, micro=2)
     res = run(launch_cmd(write_config(str(tmp_path / "q.json"), cfg), 2, free_port()), trainer_env(s3.env()))
     assert res.returncode == 0, res.stderr[-4000:]
-    ls = losses(json_events(res.stdout))
+    ev = json_events(res.stdout)
+    [info] = [e for e in ev if e["event"] == "model"]
+    assert info["linear_4bit_layers"] == 2 * 7 and info["trainable_params"] > 0  # q,k,v,o,gate,up,down x 2
+    ls = losses(ev)
     assert len(ls) == 6 and ls[-1] < ls[0], ls
     k = keys(s3, "q/")
     assert "checkpoints/step-3/COMPLETE" in k and "adapter/adapter_model.safetensors" in k

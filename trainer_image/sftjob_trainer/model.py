@@ -45,7 +45,11 @@ class ModelSpec:
 
 
 def resolve_dir(uri: str, cache_dir: str) -> str:
-    """A local directory for `uri`, downloading an s3:// prefix into the cache once."""
+    """A local directory for `uri`: a bare model-cache name, a path, or an s3:// prefix (downloaded once)."""
+    from . import model_cache
+
+    if model_cache.is_bare_name(uri):
+        return model_cache.resolve(uri)
     if not uri.startswith("s3://"):
         if not os.path.isdir(uri):
             raise PermanentError(f"model directory not found: {uri}")

@@ -138,6 +138,11 @@ def train(cfg: TrainerConfig) -> int:
 
     model, tok, _ = load_for_training(model_spec(cfg, on_gpu), cache_dir(cfg))
     examples, eval_examples, report = prepare_examples(cfg, tok)
+    if is0:
+        n_4bit = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+        log_json("model", method=cfg.method.type, linear_4bit_layers=n_4bit,
+                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 gradient_checkpointing=t.gradient_checkpointing)
     metrics.record_drops(dict(report.dropped))
     lengths = [len(e.input_ids) for e in examples]
     rows = pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
