@@ -72,6 +72,8 @@ def deepspeed_config(*, micro: int, accum: int, world: int, stage: int, offload_
         "fp16": {"enabled": fp16},
         # we pass torch's AdamW / bitsandbytes' AdamW8bit ourselves (no JIT-built fused ops needed)
         "zero_allow_untested_optimizer": True,
+        # with offload, DeepSpeed insists on its JIT-built CPUAdam unless told otherwise
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
