@@ -60,3 +60,13 @@ def test_verify_manifest_detects_a_changed_object(s3, tmp_path):
     store.put_bytes(b'{"r": 16}', "adapter/adapter_config.json")
     problems = artifacts.verify_manifest(store)
     assert len(problems) == 1 and problems[0].startswith("adapter/adapter_config.json:")
+
+
+def test_single_object_exists_and_delete(s3):
+    store = S3Store(s3.uri("runs/y"), client=s3.client())
+    assert not artifacts.exists(store, "manifest.json")
+    store.put_bytes(b"{}", "manifest.json")
+    store.put_bytes(b"{}", "manifest.json.bak")
+    assert artifacts.exists(store, "manifest.json")
+    artifacts.delete_key(store, "manifest.json")
+    assert not artifacts.exists(store, "manifest.json") and artifacts.exists(store, "manifest.json.bak")

@@ -83,6 +83,34 @@ def versions() -> dict[str, str]:
     return out
 
 
+def exists(store: Store, key: str) -> bool:
+    """Whether one object (not a prefix) exists; `Store.list` only lists prefixes."""
+    if isinstance(store, LocalStore):
+        return os.path.isfile(os.path.join(store.root, *key.split("/")))
+    if isinstance(store, S3Store):
+        try:
+            store.client.head_object(Bucket=store.loc.bucket, Key=store.loc.join(key).key)
+            return True
+        except Exception:
+            return False
+    try:
+        store.get_bytes(key)
+        return True
+    except Exception:
+        return False
+
+
+def delete_key(store: Store, key: str) -> None:
+    """Delete one object if present."""
+    if isinstance(store, LocalStore):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(store.root, *key.split("/")))
+    elif isinstance(store, S3Store):
+        store.client.delete_object(Bucket=store.loc.bucket, Key=store.loc.join(key).key)
+    else:
+        raise NotImplementedError(type(store).__name__)
+
+
 def read_json(store: Store, key: str) -> Any:
     try:
         return json.loads(store.get_bytes(key))

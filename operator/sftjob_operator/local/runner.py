@@ -221,10 +221,9 @@ def run(opts: Options) -> int:
             return e.exit_code
         work = opts.work_dir or os.path.join(os.path.expanduser("~/.cache/sftjob/runs"), ns, name)
         if opts.fresh:
-            for prefix in (*artifacts.LAYOUT, "report"):
+            artifacts.delete_key(store, artifacts.MANIFEST)  # first: the run stops looking complete
+            for prefix in artifacts.LAYOUT:
                 store.delete_prefix(prefix)
-            if store.list(artifacts.MANIFEST) or os.path.exists(os.path.join(root, artifacts.MANIFEST)):
-                store.delete_prefix(artifacts.MANIFEST)
             shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work, exist_ok=True)
         cfg = render_local_config(job, spec_dir, root, work, model_dir)
@@ -242,10 +241,11 @@ def run(opts: Options) -> int:
         def keys(prefix: str) -> list[str]:
             return store.list(prefix)
 
-        if keys(artifacts.MANIFEST) and not opts.fresh and keys(f"{artifacts.EVAL}/results.json"):
+        if artifacts.exists(store, artifacts.MANIFEST):
             echo("this run already completed (manifest.json present); use --fresh to start over")
         else:
-            trained = keys(f"{artifacts.TRAIN}/summary.json") and (keys(artifacts.ADAPTER) or keys(artifacts.MODEL))
+            trained = artifacts.exists(store, f"{artifacts.TRAIN}/summary.json") and bool(
+                keys(artifacts.ADAPTER) or keys(artifacts.MODEL))
             if trained:
                 phase("Training", "already done (train/summary.json present): skipped")
             else:
