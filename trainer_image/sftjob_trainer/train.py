@@ -139,7 +139,8 @@ def train(cfg: TrainerConfig) -> int:
     model, tok, _ = load_for_training(model_spec(cfg, on_gpu), cache_dir(cfg))
     examples, eval_examples, report = prepare_examples(cfg, tok)
     if is0:
-        n_4bit = sum(1 for m in model.modules() if type(m).__name__ == "Linear4bit")
+        n_4bit = sum(1 for m in model.modules()  # bitsandbytes' own class, not peft's wrapper of it
+                     if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"))
         log_json("model", method=cfg.method.type, linear_4bit_layers=n_4bit,
                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                  gradient_checkpointing=t.gradient_checkpointing)
@@ -223,7 +224,8 @@ def train(cfg: TrainerConfig) -> int:
         if is0 and (done % cfg.runtime.log_every_steps == 0 or done == plan.total_steps):
             log_json("step", step=done, total_steps=plan.total_steps, loss=round(loss, 6), lr=lr,
                      grad_norm=None if gn is None else float(gn), epoch=round(done / plan.steps_per_epoch, 4),
-                     tokens_per_second=round(tps, 1), eta_seconds=round(eta, 1))
+                     tokens_per_second=round(tps, 1), tokens=int(tot_real), step_seconds=round(dt, 3),
+                     eta_seconds=round(eta, 1))
         preempt = stop_votes > 0
         if (done % t.checkpoint_steps == 0 or preempt) and done < plan.total_steps:
             c0 = time.monotonic()
