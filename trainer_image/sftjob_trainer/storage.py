@@ -107,7 +107,9 @@ class Store:
     def put_bytes(self, data: bytes, key: str) -> None: raise NotImplementedError
     def get_bytes(self, key: str) -> bytes: raise NotImplementedError
     def list(self, prefix: str) -> list[str]: raise NotImplementedError
-    def download_dir(self, prefix: str, dest: str) -> list[str]: raise NotImplementedError
+    def download_dir(self, prefix: str, dest: str) -> list[str]:
+        """Mirror prefix/ into dest; returns the paths relative to prefix."""
+        raise NotImplementedError
     def delete_prefix(self, prefix: str) -> None: raise NotImplementedError
 
     def upload_dir(self, local_dir: str, prefix: str) -> list[str]:
@@ -156,12 +158,14 @@ class LocalStore(Store):
         return sorted(out)
 
     def download_dir(self, prefix: str, dest: str) -> list[str]:
-        keys = self.list(prefix)
-        for k in keys:
-            target = os.path.join(dest, k[len(prefix.rstrip("/")) + 1:])
+        rels = []
+        for k in self.list(prefix):
+            rel = k[len(prefix.rstrip("/")) + 1:]
+            target = os.path.join(dest, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(self._p(k), target)
-        return keys
+            rels.append(rel)
+        return rels
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._p(prefix.rstrip("/")), ignore_errors=True)
