@@ -25,8 +25,8 @@ def spec_doc(model_dir: str, **over: object) -> dict:
             "dataset": {"train": ["./train.jsonl"], "eval": ["./eval.jsonl"], "format": "alpaca",
                         "maxSeqLength": 96},
             "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            "training": {"maxSteps": 30, "learningRate": 3e-3, "globalBatchSize": 4, "microBatchSize": 2,
-                         "gradientCheckpointing": False, "checkpointSteps": 5},
+            "training": {"maxSteps": 16, "learningRate": 3e-3, "globalBatchSize": 4, "microBatchSize": 2,
+                         "gradientCheckpointing": False, "checkpointSteps": 4},
             "resources": {"nodes": 1, "gpusPerNode": 0, "deepspeed": {"zeroStage": 0}},
             "output": {"uri": "./runs"},
             "eval": {"maxSamples": 8, "maxNewTokens": 8},
@@ -109,7 +109,7 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
         return client.get_object(Bucket=s3.bucket, Key=root + key)["Body"].read()
 
     summary = json.loads(get("train/summary.json"))
-    assert summary["resumed_from"] == done[-1] and summary["steps"] == 30
+    assert summary["resumed_from"] == done[-1] and summary["steps"] == 16
     manifest = json.loads(get("manifest.json"))
     paths = {f["path"] for f in manifest["files"]}
     assert {"adapter/adapter_model.safetensors", "eval/results.json", "merged/model.safetensors",
