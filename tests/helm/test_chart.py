@@ -73,7 +73,7 @@ def test_rbac_is_least_privilege():
 def test_namespace_list_mode_grants_no_cluster_wide_access_to_workloads():
     docs = render(FULL)
     cluster_resources = {res for r in _rules(docs, "ClusterRole") for res in r["resources"]}
-    assert cluster_resources == {"customresourcedefinitions"}
+    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     trainer_sas = [

@@ -355,7 +355,7 @@ class Cluster:
     def sa_kubeconfig(self, namespace: str, service_account: str, duration: str = "2h") -> Path:
         """A token kubeconfig for `service_account` (created if missing): it has only what RBAC grants it."""
         r = self.kubectl("create", "serviceaccount", service_account, "-n", namespace, check=False)
-        if r.returncode != 0 and "AlreadyExists" not in r.stderr:
+        if r.returncode != 0 and "already exists" not in r.stderr.lower():
             raise RuntimeError(f"creating ServiceAccount {namespace}/{service_account}: {r.stderr}")
         token = self.kubectl(
             "create", "token", service_account, "-n", namespace, f"--duration={duration}"
