@@ -86,7 +86,16 @@ class Operator:
         """Stop; first delete the namespace's SFTJobs while running, so that kopf takes its finalizer off
         (it puts one on every SFTJob: timers need it) and the namespace can go."""
         if self.proc is not None and self.proc.alive() and delete_sftjobs:
-            self.kube.kubectl("delete", "sftjobs", "--all", "-n", self.namespace, "--timeout=30s", check=False)
+            self.kube.kubectl("delete", "sftjobs", "--all", "-n", self.namespace, "--wait=false", check=False)
+
+            def none_left() -> bool:
+                r = self.kube.kubectl("get", "sftjobs", "-n", self.namespace, "-o", "name", check=False)
+                return r.returncode == 0 and not r.stdout.strip()
+
+            try:
+                wait_until(none_left, 30, "SFTJobs deleted", interval=0.5)
+            except TimeoutError:
+                pass  # best effort: a namespace left Terminating is harmless in the throwaway test bed
         if self.proc is not None:
             self.proc.stop()
 

@@ -56,6 +56,9 @@ def test_training_when_a_pod_runs() -> None:
 def test_retry_keeps_training_phase() -> None:
     d = decide(phase="Training", train=job(active=1, failed=1))
     assert (d.phase, d.reason) == ("Training", "Restarting")
+    # pods done, Job not yet Complete: still Training, not a restart
+    d = decide(phase="Training", train=job(active=0, succeeded=1))
+    assert (d.phase, d.reason) == ("Training", "Finishing")
 
 
 def test_full_happy_path() -> None:

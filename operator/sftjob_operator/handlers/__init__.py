@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..render.names import LABEL_JOB_NAME
 from ..render.phase import TERMINAL
 from ..settings import Settings
 from .kube import Kube, new_api_client
-from .reconcile import Reconciler, Snapshot, slim_job, slim_pod
+from .reconcile import Reconciler, Snapshot, slim_job, slim_pod, slim_sftjob
 
 log = logging.getLogger("sftjob_operator.handlers")
 
@@ -52,12 +53,15 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
         max_workers=settings.workers, thread_name_prefix="reconcile"
     )
 
-    async def run(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, tick: bool = False) -> str | None:
+    async def run(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+                  tick: bool = False) -> str | None:
         snap = _snapshot(namespace, name, sft_jobs, sft_pods)
+        key = (namespace, name)
+        seen = next(iter(sft_objects.get(key, [])), None) if key in sft_objects else None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            executor, functools.partial(reconciler.reconcile, namespace, name, snap, tick)
-        )
+            executor, functools.partial(reconciler.reconcile, namespace, name, snap, tick,
+                                        json.loads(json.dumps(seen)) if seen else None))
 
     children = {LABEL_JOB_NAME: kopf.PRESENT}
 
@@ -71,31 +75,38 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
     def sft_pods(namespace: str, labels: Any, body: Any, **_: Any) -> dict[tuple[str, str], Any]:
         return {(namespace, labels[LABEL_JOB_NAME]): slim_pod(body)}
 
+    @kopf.index(GROUP, VERSION, PLURAL, id="sft_objects", registry=registry)
+    def sft_objects(namespace: str, name: str, body: Any, **_: Any) -> dict[tuple[str, str], Any]:
+        return {(namespace, name): slim_sftjob(body)}
+
     # ---- the SFTJob itself ---------------------------------------------------------------------------------
 
     async def _reconcile_or_retry(
-        handler: str, namespace: str, name: str, sft_jobs: Any, sft_pods: Any
+        handler: str, namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any
     ) -> None:
         try:
-            await run(namespace, name, sft_jobs, sft_pods)
+            await run(namespace, name, sft_jobs, sft_pods, sft_objects)
         except Exception as e:
             # API trouble (never user input: that ends in Failed/InvalidSpec): let kopf retry with backoff.
             raise kopf.TemporaryError(f"{handler}: {type(e).__name__}: {e}", delay=5) from e
 
     @kopf.on.create(GROUP, VERSION, PLURAL, id="create", registry=registry)
     @metrics.instrumented("create")
-    async def on_create(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
-        await _reconcile_or_retry("create", namespace, name, sft_jobs, sft_pods)
+    async def on_create(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+                        **_: Any) -> None:
+        await _reconcile_or_retry("create", namespace, name, sft_jobs, sft_pods, sft_objects)
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="resume", registry=registry)
     @metrics.instrumented("resume")
-    async def on_resume(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
-        await _reconcile_or_retry("resume", namespace, name, sft_jobs, sft_pods)
+    async def on_resume(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+                        **_: Any) -> None:
+        await _reconcile_or_retry("resume", namespace, name, sft_jobs, sft_pods, sft_objects)
 
     @kopf.on.update(GROUP, VERSION, PLURAL, id="update", registry=registry)
     @metrics.instrumented("update")
-    async def on_update(namespace: str, name: str, diff: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
-        await _reconcile_or_retry("update", namespace, name, sft_jobs, sft_pods)
+    async def on_update(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+                        **_: Any) -> None:
+        await _reconcile_or_retry("update", namespace, name, sft_jobs, sft_pods, sft_objects)
 
     @kopf.on.delete(
         GROUP, VERSION, PLURAL, id="delete", registry=registry, optional=not settings.use_finalizer
@@ -116,7 +127,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
     )
     @metrics.instrumented("timer")
     async def tick(
-        namespace: str, name: str, status: Any, spec: Any, sft_jobs: Any, sft_pods: Any, **_: Any
+        namespace: str, name: str, status: Any, spec: Any, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+        **_: Any,
     ) -> None:
         # Progress, stuck detection and TTL are time-based: no watch event announces them.
         if status.get("phase") in TERMINAL and not _ttl_pending(
@@ -124,7 +136,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
         ):
             return  # finished and nothing left to clean up: no API call at all
         try:
-            await run(namespace, name, sft_jobs, sft_pods, tick=True)
+            await run(namespace, name, sft_jobs, sft_pods, sft_objects, tick=True)
         except Exception as e:
             log.warning("timer on %s/%s: %s: %s", namespace, name, type(e).__name__, e)
             raise
@@ -133,10 +145,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     @kopf.on.event("batch", "v1", "jobs", id="child_job_event", labels=children, registry=registry)
     @metrics.instrumented("child_job_event")
-    async def child_job_event(namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, **_: Any) -> None:
+    async def child_job_event(namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+                              **_: Any) -> None:
         parent = labels[LABEL_JOB_NAME]
         try:
-            await run(namespace, parent, sft_jobs, sft_pods)
+            await run(namespace, parent, sft_jobs, sft_pods, sft_objects)
         except Exception as e:  # event handlers are not retried: the timer resyncs
             log.warning("reconciling %s/%s after a Job event: %s: %s", namespace, parent, type(e).__name__, e)
             raise

@@ -108,6 +108,24 @@ def slim_job(body: Any) -> Obj:
     }
 
 
+def slim_sftjob(body: Any) -> Obj:
+    """The SFTJob as last seen by the watch: reconciles start from it instead of a GET (a stale copy is caught
+    by the resourceVersion precondition of the status patch, and then re-read)."""
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            k: json.loads(json.dumps(meta.get(k)))
+            for k in ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "creationTimestamp",
+                      "deletionTimestamp")
+            if meta.get(k) is not None
+        },
+        "spec": json.loads(json.dumps(dict(body.get("spec") or {}))),
+        "status": json.loads(json.dumps(dict(body.get("status") or {}))),
+    }
+
+
 def slim_pod(body: Any) -> Obj:
     meta = body.get("metadata", {})
     status = body.get("status") or {}
@@ -179,18 +197,25 @@ class Reconciler:
 
     # ---- entry point ---------------------------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str, snap: Snapshot, tick: bool = False) -> str | None:
-        """Bring one SFTJob one step closer to its goal; returns the phase written (None: object gone)."""
+    def reconcile(self, namespace: str, name: str, snap: Snapshot, tick: bool = False,
+                  seen: Obj | None = None) -> str | None:
+        """Bring one SFTJob one step closer to its goal; returns the phase written (None: object gone).
+
+        `seen` is the SFTJob as the watch last delivered it; without it (or when it proves stale) it is read.
+        """
         with self.lock(namespace, name):
+            body = seen
             for attempt in range(4):
-                body = self.kube.get_sftjob(namespace, name)
+                if body is None:
+                    body = self.kube.get_sftjob(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     return None
                 try:
                     return self._reconcile(body, snap, tick)
                 except ApiException as e:
                     if e.status == 409 and attempt < 3:
-                        continue  # our view was stale (resourceVersion): read again
+                        body = None  # our view was stale (resourceVersion): read it again
+                        continue
                     raise
         return None
 

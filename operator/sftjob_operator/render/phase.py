@@ -34,6 +34,7 @@ R_QUEUED = "Queued"
 R_PODS_PENDING = "PodsPending"
 R_PODS_RUNNING = "PodsRunning"
 R_RESTARTING = "Restarting"
+R_FINISHING = "Finishing"
 R_SUSPENDED = "Suspended"
 R_EVAL_RUNNING = "EvalRunning"
 R_MERGE_RUNNING = "MergeRunning"
@@ -121,13 +122,16 @@ def next_phase(obs: Observed) -> Decision:
                 R_PODS_RUNNING,
                 f"{max(obs.running_train_pods, train.ready)}/{train.completions} trainer pod(s) running",
             )
-        if obs.phase == TRAINING:
+        if obs.phase == TRAINING and train.failed > 0:
             # A retryable failure: the Job controller is replacing the pod; training resumes from a checkpoint.
             return Decision(
                 TRAINING,
                 R_RESTARTING,
                 f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
             )
+        if obs.phase == TRAINING:
+            # Pods finished; the Job controller has not marked the Job complete yet.
+            return Decision(TRAINING, R_FINISHING, "trainer pod(s) finished; waiting for the Job to complete")
         return Decision(PENDING, R_PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start")
 
     # Training is complete.
