@@ -158,6 +158,9 @@ class Cluster:
                 "--controllers=*",
                 "--node-monitor-grace-period=40s",
                 "--concurrent-job-syncs=5",
+                # Client-side default is 20 QPS: too few when a test creates hundreds of Jobs.
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
             ],
         )
         self._spawn("kube-scheduler", [str(bins["kube-scheduler"]), *common, f"--secure-port={sched_port}"])
