@@ -112,7 +112,9 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
             marks.append((time.perf_counter(), counted["tokens"]))
 
     cfg = SFTConfig(output_dir=os.path.join(tmp, "trl"), per_device_train_batch_size=BATCH, max_steps=steps,
-                    learning_rate=LR, max_length=MAX_LEN, packing=mode == "trl_packing",
+                    learning_rate=LR,
+                    # TRL refuses max_length with padding_free alone; no sample here exceeds MAX_LEN anyway
+                    max_length=None if mode == "trl_padding_free" else MAX_LEN, packing=mode == "trl_packing",
                     padding_free=mode == "trl_padding_free", gradient_checkpointing=gc, use_cpu=True,
                     report_to=[], save_strategy="no", logging_steps=1, lr_scheduler_type="constant",
                     dataloader_num_workers=0, seed=42)
