@@ -34,6 +34,7 @@ GPUS_PER_NODE = 8
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 POOL_LABEL = "sftjob.dev/node-pool"
 POOL = "gpu-h100"
+POD_CIDR = "127.20.0.0/16"  # kwok-stages.yaml: one pool from 127.20.0.1 (kwok-wide, unique across nodes)
 SERVICE_CIDR = "10.0.0.0/24"  # only allocated, never dialled: no kube-proxy runs
 
 
@@ -88,8 +89,6 @@ def gpu_node(i: int) -> dict[str, Any]:
                 "nvidia.com/gpu.count": str(GPUS_PER_NODE),
             },
         },
-        # Pod IPs come from this range: a test can serve a "pod's" /metrics on the very address kwok gave it.
-        "spec": {"podCIDR": f"127.20.{i}.0/24", "podCIDRs": [f"127.20.{i}.0/24"]},
         "status": {
             "capacity": resources,
             "allocatable": resources,
