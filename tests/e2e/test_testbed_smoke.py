@@ -172,6 +172,23 @@ def test_exit_code_annotation_fails_the_pod_and_matches_pod_failure_policy(kube,
     assert cs["state"]["terminated"]["exitCode"] == 42
 
 
+@pytest.mark.parametrize(("code", "phase"), [("0", "Succeeded"), ("3", "Failed")])
+def test_exit_code_annotation_on_a_bare_two_container_pod(kube, namespace, code, phase):
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {"kwok.sftjob.dev/exit-code": code}},
+        "spec": {"restartPolicy": "Never", "containers": [container(name="a"), container(gpus=0, name="b")]},
+    }
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    kube.kubectl(
+        "wait", "-n", namespace, f"--for=jsonpath={{.status.phase}}={phase}", "pod/p", "--timeout=30s"
+    )
+    statuses = kube.get_json("pod/p", "-n", namespace)["status"]["containerStatuses"]
+    assert sorted(c["name"] for c in statuses) == ["a", "b"]
+    assert all(c["state"]["terminated"]["exitCode"] == int(code) for c in statuses)
+
+
 def test_too_many_gpus_stays_pending_unschedulable(kube, namespace):
     pod = {
         "apiVersion": "v1",
