@@ -189,6 +189,25 @@ def test_exit_code_annotation_on_a_bare_two_container_pod(kube, namespace, code,
     assert all(c["state"]["terminated"]["exitCode"] == int(code) for c in statuses)
 
 
+def test_garbage_collector_deletes_the_pods_of_a_deleted_job(kube, namespace):
+    kube.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("long", 2, 1, annotations={"kwok.sftjob.dev/delay": "10m"}),
+    )
+    kube.kubectl(
+        "wait", "-n", namespace, "--for=jsonpath={.status.phase}=Running", "pod", "-l", "job-name=long",
+        "--timeout=30s",
+    )  # fmt: skip
+    assert len(pods(kube, namespace, "job-name=long")) == 2
+    kube.kubectl("delete", "-n", namespace, "job/long", "--cascade=background")
+    kube.kubectl("wait", "-n", namespace, "--for=delete", "pod", "-l", "job-name=long", "--timeout=30s")
+    assert pods(kube, namespace, "job-name=long") == []
+
+
 def test_too_many_gpus_stays_pending_unschedulable(kube, namespace):
     pod = {
         "apiVersion": "v1",
