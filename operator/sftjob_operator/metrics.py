@@ -127,6 +127,10 @@ def instrumented(name: str) -> Callable[[F], F]:
     """Count invocations, errors and duration of a (sync or async) handler under `name`."""
 
     def wrap(fn: F) -> F:
+        # Create the labelled series now, so that dashboards and alerts see 0 rather than nothing.
+        HANDLER_INVOCATIONS.labels(handler=name)
+        HANDLER_ERRORS.labels(handler=name)
+        HANDLER_DURATION.labels(handler=name)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
