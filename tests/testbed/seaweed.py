@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,20 @@ def make_client(endpoint_url: str, access_key: str, secret_key: str, region: str
     )
 
 
+def _port_with_free_twin(offset: int) -> int:
+    """A free port p such that p + offset is free too."""
+    for _ in range(100):
+        p = free_port()
+        if p + offset < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind((LOOPBACK, p + offset))
+                except OSError:
+                    continue
+            return p
+    raise RuntimeError(f"no free port pair {offset} apart on {LOOPBACK}")
+
+
 class SeaweedServer:
     """One `weed mini` process (master + volume + filer + S3) with a credentials file."""
 
@@ -90,6 +105,7 @@ class SeaweedServer:
         )
         # Explicit ports for every listener (gRPC would default to port+10000, maybe taken),
         # loopback binds, and no telemetry: without these it binds a public address and phones home.
+        admin_port = _port_with_free_twin(10000)
         ports = {
             "master.port": free_port(),
             "master.port.grpc": free_port(),
@@ -101,8 +117,9 @@ class SeaweedServer:
             "s3.port.grpc": free_port(),
             "s3.port.iceberg": free_port(),
             "s3.port.lance": free_port(),
-            "admin.port": free_port(),
-            "admin.port.grpc": free_port(),
+            # weed's built-in worker dials the admin gRPC at admin.port + 10000 whatever admin.port.grpc says.
+            "admin.port": admin_port,
+            "admin.port.grpc": admin_port + 10000,
             "webdav.port": free_port(),
         }
         argv = [
