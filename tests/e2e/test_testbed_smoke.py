@@ -110,6 +110,35 @@ def test_indexed_job_completes_with_one_full_node_per_index(kube, namespace):
         assert state["exitCode"] == 0
 
 
+def test_plain_job_without_annotations_completes(kube, namespace):
+    plain = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "plain"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {"spec": {"restartPolicy": "Never", "containers": [container(gpus=0)]}},
+        },
+    }
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(plain))
+    kube.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/plain", "--timeout=60s")
+
+
+def test_message_annotation_becomes_the_termination_message(kube, namespace):
+    message = '{"eval_loss": 1.5}'
+    kube.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("eval", 1, 1, annotations={"kwok.sftjob.dev/message": message}),
+    )
+    kube.kubectl("wait", "-n", namespace, "--for=condition=Complete", "job/eval", "--timeout=60s")
+    [pod] = pods(kube, namespace, "job-name=eval")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == message
+
+
 def test_delay_annotation_keeps_the_pod_running(kube, namespace):
     kube.kubectl(
         "apply",
@@ -177,7 +206,10 @@ def test_exit_code_annotation_on_a_bare_two_container_pod(kube, namespace, code,
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "p", "annotations": {"kwok.sftjob.dev/exit-code": code}},
+        "metadata": {
+            "name": "p",
+            "annotations": {"kwok.sftjob.dev/exit-code": code, "kwok.sftjob.dev/message": f"exit {code}"},
+        },
         "spec": {"restartPolicy": "Never", "containers": [container(name="a"), container(gpus=0, name="b")]},
     }
     kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
@@ -187,6 +219,7 @@ def test_exit_code_annotation_on_a_bare_two_container_pod(kube, namespace, code,
     statuses = kube.get_json("pod/p", "-n", namespace)["status"]["containerStatuses"]
     assert sorted(c["name"] for c in statuses) == ["a", "b"]
     assert all(c["state"]["terminated"]["exitCode"] == int(code) for c in statuses)
+    assert all(c["state"]["terminated"]["message"] == f"exit {code}" for c in statuses)
 
 
 def test_garbage_collector_deletes_the_pods_of_a_deleted_job(kube, namespace):
