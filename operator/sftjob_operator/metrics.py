@@ -72,25 +72,33 @@ for _phase in ALL_PHASES:
 
 
 class PhaseBook:
-    """Phase (and Stuck) of every SFTJob seen, by uid; feeds sftjob_operator_jobs{phase} and the per-job
-    series sftjob_operator_job_phase{namespace,sftjob,phase} == 1 and sftjob_operator_job_stuck, which the
-    chart's alert rules and dashboards use. Per-job series vanish when the SFTJob is deleted."""
+    """Phase, Stuck and eval loss of every SFTJob seen, by uid; feeds sftjob_operator_jobs{phase} and the
+    per-job series sftjob_operator_job_phase{namespace,sftjob,phase} == 1, sftjob_operator_job_stuck and
+    sftjob_operator_job_eval_loss, which the chart's alert rules and dashboards use. Per-job series vanish
+    when the SFTJob is deleted."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._jobs: dict[str, tuple[str, str, str, bool]] = {}  # uid -> (namespace, name, phase, stuck)
+        # uid -> (namespace, name, phase, stuck, eval loss)
+        self._jobs: dict[str, tuple[str, str, str, bool, float | None]] = {}
 
     def set(
-        self, uid: str, phase: str | None, namespace: str = "", name: str = "", stuck: bool = False
+        self,
+        uid: str,
+        phase: str | None,
+        namespace: str = "",
+        name: str = "",
+        stuck: bool = False,
+        eval_loss: float | None = None,
     ) -> None:
         with self._lock:
             if phase is None:
                 self._jobs.pop(uid, None)
             else:
-                self._jobs[uid] = (namespace, name, phase, stuck)
+                self._jobs[uid] = (namespace, name, phase, stuck, eval_loss)
             counts = {p: 0 for p in ALL_PHASES}
-            for _, _, p, _ in self._jobs.values():
-                counts[p] = counts.get(p, 0) + 1
+            for job in self._jobs.values():
+                counts[job[2]] = counts.get(job[2], 0) + 1
         for p, n in counts.items():
             JOBS.labels(phase=p).set(n)
 
@@ -107,11 +115,19 @@ class PhaseBook:
             "1 while the SFTJob's Stuck condition is True.",
             labels=["namespace", "sftjob"],
         )
-        for ns, name, p, is_stuck in jobs:
+        eval_loss = GaugeMetricFamily(
+            "sftjob_operator_job_eval_loss",
+            "Held-out loss reported by the SFTJob's evaluation stage.",
+            labels=["namespace", "sftjob"],
+        )
+        for ns, name, p, is_stuck, loss in jobs:
             phase.add_metric([ns, name, p], 1.0)
             stuck.add_metric([ns, name], 1.0 if is_stuck else 0.0)
+            if loss is not None:
+                eval_loss.add_metric([ns, name], loss)
         yield phase
         yield stuck
+        yield eval_loss
 
     def describe(self) -> list[Metric]:
         return []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,8 +31,15 @@ def sftjob_crd(kube: Any) -> Any:
 class Operator:
     """`python -m sftjob_operator` watching one namespace of the test bed; killable, restartable."""
 
-    def __init__(self, kube: Any, namespace: str, *extra: str, progress_interval: float = 1.0,
-                 trainer_metrics_port: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        kube: Any,
+        namespace: str,
+        *extra: str,
+        progress_interval: float = 1.0,
+        trainer_metrics_port: int | None = None,
+        name: str | None = None,
+    ):
         self.kube = kube
         self.namespace = namespace
         self.extra = list(extra)
@@ -47,14 +55,27 @@ class Operator:
         self.metrics_port, self.health_port = free_port(), free_port()
         self.starts += 1
         argv = [
-            sys.executable, "-m", "sftjob_operator",
-            "--kubeconfig", str(self.kube.kubeconfig),
-            "--namespace", self.namespace,
-            "--progress-interval", str(self.progress_interval),
-            "--trainer-metrics-port", str(self.trainer_metrics_port),
-            "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-            "--health-address", "127.0.0.1", "--health-port", str(self.health_port),
-            "--default-image", "registry.invalid/sftjob-trainer:test",
+            sys.executable,
+            "-m",
+            "sftjob_operator",
+            "--kubeconfig",
+            str(self.kube.kubeconfig),
+            "--namespace",
+            self.namespace,
+            "--progress-interval",
+            str(self.progress_interval),
+            "--trainer-metrics-port",
+            str(self.trainer_metrics_port),
+            "--metrics-address",
+            "127.0.0.1",
+            "--metrics-port",
+            str(self.metrics_port),
+            "--health-address",
+            "127.0.0.1",
+            "--health-port",
+            str(self.health_port),
+            "--default-image",
+            "registry.invalid/sftjob-trainer:test",
             *self.extra,
         ]
         if "--peering-name" not in self.extra:
@@ -92,10 +113,9 @@ class Operator:
                 r = self.kube.kubectl("get", "sftjobs", "-n", self.namespace, "-o", "name", check=False)
                 return r.returncode == 0 and not r.stdout.strip()
 
-            try:
+            # best effort: a namespace left Terminating is harmless in the throwaway test bed
+            with contextlib.suppress(TimeoutError):
                 wait_until(none_left, 30, "SFTJobs deleted", interval=0.5)
-            except TimeoutError:
-                pass  # best effort: a namespace left Terminating is harmless in the throwaway test bed
         if self.proc is not None:
             self.proc.stop()
 
@@ -127,7 +147,9 @@ def start_operator(sftjob_crd: Any, namespace: str) -> Iterator[Callable[..., Op
 # ---- helpers used by the tests ------------------------------------------------------------------------------
 
 
-def sftjob(name: str, delay: str = "1s", exit_code: int | None = None, gpus: int = 1, **spec: Any) -> dict[str, Any]:
+def sftjob(
+    name: str, delay: str = "1s", exit_code: int | None = None, gpus: int = 1, **spec: Any
+) -> dict[str, Any]:
     """A small SFTJob whose KWOK pods run `delay` then exit with `exit_code` (annotations)."""
     annotations = {"kwok.sftjob.dev/delay": delay}
     if exit_code is not None:
@@ -143,12 +165,23 @@ def sftjob(name: str, delay: str = "1s", exit_code: int | None = None, gpus: int
             body[key] = {**body[key], **value}
         else:
             body[key] = value
-    return {"apiVersion": "sft.tuning.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": name}, "spec": body}
+    return {
+        "apiVersion": "sft.tuning.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
 
 
 def apply(kube: Any, namespace: str, *objs: dict[str, Any]) -> None:
-    kube.kubectl("apply", "-n", namespace, "-f", "-",
-                 input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}))
+    kube.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objs)}),
+    )
 
 
 def get(kube: Any, namespace: str, name: str) -> dict[str, Any]:
@@ -164,8 +197,14 @@ def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
 
 
-def wait_phase(kube: Any, namespace: str, name: str, phases: str | tuple[str, ...], timeout: float = 90,
-               op: Operator | None = None) -> dict[str, Any]:
+def wait_phase(
+    kube: Any,
+    namespace: str,
+    name: str,
+    phases: str | tuple[str, ...],
+    timeout: float = 90,
+    op: Operator | None = None,
+) -> dict[str, Any]:
     wanted = (phases,) if isinstance(phases, str) else phases
     seen: list[str] = []
 
@@ -179,8 +218,9 @@ def wait_phase(kube: Any, namespace: str, name: str, phases: str | tuple[str, ..
         return wait_until(check, timeout, f"{namespace}/{name} phase in {wanted}", interval=0.3)
     except TimeoutError as e:
         detail = json.dumps(status(kube, namespace, name), indent=1)
-        raise AssertionError(f"{e}\nphases seen: {seen}\nstatus: {detail}\noperator log:\n"
-                             f"{op.log() if op else ''}") from None
+        raise AssertionError(
+            f"{e}\nphases seen: {seen}\nstatus: {detail}\noperator log:\n{op.log() if op else ''}"
+        ) from None
 
 
 def jobs(kube: Any, namespace: str) -> list[dict[str, Any]]:
@@ -192,8 +232,13 @@ def pods(kube: Any, namespace: str, selector: str = "sft.tuning.dev/job-name") -
 
 
 def events(kube: Any, namespace: str, name: str) -> list[dict[str, Any]]:
-    items = kube.get_json("events", "-n", namespace, "--field-selector",
-                          f"involvedObject.kind=SFTJob,involvedObject.name={name}")["items"]
+    items = kube.get_json(
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=SFTJob,involvedObject.name={name}",
+    )["items"]
     return sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))
 
 

@@ -59,13 +59,24 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     took = done()
     assert st["reason"] == "Succeeded"
     assert st["observedGeneration"] == get(kube, namespace, "happy")["metadata"]["generation"]
-    for ctype, want in (("Created", "True"), ("Training", "False"), ("Evaluated", "True"), ("Merged", "True"),
-                        ("Succeeded", "True"), ("Failed", "False")):
+    for ctype, want in (
+        ("Created", "True"),
+        ("Training", "False"),
+        ("Evaluated", "True"),
+        ("Merged", "True"),
+        ("Succeeded", "True"),
+        ("Failed", "False"),
+    ):
         assert condition(st, ctype)["status"] == want, (ctype, st["conditions"])
         assert condition(st, ctype)["lastTransitionTime"]
     assert condition(st, "Training")["reason"] == "TrainingCompleted"
-    assert st["children"] == {"configMap": "happy-config", "service": "happy-train", "trainJob": "happy-train",
-                              "evalJob": "happy-eval", "mergeJob": "happy-merge"}
+    assert st["children"] == {
+        "configMap": "happy-config",
+        "service": "happy-train",
+        "trainJob": "happy-train",
+        "evalJob": "happy-eval",
+        "mergeJob": "happy-merge",
+    }
     assert st["artifacts"]["adapter"] == f"s3://artifacts/sft/{namespace}/happy/adapter/"
     assert st["trainingStartTime"] and st["completionTime"] and st["restarts"] == 0
     stages = sorted(j["metadata"]["labels"]["sft.tuning.dev/stage"] for j in jobs(kube, namespace))
@@ -73,8 +84,12 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
 
     # An Event on every transition, in order.
     assert transition_messages(kube, namespace, "happy") == [
-        "New -> Pending", "Pending -> Training", "Training -> Evaluating", "Evaluating -> Merging",
-        "Merging -> Succeeded"]
+        "New -> Pending",
+        "Pending -> Training",
+        "Training -> Evaluating",
+        "Evaluating -> Merging",
+        "Merging -> Succeeded",
+    ]
 
     # Operator metrics and health.
     text = operator.metrics()
@@ -90,7 +105,9 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     print(f"happy path took {took:.1f}s")
 
 
-def test_permanent_exit_code_fails_without_retries(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
+def test_permanent_exit_code_fails_without_retries(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
     kube = sftjob_crd
     apply(kube, namespace, sftjob("perm", exit_code=2, runPolicy={"backoffLimit": 3}))
     st = wait_phase(kube, namespace, "perm", ("Failed", "Succeeded"), 60, operator)
@@ -106,15 +123,27 @@ def test_permanent_exit_code_fails_without_retries(sftjob_crd: Any, namespace: s
     assert any(e["reason"] == "TrainingFailed" for e in warnings)
 
 
-def test_retryable_exit_code_is_retried_then_succeeds(sftjob_crd: Any, namespace: str,
-                                                      operator: Operator) -> None:
+def test_retryable_exit_code_is_retried_then_succeeds(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
     """The first trainer pod exits 1 (retryable: KWOK is told so on that pod only); the replacement succeeds."""
     kube = sftjob_crd
     apply(kube, namespace, sftjob("retry", delay="4s", eval={"enabled": False}, merge={"enabled": False}))
-    first = wait_until(lambda: next((p for p in pods(kube, namespace)
-                                     if p["status"].get("phase") == "Running"), None), 60, "first trainer pod")
-    kube.kubectl("annotate", "pod", first["metadata"]["name"], "-n", namespace,
-                 "kwok.sftjob.dev/exit-code=1", "kwok.sftjob.dev/delay=0s", "--overwrite")
+    first = wait_until(
+        lambda: next((p for p in pods(kube, namespace) if p["status"].get("phase") == "Running"), None),
+        60,
+        "first trainer pod",
+    )
+    kube.kubectl(
+        "annotate",
+        "pod",
+        first["metadata"]["name"],
+        "-n",
+        namespace,
+        "kwok.sftjob.dev/exit-code=1",
+        "kwok.sftjob.dev/delay=0s",
+        "--overwrite",
+    )
     st = wait_phase(kube, namespace, "retry", ("Succeeded", "Failed"), 90, operator)
     assert st["phase"] == "Succeeded", st
     assert st["restarts"] == 1
@@ -133,12 +162,20 @@ def test_backoff_limit_exceeded(sftjob_crd: Any, namespace: str, operator: Opera
     assert kube.get_json("job", "backoff-train", "-n", namespace)["status"]["failed"] == 2
 
 
-def test_stuck_pending_on_unsatisfiable_gpu_request(sftjob_crd: Any, namespace: str,
-                                                    operator: Operator) -> None:
+def test_stuck_pending_on_unsatisfiable_gpu_request(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
     kube = sftjob_crd
-    apply(kube, namespace, sftjob(
-        "stuck", gpus=16, training={"microBatchSize": 1, "globalBatchSize": 16},
-        runPolicy={"stuckPendingTimeoutSeconds": 10, "failWhenStuckSeconds": 10}))
+    apply(
+        kube,
+        namespace,
+        sftjob(
+            "stuck",
+            gpus=16,
+            training={"microBatchSize": 1, "globalBatchSize": 16},
+            runPolicy={"stuckPendingTimeoutSeconds": 10, "failWhenStuckSeconds": 10},
+        ),
+    )
 
     def stuck() -> dict[str, Any] | None:
         st = status(kube, namespace, "stuck")
@@ -153,23 +190,33 @@ def test_stuck_pending_on_unsatisfiable_gpu_request(sftjob_crd: Any, namespace: 
     st = wait_phase(kube, namespace, "stuck", "Failed", 60, operator)
     assert st["reason"] == "Stuck" and "Insufficient nvidia.com/gpu" in st["message"]
     # A failed run stops its Pending pods.
-    wait_until(lambda: kube.get_json("job", "stuck-train", "-n", namespace)["spec"]["suspend"], 30,
-               "train Job suspended after Failed/Stuck")
+    wait_until(
+        lambda: kube.get_json("job", "stuck-train", "-n", namespace)["spec"]["suspend"],
+        30,
+        "train Job suspended after Failed/Stuck",
+    )
 
 
 def test_suspend_and_resume(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
     kube = sftjob_crd
     apply(kube, namespace, sftjob("pause", delay="6s", eval={"enabled": False}, merge={"enabled": False}))
     wait_phase(kube, namespace, "pause", "Training", 60, operator)
-    kube.kubectl("patch", "sftjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    kube.kubectl(
+        "patch", "sftjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
     st = wait_phase(kube, namespace, "pause", "Suspended", 30, operator)
     assert condition(st, "Suspended")["status"] == "True"
     assert kube.get_json("job", "pause-train", "-n", namespace)["spec"]["suspend"] is True
-    wait_until(lambda: not [p for p in pods(kube, namespace) if p["status"].get("phase") in ("Running", "Pending")],
-               30, "trainer pods gone while suspended")
+    wait_until(
+        lambda: not [p for p in pods(kube, namespace) if p["status"].get("phase") in ("Running", "Pending")],
+        30,
+        "trainer pods gone while suspended",
+    )
     time.sleep(2)
     assert status(kube, namespace, "pause")["phase"] == "Suspended"
-    kube.kubectl("patch", "sftjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    kube.kubectl(
+        "patch", "sftjob", "pause", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
     st = wait_phase(kube, namespace, "pause", "Succeeded", 60, operator)
     assert condition(st, "Suspended")["status"] == "False"
     assert condition(st, "Suspended")["reason"] == "Resumed"
@@ -186,8 +233,10 @@ def test_deletion_cascades_to_children(sftjob_crd: Any, namespace: str, operator
     kube.kubectl("delete", "sftjob", "gone", "-n", namespace, "--wait=true", "--timeout=30s")
 
     def all_gone() -> bool:
-        left = [kube.kubectl("get", kind, "-n", namespace, "-l", "sft.tuning.dev/job-name", "-o", "name").stdout
-                for kind in ("jobs", "pods", "services", "configmaps")]
+        left = [
+            kube.kubectl("get", kind, "-n", namespace, "-l", "sft.tuning.dev/job-name", "-o", "name").stdout
+            for kind in ("jobs", "pods", "services", "configmaps")
+        ]
         return not "".join(left).strip()
 
     wait_until(all_gone, 60, "garbage collector deleting Jobs, pods, Service and ConfigMap")
@@ -219,8 +268,9 @@ def test_invalid_spec_rejected_by_api_server(sftjob_crd: Any, namespace: str) ->
     assert "spec.training.microBatchSize" in r.stderr, r.stderr
 
 
-def test_operator_only_invalid_spec_ends_failed_invalid_spec(sftjob_crd: Any, namespace: str,
-                                                             operator: Operator) -> None:
+def test_operator_only_invalid_spec_ends_failed_invalid_spec(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
     kube = sftjob_crd
     job = sftjob("local")
     job["spec"]["output"] = {"uri": "./runs"}  # fine for `sftjob run`, meaningless in a cluster
@@ -230,12 +280,15 @@ def test_operator_only_invalid_spec_ends_failed_invalid_spec(sftjob_crd: Any, na
     assert st["message"].startswith("spec.output.uri:")
     assert condition(st, "Failed")["reason"] == "InvalidSpec"
     assert jobs(kube, namespace) == []
-    assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events(kube, namespace, "local"))
+    assert any(
+        e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events(kube, namespace, "local")
+    )
     assert operator.proc is not None and operator.proc.alive()
 
 
-def test_kueue_queue_label_creates_suspended_children(sftjob_crd: Any, namespace: str,
-                                                      operator: Operator) -> None:
+def test_kueue_queue_label_creates_suspended_children(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
     """Without Kueue in the test bed, the test admits each Job the way Kueue does: suspend=false."""
     kube = sftjob_crd
     job = sftjob("queued", merge={"enabled": False})
@@ -249,22 +302,70 @@ def test_kueue_queue_label_creates_suspended_children(sftjob_crd: Any, namespace
     assert train["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     time.sleep(2)
     assert not pods(kube, namespace)
-    assert kube.get_json("job", "queued-train", "-n", namespace)["spec"]["suspend"] is True  # not ours to lift
+    assert (
+        kube.get_json("job", "queued-train", "-n", namespace)["spec"]["suspend"] is True
+    )  # not ours to lift
     for stage in ("train", "eval"):
-        wait_until(lambda s=stage: kube.kubectl("get", "job", f"queued-{s}", "-n", namespace,
-                                                check=False).returncode == 0, 60, f"{stage} Job")
-        kube.kubectl("patch", "job", f"queued-{stage}", "-n", namespace, "--type=merge",
-                     "-p", '{"spec":{"suspend":false}}')
+        wait_until(
+            lambda s=stage: (
+                kube.kubectl("get", "job", f"queued-{s}", "-n", namespace, check=False).returncode == 0
+            ),
+            60,
+            f"{stage} Job",
+        )
+        kube.kubectl(
+            "patch",
+            "job",
+            f"queued-{stage}",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            '{"spec":{"suspend":false}}',
+        )
     st = wait_phase(kube, namespace, "queued", ("Succeeded", "Failed"), 60, operator)
     assert st["phase"] == "Succeeded", st
 
 
 def test_ttl_deletes_children_keeps_sftjob(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
     kube = sftjob_crd
-    apply(kube, namespace, sftjob("brief", eval={"enabled": False}, merge={"enabled": False},
-                                  runPolicy={"ttlSecondsAfterFinished": 1}))
+    apply(
+        kube,
+        namespace,
+        sftjob(
+            "brief",
+            eval={"enabled": False},
+            merge={"enabled": False},
+            runPolicy={"ttlSecondsAfterFinished": 1},
+        ),
+    )
     wait_phase(kube, namespace, "brief", "Succeeded", 60, operator)
     wait_until(lambda: not jobs(kube, namespace), 30, "children deleted after the TTL")
     st = status(kube, namespace, "brief")
     assert st["phase"] == "Succeeded"  # the SFTJob and its status stay
     assert any(e["reason"] == "TTLExpired" for e in events(kube, namespace, "brief"))
+
+
+def test_eval_gate_failed_from_reported_results(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
+    """The eval pod reports its results as a JSON termination message (KWOK sets it from an annotation);
+    the operator records them and, with a gate that does not hold, ends Failed/EvalGateFailed without merging."""
+    kube = sftjob_crd
+    annotations = {"kwok.sftjob.dev/delay": "1s", "kwok.sftjob.dev/message": json.dumps({"evalLoss": 1.25})}
+    apply(
+        kube,
+        namespace,
+        sftjob(
+            "gated",
+            resources={"gpusPerNode": 1, "podAnnotations": annotations},
+            eval={"gates": {"maxEvalLoss": 1.0}, "metrics": ["loss"]},
+        ),
+    )
+    st = wait_phase(kube, namespace, "gated", ("Failed", "Succeeded"), 90, operator)
+    assert (st["phase"], st["reason"]) == ("Failed", "EvalGateFailed"), st
+    assert "maxEvalLoss: 1.25 > 1" in st["message"]
+    assert st["evalResults"]["evalLoss"] == 1.25 and st["evalResults"]["gatesPassed"] is False
+    assert condition(st, "Evaluated")["status"] == "False"
+    assert sorted(j["metadata"]["name"] for j in jobs(kube, namespace)) == ["gated-eval", "gated-train"]
+    assert (
+        f'sftjob_operator_job_eval_loss{{namespace="{namespace}",sftjob="gated"}} 1.25' in operator.metrics()
+    )

@@ -66,10 +66,15 @@ def test_full_happy_path() -> None:
     assert decide(train=DONE, eval=job("x-eval", active=1)).phase == "Evaluating"
     d = decide(train=DONE, eval=job("x-eval", complete=True), gate_failures=())
     assert (d.phase, d.reason) == ("Merging", "MergeRunning")
-    assert decide(train=DONE, eval=job("x-eval", complete=True), gate_failures=(),
-                  merge=job("x-merge", active=1)).phase == "Merging"
-    d = decide(train=DONE, eval=job("x-eval", complete=True), gate_failures=(),
-               merge=job("x-merge", complete=True))
+    assert (
+        decide(
+            train=DONE, eval=job("x-eval", complete=True), gate_failures=(), merge=job("x-merge", active=1)
+        ).phase
+        == "Merging"
+    )
+    d = decide(
+        train=DONE, eval=job("x-eval", complete=True), gate_failures=(), merge=job("x-merge", complete=True)
+    )
     assert (d.phase, d.reason) == ("Succeeded", "Succeeded")
 
 
@@ -80,12 +85,15 @@ def test_eval_and_merge_skipped_when_disabled() -> None:
     assert decide(train=DONE, eval=job(complete=True), merge_enabled=False).phase == "Succeeded"
 
 
-@pytest.mark.parametrize(("k8s_reason", "reason"), [
-    ("PodFailurePolicy", "TrainingFailed"),
-    ("BackoffLimitExceeded", "BackoffLimitExceeded"),
-    ("DeadlineExceeded", "DeadlineExceeded"),
-    ("SomethingNew", "TrainingFailed"),
-])
+@pytest.mark.parametrize(
+    ("k8s_reason", "reason"),
+    [
+        ("PodFailurePolicy", "TrainingFailed"),
+        ("BackoffLimitExceeded", "BackoffLimitExceeded"),
+        ("DeadlineExceeded", "DeadlineExceeded"),
+        ("SomethingNew", "TrainingFailed"),
+    ],
+)
 def test_training_failures(k8s_reason: str, reason: str) -> None:
     d = decide(train=job(failed=1, failed_reason=k8s_reason, failed_message="boom"))
     assert (d.phase, d.reason) == ("Failed", reason)
@@ -99,7 +107,9 @@ def test_eval_merge_gate_failures() -> None:
     # the trainer's eval exits EVAL_GATE_FAILED (a FailJob code): the Job fails by PodFailurePolicy
     d = decide(train=DONE, eval=job(failed_reason="PodFailurePolicy"), eval_gate_exit="maxEvalLoss: 2.5 > 2")
     assert (d.phase, d.reason) == ("Failed", "EvalGateFailed") and "maxEvalLoss: 2.5 > 2" in d.message
-    d = decide(train=DONE, eval=job(complete=True), gate_failures=(), merge=job(failed_reason="PodFailurePolicy"))
+    d = decide(
+        train=DONE, eval=job(complete=True), gate_failures=(), merge=job(failed_reason="PodFailurePolicy")
+    )
     assert (d.phase, d.reason) == ("Failed", "MergeFailed")
 
 
@@ -151,44 +161,96 @@ def test_gates() -> None:
     assert ph.evaluate_gates(res, max_eval_loss=3.0, min_rouge_l=0.2) == ()
     f = ph.evaluate_gates(res, max_eval_loss=2.0, min_rouge_l=0.35, min_exact_match=0.5)
     assert f == ("maxEvalLoss: 2.5 > 2", "minRougeL: 0.3 < 0.35")
-    assert ph.evaluate_gates(None, max_perplexity=5) == ("maxPerplexity: perplexity not reported by the evaluation",)
+    assert ph.evaluate_gates(None, max_perplexity=5) == (
+        "maxPerplexity: perplexity not reported by the evaluation",
+    )
 
 
 # ---- observe ----------------------------------------------------------------------------------------------
 
 
 def test_observe_job_conditions() -> None:
-    j = observe_job({"metadata": {"name": "a"}, "spec": {"completions": 2, "suspend": False},
-                     "status": {"active": 2, "ready": 1, "failed": 1, "startTime": "2026-01-01T00:00:00Z"}})
+    j = observe_job(
+        {
+            "metadata": {"name": "a"},
+            "spec": {"completions": 2, "suspend": False},
+            "status": {"active": 2, "ready": 1, "failed": 1, "startTime": "2026-01-01T00:00:00Z"},
+        }
+    )
     assert (j.active, j.ready, j.failed, j.completions, j.finished) == (2, 1, 1, 2, False)
-    j = observe_job({"metadata": {"name": "a"}, "status": {"conditions": [
-        {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy", "message": "exit 2"},
-        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}]}})
+    j = observe_job(
+        {
+            "metadata": {"name": "a"},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "FailureTarget",
+                        "status": "True",
+                        "reason": "PodFailurePolicy",
+                        "message": "exit 2",
+                    },
+                    {
+                        "type": "Failed",
+                        "status": "True",
+                        "reason": "PodFailurePolicy",
+                        "message": "exit code 2",
+                    },
+                ]
+            },
+        }
+    )
     assert j.failed_reason == "PodFailurePolicy" and j.failed_message == "exit code 2" and not j.complete
-    j = observe_job({"metadata": {"name": "a"}, "status": {"conditions": [
-        {"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}})
+    j = observe_job(
+        {
+            "metadata": {"name": "a"},
+            "status": {
+                "conditions": [
+                    {"type": "SuccessCriteriaMet", "status": "True"},
+                    {"type": "Complete", "status": "True"},
+                ]
+            },
+        }
+    )
     assert j.complete and j.finished
-    j = observe_job({"metadata": {"name": "a"}, "status": {"conditions": [
-        {"type": "Complete", "status": "False"}]}})
+    j = observe_job(
+        {"metadata": {"name": "a"}, "status": {"conditions": [{"type": "Complete", "status": "False"}]}}
+    )
     assert not j.complete
 
 
 def test_observe_pod() -> None:
-    p = observe_pod({
-        "metadata": {"name": "p", "labels": {"sft.tuning.dev/stage": "train",
-                                             "batch.kubernetes.io/job-completion-index": "0"},
-                     "creationTimestamp": "2026-01-01T00:00:00Z"},
-        "status": {"phase": "Pending", "conditions": [
-            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-             "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}]},
-    }, "sft.tuning.dev/stage", "batch.kubernetes.io/job-completion-index")
+    p = observe_pod(
+        {
+            "metadata": {
+                "name": "p",
+                "labels": {"sft.tuning.dev/stage": "train", "batch.kubernetes.io/job-completion-index": "0"},
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
+            "status": {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+                    }
+                ],
+            },
+        },
+        "sft.tuning.dev/stage",
+        "batch.kubernetes.io/job-completion-index",
+    )
     assert p.index == 0 and p.stage == "train" and p.unschedulable_message and not p.scheduled
 
 
 def test_eval_results_from_termination_message() -> None:
     assert parse_eval_results('{"evalLoss": 1.5, "perplexity": 4.48, "rouge_l": 0.4}') == {
-        "evalLoss": 1.5, "perplexity": 4.48, "rougeL": 0.4}
-    assert parse_eval_results("log line\n{\"eval_loss\": 2}") == {"evalLoss": 2.0}
+        "evalLoss": 1.5,
+        "perplexity": 4.48,
+        "rougeL": 0.4,
+    }
+    assert parse_eval_results('log line\n{"eval_loss": 2}') == {"evalLoss": 2.0}
     assert parse_eval_results("Traceback ...") is None
     assert parse_eval_results(None) is None
 
@@ -211,7 +273,14 @@ def test_conditions_happy_path_and_transition_times() -> None:
     assert by["Training"]["lastTransitionTime"] == "2026-01-01T12:05:00Z"
     assert by["Evaluated"]["status"] == by["Merged"]["status"] == by["Succeeded"]["status"] == "True"
     assert by["Failed"]["status"] == "False"
-    assert [c["type"] for c in conds2] == ["Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed"]
+    assert [c["type"] for c in conds2] == [
+        "Created",
+        "Training",
+        "Evaluated",
+        "Merged",
+        "Succeeded",
+        "Failed",
+    ]
 
 
 def test_conditions_failure_and_suspend() -> None:
@@ -253,10 +322,21 @@ def test_stuck_unschedulable_names_the_scheduler_message() -> None:
 
 
 def test_stuck_image_pull_and_quota() -> None:
-    s = detect_stuck([pod(scheduled=True, waiting=(Waiting("ImagePullBackOff", "back-off pulling"),))],
-                     NOW, 1, False, [], NOW, 60)
+    s = detect_stuck(
+        [pod(scheduled=True, waiting=(Waiting("ImagePullBackOff", "back-off pulling"),))],
+        NOW,
+        1,
+        False,
+        [],
+        NOW,
+        60,
+    )
     assert s is not None and s.reason == "ImagePullBackOff"
-    ev = [JobEvent("FailedCreate", 'pods "x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=8', NOW)]
+    ev = [
+        JobEvent(
+            "FailedCreate", 'pods "x" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=8', NOW
+        )
+    ]
     s = detect_stuck([], NOW - timedelta(seconds=120), 0, False, ev, NOW, 60)
     assert s is not None and s.reason == "QuotaExceeded" and "exceeded quota" in s.message
     assert detect_stuck([], NOW - timedelta(seconds=120), 0, False, [], NOW, 60) is None
@@ -290,8 +370,17 @@ sft_train_epoch{namespace="ns",job="j",rank="0"} 0.25
 
 def test_parse_progress() -> None:
     p = parse_progress(METRICS, NOW)
-    assert p == {"step": 120, "totalSteps": 480, "percent": 25.0, "summary": "120/480 (25%)", "loss": 1.2346,
-                 "tokensPerSecond": 2413.4, "eta": "1h12m", "epoch": 0.25, "lastUpdate": "2026-01-01T12:00:00Z"}
+    assert p == {
+        "step": 120,
+        "totalSteps": 480,
+        "percent": 25.0,
+        "summary": "120/480 (25%)",
+        "loss": 1.2346,
+        "tokensPerSecond": 2413.4,
+        "eta": "1h12m",
+        "epoch": 0.25,
+        "lastUpdate": "2026-01-01T12:00:00Z",
+    }
     assert parse_progress("# nothing\nfoo 1\n", NOW) is None
     assert progress_changed(None, p)
     assert not progress_changed(p, {**p, "lastUpdate": "later"})

@@ -21,8 +21,13 @@ def test_progress_from_rank0_metrics(sftjob_crd: Any, namespace: str, operator: 
     wait_phase(kube, namespace, "prog", "Training", 60, operator)
 
     def rank0_ip() -> str | None:
-        items = kube.get_json("pods", "-n", namespace, "-l",
-                              "sft.tuning.dev/stage=train,batch.kubernetes.io/job-completion-index=0")["items"]
+        items = kube.get_json(
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            "sft.tuning.dev/stage=train,batch.kubernetes.io/job-completion-index=0",
+        )["items"]
         return next((p["status"].get("podIP") for p in items if p["status"].get("phase") == "Running"), None)
 
     ip = wait_until(rank0_ip, 30, "rank-0 pod IP")
@@ -31,15 +36,29 @@ def test_progress_from_rank0_metrics(sftjob_crd: Any, namespace: str, operator: 
     # The trainer's metrics, served on the very address KWOK gave the pod.
     reg = CollectorRegistry()
     labels = {"namespace": namespace, "job": "prog", "rank": "0"}
-    gauges = {n: Gauge(n, n, list(labels), registry=reg).labels(**labels) for n in (
-        "sft_train_step", "sft_train_total_steps", "sft_train_loss", "sft_train_tokens_per_second",
-        "sft_train_eta_seconds", "sft_train_epoch")}
-    for n, v in (("sft_train_step", 120), ("sft_train_total_steps", 480), ("sft_train_loss", 1.25),
-                 ("sft_train_tokens_per_second", 2413.4), ("sft_train_eta_seconds", 4330),
-                 ("sft_train_epoch", 0.25)):
+    gauges = {
+        n: Gauge(n, n, list(labels), registry=reg).labels(**labels)
+        for n in (
+            "sft_train_step",
+            "sft_train_total_steps",
+            "sft_train_loss",
+            "sft_train_tokens_per_second",
+            "sft_train_eta_seconds",
+            "sft_train_epoch",
+        )
+    }
+    for n, v in (
+        ("sft_train_step", 120),
+        ("sft_train_total_steps", 480),
+        ("sft_train_loss", 1.25),
+        ("sft_train_tokens_per_second", 2413.4),
+        ("sft_train_eta_seconds", 4330),
+        ("sft_train_epoch", 0.25),
+    ):
         gauges[n].set(v)
     server, _thread = start_http_server(operator.trainer_metrics_port, addr=ip, registry=reg)
     try:
+
         def progress(summary: str) -> dict[str, Any] | None:
             p = status(kube, namespace, "prog").get("progress") or {}
             return p if p.get("summary") == summary else None
@@ -74,8 +93,14 @@ def test_many_sftjobs_at_once_all_finish(sftjob_crd: Any, namespace: str) -> Non
         t0 = time.monotonic()
         objs = [sftjob(f"bulk-{i:03d}", gpus=0) for i in range(N_JOBS)]
         for start in range(0, N_JOBS, 50):  # create (not apply): one request per object
-            kube.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(
-                {"apiVersion": "v1", "kind": "List", "items": objs[start:start + 50]}))
+            kube.kubectl(
+                "create",
+                "-n",
+                namespace,
+                "-f",
+                "-",
+                input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs[start : start + 50]}),
+            )
         applied = time.monotonic() - t0
         peak = 0.0
 
@@ -93,8 +118,10 @@ def test_many_sftjobs_at_once_all_finish(sftjob_crd: Any, namespace: str) -> Non
         items = kube.get_json("sftjobs", "-n", namespace)["items"]
         failed = [i["metadata"]["name"] for i in items if i["status"]["phase"] != "Succeeded"]
         rss = op.rss_mib()
-        print(f"\n{N_JOBS} SFTJobs (train+eval+merge each, KWOK pods): applied in {applied:.1f}s, all finished in "
-              f"{took:.1f}s; operator RSS now {rss:.0f} MiB, peak sampled {max(peak, rss):.0f} MiB")
+        print(
+            f"\n{N_JOBS} SFTJobs (train+eval+merge each, KWOK pods): applied in {applied:.1f}s, all finished in "
+            f"{took:.1f}s; operator RSS now {rss:.0f} MiB, peak sampled {max(peak, rss):.0f} MiB"
+        )
         assert not failed, failed
         assert all(condition(i["status"], "Succeeded")["status"] == "True" for i in items)
         text = op.metrics()

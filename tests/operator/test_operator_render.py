@@ -59,8 +59,13 @@ def test_names_are_deterministic_and_short(multinode: Any) -> None:
     second = all_children(ref, copy.deepcopy(spec))
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
     names = [c["metadata"]["name"] for c in first]
-    assert names == ["llama-8b-support-bot-config", "llama-8b-support-bot-train", "llama-8b-support-bot-train",
-                     "llama-8b-support-bot-eval", "llama-8b-support-bot-merge"]
+    assert names == [
+        "llama-8b-support-bot-config",
+        "llama-8b-support-bot-train",
+        "llama-8b-support-bot-train",
+        "llama-8b-support-bot-eval",
+        "llama-8b-support-bot-merge",
+    ]
     # pod hostnames <job>-<index> of a 42-character name stay a DNS label
     assert len(ChildNames("a" * 42).train_job + "-511") <= 63
 
@@ -70,9 +75,16 @@ def test_every_child_is_owned_and_labelled(multinode: Any) -> None:
     for child in all_children(ref, spec):
         meta = child["metadata"]
         assert meta["namespace"] == "team-a"
-        assert meta["ownerReferences"] == [{
-            "apiVersion": "sft.tuning.dev/v1alpha1", "kind": "SFTJob", "name": ref.name, "uid": "uid-123",
-            "controller": True, "blockOwnerDeletion": True}]
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "sft.tuning.dev/v1alpha1",
+                "kind": "SFTJob",
+                "name": ref.name,
+                "uid": "uid-123",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
         assert meta["labels"][LABEL_JOB_NAME] == ref.name
         assert meta["labels"][LABEL_STAGE] in ("config", "train", "eval", "merge")
 
@@ -92,16 +104,29 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
     (c,) = pod["containers"]
     # `launch` = torchrun (torch.distributed.run) that keeps the worker's real exit code
     assert c["command"] == [
-        "python", "-m", "sftjob_trainer", "launch", "--nnodes=2", "--nproc-per-node=8",
-        "--node-rank=$(JOB_COMPLETION_INDEX)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
-        "train", "--config", "/etc/sftjob/config.yaml"]
+        "python",
+        "-m",
+        "sftjob_trainer",
+        "launch",
+        "--nnodes=2",
+        "--nproc-per-node=8",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=$(MASTER_ADDR)",
+        "--master-port=$(MASTER_PORT)",
+        "train",
+        "--config",
+        "/etc/sftjob/config.yaml",
+    ]
     assert "args" not in c
     env = {e["name"]: e for e in c["env"]}
     assert env["MASTER_ADDR"]["value"] == "llama-8b-support-bot-train-0.llama-8b-support-bot-train"
-    assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3-credentials",
-                                                                      "key": "AWS_ACCESS_KEY_ID"}}
+    assert (
+        env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
+    }
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
     assert env["AWS_REGION"]["value"] == "us-east-1"
     assert c["resources"]["limits"] == {"cpu": "64", "memory": "900Gi", "nvidia.com/gpu": "8"}
@@ -150,8 +175,14 @@ def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
     ref, spec = minimal
     job = o.render_train_job(ref, spec, o.RenderOptions(), tuple(sorted(exit_codes.PERMANENT_CODES)))
     rules = job["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                             "values": sorted(exit_codes.PERMANENT_CODES)}}
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {
+            "containerName": "trainer",
+            "operator": "In",
+            "values": sorted(exit_codes.PERMANENT_CODES),
+        },
+    }
     assert exit_codes.PERMANENT in rules[0]["onExitCodes"]["values"]
     assert rules[1]["action"] == "Ignore"
     for code in exit_codes.RETRYABLE_CODES:
@@ -161,8 +192,10 @@ def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
 def test_pod_annotations_and_labels_reach_every_pod(minimal: Any) -> None:
     ref, _ = minimal
     doc = load("sftjob-minimal.yaml")
-    doc["spec"]["resources"] = {"podAnnotations": {"kwok.sftjob.dev/delay": "3s"},
-                                "podLabels": {"team": "nlp", LABEL_JOB_NAME: "spoofed"}}
+    doc["spec"]["resources"] = {
+        "podAnnotations": {"kwok.sftjob.dev/delay": "3s"},
+        "podLabels": {"team": "nlp", LABEL_JOB_NAME: "spoofed"},
+    }
     spec = parse_spec(doc["spec"])
     for job in all_children(ref, spec)[2:]:
         tmeta = job["spec"]["template"]["metadata"]
@@ -191,12 +224,20 @@ def test_eval_and_merge_jobs(multinode: Any) -> None:
     mg = o.render_merge_job(ref, spec, o.RenderOptions(), PERMANENT)
     assert ev["spec"]["completions"] == 1 and ev["spec"]["completionMode"] == "NonIndexed"
     assert ev["spec"]["template"]["spec"]["containers"][0]["command"] == [
-        "python", "-m", "sftjob_trainer", "eval", "--config", "/etc/sftjob/config.yaml"]
+        "python",
+        "-m",
+        "sftjob_trainer",
+        "eval",
+        "--config",
+        "/etc/sftjob/config.yaml",
+    ]
     assert ev["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert mg["spec"]["template"]["spec"]["containers"][0]["command"][3] == "merge"
     assert "nvidia.com/gpu" not in mg["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert "activeDeadlineSeconds" not in ev["spec"]
-    assert ev["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert (
+        ev["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    )
 
 
 def test_service_is_headless_and_selects_train_pods(minimal: Any) -> None:
@@ -213,7 +254,9 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["resources"] = {"gpusPerNode": 0}
     spec = parse_spec(doc["spec"])
-    c = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)["spec"]["template"]["spec"]["containers"][0]
+    c = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)["spec"]["template"]["spec"]["containers"][
+        0
+    ]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
     assert "--nproc-per-node=1" in c["command"]
     assert c["command"][3] == "launch"
@@ -223,8 +266,11 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
 def test_trainer_config_and_artifacts(minimal: Any) -> None:
     ref, spec = minimal
     cfg = render_trainer_config("team-a", "minimal", spec)
-    assert cfg["run"] == {"namespace": "team-a", "name": "minimal",
-                          "outputRoot": "s3://artifacts/sft/team-a/minimal/"}
+    assert cfg["run"] == {
+        "namespace": "team-a",
+        "name": "minimal",
+        "outputRoot": "s3://artifacts/sft/team-a/minimal/",
+    }
     assert cfg["model"]["uri"] == "s3://models/smollm2-135m-instruct"
     assert "suspend" not in cfg and "runPolicy" not in cfg
     cm = o.render_config_map(ref, spec)

@@ -18,10 +18,17 @@ def test_defaults_watch_all_namespaces() -> None:
 
 def test_flags_and_env() -> None:
     # the names the Helm chart's Deployment sets
-    env = {"SFTJOB_NAMESPACES": "a, b", "SFTJOB_TRAINER_IMAGE": "img:1", "SFTJOB_PROGRESS_INTERVAL": "2",
-           "SFTJOB_PEERING": "", "SFTJOB_WATCH_TIMEOUT": "120", "SFTJOB_TRAINER_SERVICE_ACCOUNT": "trainer",
-           "SFTJOB_FINALIZER": "sft.tuning.dev/finalizer", "SFTJOB_METRICS_PORT": "9000",
-           "SFTJOB_HEALTH_PORT": "9001"}
+    env = {
+        "SFTJOB_NAMESPACES": "a, b",
+        "SFTJOB_TRAINER_IMAGE": "img:1",
+        "SFTJOB_PROGRESS_INTERVAL": "2",
+        "SFTJOB_PEERING": "",
+        "SFTJOB_WATCH_TIMEOUT": "120",
+        "SFTJOB_TRAINER_SERVICE_ACCOUNT": "trainer",
+        "SFTJOB_FINALIZER": "sft.tuning.dev/finalizer",
+        "SFTJOB_METRICS_PORT": "9000",
+        "SFTJOB_HEALTH_PORT": "9001",
+    }
     s = from_args([], env=env)
     assert s.namespaces == ("a", "b") and s.default_image == "img:1" and s.progress_interval == 2.0
     assert s.standalone  # SFTJOB_PEERING="" (one replica)
@@ -30,7 +37,9 @@ def test_flags_and_env() -> None:
     assert s.render_options().default_service_account == "trainer"
     peered = from_args([], env={"SFTJOB_PEERING": "sftjob-operator"})
     assert not peered.standalone and peered.peering_name == "sftjob-operator"
-    s = from_args(["-n", "x", "--namespace", "y,z", "--default-image", "img:2", "--finalizer", "f/x"], env=env)
+    s = from_args(
+        ["-n", "x", "--namespace", "y,z", "--default-image", "img:2", "--finalizer", "f/x"], env=env
+    )
     assert s.namespaces == ("x", "y", "z") and s.default_image == "img:2" and s.finalizer == "f/x"
     assert from_args(["-A"], env=env).clusterwide
     assert s.render_options().default_image == "img:2"
@@ -40,7 +49,9 @@ def test_flags_and_env() -> None:
 
 def test_configure_kopf() -> None:
     ks = kopf.OperatorSettings()
-    configure(Settings(namespaces=("a",), finalizer="x.dev/f", watch_server_timeout=60, request_timeout=9), ks)
+    configure(
+        Settings(namespaces=("a",), finalizer="x.dev/f", watch_server_timeout=60, request_timeout=9), ks
+    )
     assert isinstance(ks.persistence.progress_storage, kopf.AnnotationsProgressStorage)
     assert ks.persistence.finalizer == "x.dev/f"
     assert ks.watching.server_timeout == 60 and ks.networking.request_timeout == 9
@@ -54,7 +65,11 @@ def test_instrumented_counts_errors() -> None:
 
     with pytest.raises(ValueError):
         boom()
-    assert REGISTRY.get_sample_value("sftjob_operator_handler_invocations_total", {"handler": "unit_test"}) == 1
+    assert (
+        REGISTRY.get_sample_value("sftjob_operator_handler_invocations_total", {"handler": "unit_test"}) == 1
+    )
     assert REGISTRY.get_sample_value("sftjob_operator_handler_errors_total", {"handler": "unit_test"}) == 1
-    assert REGISTRY.get_sample_value("sftjob_operator_handler_duration_seconds_count",
-                                     {"handler": "unit_test"}) == 1
+    assert (
+        REGISTRY.get_sample_value("sftjob_operator_handler_duration_seconds_count", {"handler": "unit_test"})
+        == 1
+    )

@@ -53,15 +53,24 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
         max_workers=settings.workers, thread_name_prefix="reconcile"
     )
 
-    async def run(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
-                  tick: bool = False) -> str | None:
+    async def run(
+        namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any, tick: bool = False
+    ) -> str | None:
         snap = _snapshot(namespace, name, sft_jobs, sft_pods)
         key = (namespace, name)
         seen = next(iter(sft_objects.get(key, [])), None) if key in sft_objects else None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            executor, functools.partial(reconciler.reconcile, namespace, name, snap, tick,
-                                        json.loads(json.dumps(seen)) if seen else None))
+            executor,
+            functools.partial(
+                reconciler.reconcile,
+                namespace,
+                name,
+                snap,
+                tick,
+                json.loads(json.dumps(seen)) if seen else None,
+            ),
+        )
 
     children = {LABEL_JOB_NAME: kopf.PRESENT}
 
@@ -92,20 +101,23 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     @kopf.on.create(GROUP, VERSION, PLURAL, id="create", registry=registry)
     @metrics.instrumented("create")
-    async def on_create(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
-                        **_: Any) -> None:
+    async def on_create(
+        namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any, **_: Any
+    ) -> None:
         await _reconcile_or_retry("create", namespace, name, sft_jobs, sft_pods, sft_objects)
 
     @kopf.on.resume(GROUP, VERSION, PLURAL, id="resume", registry=registry)
     @metrics.instrumented("resume")
-    async def on_resume(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
-                        **_: Any) -> None:
+    async def on_resume(
+        namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any, **_: Any
+    ) -> None:
         await _reconcile_or_retry("resume", namespace, name, sft_jobs, sft_pods, sft_objects)
 
     @kopf.on.update(GROUP, VERSION, PLURAL, id="update", registry=registry)
     @metrics.instrumented("update")
-    async def on_update(namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
-                        **_: Any) -> None:
+    async def on_update(
+        namespace: str, name: str, sft_jobs: Any, sft_pods: Any, sft_objects: Any, **_: Any
+    ) -> None:
         await _reconcile_or_retry("update", namespace, name, sft_jobs, sft_pods, sft_objects)
 
     @kopf.on.delete(
@@ -127,7 +139,13 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
     )
     @metrics.instrumented("timer")
     async def tick(
-        namespace: str, name: str, status: Any, spec: Any, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
+        namespace: str,
+        name: str,
+        status: Any,
+        spec: Any,
+        sft_jobs: Any,
+        sft_pods: Any,
+        sft_objects: Any,
         **_: Any,
     ) -> None:
         # Progress, stuck detection and TTL are time-based: no watch event announces them.
@@ -145,8 +163,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
 
     @kopf.on.event("batch", "v1", "jobs", id="child_job_event", labels=children, registry=registry)
     @metrics.instrumented("child_job_event")
-    async def child_job_event(namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, sft_objects: Any,
-                              **_: Any) -> None:
+    async def child_job_event(
+        namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, sft_objects: Any, **_: Any
+    ) -> None:
         parent = labels[LABEL_JOB_NAME]
         try:
             await run(namespace, parent, sft_jobs, sft_pods, sft_objects)

@@ -117,8 +117,16 @@ def slim_sftjob(body: Any) -> Obj:
         "kind": body.get("kind"),
         "metadata": {
             k: json.loads(json.dumps(meta.get(k)))
-            for k in ("name", "namespace", "uid", "generation", "resourceVersion", "labels", "creationTimestamp",
-                      "deletionTimestamp")
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "generation",
+                "resourceVersion",
+                "labels",
+                "creationTimestamp",
+                "deletionTimestamp",
+            )
             if meta.get(k) is not None
         },
         "spec": json.loads(json.dumps(dict(body.get("spec") or {}))),
@@ -153,6 +161,11 @@ def slim_pod(body: Any) -> Obj:
 
 def _owned_by(obj: Obj, uid: str) -> bool:
     return any(o.get("uid") == uid for o in obj.get("metadata", {}).get("ownerReferences") or [])
+
+
+def _eval_loss(status: Obj) -> float | None:
+    value = (status.get("evalResults") or {}).get("evalLoss")
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _now() -> datetime:
@@ -197,8 +210,9 @@ class Reconciler:
 
     # ---- entry point ---------------------------------------------------------------------------------------
 
-    def reconcile(self, namespace: str, name: str, snap: Snapshot, tick: bool = False,
-                  seen: Obj | None = None) -> str | None:
+    def reconcile(
+        self, namespace: str, name: str, snap: Snapshot, tick: bool = False, seen: Obj | None = None
+    ) -> str | None:
         """Bring one SFTJob one step closer to its goal; returns the phase written (None: object gone).
 
         `seen` is the SFTJob as the watch last delivered it; without it (or when it proves stale) it is read.
@@ -231,7 +245,7 @@ class Reconciler:
         now = _now()
 
         if prev_phase in ph.TERMINAL:
-            metrics.PHASES.set(uid, prev_phase, namespace, name)
+            metrics.PHASES.set(uid, prev_phase, namespace, name, eval_loss=_eval_loss(prev))
             self._after_terminal(body, prev, snap, memo, now)
             return str(prev_phase)
 
@@ -350,7 +364,7 @@ class Reconciler:
         changed = {k: v for k, v in status.items() if prev.get(k) != v}
         if changed:
             self.kube.patch_sftjob_status(namespace, name, changed, meta.get("resourceVersion"))
-        metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None)
+        metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, _eval_loss(status))
         self._record_transition(body, prev, status, decision, obs, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:
             self._progress(body, prev, pod_obs, memo, now)

@@ -82,7 +82,9 @@ def _train_failure(job: JobObs, backoff_limit: int | None = None) -> Decision:
     if reason == "PodFailurePolicy":
         return Decision(FAILED, R_TRAINING_FAILED, f"trainer exited with a permanent error: {detail}")
     if reason == "BackoffLimitExceeded":
-        return Decision(FAILED, R_BACKOFF, f"the trainer failed more often than runPolicy.backoffLimit allows: {detail}")
+        return Decision(
+            FAILED, R_BACKOFF, f"the trainer failed more often than runPolicy.backoffLimit allows: {detail}"
+        )
     if reason == "DeadlineExceeded":
         return Decision(FAILED, R_DEADLINE, f"runPolicy.activeDeadlineSeconds exceeded: {detail}")
     return Decision(FAILED, R_TRAINING_FAILED, f"training Job failed ({reason}): {detail}")
