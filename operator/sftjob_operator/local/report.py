@@ -89,6 +89,12 @@ def loss_curve_png(
     return True
 
 
+def _code(text: str | None, limit: int = 200) -> str:
+    """A one-line Markdown code span (newlines shown as \\n)."""
+    t = json.dumps((text or "").strip()[:limit], ensure_ascii=False)[1:-1].replace('\\"', '"')
+    return f"`` {t} ``" if "`" in t else f"`{t}`"
+
+
 def markdown_report(
     name: str,
     spec_path: str,
@@ -140,10 +146,7 @@ def markdown_report(
     if samples:
         lines += ["## Sample generations", ""]
         for s in samples[:5]:
-            lines += [
-                f"- reference: `{s.get('reference', '').strip()}`",
-                f"  - base: `{(s.get('base') or '').strip()[:200]}`",
-                f"  - fine-tuned: `{(s.get('trained') or '').strip()[:200]}`",
-            ]
+            lines += [f"- reference: {_code(s.get('reference'))}", f"  - base: {_code(s.get('base'))}",
+                      f"  - fine-tuned: {_code(s.get('trained'))}"]
         lines.append("")
     return "\n".join(lines)
