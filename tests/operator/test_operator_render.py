@@ -291,6 +291,9 @@ def test_merge_disabled_for_full_and_cluster_output_rule() -> None:
     assert err is not None and err.startswith("spec.output.uri:")
     doc["spec"]["output"]["uri"] = "/mnt/pvc/out"
     assert cluster_output_error(parse_spec(doc["spec"])) is None
+    doc["spec"]["dataset"]["train"] = ["s3://bucket/x.jsonl", "./data/train.jsonl"]
+    err = cluster_output_error(parse_spec(doc["spec"]))
+    assert err is not None and err.startswith("spec.dataset.train.1:")
 
 
 def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) -> None:

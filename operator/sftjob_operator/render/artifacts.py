@@ -30,16 +30,31 @@ def merge_enabled(spec: SFTJobSpec) -> bool:
     return spec.merge.enabled and spec.method.type != "full"
 
 
-def cluster_output_error(spec: SFTJobSpec) -> str | None:
-    """In a cluster the output must be s3:// or an absolute path (a mounted PVC).
+def _is_relative(uri: str) -> bool:
+    return uri.startswith("./") or uri.startswith("../")
 
-    The CRD accepts relative local paths because `sftjob run` on one machine does; only the operator knows it
-    runs in a cluster, so this is an InvalidSpec it alone can detect.
+
+def cluster_output_error(spec: SFTJobSpec) -> str | None:
+    """Paths a cluster cannot resolve: relative ones (the CRD accepts them because `sftjob run` resolves
+    them against the manifest's directory on one machine). Only the operator knows it runs in a cluster, so
+    this is an InvalidSpec it alone can detect. Outputs must be s3:// or an absolute path (a mounted volume).
     """
-    for field, uri in (("spec.output.uri", spec.output.uri), ("spec.merge.uri", spec.merge.uri)):
-        if uri is not None and not (uri.startswith("s3://") or uri.startswith("/")):
+    inputs: list[tuple[str, str | None]] = [
+        ("spec.model.uri", spec.model.uri),
+        ("spec.model.tokenizer", spec.model.tokenizer),
+    ]
+    inputs += [(f"spec.dataset.train.{i}", u) for i, u in enumerate(spec.dataset.train)]
+    inputs += [(f"spec.dataset.eval.{i}", u) for i, u in enumerate(spec.dataset.eval or [])]
+    for field, uri in inputs:
+        if uri is not None and _is_relative(uri):
             return (
-                f"{field}: {uri!r} is a local relative path; in a cluster use s3://bucket/prefix"
+                f"{field}: {uri!r} is a path relative to the manifest (only `sftjob run` resolves those);"
+                " in a cluster use s3://, pvc://claim/path or an absolute path"
+            )
+    for field, out in (("spec.output.uri", spec.output.uri), ("spec.merge.uri", spec.merge.uri)):
+        if out is not None and not (out.startswith("s3://") or out.startswith("/")):
+            return (
+                f"{field}: {out!r} is a local relative path; in a cluster use s3://bucket/prefix"
                 " or an absolute path on a mounted volume"
             )
     return None
