@@ -314,3 +314,33 @@ def test_rendered_config_is_a_valid_trainer_config(multinode: Any, minimal: Any)
         assert cfg.run.output_root == f"s3://artifacts/sft/team-a/{ref.name}/"
         assert cfg.resources.deepspeed.zero_stage == spec.resources.deepspeed.zero_stage
         assert cfg.training == spec.training and cfg.model == spec.model
+
+
+def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
+    from sftjob_trainer.config import parse_config
+
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    doc["spec"]["model"]["uri"] = "pvc://models/llama-8b"
+    doc["spec"]["dataset"]["train"] = [
+        "pvc://datasets/a.jsonl",
+        "pvc://datasets/b.jsonl",
+        "s3://bucket/c.jsonl",
+    ]
+    spec = parse_spec(doc["spec"])
+    for job in all_children(ref, spec)[2:]:
+        pod = job["spec"]["template"]["spec"]
+        claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == [
+            {"claimName": "models", "readOnly": True},
+            {"claimName": "datasets", "readOnly": True},
+        ]
+        mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+        assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/datasets"]["readOnly"]
+    cfg = parse_config(json.loads(o.render_config_map(ref, spec)["data"]["config.yaml"]))
+    assert cfg.model.uri == "/mnt/pvc/models/llama-8b"
+    assert cfg.dataset.train == [
+        "/mnt/pvc/datasets/a.jsonl",
+        "/mnt/pvc/datasets/b.jsonl",
+        "s3://bucket/c.jsonl",
+    ]

@@ -26,7 +26,7 @@ from .names import (
     labels,
     owner_reference,
 )
-from .trainer_config import CONFIG_FILE, render_trainer_config
+from .trainer_config import CONFIG_FILE, PVC_MOUNT_ROOT, pvc_claims, render_trainer_config
 
 Obj = dict[str, Any]
 
@@ -198,6 +198,12 @@ def _pod_template(
             {"name": "scratch", "mountPath": "/tmp"},
         ],
     }
+    volumes: list[Obj] = []
+    for i, claim in enumerate(pvc_claims(spec)):
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        container["volumeMounts"].append(
+            {"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
+        )
     if stage == STAGE_TRAIN:
         container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
     pod_spec: Obj = {
@@ -217,6 +223,7 @@ def _pod_template(
             {"name": "config", "configMap": {"name": ChildNames(ref.name).config_map}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             {"name": "scratch", "emptyDir": {}},
+            *volumes,
         ],
     }
     if subdomain:
