@@ -96,6 +96,8 @@ def test_eval_matches_independent_computation(eval_setup):
     from sftjob_trainer.eval_metrics import exact_match, rouge_l
 
     cfg, model, tok, rows, planted = eval_setup
+    term = cfg["runtime"]["workDir"] + "-termination-log"
+    cfg["runtime"]["terminationLog"] = term
     assert eval_stage.main(parse_config(cfg)) == 0
     root = cfg["run"]["outputRoot"]
     with open(os.path.join(root, "eval", "results.json")) as f:
@@ -119,6 +121,8 @@ def test_eval_matches_independent_computation(eval_setup):
     assert res["trained"]["generated"] == len(rows) and res["gates_passed"] is True
     assert res["status"]["exactMatch"] == pytest.approx(em) and res["status"]["gatesPassed"] is True
 
+    with open(term) as f:  # what the operator parses into status.evalResults
+        assert json.load(f) == {"evalResults": res["status"]}
     with open(os.path.join(root, "eval", "samples.jsonl")) as f:
         samples = [json.loads(x) for x in f]
     assert [s["trained"] for s in samples] == preds
@@ -130,7 +134,9 @@ def test_failed_gate_exits_with_eval_gate_failed(eval_setup, tmp_path):
     cfg = eval_setup[0]
     cfg["eval"] = {**cfg["eval"], "gates": {"minExactMatch": 0.99, "maxEvalLoss": 100.0}}
     path = write_json(str(tmp_path / "gate.json"), cfg)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    term = tmp_path / "termination-log"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "SFTJOB_TERMINATION_LOG": str(term)}
     proc = subprocess.run([sys.executable, "-m", "sftjob_trainer", "eval", "--config", path], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == EVAL_GATE_FAILED == 3, proc.stderr[-3000:]
@@ -140,6 +146,7 @@ def test_failed_gate_exits_with_eval_gate_failed(eval_setup, tmp_path):
     assert res["gates_passed"] is False
     assert len(res["failed_gates"]) == 1 and res["failed_gates"][0].startswith("minExactMatch: ")
     assert res["status"]["failedGates"] == res["failed_gates"]
+    assert "minExactMatch: " in term.read_text()  # the operator's EvalGateFailed message
     # the run ends here: the manifest is written and lists the adapter and the eval results
     with open(os.path.join(root, "manifest.json")) as f:
         paths = {x["path"] for x in json.load(f)["files"]}

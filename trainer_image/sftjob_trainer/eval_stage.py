@@ -10,7 +10,8 @@ training held out) computes, for the base model *and* the trained one:
   the prompt is everything before the example's last labelled span, the reference is that span's text.
 
 Writes eval/results.json (plus `status`, shaped like SFTJob status.evalResults) and eval/samples.jsonl, then
-checks spec.eval.gates against the trained model: exit 0 when they hold, EVAL_GATE_FAILED (3) otherwise.
+checks spec.eval.gates against the trained model: exit 0 when they hold (and the termination message, if
+configured, is `{"evalResults": {...}}`), EVAL_GATE_FAILED (3) otherwise (the message names the failed gates).
 """
 
 from __future__ import annotations
@@ -240,5 +241,10 @@ def main(cfg: TrainerConfig) -> int:
         artifacts.write_manifest(store, artifacts.config_dump(cfg),
                                  {"train": "done", "eval": "gate_failed" if failed else "done"})
     if failed:
-        return exit_codes.EVAL_GATE_FAILED
+        # becomes the pod's termination message (the operator's EvalGateFailed reason text), exit code 3
+        raise exit_codes.EvalGateFailed("; ".join(failed))
+    term = cfg.runtime.termination_log or os.environ.get("SFTJOB_TERMINATION_LOG")
+    if term:  # the operator reads status.evalResults from the eval pod's termination message
+        with open(term, "w") as f:
+            f.write(json.dumps({"evalResults": results["status"]}))
     return exit_codes.OK
