@@ -17,8 +17,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def crd(kube):
-    kube.kubectl("apply", "--server-side", "-f", str(REPO_ROOT / "crds" / CRD_FILE))
-    kube.kubectl("wait", "--for=condition=Established", "crd/sftjobs.sft.tuning.dev", "--timeout=60s")
+    kube.apply_crd(REPO_ROOT / "crds" / CRD_FILE)
     return kube
 
 

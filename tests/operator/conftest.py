@@ -23,8 +23,7 @@ CRD = Path(os.environ.get("SFTJOB_E2E_CRD") or REPO / "crds" / "sft.tuning.dev_s
 
 @pytest.fixture(scope="session")
 def sftjob_crd(kube: Any) -> Any:
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kube.kubectl("wait", "--for=condition=Established", "crd/sftjobs.sft.tuning.dev", "--timeout=60s")
+    kube.apply_crd(CRD)
     return kube
 
 

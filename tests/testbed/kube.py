@@ -314,6 +314,18 @@ class Cluster:
             )
         return r
 
+    def apply_crd(self, path: Path | str, timeout: float = 60) -> None:
+        """Apply a CRD and wait until it is Established (polled: `kubectl wait` races a CRD whose status
+        has no conditions yet)."""
+        doc = self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path), "-o", "json").stdout
+        name = json.loads(doc)["metadata"]["name"]
+
+        def established() -> bool:
+            conditions = self.get_json("crd", name).get("status", {}).get("conditions") or []
+            return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+        wait_until(established, timeout, f"CRD {name} Established")
+
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", "-o", "json", *args).stdout)
 
