@@ -156,6 +156,8 @@ def train(cfg: TrainerConfig) -> int:
 
     bf16 = on_gpu and model_spec(cfg, on_gpu).dtype == "bfloat16"
     wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
+    # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
+    wrapper.train()
     optimizer = make_optimizer(wrapper, cfg)
     warmup = math.ceil(t.warmup_ratio * plan.total_steps)
 
