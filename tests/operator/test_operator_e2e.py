@@ -369,3 +369,30 @@ def test_eval_gate_failed_from_reported_results(sftjob_crd: Any, namespace: str,
     assert (
         f'sftjob_operator_job_eval_loss{{namespace="{namespace}",sftjob="gated"}} 1.25' in operator.metrics()
     )
+
+
+def test_active_deadline_exceeded(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
+    kube = sftjob_crd
+    apply(kube, namespace, sftjob("slow", delay="60s", runPolicy={"activeDeadlineSeconds": 3}))
+    st = wait_phase(kube, namespace, "slow", ("Failed", "Succeeded"), 60, operator)
+    assert (st["phase"], st["reason"]) == ("Failed", "DeadlineExceeded"), st
+    assert kube.get_json("job", "slow-train", "-n", namespace)["spec"]["activeDeadlineSeconds"] == 3
+
+
+def test_ttl_delete_sftjob_policy(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
+    kube = sftjob_crd
+    apply(
+        kube,
+        namespace,
+        sftjob(
+            "ephemeral",
+            eval={"enabled": False},
+            merge={"enabled": False},
+            runPolicy={"ttlSecondsAfterFinished": 1, "ttlPolicy": "DeleteSFTJob"},
+        ),
+    )
+    # Succeeded, then deleted a second later: too quick to poll reliably, so the Events tell the story.
+    wait_until(lambda: not get(kube, namespace, "ephemeral"), 60, "the SFTJob deleted after its TTL")
+    reasons = [e["reason"] for e in events(kube, namespace, "ephemeral")]
+    assert "Succeeded" in reasons and "TTLExpired" in reasons, reasons
+    wait_until(lambda: not jobs(kube, namespace), 60, "its children garbage-collected")

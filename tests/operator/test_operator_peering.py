@@ -29,12 +29,26 @@ def test_second_replica_pauses_while_the_first_is_active(
     peer = ("--peering-name", "sftjob-operator")
     active = start_operator(*peer, "--priority", "100", name=f"active-{namespace}")
     standby = start_operator(*peer, "--priority", "10", name=f"standby-{namespace}")
-    wait_until(lambda: "Pausing operations in favour of" in standby.log(), 60, "the standby replica pausing")
+
+    def peers() -> dict[str, Any]:
+        obj = kube.get_json("kopfpeering", "sftjob-operator", "-n", namespace)
+        return {k: v for k, v in (obj.get("status") or {}).items() if isinstance(v, dict)}
+
+    wait_until(
+        lambda: sorted(p.get("priority") for p in peers().values()) == [10, 100], 60, "both peers seen"
+    )
 
     apply(kube, namespace, sftjob("peered", eval={"enabled": False}, merge={"enabled": False}))
     st = wait_phase(kube, namespace, "peered", ("Succeeded", "Failed"), 90, active)
     assert st["phase"] == "Succeeded", st
     assert [j["metadata"]["name"] for j in jobs(kube, namespace)] == ["peered-train"]
     assert "created train Job" in active.log()
-    assert "created train Job" not in standby.log()  # paused: it never acted
-    assert "Pausing operations" not in active.log()
+    assert "created train Job" not in standby.log()  # kopf keeps the lower priority replica paused
+
+    # Fail-over: the active replica leaves (a clean exit removes it from the peering object at once).
+    active.stop(delete_sftjobs=False)
+    wait_until(lambda: "Resuming operations" in standby.log(), 60, "the standby replica resuming")
+    apply(kube, namespace, sftjob("after", eval={"enabled": False}, merge={"enabled": False}))
+    st = wait_phase(kube, namespace, "after", ("Succeeded", "Failed"), 90, standby)
+    assert st["phase"] == "Succeeded", st
+    assert "created train Job" in standby.log()
