@@ -94,6 +94,35 @@ def child_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def worker_pids(root: int) -> list[int]:
+    """The trainer worker processes below `root` (Linux /proc), not torchrun or the launch wrapper.
+
+    Ctrl-C signals the workers directly: each finishes its step, checkpoints and exits 143, however long the
+    step takes. Signalling torchrun instead would give them only torchrun's 30 s before it kills them.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "sftjob_trainer" in argv and "launch" not in argv and "torch.distributed.run" not in argv:
+            out.append(pid)
+    return sorted(out)
+
+
 class Stage:
     """A child process whose stdout JSON lines are events; everything else goes to the stage's log."""
 
@@ -121,7 +150,9 @@ class Stage:
                         os.killpg(proc.pid, signal.SIGKILL)
                     else:
                         interrupted = True
-                        proc.send_signal(signal.SIGTERM)
+                        for pid in worker_pids(proc.pid) or [proc.pid]:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGTERM)
             return proc.wait(), interrupted
 
     def tail(self, n: int = 25) -> str:
