@@ -22,6 +22,7 @@ FULL = {
     "replicaCount": "2",
 }
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # Prometheus Operator CRDs
+OWN_KINDS = {"KopfPeering", "ClusterKopfPeering"}  # our chart's own CRDs
 
 
 @pytest.mark.parametrize("values", [{}, FULL], ids=["defaults", "everything-on"])
@@ -35,7 +36,7 @@ def test_rendered_manifests_match_the_kubernetes_schemas(values):
     docs = render(values)
     checked = 0
     for doc in docs:
-        if doc["kind"] in MONITORING_KINDS:
+        if doc["kind"] in MONITORING_KINDS | OWN_KINDS:
             continue
         kubernetes_validate.validate(doc, "1.34", strict=True)
         checked += 1
@@ -125,3 +126,15 @@ def test_every_panel_is_documented():
     doc = (CHART.parents[1] / "docs" / "observability.md").read_text()
     missing = [p.title for p in dashboards.all_panels() if f"| {p.title} |" not in doc]
     assert not missing, f"docs/observability.md lacks panels {missing}"
+
+
+def test_peering_object_only_with_several_replicas():
+    assert not [d for d in render() if "KopfPeering" in d["kind"]]
+    peerings = [d for d in render(FULL) if d["kind"] == "KopfPeering"]
+    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert all(p["metadata"]["name"] == "sftjob-operator" for p in peerings)
+    cluster = [d for d in render({"replicaCount": "2"}) if d["kind"] == "ClusterKopfPeering"]
+    assert len(cluster) == 1
+    deploy = next(d for d in render(FULL) if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SFTJOB_PEERING"] == "sftjob-operator"
