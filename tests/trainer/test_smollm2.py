@@ -23,7 +23,7 @@ def test_lora_steps_on_real_smollm2(tmp_path):
             for a in range(3, 9) for b in range(2, 5)]
     data = write_jsonl(str(tmp_path / "math.jsonl"), rows)
     cfg = make_config("smollm2-135m-instruct", data, str(tmp_path / "out"), str(tmp_path / "work"),
-                      max_steps=3, checkpoint_steps=2, global_batch=4, micro=2, lr=1e-3,
+                      max_steps=2, checkpoint_steps=1, global_batch=2, micro=1, lr=1e-3,
                       extra_training={"gradientCheckpointing": True})
     cfg["dataset"].update({"format": "messages", "maxSeqLength": 128})
     cfg["method"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "useRslora": True}
@@ -31,8 +31,8 @@ def test_lora_steps_on_real_smollm2(tmp_path):
                write_config(str(tmp_path / "c.json"), cfg)], trainer_env())
     assert res.returncode == 0, res.stderr[-4000:]
     ls = [e["loss"] for e in json_events(res.stdout) if e["event"] == "step"]
-    assert len(ls) == 3 and all(math.isfinite(x) for x in ls)
+    assert len(ls) == 2 and all(math.isfinite(x) for x in ls)
     # pretrained weights on fluent chat text: far below the uniform-guess loss ln(49152) ~ 10.8
     assert ls[0] < 4.0, ls
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "out" / "checkpoints" / "step-2" / "COMPLETE").exists()
+    assert (tmp_path / "out" / "checkpoints" / "step-1" / "COMPLETE").exists()
