@@ -154,7 +154,10 @@ def train(cfg: TrainerConfig) -> int:
                  rows=len(rows), packing=cfg.dataset.packing, plan=plan.__dict__)
         store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), "train/data_report.json")
 
-    bf16 = on_gpu and model_spec(cfg, on_gpu).dtype == "bfloat16"
+    from .model import compute_dtype
+
+    # DeepSpeed's precision must match the weights' dtype (auto: bf16 on GPU, fp32 on CPU)
+    bf16 = compute_dtype(model_spec(cfg, on_gpu).dtype) == torch.bfloat16
     wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
     # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
     wrapper.train()
