@@ -238,7 +238,8 @@ def events(kube: Any, namespace: str, name: str) -> list[dict[str, Any]]:
         "--field-selector",
         f"involvedObject.kind=SFTJob,involvedObject.name={name}",
     )["items"]
-    return sorted(items, key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["name"]))
+    # Timestamps have one-second resolution; the resourceVersion (etcd revision) orders creations exactly.
+    return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
 
 def timed(what: str) -> Callable[[], float]:
