@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydantic import Field, ValidationError
 
 from sftjob_operator.api.base import ApiModel
+from sftjob_operator.api.resource import format_error
 from sftjob_operator.api.spec import (
     DatasetSpec,
     EvalSpec,
@@ -81,19 +82,11 @@ class DistEnv:
                        int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def format_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"])
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def parse_config(data: object, source: str = "config") -> TrainerConfig:
     try:
         cfg = TrainerConfig.model_validate(data)
     except ValidationError as e:
-        raise PermanentError(f"invalid trainer config {source}: {format_validation_error(e)}") from e
+        raise PermanentError(f"invalid trainer config {source}: {'; '.join(format_error(err) for err in e.errors())}") from e
     env = os.environ
     rt = cfg.runtime
     updates: dict[str, object] = {}

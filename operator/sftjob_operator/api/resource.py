@@ -69,7 +69,8 @@ class SpecError(ValueError):
         super().__init__(f"invalid {source}:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-def _format_error(err: Any) -> str:
+def format_error(err: Any) -> str:
+    """One pydantic error as "field.path: message", with a CEL rule's own field path appended."""
     path = ".".join(str(p) for p in err["loc"])
     if err["type"] == CEL_ERROR:
         path += err["ctx"]["field_path"]
@@ -82,7 +83,7 @@ def parse_sftjob(doc: dict[str, Any], source: str = "SFTJob") -> SFTJob:
     try:
         return SFTJob.model_validate(doc)
     except ValidationError as exc:
-        raise SpecError([_format_error(e) for e in exc.errors()], source) from None
+        raise SpecError([format_error(e) for e in exc.errors()], source) from None
 
 
 def parse_spec(spec: dict[str, Any]) -> SFTJobSpec:
@@ -90,4 +91,4 @@ def parse_spec(spec: dict[str, Any]) -> SFTJobSpec:
     try:
         return SFTJobSpec.model_validate(spec)
     except ValidationError as exc:
-        raise SpecError([f"spec.{_format_error(e)}" for e in exc.errors()]) from None
+        raise SpecError([f"spec.{format_error(e)}" for e in exc.errors()]) from None
