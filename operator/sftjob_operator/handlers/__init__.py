@@ -21,7 +21,8 @@ from ..render.names import LABEL_JOB_NAME
 from ..render.phase import TERMINAL
 from ..settings import Settings
 from .kube import Kube, new_api_client
-from .reconcile import Reconciler, Snapshot, slim_job, slim_pod, slim_sftjob
+from .reconcile import Reconciler
+from .state import Snapshot, slim_job, slim_pod, slim_sftjob
 
 log = logging.getLogger("sftjob_operator.handlers")
 

@@ -1,0 +1,109 @@
+"""Child objects of one SFTJob: create them (once), suspend leftovers, find the ones stuck Pending."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+
+from kubernetes.client.exceptions import ApiException
+
+from ..api import SFTJobSpec
+from ..render.names import STAGE_TRAIN, STAGES, ChildNames
+from ..render.objects import RenderOptions, SFTJobRef, render_config_map, render_service, render_stage_job
+from ..render.observe import JobObs, PodObs, parse_time
+from ..render.stuck import JobEvent, Stuck, detect_stuck
+from .kube import Kube
+from .state import Memo
+
+log = logging.getLogger("sftjob_operator.reconcile")
+
+# Re-create a child that the index still does not show this long after we created it (deleted by hand).
+RECREATE_AFTER_S = 30.0
+
+
+class Children:
+    def __init__(self, kube: Kube, opts: RenderOptions, permanent_codes: tuple[int, ...]):
+        self.kube = kube
+        self.opts = opts
+        self.permanent_codes = permanent_codes
+
+    def ensure_base(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: Memo) -> None:
+        # Once the train Job exists its ConfigMap and Service were created before it.
+        if STAGE_TRAIN in jobs:
+            return
+        for key, obj in (("configmap", render_config_map(ref, spec)), ("service", render_service(ref))):
+            if key in memo.created:
+                continue
+            self.kube.create(obj)
+            memo.created[key] = time.monotonic()
+        self.create_job(STAGE_TRAIN, ref, spec, memo)
+
+    def create_job(self, stage: str, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
+        last = memo.created.get(stage)
+        if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
+            return  # created moments ago; the watch has not shown it yet
+        job = render_stage_job(stage, ref, spec, self.opts, self.permanent_codes)
+        if self.kube.create(job):
+            log.info("created %s Job %s/%s", stage, ref.namespace, job["metadata"]["name"])
+        memo.created[stage] = time.monotonic()
+
+    def stop_unfinished(self, namespace: str, jobs: list[JobObs]) -> None:
+        """A finished run keeps nothing running: suspend leftover Jobs (a Failed/Stuck run's Pending pods)."""
+        for job in jobs:
+            if job.uid and not job.finished and not job.suspended:
+                self.kube.set_job_suspend(namespace, job.name, True)
+
+    def find_stuck(
+        self,
+        namespace: str,
+        jobs: dict[str, JobObs],
+        pods: list[PodObs],
+        spec: SFTJobSpec,
+        now: datetime,
+    ) -> Stuck | None:
+        timeout = spec.run_policy.stuck_pending_timeout_seconds
+        for stage in STAGES:
+            job = jobs.get(stage)
+            if job is None or job.finished or job.suspended:
+                continue
+            stage_pods = [p for p in pods if p.stage == stage]
+            events: list[JobEvent] = []
+            live = [p for p in stage_pods if not p.deleting and p.phase in ("Pending", "Running")]
+            created = job.start_time
+            if (
+                not live
+                and job.active == 0
+                and created is not None
+                and (now - created).total_seconds() >= timeout
+            ):
+                try:
+                    events = [
+                        JobEvent(
+                            str(e.get("reason") or ""),
+                            str(e.get("message") or ""),
+                            parse_time(e.get("lastTimestamp") or e.get("eventTime")),
+                        )
+                        for e in self.kube.job_warning_events(namespace, job.name)
+                    ]
+                except ApiException as e:
+                    log.warning("listing events of Job %s/%s: %s", namespace, job.name, e.reason)
+            found = detect_stuck(stage_pods, created, job.active, job.suspended, events, now, timeout)
+            if found is not None:
+                return found
+        return None
+
+
+def refresh_created(
+    ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: Memo
+) -> dict[str, JobObs]:
+    """A Job we created whose watch event has not arrived yet counts as existing (fresh, not started)."""
+    out = dict(jobs)
+    for stage in STAGES:
+        if (
+            stage not in out
+            and stage in memo.created
+            and time.monotonic() - memo.created[stage] < RECREATE_AFTER_S
+        ):
+            out[stage] = JobObs(name=ChildNames(ref.name).job(stage), suspended=spec.suspend or ref.queued)
+    return out

@@ -1,0 +1,66 @@
+"""Events and metrics for what a reconcile changed: phase transitions, trainer restarts, stuck pods."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from .. import metrics
+from ..render import phase as ph
+from ..render.conditions import get_condition
+from ..render.observe import parse_time
+from ..render.stuck import Stuck
+from .kube import Kube
+from .state import Obj
+
+log = logging.getLogger("sftjob_operator.reconcile")
+
+
+def record_transition(
+    kube: Kube,
+    body: Obj,
+    prev: Obj,
+    status: Obj,
+    decision: ph.Decision,
+    stuck: Stuck | None,
+    now: datetime,
+) -> None:
+    prev_phase = prev.get("phase")
+    new_phase = decision.phase
+    restarts_before = int(prev.get("restarts") or 0)
+    if status["restarts"] > restarts_before:
+        metrics.RESTARTS.inc(status["restarts"] - restarts_before)
+        kube.post_event(
+            body,
+            "Warning",
+            "TrainerRestarted",
+            f"trainer failed with a retryable error ({status['restarts']} so far);"
+            " the next pod resumes from the newest checkpoint",
+        )
+    if prev_phase != new_phase or prev.get("reason") != decision.reason:
+        if prev_phase != new_phase:
+            metrics.TRANSITIONS.labels(from_phase=prev_phase or "", to_phase=new_phase).inc()
+        if new_phase == ph.TRAINING and not prev.get("trainingStartTime"):
+            created = parse_time(body["metadata"].get("creationTimestamp"))
+            if created is not None:
+                metrics.TIME_TO_TRAINING.observe(max((now - created).total_seconds(), 0.0))
+        etype = "Warning" if new_phase == ph.FAILED else "Normal"
+        if prev_phase != new_phase or new_phase == ph.FAILED:
+            kube.post_event(
+                body,
+                etype,
+                decision.reason or new_phase,
+                f"{prev_phase or 'New'} -> {new_phase}: {decision.message}",
+            )
+        log.info(
+            "%s/%s: %s -> %s (%s) %s",
+            body["metadata"]["namespace"],
+            body["metadata"]["name"],
+            prev_phase,
+            new_phase,
+            decision.reason,
+            decision.message,
+        )
+    prev_stuck = get_condition(list(prev.get("conditions") or []), "Stuck")
+    if stuck is not None and (prev_stuck is None or prev_stuck.get("status") != "True"):
+        kube.post_event(body, "Warning", f"Stuck{stuck.reason}", stuck.message)

@@ -1,0 +1,54 @@
+"""The progress reader: rank 0's trainer /metrics -> status.progress (rate-limited per SFTJob)."""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from datetime import datetime
+
+from .. import metrics
+from ..render.names import STAGE_TRAIN
+from ..render.observe import PodObs
+from ..render.progress import parse_progress, progress_changed
+from ..settings import Settings
+from .kube import Kube
+from .state import Memo, Obj
+
+log = logging.getLogger("sftjob_operator.reconcile")
+
+
+def read_progress(
+    settings: Settings, kube: Kube, body: Obj, prev: Obj, pods: list[PodObs], memo: Memo, now: datetime
+) -> None:
+    interval = settings.progress_interval
+    if time.monotonic() - memo.last_progress_write < interval * 0.8:
+        return  # rate limit: at most one progress write per interval per SFTJob
+    rank0 = next(
+        (
+            p
+            for p in pods
+            if p.stage == STAGE_TRAIN and p.index == 0 and p.phase == "Running" and p.ip and not p.deleting
+        ),
+        None,
+    )
+    if rank0 is None:
+        return
+    url = f"http://{rank0.ip}:{settings.trainer_metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=settings.progress_timeout) as resp:
+            text = resp.read(2_000_000).decode("utf-8", "replace")
+    except Exception as e:
+        metrics.PROGRESS_READS.labels(result="error").inc()
+        log.debug("progress read %s failed: %s", url, e)
+        return
+    progress = parse_progress(text, now)
+    if progress is None:
+        metrics.PROGRESS_READS.labels(result="empty").inc()
+        return
+    metrics.PROGRESS_READS.labels(result="ok").inc()
+    if not progress_changed(prev.get("progress"), progress):
+        return
+    meta = body["metadata"]
+    kube.patch_sftjob_status(meta["namespace"], meta["name"], {"progress": progress}, None)
+    memo.last_progress_write = time.monotonic()

@@ -1,0 +1,100 @@
+"""What the reconcile works from: slim copies of watched objects (kopf's indexes keep these) and the
+per-SFTJob memory of this process."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..render.names import COMPLETION_INDEX_LABEL
+
+Obj = dict[str, Any]
+
+
+@dataclass
+class Snapshot:
+    """Child Jobs and Pods of one SFTJob, copied out of kopf's indexes on the event loop."""
+
+    jobs: list[Obj] = field(default_factory=list)
+    pods: list[Obj] = field(default_factory=list)
+
+
+def slim_job(body: Any) -> Obj:
+    """What the index keeps of a child Job (small: 200+ SFTJobs fit in little memory)."""
+    meta = body.get("metadata", {})
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
+            "creationTimestamp": meta.get("creationTimestamp"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "spec": {
+            "suspend": body.get("spec", {}).get("suspend"),
+            "completions": body.get("spec", {}).get("completions"),
+        },
+        "status": json.loads(json.dumps(dict(body.get("status") or {}))),
+    }
+
+
+def slim_sftjob(body: Any) -> Obj:
+    """The SFTJob as last seen by the watch: reconciles start from it instead of a GET (a stale copy is caught
+    by the resourceVersion precondition of the status patch, and then re-read)."""
+    meta = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            k: json.loads(json.dumps(meta.get(k)))
+            for k in (
+                "name",
+                "namespace",
+                "uid",
+                "generation",
+                "resourceVersion",
+                "labels",
+                "creationTimestamp",
+                "deletionTimestamp",
+            )
+            if meta.get(k) is not None
+        },
+        "spec": json.loads(json.dumps(dict(body.get("spec") or {}))),
+        "status": json.loads(json.dumps(dict(body.get("status") or {}))),
+    }
+
+
+def slim_pod(body: Any) -> Obj:
+    meta = body.get("metadata", {})
+    status = body.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {
+                k: v for k, v in (meta.get("annotations") or {}).items() if k == COMPLETION_INDEX_LABEL
+            },
+            "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
+            "creationTimestamp": meta.get("creationTimestamp"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "status": {
+            "phase": status.get("phase"),
+            "podIP": status.get("podIP"),
+            "conditions": [
+                dict(c) for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
+            ],
+            "containerStatuses": json.loads(json.dumps(list(status.get("containerStatuses") or []))),
+        },
+    }
+
+
+@dataclass
+class Memo:
+    """Per-SFTJob memory of this process (lost on restart, rebuilt from the cluster)."""
+
+    created: dict[str, float] = field(default_factory=dict)  # child key -> monotonic time of create
+    last_progress_write: float = 0.0
+    ttl_done: bool = False
