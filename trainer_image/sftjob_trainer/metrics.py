@@ -2,7 +2,8 @@
 
 Names follow Prometheus conventions; labels are namespace/sftjob/rank only (plus `reason` on the drop counter).
 The operator's progress reader (sftjob_operator.render.progress) reads sft_train_step, sft_train_total_steps,
-sft_train_loss, sft_train_tokens_per_second, sft_train_eta_seconds and sft_train_epoch from rank 0.
+sft_train_loss, sft_train_tokens_per_second, sft_train_eta_seconds and sft_train_epoch from rank 0, and
+sft_train_checkpoint_step / sft_train_resumed_from_step for status.artifacts.latestCheckpoint.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TrainerMetrics:
         self.dropped = Counter("sft_data_rows_dropped", "Dataset rows dropped, by reason",
                                [*names, "reason"], registry=r)
         self.resumed_step = g("sft_train_resumed_from_step", "Checkpoint step this run resumed from (0: none)")
+        self.checkpoint_step = g("sft_train_checkpoint_step", "Step of the newest checkpoint this run saved (0: none)")
         self.port = None
         if port:
             self.server, _ = start_http_server(port, addr=os.environ.get("SFTJOB_METRICS_ADDR", "0.0.0.0"),

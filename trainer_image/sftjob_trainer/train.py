@@ -237,6 +237,7 @@ def train(cfg: TrainerConfig) -> int:
             checkpoint.save(engine, store, done, env.rank, staging,
                             {"step": done, "tokens": tokens_seen, "loss": loss}, cfg.output.keep_checkpoints)
             metrics.ckpt_seconds.observe(time.monotonic() - c0)
+            metrics.checkpoint_step.set(done)
             if is0:
                 log_json("checkpoint", step=done, seconds=round(time.monotonic() - c0, 3))
         if preempt:
