@@ -75,6 +75,13 @@ TRAINING_PANELS = [
         description="Mean time to write a checkpoint (all shards + COMPLETE marker).",
     ),
     Panel(
+        "Newest checkpoint",
+        f'max by (namespace, sftjob) ({{__name__=~"sft_train_checkpoint_step|sft_train_resumed_from_step", {RANK0}}})',
+        kind="stat",
+        description="Step of the newest complete checkpoint: saved by this run, else the one it resumed from"
+        " (status.artifacts.latestCheckpoint names its prefix).",
+    ),
+    Panel(
         "Memory in use",
         f"sft_memory_used_bytes{{{SEL}}}",
         unit="bytes",

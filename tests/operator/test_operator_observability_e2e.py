@@ -89,6 +89,22 @@ def test_every_dashboard_panel_returns_data(
             prometheus.query(expr, timeout=60)
         except TimeoutError:
             missing.append(f"{panel.title}: {expr}")
+    # The real trainer reports each checkpoint once saved (checkpoint_steps=5): what latestCheckpoint reads.
+    ckpt = prometheus.query(
+        promql(
+            'sft_train_checkpoint_step{namespace=~"$namespace", sftjob=~"$sftjob", rank="0"} >= 5',
+            namespace,
+            "obs",
+        ),
+        timeout=120,
+    )
+    step = int(float(ckpt[0]["value"][1]))
+    saved = [
+        int(m.parent.name.removeprefix("step-"))
+        for m in trainer_log.parent.glob("out/checkpoints/*/COMPLETE")
+    ]
+    # that checkpoint is complete on disk (or already rotated out by newer ones: keepCheckpoints is 2)
+    assert step in saved or len([s for s in saved if s > step]) >= 2, (step, saved)
     assert trainer_proc.poll() is None, f"trainer exited early:\n{trainer_log.read_text()[-3000:]}"
     assert not missing, "panels without data:\n" + "\n".join(missing)
     assert len(panels) >= 18

@@ -17,7 +17,7 @@ from sftjob_operator.render.observe import (
     observe_pod,
     parse_eval_results,
 )
-from sftjob_operator.render.progress import format_duration, parse_progress, progress_changed
+from sftjob_operator.render.progress import checkpoint_step, format_duration, parse_progress, progress_changed
 from sftjob_operator.render.stuck import JobEvent, detect_stuck, stuck_failure_message
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -385,6 +385,17 @@ def test_parse_progress() -> None:
     assert progress_changed(None, p)
     assert not progress_changed(p, {**p, "lastUpdate": "later"})
     assert progress_changed(p, {**p, "step": 121})
+
+
+def test_checkpoint_step_from_trainer_metrics() -> None:
+    assert checkpoint_step(METRICS) is None  # no checkpoint metrics at all
+    labels = 'namespace="ns",sftjob="j",rank="0"'
+    fresh = f"sft_train_checkpoint_step{{{labels}}} 0.0\nsft_train_resumed_from_step{{{labels}}} 0.0\n"
+    assert checkpoint_step(METRICS + fresh) is None  # 0: none saved, not resumed
+    resumed = f"sft_train_checkpoint_step{{{labels}}} 0.0\nsft_train_resumed_from_step{{{labels}}} 40.0\n"
+    assert checkpoint_step(resumed) == 40  # before its first save: the checkpoint it resumed from
+    saved = f"sft_train_checkpoint_step{{{labels}}} 60.0\nsft_train_resumed_from_step{{{labels}}} 40.0\n"
+    assert checkpoint_step(saved) == 60
 
 
 def test_format_duration() -> None:

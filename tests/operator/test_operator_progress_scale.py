@@ -1,4 +1,5 @@
-"""Progress from a real trainer-like /metrics endpoint on the rank-0 pod's loopback IP; many SFTJobs at once."""
+"""Progress and the newest checkpoint from the trainer's /metrics exporter on the rank-0 pod's loopback IP;
+many SFTJobs at once."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from typing import Any
 
 import pytest
 from conftest import Operator, apply, condition, sftjob, status, wait_phase
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from testbed.procs import wait_until
+
+from sftjob_trainer.metrics import TrainerMetrics
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.timeout(180)
-def test_progress_from_rank0_metrics(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
+def test_progress_from_rank0_metrics(
+    sftjob_crd: Any, namespace: str, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kube = sftjob_crd
     apply(kube, namespace, sftjob("prog", delay="60s", eval={"enabled": False}, merge={"enabled": False}))
     wait_phase(kube, namespace, "prog", "Training", 60, operator)
@@ -33,51 +37,49 @@ def test_progress_from_rank0_metrics(sftjob_crd: Any, namespace: str, operator: 
     ip = wait_until(rank0_ip, 30, "rank-0 pod IP")
     assert ip.startswith("127."), ip  # the test bed keeps pod IPs on loopback
 
-    # The trainer's metrics, served on the very address KWOK gave the pod.
-    reg = CollectorRegistry()
-    labels = {"namespace": namespace, "job": "prog", "rank": "0"}
-    gauges = {
-        n: Gauge(n, n, list(labels), registry=reg).labels(**labels)
-        for n in (
-            "sft_train_step",
-            "sft_train_total_steps",
-            "sft_train_loss",
-            "sft_train_tokens_per_second",
-            "sft_train_eta_seconds",
-            "sft_train_epoch",
-        )
-    }
-    for n, v in (
-        ("sft_train_step", 120),
-        ("sft_train_total_steps", 480),
-        ("sft_train_loss", 1.25),
-        ("sft_train_tokens_per_second", 2413.4),
-        ("sft_train_eta_seconds", 4330),
-        ("sft_train_epoch", 0.25),
-    ):
-        gauges[n].set(v)
-    server, _thread = start_http_server(operator.trainer_metrics_port, addr=ip, registry=reg)
+    # The trainer's own exporter (sftjob_trainer.metrics), served on the very address KWOK gave the pod.
+    monkeypatch.setenv("SFTJOB_METRICS_ADDR", ip)
+    tm = TrainerMetrics(namespace, "prog", 0, operator.trainer_metrics_port)
+    tm.step.set(120)
+    tm.total_steps.set(480)
+    tm.loss.set(1.25)
+    tm.tps.set(2413.4)
+    tm.eta.set(4330)
+    tm.epoch.set(0.25)
     try:
 
         def progress(summary: str) -> dict[str, Any] | None:
             p = status(kube, namespace, "prog").get("progress") or {}
             return p if p.get("summary") == summary else None
 
+        def latest_checkpoint() -> str | None:
+            return (status(kube, namespace, "prog").get("artifacts") or {}).get("latestCheckpoint")
+
         p = wait_until(lambda: progress("120/480 (25%)"), 30, "status.progress from rank 0")
         assert p["step"] == 120 and p["totalSteps"] == 480 and p["percent"] == 25.0
         assert p["loss"] == 1.25 and p["tokensPerSecond"] == 2413.4 and p["eta"] == "1h12m"
         assert p["epoch"] == 0.25 and p["lastUpdate"]
-        gauges["sft_train_step"].set(240)
-        gauges["sft_train_loss"].set(0.9)
+        assert latest_checkpoint() is None  # no checkpoint saved yet
+        tm.checkpoint_step.set(200)  # what train.py does after a successful checkpoint save
+        tm.step.set(240)
+        tm.loss.set(0.9)
         p = wait_until(lambda: progress("240/480 (50%)"), 30, "progress update")
         assert p["loss"] == 0.9
+        ckpts = f"s3://artifacts/sft/{namespace}/prog/checkpoints/"
+        uri = wait_until(latest_checkpoint, 30, "status.artifacts.latestCheckpoint")
+        assert uri == f"{ckpts}step-200/", uri
         out = kube.kubectl("get", "sft", "prog", "-n", namespace).stdout
         assert "240/480 (50%)" in out and "1h12m" in out, out
         text = operator.metrics()
         assert 'sftjob_operator_progress_reads_total{result="ok"}' in text
+        # the reconcile's own status writes keep it next to the other artifact URIs
+        tm.step.set(250)
+        wait_until(lambda: progress("250/480 (52.1%)"), 30, "progress update")
+        arts = status(kube, namespace, "prog")["artifacts"]
+        assert arts["latestCheckpoint"] == f"{ckpts}step-200/" and arts["checkpoints"] == ckpts, arts
     finally:
-        server.shutdown()
-        server.server_close()
+        tm.server.shutdown()
+        tm.server.server_close()
     kube.kubectl("delete", "sftjob", "prog", "-n", namespace, "--wait=false")
 
 

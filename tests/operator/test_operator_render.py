@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,11 @@ import yaml
 
 from sftjob_operator.api import parse_spec
 from sftjob_operator.render import objects as o
-from sftjob_operator.render.artifacts import artifacts, cluster_output_error, merge_enabled
+from sftjob_operator.render import phase as ph
+from sftjob_operator.render.artifacts import artifacts, checkpoint_uri, cluster_output_error, merge_enabled
 from sftjob_operator.render.names import LABEL_JOB_NAME, LABEL_STAGE, ChildNames
+from sftjob_operator.render.observe import JobObs
+from sftjob_operator.render.status import build_status
 from sftjob_operator.render.trainer_config import render_trainer_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -280,6 +284,42 @@ def test_trainer_config_and_artifacts(minimal: Any) -> None:
     assert a["merged"] == "s3://artifacts/sft/team-a/minimal/merged/"
 
 
+def test_checkpoint_uri_is_the_trainers_checkpoint_prefix(minimal: Any) -> None:
+    from sftjob_trainer.checkpoint import step_dir
+
+    _, spec = minimal
+    uri = checkpoint_uri(spec, "team-a", "minimal", 40)
+    assert uri == "s3://artifacts/sft/team-a/minimal/checkpoints/step-40/"
+    root = render_trainer_config("team-a", "minimal", spec)["run"]["outputRoot"]
+    assert uri == f"{root}{step_dir(40)}/"  # where the trainer writes it (sftjob_trainer.checkpoint)
+    assert uri.startswith(artifacts(spec, "team-a", "minimal")["checkpoints"])
+
+
+def test_status_keeps_latest_checkpoint_under_the_checkpoints_prefix(minimal: Any) -> None:
+    _, spec = minimal
+    body = {
+        "metadata": {"namespace": "team-a", "name": "minimal", "creationTimestamp": "2026-01-01T00:00:00Z"}
+    }
+    decision = ph.Decision(ph.TRAINING, "PodsRunning", "1 trainer pod running")
+    obs = ph.Observed(phase=ph.TRAINING, train=JobObs(name="minimal-train", active=1, ready=1))
+    now = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
+
+    def built(prev_artifacts: dict[str, str] | None) -> dict[str, str]:
+        prev = {"phase": ph.TRAINING, "artifacts": prev_artifacts} if prev_artifacts else {}
+        st = build_status(body, prev, spec, decision, obs, None, None, now, 1, ChildNames("minimal"))
+        arts: dict[str, str] = st["artifacts"]
+        return arts
+
+    assert "latestCheckpoint" not in built(None)
+    latest = checkpoint_uri(spec, "team-a", "minimal", 40)
+    # written by the progress reader; the reconcile's own artifacts keep it, so no status write undoes it
+    assert built({"latestCheckpoint": latest})["latestCheckpoint"] == latest
+    # a checkpoint of another output root (spec.output.uri changed) is not carried over
+    assert "latestCheckpoint" not in built(
+        {"latestCheckpoint": "s3://old/team-a/minimal/checkpoints/step-9/"}
+    )
+
+
 def test_merge_disabled_for_full_and_cluster_output_rule() -> None:
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["method"] = {"type": "full"}
@@ -298,6 +338,7 @@ def test_merge_disabled_for_full_and_cluster_output_rule() -> None:
 
 def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) -> None:
     import kubernetes_validate as kv
+
     ref, spec = multinode
     for child in all_children(ref, spec):
         kv.validate(child, "1.34", strict=True)

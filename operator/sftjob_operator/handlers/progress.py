@@ -1,4 +1,5 @@
-"""The progress reader: rank 0's trainer /metrics -> status.progress (rate-limited per SFTJob)."""
+"""The progress reader: rank 0's trainer /metrics -> status.progress and status.artifacts.latestCheckpoint
+(rate-limited per SFTJob)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import urllib.request
 from datetime import datetime
 
 from .. import metrics
+from ..api import SFTJobSpec
+from ..render.artifacts import checkpoint_uri
 from ..render.names import STAGE_TRAIN
 from ..render.observe import PodObs
-from ..render.progress import parse_progress, progress_changed
+from ..render.progress import checkpoint_step, parse_progress, progress_changed
 from ..settings import Settings
 from .kube import Kube
 from .state import Memo, Obj
@@ -19,7 +22,14 @@ log = logging.getLogger("sftjob_operator.reconcile")
 
 
 def read_progress(
-    settings: Settings, kube: Kube, body: Obj, prev: Obj, pods: list[PodObs], memo: Memo, now: datetime
+    settings: Settings,
+    kube: Kube,
+    body: Obj,
+    prev: Obj,
+    spec: SFTJobSpec,
+    pods: list[PodObs],
+    memo: Memo,
+    now: datetime,
 ) -> None:
     interval = settings.progress_interval
     if time.monotonic() - memo.last_progress_write < interval * 0.8:
@@ -47,8 +57,16 @@ def read_progress(
         metrics.PROGRESS_READS.labels(result="empty").inc()
         return
     metrics.PROGRESS_READS.labels(result="ok").inc()
-    if not progress_changed(prev.get("progress"), progress):
-        return
     meta = body["metadata"]
-    kube.patch_sftjob_status(meta["namespace"], meta["name"], {"progress": progress}, None)
+    patch: Obj = {}
+    if progress_changed(prev.get("progress"), progress):
+        patch["progress"] = progress
+    step = checkpoint_step(text)
+    if step is not None:
+        latest = checkpoint_uri(spec, meta["namespace"], meta["name"], step)
+        if (prev.get("artifacts") or {}).get("latestCheckpoint") != latest:
+            patch["artifacts"] = {"latestCheckpoint": latest}  # a merge patch: the other keys stay
+    if not patch:
+        return
+    kube.patch_sftjob_status(meta["namespace"], meta["name"], patch, None)
     memo.last_progress_write = time.monotonic()

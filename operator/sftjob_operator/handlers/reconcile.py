@@ -222,5 +222,5 @@ class Reconciler:
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
         record_transition(self.kube, body, prev, status, decision, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:
-            read_progress(self.settings, self.kube, body, prev, pod_obs, memo, now)
+            read_progress(self.settings, self.kube, body, prev, spec, pod_obs, memo, now)
         return decision.phase

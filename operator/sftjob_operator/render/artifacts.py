@@ -25,6 +25,11 @@ def artifacts(spec: SFTJobSpec, namespace: str, name: str) -> dict[str, str]:
     return out
 
 
+def checkpoint_uri(spec: SFTJobSpec, namespace: str, name: str, step: int) -> str:
+    """The prefix of the trainer's checkpoint of `step` (sftjob_trainer.checkpoint.step_dir under the root)."""
+    return f"{artifact_root(spec, namespace, name)}checkpoints/step-{step}/"
+
+
 def merge_enabled(spec: SFTJobSpec) -> bool:
     """Merging folds an adapter into the base model: nothing to merge for method full."""
     return spec.merge.enabled and spec.method.type != "full"

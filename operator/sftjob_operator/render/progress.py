@@ -15,6 +15,8 @@ LOSS = ("sft_train_loss",)
 TPS = ("sft_train_tokens_per_second",)
 ETA = ("sft_train_eta_seconds",)
 EPOCH = ("sft_train_epoch",)
+# The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
+CHECKPOINT = ("sft_train_checkpoint_step", "sft_train_resumed_from_step")
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -77,6 +79,14 @@ def parse_progress(text: str, now: datetime) -> dict[str, Any] | None:
         out["epoch"] = round(epoch, 3)
     out["lastUpdate"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     return out
+
+
+def checkpoint_step(text: str) -> int | None:
+    """Step of the newest complete checkpoint the trainer reports; None when it has none (yet)."""
+    samples = _samples(text)
+    steps = [samples[n] for n in CHECKPOINT if n in samples]
+    step = int(max(steps)) if steps else 0
+    return step if step > 0 else None
 
 
 def progress_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:

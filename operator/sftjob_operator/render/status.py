@@ -114,7 +114,13 @@ def build_status(
         "restarts": max(int(prev.get("restarts") or 0), obs.train.failed if obs.train else 0),
     }
     if spec is not None and decision.reason != ph.R_INVALID_SPEC:
-        status["artifacts"] = artifacts(spec, meta["namespace"], meta["name"])
+        arts = artifacts(spec, meta["namespace"], meta["name"])
+        # latestCheckpoint is the progress reader's (from the trainer's metrics): keep it while it is
+        # under this spec's checkpoints prefix.
+        latest = (prev.get("artifacts") or {}).get("latestCheckpoint")
+        if isinstance(latest, str) and latest.startswith(arts["checkpoints"]):
+            arts["latestCheckpoint"] = latest
+        status["artifacts"] = arts
         children = {"configMap": names.config_map, "service": names.service, "trainJob": names.train_job}
         if obs.eval is not None:
             children["evalJob"] = names.eval_job
