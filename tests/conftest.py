@@ -6,6 +6,8 @@ Fixtures
   namespace     function  a fresh namespace name in `kube`, deleted afterwards
   prometheus    session   a real Prometheus (testbed.prom.Prometheus)
   testbed_logs  session   directory holding every component's log
+  tiny_model_dir session  a tiny Llama + BPE tokenizer saved offline (trainer.tiny), shared by the trainer
+                          and pipeline tests
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path):  #
         yield prom
     finally:
         prom.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from trainer.tiny import make_model_dir
+
+    return make_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.hookimpl(wrapper=True)

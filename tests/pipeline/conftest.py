@@ -1,4 +1,4 @@
-"""Fixtures for the eval/merge/artifacts/`sftjob run` tests: the trainer tests' tiny Llama (reused, not copied)
+"""Fixtures for the eval/merge/artifacts/`sftjob run` tests: the tiny Llama (`tiny_model_dir`, tests/conftest.py)
 plus a LoRA adapter with non-zero B matrices, so base and adapted models really differ."""
 
 from __future__ import annotations
@@ -11,13 +11,6 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from trainer.tiny import make_model_dir
-
-    return make_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 def make_adapter(model_dir: str, out_dir: str, seed: int = 1, std: float = 0.05) -> str:

