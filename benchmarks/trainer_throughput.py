@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 
-MODES = ("ours", "trl_default", "trl_packing", "trl_padding_free")
+# ours: checkpointing policy "selective" (our default); ours_full: full-layer recomputation, like TRL's
+MODES = ("ours", "ours_full", "trl_default", "trl_packing", "trl_padding_free")
 MODEL = "smollm2-135m-instruct"
 MAX_LEN, BATCH, LR, R = 512, 8, 2e-4, 16
 # Our micro-batch: 2 packed rows x 4 accumulation steps = the same 8 sequences per optimizer step, with a
@@ -54,7 +55,7 @@ def vm_hwm() -> int:
     return 0
 
 
-def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str) -> dict:
+def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str, policy: str) -> dict:
     from sftjob_trainer.config import parse_config
     from sftjob_trainer.train import train
 
@@ -70,7 +71,8 @@ def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str) -> dict:
                     "evalSplit": 0.01},
         "method": {"type": "lora", "lora": {"r": R, "alpha": 32, "dropout": 0.05}},
         "training": {"maxSteps": steps, "learningRate": LR, "globalBatchSize": BATCH, "microBatchSize": MICRO,
-                     "gradientCheckpointing": gc, "checkpointSteps": 10_000, "warmupRatio": 0.0},
+                     "gradientCheckpointing": gc, "checkpointingPolicy": policy, "checkpointSteps": 10_000,
+                     "warmupRatio": 0.0},
         "output": {"uri": os.path.join(tmp, "out")}, "eval": {"enabled": False}, "merge": {"enabled": False},
         "runtime": {"metricsPort": 0, "workDir": os.path.join(tmp, "work")},
     })
@@ -134,7 +136,10 @@ def worker(mode: str, steps: int, gc: bool) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         rows = make_rows()
-        res = run_ours(rows, steps, gc, tmp) if mode == "ours" else run_trl(rows, steps, gc, tmp, mode)
+        if mode.startswith("ours"):
+            res = run_ours(rows, steps, gc, tmp, "full" if mode == "ours_full" else "selective")
+        else:
+            res = run_trl(rows, steps, gc, tmp, mode)
     res.update(mode=mode, peak_rss_bytes=vm_hwm(), tokens_per_second=res["tokens"] / res["seconds"])
     print("RESULT " + json.dumps(res), flush=True)
 

@@ -84,7 +84,7 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 
 def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_state: dict[str, Any],
-         keep: int) -> None:
+         keep: int, save_frozen: bool = True) -> None:
     import torch
     import torch.distributed as dist
 
@@ -92,7 +92,7 @@ def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_
     local = os.path.join(staging, f"rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
     os.makedirs(local, exist_ok=True)
-    engine.save_checkpoint(local, tag=tag)
+    engine.save_checkpoint(local, tag=tag, exclude_frozen_parameters=not save_frozen)
     torch.save(rng_state(), os.path.join(local, tag, f"rng_state_rank{rank}.pt"))
     store.upload_dir(os.path.join(local, tag), step_dir(step))
     shutil.rmtree(local, ignore_errors=True)
@@ -105,7 +105,8 @@ def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_
     dist.barrier()
 
 
-def load(engine: Any, store: Store, step: int, rank: int, staging: str) -> dict[str, Any]:
+def load(engine: Any, store: Store, step: int, rank: int, staging: str,
+         frozen_saved: bool = True) -> dict[str, Any]:
     """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state."""
     import torch
     import torch.distributed as dist
@@ -121,7 +122,7 @@ def load(engine: Any, store: Store, step: int, rank: int, staging: str) -> dict[
     shutil.rmtree(local, ignore_errors=True)
     store.download_dir(step_dir(step), os.path.join(local, tag))
     path, _ = engine.load_checkpoint(local, tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+                                     load_lr_scheduler_states=True, load_module_strict=frozen_saved)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint step-{step}")
     rng_file = os.path.join(local, tag, f"rng_state_rank{rank}.pt")

@@ -41,6 +41,7 @@ class ModelSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
     gradient_checkpointing: bool = False
+    checkpointing_policy: str = "selective"  # selective | full (speed.checkpointing_kwargs)
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
 
 
@@ -140,14 +141,16 @@ def load_base(model_dir: str, spec: ModelSpec) -> Any:
 
 def apply_method(model: Any, spec: ModelSpec) -> Any:
     """Attach adapters (lora/qlora) or unfreeze everything (full); enable gradient checkpointing."""
+    from .speed import checkpointing_kwargs
+
+    ckpt_kw = checkpointing_kwargs(spec.checkpointing_policy)
     if spec.method == "qlora":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=spec.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kw)
     elif spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kw)
     if spec.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -159,7 +162,14 @@ def apply_method(model: Any, spec: ModelSpec) -> Any:
     lc = spec.lora
     cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, task_type="CAUSAL_LM",
                      target_modules=lc.target_modules, use_dora=lc.use_dora, use_rslora=lc.use_rslora)
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    import torch
+
+    if not torch.cuda.is_available():  # CUDA's fused dropout is already cheap
+        from .speed import use_fast_lora_dropout
+
+        use_fast_lora_dropout(model)
+    return model
 
 
 def load_for_training(spec: ModelSpec, cache_dir: str) -> tuple[Any, Any, str]:

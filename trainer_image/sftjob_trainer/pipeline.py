@@ -26,7 +26,8 @@ def model_spec(cfg: TrainerConfig, on_gpu: bool) -> ModelSpec:
         lora=LoraSpec(r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=targets,
                       use_dora=m.lora.use_dora, use_rslora=m.lora.use_rslora),
         quant=QuantSpec(quant_type=q.quant_type, double_quant=q.double_quant) if q else QuantSpec(),
-        gradient_checkpointing=cfg.training.gradient_checkpointing, dtype=dtype)
+        gradient_checkpointing=cfg.training.gradient_checkpointing,
+        checkpointing_policy=cfg.training.checkpointing_policy, dtype=dtype)
 
 
 def cache_dir(cfg: TrainerConfig) -> str:

@@ -21,6 +21,7 @@ from .exit_codes import Preempted
 from .metrics import TrainerMetrics, log_json
 from .packing import collate, epoch_order, micro_batches_for, pack_rows, single_rows
 from .schedule import deepspeed_config, lr_factor, plan_batches
+from .speed import effective_zero_stage
 from .storage import open_store
 
 
@@ -169,16 +170,20 @@ def train(cfg: TrainerConfig) -> int:
                                                                           t.scheduler))
 
     ds = cfg.resources.deepspeed
-    ds_cfg = deepspeed_config(micro=plan.micro, accum=plan.accum, world=env.world_size, stage=ds.zero_stage,
+    stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
+    if is0:
+        log_json("deepspeed", zero_stage=stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size)
+    ds_cfg = deepspeed_config(micro=plan.micro, accum=plan.accum, world=env.world_size, stage=stage,
                               offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
                               bf16=bf16, fp16=False, grad_clip=t.max_grad_norm)
     engine, _, _, sched = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=make_sched,
                                                config=ds_cfg)
 
     start, tokens_seen = 0, 0
+    full = cfg.method.type == "full"  # adapters: the frozen base comes from the model source, not checkpoints
     resume = checkpoint.newest_complete(store.list(checkpoint.PREFIX))
     if resume is not None:
-        state = checkpoint.load(engine, store, resume, env.rank, staging)
+        state = checkpoint.load(engine, store, resume, env.rank, staging, frozen_saved=full)
         start, tokens_seen = int(state["step"]), int(state.get("tokens", 0))
         metrics.resumed_step.set(start)
         if is0:
@@ -235,7 +240,8 @@ def train(cfg: TrainerConfig) -> int:
         if (done % t.checkpoint_steps == 0 or preempt) and done < plan.total_steps:
             c0 = time.monotonic()
             checkpoint.save(engine, store, done, env.rank, staging,
-                            {"step": done, "tokens": tokens_seen, "loss": loss}, cfg.output.keep_checkpoints)
+                            {"step": done, "tokens": tokens_seen, "loss": loss}, cfg.output.keep_checkpoints,
+                            save_frozen=full)
             metrics.ckpt_seconds.observe(time.monotonic() - c0)
             metrics.checkpoint_step.set(done)
             if is0:

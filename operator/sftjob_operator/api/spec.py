@@ -173,7 +173,10 @@ class TrainingSpec(ApiModel):
     micro_batch_size: int = Field(default=4, ge=1, le=4096)
     """Samples per rank per forward pass; gradient accumulation = global / (micro x world size)."""
     gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass to save memory (~20% slower)."""
+    """Recompute activations in the backward pass instead of keeping them (saves memory)."""
+    checkpointing_policy: Literal["selective", "full"] = "selective"
+    """With gradient checkpointing: selective keeps matmul and attention outputs and recomputes the cheap
+    ops (norms, activations, dropout); full recomputes whole layers (least memory, ~1.5x the compute)."""
     seed: int = Field(default=42, ge=0, le=2**31 - 1)
     """Seed for data order, split, adapter init and dropout."""
     checkpoint_steps: int = Field(default=100, ge=1, le=10_000_000)
