@@ -170,9 +170,13 @@ def main() -> None:
         print(f"done: {results[-1]}", file=sys.stderr, flush=True)
     print(f"\ngradient checkpointing: {'on' if gc else 'off'}; {a.steps} steps (first untimed); "
           f"batch {BATCH} x <= {MAX_LEN} tokens; LoRA r{R}; SmolLM2-135M fp32 on CPU ({os.cpu_count()} cores)")
-    print(f"{'mode':<18} {'real tok/s':>11} {'peak RSS GB':>12}")
+    print(f"{'mode':<18} {'real tok/s':>11} {'peak RSS GB':>12} {'ours / mode':>12} {'ours RSS <= mode':>17}")
+    ours = next((r for r in results if r["mode"] == "ours"), None)
     for r in results:
-        print(f"{r['mode']:<18} {r['tokens_per_second']:>11.1f} {r['peak_rss_bytes'] / 1e9:>12.2f}")
+        ratio = f"{ours['tokens_per_second'] / r['tokens_per_second']:.2f}x" if ours else "-"
+        fits = ("yes" if ours["peak_rss_bytes"] <= r["peak_rss_bytes"] else "no") if ours else "-"
+        print(f"{r['mode']:<18} {r['tokens_per_second']:>11.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} {ratio:>12} "
+              f"{fits:>17}")
 
 
 if __name__ == "__main__":

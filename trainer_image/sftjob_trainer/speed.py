@@ -7,9 +7,10 @@
   LoRA matmuls it feeds (20% of a SmolLM2 step). The same Bernoulli(p) mask from 16-bit random integers is
   ~3x cheaper; p is rounded to a multiple of 1/32768 and the kept values are scaled by 1/(1 - that p), so
   the expectation is exact.
-- `selective_checkpointing`: gradient checkpointing that keeps the outputs of matmuls and attention (the
-  expensive ops) and recomputes the cheap elementwise ones (norms, SiLU, RoPE, dropout, residual adds).
-  Most of the activation memory is still freed, at a fraction of full recomputation's cost.
+- `checkpointing_kwargs("selective")`: gradient checkpointing that keeps the outputs of the base model's
+  matmuls and of attention (the expensive ops) and recomputes the cheap ones (norms, SiLU, RoPE, dropout,
+  residual adds, LoRA's rank-r products). Most activation memory is still freed, at a fraction of full
+  recomputation's cost.
 """
 
 from __future__ import annotations
@@ -67,18 +68,31 @@ def use_fast_lora_dropout(model: nn.Module) -> int:
     return n
 
 
-# ops whose outputs are kept: recomputing them is what makes full checkpointing ~1.5x slower
-_SAVE = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-         torch.ops.aten._scaled_dot_product_efficient_attention.default,
-         torch.ops.aten._scaled_dot_product_flash_attention.default,
-         torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+# outputs kept: recomputing these is what makes full checkpointing ~1.5x slower
+_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+              torch.ops.aten._scaled_dot_product_efficient_attention.default,
+              torch.ops.aten._scaled_dot_product_flash_attention.default,
+              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+_MATMUL_ARGS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
+
+
+def must_save(op: Any, args: tuple[Any, ...]) -> bool:
+    """Attention, and matmuls except low-rank expansions: LoRA's up-projection (inner dim r, output d_out)
+    costs only 2r flops per output value to redo, while keeping its output costs as much memory as
+    keeping the base projection's."""
+    if op in _ATTENTION:
+        return True
+    first = _MATMUL_ARGS.get(op)
+    if first is None:
+        return False
+    inner, width = int(args[first].shape[-1]), int(args[first + 1].shape[-1])
+    return 4 * inner >= width
 
 
 def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     from torch.utils.checkpoint import CheckpointPolicy
 
-    return CheckpointPolicy.MUST_SAVE if op in _SAVE else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if must_save(op, args) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpointing_kwargs(policy: str) -> dict[str, Any]:
