@@ -79,6 +79,14 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
                   "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
             assert f"checkpoints/step-{step}/{f}" in ref_keys, ref_keys
     assert "adapter/adapter_model.safetensors" in ref_keys and "adapter/adapter_config.json" in ref_keys
+    # adapter checkpoints leave the frozen base out (it is reloaded from model.uri on resume)
+    import torch
+
+    dest = str(tmp_path / "model_states.pt")
+    s3.client().download_file(s3.bucket, "ref/checkpoints/step-4/zero_pp_rank_0_mp_rank_00_model_states.pt", dest)
+    states = torch.load(dest, weights_only=False)
+    assert not states.get("frozen_param_fragments") and not states.get("frozen_param_shapes")
+    assert states["module"] is None or all("lora_" in k for k in states["module"])
 
     # 2. same run, killed with SIGKILL (whole process group) right after checkpoint step-4 is complete
     cfg_b = config("crash")
@@ -110,8 +118,6 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     a = adapter_tensors(s3, "ref/", tmp_path)
     b = adapter_tensors(s3, "crash/", tmp_path)
     assert a.keys() == b.keys() and len(a) > 0
-    import torch
-
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at 0: it trained
