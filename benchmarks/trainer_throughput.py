@@ -22,13 +22,14 @@ import sys
 import tempfile
 import time
 
-# ours: checkpointing policy "selective" (our default); ours_full: full-layer recomputation, like TRL's
-MODES = ("ours", "ours_full", "trl_default", "trl_packing", "trl_padding_free")
+# ours: checkpointing policy "selective" (our default), 1 packed row per forward; ours_2rows: 2 rows per forward
+# (faster, more memory); ours_full: full-layer recomputation, like TRL's
+OURS = {"ours": ("selective", 1), "ours_2rows": ("selective", 2), "ours_full": ("full", 1)}
+MODES = (*OURS, "trl_default", "trl_packing", "trl_padding_free")
 MODEL = "smollm2-135m-instruct"
 MAX_LEN, BATCH, LR, R = 512, 8, 2e-4, 16
-# Our micro-batch: 2 packed rows x 4 accumulation steps = the same 8 sequences per optimizer step, with a
-# quarter of the activation memory (a packed row of 512 tokens holds ~4 of TRL's unpacked samples).
-MICRO = 2
+# Our micro-batch: 1 packed row x 8 accumulation steps (or 2 x 4) = the same 8 sequences per optimizer step;
+# a packed row of 512 tokens holds ~4 of TRL's unpacked samples.
 _TEXT = ("the a of to and in is it that for on with as was at by an be this from or are have not but "
          "model data train token loss step batch learning rate memory speed pack sample answer question "
          "value result number list order item first second last name city river mountain color")
@@ -55,7 +56,7 @@ def vm_hwm() -> int:
     return 0
 
 
-def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str, policy: str) -> dict:
+def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str, policy: str, micro: int) -> dict:
     from sftjob_trainer.config import parse_config
     from sftjob_trainer.train import train
 
@@ -70,7 +71,7 @@ def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str, policy: str) -> d
         "dataset": {"train": [data], "format": "messages", "maxSeqLength": MAX_LEN, "packing": True,
                     "evalSplit": 0.01},
         "method": {"type": "lora", "lora": {"r": R, "alpha": 32, "dropout": 0.05}},
-        "training": {"maxSteps": steps, "learningRate": LR, "globalBatchSize": BATCH, "microBatchSize": MICRO,
+        "training": {"maxSteps": steps, "learningRate": LR, "globalBatchSize": BATCH, "microBatchSize": micro,
                      "gradientCheckpointing": gc, "checkpointingPolicy": policy, "checkpointSteps": 10_000,
                      "warmupRatio": 0.0},
         "output": {"uri": os.path.join(tmp, "out")}, "eval": {"enabled": False}, "merge": {"enabled": False},
@@ -122,7 +123,10 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
                     max_length=None if mode == "trl_padding_free" else MAX_LEN, packing=mode == "trl_packing",
                     padding_free=mode == "trl_padding_free", gradient_checkpointing=gc, use_cpu=True,
                     report_to=[], save_strategy="no", logging_steps=1, lr_scheduler_type="constant",
-                    dataloader_num_workers=0, seed=42)
+                    dataloader_num_workers=0, seed=42,
+                    # SFTConfig defaults to bf16=True: CPU autocast to bf16, which on CPUs without AVX512-BF16
+                    # runs PyTorch's scalar fallback GEMM (~10x slower). Both sides compute in fp32 here.
+                    bf16=False, fp16=False)
     peft_cfg = LoraConfig(r=R, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                           task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
@@ -136,8 +140,8 @@ def worker(mode: str, steps: int, gc: bool) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         rows = make_rows()
-        if mode.startswith("ours"):
-            res = run_ours(rows, steps, gc, tmp, "full" if mode == "ours_full" else "selective")
+        if mode in OURS:
+            res = run_ours(rows, steps, gc, tmp, *OURS[mode])
         else:
             res = run_trl(rows, steps, gc, tmp, mode)
     res.update(mode=mode, peak_rss_bytes=vm_hwm(), tokens_per_second=res["tokens"] / res["seconds"])
