@@ -3,13 +3,13 @@
 - `effective_zero_stage`: ZeRO partitions parameters, gradients and optimizer state *across ranks*; with one
   rank and no offload there is nothing to split, but stage 3 still gathers and frees every parameter around
   every module call (three times per micro-batch with gradient checkpointing). Stage 0 there.
-- `FastDropout`: peft's LoRA dropout draws a float Bernoulli mask per element, which on CPU costs ~25x the
-  LoRA matmuls it feeds (20% of a SmolLM2 step). The same Bernoulli(p) mask from 16-bit random integers is
+- `FastDropout`: peft's LoRA dropout draws a float Bernoulli mask per element, which on CPU costs tens of times
+  the LoRA matmul it feeds (20% of a SmolLM2 step). The same Bernoulli(p) mask from 16-bit random integers is
   ~3x cheaper; p is rounded to a multiple of 1/32768 and the kept values are scaled by 1/(1 - that p), so
   the expectation is exact.
 - `checkpointing_kwargs("selective")`: gradient checkpointing that keeps the outputs of the base model's
   matmuls and of attention (the expensive ops) and recomputes the cheap ones (norms, SiLU, RoPE, dropout,
-  residual adds, LoRA's rank-r products). Most activation memory is still freed, at a fraction of full
+  residual adds, LoRA's rank-r up-projections). Most activation memory is still freed, at a fraction of full
   recomputation's cost.
 """
 
