@@ -137,6 +137,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
         interval=settings.progress_interval,
         registry=registry,
         initial_delay=min(settings.progress_interval, 5.0),
+        # a failed tick is retried after `backoff` (kopf's default: 60 s), which would stall TTL, stuck
+        # detection and progress for a minute
+        backoff=max(settings.progress_interval, 1.0),
     )
     @metrics.instrumented("timer")
     async def tick(
