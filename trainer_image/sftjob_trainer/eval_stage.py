@@ -74,11 +74,12 @@ def loss_sum(model: Any, examples: list[Example], pad_id: int, max_tokens: int =
     from .packing import collate
 
     wrapper = SelectiveLossLM(model).eval()
+    dev = next(model.parameters()).device  # inputs go where the model is (GPU when present)
     total, n = 0.0, 0
     with torch.no_grad():
         for idx in length_batches([len(e.input_ids) for e in examples], max_tokens):
             b = collate([[i] for i in idx], examples, pad_id)
-            s, k = wrapper(b["input_ids"], b["position_ids"], b["targets"])
+            s, k = wrapper(*(b[name].to(dev) for name in ("input_ids", "position_ids", "targets")))
             total += float(s)
             n += int(k)
     return total, n
@@ -90,6 +91,7 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
+    dev = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
     for idx in length_batches([len(p) for p in prompts], 1 << 30, batch_size):
         width = max(len(prompts[i]) for i in idx)
@@ -100,7 +102,7 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
             ids[r, width - len(p):] = torch.tensor(p)
             mask[r, width - len(p):] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos_ids,
                                  pad_token_id=pad)
         for r, i in enumerate(idx):
@@ -179,6 +181,8 @@ def load_models(cfg: TrainerConfig, store: Any, work: str) -> tuple[Any, Any, An
             raise exit_codes.PermanentError("no trained model under model/: did training finish?")
         base = load_base(model_dir, spec).eval()
         trained = load_base(trained_dir, spec).eval()
+        if on_gpu:  # 4-bit models are placed on the GPU by transformers; full precision ones are not
+            base, trained = base.to("cuda"), trained.to("cuda")
 
         @contextlib.contextmanager
         def as_base() -> Any:
@@ -190,6 +194,8 @@ def load_models(cfg: TrainerConfig, store: Any, work: str) -> tuple[Any, Any, An
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(load_base(model_dir, spec), adapter_dir).eval()
+    if on_gpu and cfg.method.type != "qlora":  # 4-bit models are already there (transformers places them)
+        model = model.to("cuda")
 
     @contextlib.contextmanager
     def as_base_adapter() -> Any:

@@ -83,7 +83,8 @@ def _allreduce(values: list[float]) -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL reduces CUDA tensors only
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return [float(x) for x in t]
 
@@ -209,7 +210,7 @@ def train(cfg: TrainerConfig) -> int:
         lr = sched.get_last_lr()[0]
         loss_sum = 0.0
         for b in batches:
-            out, _ = engine(b["input_ids"], b["position_ids"], b["targets"])
+            out, _ = engine(*(b[name].to(engine.device) for name in ("input_ids", "position_ids", "targets")))
             engine.backward(out * scale)
             engine.step()
             loss_sum += float(out.detach())
