@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
 
 step "python packages"
-"$PY" -m pip install -q -e '.[dev]'
+"$PY" -m pip install -q -c constraints.txt -e '.[dev]'   # constraints.txt: the versions the suite passed with
 PYTHON="$PY" bash trainer_image/install.sh
 
 step "test bed (control plane binaries, prometheus)"
