@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -21,31 +22,14 @@ def _run(a: argparse.Namespace) -> int:
 
 
 def _model(a: argparse.Namespace) -> int:
-    from sftjob_trainer import model_cache
-    from sftjob_trainer.exit_codes import TrainerError
-
-    if a.model_cmd == "list":
-        for name, km in sorted(model_cache.KNOWN.items()):
-            state = model_cache.model_dir(name) if model_cache.is_prepared(name) else "not prepared"
-            print(f"{name:28s} {state}\n{'':28s} {km.description}")
-        return 0
-    try:
-        path = model_cache.prepare(a.name, force=a.force)
-    except TrainerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(path)
-    return 0
+    # The model cache is the trainer's (it needs the ML stack to convert models): run its entry point.
+    argv = [a.model_cmd] + ([a.name, *(["--force"] if a.force else [])] if a.model_cmd == "prepare" else [])
+    return subprocess.call([sys.executable, "-m", "sftjob_trainer", "model", *argv])
 
 
 def _operator(argv: Sequence[str]) -> int:
-    # ---- the operator engineer's entry point plugs in here (sftjob_operator.main.run) ----
-    from . import main as operator_main
+    from .main import run
 
-    run = getattr(operator_main, "run", None)
-    if run is None:
-        print("error: this build has no operator entry point", file=sys.stderr)
-        return 1
     return int(run(list(argv)) or 0)
 
 

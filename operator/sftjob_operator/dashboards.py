@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sftjob_api import metric_names as m
+
 DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "helm" / "sftjob-operator" / "dashboards"
 SEL = 'namespace=~"$namespace", sftjob=~"$sftjob"'
 RANK0 = SEL + ', rank="0"'
@@ -34,7 +36,7 @@ class Panel:
 TRAINING_PANELS = [
     Panel(
         "Training loss",
-        f"sft_train_loss{{{RANK0}}}",
+        f"{m.TRAIN_LOSS}{{{RANK0}}}",
         description="Mean loss of the last optimizer step (rank 0).",
     ),
     Panel(
@@ -44,53 +46,53 @@ TRAINING_PANELS = [
     ),
     Panel(
         "Learning rate",
-        f"sft_learning_rate{{{RANK0}}}",
+        f"{m.LEARNING_RATE}{{{RANK0}}}",
         description="Scheduler output (warmup, then cosine).",
     ),
     Panel(
         "Tokens per second (all ranks)",
-        f"sum by (namespace, sftjob) (rate(sft_train_tokens_total{{{SEL}}}[1m]))",
+        f"sum by (namespace, sftjob) (rate({m.TRAIN_TOKENS}_total{{{SEL}}}[1m]))",
         unit="short",
         description="Real (non-padding) tokens trained per second, summed over ranks.",
     ),
     Panel(
         "Progress",
-        f"100 * sft_train_step{{{RANK0}}} / sft_train_total_steps{{{RANK0}}}",
+        f"100 * {m.TRAIN_STEP}{{{RANK0}}} / {m.TRAIN_TOTAL_STEPS}{{{RANK0}}}",
         unit="percent",
         kind="stat",
         description="Optimizer steps done over steps planned.",
     ),
     Panel(
-        "ETA", f"sft_train_eta_seconds{{{RANK0}}}", unit="s", kind="stat", description="Estimated time left."
+        "ETA", f"{m.TRAIN_ETA_SECONDS}{{{RANK0}}}", unit="s", kind="stat", description="Estimated time left."
     ),
     Panel(
         "Gradient norm",
-        f"sft_train_grad_norm{{{RANK0}}}",
+        f"{m.TRAIN_GRAD_NORM}{{{RANK0}}}",
         description="Global gradient norm before clipping; spikes precede loss explosions.",
     ),
     Panel(
         "Checkpoint save duration",
-        f"rate(sft_checkpoint_save_duration_seconds_sum{{{RANK0}}}[15m]) / rate(sft_checkpoint_save_duration_seconds_count{{{RANK0}}}[15m])",
+        f"rate({m.CHECKPOINT_SAVE_SECONDS}_sum{{{RANK0}}}[15m]) / rate({m.CHECKPOINT_SAVE_SECONDS}_count{{{RANK0}}}[15m])",
         unit="s",
         description="Mean time to write a checkpoint (all shards + COMPLETE marker).",
     ),
     Panel(
         "Newest checkpoint",
-        f'max by (namespace, sftjob) ({{__name__=~"sft_train_checkpoint_step|sft_train_resumed_from_step", {RANK0}}})',
+        f'max by (namespace, sftjob) ({{__name__=~"{m.TRAIN_CHECKPOINT_STEP}|{m.TRAIN_RESUMED_FROM_STEP}", {RANK0}}})',
         kind="stat",
         description="Step of the newest complete checkpoint: saved by this run, else the one it resumed from"
         " (status.artifacts.latestCheckpoint names its prefix).",
     ),
     Panel(
         "Memory in use",
-        f"sft_memory_used_bytes{{{SEL}}}",
+        f"{m.MEMORY_USED_BYTES}{{{SEL}}}",
         unit="bytes",
         legend="{{sftjob}} rank {{rank}}",
         description="GPU memory allocated by torch per rank; process RSS on CPU.",
     ),
     Panel(
         "Samples dropped",
-        f"sum by (namespace, sftjob, reason) (sft_data_rows_dropped_total{{{RANK0}}})",
+        f"sum by (namespace, sftjob, reason) ({m.DATA_ROWS_DROPPED}_total{{{RANK0}}})",
         legend="{{sftjob}} {{reason}}",
         description="Rows the data pipeline dropped, by reason (malformed, too long, duplicate, ...).",
     ),
@@ -206,8 +208,8 @@ def dashboard(uid: str, title: str, panels: list[Panel], with_job_variables: boo
     ]
     if with_job_variables:
         variables += [
-            _variable("namespace", "label_values(sft_train_step, namespace)"),
-            _variable("sftjob", 'label_values(sft_train_step{namespace=~"$namespace"}, sftjob)'),
+            _variable("namespace", f"label_values({m.TRAIN_STEP}, namespace)"),
+            _variable("sftjob", f'label_values({m.TRAIN_STEP}{{namespace=~"$namespace"}}, sftjob)'),
         ]
     return {
         "uid": uid,

@@ -11,8 +11,9 @@ from typing import Any
 
 import kopf
 
+from sftjob_api import GROUP, PLURAL
+
 from . import metrics
-from .api import GROUP, PLURAL
 from .handlers import register
 from .render.names import LABEL_JOB_NAME
 from .settings import Settings, from_args

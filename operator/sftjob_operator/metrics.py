@@ -19,7 +19,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .render.phase import ALL_PHASES
+from sftjob_api import Phase
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double the series count for nothing here
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -67,8 +67,8 @@ PROGRESS_READS = Counter(
     registry=REGISTRY,
 )
 
-for _phase in ALL_PHASES:
-    JOBS.labels(phase=_phase)
+for _phase in Phase:
+    JOBS.labels(phase=_phase.value)
 
 
 class PhaseBook:
@@ -96,7 +96,7 @@ class PhaseBook:
                 self._jobs.pop(uid, None)
             else:
                 self._jobs[uid] = (namespace, name, phase, stuck, eval_loss)
-            counts = {p: 0 for p in ALL_PHASES}
+            counts: dict[str, int] = {p.value: 0 for p in Phase}
             for job in self._jobs.values():
                 counts[job[2]] = counts.get(job[2], 0) + 1
         for p, n in counts.items():

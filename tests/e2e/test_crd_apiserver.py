@@ -9,8 +9,8 @@ import pytest
 import yaml
 from example_manifests import EXAMPLES, invalid_examples, valid_examples
 
-from sftjob_operator.api import parse_sftjob
-from sftjob_operator.api.crd import CRD_FILE, REPO_ROOT
+from sftjob_api import parse_sftjob
+from sftjob_api.crd import CRD_FILE, REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

@@ -7,8 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from sftjob_api import Phase, SFTJobStatus, Stage, parse_spec
+from sftjob_api.evaluation import EvalGates
+from sftjob_api.status import EvalResults
 from sftjob_operator.render import phase as ph
 from sftjob_operator.render.conditions import derive_conditions, get_condition, set_condition
+from sftjob_operator.render.names import ChildNames
 from sftjob_operator.render.observe import (
     JobObs,
     PodObs,
@@ -18,7 +22,8 @@ from sftjob_operator.render.observe import (
     parse_eval_results,
 )
 from sftjob_operator.render.progress import checkpoint_step, format_duration, parse_progress, progress_changed
-from sftjob_operator.render.stuck import JobEvent, detect_stuck, stuck_failure_message
+from sftjob_operator.render.status import build_status, parse_status, status_patch
+from sftjob_operator.render.stuck import JobEvent, Stuck, detect_stuck, stuck_failure_message
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -78,11 +83,16 @@ def test_full_happy_path() -> None:
     assert (d.phase, d.reason) == ("Succeeded", "Succeeded")
 
 
+TRAIN_MERGE = (Stage.TRAIN, Stage.MERGE)
+TRAIN_ONLY = (Stage.TRAIN,)
+TRAIN_EVAL = (Stage.TRAIN, Stage.EVAL)
+
+
 def test_eval_and_merge_skipped_when_disabled() -> None:
-    assert decide(train=DONE, eval_enabled=False).phase == "Merging"
-    d = decide(train=DONE, eval_enabled=False, merge_enabled=False)
+    assert decide(train=DONE, stages=TRAIN_MERGE).phase == "Merging"
+    d = decide(train=DONE, stages=TRAIN_ONLY)
     assert d.phase == "Succeeded" and d.message == "training completed"
-    assert decide(train=DONE, eval=job(complete=True), merge_enabled=False).phase == "Succeeded"
+    assert decide(train=DONE, eval=job(complete=True), stages=TRAIN_EVAL).phase == "Succeeded"
 
 
 @pytest.mark.parametrize(
@@ -147,7 +157,7 @@ def test_stuck_failure() -> None:
 def test_active_stage() -> None:
     obs = ph.Observed(train=DONE)
     assert ph.active_stage(ph.next_phase(obs), obs) == "eval"
-    obs = ph.Observed(train=DONE, eval_enabled=False)
+    obs = ph.Observed(train=DONE, stages=TRAIN_MERGE)
     assert ph.active_stage(ph.next_phase(obs), obs) == "merge"
     obs = ph.Observed(train=None)
     assert ph.active_stage(ph.next_phase(obs), obs) == "train"
@@ -156,14 +166,12 @@ def test_active_stage() -> None:
 
 
 def test_gates() -> None:
-    res = {"evalLoss": 2.5, "perplexity": 12.0, "rougeL": 0.3, "exactMatch": 0.5}
-    assert ph.evaluate_gates(res) == ()
-    assert ph.evaluate_gates(res, max_eval_loss=3.0, min_rouge_l=0.2) == ()
-    f = ph.evaluate_gates(res, max_eval_loss=2.0, min_rouge_l=0.35, min_exact_match=0.5)
-    assert f == ("maxEvalLoss: 2.5 > 2", "minRougeL: 0.3 < 0.35")
-    assert ph.evaluate_gates(None, max_perplexity=5) == (
-        "maxPerplexity: perplexity not reported by the evaluation",
-    )
+    res = EvalResults(eval_loss=2.5, perplexity=12.0, rouge_l=0.3, exact_match=0.5)
+    assert EvalGates().failures(res) == []
+    assert EvalGates(max_eval_loss=3.0, min_rouge_l=0.2).failures(res) == []
+    f = EvalGates(max_eval_loss=2.0, min_rouge_l=0.35, min_exact_match=0.5).failures(res)
+    assert f == ["maxEvalLoss: 2.5 > 2", "minRougeL: 0.3 < 0.35"]
+    assert EvalGates(max_perplexity=5).failures(EvalResults()) == ["maxPerplexity: perplexity was not computed"]
 
 
 # ---- observe ----------------------------------------------------------------------------------------------
@@ -245,12 +253,10 @@ def test_observe_pod() -> None:
 
 
 def test_eval_results_from_termination_message() -> None:
-    assert parse_eval_results('{"evalLoss": 1.5, "perplexity": 4.48, "rouge_l": 0.4}') == {
-        "evalLoss": 1.5,
-        "perplexity": 4.48,
-        "rougeL": 0.4,
-    }
-    assert parse_eval_results('log line\n{"eval_loss": 2}') == {"evalLoss": 2.0}
+    msg = '{"evalResults": {"evalLoss": 1.5, "perplexity": 4.48, "rougeL": 0.4, "gatesPassed": true}}'
+    assert parse_eval_results(msg) == EvalResults(eval_loss=1.5, perplexity=4.48, rouge_l=0.4, gates_passed=True)
+    assert parse_eval_results('log line\n{"evalResults": {"evalLoss": 2}}') == EvalResults(eval_loss=2.0)
+    assert parse_eval_results('{"evalResults": {"evalLos": 2}}') is None  # a misspelled key is refused
     assert parse_eval_results("Traceback ...") is None
     assert parse_eval_results(None) is None
 
@@ -261,19 +267,19 @@ def test_eval_results_from_termination_message() -> None:
 def test_conditions_happy_path_and_transition_times() -> None:
     obs = ph.Observed(train=RUNNING)
     conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
-    assert get_condition(conds, "Created")["status"] == "True"  # type: ignore[index]
-    assert get_condition(conds, "Training")["status"] == "True"  # type: ignore[index]
+    assert get_condition(conds, "Created").status == "True"  # type: ignore[union-attr]
+    assert get_condition(conds, "Training").status == "True"  # type: ignore[union-attr]
     assert get_condition(conds, "Succeeded") is None  # appears when the run ends
     later = NOW + timedelta(minutes=5)
     obs2 = ph.Observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
     conds2 = derive_conditions(conds, ph.next_phase(obs2), obs2, later, 1)
-    by = {c["type"]: c for c in conds2}
-    assert by["Created"]["lastTransitionTime"] == "2026-01-01T12:00:00Z"  # unchanged status keeps its time
-    assert by["Training"]["status"] == "False" and by["Training"]["reason"] == "TrainingCompleted"
-    assert by["Training"]["lastTransitionTime"] == "2026-01-01T12:05:00Z"
-    assert by["Evaluated"]["status"] == by["Merged"]["status"] == by["Succeeded"]["status"] == "True"
-    assert by["Failed"]["status"] == "False"
-    assert [c["type"] for c in conds2] == [
+    by = {c.type: c for c in conds2}
+    assert by["Created"].last_transition_time == NOW  # unchanged status keeps its time
+    assert by["Training"].status == "False" and by["Training"].reason == "TrainingCompleted"
+    assert by["Training"].last_transition_time == later
+    assert by["Evaluated"].status == by["Merged"].status == by["Succeeded"].status == "True"
+    assert by["Failed"].status == "False"
+    assert [c.type for c in conds2] == [
         "Created",
         "Training",
         "Evaluated",
@@ -285,18 +291,18 @@ def test_conditions_happy_path_and_transition_times() -> None:
 
 def test_conditions_failure_and_suspend() -> None:
     obs = ph.Observed(train=job(failed_reason="PodFailurePolicy"))
-    by = {c["type"]: c for c in derive_conditions([], ph.next_phase(obs), obs, NOW, 2)}
-    assert by["Failed"]["status"] == "True" and by["Failed"]["reason"] == "TrainingFailed"
-    assert by["Failed"]["observedGeneration"] == 2
+    by = {c.type: c for c in derive_conditions([], ph.next_phase(obs), obs, NOW, 2)}
+    assert by["Failed"].status == "True" and by["Failed"].reason == "TrainingFailed"
+    assert by["Failed"].observed_generation == 2
     obs = ph.Observed(suspend=True, train=job(suspended=True))
     conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
-    assert get_condition(conds, "Suspended")["status"] == "True"  # type: ignore[index]
-    obs = ph.Observed(phase="Suspended", train=RUNNING)
+    assert get_condition(conds, "Suspended").status == "True"  # type: ignore[union-attr]
+    obs = ph.Observed(phase=Phase.SUSPENDED, train=RUNNING)
     conds = derive_conditions(conds, ph.next_phase(obs), obs, NOW, 2)
-    assert get_condition(conds, "Suspended")["reason"] == "Resumed"  # type: ignore[index]
+    assert get_condition(conds, "Suspended").reason == "Resumed"  # type: ignore[union-attr]
     invalid = ph.Observed(spec_error="spec.x: bad")
-    by = {c["type"]: c for c in derive_conditions([], ph.next_phase(invalid), invalid, NOW, 1)}
-    assert by["Failed"]["reason"] == "InvalidSpec" and "Created" not in by
+    by = {c.type: c for c in derive_conditions([], ph.next_phase(invalid), invalid, NOW, 1)}
+    assert by["Failed"].reason == "InvalidSpec" and "Created" not in by
 
 
 def test_set_condition_is_idempotent() -> None:
@@ -370,7 +376,7 @@ sft_train_epoch{namespace="ns",job="j",rank="0"} 0.25
 
 def test_parse_progress() -> None:
     p = parse_progress(METRICS, NOW)
-    assert p == {
+    assert p is not None and p.model_dump(mode="json", exclude_none=True) == {
         "step": 120,
         "totalSteps": 480,
         "percent": 25.0,
@@ -383,8 +389,8 @@ def test_parse_progress() -> None:
     }
     assert parse_progress("# nothing\nfoo 1\n", NOW) is None
     assert progress_changed(None, p)
-    assert not progress_changed(p, {**p, "lastUpdate": "later"})
-    assert progress_changed(p, {**p, "step": 121})
+    assert not progress_changed(p, p.model_copy(update={"last_update": NOW + timedelta(seconds=5)}))
+    assert progress_changed(p, p.model_copy(update={"step": 121}))
 
 
 def test_checkpoint_step_from_trainer_metrics() -> None:
@@ -405,3 +411,67 @@ def test_format_duration() -> None:
 def test_replace_keeps_frozen_observed() -> None:
     o = ph.Observed(train=RUNNING)
     assert replace(o, suspend=True).suspend and not o.suspend
+
+
+# ---- the status built from every phase ---------------------------------------------------------------------
+
+SPEC = parse_spec(
+    {
+        "model": {"uri": "s3://models/m"},
+        "dataset": {"train": ["s3://data/train.jsonl"]},
+        "output": {"uri": "s3://out/runs"},
+        "eval": {"gates": {"maxEvalLoss": 2.0}},
+    }
+)
+FAILED_JOB = job(failed_reason="BackoffLimitExceeded", failed=3)
+SCENARIOS = {
+    "creating": ph.Observed(),
+    "queued": ph.Observed(queued=True, train=job(suspended=True)),
+    "pods pending": ph.Observed(train=job()),
+    "training": ph.Observed(train=RUNNING),
+    "restarting": ph.Observed(phase=Phase.TRAINING, train=job(failed=1)),
+    "evaluating": ph.Observed(phase=Phase.TRAINING, train=DONE),
+    "merging": ph.Observed(phase=Phase.EVALUATING, train=DONE, eval=job(complete=True), gate_failures=()),
+    "succeeded": ph.Observed(
+        phase=Phase.MERGING, train=DONE, eval=job(complete=True), gate_failures=(), merge=job(complete=True)
+    ),
+    "train-only succeeded": ph.Observed(phase=Phase.TRAINING, train=DONE, stages=TRAIN_ONLY),
+    "invalid spec": ph.Observed(spec_error="spec.x: bad"),
+    "backoff": ph.Observed(phase=Phase.TRAINING, train=FAILED_JOB),
+    "gate failed": ph.Observed(
+        phase=Phase.EVALUATING, train=DONE, eval=job(complete=True), gate_failures=("maxEvalLoss: 2.5 > 2",)
+    ),
+    "merge failed": ph.Observed(
+        phase=Phase.MERGING, train=DONE, eval=job(complete=True), gate_failures=(), merge=FAILED_JOB
+    ),
+    "stuck": ph.Observed(phase=Phase.PENDING, train=job(), stuck_failure="stuck for 700s"),
+    "suspended": ph.Observed(suspend=True, train=RUNNING),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_built_status_is_a_valid_sftjob_status(name: str) -> None:
+    obs = SCENARIOS[name]
+    decision = ph.next_phase(obs)
+    meta = {"namespace": "ns", "name": "run", "creationTimestamp": "2026-01-01T11:00:00Z"}
+    prev = parse_status({"phase": obs.phase} if obs.phase else {})
+    results = EvalResults(eval_loss=2.5) if obs.gate_failures else None
+    stuck = Stuck("Unschedulable", "pod run-train-0 Pending", NOW) if obs.stuck_failure else None
+    spec = None if obs.spec_error else SPEC
+    status = build_status(meta, prev, spec, decision, obs, results, stuck, NOW, 3, ChildNames("run"))
+    wire = status.model_dump(mode="json", exclude_none=True)
+    assert SFTJobStatus.model_validate(wire) == status  # what the apiserver stores reads back the same
+    assert wire["phase"] == decision.phase and wire["observedGeneration"] == 3
+    assert status_patch(wire, status) == {}  # written once, the same status is not written again
+    if decision.phase == Phase.SUCCEEDED and spec is not None:
+        assert wire["artifacts"]["manifest"] == "s3://out/runs/ns/run/manifest.json"
+
+
+def test_the_scenarios_cover_every_phase() -> None:
+    assert {ph.next_phase(obs).phase for obs in SCENARIOS.values()} == set(Phase)
+
+
+def test_a_stored_status_with_an_unknown_key_keeps_the_rest() -> None:
+    stored = {"phase": "Training", "restarts": 2, "progres": {"step": 1}, "startTime": "2026-01-01T11:00:00Z"}
+    prev = parse_status(stored)
+    assert prev.phase == Phase.TRAINING and prev.restarts == 2 and prev.start_time is not None

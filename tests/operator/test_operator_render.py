@@ -11,17 +11,18 @@ from typing import Any
 import pytest
 import yaml
 
-from sftjob_operator.api import parse_spec
+from sftjob_api import Layout, SFTJobStatus, merge_enabled, parse_spec
+from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode
+from sftjob_api.layout import checkpoint_uri, status_artifacts
+from sftjob_api.trainer_config import TrainerConfig
 from sftjob_operator.render import objects as o
 from sftjob_operator.render import phase as ph
-from sftjob_operator.render.artifacts import artifacts, checkpoint_uri, cluster_output_error, merge_enabled
 from sftjob_operator.render.names import LABEL_JOB_NAME, LABEL_STAGE, ChildNames
 from sftjob_operator.render.observe import JobObs
 from sftjob_operator.render.status import build_status
-from sftjob_operator.render.trainer_config import render_trainer_config
+from sftjob_operator.render.trainer_config import cluster_output_error, render_trainer_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-PERMANENT = (2,)
 
 
 def load(name: str) -> dict[str, Any]:
@@ -51,9 +52,9 @@ def all_children(ref: o.SFTJobRef, spec: Any) -> list[dict[str, Any]]:
     return [
         o.render_config_map(ref, spec),
         o.render_service(ref),
-        o.render_train_job(ref, spec, opts, PERMANENT),
-        o.render_eval_job(ref, spec, opts, PERMANENT),
-        o.render_merge_job(ref, spec, opts, PERMANENT),
+        o.render_train_job(ref, spec, opts),
+        o.render_eval_job(ref, spec, opts),
+        o.render_merge_job(ref, spec, opts),
     ]
 
 
@@ -95,7 +96,7 @@ def test_every_child_is_owned_and_labelled(multinode: Any) -> None:
 
 def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
     ref, spec = multinode
-    job = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)
+    job = o.render_train_job(ref, spec, o.RenderOptions())
     s = job["spec"]
     assert s["completionMode"] == "Indexed"
     assert s["completions"] == s["parallelism"] == 2
@@ -132,7 +133,19 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
         "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID"}
     }
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-credentials"
-    assert env["AWS_REGION"]["value"] == "us-east-1"
+    # Only what Kubernetes must inject is env; the S3 settings (region, endpoint, pathStyle) are in the config.
+    assert set(env) == {
+        "SFTJOB_CONFIG",
+        "SFTJOB_METRICS_PORT",
+        "SFTJOB_TERMINATION_LOG",
+        "POD_NAME",
+        "PYTHONUNBUFFERED",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "JOB_COMPLETION_INDEX",
+    }
     assert c["resources"]["limits"] == {"cpu": "64", "memory": "900Gi", "nvidia.com/gpu": "8"}
     assert c["resources"]["requests"] == c["resources"]["limits"]
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
@@ -174,22 +187,16 @@ def test_security_context_and_shm(minimal: Any) -> None:
 
 
 def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
-    from sftjob_trainer import exit_codes
-
     ref, spec = minimal
-    job = o.render_train_job(ref, spec, o.RenderOptions(), tuple(sorted(exit_codes.PERMANENT_CODES)))
+    job = o.render_train_job(ref, spec, o.RenderOptions())
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {
-            "containerName": "trainer",
-            "operator": "In",
-            "values": sorted(exit_codes.PERMANENT_CODES),
-        },
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3]},
     }
-    assert exit_codes.PERMANENT in rules[0]["onExitCodes"]["values"]
+    assert sorted(rules[0]["onExitCodes"]["values"]) == sorted(PERMANENT_CODES)
     assert rules[1]["action"] == "Ignore"
-    for code in exit_codes.RETRYABLE_CODES:
+    for code in (ExitCode.RETRYABLE, ExitCode.STORAGE, ExitCode.PREEMPTED):
         assert code not in rules[0]["onExitCodes"]["values"]
 
 
@@ -217,15 +224,15 @@ def test_kueue_label_passthrough_and_suspended_children(multinode: Any, minimal:
         assert job["spec"]["suspend"] is True
     ref2, spec2 = minimal
     assert not ref2.queued
-    assert o.render_train_job(ref2, spec2, o.RenderOptions(), PERMANENT)["spec"]["suspend"] is False
+    assert o.render_train_job(ref2, spec2, o.RenderOptions())["spec"]["suspend"] is False
     spec2.suspend = True
-    assert o.render_train_job(ref2, spec2, o.RenderOptions(), PERMANENT)["spec"]["suspend"] is True
+    assert o.render_train_job(ref2, spec2, o.RenderOptions())["spec"]["suspend"] is True
 
 
 def test_eval_and_merge_jobs(multinode: Any) -> None:
     ref, spec = multinode
-    ev = o.render_eval_job(ref, spec, o.RenderOptions(), PERMANENT)
-    mg = o.render_merge_job(ref, spec, o.RenderOptions(), PERMANENT)
+    ev = o.render_eval_job(ref, spec, o.RenderOptions())
+    mg = o.render_merge_job(ref, spec, o.RenderOptions())
     assert ev["spec"]["completions"] == 1 and ev["spec"]["completionMode"] == "NonIndexed"
     assert ev["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "python",
@@ -258,7 +265,7 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["resources"] = {"gpusPerNode": 0}
     spec = parse_spec(doc["spec"])
-    c = o.render_train_job(ref, spec, o.RenderOptions(), PERMANENT)["spec"]["template"]["spec"]["containers"][
+    c = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]["containers"][
         0
     ]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
@@ -276,38 +283,51 @@ def test_trainer_config_and_artifacts(minimal: Any) -> None:
         "outputRoot": "s3://artifacts/sft/team-a/minimal/",
     }
     assert cfg["model"]["uri"] == "s3://models/smollm2-135m-instruct"
-    assert "suspend" not in cfg and "runPolicy" not in cfg
+    # the config is the spec itself (every section, the same wire names) plus run and runtime
+    sections = {k: v for k, v in cfg.items() if k not in ("run", "runtime")}
+    assert sections == spec.model_dump(mode="json", exclude_none=True)
     cm = o.render_config_map(ref, spec)
     assert json.loads(cm["data"]["config.yaml"]) == cfg
-    a = artifacts(spec, "team-a", "minimal")
-    assert a["adapter"] == "s3://artifacts/sft/team-a/minimal/adapter/"
-    assert a["merged"] == "s3://artifacts/sft/team-a/minimal/merged/"
+    a = status_artifacts(spec, "team-a", "minimal")
+    assert a.adapter == "s3://artifacts/sft/team-a/minimal/adapter/"
+    assert a.merged == "s3://artifacts/sft/team-a/minimal/merged/"
+    assert a.manifest == "s3://artifacts/sft/team-a/minimal/manifest.json"
+
+
+def test_status_artifacts_follow_the_stages(minimal: Any) -> None:
+    _, spec = minimal
+    full = spec.model_copy(update={"method": spec.method.model_copy(update={"type": "full"})})
+    a = status_artifacts(full, "team-a", "minimal")
+    assert a.adapter == "s3://artifacts/sft/team-a/minimal/model/"  # what method full trains
+    assert a.merged is None and a.eval == "s3://artifacts/sft/team-a/minimal/eval/"
+    train_only = spec.model_copy(update={"eval": spec.eval.model_copy(update={"enabled": False})})
+    train_only = train_only.model_copy(update={"merge": spec.merge.model_copy(update={"enabled": False})})
+    a = status_artifacts(train_only, "team-a", "minimal")
+    assert a.eval is None and a.merged is None and a.manifest is not None
 
 
 def test_checkpoint_uri_is_the_trainers_checkpoint_prefix(minimal: Any) -> None:
-    from sftjob_trainer.checkpoint import step_dir
-
     _, spec = minimal
     uri = checkpoint_uri(spec, "team-a", "minimal", 40)
     assert uri == "s3://artifacts/sft/team-a/minimal/checkpoints/step-40/"
     root = render_trainer_config("team-a", "minimal", spec)["run"]["outputRoot"]
-    assert uri == f"{root}{step_dir(40)}/"  # where the trainer writes it (sftjob_trainer.checkpoint)
-    assert uri.startswith(artifacts(spec, "team-a", "minimal")["checkpoints"])
+    assert uri == f"{root}{Layout.checkpoint(40)}/"  # where the trainer writes it (sftjob_trainer.checkpoint)
+    checkpoints = status_artifacts(spec, "team-a", "minimal").checkpoints
+    assert checkpoints is not None and uri.startswith(checkpoints)
 
 
 def test_status_keeps_latest_checkpoint_under_the_checkpoints_prefix(minimal: Any) -> None:
     _, spec = minimal
-    body = {
-        "metadata": {"namespace": "team-a", "name": "minimal", "creationTimestamp": "2026-01-01T00:00:00Z"}
-    }
+    meta = {"namespace": "team-a", "name": "minimal", "creationTimestamp": "2026-01-01T00:00:00Z"}
     decision = ph.Decision(ph.TRAINING, "PodsRunning", "1 trainer pod running")
     obs = ph.Observed(phase=ph.TRAINING, train=JobObs(name="minimal-train", active=1, ready=1))
     now = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
 
     def built(prev_artifacts: dict[str, str] | None) -> dict[str, str]:
-        prev = {"phase": ph.TRAINING, "artifacts": prev_artifacts} if prev_artifacts else {}
-        st = build_status(body, prev, spec, decision, obs, None, None, now, 1, ChildNames("minimal"))
-        arts: dict[str, str] = st["artifacts"]
+        raw = {"phase": ph.TRAINING, "artifacts": prev_artifacts} if prev_artifacts else {}
+        prev = SFTJobStatus.model_validate(raw)
+        st = build_status(meta, prev, spec, decision, obs, None, None, now, 1, ChildNames("minimal"))
+        arts: dict[str, str] = st.model_dump(mode="json", exclude_none=True)["artifacts"]
         return arts
 
     assert "latestCheckpoint" not in built(None)
@@ -345,12 +365,10 @@ def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) ->
 
 
 def test_rendered_config_is_a_valid_trainer_config(multinode: Any, minimal: Any) -> None:
-    """The contract with the trainer: its own (torch-free) config model accepts what the operator renders."""
-    from sftjob_trainer.config import parse_config
-
+    """The contract with the trainer: the config model (sftjob_api) accepts what the operator renders."""
     for ref, spec in (multinode, minimal):
         cm = o.render_config_map(ref, spec)
-        cfg = parse_config(json.loads(cm["data"]["config.yaml"]))
+        cfg = TrainerConfig.model_validate(json.loads(cm["data"]["config.yaml"]))
         assert cfg.run.name == ref.name and cfg.run.namespace == "team-a"
         assert cfg.run.output_root == f"s3://artifacts/sft/team-a/{ref.name}/"
         assert cfg.resources.deepspeed.zero_stage == spec.resources.deepspeed.zero_stage
@@ -358,8 +376,6 @@ def test_rendered_config_is_a_valid_trainer_config(multinode: Any, minimal: Any)
 
 
 def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
-    from sftjob_trainer.config import parse_config
-
     ref, _ = minimal
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["model"]["uri"] = "pvc://models/llama-8b"
@@ -378,7 +394,7 @@ def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
         ]
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/datasets"]["readOnly"]
-    cfg = parse_config(json.loads(o.render_config_map(ref, spec)["data"]["config.yaml"]))
+    cfg = TrainerConfig.model_validate(json.loads(o.render_config_map(ref, spec)["data"]["config.yaml"]))
     assert cfg.model.uri == "/mnt/pvc/models/llama-8b"
     assert cfg.dataset.train == [
         "/mnt/pvc/datasets/a.jsonl",

@@ -6,8 +6,8 @@ import hashlib
 import json
 import os
 
-from sftjob_trainer import artifacts
-from sftjob_trainer.storage import S3Store
+from sftjob_api import Layout, manifest
+from sftjob_api.storage import S3Store
 
 
 def fill(store: S3Store, tmp_path) -> None:
@@ -28,20 +28,20 @@ def test_manifest_checksums_match_s3_contents(s3, tmp_path):
     store = S3Store(s3.uri(prefix), client=s3.client())
     fill(store, tmp_path)
     s3.client().put_object(Bucket=s3.bucket, Key="sft/team-a/run-10/adapter/x", Body=b"other run")  # not ours
-    doc = artifacts.write_manifest(store, {"model": {"uri": "m"}}, {"train": "done", "eval": "done"})
+    doc = manifest.write_manifest(store, {"model": {"uri": "m"}}, {"train": "done", "eval": "done"})
 
     client = s3.client()
     objs = client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix + "/")["Contents"]
     by_key = {o["Key"][len(prefix) + 1:]: o for o in objs}
-    assert artifacts.MANIFEST in by_key
+    assert Layout.MANIFEST in by_key
     listed = {f["path"]: f for f in doc["files"]}
-    assert set(listed) == set(by_key) - {artifacts.MANIFEST}
+    assert set(listed) == set(by_key) - {Layout.MANIFEST}
     for key, entry in listed.items():
         body = client.get_object(Bucket=s3.bucket, Key=f"{prefix}/{key}")["Body"].read()
         assert entry["size"] == len(body) == by_key[key]["Size"]
         assert entry["sha256"] == hashlib.sha256(body).hexdigest()
     # written last
-    assert by_key[artifacts.MANIFEST]["LastModified"] >= max(o["LastModified"] for o in objs)
+    assert by_key[Layout.MANIFEST]["LastModified"] >= max(o["LastModified"] for o in objs)
 
     stored = json.loads(client.get_object(Bucket=s3.bucket, Key=f"{prefix}/manifest.json")["Body"].read())
     assert stored["files"] == doc["files"]
@@ -55,18 +55,18 @@ def test_manifest_checksums_match_s3_contents(s3, tmp_path):
 def test_verify_manifest_detects_a_changed_object(s3, tmp_path):
     store = S3Store(s3.uri("runs/x"), client=s3.client())
     fill(store, tmp_path)
-    artifacts.write_manifest(store, {}, {})
-    assert artifacts.verify_manifest(store) == []
+    manifest.write_manifest(store, {}, {})
+    assert manifest.verify_manifest(store) == []
     store.put_bytes(b'{"r": 16}', "adapter/adapter_config.json")
-    problems = artifacts.verify_manifest(store)
+    problems = manifest.verify_manifest(store)
     assert len(problems) == 1 and problems[0].startswith("adapter/adapter_config.json:")
 
 
 def test_single_object_exists_and_delete(s3):
     store = S3Store(s3.uri("runs/y"), client=s3.client())
-    assert not artifacts.exists(store, "manifest.json")
+    assert not store.exists("manifest.json")
     store.put_bytes(b"{}", "manifest.json")
     store.put_bytes(b"{}", "manifest.json.bak")
-    assert artifacts.exists(store, "manifest.json")
-    artifacts.delete_key(store, "manifest.json")
-    assert not artifacts.exists(store, "manifest.json") and artifacts.exists(store, "manifest.json.bak")
+    assert store.exists("manifest.json")
+    store.delete("manifest.json")
+    assert not store.exists("manifest.json") and store.exists("manifest.json.bak")

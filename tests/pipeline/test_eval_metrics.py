@@ -6,8 +6,8 @@ import math
 
 import pytest
 
+from sftjob_api.evaluation import EvalGates, EvalMetrics
 from sftjob_trainer.eval_metrics import (
-    check_gates,
     exact_match,
     generation_scores,
     lcs_length,
@@ -50,8 +50,8 @@ def test_loss_summary_perplexity_is_exp_of_mean():
 
 
 def test_gates():
-    res = {"eval_loss": 1.2, "perplexity": 3.3, "rouge_l": 0.5, "exact_match": 0.25}
-    assert check_gates(res, {"maxEvalLoss": 1.5, "minRougeL": 0.5, "minExactMatch": None}) == []
-    failed = check_gates(res, {"maxEvalLoss": 1.0, "minExactMatch": 0.3, "maxPerplexity": 4.0})
+    res = EvalMetrics(eval_loss=1.2, perplexity=3.3, rouge_l=0.5, exact_match=0.25)
+    assert EvalGates(max_eval_loss=1.5, min_rouge_l=0.5).failures(res) == []
+    failed = EvalGates(max_eval_loss=1.0, min_exact_match=0.3, max_perplexity=4.0).failures(res)
     assert failed == ["maxEvalLoss: 1.2 > 1", "minExactMatch: 0.25 < 0.3"]
-    assert check_gates({"eval_loss": 1.0}, {"minRougeL": 0.1}) == ["minRougeL: rouge_l was not computed"]
+    assert EvalGates(min_rouge_l=0.1).failures(EvalMetrics(eval_loss=1.0)) == ["minRougeL: rougeL was not computed"]

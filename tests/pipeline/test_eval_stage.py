@@ -129,7 +129,7 @@ def test_eval_matches_independent_computation(eval_setup):
 
 
 def test_failed_gate_exits_with_eval_gate_failed(eval_setup, tmp_path):
-    from sftjob_trainer.exit_codes import EVAL_GATE_FAILED
+    from sftjob_api.exit_codes import ExitCode
 
     cfg = eval_setup[0]
     cfg["eval"] = {**cfg["eval"], "gates": {"minExactMatch": 0.99, "maxEvalLoss": 100.0}}
@@ -139,7 +139,7 @@ def test_failed_gate_exits_with_eval_gate_failed(eval_setup, tmp_path):
            "SFTJOB_TERMINATION_LOG": str(term)}
     proc = subprocess.run([sys.executable, "-m", "sftjob_trainer", "eval", "--config", path], env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == EVAL_GATE_FAILED == 3, proc.stderr[-3000:]
+    assert proc.returncode == ExitCode.EVAL_GATE_FAILED == 3, proc.stderr[-3000:]
     root = cfg["run"]["outputRoot"]
     with open(os.path.join(root, "eval", "results.json")) as f:
         res = json.load(f)

@@ -71,9 +71,9 @@ def test_merge_refuses_a_mismatch(tiny_model_dir, tiny_adapter_dir, tmp_path, mo
     """The verification can fail: with an impossible tolerance the stage raises instead of uploading."""
     from trainer.tiny import dataset_rows, write_jsonl
 
+    from sftjob_api.exit_codes import PermanentError
     from sftjob_trainer import merge_stage
     from sftjob_trainer.config import parse_config
-    from sftjob_trainer.exit_codes import PermanentError
 
     out = tmp_path / "out"
     shutil.copytree(tiny_adapter_dir, out / "adapter")

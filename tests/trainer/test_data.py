@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.spec import DatasetSpec, FieldMapping, FilterSpec
 from sftjob_trainer.data import IGNORE, build_examples, load_dataset, split, truncate
-from sftjob_trainer.exit_codes import PermanentError
 from sftjob_trainer.formatting import format_row
 from sftjob_trainer.records import DropReport, iter_rows
 
@@ -46,9 +47,14 @@ def test_alpaca_without_template_trains_response_and_eos(tiny_tokenizer):
 
 def test_prompt_completion_with_field_mapping(tiny_tokenizer):
     f = format_row({"q": "one two", "a": "two one"}, "prompt_completion", tiny_tokenizer,
-                   {"prompt": "q", "completion": "a"}, use_chat_template=False)
+                   FieldMapping(prompt="q", completion="a"), use_chat_template=False)
     [(a, b)] = f.spans
     assert f.text[:a] == "one two" and f.text[a:b] == "two one</s>"
+
+
+def settings(fmt: str, max_seq_len: int, **filters) -> DatasetSpec:
+    """spec.dataset's settings (the files are passed to load_dataset separately: train or eval)."""
+    return DatasetSpec(train=["/unused"], format=fmt, max_seq_length=max_seq_len, filter=FilterSpec(**filters))
 
 
 def _jsonl(tmp_path, rows, raw_lines=()):
@@ -65,7 +71,7 @@ def test_drop_report_names_file_and_line(tiny_tokenizer, tmp_path):
     good = {"instruction": "repeat", "input": "red", "output": "red"}
     path = _jsonl(tmp_path, [good, good, {"instruction": "x", "output": "  "}, {"input": "no instr"}],
                   raw_lines=['{"instruction": "broken', "[1, 2]"])
-    examples, report = load_dataset([path], tiny_tokenizer, "alpaca", max_seq_len=128)
+    examples, report = load_dataset([path], tiny_tokenizer, settings("alpaca", 128))
     assert len(examples) == 1
     assert report.total_rows == 6 and report.kept_rows == 1
     assert report.dropped == {"duplicate": 1, "empty_response": 1, "missing_field": 1, "malformed_json": 2}
@@ -77,17 +83,17 @@ def test_drop_report_names_file_and_line(tiny_tokenizer, tmp_path):
 def test_empty_after_filtering_is_permanent_error(tiny_tokenizer, tmp_path):
     path = _jsonl(tmp_path, [], raw_lines=["not json at all"])
     with pytest.raises(PermanentError, match=r"malformed_json=1 .*data.jsonl:1"):
-        load_dataset([path], tiny_tokenizer, "alpaca", max_seq_len=128)
+        load_dataset([path], tiny_tokenizer, settings("alpaca", 128))
 
 
 def test_min_max_token_filters(tiny_tokenizer, tmp_path):
     rows = [{"instruction": "repeat", "input": " ".join(["red"] * n), "output": "x"} for n in (1, 5, 40)]
     path = _jsonl(tmp_path, rows)
-    short, mid, long = (len(e.input_ids) for e in load_dataset([path], tiny_tokenizer, "alpaca",
-                                                               max_seq_len=512)[0])
+    short, mid, long = (len(e.input_ids) for e in load_dataset([path], tiny_tokenizer, settings("alpaca", 512))[0])
     assert short < mid < long
-    examples, report = load_dataset([path], tiny_tokenizer, "alpaca", max_seq_len=512,
-                                    min_tokens=mid, max_tokens=mid)
+    examples, report = load_dataset(
+        [path], tiny_tokenizer, settings("alpaca", 512, min_tokens=mid, max_tokens=mid)
+    )
     assert report.dropped["too_short"] == 1 and report.dropped["too_long"] == 1
     assert [len(e.input_ids) for e in examples] == [mid]
 
@@ -105,15 +111,14 @@ def test_truncation_keeps_trainable_tokens():
 
 def test_long_prompt_is_truncated_not_dropped(tiny_tokenizer, tmp_path):
     row = {"instruction": "repeat " * 200, "input": "", "output": "red cat"}
-    examples, _ = load_dataset([_jsonl(tmp_path, [row])], tiny_tokenizer, "alpaca", max_seq_len=64)
+    examples, _ = load_dataset([_jsonl(tmp_path, [row])], tiny_tokenizer, settings("alpaca", 64))
     assert len(examples[0].input_ids) == 64 and examples[0].n_labels > 0
 
 
 def test_split_is_deterministic_and_disjoint(tiny_tokenizer, tmp_path):
     from tests.trainer.tiny import dataset_rows
 
-    examples, _ = load_dataset([_jsonl(tmp_path, dataset_rows(50))], tiny_tokenizer, "alpaca",
-                               max_seq_len=128)
+    examples, _ = load_dataset([_jsonl(tmp_path, dataset_rows(50))], tiny_tokenizer, settings("alpaca", 128))
     tr1, ev1 = split(examples, 0.1, seed=3)
     tr2, ev2 = split(examples, 0.1, seed=3)
     assert tr1 == tr2 and ev1 == ev2 and len(ev1) == round(len(examples) * 0.1)
@@ -128,5 +133,5 @@ def test_parquet_input(tiny_tokenizer, tmp_path):
     p = str(tmp_path / "d.parquet")
     pq.write_table(pa.Table.from_pylist([{"prompt": "one", "completion": "two"},
                                          {"prompt": "three", "completion": ""}]), p)
-    examples, report = load_dataset([p], tiny_tokenizer, "prompt_completion", max_seq_len=64)
+    examples, report = load_dataset([p], tiny_tokenizer, settings("prompt_completion", 64))
     assert len(examples) == 1 and report.examples["empty_response"] == [f"{p}:2: empty response"]

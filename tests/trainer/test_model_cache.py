@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from sftjob_api.exit_codes import PermanentError
 from sftjob_trainer import model_cache
-from sftjob_trainer.exit_codes import PermanentError
 
 DOCKERFILE = Path(__file__).resolve().parents[2] / "trainer_image" / "Dockerfile"
 NAME = "smollm2-135m-instruct"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sftjob_api.spec import LoraSpec, MethodSpec, TrainingSpec
 from sftjob_trainer.loss import SelectiveLossLM
-from sftjob_trainer.model import LoraSpec, ModelSpec, apply_method, load_base
+from sftjob_trainer.model import apply_method, load_base
 from sftjob_trainer.speed import FastDropout, dropout_threshold, effective_zero_stage
 
 pytestmark = pytest.mark.trainer
@@ -57,10 +58,11 @@ def test_fast_dropout_mask_is_replayed_by_checkpointing():
     assert torch.equal(w.grad, g_plain)
 
 
-def _lora(tiny_model_dir, **kw):
-    spec = ModelSpec(uri=tiny_model_dir, method="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.0), **kw)
+def _lora(tiny_model_dir, gradient_checkpointing=False, checkpointing_policy="selective"):
+    method = MethodSpec(type="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
+    training = TrainingSpec(gradient_checkpointing=gradient_checkpointing, checkpointing_policy=checkpointing_policy)
     torch.manual_seed(3)  # the same adapter initialisation for every model compared
-    m = apply_method(load_base(tiny_model_dir, spec), spec)
+    m = apply_method(load_base(tiny_model_dir, method, torch.float32), method, training)
     for name, p in m.named_parameters():
         if "lora_B" in name:  # peft starts B at zero, which would make every lora_A gradient zero
             torch.nn.init.normal_(p, std=0.1)
@@ -68,8 +70,8 @@ def _lora(tiny_model_dir, **kw):
 
 
 def test_cpu_lora_uses_fast_dropout(tiny_model_dir):
-    spec = ModelSpec(uri=tiny_model_dir, method="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.05))
-    m = apply_method(load_base(tiny_model_dir, spec), spec)
+    method = MethodSpec(type="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.05))
+    m = apply_method(load_base(tiny_model_dir, method, torch.float32), method, TrainingSpec(gradient_checkpointing=False))
     lora_layers = [mod for mod in m.modules() if hasattr(mod, "lora_A")]
     fast = [mod for mod in m.modules() if isinstance(mod, FastDropout)]
     assert lora_layers and len(fast) == len(lora_layers)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from sftjob_trainer.checkpoint import newest_complete
-from sftjob_trainer.exit_codes import PermanentError
+from sftjob_api import Layout
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.storage import LocalStore, S3Store, Store
 from sftjob_trainer.model import resolve_dir
 from sftjob_trainer.records import DropReport, iter_rows
-from sftjob_trainer.storage import LocalStore, S3Store, Store
 
 
 def exercise(store: Store, tmp_path) -> None:
@@ -20,13 +20,18 @@ def exercise(store: Store, tmp_path) -> None:
                                                                  "checkpoints/step-3/sub/b.bin"]
     store.put_bytes(b"{}", "checkpoints/step-3/COMPLETE")
     store.put_bytes(b"x", "checkpoints/step-7/a.bin")  # newer but incomplete
-    assert newest_complete(store.list("checkpoints")) == 3
+    assert Layout.newest_checkpoint(store.list("checkpoints")) == 3
+    assert store.exists("checkpoints/step-3/COMPLETE") and not store.exists("checkpoints/step-3")
+    assert b"".join(store.iter_bytes("checkpoints/step-3/a.bin", chunk=3)) == b"A" * 10
     got = store.download_dir("checkpoints/step-3", str(tmp_path / "dl"))
     assert "COMPLETE" in got and "sub/b.bin" in got
     assert (tmp_path / "dl" / "sub" / "b.bin").read_bytes() == b"B"
     assert store.get_bytes("checkpoints/step-3/a.bin") == b"A" * 10
     store.delete_prefix("checkpoints/step-7")
     assert all("step-7" not in k for k in store.list("checkpoints"))
+    store.delete("checkpoints/step-3/COMPLETE")
+    store.delete("checkpoints/step-3/COMPLETE")  # deleting what is gone is fine
+    assert Layout.newest_checkpoint(store.list("checkpoints")) is None
 
 
 def test_s3_store(s3, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from sftjob_trainer import exit_codes
+from sftjob_api.exit_codes import ExitCode
 
 from .runner import json_events, launch_cmd, make_config, run, trainer_env, write_config
 from .test_train_dist import free_port, keys
@@ -24,7 +24,7 @@ def test_bad_data_exits_permanent_naming_file_and_line(tiny_model_dir, tmp_path)
     cfg = make_config(tiny_model_dir, str(data), str(tmp_path / "out"), str(tmp_path / "work"))
     res = run(launch_cmd(write_config(str(tmp_path / "c.json"), cfg), 1, free_port()),
               trainer_env({"SFTJOB_TERMINATION_LOG": str(term)}))
-    assert res.returncode == exit_codes.PERMANENT, res.stderr[-3000:]
+    assert res.returncode == ExitCode.PERMANENT, res.stderr[-3000:]
     [err] = [e for e in json_events(res.stdout) if e["event"] == "error"]
     assert f"{data}:1" in err["message"] and "malformed_json=1" in err["message"]
     assert "missing_field=1" in err["message"] and f"{data}:2" in err["message"]
@@ -47,7 +47,7 @@ def test_sigterm_saves_checkpoint_and_exits_retryable_with_metrics(s3, tiny_mode
         if events and events[-1]["event"] == "step" and events[-1]["step"] >= 2 and not metrics_text:
             metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
             proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == exit_codes.PREEMPTED
+    assert proc.wait(timeout=120) == ExitCode.PREEMPTED
     steps = [e["step"] for e in events if e["event"] == "step"]
     [ckpt] = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert ckpt == steps[-1] < 200  # finished the step in flight, saved it, stopped

@@ -1,5 +1,5 @@
-"""Pure parts of the trainer (no torch): checkpoint selection, batch planning, LR schedule, exit codes,
-config rendering by the operator and parsing by the trainer."""
+"""Pure parts of the trainer: checkpoint selection, batch planning, LR schedule, exit codes, config
+rendering by the operator and parsing by the trainer."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ import math
 import pytest
 import yaml
 
-from sftjob_trainer import exit_codes
+from sftjob_api import Layout
+from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode, PermanentError
 from sftjob_trainer.__main__ import combine_exit_codes, main
-from sftjob_trainer.checkpoint import newest_complete, scan, to_delete
+from sftjob_trainer.checkpoint import to_delete
 from sftjob_trainer.config import load_config, parse_config
-from sftjob_trainer.exit_codes import PermanentError
 from sftjob_trainer.schedule import deepspeed_config, lr_factor, plan_batches
 
 
 def test_only_complete_checkpoints_count():
     keys = ["checkpoints/step-4/a.pt", "checkpoints/step-4/COMPLETE", "checkpoints/step-12/a.pt",
             "checkpoints/step-8/COMPLETE", "checkpoints/step-8/a.pt", "adapter/x", "checkpoints/step-x/COMPLETE"]
-    assert scan(keys) == ([4, 8], [12])
-    assert newest_complete(keys) == 8  # 12 is newer but half-written
-    assert newest_complete(["checkpoints/step-3/a.pt"]) is None
+    assert Layout.scan_checkpoints(keys) == ([4, 8], [12])
+    assert Layout.newest_checkpoint(keys) == 8  # 12 is newer but half-written
+    assert Layout.newest_checkpoint(["checkpoints/step-3/a.pt"]) is None
 
 
 def test_retention_keeps_newest_and_drops_stale_partials():
@@ -64,15 +64,15 @@ def test_deepspeed_config_shape():
 
 
 def test_exit_code_contract():
-    assert exit_codes.PERMANENT == 2 and exit_codes.OK == 0
-    assert exit_codes.PERMANENT_CODES.isdisjoint(exit_codes.RETRYABLE_CODES)
+    assert ExitCode.PERMANENT == 2 and ExitCode.OK == 0
+    assert set(PERMANENT_CODES) == {ExitCode.PERMANENT, ExitCode.EVAL_GATE_FAILED}
     # torchrun reports any worker failure as 1; the launcher restores the worker's code
-    assert combine_exit_codes(1, [0, 2]) == exit_codes.PERMANENT
-    assert combine_exit_codes(0, [0, 0]) == exit_codes.OK
-    assert combine_exit_codes(1, [143, 143]) == exit_codes.PREEMPTED
-    assert combine_exit_codes(-15, []) == exit_codes.PREEMPTED
-    assert combine_exit_codes(1, [1]) == exit_codes.RETRYABLE
-    assert combine_exit_codes(2, []) == exit_codes.RETRYABLE  # a launcher's own 2 is not our permanent 2
+    assert combine_exit_codes(1, [0, 2]) == ExitCode.PERMANENT
+    assert combine_exit_codes(0, [0, 0]) == ExitCode.OK
+    assert combine_exit_codes(1, [143, 143]) == ExitCode.PREEMPTED
+    assert combine_exit_codes(-15, []) == ExitCode.PREEMPTED
+    assert combine_exit_codes(1, [1]) == ExitCode.RETRYABLE
+    assert combine_exit_codes(2, []) == ExitCode.RETRYABLE  # a launcher's own 2 is not our permanent 2
 
 
 SPEC = {
@@ -85,7 +85,7 @@ SPEC = {
 
 
 def test_operator_rendered_config_is_a_valid_trainer_config(tmp_path):
-    from sftjob_operator.api import parse_spec
+    from sftjob_api import parse_spec
     from sftjob_operator.render.trainer_config import render_trainer_config
 
     rendered = render_trainer_config("team-a", "run-1", parse_spec(SPEC))
@@ -103,15 +103,15 @@ def test_bad_config_names_the_field(tmp_path, monkeypatch):
         parse_config(bad)
     p = tmp_path / "c.json"
     p.write_text(json.dumps(bad))
-    assert main(["train", "--config", str(p)]) == exit_codes.PERMANENT
+    assert main(["train", "--config", str(p)]) == ExitCode.PERMANENT
     monkeypatch.delenv("SFTJOB_CONFIG", raising=False)
-    assert main(["train"]) == exit_codes.PERMANENT
+    assert main(["train"]) == ExitCode.PERMANENT
 
 
 def test_config_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, sftjob_trainer.config, sftjob_trainer.exit_codes; print('torch' in sys.modules)"
+    code = "import sys, sftjob_trainer.config, sftjob_trainer.__main__; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from example_manifests import invalid_examples, valid_examples
 
-from sftjob_operator.api import SFTJob, SpecError, parse_sftjob, parse_spec
-from sftjob_operator.api.spec import SFTJobSpec
+from sftjob_api import SFTJob, SpecError, parse_sftjob, parse_spec
+from sftjob_api.spec import SFTJobSpec
 
 
 @pytest.mark.parametrize("path", valid_examples(), ids=lambda p: p.name)

@@ -8,9 +8,9 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
-from sftjob_operator.api import crd
-from sftjob_operator.api.base import ApiModel
-from sftjob_operator.api.spec import SFTJobSpec, TrainingSpec
+from sftjob_api import crd
+from sftjob_api.base import ApiModel
+from sftjob_api.spec import SFTJobSpec, TrainingSpec
 
 
 def _schema() -> dict[str, Any]:
@@ -26,7 +26,7 @@ def _walk(node: dict[str, Any], path: str):
 
 
 def test_committed_crd_equals_generator_output():
-    assert crd.main(["--check"]) == 0, "run: python -m sftjob_operator.api.crd --write"
+    assert crd.main(["--check"]) == 0, "run: python -m sftjob_api.crd --write"
 
 
 def test_crd_is_valid_against_the_kubernetes_schema():

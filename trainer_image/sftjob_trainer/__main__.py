@@ -1,7 +1,8 @@
-"""Entry point: `python -m sftjob_trainer {train,eval,merge} --config PATH` (or $SFTJOB_CONFIG), and
-`python -m sftjob_trainer launch [torchrun args] train --config PATH`.
+"""Entry point: `python -m sftjob_trainer {train,eval,merge} --config PATH` (or $SFTJOB_CONFIG),
+`python -m sftjob_trainer launch [torchrun args] train --config PATH`, and
+`python -m sftjob_trainer model {list,prepare NAME [--force],resolve URI}` (the model cache; `sftjob model`).
 
-Exit codes are a contract (see exit_codes.py and docs/trainer.md). torchrun reports any failed worker as
+Exit codes are a contract (sftjob_api.exit_codes, docs/trainer.md). torchrun reports any failed worker as
 exit 1, which would turn a permanent error into a retry; `launch` runs torchrun and restores the real code
 from files the workers leave in $SFTJOB_EXIT_DIR.
 """
@@ -16,10 +17,14 @@ import sys
 import tempfile
 import traceback
 
-from . import exit_codes
-from .exit_codes import TrainerError
+from sftjob_api import Stage
+from sftjob_api.exit_codes import ExitCode, TrainerError
 
-STAGES = ("train", "eval", "merge")
+from . import model_cache
+from .config import load_config
+from .metrics import log_json
+
+STAGES = tuple(Stage)
 
 
 def _record_exit(code: int, message: str, termination_log: str | None) -> None:
@@ -27,7 +32,7 @@ def _record_exit(code: int, message: str, termination_log: str | None) -> None:
     if d:
         with open(os.path.join(d, f"rank-{os.environ.get('RANK', '0')}"), "w") as f:
             f.write(f"{code}\n{message}\n")
-    if termination_log and code != exit_codes.OK and os.environ.get("RANK", "0") == "0":
+    if termination_log and code != ExitCode.OK and os.environ.get("RANK", "0") == "0":
         try:
             with open(termination_log, "w") as f:
                 f.write(message[-4000:])  # Kubernetes keeps at most 4 KiB
@@ -35,26 +40,19 @@ def _record_exit(code: int, message: str, termination_log: str | None) -> None:
             pass
 
 
-def run_stage(stage: str, config_path: str | None) -> int:
-    from .config import load_config
-    from .metrics import log_json
-
+def run_stage(stage: Stage, config_path: str | None) -> int:
     term_log = os.environ.get("SFTJOB_TERMINATION_LOG")
     try:
         cfg = load_config(config_path)
         term_log = cfg.runtime.termination_log or term_log
-        if stage == "train":
-            from .train import train
-
-            code = train(cfg)
+        # Imported here: the torch stack loads only in the process that runs a stage (never in `launch`).
+        if stage == Stage.TRAIN:
+            from .train import train as entry
+        elif stage == Stage.EVAL:
+            from .eval_stage import main as entry
         else:
-            import importlib
-
-            try:
-                mod = importlib.import_module(f".{stage}_stage", __package__)
-            except ModuleNotFoundError as e:
-                raise exit_codes.PermanentError(f"stage {stage!r} is not available in this image") from e
-            code = int(mod.main(cfg))
+            from .merge_stage import main as entry
+        code = int(entry(cfg))
         _record_exit(code, "ok", term_log)
         return code
     except TrainerError as e:
@@ -62,32 +60,56 @@ def run_stage(stage: str, config_path: str | None) -> int:
         log_json("error", stage=stage, exit_code=e.exit_code, message=str(e), kind=type(e).__name__)
         sys.stderr.write(msg + "\n")
         _record_exit(e.exit_code, msg, term_log)
-        return e.exit_code
+        return int(e.exit_code)
     except Exception as e:
         traceback.print_exc()
         msg = f"{type(e).__name__}: {e}"
-        log_json("error", stage=stage, exit_code=exit_codes.RETRYABLE, message=msg, kind="crash")
-        _record_exit(exit_codes.RETRYABLE, msg, term_log)
-        return exit_codes.RETRYABLE
+        log_json("error", stage=stage, exit_code=ExitCode.RETRYABLE, message=msg, kind="crash")
+        _record_exit(ExitCode.RETRYABLE, msg, term_log)
+        return int(ExitCode.RETRYABLE)
+
+
+def model(argv: list[str]) -> int:
+    """The model cache: list the known models, prepare one, or resolve a spec.model.uri to a directory."""
+    p = argparse.ArgumentParser(prog="python -m sftjob_trainer model")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    prep = sub.add_parser("prepare", help="convert a known model into the cache (idempotent)")
+    prep.add_argument("name")
+    prep.add_argument("--force", action="store_true", help="rebuild even if present")
+    sub.add_parser("list", help="known models and where they are")
+    res = sub.add_parser("resolve", help="print the directory of a cache name (preparing it when known)")
+    res.add_argument("uri")
+    a = p.parse_args(argv)
+    if a.cmd == "list":
+        for name, km in sorted(model_cache.KNOWN.items()):
+            state = model_cache.model_dir(name) if model_cache.is_prepared(name) else "not prepared"
+            print(f"{name:28s} {state}\n{'':28s} {km.description}")
+        return int(ExitCode.OK)
+    try:
+        print(model_cache.prepare(a.name, force=a.force) if a.cmd == "prepare" else model_cache.resolve(a.uri))
+    except TrainerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    return int(ExitCode.OK)
 
 
 def combine_exit_codes(launcher_rc: int, worker_codes: list[int]) -> int:
     """Permanent beats everything; then success; then preemption; else the launcher's (retryable) code."""
-    if exit_codes.PERMANENT in worker_codes:
-        return exit_codes.PERMANENT
+    if ExitCode.PERMANENT in worker_codes:
+        return int(ExitCode.PERMANENT)
     if launcher_rc == 0:
-        return exit_codes.OK
-    if exit_codes.PREEMPTED in worker_codes or launcher_rc in (-signal.SIGTERM, 128 + signal.SIGTERM):
-        return exit_codes.PREEMPTED
+        return int(ExitCode.OK)
+    if ExitCode.PREEMPTED in worker_codes or launcher_rc in (-signal.SIGTERM, 128 + signal.SIGTERM):
+        return int(ExitCode.PREEMPTED)
     rc = launcher_rc if launcher_rc > 0 else 128 - launcher_rc
-    return rc if rc != exit_codes.PERMANENT else exit_codes.RETRYABLE
+    return rc if rc != ExitCode.PERMANENT else int(ExitCode.RETRYABLE)
 
 
 def launch(argv: list[str]) -> int:
     split_at = next((i for i, a in enumerate(argv) if a in STAGES), None)
     if split_at is None:
         sys.stderr.write("usage: python -m sftjob_trainer launch [torchrun args] train --config PATH\n")
-        return exit_codes.PERMANENT
+        return int(ExitCode.PERMANENT)
     with tempfile.TemporaryDirectory(prefix="sftjob-exit-") as d:
         env = {**os.environ, "SFTJOB_EXIT_DIR": d}
         cmd = [sys.executable, "-m", "torch.distributed.run", *argv[:split_at], "--module", "sftjob_trainer",
@@ -110,11 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "launch":
         return launch(argv[1:])
+    if argv and argv[0] == "model":
+        return model(argv[1:])
     p = argparse.ArgumentParser(prog="python -m sftjob_trainer")
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=[str(s) for s in STAGES])
     p.add_argument("--config", default=None, help="trainer config file (default: $SFTJOB_CONFIG)")
     a = p.parse_args(argv)
-    return run_stage(a.stage, a.config)
+    return run_stage(Stage(a.stage), a.config)
 
 
 if __name__ == "__main__":

@@ -12,57 +12,32 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import random
 import shutil
 from collections.abc import Iterable
 from typing import Any
 
-from .storage import Store
+import numpy as np
+import torch
+import torch.distributed as dist
 
-PREFIX = "checkpoints"
-MARKER = "COMPLETE"
-_STEP = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
-
-
-def step_dir(step: int) -> str:
-    return f"{PREFIX}/step-{step}"
-
-
-def scan(keys: Iterable[str]) -> tuple[list[int], list[int]]:
-    """(complete steps, incomplete steps), ascending, from a listing of keys under the output root."""
-    seen: set[int] = set()
-    done: set[int] = set()
-    for k in keys:
-        m = _STEP.match(k)
-        if m:
-            seen.add(int(m.group(1)))
-            if m.group(2) == MARKER:
-                done.add(int(m.group(1)))
-    return sorted(done), sorted(seen - done)
-
-
-def newest_complete(keys: Iterable[str]) -> int | None:
-    done, _ = scan(keys)
-    return done[-1] if done else None
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.layout import Layout
+from sftjob_api.storage import Store
 
 
 def to_delete(keys: Iterable[str], keep: int, just_written: int) -> list[int]:
     """Old complete checkpoints beyond `keep` (never the one just written), and stale incomplete ones."""
-    done, partial = scan(keys)
+    done, partial = Layout.scan_checkpoints(keys)
     old = [s for s in done if s != just_written][: max(0, len(done) - max(keep, 1))]
     return old + [s for s in partial if s < just_written]
 
 
 def read_marker(store: Store, step: int) -> dict[str, Any]:
-    return dict(json.loads(store.get_bytes(f"{step_dir(step)}/{MARKER}")))
+    return dict(json.loads(store.get_bytes(Layout.checkpoint_marker(step))))
 
 
 def rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-    import torch
-
     st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
                           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -71,11 +46,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(st: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     random.setstate(st["python"])
     np.random.set_state(st["numpy"])
     torch.set_rng_state(st["torch"])
@@ -85,34 +55,26 @@ def set_rng_state(st: dict[str, Any]) -> None:
 
 def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_state: dict[str, Any],
          keep: int, save_frozen: bool = True) -> None:
-    import torch
-    import torch.distributed as dist
-
     tag = f"step-{step}"
     local = os.path.join(staging, f"rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
     os.makedirs(local, exist_ok=True)
     engine.save_checkpoint(local, tag=tag, exclude_frozen_parameters=not save_frozen)
     torch.save(rng_state(), os.path.join(local, tag, f"rng_state_rank{rank}.pt"))
-    store.upload_dir(os.path.join(local, tag), step_dir(step))
+    store.upload_dir(os.path.join(local, tag), Layout.checkpoint(step))
     shutil.rmtree(local, ignore_errors=True)
     dist.barrier()
     if rank == 0:
         marker = {"step": step, "world_size": dist.get_world_size(), "trainer_state": trainer_state}
-        store.put_bytes(json.dumps(marker, indent=1).encode(), f"{step_dir(step)}/{MARKER}")
-        for old in to_delete(store.list(PREFIX), keep, step):
-            store.delete_prefix(step_dir(old))
+        store.put_bytes(json.dumps(marker, indent=1).encode(), Layout.checkpoint_marker(step))
+        for old in to_delete(store.list(Layout.CHECKPOINTS), keep, step):
+            store.delete_prefix(Layout.checkpoint(old))
     dist.barrier()
 
 
 def load(engine: Any, store: Store, step: int, rank: int, staging: str,
          frozen_saved: bool = True) -> dict[str, Any]:
     """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state."""
-    import torch
-    import torch.distributed as dist
-
-    from .exit_codes import PermanentError
-
     marker = read_marker(store, step)
     if marker["world_size"] != dist.get_world_size():
         raise PermanentError(f"checkpoint step-{step} was written by {marker['world_size']} ranks, this run "
@@ -120,7 +82,7 @@ def load(engine: Any, store: Store, step: int, rank: int, staging: str,
     tag = f"step-{step}"
     local = os.path.join(staging, f"resume-rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
-    store.download_dir(step_dir(step), os.path.join(local, tag))
+    store.download_dir(Layout.checkpoint(step), os.path.join(local, tag))
     path, _ = engine.load_checkpoint(local, tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True, load_module_strict=frozen_saved)
     if path is None:

@@ -1,9 +1,5 @@
-"""The trainer's config: the SFTJob spec sections (imported, never redefined) plus run/runtime sections.
-
-Torch-free so the operator can render and validate it. The file is what
-`sftjob_operator.render.trainer_config.render_trainer_config` writes (camelCase keys, JSON or YAML):
-`run` + the spec's `model, dataset, method, training, resources, output, eval, merge` + optional `runtime`.
-Rank and world size are not config: they come from torchrun's environment (see `DistEnv`).
+"""Reading the trainer config (`sftjob_api.trainer_config.TrainerConfig`: the spec + run + runtime) and
+torchrun's environment. Torch-free.
 """
 
 from __future__ import annotations
@@ -12,60 +8,20 @@ import json
 import os
 from dataclasses import dataclass
 
-from pydantic import Field, ValidationError
+import yaml
+from pydantic import ValidationError
 
-from sftjob_operator.api.base import ApiModel
-from sftjob_operator.api.resource import format_error
-from sftjob_operator.api.spec import (
-    DatasetSpec,
-    EvalSpec,
-    MergeSpec,
-    MethodSpec,
-    ModelSpec,
-    OutputSpec,
-    ResourcesSpec,
-    TrainingSpec,
-)
-
-from .exit_codes import PermanentError
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.resource import format_error
+from sftjob_api.trainer_config import TrainerConfig
 
 CONFIG_ENV = "SFTJOB_CONFIG"
-
-
-class RunSection(ApiModel):
-    """Which SFTJob this is and where its artifacts go (resolved by the operator)."""
-
-    namespace: str = Field(default="default", max_length=253)
-    name: str = Field(default="local", max_length=253)
-    output_root: str = Field(min_length=1, max_length=2048)
-    """`<output.uri>/<namespace>/<name>/`: checkpoints/, adapter/ (or model/ for full) are written below."""
-
-
-class RuntimeSection(ApiModel):
-    """Process-level settings; environment variables override the file (the pod spec sets them)."""
-
-    metrics_port: int = Field(default=9400, ge=0, le=65535)
-    """Rank r listens on metrics_port + local_rank; 0 disables the endpoint."""
-    work_dir: str = "/tmp/sftjob"
-    """Local scratch: model cache, checkpoint staging."""
-    model_cache_dir: str | None = None
-    """Where s3:// models are mirrored (default <work_dir>/models); reused across restarts when on a PVC."""
-    log_every_steps: int = Field(default=1, ge=1)
-    termination_log: str | None = None
-    """File for the failure message (Kubernetes terminationMessagePath)."""
-
-
-class TrainerConfig(ApiModel):
-    run: RunSection
-    model: ModelSpec
-    dataset: DatasetSpec
-    method: MethodSpec = Field(default_factory=MethodSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    output: OutputSpec
-    eval: EvalSpec = Field(default_factory=EvalSpec)
-    merge: MergeSpec = Field(default_factory=MergeSpec)
-    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+# Environment variables the pod spec sets that override `runtime` (Kubernetes knows them, the spec does not).
+RUNTIME_ENV = {
+    "SFTJOB_METRICS_PORT": "metrics_port",
+    "SFTJOB_TERMINATION_LOG": "termination_log",
+    "SFTJOB_WORK_DIR": "work_dir",
+}
 
 
 @dataclass(frozen=True)
@@ -78,26 +34,21 @@ class DistEnv:
 
     @staticmethod
     def from_env() -> DistEnv:
-        return DistEnv(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                       int(os.environ.get("LOCAL_RANK", "0")))
+        env = os.environ
+        return DistEnv(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
 
 
 def parse_config(data: object, source: str = "config") -> TrainerConfig:
+    """Validate a config document (raises PermanentError naming every bad field), then apply RUNTIME_ENV."""
     try:
         cfg = TrainerConfig.model_validate(data)
     except ValidationError as e:
-        raise PermanentError(f"invalid trainer config {source}: {'; '.join(format_error(err) for err in e.errors())}") from e
-    env = os.environ
-    rt = cfg.runtime
-    updates: dict[str, object] = {}
-    if "SFTJOB_METRICS_PORT" in env:
-        updates["metrics_port"] = int(env["SFTJOB_METRICS_PORT"])
-    if "SFTJOB_TERMINATION_LOG" in env:
-        updates["termination_log"] = env["SFTJOB_TERMINATION_LOG"]
-    if "SFTJOB_WORK_DIR" in env:
-        updates["work_dir"] = env["SFTJOB_WORK_DIR"]
+        errors = "; ".join(format_error(err) for err in e.errors())
+        raise PermanentError(f"invalid trainer config {source}: {errors}") from e
+    updates = {field: os.environ[var] for var, field in RUNTIME_ENV.items() if var in os.environ}
     if updates:
-        cfg = cfg.model_copy(update={"runtime": rt.model_copy(update=updates)})
+        runtime = type(cfg.runtime).model_validate({**cfg.runtime.model_dump(by_alias=False), **updates})
+        cfg = cfg.model_copy(update={"runtime": runtime})
     return cfg
 
 
@@ -114,8 +65,6 @@ def load_config(path: str | None = None) -> TrainerConfig:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        import yaml
-
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .exit_codes import PermanentError
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.spec import DatasetSpec, FieldMapping, OutputSpec
+
 from .formatting import Formatted, RowError, format_row
 from .records import DropReport, Row, iter_rows
 
@@ -73,7 +75,7 @@ def build_examples(
     report: DropReport,
     *,
     max_seq_len: int,
-    fields: Mapping[str, str] | None = None,
+    fields: FieldMapping | None = None,
     use_chat_template: bool | None = None,
     min_tokens: int = 1,
     max_tokens: int | None = None,
@@ -141,11 +143,28 @@ def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[lis
     return [examples[i] for i in tr], [examples[i] for i in ev]
 
 
-def load_dataset(uris: list[str], tok: Any, fmt: str, *, cache_dir: str | None = None,
-                 **kw: Any) -> tuple[list[Example], DropReport]:
-    """Read, format, tokenize, filter. Empty result is a permanent error naming the drop reasons."""
+def load_dataset(
+    uris: list[str],
+    tok: Any,
+    ds: DatasetSpec,
+    cache_dir: str | None = None,
+    output: OutputSpec | None = None,
+) -> tuple[list[Example], DropReport]:
+    """Read, format, tokenize, filter as spec.dataset says. Empty result is a permanent error naming the drop
+    reasons. S3 files are read with spec.output's client settings."""
     report = DropReport()
-    examples = build_examples(iter_rows(uris, report, cache_dir), tok, fmt, report, **kw)
+    rows = iter_rows(uris, report, cache_dir, output)
+    examples = build_examples(
+        rows,
+        tok,
+        ds.format,
+        report,
+        max_seq_len=ds.max_seq_length,
+        fields=ds.field_mapping,
+        min_tokens=ds.filter.min_tokens,
+        max_tokens=ds.filter.max_tokens,
+        dedup=ds.filter.dedup,
+    )
     if not examples:
         raise PermanentError(f"no usable training rows in {', '.join(uris)}: {report.summary()}")
     return examples, report

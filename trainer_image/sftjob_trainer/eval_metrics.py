@@ -3,15 +3,14 @@
 normalize(): Unicode NFKC, lower case, every punctuation/symbol character replaced by a space, whitespace
 collapsed. Exact match compares normalized strings; ROUGE-L is the F1 of the longest common subsequence of
 normalized whitespace tokens (Lin, 2004; beta = 1, i.e. the F-measure most toolkits report as rougeL).
-Gates compare results against the spec's thresholds and return readable failures.
+The gates on these metrics are `sftjob_api.evaluation.EvalGates.failures`.
 """
 
 from __future__ import annotations
 
 import math
 import unicodedata
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 
 def normalize(text: str) -> str:
@@ -66,29 +65,3 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> 
         "exact_match": mean([exact_match(p, r) for p, r in zip(predictions, references, strict=True)]),
         "rouge_l": mean([rouge_l(p, r) for p, r in zip(predictions, references, strict=True)]),
     }
-
-
-# gate name (camelCase as in the spec) -> (result key, "max" or "min")
-GATES: dict[str, tuple[str, str]] = {
-    "maxEvalLoss": ("eval_loss", "max"),
-    "maxPerplexity": ("perplexity", "max"),
-    "minRougeL": ("rouge_l", "min"),
-    "minExactMatch": ("exact_match", "min"),
-}
-
-
-def check_gates(results: Mapping[str, Any], gates: Mapping[str, float | None]) -> list[str]:
-    """Failed gates as "maxEvalLoss: 2.31 > 2.0" lines; a gate whose metric is missing fails too."""
-    failed = []
-    for gate, threshold in gates.items():
-        if threshold is None:
-            continue
-        key, kind = GATES[gate]
-        value = results.get(key)
-        if value is None:
-            failed.append(f"{gate}: {key} was not computed")
-        elif kind == "max" and value > threshold:
-            failed.append(f"{gate}: {value:.4g} > {threshold:.4g}")
-        elif kind == "min" and value < threshold:
-            failed.append(f"{gate}: {value:.4g} < {threshold:.4g}")
-    return failed

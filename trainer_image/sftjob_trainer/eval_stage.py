@@ -16,6 +16,7 @@ configured, is `{"evalResults": {...}}`), EVAL_GATE_FAILED (3) otherwise (the me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,11 +24,23 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import artifacts, exit_codes
-from .config import TrainerConfig
+import torch
+
+from sftjob_api import Layout, Stage
+from sftjob_api.evaluation import EvalMetrics
+from sftjob_api.exit_codes import EvalGateFailed, ExitCode, PermanentError
+from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.status import EvalResults
+from sftjob_api.storage import Store, open_store
+from sftjob_api.trainer_config import TrainerConfig
+
 from .data import IGNORE, Example
-from .eval_metrics import check_gates, generation_scores, loss_summary
+from .eval_metrics import generation_scores, loss_summary
+from .loss import SelectiveLossLM
 from .metrics import log_json
+from .model import config_tokenizer, load_base, load_trained, model_dir, weights_dtype
+from .packing import collate
+from .pipeline import prepare_examples
 
 
 @dataclass(frozen=True)
@@ -68,11 +81,6 @@ def length_batches(lengths: list[int], max_tokens: int, max_rows: int = 64) -> l
 
 def loss_sum(model: Any, examples: list[Example], pad_id: int, max_tokens: int = 4096) -> tuple[float, int]:
     """(sum of token losses, labelled tokens) with the training loss code, one sample per row."""
-    import torch
-
-    from .loss import SelectiveLossLM
-    from .packing import collate
-
     wrapper = SelectiveLossLM(model).eval()
     dev = next(model.parameters()).device  # inputs go where the model is (GPU when present)
     total, n = 0.0, 0
@@ -88,8 +96,6 @@ def loss_sum(model: Any, examples: list[Example], pad_id: int, max_tokens: int =
 def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
              batch_size: int = 16) -> list[str]:
     """Greedy, left-padded batched generation; returns the decoded continuations (special tokens dropped)."""
-    import torch
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     dev = next(model.parameters()).device
     out: list[str] = [""] * len(prompts)
@@ -143,57 +149,31 @@ def evaluate_model(model: Any, tok: Any, examples: list[Example], metrics: list[
     return {k: v for k, v in res.items() if k in keep}, preds
 
 
-def gates_of(cfg: TrainerConfig) -> dict[str, float | None]:
-    g = cfg.eval.gates
-    if g is None:
-        return {}
-    return {"maxEvalLoss": g.max_eval_loss, "maxPerplexity": g.max_perplexity, "minRougeL": g.min_rouge_l,
-            "minExactMatch": g.min_exact_match}
+def metrics_of(res: dict[str, Any]) -> EvalMetrics:
+    return EvalMetrics.model_validate({k: res.get(k) for k in EvalMetrics.model_fields})
 
 
-def status_results(trained: dict[str, Any], failed: list[str]) -> dict[str, Any]:
-    """The SFTJob status.evalResults object (camelCase), validated by the API model."""
-    from sftjob_operator.api.status import EvalResults
-
-    er = EvalResults(eval_loss=trained.get("eval_loss"), perplexity=trained.get("perplexity"),
-                     rouge_l=trained.get("rouge_l"), exact_match=trained.get("exact_match"),
-                     gates_passed=not failed, failed_gates=failed)
-    return dict(er.model_dump(mode="json", by_alias=True))
-
-
-def load_models(cfg: TrainerConfig, store: Any, work: str) -> tuple[Any, Any, Any]:
+def load_models(cfg: TrainerConfig, store: Store, work: str) -> tuple[Any, Any, Any]:
     """(trained model, tokenizer, context manager factory giving the base model's behaviour)."""
-    import contextlib
-
-    import torch
-
-    from .model import load_base, load_tokenizer, resolve_dir
-    from .model_cache import resolve
-    from .pipeline import cache_dir, model_spec
-
     on_gpu = torch.cuda.is_available()
-    spec = model_spec(cfg, on_gpu)
-    model_dir = resolve_dir(resolve(spec.uri, auto_prepare=False), cache_dir(cfg))
-    tok = load_tokenizer(model_dir, spec, cache_dir(cfg))
+    dtype = weights_dtype(cfg.method, on_gpu)
+    base_dir = model_dir(cfg)
+    tok = config_tokenizer(cfg, base_dir)
+    weights = Layout.weights(cfg.method.type)
+    trained_dir = os.path.join(work, weights)
+    if not store.download_dir(weights, trained_dir):
+        raise PermanentError(f"nothing under {weights}/: did training finish?")
+    model = load_trained(cfg, base_dir, trained_dir, dtype).eval()
     if cfg.method.type == "full":
-        trained_dir = os.path.join(work, artifacts.MODEL)
-        if not store.download_dir(artifacts.MODEL, trained_dir):
-            raise exit_codes.PermanentError("no trained model under model/: did training finish?")
-        base = load_base(model_dir, spec).eval()
-        trained = load_base(trained_dir, spec).eval()
+        base = load_base(base_dir, cfg.method, dtype, cfg.model.trust_remote_code).eval()
         if on_gpu:  # 4-bit models are placed on the GPU by transformers; full precision ones are not
-            base, trained = base.to("cuda"), trained.to("cuda")
+            base, model = base.to("cuda"), model.to("cuda")
 
         @contextlib.contextmanager
         def as_base() -> Any:
             yield base
-        return trained, tok, as_base
-    adapter_dir = os.path.join(work, artifacts.ADAPTER)
-    if not store.download_dir(artifacts.ADAPTER, adapter_dir):
-        raise exit_codes.PermanentError("no adapter under adapter/: did training finish?")
-    from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_base(model_dir, spec), adapter_dir).eval()
+        return model, tok, as_base
     if on_gpu and cfg.method.type != "qlora":  # 4-bit models are already there (transformers places them)
         model = model.to("cuda")
 
@@ -201,56 +181,66 @@ def load_models(cfg: TrainerConfig, store: Any, work: str) -> tuple[Any, Any, An
     def as_base_adapter() -> Any:
         with model.disable_adapter():
             yield model
+
     return model, tok, as_base_adapter
 
 
 def main(cfg: TrainerConfig) -> int:
-    from .pipeline import prepare_examples
-    from .storage import open_store
-
     t0 = time.monotonic()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    store = open_store(cfg.run.output_root)
+    store = open_store(cfg.run.output_root, cfg.output)
     work = os.path.join(cfg.runtime.work_dir, "eval")
     shutil.rmtree(work, ignore_errors=True)
     model, tok, as_base = load_models(cfg, store, work)
     _, examples, _ = prepare_examples(cfg, tok)
     if not examples:
-        raise exit_codes.PermanentError("no held-out examples: set dataset.eval or dataset.evalSplit")
+        raise PermanentError("no held-out examples: set dataset.eval or dataset.evalSplit")
     ev = cfg.eval
-    metrics = list(ev.metrics)
+    metrics: list[str] = list(ev.metrics)
     log_json("eval_start", examples=len(examples), generate=min(ev.max_samples, len(examples)), metrics=metrics)
     with as_base() as base:
         base_res, base_preds = evaluate_model(base, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
     log_json("eval_base", **base_res)
     trained_res, preds = evaluate_model(model, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
     log_json("eval_trained", **trained_res)
-    failed = check_gates(trained_res, gates_of(cfg))
+    trained = metrics_of(trained_res)
+    failed = ev.gates.failures(trained) if ev.gates else []
+    status = EvalResults(**dict(trained), gates_passed=not failed, failed_gates=failed)
     results = {
-        "base": base_res, "trained": trained_res, "gates": {k: v for k, v in gates_of(cfg).items() if v is not None},
-        "gates_passed": not failed, "failed_gates": failed, "eval_examples": len(examples),
-        "seconds": round(time.monotonic() - t0, 1), "status": status_results(trained_res, failed),
+        "base": base_res,
+        "trained": trained_res,
+        "gates": ev.gates.model_dump(mode="json", exclude_none=True) if ev.gates else {},
+        "gates_passed": not failed,
+        "failed_gates": failed,
+        "eval_examples": len(examples),
+        "seconds": round(time.monotonic() - t0, 1),
+        "status": status.model_dump(mode="json"),
     }
     samples = []
     for i, ex in enumerate(examples[: len(preds)]):
         p = to_prompted(ex)
-        samples.append({"index": i, "prompt": tok.decode(p.prompt_ids, skip_special_tokens=False),
-                        "reference": tok.decode(p.reference_ids, skip_special_tokens=True),
-                        "base": base_preds[i] if i < len(base_preds) else None, "trained": preds[i]})
-    store.put_bytes("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples).encode(),
-                    f"{artifacts.EVAL}/samples.jsonl")
-    store.put_bytes(json.dumps(results, indent=1).encode(), f"{artifacts.EVAL}/results.json")
+        samples.append(
+            {
+                "index": i,
+                "prompt": tok.decode(p.prompt_ids, skip_special_tokens=False),
+                "reference": tok.decode(p.reference_ids, skip_special_tokens=True),
+                "base": base_preds[i] if i < len(base_preds) else None,
+                "trained": preds[i],
+            }
+        )
+    jsonl = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    store.put_bytes(jsonl.encode(), Layout.EVAL_SAMPLES)
+    store.put_bytes(json.dumps(results, indent=1).encode(), Layout.EVAL_RESULTS)
     log_json("eval_done", gates_passed=not failed, failed_gates=failed, seconds=results["seconds"])
     shutil.rmtree(work, ignore_errors=True)
-    if failed or not cfg.merge.enabled or cfg.method.type == "full":
-        # nothing runs after this stage: it completes the run
-        artifacts.write_manifest(store, artifacts.config_dump(cfg),
-                                 {"train": "done", "eval": "gate_failed" if failed else "done"})
+    if failed or cfg.is_final(Stage.EVAL):  # nothing runs after this stage: it completes the run
+        records = stage_record(cfg, Stage.EVAL, gate_failed=bool(failed))
+        write_manifest(store, cfg.model_dump(mode="json"), records, manifest_locations(cfg))
     if failed:
         # becomes the pod's termination message (the operator's EvalGateFailed reason text), exit code 3
-        raise exit_codes.EvalGateFailed("; ".join(failed))
+        raise EvalGateFailed("; ".join(failed))
     term = cfg.runtime.termination_log or os.environ.get("SFTJOB_TERMINATION_LOG")
     if term:  # the operator reads status.evalResults from the eval pod's termination message
         with open(term, "w") as f:
             f.write(json.dumps({"evalResults": results["status"]}))
-    return exit_codes.OK
+    return int(ExitCode.OK)

@@ -11,16 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sftjob_api.spec import FieldMapping
+
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
-FORMATS = ("alpaca", "messages", "prompt_completion")
-DEFAULT_FIELDS: dict[str, dict[str, str]] = {
-    "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
-    "messages": {"messages": "messages", "role": "role", "content": "content"},
-    "prompt_completion": {"prompt": "prompt", "completion": "completion"},
-}
+# The keys inside each message of the messages format (spec.dataset.fieldMapping names the columns).
+ROLE, CONTENT = "role", "content"
 
 
 class ChatTokenizer(Protocol):
@@ -44,8 +42,7 @@ class RowError(ValueError):
         self.reason = reason
 
 
-def _field(row: Mapping[str, Any], fields: Mapping[str, str], name: str, required: bool = True) -> Any:
-    key = fields.get(name, name)
+def _field(row: Mapping[str, Any], key: str, required: bool = True) -> Any:
     val = row.get(key)
     if val is None and required:
         raise RowError("missing_field", f"missing field {key!r}")
@@ -100,16 +97,17 @@ def format_row(
     row: Mapping[str, Any],
     fmt: str,
     tok: ChatTokenizer,
-    fields: Mapping[str, str] | None = None,
+    fields: FieldMapping | None = None,
     use_chat_template: bool | None = None,
 ) -> Formatted:
-    """Format one row. `use_chat_template=None` means: use it when the tokenizer has one."""
-    f = {**DEFAULT_FIELDS[fmt], **(fields or {})}
+    """Format one row (columns named by `fields`, spec.dataset.fieldMapping). `use_chat_template=None`
+    means: use it when the tokenizer has one."""
+    f = fields or FieldMapping()
     templ = bool(tok.chat_template) if use_chat_template is None else use_chat_template
     if fmt == "alpaca":
-        instr = _text(_field(row, f, "instruction"), f["instruction"])
-        inp = _field(row, f, "input", required=False) or ""
-        out = _text(_field(row, f, "output"), f["output"])
+        instr = _text(_field(row, f.instruction), f.instruction)
+        inp = _field(row, f.input, required=False) or ""
+        out = _text(_field(row, f.output), f.output)
         if templ:
             prompt = instr + (f"\n\n{inp}" if inp else "")
         else:
@@ -118,19 +116,18 @@ def format_row(
                 instruction=instr, input_block=f"### Input:\n{inp}\n\n" if inp else "")
         return _pair(tok, prompt, out, templ)
     if fmt == "prompt_completion":
-        prompt = _text(_field(row, f, "prompt"), f["prompt"])
-        comp = _text(_field(row, f, "completion"), f["completion"])
+        prompt = _text(_field(row, f.prompt), f.prompt)
+        comp = _text(_field(row, f.completion), f.completion)
         return _pair(tok, prompt, comp, templ)
     if fmt == "messages":
-        raw = _field(row, f, "messages")
+        raw = _field(row, f.messages)
         if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
-            raise RowError("missing_field", f"field {f['messages']!r} is not a non-empty list")
+            raise RowError("missing_field", f"field {f.messages!r} is not a non-empty list")
         msgs: list[dict[str, str]] = []
         for m in raw:
-            if not isinstance(m, Mapping) or not isinstance(m.get(f["role"]), str) \
-                    or not isinstance(m.get(f["content"]), str):
+            if not isinstance(m, Mapping) or not isinstance(m.get(ROLE), str) or not isinstance(m.get(CONTENT), str):
                 raise RowError("missing_field", "a message lacks a string role/content")
-            msgs.append({"role": m[f["role"]], "content": m[f["content"]]})
+            msgs.append({"role": m[ROLE], "content": m[CONTENT]})
         if not templ:
             raise RowError("template_error", "messages format needs a tokenizer with a chat template")
         return format_messages(tok, msgs)

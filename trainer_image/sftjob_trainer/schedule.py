@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .exit_codes import PermanentError
+from sftjob_api.exit_codes import PermanentError
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,35 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
-import socket
 import time
 from typing import Any
 
+import bitsandbytes as bnb
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from sftjob_api import Layout, Stage
+from sftjob_api.exit_codes import ExitCode, Preempted
+from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.ports import free_port
+from sftjob_api.storage import open_store
+from sftjob_api.trainer_config import TrainerConfig
+
 from . import checkpoint
-from .config import DistEnv, TrainerConfig
-from .exit_codes import Preempted
+from .config import DistEnv
+from .loss import SelectiveLossLM, base_causal_lm
 from .metrics import TrainerMetrics, log_json
+from .model import load_for_training, weights_dtype
 from .packing import collate, epoch_order, micro_batches_for, pack_rows, single_rows
+from .pipeline import prepare_examples
 from .schedule import deepspeed_config, lr_factor, plan_batches
 from .speed import effective_zero_stage
-from .storage import open_store
+
+# deepspeed is imported inside the functions: it picks its accelerator at import, and train() sets
+# DS_ACCELERATOR=cpu first when there is no GPU.
 
 
 class StopFlag:
@@ -36,53 +52,36 @@ class StopFlag:
         self.requested = True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def init_distributed(env: DistEnv, on_gpu: bool) -> None:
     import deepspeed
 
     if "MASTER_ADDR" not in os.environ:  # plain `python -m sftjob_trainer train`: a world of one
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
 def seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
 def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
-    import torch
-
     t = cfg.training
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
     groups = [{"params": ps, "weight_decay": wd}
               for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps]  # ZeRO drops empty groups
     if t.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(groups, lr=t.learning_rate)
+        return bnb.optim.AdamW8bit(groups, lr=t.learning_rate)  # type: ignore[attr-defined]
     return torch.optim.AdamW(groups, lr=t.learning_rate)
 
 
 def _allreduce(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
     # NCCL reduces CUDA tensors only
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
@@ -92,9 +91,6 @@ def _allreduce(values: list[float]) -> list[float]:
 def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: int, out_dir: str) -> str:
     """Rank 0 writes the adapter (lora/qlora) or the full model in transformers format into out_dir."""
     import deepspeed
-    import torch.distributed as dist
-
-    from .loss import base_causal_lm
 
     full = cfg.method.type == "full"
     names = [n for n, p in model.named_parameters() if full or p.requires_grad]
@@ -108,13 +104,11 @@ def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: 
                 model.save_pretrained(out_dir, state_dict=sd)
             tok.save_pretrained(out_dir)
     dist.barrier()
-    return "model" if full else "adapter"
+    return Layout.weights(cfg.method.type)
 
 
 def train(cfg: TrainerConfig) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -126,19 +120,15 @@ def train(cfg: TrainerConfig) -> int:
     env = DistEnv.from_env()
     import deepspeed
 
-    from .loss import SelectiveLossLM
-    from .model import load_for_training
-    from .pipeline import cache_dir, model_spec, prepare_examples
-
     t = cfg.training
     seed_all(t.seed)
     port = cfg.runtime.metrics_port + env.local_rank if cfg.runtime.metrics_port else None
     metrics = TrainerMetrics(cfg.run.namespace, cfg.run.name, env.rank, port)
-    store = open_store(cfg.run.output_root)
+    store = open_store(cfg.run.output_root, cfg.output)
     staging = os.path.join(cfg.runtime.work_dir, "staging")
     is0 = env.rank == 0
 
-    model, tok, _ = load_for_training(model_spec(cfg, on_gpu), cache_dir(cfg))
+    model, tok = load_for_training(cfg, on_gpu)
     examples, eval_examples, report = prepare_examples(cfg, tok)
     if is0:
         n_4bit = sum(1 for m in model.modules()  # bitsandbytes' own class, not peft's wrapper of it
@@ -154,12 +144,10 @@ def train(cfg: TrainerConfig) -> int:
     if is0:
         log_json("data", report=report.as_dict(), train_examples=len(examples), eval_examples=len(eval_examples),
                  rows=len(rows), packing=cfg.dataset.packing, plan=plan.__dict__)
-        store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), "train/data_report.json")
+        store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), Layout.DATA_REPORT)
 
-    from .model import compute_dtype
-
-    # DeepSpeed's precision must match the weights' dtype (auto: bf16 on GPU, fp32 on CPU)
-    bf16 = compute_dtype(model_spec(cfg, on_gpu).dtype) == torch.bfloat16
+    # DeepSpeed's precision must match the weights' dtype (bf16 on GPU, fp32 on CPU)
+    bf16 = weights_dtype(cfg.method, on_gpu) == torch.bfloat16
     wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
     # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
     wrapper.train()
@@ -182,7 +170,7 @@ def train(cfg: TrainerConfig) -> int:
 
     start, tokens_seen = 0, 0
     full = cfg.method.type == "full"  # adapters: the frozen base comes from the model source, not checkpoints
-    resume = checkpoint.newest_complete(store.list(checkpoint.PREFIX))
+    resume = Layout.newest_checkpoint(store.list(Layout.CHECKPOINTS))
     if resume is not None:
         state = checkpoint.load(engine, store, resume, env.rank, staging, frozen_saved=full)
         start, tokens_seen = int(state["step"]), int(state.get("tokens", 0))
@@ -216,7 +204,7 @@ def train(cfg: TrainerConfig) -> int:
             loss_sum += float(out.detach())
         tot_loss, tot_real, stop_votes = _allreduce([loss_sum, float(local_real), float(stop.requested)])
         loss = tot_loss / max(n_labels, 1.0)
-        tokens_seen += local_real
+        tokens_seen += int(tot_real)  # all ranks
         done = step + 1
         dt = time.monotonic() - t0
         gn = engine.get_global_grad_norm()
@@ -256,9 +244,11 @@ def train(cfg: TrainerConfig) -> int:
         store.upload_dir(out_dir, kind)
         summary = {"steps": plan.total_steps, "final_loss": loss, "tokens": tokens_seen,
                    "resumed_from": resume, "plan": plan.__dict__, "data": report.as_dict()}
-        store.put_bytes(json.dumps(summary, indent=1).encode(), "train/summary.json")
+        store.put_bytes(json.dumps(summary, indent=1).encode(), Layout.TRAIN_SUMMARY)
+        if cfg.is_final(Stage.TRAIN):  # a train-only run: nothing runs after this stage
+            write_manifest(
+                store, cfg.model_dump(mode="json"), stage_record(cfg, Stage.TRAIN), manifest_locations(cfg)
+            )
         log_json("done", kind=kind, steps=plan.total_steps, final_loss=loss)
-    import torch.distributed as dist
-
     dist.barrier()
-    return 0
+    return int(ExitCode.OK)

@@ -15,8 +15,9 @@ from typing import Any
 
 import kopf
 
+from sftjob_api import GROUP, PLURAL, VERSION
+
 from .. import metrics
-from ..api import GROUP, PLURAL, VERSION
 from ..render.names import LABEL_JOB_NAME
 from ..render.phase import TERMINAL
 from ..settings import Settings

@@ -8,8 +8,9 @@ from datetime import datetime
 
 from kubernetes.client.exceptions import ApiException
 
-from ..api import SFTJobSpec
-from ..render.names import STAGE_TRAIN, STAGES, ChildNames
+from sftjob_api import SFTJobSpec, Stage
+
+from ..render.names import ChildNames
 from ..render.objects import RenderOptions, SFTJobRef, render_config_map, render_service, render_stage_job
 from ..render.observe import JobObs, PodObs, parse_time
 from ..render.stuck import JobEvent, Stuck, detect_stuck
@@ -23,27 +24,26 @@ RECREATE_AFTER_S = 30.0
 
 
 class Children:
-    def __init__(self, kube: Kube, opts: RenderOptions, permanent_codes: tuple[int, ...]):
+    def __init__(self, kube: Kube, opts: RenderOptions):
         self.kube = kube
         self.opts = opts
-        self.permanent_codes = permanent_codes
 
-    def ensure_base(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: Memo) -> None:
+    def ensure_base(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo) -> None:
         # Once the train Job exists its ConfigMap and Service were created before it.
-        if STAGE_TRAIN in jobs:
+        if Stage.TRAIN in jobs:
             return
         for key, obj in (("configmap", render_config_map(ref, spec)), ("service", render_service(ref))):
             if key in memo.created:
                 continue
             self.kube.create(obj)
             memo.created[key] = time.monotonic()
-        self.create_job(STAGE_TRAIN, ref, spec, memo)
+        self.create_job(Stage.TRAIN, ref, spec, memo)
 
-    def create_job(self, stage: str, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
+    def create_job(self, stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
         last = memo.created.get(stage)
         if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
             return  # created moments ago; the watch has not shown it yet
-        job = render_stage_job(stage, ref, spec, self.opts, self.permanent_codes)
+        job = render_stage_job(stage, ref, spec, self.opts)
         if self.kube.create(job):
             log.info("created %s Job %s/%s", stage, ref.namespace, job["metadata"]["name"])
         memo.created[stage] = time.monotonic()
@@ -57,13 +57,13 @@ class Children:
     def find_stuck(
         self,
         namespace: str,
-        jobs: dict[str, JobObs],
+        jobs: dict[Stage, JobObs],
         pods: list[PodObs],
         spec: SFTJobSpec,
         now: datetime,
     ) -> Stuck | None:
         timeout = spec.run_policy.stuck_pending_timeout_seconds
-        for stage in STAGES:
+        for stage in Stage:
             job = jobs.get(stage)
             if job is None or job.finished or job.suspended:
                 continue
@@ -95,11 +95,11 @@ class Children:
 
 
 def refresh_created(
-    ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[str, JobObs], memo: Memo
-) -> dict[str, JobObs]:
+    ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo
+) -> dict[Stage, JobObs]:
     """A Job we created whose watch event has not arrived yet counts as existing (fresh, not started)."""
     out = dict(jobs)
-    for stage in STAGES:
+    for stage in Stage:
         if (
             stage not in out
             and stage in memo.created

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from datetime import datetime
 
+from sftjob_api import SFTJobStatus
+
 from .. import metrics
 from ..render import phase as ph
 from ..render.conditions import get_condition
@@ -19,28 +21,27 @@ log = logging.getLogger("sftjob_operator.reconcile")
 def record_transition(
     kube: Kube,
     body: Obj,
-    prev: Obj,
-    status: Obj,
+    prev: SFTJobStatus,
+    status: SFTJobStatus,
     decision: ph.Decision,
     stuck: Stuck | None,
     now: datetime,
 ) -> None:
-    prev_phase = prev.get("phase")
+    prev_phase = prev.phase
     new_phase = decision.phase
-    restarts_before = int(prev.get("restarts") or 0)
-    if status["restarts"] > restarts_before:
-        metrics.RESTARTS.inc(status["restarts"] - restarts_before)
+    if status.restarts > prev.restarts:
+        metrics.RESTARTS.inc(status.restarts - prev.restarts)
         kube.post_event(
             body,
             "Warning",
             "TrainerRestarted",
-            f"trainer failed with a retryable error ({status['restarts']} so far);"
+            f"trainer failed with a retryable error ({status.restarts} so far);"
             " the next pod resumes from the newest checkpoint",
         )
-    if prev_phase != new_phase or prev.get("reason") != decision.reason:
+    if prev_phase != new_phase or prev.reason != decision.reason:
         if prev_phase != new_phase:
             metrics.TRANSITIONS.labels(from_phase=prev_phase or "", to_phase=new_phase).inc()
-        if new_phase == ph.TRAINING and not prev.get("trainingStartTime"):
+        if new_phase == ph.TRAINING and prev.training_start_time is None:
             created = parse_time(body["metadata"].get("creationTimestamp"))
             if created is not None:
                 metrics.TIME_TO_TRAINING.observe(max((now - created).total_seconds(), 0.0))
@@ -61,6 +62,6 @@ def record_transition(
             decision.reason,
             decision.message,
         )
-    prev_stuck = get_condition(list(prev.get("conditions") or []), "Stuck")
-    if stuck is not None and (prev_stuck is None or prev_stuck.get("status") != "True"):
+    prev_stuck = get_condition(prev.conditions, "Stuck")
+    if stuck is not None and (prev_stuck is None or prev_stuck.status != "True"):
         kube.post_event(body, "Warning", f"Stuck{stuck.reason}", stuck.message)

@@ -26,7 +26,9 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from ..api import GROUP, PLURAL, VERSION
+from sftjob_api import GROUP, PLURAL, VERSION, SFTJobStatus
+
+from ..render.status import status_patch
 
 log = logging.getLogger("sftjob_operator.kube")
 Obj = dict[str, Any]
@@ -75,19 +77,23 @@ class Kube:
                 return None
             raise
 
-    def patch_sftjob_status(
-        self, namespace: str, name: str, status: Obj, resource_version: str | None
-    ) -> Obj:
-        body: Obj = {"status": status}
-        if resource_version:
-            # Optimistic concurrency: a stale view (another replica, a lagging watch) gets 409 and retries.
-            body["metadata"] = {"resourceVersion": resource_version}
+    def write_status(self, sftjob: Obj, status: SFTJobStatus) -> Obj:
+        """The one status write path (reconcile, progress reader, bookkeeping after the end): the top-level
+        keys of `status` that differ from `sftjob`'s stored status, merge-patched with `sftjob`'s
+        resourceVersion as precondition, so a write from a stale view fails with 409 (the caller re-reads).
+        Returns the SFTJob as written (`sftjob` itself when nothing changed), for the next write to chain on.
+        """
+        patch = status_patch(sftjob.get("status"), status)
+        if not patch:
+            return sftjob
+        meta = sftjob["metadata"]
+        body: Obj = {"status": patch, "metadata": {"resourceVersion": meta["resourceVersion"]}}
         out: Obj = self.custom.patch_namespaced_custom_object_status(
             GROUP,
             VERSION,
-            namespace,
+            meta["namespace"],
             PLURAL,
-            name,
+            meta["name"],
             body,
             _request_timeout=self.timeout,
             _content_type="application/merge-patch+json",

@@ -8,10 +8,10 @@ import time
 import urllib.request
 from datetime import datetime
 
+from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
+from sftjob_api.layout import checkpoint_uri
+
 from .. import metrics
-from ..api import SFTJobSpec
-from ..render.artifacts import checkpoint_uri
-from ..render.names import STAGE_TRAIN
 from ..render.observe import PodObs
 from ..render.progress import checkpoint_step, parse_progress, progress_changed
 from ..settings import Settings
@@ -25,7 +25,7 @@ def read_progress(
     settings: Settings,
     kube: Kube,
     body: Obj,
-    prev: Obj,
+    status: SFTJobStatus,
     spec: SFTJobSpec,
     pods: list[PodObs],
     memo: Memo,
@@ -38,7 +38,7 @@ def read_progress(
         (
             p
             for p in pods
-            if p.stage == STAGE_TRAIN and p.index == 0 and p.phase == "Running" and p.ip and not p.deleting
+            if p.stage == Stage.TRAIN and p.index == 0 and p.phase == "Running" and p.ip and not p.deleting
         ),
         None,
     )
@@ -58,15 +58,15 @@ def read_progress(
         return
     metrics.PROGRESS_READS.labels(result="ok").inc()
     meta = body["metadata"]
-    patch: Obj = {}
-    if progress_changed(prev.get("progress"), progress):
-        patch["progress"] = progress
+    update: dict[str, object] = {}
+    if progress_changed(status.progress, progress):
+        update["progress"] = progress
     step = checkpoint_step(text)
-    if step is not None:
+    if step is not None and status.artifacts is not None:
         latest = checkpoint_uri(spec, meta["namespace"], meta["name"], step)
-        if (prev.get("artifacts") or {}).get("latestCheckpoint") != latest:
-            patch["artifacts"] = {"latestCheckpoint": latest}  # a merge patch: the other keys stay
-    if not patch:
+        if status.artifacts.latest_checkpoint != latest:
+            update["artifacts"] = status.artifacts.model_copy(update={"latest_checkpoint": latest})
+    if not update:
         return
-    kube.patch_sftjob_status(meta["namespace"], meta["name"], patch, None)
+    kube.write_status(body, status.model_copy(update=update))
     memo.last_progress_write = time.monotonic()

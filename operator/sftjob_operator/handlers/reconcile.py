@@ -17,23 +17,16 @@ from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
 
+from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
+
 from .. import metrics
-from ..api import SFTJobSpec, SpecError, parse_spec
 from ..render import phase as ph
-from ..render.artifacts import cluster_output_error, merge_enabled
-from ..render.names import (
-    COMPLETION_INDEX_LABEL,
-    LABEL_STAGE,
-    STAGE_EVAL,
-    STAGE_MERGE,
-    STAGE_TRAIN,
-    STAGES,
-    ChildNames,
-)
+from ..render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
 from ..render.objects import SFTJobRef
 from ..render.observe import JobObs, observe_job, observe_pod
-from ..render.status import EvalOutcome, build_status, eval_loss, eval_outcome, owned_by
+from ..render.status import EvalOutcome, build_status, eval_outcome, owned_by, parse_status
 from ..render.stuck import Stuck, stuck_failure_message
+from ..render.trainer_config import cluster_output_error
 from ..settings import Settings
 from .children import Children, refresh_created
 from .events import record_transition
@@ -43,22 +36,8 @@ from .state import Memo, Obj, Snapshot
 from .terminal import after_terminal
 
 
-def permanent_exit_codes() -> tuple[int, ...]:
-    try:
-        from sftjob_trainer import exit_codes
-
-        return tuple(sorted(exit_codes.PERMANENT_CODES))
-    except ImportError:  # the trainer package is not installed next to the operator
-        return (2, 3)
-
-
-def eval_gate_exit_code() -> int:
-    try:
-        from sftjob_trainer import exit_codes
-
-        return int(exit_codes.EVAL_GATE_FAILED)
-    except (ImportError, AttributeError):
-        return 3
+def eval_loss(status: SFTJobStatus) -> float | None:
+    return status.eval_results.eval_loss if status.eval_results else None
 
 
 def _now() -> datetime:
@@ -70,9 +49,7 @@ class Reconciler:
         self.settings = settings
         self.kube = kube
         self.opts = settings.render_options()
-        self.permanent_codes = permanent_exit_codes()
-        self.gate_exit_code = eval_gate_exit_code()
-        self.children = Children(kube, self.opts, self.permanent_codes)
+        self.children = Children(kube, self.opts)
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._memos: dict[str, Memo] = {}
@@ -124,12 +101,12 @@ class Reconciler:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         generation = meta.get("generation")
-        prev: Obj = dict(body.get("status") or {})
-        prev_phase = prev.get("phase")
+        prev = parse_status(body.get("status"))
+        prev_phase = prev.phase
         memo = self.memo(uid)
         now = _now()
 
-        if prev_phase in ph.TERMINAL:
+        if prev_phase is not None and prev_phase in ph.TERMINAL:
             metrics.PHASES.set(uid, prev_phase, namespace, name, eval_loss=eval_loss(prev))
             after_terminal(self.kube, self.children, body, prev, snap, memo, now)
             return str(prev_phase)
@@ -155,18 +132,14 @@ class Reconciler:
         }
         job_uids = {s: j["metadata"].get("uid") for s, j in jobs.items()}
         pods = [p for p in snap.pods if any(owned_by(p, u) for u in job_uids.values() if u)]
-        obs_jobs: dict[str, JobObs] = {s: observe_job(j) for s, j in jobs.items() if s in STAGES}
+        obs_jobs: dict[Stage, JobObs] = {Stage(s): observe_job(j) for s, j in jobs.items() if s in set(Stage)}
         pod_obs = [observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods]
 
         if spec is not None and spec_error is None:
             self.children.ensure_base(ref, spec, obs_jobs, memo)
             obs_jobs = refresh_created(ref, spec, obs_jobs, memo)
 
-        outcome = (
-            eval_outcome(spec, obs_jobs.get(STAGE_EVAL), pod_obs, prev, self.gate_exit_code)
-            if spec is not None
-            else EvalOutcome()
-        )
+        outcome = eval_outcome(spec, obs_jobs.get(Stage.EVAL), pod_obs, prev) if spec else EvalOutcome()
 
         stuck: Stuck | None = None
         stuck_fail: str | None = None
@@ -185,14 +158,13 @@ class Reconciler:
             spec_error=spec_error,
             suspend=bool(spec.suspend) if spec else False,
             queued=ref.queued,
-            train=obs_jobs.get(STAGE_TRAIN),
-            eval=obs_jobs.get(STAGE_EVAL),
-            merge=obs_jobs.get(STAGE_MERGE),
-            eval_enabled=bool(spec.eval.enabled) if spec else True,
-            merge_enabled=merge_enabled(spec) if spec else True,
+            train=obs_jobs.get(Stage.TRAIN),
+            eval=obs_jobs.get(Stage.EVAL),
+            merge=obs_jobs.get(Stage.MERGE),
+            stages=stages(spec) if spec else ph.ALL_STAGES,
             gate_failures=outcome.gate_failures,
             running_train_pods=sum(
-                1 for p in pod_obs if p.stage == STAGE_TRAIN and p.phase == "Running" and not p.deleting
+                1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and not p.deleting
             ),
             stuck_failure=stuck_fail,
             eval_gate_exit=outcome.gate_exit,
@@ -200,7 +172,7 @@ class Reconciler:
         decision = ph.next_phase(obs)
 
         # Act: the stage Job the decision needs, and suspend state of the live stage Job.
-        if spec is not None and spec_error is None and decision.phase not in ph.TERMINAL:
+        if spec is not None and spec_error is None and not decision.terminal:
             stage = ph.active_stage(decision, obs)
             if stage is not None and stage not in obs_jobs:
                 self.children.create_job(stage, ref, spec, memo)
@@ -212,15 +184,13 @@ class Reconciler:
                 elif not spec.suspend and job.suspended and not ref.queued:
                     self.kube.set_job_suspend(namespace, job.name, False)
 
-        if decision.phase in ph.TERMINAL:
+        if decision.terminal:
             self.children.stop_unfinished(namespace, list(obs_jobs.values()))
 
-        status = build_status(body, prev, spec, decision, obs, outcome.results, stuck, now, generation, names)
-        changed = {k: v for k, v in status.items() if prev.get(k) != v}
-        if changed:
-            self.kube.patch_sftjob_status(namespace, name, changed, meta.get("resourceVersion"))
+        status = build_status(meta, prev, spec, decision, obs, outcome.results, stuck, now, generation, names)
+        written = self.kube.write_status(body, status)
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
         record_transition(self.kube, body, prev, status, decision, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:
-            read_progress(self.settings, self.kube, body, prev, spec, pod_obs, memo, now)
+            read_progress(self.settings, self.kube, written, status, spec, pod_obs, memo, now)
         return decision.phase

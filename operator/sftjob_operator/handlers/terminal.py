@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..api import parse_spec
-from ..render.names import STAGES, ChildNames
-from ..render.observe import observe_job, parse_time
+from sftjob_api import SFTJobStatus, SpecError, Stage, parse_spec
+
+from ..render.names import ChildNames
+from ..render.observe import observe_job
 from ..render.status import owned_by
 from .children import Children
 from .kube import Kube
@@ -14,24 +15,22 @@ from .state import Memo, Obj, Snapshot
 
 
 def after_terminal(
-    kube: Kube, children: Children, body: Obj, prev: Obj, snap: Snapshot, memo: Memo, now: datetime
+    kube: Kube, children: Children, body: Obj, prev: SFTJobStatus, snap: Snapshot, memo: Memo, now: datetime
 ) -> None:
     meta = body["metadata"]
-    generation = meta.get("generation")
-    if prev.get("observedGeneration") != generation:
-        kube.patch_sftjob_status(meta["namespace"], meta["name"], {"observedGeneration": generation}, None)
-    try:
-        spec = parse_spec(body.get("spec") or {})
-    except Exception:
-        return
     owned = [observe_job(j) for j in snap.jobs if owned_by(j, meta["uid"])]
-    children.stop_unfinished(meta["namespace"], owned)
     # The Job controller may count the last failed pod after the Job's Failed condition: keep up.
     train = next((j for j in owned if j.name == ChildNames(meta["name"]).train_job), None)
-    if train is not None and train.failed > int(prev.get("restarts") or 0):
-        kube.patch_sftjob_status(meta["namespace"], meta["name"], {"restarts": train.failed}, None)
+    restarts = max(prev.restarts, train.failed if train is not None else 0)
+    update = {"observed_generation": meta.get("generation"), "restarts": restarts}
+    kube.write_status(body, prev.model_copy(update=update))
+    try:
+        spec = parse_spec(body.get("spec") or {})
+    except SpecError:
+        return
+    children.stop_unfinished(meta["namespace"], owned)
     ttl = spec.run_policy.ttl_seconds_after_finished
-    done_at = parse_time(prev.get("completionTime"))
+    done_at = prev.completion_time
     if ttl is None or done_at is None or memo.ttl_done:
         return
     if (now - done_at).total_seconds() < ttl:
@@ -42,7 +41,7 @@ def after_terminal(
         kube.delete_sftjob(meta["namespace"], meta["name"], meta["uid"])
     elif any(owned_by(j, meta["uid"]) for j in snap.jobs):
         kube.delete_children(
-            meta["namespace"], [names.job(s) for s in STAGES], names.config_map, names.service
+            meta["namespace"], [names.job(s) for s in Stage], names.config_map, names.service
         )
         kube.post_event(
             body,

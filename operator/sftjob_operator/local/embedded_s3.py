@@ -16,7 +16,8 @@ import subprocess
 import time
 from typing import Any
 
-LOOPBACK = "127.0.0.1"
+from sftjob_api.ports import LOOPBACK, free_port
+
 # Listeners given a free port each (s3.port is the caller's; admin.port/admin.port.grpc come as a pair).
 PORTS = (
     "master.port",
@@ -34,16 +35,10 @@ PORTS = (
 ADMIN_GRPC_OFFSET = 10000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
 def _port_with_free_twin(offset: int) -> int:
     """A free port p such that p + offset is free too."""
     for _ in range(100):
-        p = _free_port()
+        p = free_port()
         if p + offset < 65536:
             with socket.socket() as s:
                 try:
@@ -73,7 +68,7 @@ def weed_mini_argv(weed: str, data_dir: str, s3_config: str, s3_port: int) -> li
     a public address and phones home), no admin UI or WebDAV."""
     admin_port = _port_with_free_twin(ADMIN_GRPC_OFFSET)
     ports = {
-        **{p: _free_port() for p in PORTS},
+        **{p: free_port() for p in PORTS},
         "s3.port": s3_port,
         "admin.port": admin_port,
         "admin.port.grpc": admin_port + ADMIN_GRPC_OFFSET,
@@ -142,7 +137,7 @@ class EmbeddedS3:
         data = os.path.join(self.root, "data")
         os.makedirs(data, exist_ok=True)
         ident = self._credentials()
-        s3_port = _free_port()
+        s3_port = free_port()
         self.endpoint_url = f"http://{LOOPBACK}:{s3_port}"
         argv = weed_mini_argv(weed, data, ident, s3_port)
         self.log_path = os.path.join(self.root, "weed.log")

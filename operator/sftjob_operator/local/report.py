@@ -52,7 +52,10 @@ def eval_table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = "+".join("-" * (w + 2) for w in widths)
-    fmt = lambda r: " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))  # noqa: E731
+
+    def fmt(r: Sequence[str]) -> str:
+        return " | ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))
+
     return "\n".join([fmt(header), line, *(fmt(r) for r in rows)])
 
 

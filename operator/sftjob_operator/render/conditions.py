@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Literal, get_args
+
+from sftjob_api import Condition, Reason, Stage
+from sftjob_api.status import ConditionType
 
 from .phase import (
     EVALUATING,
     FAILED,
     MERGING,
-    R_EVAL_FAILED,
-    R_GATE_FAILED,
-    R_MERGE_FAILED,
     SUCCEEDED,
     SUSPENDED,
     TRAINING,
@@ -19,69 +19,46 @@ from .phase import (
     Observed,
 )
 
-Cond = dict[str, Any]
-CONDITION_ORDER = ("Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed", "Suspended", "Stuck")
-
-
-def iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+CONDITION_ORDER: tuple[ConditionType, ...] = get_args(ConditionType)
+Status = Literal["True", "False", "Unknown"]
 
 
 def set_condition(
-    conds: list[Cond],
-    ctype: str,
-    status: str,
+    conds: list[Condition],
+    ctype: ConditionType,
+    status: Status,
     reason: str,
     message: str,
     now: datetime,
     generation: int | None,
-) -> list[Cond]:
+) -> list[Condition]:
     """Return conds with `ctype` set; lastTransitionTime changes only when the status does."""
-    out: list[Cond] = []
-    found = False
-    for c in conds:
-        if c.get("type") != ctype:
-            out.append(c)
-            continue
-        found = True
-        changed = c.get("status") != status
-        out.append(
-            {
-                "type": ctype,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": iso(now) if changed else c.get("lastTransitionTime") or iso(now),
-                "observedGeneration": generation,
-            }
-        )
-    if not found:
-        out.append(
-            {
-                "type": ctype,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": iso(now),
-                "observedGeneration": generation,
-            }
-        )
-    order = {t: i for i, t in enumerate(CONDITION_ORDER)}
-    return sorted(out, key=lambda c: order.get(str(c.get("type")), len(order)))
+    old = get_condition(conds, ctype)
+    changed = old is None or old.status != status
+    new = Condition(
+        type=ctype,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now if changed or old is None else old.last_transition_time or now,
+        observed_generation=generation,
+    )
+    out = [c for c in conds if c.type != ctype] + [new]
+    return sorted(out, key=lambda c: CONDITION_ORDER.index(c.type))
 
 
-def get_condition(conds: list[Cond], ctype: str) -> Cond | None:
-    return next((c for c in conds if c.get("type") == ctype), None)
+def get_condition(conds: list[Condition], ctype: ConditionType) -> Condition | None:
+    return next((c for c in conds if c.type == ctype), None)
 
 
 def derive_conditions(
-    prev: list[Cond], decision: Decision, obs: Observed, now: datetime, generation: int | None
-) -> list[Cond]:
+    prev: list[Condition], decision: Decision, obs: Observed, now: datetime, generation: int | None
+) -> list[Condition]:
     """All conditions except Stuck (set by stuck detection), from the decision and what was observed."""
-    conds = [dict(c) for c in prev]
+    conds = list(prev)
     g = generation
 
-    def put(ctype: str, status: str, reason: str, message: str = "") -> None:
+    def put(ctype: ConditionType, status: Status, reason: str, message: str = "") -> None:
         nonlocal conds
         conds = set_condition(conds, ctype, status, reason, message, now, g)
 
@@ -99,7 +76,7 @@ def derive_conditions(
     elif phase != FAILED or get_condition(conds, "Training") is not None:
         put("Training", "False", decision.reason, decision.message)
 
-    if not obs.eval_enabled:
+    if Stage.EVAL not in obs.stages:
         put("Evaluated", "False", "Disabled", "spec.eval.enabled is false")
     elif obs.eval is not None and obs.eval.complete and not obs.gate_failures:
         put(
@@ -108,16 +85,16 @@ def derive_conditions(
             "EvalPassed",
             "evaluation completed" + (" and every gate held" if obs.gate_failures == () else ""),
         )
-    elif decision.reason in (R_EVAL_FAILED, R_GATE_FAILED):
+    elif decision.reason in (Reason.EVAL_FAILED, Reason.GATE_FAILED):
         put("Evaluated", "False", decision.reason, decision.message)
     elif phase == EVALUATING:
         put("Evaluated", "False", "EvalRunning", decision.message)
 
-    if not obs.merge_enabled:
+    if Stage.MERGE not in obs.stages:
         put("Merged", "False", "Disabled", "merge disabled (spec.merge.enabled false or method full)")
     elif obs.merge is not None and obs.merge.complete:
         put("Merged", "True", "MergeCompleted", "merged model written")
-    elif decision.reason == R_MERGE_FAILED:
+    elif decision.reason == Reason.MERGE_FAILED:
         put("Merged", "False", decision.reason, decision.message)
     elif phase == MERGING:
         put("Merged", "False", "MergeRunning", decision.message)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..api import API_VERSION, GROUP, KIND
+from sftjob_api import API_VERSION, GROUP, KIND, Stage
 
 LABEL_JOB_NAME = f"{GROUP}/job-name"
 LABEL_STAGE = f"{GROUP}/stage"
@@ -16,11 +16,8 @@ KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 # Set by the Job controller on every pod of an Indexed Job (also exported as JOB_COMPLETION_INDEX).
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
-STAGE_TRAIN = "train"
-STAGE_EVAL = "eval"
-STAGE_MERGE = "merge"
-STAGE_CONFIG = "config"
-STAGES = (STAGE_TRAIN, STAGE_EVAL, STAGE_MERGE)
+# The stage label of the ConfigMap (Jobs and pods carry their Stage).
+CONFIG_LABEL = "config"
 
 
 @dataclass(frozen=True)
@@ -50,8 +47,8 @@ class ChildNames:
     def merge_job(self) -> str:
         return f"{self.name}-merge"
 
-    def job(self, stage: str) -> str:
-        return {STAGE_TRAIN: self.train_job, STAGE_EVAL: self.eval_job, STAGE_MERGE: self.merge_job}[stage]
+    def job(self, stage: Stage) -> str:
+        return {Stage.TRAIN: self.train_job, Stage.EVAL: self.eval_job, Stage.MERGE: self.merge_job}[stage]
 
     @property
     def master_addr(self) -> str:

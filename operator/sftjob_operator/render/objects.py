@@ -13,19 +13,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..api import SFTJobSpec
-from ..api.spec import ResourcesSpec
-from .artifacts import artifact_root
-from .names import (
-    KUEUE_LABELS,
-    STAGE_CONFIG,
-    STAGE_EVAL,
-    STAGE_MERGE,
-    STAGE_TRAIN,
-    ChildNames,
-    labels,
-    owner_reference,
-)
+from sftjob_api import SFTJobSpec, Stage
+from sftjob_api.exit_codes import PERMANENT_CODES
+from sftjob_api.spec import ResourcesSpec
+
+from .names import CONFIG_LABEL, KUEUE_LABELS, ChildNames, labels, owner_reference
 from .trainer_config import CONFIG_FILE, PVC_MOUNT_ROOT, pvc_claims, render_trainer_config
 
 Obj = dict[str, Any]
@@ -84,7 +76,7 @@ def render_config_map(ref: SFTJobRef, spec: SFTJobSpec) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _meta(ref, ChildNames(ref.name).config_map, STAGE_CONFIG),
+        "metadata": _meta(ref, ChildNames(ref.name).config_map, CONFIG_LABEL),
         # JSON is valid YAML: the trainer reads either; sort_keys keeps it byte-stable.
         "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"},
     }
@@ -95,12 +87,12 @@ def render_service(ref: SFTJobRef) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(ref, names.service, STAGE_TRAIN),
+        "metadata": _meta(ref, names.service, Stage.TRAIN),
         "spec": {
             "clusterIP": "None",
             # Ranks must resolve each other before they are Ready (rendezvous happens first).
             "publishNotReadyAddresses": True,
-            "selector": labels(ref.name, STAGE_TRAIN),
+            "selector": labels(ref.name, Stage.TRAIN),
             "ports": [
                 {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
@@ -109,17 +101,10 @@ def render_service(ref: SFTJobRef) -> Obj:
     }
 
 
-def _selector_labels(ref: SFTJobRef, stage: str) -> dict[str, str]:
-    return labels(ref.name, stage)
-
-
-def _env(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, stage: str) -> list[Obj]:
+def _env(spec: SFTJobSpec, opts: RenderOptions) -> list[Obj]:
+    """Only what Kubernetes must inject: everything else is in the config file (spec.output included)."""
     env: list[Obj] = [
         {"name": "SFTJOB_CONFIG", "value": CONFIG_PATH},
-        {"name": "SFTJOB_NAME", "value": ref.name},
-        {"name": "SFTJOB_NAMESPACE", "value": ref.namespace},
-        {"name": "SFTJOB_STAGE", "value": stage},
-        {"name": "SFTJOB_OUTPUT_ROOT", "value": artifact_root(spec, ref.namespace, ref.name)},
         {"name": "SFTJOB_METRICS_PORT", "value": str(opts.metrics_port)},
         {"name": "SFTJOB_TERMINATION_LOG", "value": TERMINATION_MESSAGE_PATH},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -127,21 +112,13 @@ def _env(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, stage: str) -> l
     ]
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
-    out = spec.output
-    if out.credentials_secret is not None:
-        sec = out.credentials_secret
+    sec = spec.output.credentials_secret
+    if sec is not None:
         for var, key in (
             ("AWS_ACCESS_KEY_ID", sec.access_key_id_key),
             ("AWS_SECRET_ACCESS_KEY", sec.secret_access_key_key),
         ):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": sec.name, "key": key}}})
-    if out.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": out.endpoint})
-    if out.region:
-        env.append({"name": "AWS_REGION", "value": out.region})
-        env.append({"name": "AWS_DEFAULT_REGION", "value": out.region})
-    if out.path_style:
-        env.append({"name": "SFTJOB_S3_PATH_STYLE", "value": "true"})
     return env
 
 
@@ -173,20 +150,20 @@ def _pod_template(
     ref: SFTJobRef,
     spec: SFTJobSpec,
     opts: RenderOptions,
-    stage: str,
+    stage: Stage,
     command: list[str],
     gpus: int,
     extra_env: list[Obj] | None = None,
     subdomain: str | None = None,
 ) -> Obj:
     res = spec.resources
-    pod_labels = {**res.pod_labels, **ref.kueue_labels, **_selector_labels(ref, stage)}
+    pod_labels = {**res.pod_labels, **ref.kueue_labels, **labels(ref.name, stage)}
     container: Obj = {
         "name": CONTAINER,
         "image": res.image or opts.default_image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": command,
-        "env": _env(ref, spec, opts, stage) + (extra_env or []),
+        "env": _env(spec, opts) + (extra_env or []),
         "ports": [{"name": "metrics", "containerPort": opts.metrics_port, "protocol": "TCP"}],
         "resources": _resources(res, gpus),
         "securityContext": _container_security(),
@@ -204,7 +181,7 @@ def _pod_template(
         container["volumeMounts"].append(
             {"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": True}
         )
-    if stage == STAGE_TRAIN:
+    if stage == Stage.TRAIN:
         container["ports"].append({"name": "rendezvous", "containerPort": MASTER_PORT, "protocol": "TCP"})
     pod_spec: Obj = {
         "restartPolicy": "Never",
@@ -244,7 +221,7 @@ def _pod_template(
     }
 
 
-def pod_failure_policy(permanent_codes: tuple[int, ...]) -> Obj:
+def pod_failure_policy() -> Obj:
     """Permanent trainer exit codes fail the Job at once; disruptions (preemption, drain) do not count.
 
     Every other failure counts against backoffLimit and the next pod resumes from the newest checkpoint.
@@ -256,7 +233,7 @@ def pod_failure_policy(permanent_codes: tuple[int, ...]) -> Obj:
                 "onExitCodes": {
                     "containerName": CONTAINER,
                     "operator": "In",
-                    "values": list(permanent_codes),
+                    "values": [int(c) for c in PERMANENT_CODES],
                 },
             },
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
@@ -267,12 +244,11 @@ def pod_failure_policy(permanent_codes: tuple[int, ...]) -> Obj:
 def _job(
     ref: SFTJobRef,
     spec: SFTJobSpec,
-    stage: str,
+    stage: Stage,
     template: Obj,
     completions: int,
     backoff_limit: int,
     suspend: bool,
-    permanent_codes: tuple[int, ...],
     indexed: bool,
 ) -> Obj:
     job_spec: Obj = {
@@ -280,7 +256,7 @@ def _job(
         "parallelism": completions,
         "completionMode": "Indexed" if indexed else "NonIndexed",
         "backoffLimit": backoff_limit,
-        "podFailurePolicy": pod_failure_policy(permanent_codes),
+        "podFailurePolicy": pod_failure_policy(),
         # A replacement pod starts only once the failed one is gone: two rank-0s never race on a checkpoint.
         "podReplacementPolicy": "Failed",
         "suspend": suspend,
@@ -288,7 +264,7 @@ def _job(
         "template": template,
     }
     deadline = spec.run_policy.active_deadline_seconds
-    if deadline is not None and stage == STAGE_TRAIN:
+    if deadline is not None and stage == Stage.TRAIN:
         job_spec["activeDeadlineSeconds"] = deadline
     return {
         "apiVersion": "batch/v1",
@@ -304,8 +280,7 @@ def child_suspended(ref: SFTJobRef, spec: SFTJobSpec) -> bool:
 
 
 def render_train_job(
-    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
-) -> Obj:
+    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
     names = ChildNames(ref.name)
     res = spec.resources
     nprocs = max(res.gpus_per_node, 1)
@@ -328,8 +303,6 @@ def render_train_job(
     extra_env: list[Obj] = [
         {"name": "MASTER_ADDR", "value": names.master_addr},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "SFTJOB_NNODES", "value": str(res.nodes)},
-        {"name": "SFTJOB_NPROC_PER_NODE", "value": str(nprocs)},
         # Also injected by the Job controller; defined here so $(JOB_COMPLETION_INDEX) always expands.
         {
             "name": "JOB_COMPLETION_INDEX",
@@ -339,63 +312,56 @@ def render_train_job(
         },
     ]
     template = _pod_template(
-        ref, spec, opts, STAGE_TRAIN, command, res.gpus_per_node, extra_env, subdomain=names.service
+        ref, spec, opts, Stage.TRAIN, command, res.gpus_per_node, extra_env, subdomain=names.service
     )
     # Every retry may take all ranks down with it (torchrun stops the group): allow backoffLimit rounds.
     backoff = spec.run_policy.backoff_limit * res.nodes
     return _job(
         ref,
         spec,
-        STAGE_TRAIN,
+        Stage.TRAIN,
         template,
         res.nodes,
         backoff,
         child_suspended(ref, spec),
-        permanent_codes,
         True,
     )
 
 
 def render_eval_job(
-    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
-) -> Obj:
+    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
     command = ["python", "-m", "sftjob_trainer", "eval", "--config", CONFIG_PATH]
     gpus = min(spec.resources.gpus_per_node, 1)
-    template = _pod_template(ref, spec, opts, STAGE_EVAL, command, gpus)
+    template = _pod_template(ref, spec, opts, Stage.EVAL, command, gpus)
     return _job(
         ref,
         spec,
-        STAGE_EVAL,
+        Stage.EVAL,
         template,
         1,
         min(spec.run_policy.backoff_limit, 2),
         child_suspended(ref, spec),
-        permanent_codes,
         False,
     )
 
 
 def render_merge_job(
-    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
-) -> Obj:
+    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
     # Merging needs host memory, not a GPU (DeepSpeed cannot merge; peft's merge_and_unload runs on CPU).
     command = ["python", "-m", "sftjob_trainer", "merge", "--config", CONFIG_PATH]
-    template = _pod_template(ref, spec, opts, STAGE_MERGE, command, 0)
+    template = _pod_template(ref, spec, opts, Stage.MERGE, command, 0)
     return _job(
         ref,
         spec,
-        STAGE_MERGE,
+        Stage.MERGE,
         template,
         1,
         min(spec.run_policy.backoff_limit, 2),
         child_suspended(ref, spec),
-        permanent_codes,
         False,
     )
 
 
-def render_stage_job(
-    stage: str, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions, permanent_codes: tuple[int, ...]
-) -> Obj:
-    renderer = {STAGE_TRAIN: render_train_job, STAGE_EVAL: render_eval_job, STAGE_MERGE: render_merge_job}
-    return renderer[stage](ref, spec, opts, permanent_codes)
+def render_stage_job(stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
+    renderer = {Stage.TRAIN: render_train_job, Stage.EVAL: render_eval_job, Stage.MERGE: render_merge_job}
+    return renderer[stage](ref, spec, opts)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from sftjob_api.status import EvalResults
+
 Obj = dict[str, Any]
 
 
@@ -144,29 +146,13 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
     )
 
 
-def parse_eval_results(message: str | None) -> dict[str, float] | None:
-    """Eval results the eval pod wrote to its termination message (JSON), camelCase or snake_case keys."""
-    if not message:
+def parse_eval_results(message: str | None) -> EvalResults | None:
+    """The eval results the eval pod wrote as its termination message: `{"evalResults": {...}}` (the last
+    line of the message); None when the message holds none."""
+    if not message or not message.strip():
         return None
     try:
-        data = json.loads(message.strip().splitlines()[-1] if "\n" in message.strip() else message)
-    except (ValueError, IndexError):
+        data = json.loads(message.strip().splitlines()[-1])
+        return EvalResults.model_validate(data["evalResults"])
+    except (ValueError, KeyError, TypeError):  # pydantic's ValidationError is a ValueError
         return None
-    if not isinstance(data, dict):
-        return None
-    if isinstance(data.get("evalResults"), dict):
-        data = data["evalResults"]
-    keys = {
-        "evalLoss": ("evalLoss", "eval_loss", "loss"),
-        "perplexity": ("perplexity",),
-        "rougeL": ("rougeL", "rouge_l"),
-        "exactMatch": ("exactMatch", "exact_match"),
-    }
-    out: dict[str, float] = {}
-    for key, aliases in keys.items():
-        for alias in aliases:
-            value = data.get(alias)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out[key] = float(value)
-                break
-    return out or None

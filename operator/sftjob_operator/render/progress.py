@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-# Trainer metric names (sftjob_trainer.metrics); the first one present wins.
-STEP = ("sft_train_step",)
-TOTAL = ("sft_train_total_steps", "sft_train_steps_total_planned")
-LOSS = ("sft_train_loss",)
-TPS = ("sft_train_tokens_per_second",)
-ETA = ("sft_train_eta_seconds",)
-EPOCH = ("sft_train_epoch",)
+from sftjob_api import metric_names as m
+from sftjob_api.status import Progress
+
 # The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
-CHECKPOINT = ("sft_train_checkpoint_step", "sft_train_resumed_from_step")
+CHECKPOINT = (m.TRAIN_CHECKPOINT_STEP, m.TRAIN_RESUMED_FROM_STEP)
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -29,13 +24,6 @@ def _samples(text: str) -> dict[str, float]:
             # Several label sets (ranks): keep the first seen; the endpoint is rank 0's anyway.
             out.setdefault(sample.name, value)
     return out
-
-
-def _first(samples: dict[str, float], names: tuple[str, ...]) -> float | None:
-    for n in names:
-        if n in samples:
-            return samples[n]
-    return None
 
 
 def format_duration(seconds: float) -> str:
@@ -52,32 +40,26 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-def parse_progress(text: str, now: datetime) -> dict[str, Any] | None:
-    """status.progress (camelCase) from metrics text; None when the text has no training step yet."""
+def parse_progress(text: str, now: datetime) -> Progress | None:
+    """status.progress from metrics text; None when the text has no training step yet."""
     samples = _samples(text)
-    step = _first(samples, STEP)
+    step = samples.get(m.TRAIN_STEP)
     if step is None:
         return None
-    total = _first(samples, TOTAL)
-    out: dict[str, Any] = {"step": int(step)}
+    out = Progress(step=int(step), summary=f"{int(step)}", last_update=now)
+    total = samples.get(m.TRAIN_TOTAL_STEPS)
     if total and total > 0:
-        pct = round(min(step / total, 1.0) * 100, 1)
-        out.update(totalSteps=int(total), percent=pct, summary=f"{int(step)}/{int(total)} ({pct:g}%)")
-    else:
-        out["summary"] = f"{int(step)}"
-    loss = _first(samples, LOSS)
-    if loss is not None:
-        out["loss"] = round(loss, 4)
-    tps = _first(samples, TPS)
-    if tps is not None:
-        out["tokensPerSecond"] = round(tps, 1)
-    eta = _first(samples, ETA)
-    if eta is not None:
-        out["eta"] = format_duration(eta)
-    epoch = _first(samples, EPOCH)
-    if epoch is not None:
-        out["epoch"] = round(epoch, 3)
-    out["lastUpdate"] = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        out.total_steps = int(total)
+        out.percent = round(min(step / total, 1.0) * 100, 1)
+        out.summary = f"{int(step)}/{int(total)} ({out.percent:g}%)"
+    if (loss := samples.get(m.TRAIN_LOSS)) is not None:
+        out.loss = round(loss, 4)
+    if (tps := samples.get(m.TRAIN_TOKENS_PER_SECOND)) is not None:
+        out.tokens_per_second = round(tps, 1)
+    if (eta := samples.get(m.TRAIN_ETA_SECONDS)) is not None:
+        out.eta = format_duration(eta)
+    if (epoch := samples.get(m.TRAIN_EPOCH)) is not None:
+        out.epoch = round(epoch, 3)
     return out
 
 
@@ -89,12 +71,8 @@ def checkpoint_step(text: str) -> int | None:
     return step if step > 0 else None
 
 
-def progress_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+def progress_changed(old: Progress | None, new: Progress) -> bool:
     """Whether anything but lastUpdate differs (unchanged progress is not written)."""
-    if not old:
+    if old is None:
         return True
-
-    def strip(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k != "lastUpdate"}
-
-    return strip(old) != strip(new)
+    return old.model_dump(exclude={"last_update"}) != new.model_dump(exclude={"last_update"})

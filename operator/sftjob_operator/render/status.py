@@ -1,4 +1,4 @@
-"""The SFTJob status the reconcile writes, and the eval outcome it is built from (pure)."""
+"""The SFTJob status the reconcile writes (typed: `SFTJobStatus`), and the eval outcome it is built from."""
 
 from __future__ import annotations
 
@@ -6,137 +6,135 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..api import SFTJobSpec
+from pydantic import ValidationError
+
+from sftjob_api import Reason, SFTJobSpec, SFTJobStatus, Stage
+from sftjob_api.exit_codes import ExitCode
+from sftjob_api.layout import status_artifacts
+from sftjob_api.status import Children, EvalResults
+
 from . import phase as ph
-from .artifacts import artifacts
-from .conditions import derive_conditions, get_condition, iso, set_condition
-from .names import STAGE_EVAL, ChildNames
-from .observe import JobObs, PodObs, parse_eval_results
+from .conditions import derive_conditions, get_condition, set_condition
+from .names import ChildNames
+from .observe import JobObs, PodObs, parse_eval_results, parse_time
 from .stuck import Stuck
 
 Obj = dict[str, Any]
-
-# Status keys the reconcile owns; progress is written by the progress reader.
-OWNED_STATUS_KEYS = (
-    "phase",
-    "reason",
-    "message",
-    "conditions",
-    "observedGeneration",
-    "startTime",
-    "trainingStartTime",
-    "completionTime",
-    "evalResults",
-    "artifacts",
-    "restarts",
-    "children",
-)
 
 
 def owned_by(obj: Obj, uid: str) -> bool:
     return any(o.get("uid") == uid for o in obj.get("metadata", {}).get("ownerReferences") or [])
 
 
-def eval_loss(status: Obj) -> float | None:
-    value = (status.get("evalResults") or {}).get("evalLoss")
-    return float(value) if isinstance(value, int | float) else None
+def parse_status(raw: Obj | None) -> SFTJobStatus:
+    """status as stored; a key that does not validate (written by an older operator) is dropped, not fatal."""
+    data = dict(raw or {})
+    for _ in range(len(data) + 1):
+        try:
+            return SFTJobStatus.model_validate(data)
+        except ValidationError as e:
+            bad = {err["loc"][0] for err in e.errors() if err["loc"]}
+            if not bad & data.keys():
+                break
+            data = {k: v for k, v in data.items() if k not in bad}
+    return SFTJobStatus()
+
+
+def status_patch(stored: Obj | None, new: SFTJobStatus) -> Obj:
+    """The top-level status keys of `new` that differ from the stored status (a merge patch)."""
+    dumped = new.model_dump(mode="json", exclude_none=True)
+    stored = stored or {}
+    return {k: v for k, v in dumped.items() if stored.get(k) != v}
 
 
 @dataclass(frozen=True)
 class EvalOutcome:
     """What a finished eval Job says: its results, gate failures (None: not known), a gate exit message."""
 
-    results: dict[str, float] | None = None
+    results: EvalResults | None = None
     gate_failures: tuple[str, ...] | None = None
     gate_exit: str | None = None
 
 
-def eval_outcome(
-    spec: SFTJobSpec, eval_job: JobObs | None, pods: list[PodObs], prev: Obj, gate_exit_code: int
-) -> EvalOutcome:
+def eval_outcome(spec: SFTJobSpec, eval_job: JobObs | None, pods: list[PodObs], prev: SFTJobStatus) -> EvalOutcome:
     if eval_job is None or not eval_job.finished:
         return EvalOutcome()
-    eval_pods = [p for p in pods if p.stage == STAGE_EVAL]
+    eval_pods = [p for p in pods if p.stage == Stage.EVAL]
     msg = next(
         (p.termination_message for p in eval_pods if p.phase == "Succeeded" and p.termination_message),
         None,
     )
-    # The trainer enforces the gates itself (exit code EVAL_GATE_FAILED); when the eval pod also
-    # reports its results (JSON termination message) the operator records them and re-checks.
-    results = parse_eval_results(msg) or (prev.get("evalResults") or None)
+    # The trainer enforces the gates itself (exit code EVAL_GATE_FAILED); the eval pod also reports its
+    # results (JSON termination message): the operator records them and checks the gates the same way.
+    results = parse_eval_results(msg) or prev.eval_results
     gates = spec.eval.gates
     gate_failures: tuple[str, ...] | None = None
     if eval_job.complete:
-        gate_failures = (
-            ph.evaluate_gates(
-                results,
-                gates.max_eval_loss,
-                gates.max_perplexity,
-                gates.min_rouge_l,
-                gates.min_exact_match,
-            )
-            if gates is not None and results
-            else ()
-        )
+        gate_failures = tuple(gates.failures(results)) if gates is not None and results else ()
     gate_exit: str | None = None
-    gate_pod = next((p for p in eval_pods if p.exit_code == gate_exit_code), None)
+    gate_pod = next((p for p in eval_pods if p.exit_code == ExitCode.EVAL_GATE_FAILED), None)
     if eval_job.failed_reason is not None and gate_pod is not None:
-        gate_exit = (gate_pod.termination_message or "").strip() or f"eval exited with code {gate_exit_code}"
+        gate_exit = (gate_pod.termination_message or "").strip() or (
+            f"eval exited with code {int(ExitCode.EVAL_GATE_FAILED)}"
+        )
     return EvalOutcome(results, gate_failures, gate_exit)
 
 
 def build_status(
-    body: Obj,
-    prev: Obj,
+    meta: Obj,
+    prev: SFTJobStatus,
     spec: SFTJobSpec | None,
     decision: ph.Decision,
     obs: ph.Observed,
-    eval_results: dict[str, float] | None,
+    eval_results: EvalResults | None,
     stuck: Stuck | None,
     now: datetime,
     generation: int | None,
     names: ChildNames,
-) -> Obj:
-    """Every status key the reconcile owns (progress is the progress reader's)."""
-    meta = body["metadata"]
-    conds = derive_conditions(list(prev.get("conditions") or []), decision, obs, now, generation)
-    if stuck is not None and decision.phase not in (ph.SUCCEEDED,):
+) -> SFTJobStatus:
+    """Every status field the reconcile owns (progress is the progress reader's: kept from `prev`)."""
+    conds = derive_conditions(list(prev.conditions), decision, obs, now, generation)
+    if stuck is not None and decision.phase != ph.SUCCEEDED:
         conds = set_condition(conds, "Stuck", "True", stuck.reason, stuck.message, now, generation)
     elif get_condition(conds, "Stuck") is not None:
         conds = set_condition(conds, "Stuck", "False", "Progressing", "no pod is stuck", now, generation)
-    status: Obj = {
-        "phase": decision.phase,
-        "reason": decision.reason,
-        "message": decision.message,
-        "conditions": conds,
-        "observedGeneration": generation,
-        "startTime": prev.get("startTime") or meta.get("creationTimestamp") or iso(now),
-        "restarts": max(int(prev.get("restarts") or 0), obs.train.failed if obs.train else 0),
-    }
-    if spec is not None and decision.reason != ph.R_INVALID_SPEC:
-        arts = artifacts(spec, meta["namespace"], meta["name"])
+    status = SFTJobStatus(
+        phase=decision.phase,
+        reason=decision.reason,
+        message=decision.message,
+        conditions=conds,
+        observed_generation=generation,
+        start_time=prev.start_time or parse_time(meta.get("creationTimestamp")) or now,
+        restarts=max(prev.restarts, obs.train.failed if obs.train else 0),
+        progress=prev.progress,
+        training_start_time=prev.training_start_time,
+        completion_time=prev.completion_time,
+    )
+    if spec is not None and decision.reason != Reason.INVALID_SPEC:
+        arts = status_artifacts(spec, meta["namespace"], meta["name"])
         # latestCheckpoint is the progress reader's (from the trainer's metrics): keep it while it is
         # under this spec's checkpoints prefix.
-        latest = (prev.get("artifacts") or {}).get("latestCheckpoint")
-        if isinstance(latest, str) and latest.startswith(arts["checkpoints"]):
-            arts["latestCheckpoint"] = latest
-        status["artifacts"] = arts
-        children = {"configMap": names.config_map, "service": names.service, "trainJob": names.train_job}
-        if obs.eval is not None:
-            children["evalJob"] = names.eval_job
-        if obs.merge is not None:
-            children["mergeJob"] = names.merge_job
-        status["children"] = children
-    if prev.get("trainingStartTime"):
-        status["trainingStartTime"] = prev["trainingStartTime"]
-    elif decision.phase == ph.TRAINING or (obs.train is not None and obs.train.complete):
-        status["trainingStartTime"] = iso(now)
+        latest = prev.artifacts.latest_checkpoint if prev.artifacts else None
+        if latest and arts.checkpoints and latest.startswith(arts.checkpoints):
+            arts.latest_checkpoint = latest
+        status.artifacts = arts
+        status.children = Children(
+            config_map=names.config_map,
+            service=names.service,
+            train_job=names.train_job,
+            eval_job=names.eval_job if obs.eval is not None else None,
+            merge_job=names.merge_job if obs.merge is not None else None,
+        )
+    if status.training_start_time is None and (
+        decision.phase == ph.TRAINING or (obs.train is not None and obs.train.complete)
+    ):
+        status.training_start_time = now
     if eval_results is not None:
-        er: Obj = dict(eval_results)
-        if obs.gate_failures is not None:
-            er["gatesPassed"] = not obs.gate_failures
-            er["failedGates"] = list(obs.gate_failures)
-        status["evalResults"] = er
-    if decision.phase in ph.TERMINAL:
-        status["completionTime"] = prev.get("completionTime") or iso(now)
+        status.eval_results = eval_results.model_copy(
+            update={"gates_passed": None, "failed_gates": []}
+            if obs.gate_failures is None
+            else {"gates_passed": not obs.gate_failures, "failed_gates": list(obs.gate_failures)}
+        )
+    if decision.terminal:
+        status.completion_time = prev.completion_time or now
     return status

@@ -1,11 +1,13 @@
-"""SFTJob spec -> the trainer's config file (mounted from the ConfigMap at /etc/sftjob/config.yaml)."""
+"""SFTJob spec -> the trainer's config file (mounted from the ConfigMap at /etc/sftjob/config.yaml), and the
+paths a cluster cannot resolve."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..api import SFTJobSpec
-from .artifacts import artifact_root, merge_enabled
+from sftjob_api import SFTJobSpec
+from sftjob_api.layout import run_root
+from sftjob_api.trainer_config import RunSection, TrainerConfig
 
 CONFIG_FILE = "config.yaml"
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -31,19 +33,53 @@ def pvc_path(uri: str) -> str:
     return f"{PVC_MOUNT_ROOT}/{claim}/{rest}"
 
 
+def trainer_config(namespace: str, name: str, spec: SFTJobSpec) -> TrainerConfig:
+    """The spec as the trainer sees it in a pod: pvc:// inputs become paths under the read-only mounts the
+    pod templates add; the run's root is resolved."""
+    model = spec.model.model_copy(
+        update={"uri": pvc_path(spec.model.uri), "tokenizer": spec.model.tokenizer and pvc_path(spec.model.tokenizer)}
+    )
+    dataset = spec.dataset.model_copy(
+        update={
+            "train": [pvc_path(u) for u in spec.dataset.train],
+            "eval": spec.dataset.eval and [pvc_path(u) for u in spec.dataset.eval],
+        }
+    )
+    run = RunSection(namespace=namespace, name=name, output_root=run_root(spec, namespace, name))
+    fields = {**dict(spec), "model": model, "dataset": dataset, "run": run}
+    return TrainerConfig.model_validate(fields)
+
+
 def render_trainer_config(namespace: str, name: str, spec: SFTJobSpec) -> dict[str, Any]:
     """The trainer config as plain data (JSON/YAML-serialisable), deterministic for a given spec."""
-    # Exactly the sections sftjob_trainer.config.TrainerConfig has (it forbids unknown keys).
-    body = spec.model_dump(mode="json", by_alias=True, exclude={"suspend", "run_policy"})
-    body["merge"]["enabled"] = merge_enabled(spec)
-    # pvc:// inputs become paths under the read-only mounts the pod templates add.
-    body["model"]["uri"] = pvc_path(body["model"]["uri"])
-    if body["model"].get("tokenizer"):
-        body["model"]["tokenizer"] = pvc_path(body["model"]["tokenizer"])
-    body["dataset"]["train"] = [pvc_path(u) for u in body["dataset"]["train"]]
-    if body["dataset"].get("eval"):
-        body["dataset"]["eval"] = [pvc_path(u) for u in body["dataset"]["eval"]]
-    return {
-        "run": {"namespace": namespace, "name": name, "outputRoot": artifact_root(spec, namespace, name)},
-        **body,
-    }
+    return trainer_config(namespace, name, spec).model_dump(mode="json", exclude_none=True)
+
+
+def _is_relative(uri: str) -> bool:
+    return uri.startswith("./") or uri.startswith("../")
+
+
+def cluster_output_error(spec: SFTJobSpec) -> str | None:
+    """Paths a cluster cannot resolve: relative ones (the CRD accepts them because `sftjob run` resolves
+    them against the manifest's directory on one machine). Only the operator knows it runs in a cluster, so
+    this is an InvalidSpec it alone can detect. Outputs must be s3:// or an absolute path (a mounted volume).
+    """
+    inputs: list[tuple[str, str | None]] = [
+        ("spec.model.uri", spec.model.uri),
+        ("spec.model.tokenizer", spec.model.tokenizer),
+    ]
+    inputs += [(f"spec.dataset.train.{i}", u) for i, u in enumerate(spec.dataset.train)]
+    inputs += [(f"spec.dataset.eval.{i}", u) for i, u in enumerate(spec.dataset.eval or [])]
+    for field, uri in inputs:
+        if uri is not None and _is_relative(uri):
+            return (
+                f"{field}: {uri!r} is a path relative to the manifest (only `sftjob run` resolves those);"
+                " in a cluster use s3://, pvc://claim/path or an absolute path"
+            )
+    for field, out in (("spec.output.uri", spec.output.uri), ("spec.merge.uri", spec.merge.uri)):
+        if out is not None and not (out.startswith("s3://") or out.startswith("/")):
+            return (
+                f"{field}: {out!r} is a local relative path; in a cluster use s3://bucket/prefix"
+                " or an absolute path on a mounted volume"
+            )
+    return None

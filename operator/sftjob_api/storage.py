@@ -1,17 +1,25 @@
 """Object storage behind one small interface: S3 (boto3, retries, concurrent transfers) or a local dir.
 
 The output location of a run can be `s3://bucket/prefix` or a filesystem path (PVC, or `sftjob run`
-locally); checkpointing and artifact code only sees `Store`.
+locally); checkpointing and artifact code only sees `Store`. S3 settings come from `spec.output` (endpoint,
+pathStyle, region); credentials from the environment (the pod's Secret refs) or workload identity.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
+import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .exit_codes import PermanentError, StorageError
+from .spec import OutputSpec
+
+Keys = list[str]  # (`Store.list` shadows the builtin inside the classes)
 
 
 @dataclass(frozen=True)
@@ -36,17 +44,23 @@ class S3Location:
         return f"s3://{self.bucket}/{self.key}"
 
 
-def s3_client(endpoint_url: str | None = None, path_style: bool | None = None) -> Any:
-    """boto3 client; AWS_ENDPOINT_URL / AWS_* env work as usual, path style for S3-compatible stores."""
+def addressing_style(output: OutputSpec | None) -> str:
+    """spec.output.pathStyle -> boto3's addressing style (its "auto" would pick path style for any custom
+    endpoint, whatever the spec says)."""
+    return "path" if output is not None and output.path_style else "virtual"
+
+
+def s3_client(output: OutputSpec | None = None) -> Any:
+    """A boto3 client for spec.output (AWS when it names no endpoint; $AWS_ENDPOINT_URL still applies)."""
     import boto3
     from botocore.config import Config
 
-    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
-    if path_style is None:
-        path_style = bool(endpoint)
-    cfg = Config(retries={"max_attempts": 8, "mode": "standard"},
-                 s3={"addressing_style": "path" if path_style else "auto"})
-    return boto3.client("s3", endpoint_url=endpoint, config=cfg)
+    cfg = Config(
+        retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": addressing_style(output)}
+    )
+    endpoint = output.endpoint if output is not None else None
+    region = output.region if output is not None else None
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
 
 
 def _transfer_config() -> Any:
@@ -77,7 +91,7 @@ def download_file(loc: S3Location, dest: str, client: Any = None) -> None:
     os.replace(dest + ".part", dest)
 
 
-def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> list[str]:
+def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> Keys:
     """Mirror every object under a prefix into dest_dir; files already there with the same size are kept."""
     client = client or s3_client()
     got = []
@@ -86,7 +100,7 @@ def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> list[
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
         for page in pages:
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix):]
+                rel = obj["Key"][len(prefix) :]
                 if not rel or rel.endswith("/"):
                     continue
                 dest = os.path.join(dest_dir, rel)
@@ -100,19 +114,41 @@ def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> list[
     return got
 
 
-class Store:
-    """Keys are '/'-separated paths relative to the run's output root."""
+class Store(abc.ABC):
+    """Keys are '/'-separated paths relative to the store's root."""
 
-    def put_file(self, local: str, key: str) -> None: raise NotImplementedError
-    def put_bytes(self, data: bytes, key: str) -> None: raise NotImplementedError
-    def get_bytes(self, key: str) -> bytes: raise NotImplementedError
-    def list(self, prefix: str) -> list[str]: raise NotImplementedError
-    def download_dir(self, prefix: str, dest: str) -> list[str]:
+    @abc.abstractmethod
+    def put_file(self, local: str, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def put_bytes(self, data: bytes, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def iter_bytes(self, key: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+        """Stream one object's bytes."""
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether one object (not a prefix) exists."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> Keys: ...
+
+    @abc.abstractmethod
+    def download_dir(self, prefix: str, dest: str) -> Keys:
         """Mirror prefix/ into dest; returns the paths relative to prefix."""
-        raise NotImplementedError
-    def delete_prefix(self, prefix: str) -> None: raise NotImplementedError
 
-    def upload_dir(self, local_dir: str, prefix: str) -> list[str]:
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete one object if present."""
+
+    @abc.abstractmethod
+    def delete_prefix(self, prefix: str) -> None: ...
+
+    def upload_dir(self, local_dir: str, prefix: str) -> Keys:
         keys = []
         for root, _, files in os.walk(local_dir):
             for name in sorted(files):
@@ -121,6 +157,13 @@ class Store:
                 self.put_file(path, key)
                 keys.append(key)
         return keys
+
+    def read_json(self, key: str) -> Any:
+        """The JSON document at `key`; None when it is missing or not JSON."""
+        try:
+            return json.loads(self.get_bytes(key))
+        except Exception:
+            return None
 
 
 class LocalStore(Store):
@@ -147,7 +190,15 @@ class LocalStore(Store):
         with open(self._p(key), "rb") as f:
             return f.read()
 
-    def list(self, prefix: str) -> list[str]:
+    def iter_bytes(self, key: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+        with open(self._p(key), "rb") as f:
+            while block := f.read(chunk):
+                yield block
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._p(key))
+
+    def list(self, prefix: str) -> Keys:
         base = self._p(prefix.rstrip("/"))
         out = []
         for root, _, files in os.walk(base):
@@ -157,15 +208,19 @@ class LocalStore(Store):
                     out.append(rel.replace(os.sep, "/"))
         return sorted(out)
 
-    def download_dir(self, prefix: str, dest: str) -> list[str]:
+    def download_dir(self, prefix: str, dest: str) -> Keys:
         rels = []
         for k in self.list(prefix):
-            rel = k[len(prefix.rstrip("/")) + 1:]
+            rel = k[len(prefix.rstrip("/")) + 1 :]
             target = os.path.join(dest, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(self._p(k), target)
             rels.append(rel)
         return rels
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._p(key))
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._p(prefix.rstrip("/")), ignore_errors=True)
@@ -179,45 +234,73 @@ class S3Store(Store):
     def _k(self, key: str) -> str:
         return self.loc.join(key).key
 
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.loc.bucket}/{self._k(key)}"
+
     def put_file(self, local: str, key: str) -> None:
         try:
             self.client.upload_file(local, self.loc.bucket, self._k(key), Config=_transfer_config())
         except Exception as e:
-            raise _wrap(e, f"upload s3://{self.loc.bucket}/{self._k(key)}") from e
+            raise _wrap(e, f"upload {self._uri(key)}") from e
 
     def put_bytes(self, data: bytes, key: str) -> None:
         try:
             self.client.put_object(Bucket=self.loc.bucket, Key=self._k(key), Body=data)
         except Exception as e:
-            raise _wrap(e, f"put s3://{self.loc.bucket}/{self._k(key)}") from e
+            raise _wrap(e, f"put {self._uri(key)}") from e
 
     def get_bytes(self, key: str) -> bytes:
         try:
             return bytes(self.client.get_object(Bucket=self.loc.bucket, Key=self._k(key))["Body"].read())
         except Exception as e:
-            raise _wrap(e, f"get s3://{self.loc.bucket}/{self._k(key)}") from e
+            raise _wrap(e, f"get {self._uri(key)}") from e
 
-    def list(self, prefix: str) -> list[str]:
+    def iter_bytes(self, key: str, chunk: int = 8 << 20) -> Iterator[bytes]:
+        try:
+            body = self.client.get_object(Bucket=self.loc.bucket, Key=self._k(key))["Body"]
+        except Exception as e:
+            raise _wrap(e, f"get {self._uri(key)}") from e
+        yield from body.iter_chunks(chunk)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.loc.bucket, Key=self._k(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise _wrap(e, f"head {self._uri(key)}") from e
+
+    def list(self, prefix: str) -> Keys:
         full = self._k(prefix).rstrip("/") + "/"
         root = self.loc.key.rstrip("/") + "/" if self.loc.key else ""
         out = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.loc.bucket,
-                                                                              Prefix=full):
-                out += [o["Key"][len(root):] for o in page.get("Contents", [])]
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.loc.bucket, Prefix=full)
+            for page in pages:
+                out += [o["Key"][len(root) :] for o in page.get("Contents", [])]
         except Exception as e:
             raise _wrap(e, f"list s3://{self.loc.bucket}/{full}") from e
         return sorted(out)
 
-    def download_dir(self, prefix: str, dest: str) -> list[str]:
+    def download_dir(self, prefix: str, dest: str) -> Keys:
         return download_prefix(self.loc.join(prefix), dest, self.client)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.loc.bucket, Key=self._k(key))
+        except Exception as e:
+            raise _wrap(e, f"delete {self._uri(key)}") from e
 
     def delete_prefix(self, prefix: str) -> None:
         keys = self.list(prefix)
         for i in range(0, len(keys), 1000):
-            objs = [{"Key": self._k(k)} for k in keys[i:i + 1000]]
+            objs = [{"Key": self._k(k)} for k in keys[i : i + 1000]]
             self.client.delete_objects(Bucket=self.loc.bucket, Delete={"Objects": objs, "Quiet": True})
 
 
-def open_store(uri: str) -> Store:
-    return S3Store(uri) if uri.startswith("s3://") else LocalStore(uri)
+def open_store(uri: str, output: OutputSpec | None = None) -> Store:
+    """The store at `uri`: S3 (client settings from `output`) or a local directory."""
+    return S3Store(uri, s3_client(output)) if uri.startswith("s3://") else LocalStore(uri)

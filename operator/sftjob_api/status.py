@@ -3,14 +3,54 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field
 
 from .base import ApiModel
+from .evaluation import EvalMetrics
 
-Phase = Literal["Pending", "Training", "Evaluating", "Merging", "Succeeded", "Failed", "Suspended"]
-TERMINAL_PHASES: tuple[Phase, ...] = ("Succeeded", "Failed")
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    MERGING = "Merging"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+TERMINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED)
+
+
+class Reason(StrEnum):
+    """status.reason (CamelCase, stable: alerts and dashboards key on them)."""
+
+    INVALID_SPEC = "InvalidSpec"
+    CREATING = "CreatingChildren"
+    QUEUED = "Queued"
+    PODS_PENDING = "PodsPending"
+    PODS_RUNNING = "PodsRunning"
+    RESTARTING = "Restarting"
+    FINISHING = "Finishing"
+    SUSPENDED = "Suspended"
+    EVAL_RUNNING = "EvalRunning"
+    MERGE_RUNNING = "MergeRunning"
+    SUCCEEDED = "Succeeded"
+    TRAINING_FAILED = "TrainingFailed"
+    BACKOFF = "BackoffLimitExceeded"
+    DEADLINE = "DeadlineExceeded"
+    EVAL_FAILED = "EvalFailed"
+    GATE_FAILED = "EvalGateFailed"
+    MERGE_FAILED = "MergeFailed"
+    STUCK = "Stuck"
+    # only `sftjob run` (one machine, no Job controller) reports these
+    MODEL_NOT_FOUND = "ModelNotFound"
+    INTERRUPTED = "Interrupted"
+
+
 ConditionType = Literal[
     "Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed", "Suspended", "Stuck"
 ]
@@ -56,17 +96,9 @@ class Progress(ApiModel):
     """When progress was last read."""
 
 
-class EvalResults(ApiModel):
+class EvalResults(EvalMetrics):
     """Results of the evaluation stage."""
 
-    eval_loss: float | None = None
-    """Mean token cross-entropy on the held-out data (response tokens only)."""
-    perplexity: float | None = None
-    """exp(evalLoss)."""
-    rouge_l: float | None = None
-    """ROUGE-L F1 of generations against references."""
-    exact_match: float | None = None
-    """Share of generations equal to the reference after normalisation."""
     gates_passed: bool | None = None
     """Whether every configured gate held."""
     failed_gates: list[str] = Field(default_factory=list)

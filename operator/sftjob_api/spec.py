@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from .base import ApiModel, CelRule
+from .evaluation import ALL_METRICS, EvalGates, Metric
 
 # s3://bucket/key, an absolute path (e.g. a PVC mounted into the pod), pvc://claim/path, a path relative to
 # the manifest's directory starting with ./ or ../ (only meaningful for `sftjob run`), or for models a bare
@@ -18,7 +19,9 @@ DATA_URI = (
     r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.*|/.*"
     r"|\.{1,2}/.*)$"
 )
-MODEL_URI = DATA_URI[:-2] + r"|[A-Za-z0-9][A-Za-z0-9._-]*)$"
+# A model-cache name (the trainer's model cache resolves it to a directory).
+CACHE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+MODEL_URI = DATA_URI[:-2] + "|" + CACHE_NAME + ")$"
 OUTPUT_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|/.*|\./.*|[A-Za-z0-9_][A-Za-z0-9._/-]*)$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 DataUri = Annotated[str, Field(pattern=DATA_URI, max_length=1024)]
@@ -284,23 +287,6 @@ class OutputSpec(ApiModel):
     """How many newest complete checkpoints to keep; 0 keeps all."""
 
 
-Metric = Literal["loss", "perplexity", "rouge_l", "exact_match"]
-ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "rouge_l", "exact_match")
-
-
-class EvalGates(ApiModel):
-    """Thresholds that must hold for the merge to run; a failed gate ends in Failed/EvalGateFailed."""
-
-    max_eval_loss: float | None = Field(default=None, gt=0)
-    """Highest acceptable eval loss."""
-    max_perplexity: float | None = Field(default=None, gt=1)
-    """Highest acceptable perplexity."""
-    min_rouge_l: float | None = Field(default=None, ge=0, le=1)
-    """Lowest acceptable ROUGE-L F1."""
-    min_exact_match: float | None = Field(default=None, ge=0, le=1)
-    """Lowest acceptable exact-match rate."""
-
-
 class EvalSpec(ApiModel):
     """The evaluation stage after training."""
 
@@ -419,7 +405,3 @@ class SFTJobSpec(ApiModel):
 
     def world_size(self) -> int:
         return self.resources.nodes * max(self.resources.gpus_per_node, 1)
-
-
-# Fields that define the run; changing them after creation would mix two runs' checkpoints.
-IMMUTABLE_FIELDS = ("model", "dataset", "method", "training", "resources", "output")

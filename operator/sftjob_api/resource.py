@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from .base import CEL_ERROR, ApiModel, CelRule
+from .base import CEL_ERROR, ApiModel
 from .spec import SFTJobSpec
 from .status import SFTJobStatus
 
@@ -50,15 +50,6 @@ class SFTJob(ApiModel):
     """What to train and how."""
     status: SFTJobStatus | None = None
     """Observed state."""
-
-    cel_rules = (
-        CelRule(
-            cel=f"self.metadata.name.matches('{NAME_PATTERN}')",
-            message="metadata.name must be a DNS-1035 label (lower-case letters, digits, '-', starting"
-            " with a letter) of at most 42 characters, so derived Job and pod names stay within 63",
-            check=lambda _: True,  # pydantic's pattern on ObjectMeta.name enforces it
-        ),
-    )
 
 
 class SpecError(ValueError):

@@ -1,0 +1,70 @@
+"""Eval metrics, their results and the gates on them: one list of metrics, one gate check.
+
+The eval stage computes `EvalMetrics`, checks `EvalGates.failures(results)` (exit code EVAL_GATE_FAILED when
+any gate fails) and reports the results; the operator records them as status.evalResults and checks the same
+gates with the same method.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+
+Metric = Literal["loss", "perplexity", "rouge_l", "exact_match"]
+ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "rouge_l", "exact_match")
+
+
+class EvalMetrics(ApiModel):
+    """The metrics of one model on the held-out data (unset: not computed)."""
+
+    eval_loss: float | None = None
+    """Mean token cross-entropy on the held-out data (response tokens only)."""
+    perplexity: float | None = None
+    """exp(evalLoss)."""
+    rouge_l: float | None = None
+    """ROUGE-L F1 of generations against references."""
+    exact_match: float | None = None
+    """Share of generations equal to the reference after normalisation."""
+
+
+# (gate field, metric field, the gate is an upper bound)
+GATE_CHECKS: tuple[tuple[str, str, bool], ...] = (
+    ("max_eval_loss", "eval_loss", True),
+    ("max_perplexity", "perplexity", True),
+    ("min_rouge_l", "rouge_l", False),
+    ("min_exact_match", "exact_match", False),
+)
+
+
+class EvalGates(ApiModel):
+    """Thresholds that must hold for the merge to run; a failed gate ends in Failed/EvalGateFailed."""
+
+    max_eval_loss: float | None = Field(default=None, gt=0)
+    """Highest acceptable eval loss."""
+    max_perplexity: float | None = Field(default=None, gt=1)
+    """Highest acceptable perplexity."""
+    min_rouge_l: float | None = Field(default=None, ge=0, le=1)
+    """Lowest acceptable ROUGE-L F1."""
+    min_exact_match: float | None = Field(default=None, ge=0, le=1)
+    """Lowest acceptable exact-match rate."""
+
+    def failures(self, results: EvalMetrics) -> list[str]:
+        """Gates that do not hold, as "maxEvalLoss: 2.31 > 2.0"; a gate whose metric is missing fails too."""
+        out: list[str] = []
+        for gate_field, metric_field, is_max in GATE_CHECKS:
+            limit = getattr(self, gate_field)
+            if limit is None:
+                continue
+            gate = EvalGates.model_fields[gate_field].alias or gate_field
+            value = getattr(results, metric_field)
+            if value is None:
+                metric = EvalMetrics.model_fields[metric_field].alias or metric_field
+                out.append(f"{gate}: {metric} was not computed")
+            elif is_max and value > limit:
+                out.append(f"{gate}: {value:.4g} > {limit:.4g}")
+            elif not is_max and value < limit:
+                out.append(f"{gate}: {value:.4g} < {limit:.4g}")
+        return out

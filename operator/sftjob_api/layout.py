@@ -1,0 +1,129 @@
+"""The stages a spec runs, in order, and the artifact layout of one run: every key, written down once.
+
+Under the run's root `<output.uri>/<namespace>/<name>/`:
+
+    checkpoints/step-N/...   resumable DeepSpeed checkpoints, each with a COMPLETE marker (train stage)
+    adapter/                 the trained LoRA adapter + tokenizer (lora, qlora)       (train stage)
+    model/                   the trained full model + tokenizer (method full)         (train stage)
+    train/                   summary.json (steps, final loss, tokens), data_report.json (train stage)
+    eval/                    results.json, samples.jsonl                              (eval stage)
+    merged/                  safetensors + tokenizer + generation config, verification.json (merge stage)
+    report/                  report.md, loss_curve.png                                (`sftjob run` only)
+    manifest.json            every file above with size and sha256; written last, by the final stage
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from enum import StrEnum
+
+from .spec import SFTJobSpec
+from .status import Artifacts
+
+
+class Stage(StrEnum):
+    TRAIN = "train"
+    EVAL = "eval"
+    MERGE = "merge"
+
+
+def merge_enabled(spec: SFTJobSpec) -> bool:
+    """Merging folds an adapter into the base model: nothing to merge for method full."""
+    return spec.merge.enabled and spec.method.type != "full"
+
+
+def stages(spec: SFTJobSpec) -> tuple[Stage, ...]:
+    """The stages this spec runs, in order. The operator's phase machine, `sftjob run` and the trainer (the
+    last stage writes manifest.json) all follow this list."""
+    out = [Stage.TRAIN]
+    if spec.eval.enabled:
+        out.append(Stage.EVAL)
+    if merge_enabled(spec):
+        out.append(Stage.MERGE)
+    return tuple(out)
+
+
+def final_stage(spec: SFTJobSpec) -> Stage:
+    return stages(spec)[-1]
+
+
+def run_root(spec: SFTJobSpec, namespace: str, name: str) -> str:
+    """`<output.uri>/<namespace>/<name>/`."""
+    return f"{spec.output.uri.rstrip('/')}/{namespace}/{name}/"
+
+
+_CHECKPOINT_KEY = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
+
+
+class Layout:
+    """Keys relative to the run root (the stores' keys; add the root for a URI)."""
+
+    CHECKPOINTS = "checkpoints"
+    CHECKPOINT_MARKER = "COMPLETE"
+    ADAPTER = "adapter"
+    MODEL = "model"
+    TRAIN = "train"
+    EVAL = "eval"
+    MERGED = "merged"
+    REPORT = "report"
+    MANIFEST = "manifest.json"
+    TRAIN_SUMMARY = "train/summary.json"
+    DATA_REPORT = "train/data_report.json"
+    EVAL_RESULTS = "eval/results.json"
+    EVAL_SAMPLES = "eval/samples.jsonl"
+    MERGE_VERIFICATION = "merged/verification.json"
+    REPORT_MD = "report/report.md"
+    LOSS_CURVE = "report/loss_curve.png"
+    # Every prefix the manifest lists (the manifest itself is not listed).
+    PREFIXES = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, EVAL, MERGED, REPORT)
+
+    @staticmethod
+    def weights(method: str) -> str:
+        """Where the train stage puts what it trained: the adapter, or the whole model for method full."""
+        return Layout.MODEL if method == "full" else Layout.ADAPTER
+
+    @staticmethod
+    def checkpoint(step: int) -> str:
+        return f"{Layout.CHECKPOINTS}/step-{step}"
+
+    @staticmethod
+    def checkpoint_marker(step: int) -> str:
+        return f"{Layout.checkpoint(step)}/{Layout.CHECKPOINT_MARKER}"
+
+    @staticmethod
+    def scan_checkpoints(keys: Iterable[str]) -> tuple[list[int], list[int]]:
+        """(complete steps, incomplete steps), ascending, from a listing of keys under the run root."""
+        seen: set[int] = set()
+        done: set[int] = set()
+        for k in keys:
+            m = _CHECKPOINT_KEY.match(k)
+            if m:
+                seen.add(int(m.group(1)))
+                if m.group(2) == Layout.CHECKPOINT_MARKER:
+                    done.add(int(m.group(1)))
+        return sorted(done), sorted(seen - done)
+
+    @staticmethod
+    def newest_checkpoint(keys: Iterable[str]) -> int | None:
+        done, _ = Layout.scan_checkpoints(keys)
+        return done[-1] if done else None
+
+
+def status_artifacts(spec: SFTJobSpec, namespace: str, name: str) -> Artifacts:
+    """status.artifacts, computed from the spec alone (latestCheckpoint comes from the trainer's metrics)."""
+    root = run_root(spec, namespace, name)
+    runs = stages(spec)
+    return Artifacts(
+        root=root,
+        checkpoints=f"{root}{Layout.CHECKPOINTS}/",
+        adapter=f"{root}{Layout.weights(spec.method.type)}/",
+        eval=f"{root}{Layout.EVAL}/" if Stage.EVAL in runs else None,
+        merged=(spec.merge.uri or f"{root}{Layout.MERGED}/") if Stage.MERGE in runs else None,
+        manifest=root + Layout.MANIFEST,
+    )
+
+
+def checkpoint_uri(spec: SFTJobSpec, namespace: str, name: str, step: int) -> str:
+    """The prefix of the trainer's checkpoint of `step`."""
+    return f"{run_root(spec, namespace, name)}{Layout.checkpoint(step)}/"

@@ -1,0 +1,25 @@
+"""Names of the trainer's Prometheus metrics: the trainer exports them, the operator's progress reader, the
+Grafana dashboards and the alert rules read them. Labels: namespace, sftjob, rank (plus `reason` on the drop
+counter). A Counter named `X` is exposed as `X_total`; a Histogram as `X_sum`, `X_count`, `X_bucket`.
+"""
+
+from __future__ import annotations
+
+TRAIN_STEP = "sft_train_step"
+TRAIN_TOTAL_STEPS = "sft_train_total_steps"
+TRAIN_LOSS = "sft_train_loss"
+TRAIN_EPOCH = "sft_train_epoch"
+TRAIN_TOKENS = "sft_train_tokens"  # Counter: sft_train_tokens_total
+TRAIN_TOKENS_PER_SECOND = "sft_train_tokens_per_second"
+TRAIN_ETA_SECONDS = "sft_train_eta_seconds"
+TRAIN_GRAD_NORM = "sft_train_grad_norm"
+LEARNING_RATE = "sft_learning_rate"
+MEMORY_USED_BYTES = "sft_memory_used_bytes"
+GPU_MEMORY_BYTES = "sft_gpu_memory_bytes"
+CHECKPOINT_SAVE_SECONDS = "sft_checkpoint_save_duration_seconds"  # Histogram
+DATA_ROWS_DROPPED = "sft_data_rows_dropped"  # Counter: sft_data_rows_dropped_total
+# The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
+TRAIN_CHECKPOINT_STEP = "sft_train_checkpoint_step"
+TRAIN_RESUMED_FROM_STEP = "sft_train_resumed_from_step"
+
+LABELS = ("namespace", "sftjob", "rank")
