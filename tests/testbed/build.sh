@@ -6,16 +6,18 @@
 #   SFTJOB_TESTBED_CACHE=/x build.sh  # another cache root (default ~/.cache/sftjob-testbed)
 set -euo pipefail
 
-K8S_VERSION=v1.34.12   # kube-apiserver, kube-controller-manager, kube-scheduler
+K8S_VERSION=v1.34.12   # kube-apiserver, kube-controller-manager, kube-scheduler; kubelet, kube-proxy
 ETCD_VERSION=v3.6.16   # Kubernetes 1.34 expects etcd 3.6.x
 KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.21.4
+COREDNS_VERSION=v1.14.7  # cluster DNS for the real node (built with only the plugins it uses)
 
 CACHE=${SFTJOB_TESTBED_CACHE:-$HOME/.cache/sftjob-testbed}
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
 GOPROXY_URL=${GOPROXY_URL:-https://proxy.golang.org}
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 log() { printf '[build %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
 # done_already NAME BIN...: true when the stamp and every binary exist.
@@ -27,43 +29,85 @@ done_already() {
 
 stamp() { date -u +%FT%TZ > "$CACHE/$1/.stamp"; log "$1 built"; }
 
-build_kubernetes() {
-  local name=kubernetes-$K8S_VERSION
-  done_already "$name" kube-apiserver kube-controller-manager kube-scheduler && return 0
-  log "building $name (cold: tens of minutes on 2 cores)"
-  local src=$CACHE/src/$name dst=$CACHE/$name/bin
-  mkdir -p "$src" "$dst"
-  # k8s.io/kubernetes points its staging modules at ./staging/src/..., which the module zip lacks.
-  # Generate the wrapper's replace block from that release's own go.mod: k8s.io/x => k8s.io/x v0.Y.Z.
-  local staging_version=v0.${K8S_VERSION#v1.}
-  curl -fsS "$GOPROXY_URL/k8s.io/kubernetes/@v/$K8S_VERSION.mod" > "$src/upstream.mod"
-  {
-    echo "module sftjob.dev/testbed/kubernetes"
-    echo
-    grep -E '^go [0-9.]+$' "$src/upstream.mod"
-    grep -E '^godebug ' "$src/upstream.mod" || true
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print "\t" $1 " => " $1 " '"$staging_version"'"}' \
-      "$src/upstream.mod"
-    echo ")"
-  } > "$src/go.mod"
-  local n; n=$(grep -c " => k8s.io/" "$src/go.mod")
-  [[ $n -ge 20 ]] || { echo "only $n staging replaces generated; upstream go.mod changed?" >&2; exit 1; }
+# k8s_wrapper: the source dir of a wrapper module that builds k8s.io/kubernetes commands (prints its path).
+# k8s.io/kubernetes points its staging modules at ./staging/src/..., which the module zip lacks.
+# Generate the wrapper's replace block from that release's own go.mod: k8s.io/x => k8s.io/x v0.Y.Z.
+k8s_wrapper() {
+  local src=$CACHE/src/kubernetes-$K8S_VERSION
+  if [[ ! -f $src/go.mod ]]; then
+    mkdir -p "$src"
+    local staging_version=v0.${K8S_VERSION#v1.}
+    curl -fsS "$GOPROXY_URL/k8s.io/kubernetes/@v/$K8S_VERSION.mod" > "$src/upstream.mod"
+    {
+      echo "module sftjob.dev/testbed/kubernetes"
+      echo
+      grep -E '^go [0-9.]+$' "$src/upstream.mod"
+      grep -E '^godebug ' "$src/upstream.mod" || true
+      echo
+      echo "require k8s.io/kubernetes $K8S_VERSION"
+      echo
+      echo "replace ("
+      awk '$2 == "=>" && $3 ~ /^\.\/staging\// {print "\t" $1 " => " $1 " '"$staging_version"'"}' \
+        "$src/upstream.mod"
+      echo ")"
+    } > "$src/go.mod.new"
+    local n; n=$(grep -c " => k8s.io/" "$src/go.mod.new")
+    [[ $n -ge 20 ]] || { echo "only $n staging replaces generated; upstream go.mod changed?" >&2; exit 1; }
+    mv "$src/go.mod.new" "$src/go.mod"
+  fi
+  echo "$src"
+}
+
+# k8s_build NAME CMD...: build k8s.io/kubernetes/cmd/CMD... into $CACHE/NAME/bin, versions stamped.
+k8s_build() {
+  local name=$1; shift
+  done_already "$name" "$@" && return 0
+  log "building $name: $* (cold: tens of minutes on 2 cores; minutes once the Go cache is warm)"
+  local src dst=$CACHE/$name/bin
+  src=$(k8s_wrapper)
+  mkdir -p "$dst"
   local minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
-  local ld="-s -w" pkg
+  local ld="-s -w" pkg cmds=() c
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
     ld+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=$(date -u +%FT%TZ)"
   done
+  for c in "$@"; do cmds+=("k8s.io/kubernetes/cmd/$c"); done
   (cd "$src" && "$GO" mod download k8s.io/kubernetes &&
-    "$GO" build -trimpath -ldflags "$ld" -o "$dst/" \
-      k8s.io/kubernetes/cmd/kube-apiserver \
-      k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler)
-  "$dst/kube-apiserver" --version | grep -q "$K8S_VERSION"
+    "$GO" build -trimpath -ldflags "$ld" -o "$dst/" "${cmds[@]}")
+  "$dst/$1" --version | grep -q "$K8S_VERSION"
+  stamp "$name"
+}
+
+build_kubernetes() { k8s_build "kubernetes-$K8S_VERSION" kube-apiserver kube-controller-manager kube-scheduler; }
+
+# The real node's kubelet and kube-proxy: the same wrapper, so a warm Go cache makes them minutes.
+build_node() { k8s_build "kubernetes-node-$K8S_VERSION" kubelet kube-proxy; }
+
+# CoreDNS with only the plugins the test bed's Corefile uses (the stock build compiles every cloud SDK).
+build_coredns() {
+  local name=coredns-$COREDNS_VERSION
+  done_already "$name" coredns && return 0
+  log "building $name"
+  local src=$CACHE/src/$name dst=$CACHE/$name/bin
+  mkdir -p "$src" "$dst"
+  cp "$HERE/node/coredns_main.go" "$src/main.go"
+  printf 'module sftjob.dev/testbed/coredns\n\ngo 1.26.0\n\nrequire github.com/coredns/coredns %s\n' \
+    "$COREDNS_VERSION" > "$src/go.mod"
+  (cd "$src" && "$GO" mod tidy && "$GO" build -trimpath -ldflags "-s -w" -o "$dst/coredns" .)
+  "$dst/coredns" -version | grep -q "${COREDNS_VERSION#v}"
+  stamp "$name"
+}
+
+# The pod sandbox ("pause") binary: no image can be pulled here, so the test bed builds its own.
+build_pause() {
+  local name=pause-1
+  done_already "$name" pause && return 0
+  local src=$CACHE/src/$name dst=$CACHE/$name/bin
+  mkdir -p "$src" "$dst"
+  cp "$HERE/node/pause_main.go" "$src/main.go"
+  printf 'module sftjob.dev/testbed/pause\n\ngo 1.26.0\n' > "$src/go.mod"
+  (cd "$src" && "$GO" build -trimpath -ldflags "-s -w" -o "$dst/pause" .)
   stamp "$name"
 }
 
@@ -116,12 +160,18 @@ main() {
   go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
   go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
   build_kubernetes
+  build_pause
+  build_coredns
+  build_node
   # One file the Python fixtures read, so versions live in this script only.
   cat > "$CACHE/versions.env" <<EOF
 KUBERNETES_BIN=$CACHE/kubernetes-$K8S_VERSION/bin
 ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
 KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
 HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
+NODE_BIN=$CACHE/kubernetes-node-$K8S_VERSION/bin
+COREDNS_BIN=$CACHE/coredns-$COREDNS_VERSION/bin
+PAUSE_BIN=$CACHE/pause-1/bin
 EOF
   log "all binaries ready under $CACHE ($((SECONDS - t0)) s)"
 }

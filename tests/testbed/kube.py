@@ -170,7 +170,9 @@ class Cluster:
                 str(bins["kwok"]),
                 f"--kubeconfig={kc}",
                 f"--config={HERE / 'kwok-stages.yaml'}",
-                "--manage-all-nodes=true",
+                # Only the fake GPU nodes: the real node (tests/testbed/node.py) has a kubelet of its own.
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--node-lease-duration-seconds=40",
                 f"--server-address={LOOPBACK}:{kwok_port}",
                 f"--node-ip={LOOPBACK}",
@@ -270,7 +272,12 @@ class Cluster:
                 f"--tls-cert-file={p.serving_crt}",
                 f"--tls-private-key-file={p.serving_key}",
                 f"--client-ca-file={p.ca_crt}",
-                "--authorization-mode=RBAC",
+                # Node: the real node's kubelet (tests/testbed/node.py) gets exactly a kubelet's rights.
+                "--authorization-mode=Node,RBAC",
+                f"--kubelet-client-certificate={p.kubelet_client_crt}",
+                f"--kubelet-client-key={p.kubelet_client_key}",
+                f"--kubelet-certificate-authority={p.ca_crt}",
+                "--kubelet-preferred-address-types=InternalIP",
                 # Without a front-proxy CA the controllers' delegated authn logs an error every second.
                 f"--requestheader-client-ca-file={p.ca_crt}",
                 "--requestheader-allowed-names=front-proxy-client",

@@ -37,6 +37,8 @@ class Pki:
         self.admin_crt = d / "admin.crt"
         self.admin_key = d / "admin.key"
         self.sa_key = d / "sa.key"
+        self.kubelet_client_crt = d / "apiserver-kubelet-client.crt"
+        self.kubelet_client_key = d / "apiserver-kubelet-client.key"
         self.sa_pub = d / "sa.pub"
 
     def create(self) -> Pki:
@@ -61,17 +63,24 @@ class Pki:
             "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
             cwd=d,
         )
-        self._leaf(
+        self.leaf(
             "apiserver", "/CN=kube-apiserver", f"subjectAltName={SERVING_SANS}", "extendedKeyUsage=serverAuth"
         )
         # Group system:masters is bound to cluster-admin by RBAC bootstrap policy.
-        self._leaf("admin", "/O=system:masters/CN=testbed-admin", "extendedKeyUsage=clientAuth")
+        self.leaf("admin", "/O=system:masters/CN=testbed-admin", "extendedKeyUsage=clientAuth")
+        # The apiserver's identity towards kubelets (logs, exec): authorized by the kubelet's webhook.
+        self.leaf(
+            "apiserver-kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "extendedKeyUsage=clientAuth",
+        )
         # Service-account tokens are signed with RSA by convention (RS256 is what every verifier accepts).
         _openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "sa.key", cwd=d)
         _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
         return self
 
-    def _leaf(self, name: str, subject: str, *extensions: str) -> None:
+    def leaf(self, name: str, subject: str, *extensions: str) -> tuple[Path, Path]:
+        """A cert/key pair signed by the CA (e.g. a kubelet's client or serving cert); returns (crt, key)."""
         _ec_key(f"{name}.key", self.dir)
         ext: list[str] = []
         for e in ("basicConstraints=critical,CA:FALSE", "keyUsage=critical,digitalSignature", *extensions):
@@ -95,6 +104,7 @@ class Pki:
             *ext,
             cwd=self.dir,
         )
+        return self.dir / f"{name}.crt", self.dir / f"{name}.key"
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, user: dict[str, str], name: str = "testbed") -> Path:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything a bare Debian 12 machine needs for the test bed. Idempotent; seconds when already provisioned.
 #
-#   bash tests/testbed/provision.sh              # apt packages + Go builds (tests/testbed/build.sh)
+#   bash tests/testbed/provision.sh              # apt packages + Go builds (build.sh) + images (images.sh)
 #   SFTJOB_TESTBED_SKIP_APT=1 bash ...provision.sh   # no apt (not root, or packages already present)
 #
 # Needs: Go >= 1.25 (PATH or /usr/local/go/bin), network to the Go module proxy and Debian mirrors.
@@ -24,6 +24,12 @@ apt_packages() {
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v openssl >/dev/null || missing+=(openssl)
   command -v curl >/dev/null || missing+=(curl ca-certificates)
+  # The real node (tests/testbed/node.py) and its images (tests/testbed/images.sh).
+  local tool
+  for tool in containerd runc podman buildah mmdebstrap socat iptables conntrack; do
+    command -v $tool >/dev/null || missing+=($tool)
+  done
+  [[ -x /usr/lib/cni/bridge ]] || missing+=(containernetworking-plugins)
   [[ ${#missing[@]} -eq 0 ]] && { echo "apt packages present"; return 0; }
   if [[ ${SFTJOB_TESTBED_SKIP_APT:-0} == 1 ]]; then
     echo "missing ${missing[*]} and SFTJOB_TESTBED_SKIP_APT=1" >&2; return 1
@@ -55,4 +61,5 @@ t_all=$SECONDS
 step "apt packages" apt_packages
 step "tool check" check_tools
 step "go builds (tests/testbed/build.sh)" bash "$HERE/build.sh"
+step "images for the real node (tests/testbed/images.sh)" bash "$HERE/images.sh"
 echo "[provision] all done in $((SECONDS - t_all)) s"
