@@ -154,6 +154,14 @@ def openapi_schema(model: type[ApiModel]) -> dict[str, Any]:
     return _Converter(json_schema, model).convert(json_schema)
 
 
+# What a refused change (often a GitOps sync) says: the field, and the two ways to run the new spec. Keep
+# "is immutable": Flux's force re-create recognises immutable-field errors by it (docs/gitops.md).
+IMMUTABLE_MESSAGE = (
+    "{field} is immutable once the SFTJob is created: to run with a different value, give the SFTJob a new"
+    " name, or delete and re-create it (docs/gitops.md)"
+)
+
+
 def _add_immutability(spec_schema: dict[str, Any]) -> None:
     for path in IMMUTABLE_PATHS:
         node = spec_schema
@@ -161,7 +169,7 @@ def _add_immutability(spec_schema: dict[str, Any]) -> None:
             node = node["properties"][part]
         dotted = "spec." + ".".join(path)
         node.setdefault("x-kubernetes-validations", []).append(
-            {"rule": "self == oldSelf", "message": f"{dotted} is immutable once the SFTJob is created"}
+            {"rule": "self == oldSelf", "message": IMMUTABLE_MESSAGE.format(field=dotted)}
         )
 
 

@@ -79,7 +79,7 @@ def test_run_defining_fields_are_immutable():
         rules = spec[field]["x-kubernetes-validations"]
         assert {
             "rule": "self == oldSelf",
-            "message": f"spec.{field} is immutable once the SFTJob is created",
+            "message": crd.IMMUTABLE_MESSAGE.format(field=f"spec.{field}"),
         } in rules
     assert "x-kubernetes-validations" not in spec["resources"]["properties"]["tolerations"]
 
