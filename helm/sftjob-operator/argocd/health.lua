@@ -10,7 +10,9 @@
 --   Succeeded                                 Healthy
 --   Failed                                    Degraded      (reason and message)
 --   anything else                             Unknown
-local hs = {}
+local function health(status, message)
+  return { status = status, message = message }
+end
 
 local function condition(status, ctype)
   if status.conditions == nil then
@@ -37,38 +39,28 @@ end
 
 local status = obj.status
 if status == nil or status.phase == nil or status.phase == "" then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the SFTJob operator to pick up the run"
-  return hs
+  return health("Progressing", "Waiting for the SFTJob operator to pick up the run")
 end
 local phase = status.phase
 
 -- Terminal phases are final: the operator never leaves them, whatever the spec says later.
 if phase == "Succeeded" then
-  hs.status = "Healthy"
-  hs.message = describe(phase, nil, status.message)
-  return hs
+  return health("Healthy", describe(phase, nil, status.message))
 end
 if phase == "Failed" then
-  hs.status = "Degraded"
-  hs.message = describe(phase, status.reason, status.message)
-  return hs
+  return health("Degraded", describe(phase, status.reason, status.message))
 end
 
 -- A spec change (e.g. spec.suspend) the operator has not acted on yet: the status describes the past.
 local generation = obj.metadata.generation
 local observed = status.observedGeneration
 if generation ~= nil and (observed == nil or observed < generation) then
-  hs.status = "Progressing"
-  hs.message = "Waiting for the operator to observe generation " .. tostring(generation) ..
-    " (status is from generation " .. tostring(observed) .. "): " .. describe(phase, status.reason, nil)
-  return hs
+  return health("Progressing", "Waiting for the operator to observe generation " .. tostring(generation) ..
+    " (status is from generation " .. tostring(observed) .. "): " .. describe(phase, status.reason, nil))
 end
 
 if phase == "Suspended" then
-  hs.status = "Suspended"
-  hs.message = describe(phase, status.reason, status.message)
-  return hs
+  return health("Suspended", describe(phase, status.reason, status.message))
 end
 
 if phase == "Pending" or phase == "Training" or phase == "Evaluating" or phase == "Merging" then
@@ -76,18 +68,13 @@ if phase == "Pending" or phase == "Training" or phase == "Evaluating" or phase =
   -- Nothing moves without a person, so Degraded, like a Deployment past its progress deadline.
   local stuck = condition(status, "Stuck")
   if stuck ~= nil and stuck.status == "True" then
-    hs.status = "Degraded"
-    hs.message = describe("Stuck in " .. phase, stuck.reason, stuck.message)
-    return hs
+    return health("Degraded", describe("Stuck in " .. phase, stuck.reason, stuck.message))
   end
-  hs.status = "Progressing"
-  hs.message = describe(phase, status.reason, status.message)
+  local message = describe(phase, status.reason, status.message)
   if status.progress ~= nil and status.progress.summary ~= nil then
-    hs.message = hs.message .. "; step " .. status.progress.summary
+    message = message .. "; step " .. status.progress.summary
   end
-  return hs
+  return health("Progressing", message)
 end
 
-hs.status = "Unknown"
-hs.message = "Unknown SFTJob phase " .. tostring(phase)
-return hs
+return health("Unknown", "Unknown SFTJob phase " .. tostring(phase))
