@@ -4,6 +4,7 @@
     sftjob model prepare NAME [--force]                              fill the local model cache
     sftjob model list                                                known and prepared models
     sftjob operator [flags]                                          the Kubernetes operator
+    sftjob status|logs|artifacts NAME [-n NS]                        a run in the cluster (cluster_cli.py)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import subprocess
 import sys
 from collections.abc import Sequence
+
+from .cluster_cli import add_commands as add_cluster_commands
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -52,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="known models and where they are")
     m.set_defaults(func=_model)
     sub.add_parser("operator", help="run the Kubernetes operator (flags: sftjob operator --help)", add_help=False)
+    add_cluster_commands(sub)
     return p
 
 
