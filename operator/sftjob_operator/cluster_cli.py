@@ -37,14 +37,14 @@ class Cluster:
         from kubernetes import client, config
 
         try:
-            api = config.new_client_from_config(config_file=kubeconfig, context=context)
-            contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+            api = config.new_client_from_config(config_file=kubeconfig, context=context)  # type: ignore[no-untyped-call]
+            contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)  # type: ignore[no-untyped-call]
         except Exception as e:
             raise CliError(f"cannot load the kubeconfig: {e}") from None
         ctx = next((c for c in contexts if c["name"] == context), active) if context else active
         self.namespace = namespace or (ctx.get("context") or {}).get("namespace") or "default"
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+        self.core: Any = client.CoreV1Api(api)  # its models are Optional everywhere: read as the API returns them
+        self.custom: Any = client.CustomObjectsApi(api)
 
     def sftjob(self, name: str) -> Obj:
         from kubernetes.client.exceptions import ApiException
