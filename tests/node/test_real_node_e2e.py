@@ -240,14 +240,13 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(
     )
     kube.kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns, "--wait=false")
 
-    # A new pod of the same index runs and the trainer resumes from the newest complete checkpoint.
+    # A new pod of the same index runs and the trainer resumes from the newest complete checkpoint
+    # (rank 0 logs {"event": "resumed", "step": N}).
     def resumed_from() -> int | None:
         for p in pods(kube, ns, "sft.tuning.dev/stage=train"):
             for line in logs(kube, ns, p["metadata"]["name"]).splitlines():
-                if "resum" in line.lower() and "step" in line.lower():
-                    digits = [int(t) for t in line.replace("=", " ").replace("-", " ").split() if t.isdigit()]
-                    if digits:
-                        return digits[-1]
+                if line.startswith("{") and '"resumed"' in line:
+                    return int(json.loads(line)["step"])
         return None
 
     resumed = wait_until(resumed_from, 600, "a trainer pod resuming from a checkpoint", interval=2.0)

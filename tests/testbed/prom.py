@@ -63,10 +63,13 @@ class Prometheus:
     def add_target(
         self, job: str, host_port: str, labels: dict[str, str] | None = None, metrics_path: str = "/metrics"
     ) -> None:
-        """Scrape http://host_port{metrics_path} as `job` (adds to the job's targets). Loopback hosts only."""
-        host = host_port.rsplit(":", 1)[0]
-        if not ipaddress.ip_address(host).is_loopback:
-            raise ValueError(f"test targets must be on 127.0.0.0/8, got {host_port}")
+        """Scrape http://host_port{metrics_path} as `job` (adds to the job's targets). Only this machine:
+        loopback, or a pod on the real node's own bridge."""
+        from .node import POD_SUBNET
+
+        host = ipaddress.ip_address(host_port.rsplit(":", 1)[0])
+        if not (host.is_loopback or host in ipaddress.ip_network(POD_SUBNET)):
+            raise ValueError(f"test targets must be on 127.0.0.0/8 or {POD_SUBNET}, got {host_port}")
         entry = self.targets.setdefault(job, {"targets": [], "labels": {}, "metrics_path": metrics_path})
         if host_port not in entry["targets"]:
             entry["targets"].append(host_port)
