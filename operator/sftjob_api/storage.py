@@ -60,7 +60,8 @@ def s3_client(output: OutputSpec | None = None) -> Any:
     )
     endpoint = output.endpoint if output is not None else None
     region = output.region if output is not None else None
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+    # a session of its own: boto3's default session would keep the credentials it saw first
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
 
 
 def _transfer_config() -> Any:

@@ -6,11 +6,16 @@ within a test where one run can prove several things.
 
 from __future__ import annotations
 
+import json
 import signal
-import socket
 import subprocess
 
 import pytest
+
+from sftjob_api import Layout
+from sftjob_api.manifest import verify_manifest
+from sftjob_api.ports import free_port
+from sftjob_api.storage import S3Store
 
 from .runner import json_events, launch_cmd, make_config, run, trainer_env, write_config
 from .tiny import dataset_rows, write_jsonl
@@ -28,12 +33,6 @@ def kill_tree(pid: int) -> None:
     for p in [root, *children]:
         p.send_signal(signal.SIGKILL)
     psutil.wait_procs(children, timeout=30)  # not the root: Popen.wait must reap it to see -9
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def keys(s3, prefix: str) -> list[str]:
@@ -79,6 +78,12 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
                   "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
             assert f"checkpoints/step-{step}/{f}" in ref_keys, ref_keys
     assert "adapter/adapter_model.safetensors" in ref_keys and "adapter/adapter_config.json" in ref_keys
+    # eval and merge are off: training is the last stage, so it completes the run with a manifest
+    ref_store = S3Store(s3.uri("ref/"), s3.client())
+    assert verify_manifest(ref_store) == []
+    # the summary counts the tokens of both ranks (each step event reports the all-rank count)
+    summary = json.loads(ref_store.get_bytes(Layout.TRAIN_SUMMARY))
+    assert summary["tokens"] == sum(e["tokens"] for e in ev if e["event"] == "step")
     # adapter checkpoints leave the frozen base out (it is reloaded from model.uri on resume)
     import torch
 

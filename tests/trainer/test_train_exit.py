@@ -9,9 +9,10 @@ import urllib.request
 import pytest
 
 from sftjob_api.exit_codes import ExitCode
+from sftjob_api.ports import free_port
 
 from .runner import json_events, launch_cmd, make_config, run, trainer_env, write_config
-from .test_train_dist import free_port, keys
+from .test_train_dist import keys
 from .tiny import dataset_rows, write_jsonl
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]

@@ -15,11 +15,10 @@ from typing import Any
 
 import kopf
 
-from sftjob_api import GROUP, PLURAL, VERSION
+from sftjob_api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, SpecError, parse_spec
 
 from .. import metrics
 from ..render.names import LABEL_JOB_NAME
-from ..render.phase import TERMINAL
 from ..settings import Settings
 from .kube import Kube, new_api_client
 from .reconcile import Reconciler
@@ -36,14 +35,15 @@ def _snapshot(namespace: str, name: str, jobs_index: Any, pods_index: Any) -> Sn
     return Snapshot(jobs=jobs, pods=pods)
 
 
-def _ttl_pending(
-    spec: Any, status: Any, reconciler: Reconciler, jobs_index: Any, namespace: str, name: str
-) -> bool:
+def _ttl_pending(spec: Any, jobs_index: Any, namespace: str, name: str) -> bool:
     """Whether a finished SFTJob still has TTL clean-up due (or coming)."""
-    ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-    if ttl is None:
+    try:
+        policy = parse_spec(dict(spec)).run_policy
+    except SpecError:
         return False
-    if (spec.get("runPolicy") or {}).get("ttlPolicy") == "DeleteSFTJob":
+    if policy.ttl_seconds_after_finished is None:
+        return False
+    if policy.ttl_policy == "DeleteSFTJob":
         return True
     return (namespace, name) in jobs_index  # DeleteChildren: done once no child Job is left
 
@@ -154,9 +154,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
         **_: Any,
     ) -> None:
         # Progress, stuck detection and TTL are time-based: no watch event announces them.
-        if status.get("phase") in TERMINAL and not _ttl_pending(
-            spec, status, reconciler, sft_jobs, namespace, name
-        ):
+        if status.get("phase") in TERMINAL_PHASES and not _ttl_pending(spec, sft_jobs, namespace, name):
             return  # finished and nothing left to clean up: no API call at all
         try:
             await run(namespace, name, sft_jobs, sft_pods, sft_objects, tick=True)

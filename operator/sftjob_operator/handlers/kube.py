@@ -16,9 +16,6 @@ API verbs used here (the Helm chart's ClusterRole must grant them):
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,10 +45,6 @@ def new_api_client(kubeconfig: str | None, pool_size: int) -> client.ApiClient:
     return client.ApiClient(cfg)
 
 
-def is_status(exc: BaseException, *codes: int) -> bool:
-    return isinstance(exc, ApiException) and exc.status in codes
-
-
 class Kube:
     """Thin, typed-enough wrapper; every call has a request timeout."""
 
@@ -61,8 +54,6 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
-        self.instance = os.environ.get("POD_NAME") or socket.gethostname()
-        self._lock = threading.Lock()
 
     # ---- SFTJobs -------------------------------------------------------------------------------------------
 
