@@ -195,9 +195,13 @@ class Check:
             json.dump(cfg, f, indent=1)
         return path
 
+    def geometry(self) -> dict[str, int]:
+        """Our batch shape: packed rows of `seq` tokens, `global_batch` rows per step, `micro` per forward."""
+        return {"seq": 256, "global_batch": 4, "micro": 2} if self.smoke else {"seq": 2048, "global_batch": 8,
+                                                                            "micro": 4}
+
     def config(self, name: str, method: str, **kw: Any) -> dict[str, Any]:
-        geo = {"seq": 256, "global_batch": 4, "micro": 2} if self.smoke else {"seq": 2048, "global_batch": 8,
-                                                                           "micro": 4}
+        geo = self.geometry()
         return lib.trainer_config(model_dir=self.assets["model_dir"], data=self.assets["data"],
                                   out_root=os.path.join(self.work, name, "out"),
                                   work_dir=os.path.join(self.work, name, "work"), method=method, name=name,
@@ -217,7 +221,7 @@ class Check:
         env = self.res["env"]
         env.update(gpu=self.assets["gpu"], cpus=self.assets["cpus"], versions=self.assets["versions"])
         self.res["model"] = {k: self.assets[k] for k in ("description", "params", "matmul_params", "config")}
-        self.res["peak_tflops"] = round(self.assets["peak_flops"] / 1e12, 1)
+        self.res["peak_tflops"] = float(f"{self.assets['peak_flops'] / 1e12:.4g}")
         self.res["peak_kind"] = self.assets["peak_kind"]
         self.res["setup_seconds"] = self.assets["seconds"]
         return True
@@ -327,11 +331,10 @@ class Check:
                     run["seconds_total"] = r["seconds"]
                 run["mfu"] = lib.mfu(run.get("tokens_per_second"), fpt, self.assets["peak_flops"])
                 self.save()
+        geo = self.geometry()
         part["notes"] = [
-            f"ours: packed rows of <= {self.config('x', 'lora')['dataset']['maxSeqLength']} tokens, "
-            f"{self.config('x', 'lora')['training']['globalBatchSize']} rows per step (micro "
-            f"{self.config('x', 'lora')['training']['microBatchSize']}), shipped one-rank default (ZeRO stage 0), "
-            f"first {warm} steps untimed, {timed} timed",
+            f"ours: packed rows of <= {geo['seq']} tokens, {geo['global_batch']} rows per step (micro "
+            f"{geo['micro']}), shipped one-rank default (ZeRO stage 0), first {warm} steps untimed, {timed} timed",
             f"TRL: SFTTrainer defaults (no packing, padded batches), {' '.join(trl_geo)}, bf16 autocast, "
             f"first {warm} steps untimed, {timed} timed",
             "peak GPU memory: nvidia-smi memory.used of the whole GPU (CUDA context and allocator cache included)",

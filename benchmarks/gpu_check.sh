@@ -58,7 +58,7 @@ if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1 && [[ ${#ARGS[@]} -eq 0 ]]; th
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [[ -d .gpu_assets/src && ${#ARGS[@]} -eq 0 ]]; then
+if [[ -d .gpu_assets/src ]]; then
   ARGS+=(--src .gpu_assets/src --source-note "snapshot of commit $(cat .gpu_assets/src/COMMIT)")
 else
   ARGS+=(--source-note "working tree at $(git rev-parse --short HEAD 2>/dev/null || echo '?') (uncommitted edits included)")

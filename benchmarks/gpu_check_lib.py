@@ -171,8 +171,8 @@ def _mark(ok: Any) -> str:
 
 def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
     """One row per throughput run; ours/TRL ratio against TRL's run of the same method."""
-    rows = ["| run | method | status | real tok/s | MFU | peak GPU mem (GiB) | ours / TRL |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    rows = ["| run | method | status | samples/step | real tok/s | MFU | peak GPU mem (GiB) | ours / TRL |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     trl = {r["method"]: r.get("tokens_per_second") for r in runs if r["impl"] == "trl" and r.get("tokens_per_second")}
     for r in runs:
         tps = r.get("tokens_per_second")
@@ -181,7 +181,8 @@ def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
             ratio = f"{tps / trl[r['method']]:.2f}x"
         mem = r.get("peak_gpu_mem_bytes")
         mfu_v = r.get("mfu")
-        rows.append(f"| {r['name']} | {r['method']} | {r['status']} | {_fmt(tps, ',.0f')} | "
+        rows.append(f"| {r['name']} | {r['method']} | {r['status']} | {_fmt(r.get('samples_per_step'))} | "
+                    f"{_fmt(tps, ',.0f')} | "
                     f"{_fmt(None if mfu_v is None else 100 * mfu_v, '.1f')}{'%' if mfu_v is not None else ''} | "
                     f"{_fmt(None if mem is None else mem / 2**30, '.1f')} | {_fmt(ratio)} |")
     return rows

@@ -92,14 +92,15 @@ def test_markdown_reports_every_part_and_the_failures():
                                        "resume": {"passed": True}},
                      "b_throughput": {"runs": [
                          {"name": "ours_lora", "impl": "ours", "method": "lora", "status": "ok",
-                          "tokens_per_second": 3000.0, "mfu": 0.31, "peak_gpu_mem_bytes": 2**33},
+                          "tokens_per_second": 3000.0, "mfu": 0.31, "peak_gpu_mem_bytes": 2**33,
+                          "samples_per_step": 64.5},
                          {"name": "trl_lora", "impl": "trl", "method": "lora", "status": "ok",
                           "tokens_per_second": 1500.0, "mfu": 0.15},
                          {"name": "trl_qlora", "impl": "trl", "method": "qlora", "status": "timeout"}]}},
            "failures": {"b_trl_qlora": "timeout after 100 s\nTraceback", "a2_resume": None}}
     md = lib.markdown(res)
-    assert "| ours_lora | lora | ok | 3,000 | 31.0% | 8.0 | 2.00x |" in md
-    assert "| trl_qlora | qlora | timeout | - | - | - | - |" in md
+    assert "| ours_lora | lora | ok | 64.5 | 3,000 | 31.0% | 8.0 | 2.00x |" in md
+    assert "| trl_qlora | qlora | timeout | - | - | - | - | - |" in md
     assert "### b_trl_qlora" in md and "a2_resume" not in md
     assert "(c) eval and merge" in md and "not run" in md
 
