@@ -60,24 +60,26 @@ def covered(seen: set[tuple[str, str, bool]], required: tuple[str, str, bool | N
 
 def doc_table() -> dict[tuple[str, str, str], str]:
     """{(phase, reason, stuck column): health} from the table after TABLE_MARK in docs/gitops.md.
-    Columns: phase | reason | Stuck (yes, no, any) | Argo CD health | ... ; '(none)' is an empty status."""
+    Columns: phase(s, comma-separated) | reason (* any) | Stuck (yes, no, any) | Argo CD health | ...;
+    '(none)' is an empty status."""
     lines = DOC.read_text().split(TABLE_MARK, 1)[1].strip().splitlines()
     rows: dict[tuple[str, str, str], str] = {}
     for line in lines[2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
-        phase, reason, stuck_col, health = cells[:4]
-        phase = "" if phase == "(none)" else phase
+        phases, reason, stuck_col, health = cells[:4]
         reason = "" if reason in ("(none)", "") else reason
-        rows[(phase, reason, stuck_col)] = health.strip("*")
+        for phase in phases.split(", "):
+            rows[("" if phase == "(none)" else phase, reason, stuck_col)] = health.strip("*")
     assert rows, f"no health table after {TABLE_MARK} in {DOC}"
     return rows
 
 
 def documented_health(phase: str, reason: str, is_stuck: bool) -> str:
     rows = doc_table()
-    for key in ((phase, reason, "yes" if is_stuck else "no"), (phase, reason, "any"), (phase, "*", "any")):
+    col = "yes" if is_stuck else "no"
+    for key in ((phase, reason, col), (phase, reason, "any"), (phase, "*", col), (phase, "*", "any")):
         if key in rows:
             return rows[key]
     raise AssertionError(f"state {(phase, reason, is_stuck)} is not in the health table of {DOC}")
