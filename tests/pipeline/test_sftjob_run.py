@@ -126,9 +126,9 @@ def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
 
     from trainer.tiny import dataset_rows, write_jsonl
 
+    from sftjob_api.manifest import verify_manifest
+    from sftjob_api.storage import S3Store
     from sftjob_operator.local.embedded_s3 import EmbeddedS3
-    from sftjob_trainer import artifacts
-    from sftjob_trainer.storage import S3Store
 
     write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(60, seed=1))
     write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(6, seed=2))
@@ -144,8 +144,8 @@ def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
     server = EmbeddedS3(str(tmp_path / "s3")).start()  # the data outlives the command
     try:
         store = S3Store("s3://sftjob/runs/local/tiny-run", client=server.client())
-        assert artifacts.exists(store, "manifest.json")
-        assert artifacts.verify_manifest(store) == []
-        assert artifacts.exists(store, "merged/model.safetensors")
+        assert store.exists("manifest.json")
+        assert verify_manifest(store) == []
+        assert store.exists("merged/model.safetensors")
     finally:
         server.stop()

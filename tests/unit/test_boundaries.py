@@ -19,8 +19,17 @@ PACKAGES = {
 FORBIDDEN = {
     "sftjob_operator": {"sftjob_trainer"},
     "sftjob_trainer": {"sftjob_operator", "kopf", "kubernetes"},
-    "sftjob_api": {"sftjob_operator", "sftjob_trainer", "kopf", "kubernetes", "torch", "transformers", "peft",
-                   "deepspeed", "bitsandbytes"},
+    "sftjob_api": {
+        "sftjob_operator",
+        "sftjob_trainer",
+        "kopf",
+        "kubernetes",
+        "torch",
+        "transformers",
+        "peft",
+        "deepspeed",
+        "bitsandbytes",
+    },
 }
 IMPORT_FUNCTIONS = {"import_module", "__import__"}
 
@@ -57,7 +66,9 @@ def test_package_imports_stay_inside_its_boundary(package):
 
 def test_the_check_sees_imports_inside_functions(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text("def f():\n    from sftjob_trainer import model_cache\n    importlib.import_module('torch')\n")
+    f.write_text(
+        "def f():\n    from sftjob_trainer import model_cache\n    importlib.import_module('torch')\n"
+    )
     assert imported_modules(f) == {"sftjob_trainer", "torch"}
 
 

@@ -38,8 +38,8 @@ def set_condition(
     new = Condition(
         type=ctype,
         status=status,
-        reason=reason,
-        message=message,
+        reason=reason[:1024],  # the CRD's bounds: a longer text would fail the whole status write
+        message=message[:32768],
         last_transition_time=now if changed or old is None else old.last_transition_time or now,
         observed_generation=generation,
     )
