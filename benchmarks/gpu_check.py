@@ -296,8 +296,8 @@ class Check:
         part: dict[str, Any] = {"runs": [], "notes": []}
         self.res["parts"]["b_throughput"] = part
         fpt = lib.lora_train_flops_per_token(self.assets["matmul_params"])
-        trl_geo = ["--batch", "4", "--accum", "2", "--max-len", "256"] if self.smoke else \
-            ["--batch", "32", "--accum", "2", "--max-len", "2048"]
+        batch, accum = (4, 2) if self.smoke else (self.a.trl_batch, self.a.trl_accum)
+        trl_geo = ["--batch", str(batch), "--accum", str(accum), "--max-len", str(self.geometry()["seq"])]
         for method in ("lora", "qlora"):
             for impl in ("ours", "trl"):
                 name = f"{impl}_{method}"
@@ -363,6 +363,9 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU (gloo), same code paths")
     ap.add_argument("--budget-s", type=float, default=None, help="total wall-clock budget (390 GPU, 1500 smoke)")
     ap.add_argument("--parts", default="a,c,b")
+    # 64 x 2 = 128 samples per step, close to the ~140 that ours packs into 8 rows of 2048 tokens
+    ap.add_argument("--trl-batch", type=int, default=64, help="TRL per-device batch (samples) on GPU")
+    ap.add_argument("--trl-accum", type=int, default=2, help="TRL gradient accumulation on GPU")
     ap.add_argument("--tokenizer", default=os.path.join(REPO, ".gpu_assets", "tokenizer"))
     ap.add_argument("--src", default=REPO, help="checkout whose operator/ and trainer_image/ are run")
     ap.add_argument("--source-note", default=None, help="what --src is (e.g. the commit it was taken at)")

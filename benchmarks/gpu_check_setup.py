@@ -129,8 +129,8 @@ def build_assets(out: str, smoke: bool, tokenizer_dir: str | None) -> dict:
         "n_rows": len(rows), "params": n_params, "matmul_params": llama_matmul_params(cfg_d),
         "config": {k: cfg_d[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                          "num_attention_heads", "num_key_value_heads", "vocab_size")},
-        "description": (f"randomly initialised Llama, {n_params / 1e9:.3f} B params " if n_params > 1e8 else
-                        f"randomly initialised Llama, {n_params / 1e3:.0f} k params "
+        "description": ((f"randomly initialised Llama, {n_params / 1e9:.3f} B params " if n_params > 1e8 else
+                         f"randomly initialised Llama, {n_params / 1e3:.0f} k params ") +
                         f"(hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
                         f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV, MLP "
                         f"{shape['intermediate_size']}), {tok_name}, saved in {str(dtype).replace('torch.', '')}"),
