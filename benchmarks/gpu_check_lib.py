@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,8 +113,10 @@ def throughput(events: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     steps = [e for e in events if e.get("event") == "step"][warmup:]
     tokens = sum(int(e["tokens"]) for e in steps)
     secs = sum(float(e["step_seconds"]) for e in steps)
+    per_step = [int(e["tokens"]) / float(e["step_seconds"]) for e in steps if float(e["step_seconds"]) > 0]
     return {"timed_steps": len(steps), "tokens": tokens, "seconds": round(secs, 3),
-            "tokens_per_second": round(tokens / secs, 1) if secs > 0 else None}
+            "tokens_per_second": round(tokens / secs, 1) if secs > 0 else None,
+            "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None}
 
 
 def loss_decreased(losses: dict[int, float], min_drop: float = 0.01) -> dict[str, Any]:
@@ -171,8 +174,8 @@ def _mark(ok: Any) -> str:
 
 def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
     """One row per throughput run; ours/TRL ratio against TRL's run of the same method."""
-    rows = ["| run | method | status | samples/step | real tok/s | MFU | peak GPU mem (GiB) | ours / TRL |",
-            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = ["| run | method | status | samples/step | real tok/s | median step tok/s | MFU | peak GPU mem (GiB) "
+            "| ours / TRL |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     trl = {r["method"]: r.get("tokens_per_second") for r in runs if r["impl"] == "trl" and r.get("tokens_per_second")}
     for r in runs:
         tps = r.get("tokens_per_second")
@@ -182,7 +185,7 @@ def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
         mem = r.get("peak_gpu_mem_bytes")
         mfu_v = r.get("mfu")
         rows.append(f"| {r['name']} | {r['method']} | {r['status']} | {_fmt(r.get('samples_per_step'))} | "
-                    f"{_fmt(tps, ',.0f')} | "
+                    f"{_fmt(tps, ',.0f')} | {_fmt(r.get('median_step_tokens_per_second'), ',.0f')} | "
                     f"{_fmt(None if mfu_v is None else 100 * mfu_v, '.1f')}{'%' if mfu_v is not None else ''} | "
                     f"{_fmt(None if mem is None else mem / 2**30, '.1f')} | {_fmt(ratio)} |")
     return rows

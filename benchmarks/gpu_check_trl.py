@@ -12,8 +12,10 @@ step after a CUDA synchronize. Prints `RESULT {...}`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -83,8 +85,11 @@ def main() -> None:
         trainer.train()
     (t0, k0), (t1, k1) = marks[a.warmup - 1], marks[-1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    timed = marks[a.warmup - 1:]
+    per_step = [(kb - ka) / (tb - ta) for (ta, ka), (tb, kb) in itertools.pairwise(timed) if tb > ta]
     res = {"tokens": k1 - k0, "seconds": round(t1 - t0, 3), "timed_steps": len(marks) - a.warmup,
            "tokens_per_second": round((k1 - k0) / (t1 - t0), 1), "losses": losses,
+           "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None,
            "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
            "samples_per_step": a.batch * a.accum}
     print("RESULT " + json.dumps(res), flush=True)

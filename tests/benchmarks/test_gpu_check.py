@@ -61,7 +61,7 @@ def test_events_throughput_and_checks():
     ev = lib.json_events(text)
     assert lib.first(ev, "deepspeed")["zero_stage"] == 3
     assert lib.throughput(ev, warmup=2) == {"timed_steps": 4, "tokens": 4000, "seconds": 2.0,
-                                            "tokens_per_second": 2000.0}
+                                            "tokens_per_second": 2000.0, "median_step_tokens_per_second": 2000.0}
     losses = lib.step_losses(ev)
     assert lib.loss_decreased(losses)["passed"]
     assert not lib.loss_decreased({1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0})["passed"]
@@ -93,14 +93,14 @@ def test_markdown_reports_every_part_and_the_failures():
                      "b_throughput": {"runs": [
                          {"name": "ours_lora", "impl": "ours", "method": "lora", "status": "ok",
                           "tokens_per_second": 3000.0, "mfu": 0.31, "peak_gpu_mem_bytes": 2**33,
-                          "samples_per_step": 64.5},
+                          "samples_per_step": 64.5, "median_step_tokens_per_second": 3100.0},
                          {"name": "trl_lora", "impl": "trl", "method": "lora", "status": "ok",
                           "tokens_per_second": 1500.0, "mfu": 0.15},
                          {"name": "trl_qlora", "impl": "trl", "method": "qlora", "status": "timeout"}]}},
            "failures": {"b_trl_qlora": "timeout after 100 s\nTraceback", "a2_resume": None}}
     md = lib.markdown(res)
-    assert "| ours_lora | lora | ok | 64.5 | 3,000 | 31.0% | 8.0 | 2.00x |" in md
-    assert "| trl_qlora | qlora | timeout | - | - | - | - | - |" in md
+    assert "| ours_lora | lora | ok | 64.5 | 3,000 | 3,100 | 31.0% | 8.0 | 2.00x |" in md
+    assert "| trl_qlora | qlora | timeout | - | - | - | - | - | - |" in md
     assert "### b_trl_qlora" in md and "a2_resume" not in md
     assert "(c) eval and merge" in md and "not run" in md
 
