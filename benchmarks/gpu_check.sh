@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh prepare            # on a networked machine: fills .whl/ and .gpu_assets/
 #   bash benchmarks/gpu_check.sh [OUTDIR] [ARGS]    # on the GPU machine (OUTDIR defaults to $OUT)
-#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR # tiny model on CPU, same code paths (~5 min on 2 cores)
+#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR # tiny model on CPU, same code paths (~5-8 min on 2 cores)
 #
 # `prepare` (needs the trainer stack installed here: trainer_image/install.sh) writes, into folders that
 # .git/info/exclude ignores and the device tool carries:
