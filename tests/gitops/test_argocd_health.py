@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from argocd_lua import ARGOCD_CM_KEY, HEALTH_LUA, health
-from health_table import CAPTURES, REQUIRED_STATES, covered, doc_table, documented_health, state_key
 from lupa.lua51 import LuaError  # each lupa runtime has its own exception classes
 from testbed.helm import CHART, helm
+
+from gitops.argocd_lua import ARGOCD_CM_KEY, HEALTH_LUA, health
+from gitops.health_table import CAPTURES, REQUIRED_STATES, covered, doc_table, documented_health, state_key
 
 CAPTURED: list[dict[str, Any]] = json.loads(CAPTURES.read_text())
 

@@ -18,12 +18,12 @@ import time
 from typing import Any
 
 import pytest
-from argocd_lua import ARGOCD_CM_KEY, HEALTH_LUA, health
-from health_table import CAPTURES, DOC, REQUIRED_STATES, covered, documented_health, state_key, trim
 from sftjob_operator_e2e_fixtures import Operator, apply, pods, sftjob, status
 from testbed.helm import CHART, helm
 from testbed.procs import wait_until
 
+from gitops.argocd_lua import ARGOCD_CM_KEY, HEALTH_LUA, health
+from gitops.health_table import CAPTURES, DOC, REQUIRED_STATES, covered, documented_health, state_key, trim
 from sftjob_api import GROUP, PLURAL, VERSION
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

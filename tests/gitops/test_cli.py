@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from health_table import CAPTURES, state_key
 
+from gitops.health_table import CAPTURES, state_key
 from sftjob_api.manifest import file_entries
 from sftjob_api.storage import LocalStore
 from sftjob_operator.cli import parser

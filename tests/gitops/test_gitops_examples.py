@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import yaml
-from health_table import doc_table
 
+from gitops.health_table import doc_table
 from sftjob_api import API_VERSION, KIND, Reason, parse_sftjob
 
 REPO = Path(__file__).resolve().parents[2]
