@@ -87,6 +87,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             GROUP,
             settings_ours.metrics_port,
         )
+        if not settings_ours.standalone:
+            log.info("peering %r, peering priority %d", settings_ours.peering_name, settings_ours.priority)
 
     settings_ours = settings
     liveness = (

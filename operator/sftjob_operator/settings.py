@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -135,11 +136,24 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         default=_bool(_env(e, "STANDALONE")) or peering_env == "",
         help="no peering (one replica); SFTJOB_PEERING set but empty means the same",
     )
-    p.add_argument("--priority", type=int, default=int(ev("PRIORITY", d.priority)))
+    priority_env = _env(e, "PRIORITY")
+    p.add_argument(
+        "--priority",
+        type=int,
+        default=int(priority_env) if priority_env else None,
+        help="kopf peering priority (env PRIORITY); default: each replica draws its own at start",
+    )
     p.add_argument("--workers", type=int, default=int(ev("WORKERS", d.workers)))
     p.add_argument("--kubeconfig", default=_env(e, "KUBECONFIG"))
     p.add_argument("--log-level", default=ev("LOG_LEVEL", d.log_level))
     return p
+
+
+def draw_priority() -> int:
+    """A peering priority for a replica started without one. kopf pauses *every* replica while two share a
+    priority ("Pausing all operators, including self"), and the chart starts its replicas with the same
+    flags: each draws its own, so exactly one (the highest) is active and the others stand by."""
+    return random.SystemRandom().randint(1, 2**31 - 1)
 
 
 def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -175,7 +189,7 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         peering_name=args.peering_name or Settings.peering_name,
         standalone=args.standalone,
         peering_required=bool(args.peering_name) and not args.standalone,
-        priority=args.priority,
+        priority=args.priority if args.priority is not None else draw_priority(),
         workers=args.workers,
         kubeconfig=args.kubeconfig,
         log_level=args.log_level,

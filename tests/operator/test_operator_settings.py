@@ -47,6 +47,16 @@ def test_flags_and_env() -> None:
         from_args(["--workers", "0"], env={})
 
 
+def test_replicas_started_alike_draw_distinct_peering_priorities() -> None:
+    """kopf pauses every replica while two share a priority; the chart starts its replicas with the same
+    flags, so each must draw its own (found by tests/chaos: two chart-like replicas served nothing)."""
+    env = {"SFTJOB_PEERING": "sftjob-operator"}
+    drawn = {from_args([], env=env).priority for _ in range(20)}
+    assert len(drawn) == 20 and min(drawn) > 0
+    assert from_args(["--priority", "7"], env=env).priority == 7
+    assert from_args([], env={**env, "SFTJOB_PRIORITY": "5"}).priority == 5
+
+
 def test_configure_kopf() -> None:
     ks = kopf.OperatorSettings()
     configure(
