@@ -475,3 +475,13 @@ def test_a_stored_status_with_an_unknown_key_keeps_the_rest() -> None:
     stored = {"phase": "Training", "restarts": 2, "progres": {"step": 1}, "startTime": "2026-01-01T11:00:00Z"}
     prev = parse_status(stored)
     assert prev.phase == Phase.TRAINING and prev.restarts == 2 and prev.start_time is not None
+
+
+def test_goes_back_only_along_the_forward_chain() -> None:
+    """The reconciler re-reads the children from the API before believing a step back (a stale watch cache
+    after a peering pause: tests/chaos saw Evaluating -> Pending)."""
+    assert ph.goes_back(Phase.EVALUATING, Phase.PENDING) and ph.goes_back(Phase.MERGING, Phase.TRAINING)
+    assert not ph.goes_back(Phase.PENDING, Phase.TRAINING) and not ph.goes_back(Phase.TRAINING, Phase.TRAINING)
+    assert not ph.goes_back(None, Phase.PENDING)
+    assert not ph.goes_back(Phase.SUSPENDED, Phase.PENDING)  # resuming starts over from Pending
+    assert not ph.goes_back(Phase.TRAINING, Phase.SUSPENDED) and not ph.goes_back(Phase.MERGING, Phase.FAILED)

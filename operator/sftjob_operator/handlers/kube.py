@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 
 from sftjob_api import GROUP, PLURAL, VERSION, SFTJobStatus
 
+from ..render.names import LABEL_JOB_NAME
 from ..render.status import status_patch
 
 log = logging.getLogger("sftjob_operator.kube")
@@ -128,6 +129,18 @@ class Kube:
                 return False
             raise
         return True
+
+    def list_children(self, namespace: str, sftjob: str) -> tuple[list[Obj], list[Obj]]:
+        """The child Jobs and Pods of one SFTJob as the API has them now (the watch caches may lag)."""
+        selector = f"{LABEL_JOB_NAME}={sftjob}"
+        jobs = self.batch.list_namespaced_job(
+            namespace, label_selector=selector, _request_timeout=self.timeout
+        )
+        pods = self.core.list_namespaced_pod(
+            namespace, label_selector=selector, _request_timeout=self.timeout
+        )
+        plain = self.api.sanitize_for_serialization
+        return [plain(j) for j in jobs.items], [plain(p) for p in pods.items]
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         try:

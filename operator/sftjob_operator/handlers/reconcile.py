@@ -12,6 +12,7 @@ stuck detection), `events` (Events and metrics of a transition), `progress` (the
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import UTC, datetime
 
@@ -32,8 +33,14 @@ from .children import Children, refresh_created
 from .events import record_transition
 from .kube import Kube
 from .progress import read_progress
-from .state import Memo, Obj, Snapshot
+from .state import Memo, Obj, Snapshot, slim_job, slim_pod
 from .terminal import after_terminal
+
+log = logging.getLogger("sftjob_operator.reconcile")
+
+
+class StaleChildren(Exception):
+    """The children in the watch caches decide an earlier phase than the status records (ph.goes_back)."""
 
 
 def eval_loss(status: SFTJobStatus) -> float | None:
@@ -81,13 +88,19 @@ class Reconciler:
         """
         with self.lock(namespace, name):
             body = seen
+            fresh = False  # snap read from the API (not from the watch caches)
             for attempt in range(4):
                 if body is None:
                     body = self.kube.get_sftjob(namespace, name)
                 if body is None or body["metadata"].get("deletionTimestamp"):
                     return None
                 try:
-                    return self._reconcile(body, snap, tick)
+                    return self._reconcile(body, snap, tick, trust_snapshot=fresh)
+                except StaleChildren as e:
+                    log.info("%s/%s: children seen say %s; reading them from the API", namespace, name, e)
+                    jobs, pods = self.kube.list_children(namespace, name)
+                    snap = Snapshot(jobs=[slim_job(j) for j in jobs], pods=[slim_pod(p) for p in pods])
+                    fresh = True
                 except ApiException as e:
                     if e.status == 409 and attempt < 3:
                         body = None  # our view was stale (resourceVersion): read it again
@@ -97,7 +110,7 @@ class Reconciler:
 
     # ---- the body ------------------------------------------------------------------------------------------
 
-    def _reconcile(self, body: Obj, snap: Snapshot, tick: bool) -> str | None:
+    def _reconcile(self, body: Obj, snap: Snapshot, tick: bool, trust_snapshot: bool = False) -> str | None:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
         generation = meta.get("generation")
@@ -170,6 +183,8 @@ class Reconciler:
             eval_gate_exit=outcome.gate_exit,
         )
         decision = ph.next_phase(obs)
+        if not trust_snapshot and ph.goes_back(prev_phase, decision.phase):
+            raise StaleChildren(f"{prev_phase} -> {decision.phase}")  # before acting on the stale view
 
         # Act: the stage Job the decision needs, and suspend state of the live stage Job.
         if spec is not None and spec_error is None and not decision.terminal:

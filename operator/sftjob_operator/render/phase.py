@@ -176,6 +176,19 @@ def next_phase(obs: Observed) -> Decision:
     )
 
 
+_FORWARD = {PENDING: 0, TRAINING: 1, EVALUATING: 2, MERGING: 3}
+
+
+def goes_back(prev: Phase | None, new: Phase) -> bool:
+    """Whether `new` is an earlier step of Pending -> Training -> Evaluating -> Merging than `prev`.
+
+    The status records progress the children proved when it was written; a view of the children that
+    decides an earlier phase is usually stale (another replica wrote the status; this one's watch caches
+    lag), so the reconciler reads the children afresh before it believes it (Kueue preemption or a deleted
+    Job can still move a phase back, and then the fresh read says so too)."""
+    return prev in _FORWARD and new in _FORWARD and _FORWARD[new] < _FORWARD[prev]
+
+
 def active_stage(decision: Decision, obs: Observed) -> Stage | None:
     """The stage whose Job must exist for `decision` (None: no new Job is needed)."""
     if decision.terminal:
