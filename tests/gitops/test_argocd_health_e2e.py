@@ -99,6 +99,23 @@ def _annotate_when_running(kube: Any, namespace: str, name: str, stage: str, cod
     )
 
 
+def _admit_when_queued(kube: Any, namespace: str, name: str, stage: str) -> None:
+    """Once the SFTJob says its `stage` Job waits for Kueue (reason Queued), unsuspend that Job, as Kueue
+    does on admission."""
+    wait_until(
+        lambda: (
+            status(kube, namespace, name).get("reason") == "Queued"
+            and kube.kubectl("get", "job", f"{name}-{stage}", "-n", namespace, check=False).returncode == 0
+        ),
+        90,
+        f"{name} {stage} Job queued",
+        interval=0.3,
+    )
+    kube.kubectl(
+        "patch", "job", f"{name}-{stage}", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
+    )
+
+
 def _runs() -> list[dict[str, Any]]:
     gated = {
         "kwok.sftjob.dev/delay": "1s",
@@ -106,6 +123,8 @@ def _runs() -> list[dict[str, Any]]:
     }
     queued = sftjob("queued", merge={"enabled": False})
     queued["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
+    admitted = sftjob("admitted")  # queued too; the test admits each stage's Job the way Kueue does
+    admitted["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
     local = sftjob("invalid")
     local["spec"]["output"] = {"uri": "./runs"}  # valid for `sftjob run`, refused by the operator
     return [
@@ -128,6 +147,7 @@ def _runs() -> list[dict[str, Any]]:
         ),
         sftjob("paused", suspend=True),
         queued,
+        admitted,
         local,
     ]
 
@@ -143,6 +163,7 @@ FINAL = {
     "stuck": ("Failed", "Stuck"),
     "paused": ("Suspended", "Suspended"),
     "queued": ("Pending", "Queued"),
+    "admitted": ("Succeeded", "Succeeded"),
     "invalid": ("Failed", "InvalidSpec"),
 }
 
@@ -156,6 +177,8 @@ def test_health_of_every_phase_and_failure_reason_captured_from_real_runs(
         apply(kube, namespace, *_runs())
         _annotate_when_running(kube, namespace, "evalfail", "eval", 2)
         _annotate_when_running(kube, namespace, "mergefail", "merge", 2)
+        for stage in ("train", "eval", "merge"):
+            _admit_when_queued(kube, namespace, "admitted", stage)
 
         def settled() -> bool:
             return all(
