@@ -140,6 +140,10 @@ def test_suspend_in_every_stage() -> None:
     assert decide(suspend=True, phase="Succeeded").phase == "Succeeded"
     # resume: the child is still suspended for a moment -> Pending, not Suspended
     assert decide(phase="Suspended", train=job(suspended=True)).phase == "Pending"
+    # ... and while the suspended Job's pods still show Running (tests/chaos saw Suspended -> Training ->
+    # Pending when the watch cache lagged behind the operator's own suspend of the Job)
+    assert decide(phase="Suspended", train=RUNNING, running_train_pods=1).phase == "Pending"
+    assert decide(phase="Pending", train=RUNNING, running_train_pods=1).phase == "Training"
 
 
 def test_kueue_queued() -> None:

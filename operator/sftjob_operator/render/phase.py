@@ -103,6 +103,10 @@ def next_phase(obs: Observed) -> Decision:
             if obs.queued:
                 return Decision(PENDING, Reason.QUEUED, "waiting for Kueue to admit the training Job")
             return Decision(PENDING, Reason.PODS_PENDING, "training Job is suspended")
+        if (obs.running_train_pods > 0 or train.ready > 0) and obs.phase == SUSPENDED:
+            # Just resumed: pods seen Running are the suspended Job's, their deletion not seen yet (the Job's
+            # own suspend may not even be in the watch cache), so not Training yet: Suspended -> Pending.
+            return Decision(PENDING, Reason.PODS_PENDING, "resuming: waiting for trainer pod(s) to start")
         if obs.running_train_pods > 0 or train.ready > 0:
             return Decision(
                 TRAINING,
