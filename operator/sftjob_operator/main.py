@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import kopf
@@ -19,6 +20,17 @@ from .render.names import LABEL_JOB_NAME
 from .settings import Settings, from_args
 
 log = logging.getLogger("sftjob_operator")
+
+
+class RetryForever:
+    """kopf's delays between retries of a failed API request: 1, 1, 2, 3, then every 5 s for as long as it
+    takes. kopf's default (1 ... 21 s, 54 s in all) escalates once spent; and in tests/chaos its long last
+    delays resumed the watches ~35 s after a 30 s apiserver outage had ended. Re-iterable: kopf iterates it
+    afresh for every request."""
+
+    def __iter__(self) -> Iterator[float]:
+        yield from (1.0, 1.0, 2.0, 3.0)
+        yield from itertools.repeat(5.0)
 
 
 def configure(settings: Settings, kopf_settings: kopf.OperatorSettings) -> None:
@@ -35,6 +47,7 @@ def configure(settings: Settings, kopf_settings: kopf.OperatorSettings) -> None:
     kopf_settings.watching.connect_timeout = 10
     kopf_settings.networking.request_timeout = settings.request_timeout
     kopf_settings.networking.connect_timeout = 10
+    kopf_settings.networking.error_backoffs = RetryForever()
     # Only our children travel over the Job and Pod watches (server-side label selectors).
     kopf_settings.watching.label_selectors["batch", "v1", "jobs"] = LABEL_JOB_NAME
     kopf_settings.watching.label_selectors["v1", "pods"] = LABEL_JOB_NAME

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import kopf
 import pytest
 
@@ -66,6 +68,9 @@ def test_configure_kopf() -> None:
     assert ks.persistence.finalizer == "x.dev/f"
     assert ks.watching.server_timeout == 60 and ks.networking.request_timeout == 9
     assert not ks.peering.clusterwide
+    # API errors are retried for as long as the apiserver is away, every 5 s at most (tests/chaos)
+    for _ in range(2):  # kopf iterates it afresh for every request
+        assert list(itertools.islice(ks.networking.error_backoffs, 8)) == [1, 1, 2, 3, 5, 5, 5, 5]
 
 
 def test_instrumented_counts_errors() -> None:
