@@ -18,6 +18,7 @@ REQUIRED_STATES: list[tuple[str, str, bool | None]] = [
     ("Pending", "PodsPending", True),
     ("Pending", "Queued", False),
     ("Training", "PodsRunning", False),
+    ("Training", "Restarting", True),  # a replacement pod that cannot be scheduled
     ("Evaluating", "EvalRunning", False),
     ("Evaluating", "Queued", False),
     ("Merging", "MergeRunning", False),

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 import pytest
-from sftjob_operator_e2e_fixtures import Operator, apply, pods, sftjob, status
+from sftjob_operator_e2e_fixtures import Operator, apply, condition, pods, sftjob, status, wait_phase
 from testbed.helm import CHART, helm
 from testbed.procs import wait_until
 
@@ -76,8 +76,11 @@ class Recorder:
         self.thread.join(10)
 
 
-def _annotate_when_running(kube: Any, namespace: str, name: str, stage: str, code: int) -> None:
-    """Make the `stage` pod of `name` exit with `code` (KWOK reads the annotation; tests/testbed)."""
+def _annotate_when_running(
+    kube: Any, namespace: str, name: str, stage: str, code: int, before: Any = None
+) -> None:
+    """Make the `stage` pod of `name` exit with `code` (KWOK reads the annotation; tests/testbed);
+    `before()` runs once the pod is Running, just before."""
     selector = f"sft.tuning.dev/job-name={name},sft.tuning.dev/stage={stage}"
     pod = wait_until(
         lambda: next(
@@ -87,6 +90,8 @@ def _annotate_when_running(kube: Any, namespace: str, name: str, stage: str, cod
         f"{name} {stage} pod Running",
         interval=0.2,
     )
+    if before is not None:
+        before()
     kube.kubectl(
         "annotate",
         "pod",
@@ -114,6 +119,26 @@ def _admit_when_queued(kube: Any, namespace: str, name: str, stage: str) -> None
     kube.kubectl(
         "patch", "job", f"{name}-{stage}", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}'
     )
+
+
+def _stuck_while_training(kube: Any, namespace: str) -> None:
+    """A replacement trainer pod that cannot start: every node is cordoned when the first pod fails, so the
+    run is Training and Stuck (Unschedulable) until the nodes come back; then it finishes."""
+    apply(kube, namespace, sftjob("restuck", delay="8s", runPolicy={"stuckPendingTimeoutSeconds": 10}))
+    nodes = [n["metadata"]["name"] for n in kube.get_json("nodes")["items"]]
+    try:
+        _annotate_when_running(
+            kube, namespace, "restuck", "train", 1, before=lambda: [kube.kubectl("cordon", n) for n in nodes]
+        )
+        wait_until(
+            lambda: condition(status(kube, namespace, "restuck"), "Stuck").get("status") == "True",
+            60,
+            "restuck Stuck while Training",
+        )
+    finally:
+        for n in nodes:
+            kube.kubectl("uncordon", n)
+    wait_phase(kube, namespace, "restuck", "Succeeded", 90)
 
 
 def _runs() -> list[dict[str, Any]]:
@@ -194,6 +219,7 @@ def test_health_of_every_phase_and_failure_reason_captured_from_real_runs(
                 for n in FINAL
             }
             raise AssertionError(f"final states: {now}\noperator log:\n{operator.log()}") from None
+        _stuck_while_training(kube, namespace)
         time.sleep(1)  # the watch delivers the last writes
     finally:
         recorder.close()
