@@ -12,6 +12,7 @@ import re
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from testbed.procs import Proc, wait_until
@@ -91,6 +92,7 @@ class ApiserverOutage:
         self.at = time.monotonic() + after_s
         self.done: dict[str, float] = {}
         self.last_end = 0.0
+        self.ended_at: datetime | None = None
 
     @property
     def satisfied(self) -> bool:
@@ -100,6 +102,7 @@ class ApiserverOutage:
         if not self.done and time.monotonic() >= self.at:
             self.done = apiserver_outage(self.kube, self.down_s)
             self.last_end = time.monotonic()
+            self.ended_at = datetime.now()  # local wall clock, as in the operator's log lines
 
 
 def apiserver_outage(kube: Any, down_s: float) -> dict[str, float]:

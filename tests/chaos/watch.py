@@ -69,7 +69,7 @@ class Watcher(threading.Thread):
                     resource_version=rv,
                     timeout_seconds=20,
                     allow_watch_bookmarks=True,
-                    _request_timeout=(5, 40),
+                    _request_timeout=(5, 25),  # a watch the apiserver keeps silent (starting) is redialled
                     **self.kw,
                 )
                 for event in stream:
