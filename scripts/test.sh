@@ -12,9 +12,9 @@ step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
 
 step "python packages"
 "$PY" -m pip install -q -c constraints.txt -e '.[dev]'   # constraints.txt: the versions the suite passed with
-PYTHON="$PY" bash trainer_image/install.sh
+PIP_CONSTRAINT=$PWD/constraints.txt PYTHON="$PY" bash trainer_image/install.sh
 
-step "test bed (control plane binaries, prometheus)"
+step "test bed (control plane binaries, the real node, its images, prometheus)"
 bash tests/testbed/provision.sh
 
 step "lint and types"

@@ -10,11 +10,12 @@ GPUs (gpusPerNode: 0, the CPU path), multi-host networking (one node; the pods s
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from testbed.node import NODE_SELECTOR, TOLERATIONS, RealNode
+from testbed.node import BRIDGE, NODE_SELECTOR, POD_SUBNET, ROUTE_TABLE, TOLERATIONS, RealNode
 from testbed.procs import wait_until
 
 from .conftest import S3_SECRET, ChartOperator, PodS3
@@ -114,8 +115,19 @@ def logs(kube: Any, ns: str, pod: str) -> str:
 
 
 def test_pod_traffic_cannot_leave_the_machine(real_node: RealNode) -> None:
-    """Checked by inspecting the configuration, never by sending traffic out."""
-    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0"
+    """Checked by inspecting the configuration, never by sending traffic out: whatever arrives from the bridge
+    and is not for this machine meets an `unreachable` route; the CNI adds no NAT; DNS never forwards."""
+    rules = subprocess.run(["ip", "rule", "show"], capture_output=True, text=True, check=True).stdout
+    assert f"iif {BRIDGE} lookup {ROUTE_TABLE}" in rules, rules
+    out = subprocess.run(["ip", "route", "show", "table", ROUTE_TABLE], capture_output=True, text=True, check=True)
+    table = [line.strip() for line in out.stdout.splitlines()]
+    assert sorted(table) == sorted([f"{POD_SUBNET} dev {BRIDGE} scope link", "unreachable default"]), table
+    route = subprocess.run(
+        ["ip", "route", "get", "192.0.2.1", "from", "10.234.0.77", "iif", BRIDGE],
+        capture_output=True,
+        text=True,
+    )
+    assert route.returncode != 0 and "no route to host" in route.stderr.lower(), (route.stdout, route.stderr)
     conf = json.loads(next((real_node.run_dir / "cni").glob("*.conflist")).read_text())
     bridge = conf["plugins"][0]
     assert (bridge["isGateway"], bridge["ipMasq"]) == (False, False)

@@ -85,8 +85,8 @@ build_kubernetes() { k8s_build "kubernetes-$K8S_VERSION" kube-apiserver kube-con
 build_node() { k8s_build "kubernetes-node-$K8S_VERSION" kubelet kube-proxy; }
 
 # CoreDNS with only the plugins the test bed's Corefile uses (the stock build compiles every cloud SDK).
-build_coredns() {
-  local name=coredns-$COREDNS_VERSION
+build_coredns() {  # keyed by version and by our main.go's content
+  local name=coredns-$COREDNS_VERSION-$(sha256sum "$HERE/node/coredns_main.go" | cut -c1-8)
   done_already "$name" coredns && return 0
   log "building $name"
   local src=$CACHE/src/$name dst=$CACHE/$name/bin
@@ -101,7 +101,7 @@ build_coredns() {
 
 # The pod sandbox ("pause") binary: no image can be pulled here, so the test bed builds its own.
 build_pause() {
-  local name=pause-1
+  local name=pause-$(sha256sum "$HERE/node/pause_main.go" | cut -c1-8)
   done_already "$name" pause && return 0
   local src=$CACHE/src/$name dst=$CACHE/$name/bin
   mkdir -p "$src" "$dst"
@@ -170,8 +170,8 @@ ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
 KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
 HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
 NODE_BIN=$CACHE/kubernetes-node-$K8S_VERSION/bin
-COREDNS_BIN=$CACHE/coredns-$COREDNS_VERSION/bin
-PAUSE_BIN=$CACHE/pause-1/bin
+COREDNS_BIN=$CACHE/coredns-$COREDNS_VERSION-$(sha256sum "$HERE/node/coredns_main.go" | cut -c1-8)/bin
+PAUSE_BIN=$CACHE/pause-$(sha256sum "$HERE/node/pause_main.go" | cut -c1-8)/bin
 EOF
   log "all binaries ready under $CACHE ($((SECONDS - t0)) s)"
 }

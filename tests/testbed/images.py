@@ -15,42 +15,50 @@ HINT = "run `bash tests/testbed/provision.sh` (it builds the images with tests/t
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Image references (tagged by image id) and the archives they were saved to."""
+    """Image references, each tagged by its podman image id."""
 
     operator: str
     trainer: str
     pause: str
-    archives: dict[str, Path]
+
+    def all(self) -> tuple[str, ...]:
+        return (self.pause, self.operator, self.trainer)
 
 
 def image_set() -> ImageSet:
     if not IMAGES_ENV.exists():
         raise RuntimeError(f"node images not built ({IMAGES_ENV} missing): {HINT}")
     env = dict(line.split("=", 1) for line in IMAGES_ENV.read_text().split() if "=" in line)
-    refs = {name: env[f"sftjob_{name}_IMAGE"] for name in ("operator", "trainer", "pause")}
-    archives = {refs[name]: Path(env[f"sftjob_{name}_ARCHIVE"]) for name in refs}
-    missing = [str(p) for p in archives.values() if not p.exists()]
-    if missing:
-        raise RuntimeError(f"node image archives missing: {', '.join(missing)}: {HINT}")
-    return ImageSet(refs["operator"], refs["trainer"], refs["pause"], archives)
+    images = ImageSet(*(env[f"sftjob_{name}_IMAGE"] for name in ("operator", "trainer", "pause")))
+    for ref in images.all():
+        if subprocess.run(["podman", "image", "exists", ref]).returncode != 0:
+            raise RuntimeError(f"image {ref} is not in podman's store: {HINT}")
+    return images
 
 
 def load_into_containerd(ctr: Path, sock: Path, images: ImageSet, logs_dir: Path) -> None:
-    """Import each archive whose tag containerd lacks (its store persists in the cache: once per build)."""
+    """Stream each image containerd lacks from podman (`podman save | ctr images import -`): no archive on
+    disk, and containerd's store persists in the cache, so a build is imported once."""
     base = [str(ctr), f"--address={sock}", "--namespace=k8s.io"]
     present = subprocess.run([*base, "images", "ls", "-q"], capture_output=True, text=True, check=True)
     have = set(present.stdout.split())
+    # Earlier builds of the same images: GBs each, so they go (containerd then collects their layers).
+    wanted = set(images.all())
+    repos = {ref.rsplit(":", 1)[0] for ref in wanted}
+    stale = [ref for ref in have if ref.rsplit(":", 1)[0] in repos and ref not in wanted]
+    if stale:
+        subprocess.run([*base, "images", "rm", *stale], capture_output=True, check=False)
     with open(logs_dir / "containerd-import.log", "a") as log:
-        for ref, archive in images.archives.items():
+        for ref in images.all():
             if ref in have:
                 continue
             t0 = time.monotonic()
-            r = subprocess.run(
-                [*base, "images", "import", str(archive)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=1800,
+            save = subprocess.Popen(
+                ["podman", "save", "--format", "docker-archive", ref], stdout=subprocess.PIPE, stderr=log
             )
-            if r.returncode != 0:
-                raise RuntimeError(f"ctr images import {archive} failed (see {log.name})")
+            r = subprocess.run([*base, "images", "import", "-"], stdin=save.stdout, stdout=log, stderr=log)
+            save.stdout.close()  # type: ignore[union-attr]
+            if save.wait() != 0 or r.returncode != 0:
+                raise RuntimeError(f"importing {ref} into the node's containerd failed (see {log.name})")
             log.write(f"imported {ref} in {time.monotonic() - t0:.0f}s\n")
+            log.flush()

@@ -5,8 +5,9 @@
 #   sftjob-trainer   trainer_image/Dockerfile (the ML stack layer is rebuilt only when install.sh or the
 #                    constraints change: podman's layer cache; the code and model-cache layers when they do)
 #   sftjob-pause     the pod sandbox, from build.sh's static pause binary
-# Each image is tagged by its image id and saved once into $CACHE/images; tests/testbed/images.py imports an
-# archive into the node's containerd only when that tag is missing there. Idempotent: seconds when warm.
+# Each image is tagged by its image id (recorded in $CACHE/images/images.env); tests/testbed/images.py streams
+# an image from podman into the node's containerd only when that tag is missing there (its store persists
+# in the cache). Idempotent: seconds when warm.
 #
 #   bash tests/testbed/images.sh          # (provision.sh runs it)
 set -euo pipefail
@@ -39,24 +40,16 @@ base_image() {
   rm -f "$tar"
 }
 
-# save_tagged NAME REF: tag REF by its image id, save it once, record it in images.env.
-save_tagged() {
-  local name=$1 ref=$2 id tagged archive
+# tag_by_id NAME REF: tag REF by its image id, drop older tags, record it in images.env.
+tag_by_id() {
+  local name=$1 ref=$2 id tagged
   id=$(podman image inspect --format '{{.Id}}' "$ref" | cut -c1-12)
   tagged=localhost/$name:$id
-  archive=$OUT/$name-$id.tar
   podman tag "$ref" "$tagged"
   # Earlier builds' tags (their layers go with the prune below).
   podman images --noheading --format '{{.Repository}}:{{.Tag}}' "localhost/$name" |
     { grep -vE ":(build|$id)\$" || true; } | xargs -r podman rmi --force >/dev/null
-  if [[ ! -f $archive ]]; then
-    log "saving $tagged"
-    rm -f "$OUT/$name"-*.tar  # older builds of this image
-    podman save --quiet --format docker-archive -o "$archive.tmp" "$tagged"
-    mv "$archive.tmp" "$archive"
-  fi
   echo "${name//-/_}_IMAGE=$tagged" >> "$OUT/images.env.tmp"
-  echo "${name//-/_}_ARCHIVE=$archive" >> "$OUT/images.env.tmp"
 }
 
 build() {  # build NAME DOCKERFILE
@@ -65,7 +58,7 @@ build() {  # build NAME DOCKERFILE
   podman build --quiet --network=host "${BUILD_MOUNTS[@]}" --layers \
     --build-arg "BASE_IMAGE=$BASE" -f "$REPO/$dockerfile" -t "localhost/$name:build" "$REPO" >/dev/null
   log "$name built in $((SECONDS - t0)) s"
-  save_tagged "$name" "localhost/$name:build"
+  tag_by_id "$name" "localhost/$name:build"
 }
 
 pause_image() {
@@ -82,7 +75,7 @@ pause_image() {
     buildah commit --quiet "$ctr" localhost/sftjob-pause:build >/dev/null
     buildah rm "$ctr" >/dev/null
   fi
-  save_tagged sftjob-pause localhost/sftjob-pause:build
+  tag_by_id sftjob-pause localhost/sftjob-pause:build
 }
 
 t_all=$SECONDS

@@ -4,8 +4,10 @@ the CNI bridge, and CoreDNS serving cluster.local — so the operator's pods rea
 Addresses (all on this machine): the test bed's own bridge `sftbr0` holds 10.234.0.1, which is the node's
 IP, the pods' gateway and where CoreDNS and the forwarders listen; pods get 10.234.0.10-250 on that bridge.
 Services on loopback that pods need (the apiserver, SeaweedFS) are reached through socat forwarders on the
-node IP. IP forwarding stays off: pod<->pod is layer 2 on the bridge, pod->host and ClusterIP->host-endpoint
-are local delivery, so no packet can be routed off the machine (test_real_node checks the configuration).
+node IP. Pod traffic cannot leave the machine whatever `net.ipv4.ip_forward` says (podman turns it on): a
+policy-routing rule sends everything that arrives from the bridge to a table holding only the pod subnet and
+an `unreachable` default, and local delivery (the node IP, ClusterIPs DNAT'd to it) is decided before that
+rule. pod<->pod is layer 2 on the bridge. test_real_node_e2e checks the configuration.
 
 Needs root, Debian's containerd/runc/CNI plugins/socat (provision.sh), the kubelet, kube-proxy, CoreDNS and
 pause binaries (build.sh) and the images (images.sh). The node is tainted: only pods that tolerate
@@ -31,6 +33,7 @@ from .procs import LOOPBACK, Proc, free_port, wait_until
 
 NODE_NAME = "real-node-0"
 BRIDGE = "sftbr0"
+ROUTE_TABLE = "234"  # policy routing for packets from the bridge: pod subnet or unreachable
 NODE_IP = "10.234.0.1"
 POD_SUBNET = "10.234.0.0/24"
 REAL_NODE_LABEL = "sftjob.dev/real-node"
@@ -116,7 +119,7 @@ class RealNode:
         self._cleanup_runtime()
         kube_proxy = node_binaries()["kube-proxy"]
         _run(str(kube_proxy), "--cleanup", check=False)  # its KUBE-* iptables chains
-        _run("ip", "link", "del", BRIDGE, check=False)
+        self._unconfine()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def forward(self, node_port: int, loopback_port: int) -> str:
@@ -142,15 +145,15 @@ class RealNode:
         return proc
 
     def _network(self) -> None:
-        """The bridge with the node IP. Forwarding must stay off (see the module docstring)."""
-        _run("ip", "link", "del", BRIDGE, check=False)  # a leftover of a killed session
+        """The bridge with the node IP, confined by policy routing (see the module docstring)."""
+        self._cleanup_runtime()  # leftovers of a killed session
+        self._unconfine()
         _run("ip", "link", "add", BRIDGE, "type", "bridge")
         _run("ip", "addr", "add", f"{NODE_IP}/24", "dev", BRIDGE)
         _run("ip", "link", "set", BRIDGE, "up")
-        if Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() != "0":
-            raise RuntimeError(
-                "net.ipv4.ip_forward is on: the real node needs it off (pods must not route out)"
-            )
+        _run("ip", "route", "add", POD_SUBNET, "dev", BRIDGE, "table", ROUTE_TABLE)
+        _run("ip", "route", "add", "unreachable", "default", "table", ROUTE_TABLE)
+        _run("ip", "rule", "add", "iif", BRIDGE, "lookup", ROUTE_TABLE, "priority", "100")
         conf = self.run_dir / "cni"
         conf.mkdir(exist_ok=True)
         # isGateway false + our own route: the plugin then neither enables forwarding nor adds NAT.
@@ -189,6 +192,11 @@ class RealNode:
                 indent=1,
             )
         )
+
+    def _unconfine(self) -> None:
+        _run("ip", "rule", "del", "iif", BRIDGE, "lookup", ROUTE_TABLE, check=False)
+        _run("ip", "route", "flush", "table", ROUTE_TABLE, check=False)
+        _run("ip", "link", "del", BRIDGE, check=False)
 
     def _kubernetes_endpoints(self) -> None:
         """The `kubernetes` Service's endpoint (the apiserver runs with --endpoint-reconciler-type=none):
@@ -251,12 +259,28 @@ state = "{self.run_dir / "containerd-state"}"
         return _run(str(bins["ctr"]), f"--address={self.sock}", "--namespace=k8s.io", *args, check=False)
 
     def _cleanup_runtime(self) -> None:
-        """Stop what the kubelet left running (containerd-shim processes outlive containerd)."""
-        _run("pkill", "-f", f"containerd-shim.*{self.sock}", check=False)
+        """Remove every container, shim, pod network namespace and mount of this node and of any earlier
+        session that died without stopping its node (its shims and containers outlive it)."""
+        runc_root = "/run/containerd/runc/k8s.io"  # containerd's runc v2 shims keep their state here
+        listed = _run("runc", f"--root={runc_root}", "list", "-q", check=False).stdout.split()
+        for container in listed:
+            _run("runc", f"--root={runc_root}", "delete", "--force", container, check=False)
+        _run(
+            "pkill",
+            "-f",
+            "containerd-shim-runc-v2 -namespace k8s.io .*-address /run/sftjob-testbed-",
+            check=False,
+        )
+        for netns in _run("ip", "netns", "list", check=False).stdout.split():
+            if netns.startswith("cni-"):
+                _run("ip", "netns", "delete", netns, check=False)
         for mount in reversed(Path("/proc/mounts").read_text().splitlines()):
             point = mount.split()[1]
-            if point.startswith((str(self.run_dir), str(self.work))):
+            if point.startswith(("/run/sftjob-testbed-", str(self.work))):
                 _run("umount", "-l", point, check=False)
+        for stale in Path("/run").glob("sftjob-testbed-*"):
+            if stale != self.run_dir:
+                shutil.rmtree(stale, ignore_errors=True)
 
     def _coredns(self, bins: dict[str, Path], timeout: float) -> None:
         health, ready = free_port(), free_port()

@@ -5,6 +5,7 @@ import (
 	"github.com/coredns/coredns/core/dnsserver"
 	"github.com/coredns/coredns/coremain"
 
+	_ "github.com/coredns/coredns/plugin/bind"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/health"
 	_ "github.com/coredns/coredns/plugin/kubernetes"
@@ -13,9 +14,9 @@ import (
 	_ "github.com/coredns/coredns/plugin/template"
 )
 
-// The order plugins run in, as in CoreDNS's plugin.cfg.
+// The order plugins run in: that of CoreDNS's plugin.cfg.
 func init() {
-	dnsserver.Directives = []string{"errors", "log", "health", "ready", "kubernetes", "template"}
+	dnsserver.Directives = []string{"bind", "ready", "health", "errors", "log", "template", "kubernetes"}
 }
 
 func main() { coremain.Run() }
