@@ -147,6 +147,10 @@ def test_retryable_exit_code_is_retried_then_succeeds(
     st = wait_phase(kube, namespace, "retry", ("Succeeded", "Failed"), 90, operator)
     assert st["phase"] == "Succeeded", st
     assert st["restarts"] == 1
+    # a run that only trains: the manifest it advertises is the train stage's; no eval or merged output
+    arts = st["artifacts"]
+    assert arts["manifest"] == f"s3://artifacts/sft/{namespace}/retry/manifest.json"
+    assert "eval" not in arts and "merged" not in arts, arts
     train = kube.get_json("job", "retry-train", "-n", namespace)
     assert train["status"]["failed"] == 1 and train["status"]["succeeded"] == 1
     assert any(e["reason"] == "TrainerRestarted" for e in events(kube, namespace, "retry"))
