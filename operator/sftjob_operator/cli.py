@@ -1,10 +1,10 @@
 """The `sftjob` command.
 
-    sftjob run SPEC.yaml [--output DIR] [--embedded-s3] [--fresh]   the pipeline on this machine
-    sftjob model prepare NAME [--force]                              fill the local model cache
-    sftjob model list                                                known and prepared models
-    sftjob operator [flags]                                          the Kubernetes operator
-    sftjob status|logs|artifacts NAME [-n NS]                        a run in the cluster (cluster_cli.py)
+sftjob run SPEC.yaml [--output DIR] [--embedded-s3] [--fresh]   the pipeline on this machine
+sftjob model prepare NAME [--force]                              fill the local model cache
+sftjob model list                                                known and prepared models
+sftjob operator [flags]                                          the Kubernetes operator
+sftjob status|logs|artifacts NAME [-n NS]                        a run in the cluster (cluster_cli.py)
 """
 
 from __future__ import annotations
@@ -20,8 +20,11 @@ from .cluster_cli import add_commands as add_cluster_commands
 def _run(a: argparse.Namespace) -> int:
     from .local.runner import Options, run
 
-    return run(Options(spec_path=a.spec, output=a.output, embedded_s3=a.embedded_s3, work_dir=a.work_dir,
-                       fresh=a.fresh))
+    return run(
+        Options(
+            spec_path=a.spec, output=a.output, embedded_s3=a.embedded_s3, work_dir=a.work_dir, fresh=a.fresh
+        )
+    )
 
 
 def _model(a: argparse.Namespace) -> int:
@@ -37,13 +40,18 @@ def _operator(argv: Sequence[str]) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sftjob", description="Supervised fine-tuning jobs, on Kubernetes or here.")
+    p = argparse.ArgumentParser(
+        prog="sftjob", description="Supervised fine-tuning jobs, on Kubernetes or here."
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run an SFTJob manifest on this machine: train -> eval -> merge")
     r.add_argument("spec", help="SFTJob YAML (the same file you would kubectl apply)")
     r.add_argument("--output", help="local directory for artifacts (overrides spec.output.uri)")
-    r.add_argument("--embedded-s3", action="store_true",
-                   help="start a local SeaweedFS S3 server and write the artifacts there")
+    r.add_argument(
+        "--embedded-s3",
+        action="store_true",
+        help="start a local SeaweedFS S3 server and write the artifacts there",
+    )
     r.add_argument("--work-dir", help="logs, rendered config, staging (default ~/.cache/sftjob/runs/NS/NAME)")
     r.add_argument("--fresh", action="store_true", help="delete this run's earlier artifacts and start over")
     r.set_defaults(func=_run)
@@ -54,7 +62,9 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--force", action="store_true", help="rebuild even if present")
     msub.add_parser("list", help="known models and where they are")
     m.set_defaults(func=_model)
-    sub.add_parser("operator", help="run the Kubernetes operator (flags: sftjob operator --help)", add_help=False)
+    sub.add_parser(
+        "operator", help="run the Kubernetes operator (flags: sftjob operator --help)", add_help=False
+    )
     add_cluster_commands(sub)
     return p
 

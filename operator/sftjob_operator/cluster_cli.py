@@ -43,7 +43,9 @@ class Cluster:
             raise CliError(f"cannot load the kubeconfig: {e}") from None
         ctx = next((c for c in contexts if c["name"] == context), active) if context else active
         self.namespace = namespace or (ctx.get("context") or {}).get("namespace") or "default"
-        self.core: Any = client.CoreV1Api(api)  # its models are Optional everywhere: read as the API returns them
+        self.core: Any = client.CoreV1Api(
+            api
+        )  # its models are Optional everywhere: read as the API returns them
         self.custom: Any = client.CustomObjectsApi(api)
 
     def sftjob(self, name: str) -> Obj:

@@ -41,8 +41,17 @@ def test_trainer_configs_are_valid_for_the_trainer(tmp_path):
     from sftjob_trainer.config import parse_config
     from sftjob_trainer.speed import effective_zero_stage
 
-    kw = dict(model_dir=str(tmp_path), data=str(tmp_path / "d.jsonl"), out_root=str(tmp_path / "o"),
-              work_dir=str(tmp_path / "w"), steps=4, seq=256, global_batch=4, micro=2, lr=1e-3)
+    kw = dict(
+        model_dir=str(tmp_path),
+        data=str(tmp_path / "d.jsonl"),
+        out_root=str(tmp_path / "o"),
+        work_dir=str(tmp_path / "w"),
+        steps=4,
+        seq=256,
+        global_batch=4,
+        micro=2,
+        lr=1e-3,
+    )
     q = parse_config(lib.trainer_config(method="qlora", zero3=True, checkpoint_steps=2, **kw))
     assert q.method.quantization.compute_dtype == "bfloat16"
     ds = q.resources.deepspeed
@@ -53,15 +62,26 @@ def test_trainer_configs_are_valid_for_the_trainer(tmp_path):
 
 
 def test_events_throughput_and_checks():
-    text = "\n".join([
-        "noise", json.dumps({"event": "deepspeed", "zero_stage": 3}),
-        *[json.dumps({"event": "step", "step": i, "loss": 10 - i, "tokens": 1000, "step_seconds": 0.5})
-          for i in range(1, 7)],
-        '{"event": "step", broken'])
+    text = "\n".join(
+        [
+            "noise",
+            json.dumps({"event": "deepspeed", "zero_stage": 3}),
+            *[
+                json.dumps({"event": "step", "step": i, "loss": 10 - i, "tokens": 1000, "step_seconds": 0.5})
+                for i in range(1, 7)
+            ],
+            '{"event": "step", broken',
+        ]
+    )
     ev = lib.json_events(text)
     assert lib.first(ev, "deepspeed")["zero_stage"] == 3
-    assert lib.throughput(ev, warmup=2) == {"timed_steps": 4, "tokens": 4000, "seconds": 2.0,
-                                            "tokens_per_second": 2000.0, "median_step_tokens_per_second": 2000.0}
+    assert lib.throughput(ev, warmup=2) == {
+        "timed_steps": 4,
+        "tokens": 4000,
+        "seconds": 2.0,
+        "tokens_per_second": 2000.0,
+        "median_step_tokens_per_second": 2000.0,
+    }
     losses = lib.step_losses(ev)
     assert lib.loss_decreased(losses)["passed"]
     assert not lib.loss_decreased({1: 5.0, 2: 5.0, 3: 5.0, 4: 5.0})["passed"]
@@ -77,8 +97,15 @@ def test_matmul_params_match_a_real_llama():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert lib.llama_matmul_params(cfg.to_dict()) == linear
@@ -87,17 +114,46 @@ def test_matmul_params_match_a_real_llama():
 
 
 def test_markdown_reports_every_part_and_the_failures():
-    res = {"mode": "gpu", "date": "2026-11-30", "command": "x", "env": {"gpu": "H200"}, "peak_tflops": 780.0,
-           "parts": {"a_qlora_zero3": {"status": "ok", "zero_stage": 3, "loss": {"passed": True},
-                                       "resume": {"passed": True}},
-                     "b_throughput": {"runs": [
-                         {"name": "ours_lora", "impl": "ours", "method": "lora", "status": "ok",
-                          "tokens_per_second": 3000.0, "mfu": 0.31, "peak_gpu_mem_bytes": 2**33,
-                          "samples_per_step": 64.5, "median_step_tokens_per_second": 3100.0},
-                         {"name": "trl_lora", "impl": "trl", "method": "lora", "status": "ok",
-                          "tokens_per_second": 1500.0, "mfu": 0.15},
-                         {"name": "trl_qlora", "impl": "trl", "method": "qlora", "status": "timeout"}]}},
-           "failures": {"b_trl_qlora": "timeout after 100 s\nTraceback", "a2_resume": None}}
+    res = {
+        "mode": "gpu",
+        "date": "2026-11-30",
+        "command": "x",
+        "env": {"gpu": "H200"},
+        "peak_tflops": 780.0,
+        "parts": {
+            "a_qlora_zero3": {
+                "status": "ok",
+                "zero_stage": 3,
+                "loss": {"passed": True},
+                "resume": {"passed": True},
+            },
+            "b_throughput": {
+                "runs": [
+                    {
+                        "name": "ours_lora",
+                        "impl": "ours",
+                        "method": "lora",
+                        "status": "ok",
+                        "tokens_per_second": 3000.0,
+                        "mfu": 0.31,
+                        "peak_gpu_mem_bytes": 2**33,
+                        "samples_per_step": 64.5,
+                        "median_step_tokens_per_second": 3100.0,
+                    },
+                    {
+                        "name": "trl_lora",
+                        "impl": "trl",
+                        "method": "lora",
+                        "status": "ok",
+                        "tokens_per_second": 1500.0,
+                        "mfu": 0.15,
+                    },
+                    {"name": "trl_qlora", "impl": "trl", "method": "qlora", "status": "timeout"},
+                ]
+            },
+        },
+        "failures": {"b_trl_qlora": "timeout after 100 s\nTraceback", "a2_resume": None},
+    }
     md = lib.markdown(res)
     assert "| ours_lora | lora | ok | 64.5 | 3,000 | 3,100 | 31.0% | 8.0 | 2.00x |" in md
     assert "| trl_qlora | qlora | timeout | - | - | - | - | - | - |" in md
@@ -106,8 +162,10 @@ def test_markdown_reports_every_part_and_the_failures():
 
 
 def test_a_step_past_its_box_is_killed_with_its_children_and_recorded(tmp_path):
-    code = ("import subprocess, sys, time; print('started', flush=True); "
-            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
+    code = (
+        "import subprocess, sys, time; print('started', flush=True); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
     with open(tmp_path / "log", "w") as log:
         r = gpu_check.run_step("sleepy", [sys.executable, "-c", code], dict(os.environ), 3, log)
     assert r["timed_out"] and r["stdout"] == "started\n"

@@ -119,7 +119,9 @@ def test_pod_traffic_cannot_leave_the_machine(real_node: RealNode) -> None:
     and is not for this machine meets an `unreachable` route; the CNI adds no NAT; DNS never forwards."""
     rules = subprocess.run(["ip", "rule", "show"], capture_output=True, text=True, check=True).stdout
     assert f"iif {BRIDGE} lookup {ROUTE_TABLE}" in rules, rules
-    out = subprocess.run(["ip", "route", "show", "table", ROUTE_TABLE], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ip", "route", "show", "table", ROUTE_TABLE], capture_output=True, text=True, check=True
+    )
     table = [line.strip() for line in out.stdout.splitlines()]
     assert sorted(table) == sorted([f"{POD_SUBNET} dev {BRIDGE} scope link", "unreachable default"]), table
     route = subprocess.run(

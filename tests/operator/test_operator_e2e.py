@@ -354,7 +354,10 @@ def test_eval_gate_failed_from_reported_results(sftjob_crd: Any, namespace: str,
     """The eval pod reports its results as a JSON termination message (KWOK sets it from an annotation);
     the operator records them and, with a gate that does not hold, ends Failed/EvalGateFailed without merging."""
     kube = sftjob_crd
-    annotations = {"kwok.sftjob.dev/delay": "1s", "kwok.sftjob.dev/message": json.dumps({"evalResults": {"evalLoss": 1.25}})}
+    annotations = {
+        "kwok.sftjob.dev/delay": "1s",
+        "kwok.sftjob.dev/message": json.dumps({"evalResults": {"evalLoss": 1.25}}),
+    }
     apply(
         kube,
         namespace,

@@ -71,7 +71,10 @@ def test_every_dashboard_panel_returns_data(
     prometheus.add_target("sftjob-trainer", f"127.0.0.1:{trainer_port}")
 
     # The eval pod "writes" its results to its termination message, as the real eval stage does.
-    annotations = {"kwok.sftjob.dev/delay": "2s", "kwok.sftjob.dev/message": json.dumps({"evalResults": {"evalLoss": 1.25}})}
+    annotations = {
+        "kwok.sftjob.dev/delay": "2s",
+        "kwok.sftjob.dev/message": json.dumps({"evalResults": {"evalLoss": 1.25}}),
+    }
     apply(sftjob_crd, namespace, sftjob("obs", resources={"gpusPerNode": 1, "podAnnotations": annotations}))
     assert (
         wait_phase(sftjob_crd, namespace, "obs", ("Succeeded", "Failed"), timeout=120, op=op)["phase"]

@@ -175,7 +175,9 @@ def test_gates() -> None:
     assert EvalGates(max_eval_loss=3.0, min_rouge_l=0.2).failures(res) == []
     f = EvalGates(max_eval_loss=2.0, min_rouge_l=0.35, min_exact_match=0.5).failures(res)
     assert f == ["maxEvalLoss: 2.5 > 2", "minRougeL: 0.3 < 0.35"]
-    assert EvalGates(max_perplexity=5).failures(EvalResults()) == ["maxPerplexity: perplexity was not computed"]
+    assert EvalGates(max_perplexity=5).failures(EvalResults()) == [
+        "maxPerplexity: perplexity was not computed"
+    ]
 
 
 # ---- observe ----------------------------------------------------------------------------------------------
@@ -258,7 +260,9 @@ def test_observe_pod() -> None:
 
 def test_eval_results_from_termination_message() -> None:
     msg = '{"evalResults": {"evalLoss": 1.5, "perplexity": 4.48, "rougeL": 0.4, "gatesPassed": true}}'
-    assert parse_eval_results(msg) == EvalResults(eval_loss=1.5, perplexity=4.48, rouge_l=0.4, gates_passed=True)
+    assert parse_eval_results(msg) == EvalResults(
+        eval_loss=1.5, perplexity=4.48, rouge_l=0.4, gates_passed=True
+    )
     assert parse_eval_results('log line\n{"evalResults": {"evalLoss": 2}}') == EvalResults(eval_loss=2.0)
     assert parse_eval_results('{"evalResults": {"evalLos": 2}}') is None  # a misspelled key is refused
     assert parse_eval_results("Traceback ...") is None
@@ -485,7 +489,9 @@ def test_goes_back_only_along_the_forward_chain() -> None:
     """The reconciler re-reads the children from the API before believing a step back (a stale watch cache
     after a peering pause: tests/chaos saw Evaluating -> Pending)."""
     assert ph.goes_back(Phase.EVALUATING, Phase.PENDING) and ph.goes_back(Phase.MERGING, Phase.TRAINING)
-    assert not ph.goes_back(Phase.PENDING, Phase.TRAINING) and not ph.goes_back(Phase.TRAINING, Phase.TRAINING)
+    assert not ph.goes_back(Phase.PENDING, Phase.TRAINING) and not ph.goes_back(
+        Phase.TRAINING, Phase.TRAINING
+    )
     assert not ph.goes_back(None, Phase.PENDING)
     assert not ph.goes_back(Phase.SUSPENDED, Phase.PENDING)  # resuming starts over from Pending
     assert not ph.goes_back(Phase.TRAINING, Phase.SUSPENDED) and not ph.goes_back(Phase.MERGING, Phase.FAILED)

@@ -265,9 +265,7 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["resources"] = {"gpusPerNode": 0}
     spec = parse_spec(doc["spec"])
-    c = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]["containers"][
-        0
-    ]
+    c = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
     assert "--nproc-per-node=1" in c["command"]
     assert c["command"][3] == "launch"

@@ -19,8 +19,10 @@ def make_adapter(model_dir: str, out_dir: str, seed: int = 1, std: float = 0.05)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    pm = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     for n, p in pm.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=std)
@@ -34,14 +36,24 @@ def tiny_adapter_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFacto
     return make_adapter(tiny_model_dir, str(tmp_path_factory.mktemp("tiny-adapter")))
 
 
-def stage_config(model_dir: str, output_root: str, work_dir: str, train: str, eval_file: str | None = None,
-                 **sections: object) -> dict:
+def stage_config(
+    model_dir: str,
+    output_root: str,
+    work_dir: str,
+    train: str,
+    eval_file: str | None = None,
+    **sections: object,
+) -> dict:
     """A trainer config for the eval/merge stages (same shape as the operator renders)."""
     cfg: dict = {
         "run": {"namespace": "test", "name": "tiny", "outputRoot": output_root},
         "model": {"uri": model_dir},
-        "dataset": {"train": [train], "format": "alpaca", "maxSeqLength": 128,
-                    **({"eval": [eval_file]} if eval_file else {})},
+        "dataset": {
+            "train": [train],
+            "format": "alpaca",
+            "maxSeqLength": 128,
+            **({"eval": [eval_file]} if eval_file else {}),
+        },
         "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         "training": {"maxSteps": 4, "globalBatchSize": 4, "microBatchSize": 2},
         "output": {"uri": output_root},

@@ -18,8 +18,17 @@ def fill(store: S3Store, tmp_path) -> None:
     store.put_bytes(b"step 4 state", "checkpoints/step-4/mp_rank_00_model_states.pt")
     store.put_bytes(b'{"step": 4}', "checkpoints/step-4/COMPLETE")
     store.put_bytes(json.dumps({"steps": 4, "final_loss": 1.5, "tokens": 999}).encode(), "train/summary.json")
-    store.put_bytes(json.dumps({"base": {"eval_loss": 3.0}, "trained": {"eval_loss": 2.0},
-                                "gates_passed": True, "failed_gates": []}).encode(), "eval/results.json")
+    store.put_bytes(
+        json.dumps(
+            {
+                "base": {"eval_loss": 3.0},
+                "trained": {"eval_loss": 2.0},
+                "gates_passed": True,
+                "failed_gates": [],
+            }
+        ).encode(),
+        "eval/results.json",
+    )
     store.put_bytes(b"", "eval/empty.txt")
 
 
@@ -32,7 +41,7 @@ def test_manifest_checksums_match_s3_contents(s3, tmp_path):
 
     client = s3.client()
     objs = client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix + "/")["Contents"]
-    by_key = {o["Key"][len(prefix) + 1:]: o for o in objs}
+    by_key = {o["Key"][len(prefix) + 1 :]: o for o in objs}
     assert Layout.MANIFEST in by_key
     listed = {f["path"]: f for f in doc["files"]}
     assert set(listed) == set(by_key) - {Layout.MANIFEST}
@@ -48,8 +57,12 @@ def test_manifest_checksums_match_s3_contents(s3, tmp_path):
     assert stored["metrics"]["train"] == {"steps": 4, "final_loss": 1.5, "tokens": 999}
     assert stored["metrics"]["eval"] == {"eval_loss": 2.0}
     assert stored["config"] == {"model": {"uri": "m"}} and "torch" in stored["versions"]
-    assert stored["layout"] == {"checkpoints": "checkpoints/", "adapter": "adapter/", "train": "train/",
-                                "eval": "eval/"}
+    assert stored["layout"] == {
+        "checkpoints": "checkpoints/",
+        "adapter": "adapter/",
+        "train": "train/",
+        "eval": "eval/",
+    }
 
 
 def test_verify_manifest_detects_a_changed_object(s3, tmp_path):

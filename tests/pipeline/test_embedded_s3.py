@@ -20,7 +20,11 @@ def test_embedded_s3_persists_across_restarts(tmp_path):
     again = EmbeddedS3(str(tmp_path / "s3")).start()
     try:
         assert again.access_key == first_key  # credentials are kept with the data
-        body = again.client().get_object(Bucket="sftjob", Key="runs/a/checkpoints/step-2/COMPLETE")["Body"].read()
+        body = (
+            again.client()
+            .get_object(Bucket="sftjob", Key="runs/a/checkpoints/step-2/COMPLETE")["Body"]
+            .read()
+        )
         assert body == b"{}"
     finally:
         again.stop()

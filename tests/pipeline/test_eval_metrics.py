@@ -19,7 +19,9 @@ from sftjob_trainer.eval_metrics import (
 
 def test_normalize_drops_case_punctuation_and_spacing():
     assert normalize('{"Last_Name":  "Kim",\n "age": 67}') == "last name kim age 67"
-    assert normalize("  \uff28\uff45\uff4c\uff4c\uff4f,   World! ") == "hello world"  # NFKC folds full-width letters
+    assert (
+        normalize("  \uff28\uff45\uff4c\uff4c\uff4f,   World! ") == "hello world"
+    )  # NFKC folds full-width letters
 
 
 def test_exact_match_is_normalised_but_not_lenient():
@@ -54,4 +56,6 @@ def test_gates():
     assert EvalGates(max_eval_loss=1.5, min_rouge_l=0.5).failures(res) == []
     failed = EvalGates(max_eval_loss=1.0, min_exact_match=0.3, max_perplexity=4.0).failures(res)
     assert failed == ["maxEvalLoss: 1.2 > 1", "minExactMatch: 0.25 < 0.3"]
-    assert EvalGates(min_rouge_l=0.1).failures(EvalMetrics(eval_loss=1.0)) == ["minRougeL: rougeL was not computed"]
+    assert EvalGates(min_rouge_l=0.1).failures(EvalMetrics(eval_loss=1.0)) == [
+        "minRougeL: rougeL was not computed"
+    ]

@@ -39,10 +39,15 @@ def greedy(model, tok, ids: list[int], n: int) -> str:
     import torch
 
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False, use_cache=True,
-                             eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
-                             pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
+            pad_token_id=tok.pad_token_id,
+        )
+    return tok.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def mean_answer_loss(model, tok, rows) -> float:
@@ -56,8 +61,8 @@ def mean_answer_loss(model, tok, rows) -> float:
             p, full = chat(tok, r, None), chat(tok, r, r["output"])
             assert full[: len(p)] == p
             logits = model(input_ids=torch.tensor([full])).logits[0]
-            tgt = torch.tensor(full[len(p):])
-            total += float(F.cross_entropy(logits[len(p) - 1: len(full) - 1].float(), tgt, reduction="sum"))
+            tgt = torch.tensor(full[len(p) :])
+            total += float(F.cross_entropy(logits[len(p) - 1 : len(full) - 1].float(), tgt, reduction="sum"))
             count += len(tgt)
     return total / count
 
@@ -75,7 +80,9 @@ def eval_setup(tiny_model_dir, tiny_adapter_dir, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(tiny_adapter_dir, out / "adapter")
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_adapter_dir).eval()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_adapter_dir
+    ).eval()
     rows = unique_rows(16, seed=11)
     planted = 0
     for i, r in enumerate(rows):
@@ -135,10 +142,20 @@ def test_failed_gate_exits_with_eval_gate_failed(eval_setup, tmp_path):
     cfg["eval"] = {**cfg["eval"], "gates": {"minExactMatch": 0.99, "maxEvalLoss": 100.0}}
     path = write_json(str(tmp_path / "gate.json"), cfg)
     term = tmp_path / "termination-log"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "SFTJOB_TERMINATION_LOG": str(term)}
-    proc = subprocess.run([sys.executable, "-m", "sftjob_trainer", "eval", "--config", path], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "SFTJOB_TERMINATION_LOG": str(term),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "sftjob_trainer", "eval", "--config", path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == ExitCode.EVAL_GATE_FAILED == 3, proc.stderr[-3000:]
     root = cfg["run"]["outputRoot"]
     with open(os.path.join(root, "eval", "results.json")) as f:

@@ -38,20 +38,31 @@ def test_merge_stage_output_matches_base_plus_adapter(tiny_model_dir, tiny_adapt
 
     merged_dir = out / "merged"
     names = set(os.listdir(merged_dir))
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-            "verification.json"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "verification.json",
+    } <= names
     assert not any(n.startswith("adapter") for n in names)  # a plain model, no peft files
 
     # independent check on inputs the stage never saw
     torch.manual_seed(0)
     ids = torch.randint(5, 300, (3, 24))
-    ref = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_adapter_dir)
-                 .eval(), ids)
+    ref = logits(
+        PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_adapter_dir
+        ).eval(),
+        ids,
+    )
     base = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), ids)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
     assert merged.dtype == getattr(torch, dtype)
     got = logits(merged.eval(), ids)
-    assert (ref - base).abs().max() > 1e-2  # the adapter changes the outputs, so the comparison means something
+    assert (
+        ref - base
+    ).abs().max() > 1e-2  # the adapter changes the outputs, so the comparison means something
     if dtype == "float32":
         assert (got - ref).abs().max() < 1e-4
     else:

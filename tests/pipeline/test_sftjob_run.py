@@ -19,14 +19,26 @@ CLI = [sys.executable, "-m", "sftjob_operator.cli"]
 
 def spec_doc(model_dir: str, **over: object) -> dict:
     doc = {
-        "apiVersion": "sft.tuning.dev/v1alpha1", "kind": "SFTJob", "metadata": {"name": "tiny-run"},
+        "apiVersion": "sft.tuning.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": "tiny-run"},
         "spec": {
             "model": {"uri": model_dir},
-            "dataset": {"train": ["./train.jsonl"], "eval": ["./eval.jsonl"], "format": "alpaca",
-                        "maxSeqLength": 96},
+            "dataset": {
+                "train": ["./train.jsonl"],
+                "eval": ["./eval.jsonl"],
+                "format": "alpaca",
+                "maxSeqLength": 96,
+            },
             "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-            "training": {"maxSteps": 16, "learningRate": 3e-3, "globalBatchSize": 4, "microBatchSize": 2,
-                         "gradientCheckpointing": False, "checkpointSteps": 4},
+            "training": {
+                "maxSteps": 16,
+                "learningRate": 3e-3,
+                "globalBatchSize": 4,
+                "microBatchSize": 2,
+                "gradientCheckpointing": False,
+                "checkpointSteps": 4,
+            },
             "resources": {"nodes": 1, "gpusPerNode": 0, "deepspeed": {"zeroStage": 0}},
             "output": {"uri": "./runs"},
             "eval": {"maxSamples": 8, "maxNewTokens": 8},
@@ -42,16 +54,24 @@ def write_spec(path, doc) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("broken, expected", [
-    ({"training": {"globalBatchSize": 4, "microBatchSize": 3}}, "spec.training.microBatchSize: "),
-    ({"method": {"type": "prefix-tuning"}}, "spec.method.type: "),
-    ({"dataset": {"train": ["relative/no-dot.jsonl"]}}, "spec.dataset.train.0: "),
-])
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        ({"training": {"globalBatchSize": 4, "microBatchSize": 3}}, "spec.training.microBatchSize: "),
+        ({"method": {"type": "prefix-tuning"}}, "spec.method.type: "),
+        ({"dataset": {"train": ["relative/no-dot.jsonl"]}}, "spec.dataset.train.0: "),
+    ],
+)
 def test_invalid_spec_prints_field_path_and_does_no_work(tmp_path, broken, expected):
     spec = write_spec(tmp_path / "bad.yaml", spec_doc("/nonexistent/model", **broken))
     work = tmp_path / "work"
-    proc = subprocess.run([*CLI, "run", spec, "--work-dir", str(work)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [*CLI, "run", spec, "--work-dir", str(work)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert expected in proc.stderr, proc.stderr
     assert "phase" not in proc.stdout  # not even Pending
@@ -83,8 +103,9 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     env = {**os.environ, **s3.env(), "OMP_NUM_THREADS": "1"}
     cmd = [*CLI, "run", spec, "--work-dir", str(work)]
 
-    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for_step(str(work / "steps.jsonl"), first, 2)
     first.send_signal(signal.SIGINT)  # what Ctrl-C does
     log1, _ = first.communicate(timeout=300)
@@ -112,8 +133,13 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     assert summary["resumed_from"] == done[-1] and summary["steps"] == 16
     manifest = json.loads(get("manifest.json"))
     paths = {f["path"] for f in manifest["files"]}
-    assert {"adapter/adapter_model.safetensors", "eval/results.json", "merged/model.safetensors",
-            "report/report.md", "report/loss_curve.png"} <= paths
+    assert {
+        "adapter/adapter_model.safetensors",
+        "eval/results.json",
+        "merged/model.safetensors",
+        "report/report.md",
+        "report/loss_curve.png",
+    } <= paths
     for f in manifest["files"]:
         body = get(f["path"])
         assert (len(body), hashlib.sha256(body).hexdigest()) == (f["size"], f["sha256"]), f["path"]
@@ -135,8 +161,14 @@ def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
     training = {"maxSteps": 3, "globalBatchSize": 4, "microBatchSize": 2, "gradientCheckpointing": False}
     spec = write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, training=training))
     env = {**os.environ, "SFTJOB_S3_DIR": str(tmp_path / "s3"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*CLI, "run", spec, "--embedded-s3", "--work-dir", str(tmp_path / "work")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [*CLI, "run", spec, "--embedded-s3", "--work-dir", str(tmp_path / "work")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "embedded S3 (SeaweedFS) at http://127.0.0.1:" in proc.stdout
     assert not (tmp_path / "runs").exists()  # nothing went to the local directory

@@ -10,19 +10,44 @@ import sys
 from typing import Any
 
 
-def make_config(model_dir: str, data: str, output_root: str, work_dir: str, *, method: str = "lora",
-                max_steps: int = 8, checkpoint_steps: int = 4, global_batch: int = 8, micro: int = 2,
-                packing: bool = True, lr: float = 3e-3, extra_training: dict[str, Any] | None = None,
-                **sections: Any) -> dict[str, Any]:
+def make_config(
+    model_dir: str,
+    data: str,
+    output_root: str,
+    work_dir: str,
+    *,
+    method: str = "lora",
+    max_steps: int = 8,
+    checkpoint_steps: int = 4,
+    global_batch: int = 8,
+    micro: int = 2,
+    packing: bool = True,
+    lr: float = 3e-3,
+    extra_training: dict[str, Any] | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "run": {"namespace": "test", "name": "tiny", "outputRoot": output_root},
         "model": {"uri": model_dir},
-        "dataset": {"train": [data], "format": "alpaca", "evalSplit": 0.1, "maxSeqLength": 96,
-                    "packing": packing},
+        "dataset": {
+            "train": [data],
+            "format": "alpaca",
+            "evalSplit": 0.1,
+            "maxSeqLength": 96,
+            "packing": packing,
+        },
         "method": {"type": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "training": {"maxSteps": max_steps, "learningRate": lr, "warmupRatio": 0.1, "globalBatchSize": global_batch,
-                     "microBatchSize": micro, "gradientCheckpointing": False, "seed": 7,
-                     "checkpointSteps": checkpoint_steps, **(extra_training or {})},
+        "training": {
+            "maxSteps": max_steps,
+            "learningRate": lr,
+            "warmupRatio": 0.1,
+            "globalBatchSize": global_batch,
+            "microBatchSize": micro,
+            "gradientCheckpointing": False,
+            "seed": 7,
+            "checkpointSteps": checkpoint_steps,
+            **(extra_training or {}),
+        },
         "output": {"uri": output_root, "keepCheckpoints": 2},
         "eval": {"enabled": False},
         "merge": {"enabled": False},
@@ -39,15 +64,32 @@ def write_config(path: str, cfg: dict[str, Any]) -> str:
 
 
 def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", **(extra or {})}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        **(extra or {}),
+    }
     env.pop("SFTJOB_CONFIG", None)
     return env
 
 
 def launch_cmd(config: str, nproc: int, port: int) -> list[str]:
-    return [sys.executable, "-m", "sftjob_trainer", "launch", "--nnodes=1", f"--nproc-per-node={nproc}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", "train", "--config", config]
+    return [
+        sys.executable,
+        "-m",
+        "sftjob_trainer",
+        "launch",
+        "--nnodes=1",
+        f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "train",
+        "--config",
+        config,
+    ]
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess[str]:

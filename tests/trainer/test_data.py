@@ -21,11 +21,13 @@ def labelled_text(tok, ex) -> str:
 
 def test_messages_train_only_assistant_turns_with_end_marker(tiny_tokenizer, tmp_path):
     tok = tiny_tokenizer
-    conv = [{"role": "system", "content": "be short"},
-            {"role": "user", "content": "repeat red cat"},
-            {"role": "assistant", "content": "red cat"},
-            {"role": "user", "content": "reverse one two"},
-            {"role": "assistant", "content": "two one"}]
+    conv = [
+        {"role": "system", "content": "be short"},
+        {"role": "user", "content": "repeat red cat"},
+        {"role": "assistant", "content": "red cat"},
+        {"role": "user", "content": "reverse one two"},
+        {"role": "assistant", "content": "two one"},
+    ]
     report = DropReport()
     rows = iter_rows([_jsonl(tmp_path, [{"messages": conv}])], report)
     [ex] = build_examples(rows, tok, "messages", report, max_seq_len=256)
@@ -38,23 +40,34 @@ def test_messages_train_only_assistant_turns_with_end_marker(tiny_tokenizer, tmp
 
 def test_alpaca_without_template_trains_response_and_eos(tiny_tokenizer):
     tok = tiny_tokenizer
-    f = format_row({"instruction": "repeat", "input": "red cat", "output": "red cat"}, "alpaca", tok,
-                   use_chat_template=False)
+    f = format_row(
+        {"instruction": "repeat", "input": "red cat", "output": "red cat"},
+        "alpaca",
+        tok,
+        use_chat_template=False,
+    )
     assert f.text.endswith("### Response:\nred cat</s>")
     [(a, b)] = f.spans
     assert f.text[a:b] == "red cat</s>"
 
 
 def test_prompt_completion_with_field_mapping(tiny_tokenizer):
-    f = format_row({"q": "one two", "a": "two one"}, "prompt_completion", tiny_tokenizer,
-                   FieldMapping(prompt="q", completion="a"), use_chat_template=False)
+    f = format_row(
+        {"q": "one two", "a": "two one"},
+        "prompt_completion",
+        tiny_tokenizer,
+        FieldMapping(prompt="q", completion="a"),
+        use_chat_template=False,
+    )
     [(a, b)] = f.spans
     assert f.text[:a] == "one two" and f.text[a:b] == "two one</s>"
 
 
 def settings(fmt: str, max_seq_len: int, **filters) -> DatasetSpec:
     """spec.dataset's settings (the files are passed to load_dataset separately: train or eval)."""
-    return DatasetSpec(train=["/unused"], format=fmt, max_seq_length=max_seq_len, filter=FilterSpec(**filters))
+    return DatasetSpec(
+        train=["/unused"], format=fmt, max_seq_length=max_seq_len, filter=FilterSpec(**filters)
+    )
 
 
 def _jsonl(tmp_path, rows, raw_lines=()):
@@ -69,8 +82,11 @@ def _jsonl(tmp_path, rows, raw_lines=()):
 
 def test_drop_report_names_file_and_line(tiny_tokenizer, tmp_path):
     good = {"instruction": "repeat", "input": "red", "output": "red"}
-    path = _jsonl(tmp_path, [good, good, {"instruction": "x", "output": "  "}, {"input": "no instr"}],
-                  raw_lines=['{"instruction": "broken', "[1, 2]"])
+    path = _jsonl(
+        tmp_path,
+        [good, good, {"instruction": "x", "output": "  "}, {"input": "no instr"}],
+        raw_lines=['{"instruction": "broken', "[1, 2]"],
+    )
     examples, report = load_dataset([path], tiny_tokenizer, settings("alpaca", 128))
     assert len(examples) == 1
     assert report.total_rows == 6 and report.kept_rows == 1
@@ -89,7 +105,9 @@ def test_empty_after_filtering_is_permanent_error(tiny_tokenizer, tmp_path):
 def test_min_max_token_filters(tiny_tokenizer, tmp_path):
     rows = [{"instruction": "repeat", "input": " ".join(["red"] * n), "output": "x"} for n in (1, 5, 40)]
     path = _jsonl(tmp_path, rows)
-    short, mid, long = (len(e.input_ids) for e in load_dataset([path], tiny_tokenizer, settings("alpaca", 512))[0])
+    short, mid, long = (
+        len(e.input_ids) for e in load_dataset([path], tiny_tokenizer, settings("alpaca", 512))[0]
+    )
     assert short < mid < long
     examples, report = load_dataset(
         [path], tiny_tokenizer, settings("alpaca", 512, min_tokens=mid, max_tokens=mid)
@@ -131,7 +149,9 @@ def test_parquet_input(tiny_tokenizer, tmp_path):
     import pyarrow.parquet as pq
 
     p = str(tmp_path / "d.parquet")
-    pq.write_table(pa.Table.from_pylist([{"prompt": "one", "completion": "two"},
-                                         {"prompt": "three", "completion": ""}]), p)
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "one", "completion": "two"}, {"prompt": "three", "completion": ""}]),
+        p,
+    )
     examples, report = load_dataset([p], tiny_tokenizer, settings("prompt_completion", 64))
     assert len(examples) == 1 and report.examples["empty_response"] == [f"{p}:2: empty response"]

@@ -82,8 +82,9 @@ def test_packed_loss_equals_sum_of_separate_losses(model_and_examples):
     # also with padding rows and chunked loss (chunk smaller than the label count)
     batch2 = collate([[0, 1], [2], [3]], examples, pad_id=0)
     with torch.no_grad():
-        chunked, _ = SelectiveLossLM(model, chunk=7)(batch2["input_ids"], batch2["position_ids"],
-                                                     batch2["targets"])
+        chunked, _ = SelectiveLossLM(model, chunk=7)(
+            batch2["input_ids"], batch2["position_ids"], batch2["targets"]
+        )
     assert chunked.item() == pytest.approx(packed.item(), rel=1e-5)
 
 
@@ -98,7 +99,7 @@ def test_trap_cache_on_lets_samples_attend_to_each_other(model_and_examples):
     with torch.no_grad():
         clean = model(input_ids=ids, position_ids=pos, use_cache=False).logits
         leaky = model(input_ids=ids, position_ids=pos, use_cache=True).logits
-        alone = model(input_ids=ids[:, n0:n0 + len(examples[1].input_ids)]).logits
+        alone = model(input_ids=ids[:, n0 : n0 + len(examples[1].input_ids)]).logits
     second = slice(n0, n0 + len(examples[1].input_ids))
     assert torch.allclose(clean[0, second], alone[0], atol=1e-4)
     assert (leaky[0, second] - alone[0]).abs().max() > 1e-2

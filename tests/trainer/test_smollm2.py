@@ -16,17 +16,42 @@ pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
 
 def test_lora_steps_on_real_smollm2(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                          {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-            for a in range(3, 9) for b in range(2, 5)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+            ]
+        }
+        for a in range(3, 9)
+        for b in range(2, 5)
+    ]
     data = write_jsonl(str(tmp_path / "math.jsonl"), rows)
-    cfg = make_config("smollm2-135m-instruct", data, str(tmp_path / "out"), str(tmp_path / "work"),
-                      max_steps=2, checkpoint_steps=1, global_batch=2, micro=1, lr=1e-3,
-                      extra_training={"gradientCheckpointing": True})
+    cfg = make_config(
+        "smollm2-135m-instruct",
+        data,
+        str(tmp_path / "out"),
+        str(tmp_path / "work"),
+        max_steps=2,
+        checkpoint_steps=1,
+        global_batch=2,
+        micro=1,
+        lr=1e-3,
+        extra_training={"gradientCheckpointing": True},
+    )
     cfg["dataset"].update({"format": "messages", "maxSeqLength": 128})
     cfg["method"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "useRslora": True}
-    res = run([sys.executable, "-m", "sftjob_trainer", "train", "--config",
-               write_config(str(tmp_path / "c.json"), cfg)], trainer_env())
+    res = run(
+        [
+            sys.executable,
+            "-m",
+            "sftjob_trainer",
+            "train",
+            "--config",
+            write_config(str(tmp_path / "c.json"), cfg),
+        ],
+        trainer_env(),
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     ls = [e["loss"] for e in json_events(res.stdout) if e["event"] == "step"]
     assert len(ls) == 2 and all(math.isfinite(x) for x in ls)

@@ -14,13 +14,16 @@ from sftjob_trainer.speed import FastDropout, dropout_threshold, effective_zero_
 pytestmark = pytest.mark.trainer
 
 
-@pytest.mark.parametrize(("stage", "world", "offload_params", "offload_opt", "expected"), [
-    (3, 1, "none", "none", 0),   # one rank: nothing to partition
-    (3, 2, "none", "none", 3),
-    (3, 1, "cpu", "none", 3),    # offload needs ZeRO even on one rank
-    (2, 1, "none", "cpu", 2),
-    (0, 4, "none", "none", 0),
-])
+@pytest.mark.parametrize(
+    ("stage", "world", "offload_params", "offload_opt", "expected"),
+    [
+        (3, 1, "none", "none", 0),  # one rank: nothing to partition
+        (3, 2, "none", "none", 3),
+        (3, 1, "cpu", "none", 3),  # offload needs ZeRO even on one rank
+        (2, 1, "none", "cpu", 2),
+        (0, 4, "none", "none", 0),
+    ],
+)
 def test_effective_zero_stage(stage, world, offload_params, offload_opt, expected):
     assert effective_zero_stage(stage, world, offload_params, offload_opt) == expected
 
@@ -60,7 +63,9 @@ def test_fast_dropout_mask_is_replayed_by_checkpointing():
 
 def _lora(tiny_model_dir, gradient_checkpointing=False, checkpointing_policy="selective"):
     method = MethodSpec(type="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.0))
-    training = TrainingSpec(gradient_checkpointing=gradient_checkpointing, checkpointing_policy=checkpointing_policy)
+    training = TrainingSpec(
+        gradient_checkpointing=gradient_checkpointing, checkpointing_policy=checkpointing_policy
+    )
     torch.manual_seed(3)  # the same adapter initialisation for every model compared
     m = apply_method(load_base(tiny_model_dir, method, torch.float32), method, training)
     for name, p in m.named_parameters():
@@ -71,7 +76,9 @@ def _lora(tiny_model_dir, gradient_checkpointing=False, checkpointing_policy="se
 
 def test_cpu_lora_uses_fast_dropout(tiny_model_dir):
     method = MethodSpec(type="lora", lora=LoraSpec(r=4, alpha=8, dropout=0.05))
-    m = apply_method(load_base(tiny_model_dir, method, torch.float32), method, TrainingSpec(gradient_checkpointing=False))
+    m = apply_method(
+        load_base(tiny_model_dir, method, torch.float32), method, TrainingSpec(gradient_checkpointing=False)
+    )
     lora_layers = [mod for mod in m.modules() if hasattr(mod, "lora_A")]
     fast = [mod for mod in m.modules() if isinstance(mod, FastDropout)]
     assert lora_layers and len(fast) == len(lora_layers)
@@ -113,7 +120,12 @@ def test_selective_policy_keeps_expensive_outputs_only():
     from sftjob_trainer.speed import must_save
 
     aten = torch.ops.aten
-    x, w, lora_a, lora_b = torch.empty(8, 576), torch.empty(576, 1536), torch.empty(576, 16), torch.empty(16, 576)
+    x, w, lora_a, lora_b = (
+        torch.empty(8, 576),
+        torch.empty(576, 1536),
+        torch.empty(576, 16),
+        torch.empty(16, 576),
+    )
     assert must_save(aten.mm.default, (x, w))  # base projection
     assert must_save(aten.mm.default, (x, lora_a))  # LoRA down-projection: its output is only r wide
     assert not must_save(aten.mm.default, (torch.empty(8, 16), lora_b))  # LoRA up-projection: cheap to redo

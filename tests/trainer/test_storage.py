@@ -16,8 +16,10 @@ def exercise(store: Store, tmp_path) -> None:
     (src / "sub").mkdir(parents=True)
     (src / "a.bin").write_bytes(b"A" * 10)
     (src / "sub" / "b.bin").write_bytes(b"B")
-    assert store.upload_dir(str(src), "checkpoints/step-3") == ["checkpoints/step-3/a.bin",
-                                                                 "checkpoints/step-3/sub/b.bin"]
+    assert store.upload_dir(str(src), "checkpoints/step-3") == [
+        "checkpoints/step-3/a.bin",
+        "checkpoints/step-3/sub/b.bin",
+    ]
     store.put_bytes(b"{}", "checkpoints/step-3/COMPLETE")
     store.put_bytes(b"x", "checkpoints/step-7/a.bin")  # newer but incomplete
     assert Layout.newest_checkpoint(store.list("checkpoints")) == 3
@@ -57,6 +59,9 @@ def test_s3_data_and_model_prefix_download(s3, tmp_path, monkeypatch):
     c.put_object(Bucket=s3.bucket, Key="models/m/w.safetensors", Body=b"123")
     d = resolve_dir(s3.uri("models/m"), str(tmp_path / "models"))
     assert sorted(p.name for p in __import__("pathlib").Path(d).iterdir()) == [
-        ".sftjob-complete", "config.json", "w.safetensors"]
+        ".sftjob-complete",
+        "config.json",
+        "w.safetensors",
+    ]
     with pytest.raises(PermanentError, match="no model files"):
         resolve_dir(s3.uri("models/missing"), str(tmp_path / "models"))

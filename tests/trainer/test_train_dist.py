@@ -37,7 +37,7 @@ def kill_tree(pid: int) -> None:
 
 def keys(s3, prefix: str) -> list[str]:
     resp = s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
-    return sorted(o["Key"][len(prefix):] for o in resp.get("Contents", []))
+    return sorted(o["Key"][len(prefix) :] for o in resp.get("Contents", []))
 
 
 def adapter_tensors(s3, prefix: str, tmp_path) -> dict:
@@ -61,8 +61,16 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     env = trainer_env(s3.env())
 
     def config(name: str) -> str:
-        cfg = make_config(tiny_model_dir, data_file, s3.uri(f"{name}/"), str(tmp_path / f"work-{name}"),
-                          max_steps=12, checkpoint_steps=4, global_batch=8, micro=2)
+        cfg = make_config(
+            tiny_model_dir,
+            data_file,
+            s3.uri(f"{name}/"),
+            str(tmp_path / f"work-{name}"),
+            max_steps=12,
+            checkpoint_steps=4,
+            global_batch=8,
+            micro=2,
+        )
         return write_config(str(tmp_path / f"{name}.json"), cfg)
 
     # 1. uninterrupted reference run
@@ -74,8 +82,13 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     ref_keys = keys(s3, "ref/")
     # keepCheckpoints=2: step-4 and step-8, each with both ranks' ZeRO-3 shards and the marker
     for step in (4, 8):
-        for f in ("COMPLETE", "rng_state_rank0.pt", "rng_state_rank1.pt",
-                  "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+        for f in (
+            "COMPLETE",
+            "rng_state_rank0.pt",
+            "rng_state_rank1.pt",
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ):
             assert f"checkpoints/step-{step}/{f}" in ref_keys, ref_keys
     assert "adapter/adapter_model.safetensors" in ref_keys and "adapter/adapter_config.json" in ref_keys
     # eval and merge are off: training is the last stage, so it completes the run with a manifest
@@ -88,15 +101,23 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     import torch
 
     dest = str(tmp_path / "model_states.pt")
-    s3.client().download_file(s3.bucket, "ref/checkpoints/step-4/zero_pp_rank_0_mp_rank_00_model_states.pt", dest)
+    s3.client().download_file(
+        s3.bucket, "ref/checkpoints/step-4/zero_pp_rank_0_mp_rank_00_model_states.pt", dest
+    )
     states = torch.load(dest, weights_only=False)
     assert not states.get("frozen_param_fragments") and not states.get("frozen_param_shapes")
     assert states["module"] is None or all("lora_" in k for k in states["module"])
 
     # 2. same run, killed with SIGKILL (whole process group) right after checkpoint step-4 is complete
     cfg_b = config("crash")
-    proc = subprocess.Popen(launch_cmd(cfg_b, 2, free_port()), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        launch_cmd(cfg_b, 2, free_port()),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -110,8 +131,11 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     assert "checkpoints/step-4/COMPLETE" in crash_keys
     assert not any(k.startswith("adapter/") for k in crash_keys)
     # a half-written newer checkpoint (no COMPLETE) must be ignored, never loaded
-    s3.client().put_object(Bucket=s3.bucket, Key="crash/checkpoints/step-8/zero_pp_rank_0_mp_rank_00_model_states.pt",
-                           Body=b"garbage")
+    s3.client().put_object(
+        Bucket=s3.bucket,
+        Key="crash/checkpoints/step-8/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        Body=b"garbage",
+    )
 
     # 3. restart: resumes from step-4 and ends exactly where the uninterrupted run ended
     again = run(launch_cmd(cfg_b, 2, free_port()), env)
@@ -129,8 +153,17 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
 
 
 def test_qlora_4bit_zero3_two_ranks(s3, tiny_model_dir, data_file, tmp_path):
-    cfg = make_config(tiny_model_dir, data_file, s3.uri("q/"), str(tmp_path / "work"), method="qlora",
-                      max_steps=6, checkpoint_steps=3, global_batch=8, micro=2)
+    cfg = make_config(
+        tiny_model_dir,
+        data_file,
+        s3.uri("q/"),
+        str(tmp_path / "work"),
+        method="qlora",
+        max_steps=6,
+        checkpoint_steps=3,
+        global_batch=8,
+        micro=2,
+    )
     res = run(launch_cmd(write_config(str(tmp_path / "q.json"), cfg), 2, free_port()), trainer_env(s3.env()))
     assert res.returncode == 0, res.stderr[-4000:]
     ev = json_events(res.stdout)

@@ -19,15 +19,25 @@ from sftjob_trainer.schedule import deepspeed_config, lr_factor, plan_batches
 
 
 def test_only_complete_checkpoints_count():
-    keys = ["checkpoints/step-4/a.pt", "checkpoints/step-4/COMPLETE", "checkpoints/step-12/a.pt",
-            "checkpoints/step-8/COMPLETE", "checkpoints/step-8/a.pt", "adapter/x", "checkpoints/step-x/COMPLETE"]
+    keys = [
+        "checkpoints/step-4/a.pt",
+        "checkpoints/step-4/COMPLETE",
+        "checkpoints/step-12/a.pt",
+        "checkpoints/step-8/COMPLETE",
+        "checkpoints/step-8/a.pt",
+        "adapter/x",
+        "checkpoints/step-x/COMPLETE",
+    ]
     assert Layout.scan_checkpoints(keys) == ([4, 8], [12])
     assert Layout.newest_checkpoint(keys) == 8  # 12 is newer but half-written
     assert Layout.newest_checkpoint(["checkpoints/step-3/a.pt"]) is None
 
 
 def test_retention_keeps_newest_and_drops_stale_partials():
-    keys = [f"checkpoints/step-{s}/COMPLETE" for s in (2, 4, 6)] + ["checkpoints/step-5/x", "checkpoints/step-9/x"]
+    keys = [f"checkpoints/step-{s}/COMPLETE" for s in (2, 4, 6)] + [
+        "checkpoints/step-5/x",
+        "checkpoints/step-9/x",
+    ]
     assert to_delete(keys, keep=2, just_written=6) == [2, 5]
     assert to_delete(keys, keep=0, just_written=6) == [2, 4, 5]  # keep>=1: never the one just written
 
@@ -54,8 +64,17 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_deepspeed_config_shape():
-    c = deepspeed_config(micro=2, accum=4, world=2, stage=3, offload_optimizer="cpu", offload_params="none",
-                         bf16=True, fp16=False, grad_clip=1.0)
+    c = deepspeed_config(
+        micro=2,
+        accum=4,
+        world=2,
+        stage=3,
+        offload_optimizer="cpu",
+        offload_params="none",
+        bf16=True,
+        fp16=False,
+        grad_clip=1.0,
+    )
     assert c["train_batch_size"] == 16 and c["gradient_accumulation_steps"] == 4
     assert c["zero_optimization"]["stage"] == 3
     assert c["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True

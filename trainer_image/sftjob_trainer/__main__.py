@@ -86,7 +86,9 @@ def model(argv: list[str]) -> int:
             print(f"{name:28s} {state}\n{'':28s} {km.description}")
         return int(ExitCode.OK)
     try:
-        print(model_cache.prepare(a.name, force=a.force) if a.cmd == "prepare" else model_cache.resolve(a.uri))
+        print(
+            model_cache.prepare(a.name, force=a.force) if a.cmd == "prepare" else model_cache.resolve(a.uri)
+        )
     except TrainerError as e:
         print(f"error: {e}", file=sys.stderr)
         return int(e.exit_code)
@@ -112,8 +114,15 @@ def launch(argv: list[str]) -> int:
         return int(ExitCode.PERMANENT)
     with tempfile.TemporaryDirectory(prefix="sftjob-exit-") as d:
         env = {**os.environ, "SFTJOB_EXIT_DIR": d}
-        cmd = [sys.executable, "-m", "torch.distributed.run", *argv[:split_at], "--module", "sftjob_trainer",
-               *argv[split_at:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            *argv[:split_at],
+            "--module",
+            "sftjob_trainer",
+            *argv[split_at:],
+        ]
         proc = subprocess.Popen(cmd, env=env)
         # forward SIGTERM/SIGINT so workers can checkpoint within the grace period
         for sig in (signal.SIGTERM, signal.SIGINT):

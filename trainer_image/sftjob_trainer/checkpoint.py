@@ -38,8 +38,11 @@ def read_marker(store: Store, step: int) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
-                          "torch": torch.get_rng_state()}
+    st: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -53,8 +56,16 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_state: dict[str, Any],
-         keep: int, save_frozen: bool = True) -> None:
+def save(
+    engine: Any,
+    store: Store,
+    step: int,
+    rank: int,
+    staging: str,
+    trainer_state: dict[str, Any],
+    keep: int,
+    save_frozen: bool = True,
+) -> None:
     tag = f"step-{step}"
     local = os.path.join(staging, f"rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
@@ -72,19 +83,27 @@ def save(engine: Any, store: Store, step: int, rank: int, staging: str, trainer_
     dist.barrier()
 
 
-def load(engine: Any, store: Store, step: int, rank: int, staging: str,
-         frozen_saved: bool = True) -> dict[str, Any]:
+def load(
+    engine: Any, store: Store, step: int, rank: int, staging: str, frozen_saved: bool = True
+) -> dict[str, Any]:
     """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state."""
     marker = read_marker(store, step)
     if marker["world_size"] != dist.get_world_size():
-        raise PermanentError(f"checkpoint step-{step} was written by {marker['world_size']} ranks, this run "
-                             f"has {dist.get_world_size()}: ZeRO-3 shards cannot be re-partitioned here")
+        raise PermanentError(
+            f"checkpoint step-{step} was written by {marker['world_size']} ranks, this run "
+            f"has {dist.get_world_size()}: ZeRO-3 shards cannot be re-partitioned here"
+        )
     tag = f"step-{step}"
     local = os.path.join(staging, f"resume-rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
     store.download_dir(Layout.checkpoint(step), os.path.join(local, tag))
-    path, _ = engine.load_checkpoint(local, tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True, load_module_strict=frozen_saved)
+    path, _ = engine.load_checkpoint(
+        local,
+        tag=tag,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+        load_module_strict=frozen_saved,
+    )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint step-{step}")
     rng_file = os.path.join(local, tag, f"rng_state_rank{rank}.pt")

@@ -35,7 +35,9 @@ class DistEnv:
     @staticmethod
     def from_env() -> DistEnv:
         env = os.environ
-        return DistEnv(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
+        return DistEnv(
+            int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+        )
 
 
 def parse_config(data: object, source: str = "config") -> TrainerConfig:

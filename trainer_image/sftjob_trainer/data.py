@@ -31,8 +31,9 @@ class Example:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def labels_from_offsets(ids: list[int], offsets: list[tuple[int, int]],
-                        spans: Iterable[tuple[int, int]]) -> list[int]:
+def labels_from_offsets(
+    ids: list[int], offsets: list[tuple[int, int]], spans: Iterable[tuple[int, int]]
+) -> list[int]:
     """A token is trained on iff its first character lies inside a span (zero-width tokens never are)."""
     sp = sorted(spans)
     out = []
@@ -55,7 +56,7 @@ def truncate(ids: list[int], labels: list[int], max_len: int) -> tuple[list[int]
     if first is None:
         return ids[:max_len], labels[:max_len]
     start = max(0, min(first - max_len // 2, len(ids) - max_len))
-    return ids[start:start + max_len], labels[start:start + max_len]
+    return ids[start : start + max_len], labels[start : start + max_len]
 
 
 def tokenize_batch(tok: Any, items: list[Formatted], raw_text: bool) -> list[tuple[list[int], list[int]]]:
@@ -91,8 +92,9 @@ def build_examples(
     def flush() -> None:
         if not pending:
             return
-        for (_f, where), (ids, labels) in zip(pending, tokenize_batch(tok, [p[0] for p in pending], not templ),
-                                             strict=True):
+        for (_f, where), (ids, labels) in zip(
+            pending, tokenize_batch(tok, [p[0] for p in pending], not templ), strict=True
+        ):
             if max_tokens is not None and len(ids) > max_tokens:
                 report.drop("too_long", where, f"{len(ids)} tokens > max {max_tokens}")
                 continue

@@ -93,8 +93,14 @@ def loss_sum(model: Any, examples: list[Example], pad_id: int, max_tokens: int =
     return total, n
 
 
-def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int],
-             batch_size: int = 16) -> list[str]:
+def generate(
+    model: Any,
+    tok: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_ids: list[int],
+    batch_size: int = 16,
+) -> list[str]:
     """Greedy, left-padded batched generation; returns the decoded continuations (special tokens dropped)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos_ids[0]
     dev = next(model.parameters()).device
@@ -105,12 +111,19 @@ def generate(model: Any, tok: Any, prompts: list[list[int]], max_new_tokens: int
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             p = prompts[i]
-            ids[r, width - len(p):] = torch.tensor(p)
-            mask[r, width - len(p):] = 1
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
         with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                 do_sample=False, num_beams=1, use_cache=True, eos_token_id=eos_ids,
-                                 pad_token_id=pad)
+            gen = model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                eos_token_id=eos_ids,
+                pad_token_id=pad,
+            )
         for r, i in enumerate(idx):
             out[i] = tok.decode(gen[r, width:], skip_special_tokens=True)
     return out
@@ -130,8 +143,9 @@ def eos_token_ids(model: Any, tok: Any) -> list[int]:
     return ids
 
 
-def evaluate_model(model: Any, tok: Any, examples: list[Example], metrics: list[str], max_samples: int,
-                   max_new_tokens: int) -> tuple[dict[str, Any], list[str]]:
+def evaluate_model(
+    model: Any, tok: Any, examples: list[Example], metrics: list[str], max_samples: int, max_new_tokens: int
+) -> tuple[dict[str, Any], list[str]]:
     """Metrics dict (eval_loss, perplexity, rouge_l, exact_match, counts) and the generations."""
     res: dict[str, Any] = {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -141,7 +155,9 @@ def evaluate_model(model: Any, tok: Any, examples: list[Example], metrics: list[
     preds: list[str] = []
     if "rouge_l" in metrics or "exact_match" in metrics:
         sample = [to_prompted(e) for e in examples[:max_samples]]
-        preds = generate(model, tok, [p.prompt_ids for p in sample], max_new_tokens, eos_token_ids(model, tok))
+        preds = generate(
+            model, tok, [p.prompt_ids for p in sample], max_new_tokens, eos_token_ids(model, tok)
+        )
         refs = [tok.decode(p.reference_ids, skip_special_tokens=True) for p in sample]
         res.update(generation_scores(preds, refs))
         res["generated"] = len(sample)
@@ -197,7 +213,9 @@ def main(cfg: TrainerConfig) -> int:
         raise PermanentError("no held-out examples: set dataset.eval or dataset.evalSplit")
     ev = cfg.eval
     metrics: list[str] = list(ev.metrics)
-    log_json("eval_start", examples=len(examples), generate=min(ev.max_samples, len(examples)), metrics=metrics)
+    log_json(
+        "eval_start", examples=len(examples), generate=min(ev.max_samples, len(examples)), metrics=metrics
+    )
     with as_base() as base:
         base_res, base_preds = evaluate_model(base, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
     log_json("eval_base", **base_res)

@@ -87,8 +87,9 @@ def _pair(tok: ChatTokenizer, prompt: str, completion: str, use_template: bool) 
     if not completion.strip():
         raise RowError("empty_response", "empty response")
     if use_template:
-        return format_messages(tok, [{"role": "user", "content": prompt},
-                                     {"role": "assistant", "content": completion}])
+        return format_messages(
+            tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        )
     eos = tok.eos_token or ""
     return Formatted(prompt + completion + eos, ((len(prompt), len(prompt) + len(completion) + len(eos)),))
 
@@ -113,7 +114,9 @@ def format_row(
         else:
             prompt = ALPACA_PROMPT.format(
                 ctx=", paired with an input that provides further context" if inp else "",
-                instruction=instr, input_block=f"### Input:\n{inp}\n\n" if inp else "")
+                instruction=instr,
+                input_block=f"### Input:\n{inp}\n\n" if inp else "",
+            )
         return _pair(tok, prompt, out, templ)
     if fmt == "prompt_completion":
         prompt = _text(_field(row, f.prompt), f.prompt)
@@ -125,7 +128,11 @@ def format_row(
             raise RowError("missing_field", f"field {f.messages!r} is not a non-empty list")
         msgs: list[dict[str, str]] = []
         for m in raw:
-            if not isinstance(m, Mapping) or not isinstance(m.get(ROLE), str) or not isinstance(m.get(CONTENT), str):
+            if (
+                not isinstance(m, Mapping)
+                or not isinstance(m.get(ROLE), str)
+                or not isinstance(m.get(CONTENT), str)
+            ):
                 raise RowError("missing_field", "a message lacks a string role/content")
             msgs.append({"role": m[ROLE], "content": m[CONTENT]})
         if not templ:

@@ -28,8 +28,9 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
-def selective_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                     chunk: int = 2048) -> tuple[torch.Tensor, int]:
+def selective_ce_sum(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048
+) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over positions whose target != IGNORE (targets already shifted)."""
     mask = targets != IGNORE
     h = hidden[mask]
@@ -42,7 +43,7 @@ def selective_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, chunk):
         # recompute the chunk's logits in backward instead of keeping all of them alive
-        total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], t[s:s + chunk], use_reentrant=False)
+        total = total + checkpoint(_chunk_ce, head, h[s : s + chunk], t[s : s + chunk], use_reentrant=False)
     return total, n
 
 
@@ -69,8 +70,9 @@ class SelectiveLossLM(nn.Module):
         scale = self.neftune_alpha / (output.size(1) * output.size(2)) ** 0.5
         return output + torch.zeros_like(output).uniform_(-scale, scale)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         base = base_causal_lm(self.lm)
         out = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
         return selective_ce_sum(base.get_output_embeddings(), out.last_hidden_state, targets, self.chunk)

@@ -59,15 +59,20 @@ def logits(model: Any, ids: Any) -> Any:
 
 def compare(ref: Any, got: Any) -> dict[str, float]:
     d = (got - ref).float()
-    return {"max_abs_diff": float(d.abs().max()), "rel_l2": float(d.norm() / ref.norm().clamp_min(1e-12)),
-            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
+    return {
+        "max_abs_diff": float(d.abs().max()),
+        "rel_l2": float(d.norm() / ref.norm().clamp_min(1e-12)),
+        "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+    }
 
 
-def merge_adapter(model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, out_dir: str,
-                  trust_remote_code: bool = False) -> dict[str, Any]:
+def merge_adapter(
+    model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, out_dir: str, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """Merge, save and verify; returns the verification record (raises PermanentError if it fails)."""
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                trust_remote_code=trust_remote_code).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).eval()
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     ids = verify_inputs(tok)
     ref = logits(model, ids)
@@ -82,16 +87,25 @@ def merge_adapter(model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, o
     if merged.generation_config is not None:
         merged.generation_config.save_pretrained(out_dir)
     del merged, model, base
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype,
-                                                    trust_remote_code=trust_remote_code).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=dtype, trust_remote_code=trust_remote_code
+    ).eval()
     saved = compare(ref, logits(reloaded, ids))
     rtol = LOWP_RTOL[dtype_name]
     rec = {
-        "dtype": dtype_name, "inputs": list(VERIFY_TEXTS), "tokens_per_input": int(ids.shape[1]),
-        "merge_fp32": exact, "saved": saved,
-        "tolerance": {"fp32_max_abs_diff": FP32_ATOL, "saved_rel_l2": rtol, "saved_top1_agreement": MIN_TOP1_AGREEMENT},
+        "dtype": dtype_name,
+        "inputs": list(VERIFY_TEXTS),
+        "tokens_per_input": int(ids.shape[1]),
+        "merge_fp32": exact,
+        "saved": saved,
+        "tolerance": {
+            "fp32_max_abs_diff": FP32_ATOL,
+            "saved_rel_l2": rtol,
+            "saved_top1_agreement": MIN_TOP1_AGREEMENT,
+        },
         "max_abs_diff": exact["max_abs_diff"],
-        "passed": exact["max_abs_diff"] <= FP32_ATOL and saved["rel_l2"] <= rtol
+        "passed": exact["max_abs_diff"] <= FP32_ATOL
+        and saved["rel_l2"] <= rtol
         and saved["top1_agreement"] >= MIN_TOP1_AGREEMENT,
     }
     with open(os.path.join(out_dir, "verification.json"), "w") as f:
@@ -102,7 +116,10 @@ def merge_adapter(model_dir: str, adapter_dir: str, tok: Any, dtype_name: str, o
 def main(cfg: TrainerConfig) -> int:
     t0 = time.monotonic()
     if Stage.MERGE not in stages(cfg):
-        log_json("merge_skipped", reason=f"nothing to merge: method {cfg.method.type}, merge.enabled {cfg.merge.enabled}")
+        log_json(
+            "merge_skipped",
+            reason=f"nothing to merge: method {cfg.method.type}, merge.enabled {cfg.merge.enabled}",
+        )
         return int(ExitCode.OK)
     store = open_store(cfg.run.output_root, cfg.output)
     work = os.path.join(cfg.runtime.work_dir, "merge")
@@ -130,6 +147,8 @@ def main(cfg: TrainerConfig) -> int:
         store.upload_dir(out_dir, Layout.MERGED)
     shutil.rmtree(work, ignore_errors=True)
     if cfg.is_final(Stage.MERGE):
-        write_manifest(store, cfg.model_dump(mode="json"), stage_record(cfg, Stage.MERGE), manifest_locations(cfg))
+        write_manifest(
+            store, cfg.model_dump(mode="json"), stage_record(cfg, Stage.MERGE), manifest_locations(cfg)
+        )
     log_json("merge_done", seconds=round(time.monotonic() - t0, 1))
     return int(ExitCode.OK)

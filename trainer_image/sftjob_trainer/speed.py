@@ -69,10 +69,12 @@ def use_fast_lora_dropout(model: nn.Module) -> int:
 
 
 # outputs kept: recomputing these is what makes full checkpointing ~1.5x slower
-_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-              torch.ops.aten._scaled_dot_product_efficient_attention.default,
-              torch.ops.aten._scaled_dot_product_flash_attention.default,
-              torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
 _MATMUL_ARGS = {torch.ops.aten.mm.default: 0, torch.ops.aten.bmm.default: 0, torch.ops.aten.addmm.default: 1}
 
 

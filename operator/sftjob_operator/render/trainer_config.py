@@ -37,7 +37,10 @@ def trainer_config(namespace: str, name: str, spec: SFTJobSpec) -> TrainerConfig
     """The spec as the trainer sees it in a pod: pvc:// inputs become paths under the read-only mounts the
     pod templates add; the run's root is resolved."""
     model = spec.model.model_copy(
-        update={"uri": pvc_path(spec.model.uri), "tokenizer": spec.model.tokenizer and pvc_path(spec.model.tokenizer)}
+        update={
+            "uri": pvc_path(spec.model.uri),
+            "tokenizer": spec.model.tokenizer and pvc_path(spec.model.tokenizer),
+        }
     )
     dataset = spec.dataset.model_copy(
         update={
