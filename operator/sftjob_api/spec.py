@@ -11,6 +11,7 @@ from pydantic import Field
 
 from .base import ApiModel, CelRule
 from .evaluation import ALL_METRICS, EvalGates, Metric
+from .run_policy import RunPolicy
 
 # s3://bucket/key, an absolute path (e.g. a PVC mounted into the pod), pvc://claim/path, a path relative to
 # the manifest's directory starting with ./ or ../ (only meaningful for `sftjob run`), or for models a bare
@@ -332,25 +333,6 @@ class MergeSpec(ApiModel):
     """dtype of the merged weights."""
     uri: str | None = Field(default=None, pattern=OUTPUT_URI, max_length=1024)
     """Where the merged model goes; <output>/merged/ when unset."""
-
-
-class RunPolicy(ApiModel):
-    """Retries, deadlines and clean-up."""
-
-    backoff_limit: int = Field(default=3, ge=0, le=100)
-    """Retryable trainer failures tolerated before Failed/BackoffLimitExceeded; each resumes from the
-    newest complete checkpoint."""
-    active_deadline_seconds: int | None = Field(default=None, ge=1)
-    """Wall-clock limit from the start of training; then Failed/DeadlineExceeded."""
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
-    """Clean up this long after Succeeded or Failed (see ttlPolicy)."""
-    ttl_policy: Literal["DeleteChildren", "DeleteSFTJob"] = "DeleteChildren"
-    """DeleteChildren keeps the SFTJob (and its status) but deletes its Jobs, pods, Service and
-    ConfigMap; DeleteSFTJob deletes the SFTJob itself. Artifacts in S3 are never deleted."""
-    stuck_pending_timeout_seconds: int = Field(default=600, ge=10)
-    """Pods Pending longer than this set the Stuck condition with the cause."""
-    fail_when_stuck_seconds: int | None = Field(default=None, ge=10)
-    """If set, an SFTJob Stuck this much longer ends Failed/Stuck."""
 
 
 class SFTJobSpec(ApiModel):

@@ -46,14 +46,18 @@ class Reason(StrEnum):
     GATE_FAILED = "EvalGateFailed"
     MERGE_FAILED = "MergeFailed"
     STUCK = "Stuck"
+    STALLED = "Stalled"
     # only `sftjob run` (one machine, no Job controller) reports these
     MODEL_NOT_FOUND = "ModelNotFound"
     INTERRUPTED = "Interrupted"
 
 
 ConditionType = Literal[
-    "Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed", "Suspended", "Stuck"
+    "Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed", "Suspended", "Stuck", "Stalled"
 ]
+
+# status.recoveries keeps this many entries (newest last).
+MAX_RECOVERIES = 20
 
 
 class Condition(ApiModel):
@@ -124,6 +128,27 @@ class Artifacts(ApiModel):
     """manifest.json: every file with sha256 and size; written last."""
 
 
+class Recovery(ApiModel):
+    """One restart of the whole training group (every rank together, from the newest complete checkpoint)."""
+
+    time: datetime
+    """When the operator tore the group down."""
+    cause: str = Field(max_length=1024)
+    """What failed: the pod and its exit code or reason, a disruption, or Stalled."""
+    counted: bool = True
+    """Whether it counted against runPolicy.backoffLimit (disruptions do not)."""
+    failed_step: int | None = None
+    """The last training step the operator saw before the failure."""
+    resumed_from_step: int = 0
+    """The newest complete checkpoint the operator saw (0: the group starts from scratch)."""
+    steps_lost: int | None = None
+    """failedStep - resumedFromStep: training steps that must be done again."""
+    downtime_seconds: float | None = None
+    """From the failure to the first training step seen after the restart."""
+    train_job_uid: str = Field(default="", max_length=64)
+    """The torn-down training Job (each Job attempt is restarted at most once)."""
+
+
 class Children(ApiModel):
     """Names of the objects the operator created (all owned by the SFTJob)."""
 
@@ -165,6 +190,8 @@ class SFTJobStatus(ApiModel):
     artifacts: Artifacts | None = None
     """Artifact URIs."""
     restarts: int = 0
-    """Retryable trainer failures so far (each resumed from a checkpoint)."""
+    """Group restarts counted against runPolicy.backoffLimit (each resumed every rank from a checkpoint)."""
+    recoveries: list[Recovery] = Field(default_factory=list, max_length=MAX_RECOVERIES)
+    """The latest group restarts, newest last (at most 20)."""
     children: Children | None = None
     """Child object names."""

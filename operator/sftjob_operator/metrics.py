@@ -57,7 +57,19 @@ TIME_TO_TRAINING = Histogram(
 )
 RESTARTS = Counter(
     "sftjob_operator_restarts",
-    "Retryable trainer failures observed (each resumes from a checkpoint).",
+    "Group restarts counted against runPolicy.backoffLimit (each resumes every rank from a checkpoint).",
+    registry=REGISTRY,
+)
+RECOVERIES = Counter(
+    "sftjob_operator_recoveries",
+    "Group restarts, by cause (Failed: a retryable pod failure, Disrupted: preemption/drain, Stalled).",
+    ["cause"],
+    registry=REGISTRY,
+)
+RECOVERY_SECONDS = Histogram(
+    "sftjob_operator_recovery_seconds",
+    "From a group restart to the first training step seen after it.",
+    buckets=(5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600),
     registry=REGISTRY,
 )
 PROGRESS_READS = Counter(

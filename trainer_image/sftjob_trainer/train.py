@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+from datetime import timedelta
 from typing import Any
 
 import bitsandbytes as bnb
@@ -52,13 +53,18 @@ class StopFlag:
         self.requested = True
 
 
-def init_distributed(env: DistEnv, on_gpu: bool) -> None:
+def init_distributed(env: DistEnv, on_gpu: bool, collective_timeout_s: int) -> None:
+    """Join the process group. Every collective waits at most `collective_timeout_s` (runPolicy.
+    collectiveTimeoutSeconds) for its peers, then raises: the rank exits with the retryable code instead of
+    waiting for DeepSpeed's default (10 min) when a peer vanished without closing its connections."""
     import deepspeed
 
     if "MASTER_ADDR" not in os.environ:  # plain `python -m sftjob_trainer train`: a world of one
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=collective_timeout_s)
+    )
 
 
 def seed_all(seed: int) -> None:
@@ -116,7 +122,7 @@ def train(cfg: TrainerConfig) -> int:
     if on_gpu:
         torch.cuda.set_device(env.local_rank)
     stop = StopFlag()
-    init_distributed(env, on_gpu)
+    init_distributed(env, on_gpu, cfg.run_policy.collective_timeout_seconds)
     env = DistEnv.from_env()
     import deepspeed
 

@@ -51,7 +51,7 @@ class Children:
     def stop_unfinished(self, namespace: str, jobs: list[JobObs]) -> None:
         """A finished run keeps nothing running: suspend leftover Jobs (a Failed/Stuck run's Pending pods)."""
         for job in jobs:
-            if job.uid and not job.finished and not job.suspended:
+            if job.uid and not job.finished and not job.suspended and not job.deleting:
                 self.kube.set_job_suspend(namespace, job.name, True)
 
     def find_stuck(
@@ -65,7 +65,7 @@ class Children:
         timeout = spec.run_policy.stuck_pending_timeout_seconds
         for stage in Stage:
             job = jobs.get(stage)
-            if job is None or job.finished or job.suspended:
+            if job is None or job.finished or job.suspended or job.deleting:
                 continue
             stage_pods = [p for p in pods if p.stage == stage]
             events: list[JobEvent] = []

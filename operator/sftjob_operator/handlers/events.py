@@ -1,4 +1,4 @@
-"""Events and metrics for what a reconcile changed: phase transitions, trainer restarts, stuck pods."""
+"""Events and metrics for what a reconcile changed: phase transitions, group restarts, stuck pods."""
 
 from __future__ import annotations
 
@@ -31,13 +31,11 @@ def record_transition(
     new_phase = decision.phase
     if status.restarts > prev.restarts:
         metrics.RESTARTS.inc(status.restarts - prev.restarts)
-        kube.post_event(
-            body,
-            "Warning",
-            "TrainerRestarted",
-            f"trainer failed with a retryable error ({status.restarts} so far);"
-            " the next pod resumes from the newest checkpoint",
-        )
+    new = status.recoveries[-1] if status.recoveries else None
+    if new is not None and new.train_job_uid not in {r.train_job_uid for r in prev.recoveries}:
+        cause = "Stalled" if new.cause.startswith("Stalled") else "Failed" if new.counted else "Disrupted"
+        metrics.RECOVERIES.labels(cause=cause).inc()
+        kube.post_event(body, "Warning", "TrainerRestarted", f"group restart ({cause}): {decision.message}")
     if prev_phase != new_phase or prev.reason != decision.reason:
         if prev_phase != new_phase:
             metrics.TRANSITIONS.labels(from_phase=prev_phase or "", to_phase=new_phase).inc()

@@ -151,6 +151,18 @@ class Kube:
             if e.status != 404:
                 raise
 
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete this very Job (uid precondition: never a newer one of the same name); foreground, so the Job
+        object goes only after its pods are gone and a re-created group never overlaps the old one."""
+        opts = client.V1DeleteOptions(
+            propagation_policy="Foreground", preconditions=client.V1Preconditions(uid=uid)
+        )
+        try:
+            self.batch.delete_namespaced_job(name, namespace, body=opts, _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status not in (404, 409):  # gone already / a different Job by now
+                raise
+
     def delete_children(self, namespace: str, job_names: list[str], config_map: str, service: str) -> None:
         opts = client.V1DeleteOptions(propagation_policy="Background")
         calls = [(self.batch.delete_namespaced_job, n) for n in job_names]

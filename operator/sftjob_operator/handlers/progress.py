@@ -1,5 +1,6 @@
 """The progress reader: rank 0's trainer /metrics -> status.progress and status.artifacts.latestCheckpoint
-(rate-limited per SFTJob)."""
+(rate-limited per SFTJob); it also feeds hang detection (when each step was first seen) and fills the newest
+recovery's downtime."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sftjob_api.layout import checkpoint_uri
 from .. import metrics
 from ..render.observe import PodObs
 from ..render.progress import checkpoint_step, parse_progress, progress_changed
+from ..render.recovery import with_downtime
 from ..settings import Settings
 from .kube import Kube
 from .state import Memo, Obj
@@ -28,6 +30,7 @@ def read_progress(
     status: SFTJobStatus,
     spec: SFTJobSpec,
     pods: list[PodObs],
+    train_uid: str,
     memo: Memo,
     now: datetime,
 ) -> None:
@@ -59,11 +62,17 @@ def read_progress(
     metrics.PROGRESS_READS.labels(result="ok").inc()
     meta = body["metadata"]
     update: dict[str, object] = {}
+    step = progress.step or 0
+    memo.steps.observe(train_uid, step, now)  # hang detection (render/recovery.detect_stall)
+    after_restart = with_downtime(status, step, now)
+    if after_restart is not None:
+        update["recoveries"] = after_restart.recoveries
+        metrics.RECOVERY_SECONDS.observe(after_restart.recoveries[-1].downtime_seconds or 0.0)
     if progress_changed(status.progress, progress):
         update["progress"] = progress
-    step = checkpoint_step(text)
-    if step is not None and status.artifacts is not None:
-        latest = checkpoint_uri(spec, meta["namespace"], meta["name"], step)
+    saved = checkpoint_step(text)
+    if saved is not None and status.artifacts is not None:
+        latest = checkpoint_uri(spec, meta["namespace"], meta["name"], saved)
         if status.artifacts.latest_checkpoint != latest:
             update["artifacts"] = status.artifacts.model_copy(update={"latest_checkpoint": latest})
     if not update:

@@ -25,6 +25,7 @@ from ..render import phase as ph
 from ..render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
 from ..render.objects import SFTJobRef
 from ..render.observe import JobObs, observe_job, observe_pod
+from ..render.recovery import RestartPlan, detect_stall, plan_restart, stalled_condition
 from ..render.status import EvalOutcome, build_status, eval_outcome, owned_by, parse_status
 from ..render.stuck import Stuck, stuck_failure_message
 from ..render.trainer_config import cluster_output_error
@@ -138,10 +139,15 @@ class Reconciler:
             name=name, namespace=namespace, uid=uid, labels=tuple(sorted((meta.get("labels") or {}).items()))
         )
         names = ChildNames(name)
+        # A train Job being deleted stays in view: it is a group restart's teardown (render/recovery.py).
         jobs = {
             j["metadata"].get("labels", {}).get(LABEL_STAGE): j
             for j in snap.jobs
-            if owned_by(j, uid) and not j["metadata"].get("deletionTimestamp")
+            if owned_by(j, uid)
+            and (
+                not j["metadata"].get("deletionTimestamp")
+                or j["metadata"].get("labels", {}).get(LABEL_STAGE) == Stage.TRAIN
+            )
         }
         job_uids = {s: j["metadata"].get("uid") for s, j in jobs.items()}
         pods = [p for p in snap.pods if any(owned_by(p, u) for u in job_uids.values() if u)]
@@ -166,6 +172,13 @@ class Reconciler:
                     spec.run_policy.fail_when_stuck_seconds,
                 )
 
+        restart = RestartPlan(prev)
+        train_job = obs_jobs.get(Stage.TRAIN)
+        if spec is not None and spec_error is None:
+            stall = detect_stall(memo.steps, train_job.uid, spec.run_policy, now) if train_job else None
+            train_pods = [p for p in pod_obs if p.stage == Stage.TRAIN]
+            restart = plan_restart(prev, spec.run_policy, train_job, train_pods, stall, now)
+
         obs = ph.Observed(
             phase=prev_phase,
             spec_error=spec_error,
@@ -181,6 +194,8 @@ class Reconciler:
             ),
             stuck_failure=stuck_fail,
             eval_gate_exit=outcome.gate_exit,
+            group_restart=restart.group_restart,
+            restarts_exhausted=restart.exhausted,
         )
         decision = ph.next_phase(obs)
         if not trust_snapshot and ph.goes_back(prev_phase, decision.phase):
@@ -192,7 +207,7 @@ class Reconciler:
             if stage is not None and stage not in obs_jobs:
                 self.children.create_job(stage, ref, spec, memo)
             for job in obs_jobs.values():
-                if job.finished:
+                if job.finished or job.deleting:
                     continue
                 if spec.suspend and not job.suspended:
                     self.kube.set_job_suspend(namespace, job.name, True)
@@ -202,10 +217,17 @@ class Reconciler:
         if decision.terminal:
             self.children.stop_unfinished(namespace, list(obs_jobs.values()))
 
-        status = build_status(meta, prev, spec, decision, obs, outcome.results, stuck, now, generation, names)
+        status = build_status(
+            meta, restart.status, spec, decision, obs, outcome.results, stuck, now, generation, names
+        )
+        status.conditions = stalled_condition(status.conditions, restart, now, generation)
         written = self.kube.write_status(body, status)
+        if restart.delete is not None:  # after the recovery is recorded: a retry never counts it twice
+            self.kube.delete_job(namespace, restart.delete.name, restart.delete.uid)
+            memo.created.pop(Stage.TRAIN, None)  # re-create as soon as it is gone
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
         record_transition(self.kube, body, prev, status, decision, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:
-            read_progress(self.settings, self.kube, written, status, spec, pod_obs, memo, now)
+            train_uid = train_job.uid if train_job else ""
+            read_progress(self.settings, self.kube, written, status, spec, pod_obs, train_uid, memo, now)
         return decision.phase

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..render.names import COMPLETION_INDEX_LABEL
+from ..render.recovery import StepClock
 
 Obj = dict[str, Any]
 
@@ -82,9 +83,12 @@ def slim_pod(body: Any) -> Obj:
         },
         "status": {
             "phase": status.get("phase"),
+            "reason": status.get("reason"),
             "podIP": status.get("podIP"),
             "conditions": [
-                dict(c) for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"
+                dict(c)
+                for c in status.get("conditions") or []
+                if c.get("type") in ("PodScheduled", "DisruptionTarget")
             ],
             "containerStatuses": json.loads(json.dumps(list(status.get("containerStatuses") or []))),
         },
@@ -98,3 +102,4 @@ class Memo:
     created: dict[str, float] = field(default_factory=dict)  # child key -> monotonic time of create
     last_progress_write: float = 0.0
     ttl_done: bool = False
+    steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen

@@ -19,11 +19,9 @@ def after_terminal(
 ) -> None:
     meta = body["metadata"]
     owned = [observe_job(j) for j in snap.jobs if owned_by(j, meta["uid"])]
-    # The Job controller may count the last failed pod after the Job's Failed condition: keep up.
-    train = next((j for j in owned if j.name == ChildNames(meta["name"]).train_job), None)
-    restarts = max(prev.restarts, train.failed if train is not None else 0)
-    update = {"observed_generation": meta.get("generation"), "restarts": restarts}
-    kube.write_status(body, prev.model_copy(update=update))
+    # status.restarts counts group restarts (render/recovery.py), not the Job's failed pods: only the
+    # generation is kept current here.
+    kube.write_status(body, prev.model_copy(update={"observed_generation": meta.get("generation")}))
     try:
         spec = parse_spec(body.get("spec") or {})
     except SpecError:

@@ -221,24 +221,29 @@ def _pod_template(
     }
 
 
-def pod_failure_policy() -> Obj:
-    """Permanent trainer exit codes fail the Job at once; disruptions (preemption, drain) do not count.
+def pod_failure_policy(group: bool = False) -> Obj:
+    """Permanent trainer exit codes fail the Job at once (reason PodFailurePolicy: no retry).
 
-    Every other failure counts against backoffLimit and the next pod resumes from the newest checkpoint.
+    Eval and merge (one pod): disruptions (preemption, drain) are ignored, every other failure counts
+    against the Job's backoffLimit. The train group (`group`): no Ignore rule, since its Job has backoffLimit
+    0 and any failure must fail the Job so that every rank stops together; the operator restarts the group
+    and tells a disruption (not counted) from a crash by the failed pod's DisruptionTarget condition.
     """
-    return {
-        "rules": [
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": CONTAINER,
-                    "operator": "In",
-                    "values": [int(c) for c in PERMANENT_CODES],
-                },
+    rules: list[Obj] = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": CONTAINER,
+                "operator": "In",
+                "values": [int(c) for c in PERMANENT_CODES],
             },
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        ]
-    }
+        },
+    ]
+    if not group:
+        rules.append(
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        )
+    return {"rules": rules}
 
 
 def _job(
@@ -256,7 +261,7 @@ def _job(
         "parallelism": completions,
         "completionMode": "Indexed" if indexed else "NonIndexed",
         "backoffLimit": backoff_limit,
-        "podFailurePolicy": pod_failure_policy(),
+        "podFailurePolicy": pod_failure_policy(group=stage == Stage.TRAIN),
         # A replacement pod starts only once the failed one is gone: two rank-0s never race on a checkpoint.
         "podReplacementPolicy": "Failed",
         "suspend": suspend,
@@ -279,8 +284,7 @@ def child_suspended(ref: SFTJobRef, spec: SFTJobSpec) -> bool:
     return spec.suspend or ref.queued
 
 
-def render_train_job(
-    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
+def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
     names = ChildNames(ref.name)
     res = spec.resources
     nprocs = max(res.gpus_per_node, 1)
@@ -314,8 +318,9 @@ def render_train_job(
     template = _pod_template(
         ref, spec, opts, Stage.TRAIN, command, res.gpus_per_node, extra_env, subdomain=names.service
     )
-    # Every retry may take all ranks down with it (torchrun stops the group): allow backoffLimit rounds.
-    backoff = spec.run_policy.backoff_limit * res.nodes
+    # backoffLimit 0: the first failed rank fails the Job, whose controller then stops the other ranks at once;
+    # the operator restarts the whole group (render/recovery.py) and counts against runPolicy.backoffLimit.
+    backoff = 0
     return _job(
         ref,
         spec,
@@ -328,8 +333,7 @@ def render_train_job(
     )
 
 
-def render_eval_job(
-    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
+def render_eval_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
     command = ["python", "-m", "sftjob_trainer", "eval", "--config", CONFIG_PATH]
     gpus = min(spec.resources.gpus_per_node, 1)
     template = _pod_template(ref, spec, opts, Stage.EVAL, command, gpus)
@@ -345,8 +349,7 @@ def render_eval_job(
     )
 
 
-def render_merge_job(
-    ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
+def render_merge_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
     # Merging needs host memory, not a GPU (DeepSpeed cannot merge; peft's merge_and_unload runs on CPU).
     command = ["python", "-m", "sftjob_trainer", "merge", "--config", CONFIG_PATH]
     template = _pod_template(ref, spec, opts, Stage.MERGE, command, 0)

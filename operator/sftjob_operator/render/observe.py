@@ -36,6 +36,7 @@ class JobObs:
     failed_message: str = ""
     start_time: datetime | None = None
     uid: str = ""
+    deleting: bool = False  # deletionTimestamp set (a group restart tears it down)
 
     @property
     def finished(self) -> bool:
@@ -75,6 +76,7 @@ def observe_job(job: Obj) -> JobObs:
         failed_reason=failed_reason,
         failed_message=failed_message,
         start_time=parse_time(status.get("startTime")),
+        deleting=bool(meta.get("deletionTimestamp")),
     )
 
 
@@ -101,6 +103,9 @@ class PodObs:
     termination_message: str | None = None
     exit_code: int | None = None
     labels: tuple[tuple[str, str], ...] = field(default=())
+    terminated_reason: str | None = None  # the container's, e.g. OOMKilled, Error
+    reason: str | None = None  # the pod's status.reason, e.g. Evicted
+    disruption: str | None = None  # condition DisruptionTarget=True: "<reason>: <message>"
 
 
 def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
@@ -109,7 +114,12 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
     lab = meta.get("labels") or {}
     unschedulable: str | None = None
     scheduled = False
+    disruption: str | None = None
     for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            disruption = f"{cond.get('reason') or 'DisruptionTarget'}: {cond.get('message') or ''}".rstrip(
+                ": "
+            )
         if cond.get("type") == "PodScheduled":
             if cond.get("status") == "True":
                 scheduled = True
@@ -118,6 +128,7 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
     waiting: list[Waiting] = []
     term_msg: str | None = None
     exit_code: int | None = None
+    terminated_reason: str | None = None
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if state.get("waiting"):
@@ -129,6 +140,7 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
                 term_msg = str(t["message"])
             if t.get("exitCode") is not None:
                 exit_code = int(t["exitCode"])
+            terminated_reason = str(t.get("reason") or "") or terminated_reason
     raw_index = lab.get(index_label) or (meta.get("annotations") or {}).get(index_label)
     return PodObs(
         name=str(meta.get("name", "")),
@@ -143,6 +155,9 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
         waiting=tuple(waiting),
         termination_message=term_msg,
         exit_code=exit_code,
+        terminated_reason=terminated_reason,
+        reason=status.get("reason") or None,
+        disruption=disruption,
     )
 
 

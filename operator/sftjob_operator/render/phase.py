@@ -48,6 +48,11 @@ class Observed:
     stuck_failure: str | None = None  # set when pods were Stuck past runPolicy.failWhenStuckSeconds
     # The eval pod exited with the trainer's EVAL_GATE_FAILED code; its termination message says which gate.
     eval_gate_exit: str | None = None
+    # A group restart is under way (render/recovery.py): the failed or stalled train Job is being torn down
+    # or re-created. The message says why.
+    group_restart: str | None = None
+    # A retryable failure (or stall) with runPolicy.backoffLimit used up: the message says which.
+    restarts_exhausted: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,9 @@ def _train_failure(job: JobObs) -> Decision:
         return Decision(FAILED, Reason.TRAINING_FAILED, f"trainer exited with a permanent error: {detail}")
     if reason == "BackoffLimitExceeded":
         return Decision(
-            FAILED, Reason.BACKOFF, f"the trainer failed more often than runPolicy.backoffLimit allows: {detail}"
+            FAILED,
+            Reason.BACKOFF,
+            f"the trainer failed more often than runPolicy.backoffLimit allows: {detail}",
         )
     if reason == "DeadlineExceeded":
         return Decision(FAILED, Reason.DEADLINE, f"runPolicy.activeDeadlineSeconds exceeded: {detail}")
@@ -84,6 +91,14 @@ def next_phase(obs: Observed) -> Decision:
         return Decision(obs.phase, "", "")
     if obs.stuck_failure is not None:
         return Decision(FAILED, Reason.STUCK, obs.stuck_failure)
+    if obs.restarts_exhausted is not None:
+        return Decision(FAILED, Reason.BACKOFF, obs.restarts_exhausted)
+    if obs.group_restart is not None:
+        if obs.suspend:
+            return Decision(
+                SUSPENDED, Reason.SUSPENDED, "spec.suspend is true; the training group restarts on resume"
+            )
+        return Decision(TRAINING, Reason.RESTARTING, obs.group_restart)
 
     train = obs.train
     if train is None:
@@ -120,20 +135,33 @@ def next_phase(obs: Observed) -> Decision:
                 Reason.RESTARTING,
                 f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
             )
+        if obs.phase == TRAINING and train.active > 0:
+            # A re-created group (or a replaced pod) whose pods do not run yet.
+            return Decision(
+                TRAINING, Reason.RESTARTING, f"waiting for {train.completions} trainer pod(s) to start"
+            )
         if obs.phase == TRAINING:
             # Pods finished; the Job controller has not marked the Job complete yet.
-            return Decision(TRAINING, Reason.FINISHING, "trainer pod(s) finished; waiting for the Job to complete")
-        return Decision(PENDING, Reason.PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start")
+            return Decision(
+                TRAINING, Reason.FINISHING, "trainer pod(s) finished; waiting for the Job to complete"
+            )
+        return Decision(
+            PENDING, Reason.PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start"
+        )
 
     # Training is complete.
     if Stage.EVAL in obs.stages:
         ev = obs.eval
         if ev is None:
             if obs.suspend:
-                return Decision(SUSPENDED, Reason.SUSPENDED, "training done; evaluation waits for spec.suspend")
+                return Decision(
+                    SUSPENDED, Reason.SUSPENDED, "training done; evaluation waits for spec.suspend"
+                )
             return Decision(EVALUATING, Reason.EVAL_RUNNING, "training complete; starting evaluation")
         if ev.failed_reason is not None and obs.eval_gate_exit is not None:
-            return Decision(FAILED, Reason.GATE_FAILED, "eval gates failed (adapter kept): " + obs.eval_gate_exit)
+            return Decision(
+                FAILED, Reason.GATE_FAILED, "eval gates failed (adapter kept): " + obs.eval_gate_exit
+            )
         if ev.failed_reason is not None:
             return Decision(
                 FAILED,
@@ -148,7 +176,9 @@ def next_phase(obs: Observed) -> Decision:
             return Decision(EVALUATING, Reason.EVAL_RUNNING, "evaluating the adapter on held-out data")
         if obs.gate_failures:
             return Decision(
-                FAILED, Reason.GATE_FAILED, "eval gates failed (adapter kept): " + "; ".join(obs.gate_failures)
+                FAILED,
+                Reason.GATE_FAILED,
+                "eval gates failed (adapter kept): " + "; ".join(obs.gate_failures),
             )
 
     if Stage.MERGE in obs.stages:

@@ -56,7 +56,9 @@ class EvalOutcome:
     gate_exit: str | None = None
 
 
-def eval_outcome(spec: SFTJobSpec, eval_job: JobObs | None, pods: list[PodObs], prev: SFTJobStatus) -> EvalOutcome:
+def eval_outcome(
+    spec: SFTJobSpec, eval_job: JobObs | None, pods: list[PodObs], prev: SFTJobStatus
+) -> EvalOutcome:
     if eval_job is None or not eval_job.finished:
         return EvalOutcome()
     eval_pods = [p for p in pods if p.stage == Stage.EVAL]
@@ -105,7 +107,8 @@ def build_status(
         conditions=conds,
         observed_generation=generation,
         start_time=prev.start_time or parse_time(meta.get("creationTimestamp")) or now,
-        restarts=max(prev.restarts, obs.train.failed if obs.train else 0),
+        restarts=prev.restarts,  # group restarts: counted by render/recovery.py
+        recoveries=prev.recoveries,
         progress=prev.progress,
         training_start_time=prev.training_start_time,
         completion_time=prev.completion_time,

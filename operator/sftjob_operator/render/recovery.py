@@ -1,0 +1,243 @@
+"""Group recovery, decided purely: why a training group failed, whether its restart counts against
+runPolicy.backoffLimit, whether a run has stalled, and the status.recoveries entry of a restart.
+
+The mechanism (see docs/recovery.md): the train Job runs with `backoffLimit: 0`, so the first failed pod
+fails the whole Job and the Job controller terminates the surviving ranks at once; the operator then records
+one recovery, deletes the Job (foreground: its pods are gone before it is) and creates it again, and the new
+group resumes from the newest complete checkpoint. A stall is handled the same way, without the Job failing.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass, replace
+from datetime import datetime
+from itertools import pairwise
+
+from sftjob_api.run_policy import RunPolicy
+from sftjob_api.status import MAX_RECOVERIES, Condition, Recovery, SFTJobStatus
+
+from .conditions import get_condition, set_condition
+from .observe import JobObs, PodObs
+
+# The Job's failure reasons that a group restart answers (the rest are final: PodFailurePolicy = a permanent
+# exit code, DeadlineExceeded = runPolicy.activeDeadlineSeconds).
+RETRYABLE_JOB_FAILURES = ("BackoffLimitExceeded",)
+STALLED = "Stalled"
+# How many step advances the median step time is taken over.
+STEP_WINDOW = 20
+
+_CHECKPOINT_STEP = re.compile(r"/checkpoints/step-(\d+)/?$")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What took the group down."""
+
+    cause: str
+    counted: bool
+
+
+def classify_failure(pods: list[PodObs]) -> Failure:
+    """The failed train pods of one Job attempt -> the cause. A disrupted pod (preemption, drain, eviction,
+    node lost: pod condition DisruptionTarget) makes the whole failure uncounted: the survivors' own errors
+    (connection reset) are consequences of it."""
+    failed = sorted(
+        (p for p in pods if p.phase == "Failed"), key=lambda p: (p.deleting, p.index or 0, p.name)
+    )
+    disrupted = next((p for p in failed if p.disruption), None)
+    if disrupted is not None:
+        return Failure(
+            f"pod {disrupted.name} (rank {disrupted.index}) disrupted: {disrupted.disruption}", False
+        )
+    if not failed:
+        return Failure("a training pod failed", True)
+    first = failed[0]
+    if first.terminated_reason and first.terminated_reason not in ("Error", "Completed"):
+        what = first.terminated_reason  # e.g. OOMKilled
+        if first.exit_code is not None:
+            what += f", exit code {first.exit_code}"
+    elif first.exit_code is not None:
+        what = f"exit code {first.exit_code}"
+    else:
+        what = first.reason or "failed"
+    return Failure(f"pod {first.name} (rank {first.index}) {what}", True)
+
+
+def checkpoint_step_of(uri: str | None) -> int:
+    """Step of status.artifacts.latestCheckpoint (`.../checkpoints/step-N/`); 0 when there is none."""
+    m = _CHECKPOINT_STEP.search(uri or "")
+    return int(m.group(1)) if m else 0
+
+
+def recovered(status: SFTJobStatus, job_uid: str) -> bool:
+    """Whether the Job attempt `job_uid` was already restarted (a recovery is recorded once per attempt)."""
+    return bool(job_uid) and any(r.train_job_uid == job_uid for r in status.recoveries)
+
+
+def budget_left(status: SFTJobStatus, policy: RunPolicy) -> bool:
+    return status.restarts < policy.backoff_limit
+
+
+def record_recovery(prev: SFTJobStatus, failure: Failure, job: JobObs, now: datetime) -> SFTJobStatus:
+    """prev + one recovery (bounded list, newest last); restarts +1 when it counts."""
+    resumed = checkpoint_step_of(prev.artifacts.latest_checkpoint if prev.artifacts else None)
+    failed_step = prev.progress.step if prev.progress else None
+    entry = Recovery(
+        time=now,
+        cause=failure.cause[:1024],
+        counted=failure.counted,
+        failed_step=failed_step,
+        resumed_from_step=resumed,
+        steps_lost=max(failed_step - resumed, 0) if failed_step is not None else None,
+        train_job_uid=job.uid,
+    )
+    return prev.model_copy(
+        update={
+            "recoveries": [*prev.recoveries, entry][-MAX_RECOVERIES:],
+            "restarts": prev.restarts + (1 if failure.counted else 0),
+        }
+    )
+
+
+def with_downtime(status: SFTJobStatus, step: int, now: datetime) -> SFTJobStatus | None:
+    """The newest recovery gets its downtime when a step after the one it resumed from is first seen."""
+    if not status.recoveries:
+        return None
+    last = status.recoveries[-1]
+    if last.downtime_seconds is not None or step <= last.resumed_from_step or now <= last.time:
+        return None
+    done = last.model_copy(update={"downtime_seconds": round((now - last.time).total_seconds(), 1)})
+    return status.model_copy(update={"recoveries": [*status.recoveries[:-1], done]})
+
+
+# ---- hang detection -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepClock:
+    """When each new step value was first seen for one train Job attempt (the progress reader feeds it)."""
+
+    job_uid: str = ""
+    advances: list[tuple[datetime, int]] | None = None
+
+    def observe(self, job_uid: str, step: int, now: datetime) -> None:
+        if job_uid != self.job_uid or not self.advances or step < self.advances[-1][1]:
+            self.job_uid, self.advances = job_uid, [(now, step)]
+        elif step > self.advances[-1][1]:
+            self.advances = [*self.advances, (now, step)][-(STEP_WINDOW + 1) :]
+
+
+@dataclass(frozen=True)
+class Stall:
+    step: int
+    seconds: float
+    threshold: float
+
+    @property
+    def message(self) -> str:
+        return (
+            f"step {self.step} has not advanced for {self.seconds:.0f}s"
+            f" (threshold {self.threshold:.0f}s: runPolicy.stallFactor x median step time,"
+            " at least runPolicy.stallFloorSeconds)"
+        )
+
+
+def median_step_seconds(advances: list[tuple[datetime, int]]) -> float | None:
+    per_step = [(t1 - t0).total_seconds() / (s1 - s0) for (t0, s0), (t1, s1) in pairwise(advances) if s1 > s0]
+    return statistics.median(per_step) if per_step else None
+
+
+def detect_stall(clock: StepClock, job_uid: str, policy: RunPolicy, now: datetime) -> Stall | None:
+    """A stall: the step of this Job attempt unchanged for max(stallFloorSeconds, stallFactor x median step
+    time). None when disabled (stallFactor 0), before any step was seen, or for another attempt's clock."""
+    if policy.stall_factor <= 0 or not clock.advances or clock.job_uid != job_uid:
+        return None
+    since, step = clock.advances[-1]
+    median = median_step_seconds(clock.advances)
+    threshold = max(float(policy.stall_floor_seconds), policy.stall_factor * (median or 0.0))
+    seconds = (now - since).total_seconds()
+    return Stall(step, seconds, threshold) if seconds >= threshold else None
+
+
+# ---- the plan of one reconcile ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RestartPlan:
+    status: SFTJobStatus  # the previous status, plus the recovery recorded now (if any)
+    group_restart: str | None = None  # phase Training/Restarting with this message
+    exhausted: str | None = None  # phase Failed/BackoffLimitExceeded with this message
+    delete: JobObs | None = None  # the train Job attempt to tear down (after the status is written)
+    stall: Stall | None = None  # the stall seen now (condition Stalled)
+
+
+def plan_restart(
+    prev: SFTJobStatus,
+    policy: RunPolicy,
+    train: JobObs | None,
+    train_pods: list[PodObs],
+    stall: Stall | None,
+    now: datetime,
+) -> RestartPlan:
+    """What a group restart needs now: record it (once per Job attempt), tear down, wait, or give up."""
+    return replace(_plan(prev, policy, train, train_pods, stall, now), stall=stall)
+
+
+def _plan(
+    prev: SFTJobStatus,
+    policy: RunPolicy,
+    train: JobObs | None,
+    train_pods: list[PodObs],
+    stall: Stall | None,
+    now: datetime,
+) -> RestartPlan:
+    last = prev.recoveries[-1] if prev.recoveries else None
+    if train is None:
+        if last is not None and last.downtime_seconds is None and prev.phase == "Training":
+            return RestartPlan(prev, group_restart=f"re-creating the training group after {last.cause}")
+        return RestartPlan(prev)
+    if train.deleting:
+        cause = last.cause if last is not None else "its deletion"
+        return RestartPlan(prev, group_restart=f"tearing down the training group after {cause}")
+    failure: Failure | None = None
+    if train.failed_reason in RETRYABLE_JOB_FAILURES:
+        failure = classify_failure(train_pods)
+    elif stall is not None and not train.finished and not train.suspended:
+        failure = Failure(f"{STALLED}: {stall.message}", True)
+    if failure is None:
+        return RestartPlan(prev)
+    if recovered(prev, train.uid):
+        return RestartPlan(
+            prev, group_restart=f"tearing down the training group after {failure.cause}", delete=train
+        )
+    if failure.counted and not budget_left(prev, policy):
+        return RestartPlan(
+            prev,
+            exhausted=f"{failure.cause}; {prev.restarts} group restart(s) used, runPolicy.backoffLimit is"
+            f" {policy.backoff_limit}",
+        )
+    status = record_recovery(prev, failure, train, now)
+    entry = status.recoveries[-1]
+    count = f"restart {status.restarts}/{policy.backoff_limit}" if failure.counted else "not counted"
+    lost = f", {entry.steps_lost} step(s) lost" if entry.steps_lost is not None else ""
+    return RestartPlan(
+        status,
+        group_restart=f"restarting every rank from step {entry.resumed_from_step} after {failure.cause}"
+        f" ({count}{lost})",
+        delete=train,
+    )
+
+
+def stalled_condition(
+    conds: list[Condition], plan: RestartPlan, now: datetime, generation: int | None
+) -> list[Condition]:
+    """Stalled=True while a stall is seen (the message names the last step and the time since it advanced);
+    False once it is not (the group was restarted, or the step moved again)."""
+    if plan.stall is not None:
+        return set_condition(conds, "Stalled", "True", STALLED, plan.stall.message, now, generation)
+    old = get_condition(conds, "Stalled")
+    if old is not None and old.status == "True":
+        return set_condition(conds, "Stalled", "False", "Progressing", f"was: {old.message}", now, generation)
+    return conds

@@ -1,0 +1,174 @@
+"""Group recovery on the real control plane with KWOK nodes (docs/recovery.md): one rank's retryable
+failure restarts every rank together and counts once; a permanent code on any rank fails at once; a
+step counter that stops advancing is a stall, restarted like a failure. Rank 0's progress comes from the
+trainer's own metrics exporter served on the loopback address KWOK gave the pod."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import Operator, apply, condition, events, sftjob, status, wait_phase
+from testbed.procs import wait_until
+
+from sftjob_trainer.metrics import TrainerMetrics
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+TWO_RANKS = {"nodes": 2, "gpusPerNode": 1}
+NO_EVAL_MERGE = {"eval": {"enabled": False}, "merge": {"enabled": False}}
+
+
+def train_pods(kube: Any, ns: str) -> list[dict[str, Any]]:
+    return list(kube.get_json("pods", "-n", ns, "-l", "sft.tuning.dev/stage=train")["items"])
+
+
+def running(kube: Any, ns: str, n: int) -> list[dict[str, Any]] | None:
+    """The n Running, not terminating train pods (by completion index), once there are n."""
+    live = [
+        p
+        for p in train_pods(kube, ns)
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+    live.sort(key=lambda p: int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]))
+    return live if len(live) == n else None
+
+
+def train_job_uid(kube: Any, ns: str, name: str) -> str | None:
+    r = kube.kubectl("get", "job", f"{name}-train", "-n", ns, "-o", "jsonpath={.metadata.uid}", check=False)
+    return r.stdout.strip() or None
+
+
+def annotate(kube: Any, ns: str, pod: dict[str, Any], code: int) -> None:
+    name = pod["metadata"]["name"]
+    kube.kubectl(
+        "annotate", "pod", name, "-n", ns, f"kwok.sftjob.dev/exit-code={code}", "kwok.sftjob.dev/delay=0s",
+        "--overwrite",
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def rank0_exporter(
+    pod: dict[str, Any], ns: str, name: str, port: int, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TrainerMetrics]:
+    """The trainer's metrics exporter on the rank-0 pod's own (loopback) address."""
+    ip = pod["status"]["podIP"]
+    assert ip.startswith("127."), ip
+    monkeypatch.setenv("SFTJOB_METRICS_ADDR", ip)
+    tm = TrainerMetrics(ns, name, 0, port)
+    try:
+        yield tm
+    finally:
+        tm.server.shutdown()
+        tm.server.server_close()
+
+
+def test_one_rank_fails_retryably_whole_group_restarts_once(
+    sftjob_crd: Any, namespace: str, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kube, ns = sftjob_crd, namespace
+    apply(kube, ns, sftjob("grp", delay="600s", resources=TWO_RANKS, **NO_EVAL_MERGE))
+    wait_phase(kube, ns, "grp", "Training", 60, operator)
+    pods0 = wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
+    uid0 = train_job_uid(kube, ns, "grp")
+    with rank0_exporter(pods0[0], ns, "grp", operator.trainer_metrics_port, monkeypatch) as tm:
+        tm.step.set(57)
+        tm.checkpoint_step.set(40)
+        wait_until(
+            lambda: (
+                (status(kube, ns, "grp").get("artifacts") or {})
+                .get("latestCheckpoint", "")
+                .endswith("step-40/")
+                and (status(kube, ns, "grp").get("progress") or {}).get("step") == 57
+            ),
+            30,
+            "progress 57 and checkpoint 40 seen",
+        )
+        t0 = time.monotonic()
+        annotate(kube, ns, pods0[1], 1)  # rank 1 crashes; rank 0 is still running
+        old = {p["metadata"]["name"] for p in pods0}
+        wait_until(
+            lambda: not old & {p["metadata"]["name"] for p in train_pods(kube, ns)}, 60, "old group gone"
+        )
+        teardown = time.monotonic() - t0
+    pods1 = wait_until(lambda: running(kube, ns, 2), 60, "restarted group running")
+    restarted = time.monotonic() - t0
+    assert train_job_uid(kube, ns, "grp") not in (None, uid0)  # a new Job attempt
+    st = status(kube, ns, "grp")
+    assert st["phase"] == "Training" and st["restarts"] == 1, st  # one failure of a 2-rank group: +1, not +2
+    [rec] = st["recoveries"]
+    assert rec["counted"] and "(rank 1) exit code 1" in rec["cause"], rec
+    assert (rec["failedStep"], rec["resumedFromStep"], rec["stepsLost"]) == (57, 40, 17), rec
+    assert any(e["reason"] == "TrainerRestarted" for e in events(kube, ns, "grp"))
+    # the new group resumes from step 40: its first later step closes the recovery's downtime
+    with rank0_exporter(pods1[0], ns, "grp", operator.trainer_metrics_port, monkeypatch) as tm:
+        tm.step.set(41)
+        rec = wait_until(
+            lambda: next(iter(status(kube, ns, "grp")["recoveries"][-1:]), {}).get("downtimeSeconds") and
+            status(kube, ns, "grp")["recoveries"][-1],
+            30,
+            "downtime recorded",
+        )  # fmt: skip
+    text = operator.metrics()
+    assert 'sftjob_operator_recoveries_total{cause="Failed"} 1.0' in text, text
+    assert "sftjob_operator_recovery_seconds_count 1.0" in text
+    print(
+        f"\nrank 1 exit 1: old group gone {teardown:.1f}s, new group running {restarted:.1f}s after the failure;"
+        f" downtime (to the first step seen) {rec['downtimeSeconds']}s; steps lost {rec['stepsLost']}"
+    )
+
+
+def test_permanent_code_on_any_rank_fails_at_once(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
+    kube, ns = sftjob_crd, namespace
+    apply(kube, ns, sftjob("perm2", delay="600s", resources=TWO_RANKS, **NO_EVAL_MERGE))
+    wait_phase(kube, ns, "perm2", "Training", 60, operator)
+    pods0 = wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
+    annotate(kube, ns, pods0[1], 2)
+    st = wait_phase(kube, ns, "perm2", ("Failed", "Succeeded"), 60, operator)
+    assert (st["phase"], st["reason"]) == ("Failed", "TrainingFailed"), st
+    assert st["restarts"] == 0 and not st.get("recoveries"), st
+
+
+def test_stalled_step_counter_sets_stalled_then_restarts_the_group(
+    sftjob_crd: Any, namespace: str, operator: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kube, ns = sftjob_crd, namespace
+    policy = {"stallFactor": 3, "stallFloorSeconds": 10, "backoffLimit": 2}
+    apply(kube, ns, sftjob("stall", delay="600s", resources=TWO_RANKS, runPolicy=policy, **NO_EVAL_MERGE))
+    wait_phase(kube, ns, "stall", "Training", 60, operator)
+    pods0 = wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
+    uid0 = train_job_uid(kube, ns, "stall")
+    with rank0_exporter(pods0[0], ns, "stall", operator.trainer_metrics_port, monkeypatch) as tm:
+        for step in range(1, 6):  # one step a second...
+            tm.step.set(step)
+            time.sleep(1.0)
+        t0 = (
+            time.monotonic()
+        )  # ...then the counter stops (a hung collective; the exporter thread still answers)
+        st = wait_until(
+            lambda: (
+                (s := status(kube, ns, "stall")) and condition(s, "Stalled").get("status") == "True" and s
+            ),
+            60,
+            "Stalled=True",
+        )
+        stalled_after = time.monotonic() - t0
+    msg = condition(st, "Stalled")["message"]
+    assert msg.startswith("step 5 has not advanced for "), msg
+    assert stalled_after >= 9, stalled_after  # the floor (10 s), counted from when step 5 was first seen
+    wait_until(lambda: train_job_uid(kube, ns, "stall") not in (None, uid0), 60, "train Job re-created")
+    st = wait_until(
+        lambda: (s := status(kube, ns, "stall")) and condition(s, "Stalled").get("status") == "False" and s,
+        60,
+        "Stalled=False after the restart",
+    )
+    [rec] = st["recoveries"]
+    assert rec["cause"].startswith("Stalled: step 5") and rec["counted"] and rec["failedStep"] == 5, rec
+    assert st["restarts"] == 1 and st["phase"] == "Training", st
+    assert 'sftjob_operator_recoveries_total{cause="Stalled"} 1.0' in operator.metrics()
+    print(f"\nstall: Stalled=True {stalled_after:.1f}s after the last step (floor 10 s)")
