@@ -177,10 +177,16 @@ class Recorder:
         with self.lock:
             return len(self.live_children.get(name, ()))
 
-    def duplicates(self) -> dict[str, int]:
-        """Children created more than once (a second uid under one SFTJob/kind/stage), by key."""
+    def uids(self, name: str, resource: str, stage: str) -> int:
         with self.lock:
-            return {"/".join(k): len(v) - 1 for k, v in self.children.items() if len(v) > 1}
+            return len(self.children.get((name, resource, stage), ()))
+
+    def duplicates(self, allowed: Callable[[str, str, str], int]) -> dict[str, int]:
+        """Children created more often than `allowed(sftjob, kind, stage)` (1, but for the train Job one
+        more per group restart the status records: docs/recovery.md), by key."""
+        with self.lock:
+            counts = {k: len(v) for k, v in self.children.items()}
+        return {"/".join(k): n - allowed(*k) for k, n in counts.items() if n > allowed(*k)}
 
 
 class Watches:
