@@ -164,10 +164,18 @@ OPERATOR_PANELS = [
         description="95th percentile of handler duration.",
     ),
     Panel(
-        "Trainer restarts",
-        "sum(increase(sftjob_operator_restarts_total[1h]))",
-        legend="restarts",
-        description="Retryable trainer failures resumed from a checkpoint.",
+        "Group restarts",
+        "sum by (cause) (increase(sftjob_operator_recoveries_total[1h]))",
+        legend="{{cause}}",
+        description="Training groups restarted from a checkpoint, by cause (Failed, Disrupted, Stalled);"
+        " docs/recovery.md.",
+    ),
+    Panel(
+        "Recovery time p90",
+        "histogram_quantile(0.9, sum by (le) (rate(sftjob_operator_recovery_seconds_bucket[1h])))",
+        legend="p90",
+        unit="s",
+        description="From a group restart to the first training step seen after it.",
     ),
 ]
 

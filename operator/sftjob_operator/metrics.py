@@ -21,6 +21,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from sftjob_api import Phase
 
+from .render.recovery import CAUSE_KINDS
+
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series: they double the series count for nothing here
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -81,6 +83,8 @@ PROGRESS_READS = Counter(
 
 for _phase in Phase:
     JOBS.labels(phase=_phase.value)
+for _cause in CAUSE_KINDS:  # every cause's series exists (at 0) from the start
+    RECOVERIES.labels(cause=_cause)
 
 
 class PhaseBook:

@@ -14,8 +14,10 @@ from sftjob_operator.render import objects as o
 from sftjob_operator.render import phase as ph
 from sftjob_operator.render.observe import JobObs, PodObs, observe_pod
 from sftjob_operator.render.recovery import (
+    CAUSE_KINDS,
     Failure,
     StepClock,
+    cause_kind,
     checkpoint_step_of,
     classify_failure,
     detect_stall,
@@ -227,3 +229,11 @@ def test_a_stall_restarts_the_group_counted_and_sets_the_condition() -> None:
     ) and "step 57" in cond.message
     [cleared] = stalled_condition([cond], plan_restart(plan.status, policy, None, [], None, NOW), NOW, 1)
     assert (cleared.status, cleared.reason) == ("False", "Progressing")
+
+
+def test_cause_kinds_label_the_recoveries_metric() -> None:
+    st = training()
+    for failure in (Failure("pod p (rank 0) exit code 1", True), Failure("pod p disrupted", False)):
+        st = record_recovery(st, failure, failed_job(failure.cause), NOW)
+    st = record_recovery(st, Failure("Stalled: step 5 ...", True), failed_job("s"), NOW)
+    assert [cause_kind(r) for r in st.recoveries] == list(CAUSE_KINDS) == ["Failed", "Disrupted", "Stalled"]

@@ -65,6 +65,7 @@ class Node:
         )
         self.steps: list[int] = []
         self.stderr: list[str] = []
+        self.first_error_at: float | None = None  # monotonic time of the first stderr line naming a timeout
         self._threads = [
             threading.Thread(target=self._read_out, daemon=True),
             threading.Thread(target=self._read_err, daemon=True),
@@ -81,6 +82,8 @@ class Node:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr.append(line)
+            if self.first_error_at is None and ("timed out" in line.lower() or "timeout" in line.lower()):
+                self.first_error_at = time.monotonic()
 
     def signal_tree(self, sig: int) -> None:
         for p in tree(self.proc.pid):
@@ -138,6 +141,8 @@ def survivor_exit(survivor: Node, limit: float) -> tuple[int, float]:
         rc = survivor.proc.wait(timeout=limit)
     except subprocess.TimeoutExpired:
         pytest.fail(f"survivor still running {limit}s after its peer vanished (step {survivor.steps[-1:]})")
+    if survivor.first_error_at is not None:
+        print(f"\nfirst timeout error logged {survivor.first_error_at - t0:.1f}s after the peer vanished")
     return rc, time.monotonic() - t0
 
 

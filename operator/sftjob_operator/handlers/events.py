@@ -11,6 +11,7 @@ from .. import metrics
 from ..render import phase as ph
 from ..render.conditions import get_condition
 from ..render.observe import parse_time
+from ..render.recovery import cause_kind
 from ..render.stuck import Stuck
 from .kube import Kube
 from .state import Obj
@@ -33,7 +34,7 @@ def record_transition(
         metrics.RESTARTS.inc(status.restarts - prev.restarts)
     new = status.recoveries[-1] if status.recoveries else None
     if new is not None and new.train_job_uid not in {r.train_job_uid for r in prev.recoveries}:
-        cause = "Stalled" if new.cause.startswith("Stalled") else "Failed" if new.counted else "Disrupted"
+        cause = cause_kind(new)
         metrics.RECOVERIES.labels(cause=cause).inc()
         kube.post_event(body, "Warning", "TrainerRestarted", f"group restart ({cause}): {decision.message}")
     if prev_phase != new_phase or prev.reason != decision.reason:

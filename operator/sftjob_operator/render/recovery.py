@@ -31,6 +31,15 @@ STEP_WINDOW = 20
 _CHECKPOINT_STEP = re.compile(r"/checkpoints/step-(\d+)/?$")
 
 
+# The `cause` label of sftjob_operator_recoveries_total.
+CAUSE_KINDS = ("Failed", "Disrupted", "Stalled")
+
+
+def cause_kind(rec: Recovery) -> str:
+    """Failed (a counted pod failure), Disrupted (preemption, drain, node lost: not counted) or Stalled."""
+    return STALLED if rec.cause.startswith(STALLED) else "Failed" if rec.counted else "Disrupted"
+
+
 @dataclass(frozen=True)
 class Failure:
     """What took the group down."""
