@@ -76,13 +76,15 @@ def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch_cmd(config: str, nproc: int, port: int) -> list[str]:
+def launch_cmd(config: str, nproc: int, port: int, nnodes: int = 1, node_rank: int = 0) -> list[str]:
+    """One node's `launch` (torchrun); several nodes on loopback share `port` (node 0 hosts the store)."""
     return [
         sys.executable,
         "-m",
         "sftjob_trainer",
         "launch",
-        "--nnodes=1",
+        f"--nnodes={nnodes}",
+        f"--node-rank={node_rank}",
         f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1",
         f"--master-port={port}",

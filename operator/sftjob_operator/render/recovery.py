@@ -191,16 +191,17 @@ def plan_restart(
     now: datetime,
 ) -> RestartPlan:
     """What a group restart needs now: record it (once per Job attempt), tear down, wait, or give up."""
-    return replace(_plan(prev, policy, train, train_pods, stall, now), stall=stall)
+    failure: Failure | None = None
+    if train is not None and not train.deleting:
+        if train.failed_reason in RETRYABLE_JOB_FAILURES:
+            failure = classify_failure(train_pods)
+        elif stall is not None and not train.finished and not train.suspended:
+            failure = Failure(f"{STALLED}: {stall.message}", True)
+    return replace(_plan(prev, policy, train, failure, now), stall=stall)
 
 
 def _plan(
-    prev: SFTJobStatus,
-    policy: RunPolicy,
-    train: JobObs | None,
-    train_pods: list[PodObs],
-    stall: Stall | None,
-    now: datetime,
+    prev: SFTJobStatus, policy: RunPolicy, train: JobObs | None, failure: Failure | None, now: datetime
 ) -> RestartPlan:
     last = prev.recoveries[-1] if prev.recoveries else None
     if train is None:
@@ -210,11 +211,6 @@ def _plan(
     if train.deleting:
         cause = last.cause if last is not None else "its deletion"
         return RestartPlan(prev, group_restart=f"tearing down the training group after {cause}")
-    failure: Failure | None = None
-    if train.failed_reason in RETRYABLE_JOB_FAILURES:
-        failure = classify_failure(train_pods)
-    elif stall is not None and not train.finished and not train.suspended:
-        failure = Failure(f"{STALLED}: {stall.message}", True)
     if failure is None:
         return RestartPlan(prev)
     if recovered(prev, train.uid):
