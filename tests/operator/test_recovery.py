@@ -114,6 +114,10 @@ def test_oom_and_disruption_causes() -> None:
     # a disruption anywhere in the group: not counted, even though another rank crashed because of it
     f = classify_failure([pod("p-0", 0, exit_code=1), evicted])
     assert not f.counted and "p-1" in f.cause and "PreemptionByScheduler" in f.cause
+    # ... also while the evicted rank is still terminating (checkpointing) and another rank failed first
+    terminating = pod("p-1", 1, phase="Running", deleting=True, disruption="EvictionByEvictionAPI: drain")
+    f = classify_failure([pod("p-0", 0, exit_code=143), terminating])
+    assert not f.counted and "EvictionByEvictionAPI" in f.cause
 
 
 # ---- counting and accounting --------------------------------------------------------------------------------

@@ -49,13 +49,14 @@ class Failure:
 
 
 def classify_failure(pods: list[PodObs]) -> Failure:
-    """The failed train pods of one Job attempt -> the cause. A disrupted pod (preemption, drain, eviction,
-    node lost: pod condition DisruptionTarget) makes the whole failure uncounted: the survivors' own errors
-    (connection reset) are consequences of it."""
+    """The train pods of one failed Job attempt -> the cause. A disrupted pod (preemption, drain, eviction,
+    node lost: pod condition DisruptionTarget), failed or still terminating, makes the whole failure
+    uncounted: the other ranks' errors (connection reset, or exit 143 after the checkpoint all ranks agree
+    on when one gets SIGTERM) are its consequences and may well reach the Job first."""
+    disrupted = next((p for p in sorted(pods, key=lambda p: (p.index or 0, p.name)) if p.disruption), None)
     failed = sorted(
         (p for p in pods if p.phase == "Failed"), key=lambda p: (p.deleting, p.index or 0, p.name)
     )
-    disrupted = next((p for p in failed if p.disruption), None)
     if disrupted is not None:
         return Failure(
             f"pod {disrupted.name} (rank {disrupted.index}) disrupted: {disrupted.disruption}", False
