@@ -8,8 +8,8 @@ Kinds (cycled in this order, so any count >= 6 has every kind):
 | retry     | the first train pod is made to exit 1 (retryable); the next succeeds   | Succeeded/Succeeded, restarts 1 |
 | permanent | train pods exit 2 (the trainer's permanent code: podFailurePolicy)     | Failed/TrainingFailed          |
 | gate      | eval reports evalLoss 1.25 against maxEvalLoss 1.0                     | Failed/EvalGateFailed          |
-| suspend   | spec.suspend set while Training, cleared once Suspended                | Succeeded/Succeeded            |
-| delete    | the SFTJob is deleted while Training                                   | gone, and every child gone     |
+| suspend   | spec.suspend set while Pending/Training, cleared once Suspended        | Succeeded/Succeeded            |
+| delete    | the SFTJob is deleted while Pending/Training                           | gone, and every child gone     |
 
 The driver keeps at most `max_inflight` SFTJobs unfinished (every pod asks for one of the test bed's 32
 GPUs, so none waits for capacity), acts on what the watches report, and never asserts on time: the campaign
@@ -123,7 +123,7 @@ class Campaign:
         seen = self.rec.current(lc.name)
         phase = seen.phase if seen else None
         if lc.kind == "delete":
-            deleting = "deleted" not in lc.acted and phase == "Training"
+            deleting = "deleted" not in lc.acted and phase in ("Pending", "Training")
             if deleting and self._kubectl("delete", "sftjob", lc.name, "--wait=false"):
                 lc.acted.append("deleted")
             if seen is not None and seen.deleted and self.rec.children_left(lc.name) == 0:
@@ -137,7 +137,7 @@ class Campaign:
                     break
         if lc.kind == "suspend":
             if "suspended" not in lc.acted:
-                if phase == "Training" and self._patch_suspend(lc, True):
+                if phase in ("Pending", "Training") and self._patch_suspend(lc, True):
                     lc.acted.append("suspended")
             elif "resumed" not in lc.acted and phase == "Suspended" and self._patch_suspend(lc, False):
                 lc.acted.append("resumed")
@@ -200,6 +200,8 @@ class Campaign:
                 # the annotated pod had finished already: the test missed, not the operator
                 return f"not injected: one train Job, failed=0 (driver: {lc.acted})"
             return f"restarts {st.get('restarts')}, expected 1 (train Job failed={failed})"
+        if lc.kind == "suspend" and "suspended" not in lc.acted:
+            return "not injected: it ended before the driver saw it Pending or Training"
         if lc.kind == "suspend" and "Suspended" not in [h[0] for h in seen.history]:
             return f"never Suspended (driver: {lc.acted})"
         return "ok"
@@ -220,9 +222,13 @@ class Campaign:
         wrong = {
             lc.name: lc.verdict
             for lc in self.lifecycles
-            if lc.verdict != "ok" and not lc.verdict.startswith(("stuck", "never", "not injected"))
+            if lc.verdict != "ok" and not lc.verdict.startswith(("stuck", "never submitted", "not injected"))
         }
-        stuck = {lc.name: lc.verdict for lc in self.lifecycles if lc.verdict.startswith(("stuck", "never"))}
+        stuck = {
+            lc.name: lc.verdict
+            for lc in self.lifecycles
+            if lc.verdict.startswith(("stuck", "never submitted"))
+        }
         durations = sorted(lc.ended - lc.submitted for lc in self.lifecycles if lc.done)
         return {
             "lifecycles": len(self.lifecycles),
@@ -231,7 +237,9 @@ class Campaign:
             "stuck": stuck,
             "wrong_outcome": wrong,
             "correct": sum(1 for lc in self.lifecycles if lc.verdict == "ok"),
-            "fault_not_injected": missed,  # a retry whose pod finished before the driver failed it
+            # a retry whose pod finished before the driver failed it, a suspend that ended before the driver
+            # saw it running: the test missed its chance, the operator did nothing wrong
+            "fault_not_injected": missed,
             "regressions": back,
             "status_events_watched": sum(len(s.history) for s in seens),
             "settle_s": round(settled_s, 1),
