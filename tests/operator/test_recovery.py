@@ -24,6 +24,7 @@ from sftjob_operator.render.recovery import (
     median_step_seconds,
     plan_restart,
     record_recovery,
+    stall_now,
     stalled_condition,
     with_downtime,
 )
@@ -241,3 +242,19 @@ def test_cause_kinds_label_the_recoveries_metric() -> None:
         st = record_recovery(st, failure, failed_job(failure.cause), NOW)
     st = record_recovery(st, Failure("Stalled: step 5 ...", True), failed_job("s"), NOW)
     assert [cause_kind(r) for r in st.recoveries] == list(CAUSE_KINDS) == ["Failed", "Disrupted", "Stalled"]
+
+
+def test_only_a_running_training_group_is_judged_and_a_pause_restarts_the_clock() -> None:
+    policy = RunPolicy(stall_factor=2, stall_floor_seconds=30)
+    job = JobObs(name="run-train", uid="job-1", active=2, ready=2, completions=2)
+    later = NOW + timedelta(seconds=600)
+    c = clock((0, 56), (10, 57))
+    assert stall_now(c, job, 2, "Training", False, policy, later) is not None
+    assert stall_now(c, job, 2, "Pending", False, policy, later) is None  # e.g. queued again
+    assert stall_now(c, job, 2, "Training", True, policy, later) is None  # being suspended
+    assert c.advances  # neither forgets the clock...
+    suspended = JobObs(name="run-train", uid="job-1", suspended=True)
+    assert stall_now(c, suspended, 0, "Training", False, policy, later) is None
+    assert not c.advances  # ...but a pause does: after the resume, step 57 seen again starts a new clock
+    c.observe("job-1", 57, later)
+    assert stall_now(c, job, 2, "Training", False, policy, later + timedelta(seconds=29)) is None

@@ -25,7 +25,7 @@ from ..render import phase as ph
 from ..render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
 from ..render.objects import SFTJobRef
 from ..render.observe import JobObs, observe_job, observe_pod
-from ..render.recovery import RestartPlan, detect_stall, plan_restart, stalled_condition
+from ..render.recovery import RestartPlan, plan_restart, stall_now, stalled_condition
 from ..render.status import EvalOutcome, build_status, eval_outcome, owned_by, parse_status
 from ..render.stuck import Stuck, stuck_failure_message
 from ..render.trainer_config import cluster_output_error
@@ -172,10 +172,14 @@ class Reconciler:
                     spec.run_policy.fail_when_stuck_seconds,
                 )
 
+        running = sum(
+            1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and not p.deleting
+        )
         restart = RestartPlan(prev)
         train_job = obs_jobs.get(Stage.TRAIN)
         if spec is not None and spec_error is None:
-            stall = detect_stall(memo.steps, train_job.uid, spec.run_policy, now) if train_job else None
+            policy = spec.run_policy
+            stall = stall_now(memo.steps, train_job, running, prev_phase, spec.suspend, policy, now)
             train_pods = [p for p in pod_obs if p.stage == Stage.TRAIN]
             restart = plan_restart(prev, spec.run_policy, train_job, train_pods, stall, now)
 
@@ -189,9 +193,7 @@ class Reconciler:
             merge=obs_jobs.get(Stage.MERGE),
             stages=stages(spec) if spec else ph.ALL_STAGES,
             gate_failures=outcome.gate_failures,
-            running_train_pods=sum(
-                1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and not p.deleting
-            ),
+            running_train_pods=running,
             stuck_failure=stuck_fail,
             eval_gate_exit=outcome.gate_exit,
             group_restart=restart.group_restart,

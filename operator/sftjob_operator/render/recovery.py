@@ -159,6 +159,26 @@ def median_step_seconds(advances: list[tuple[datetime, int]]) -> float | None:
     return statistics.median(per_step) if per_step else None
 
 
+def stall_now(
+    clock: StepClock,
+    train: JobObs | None,
+    running_pods: int,
+    phase: str | None,
+    suspend: bool,
+    policy: RunPolicy,
+    now: datetime,
+) -> Stall | None:
+    """The stall to act on now. While no train pod runs (suspended, queued, between two groups) the clock
+    starts afresh, so the next step seen is not judged against the time before; only a Training run that
+    is not being suspended is judged."""
+    if train is None or train.suspended or not running_pods:
+        clock.job_uid, clock.advances = "", None
+        return None
+    if phase != "Training" or suspend:
+        return None
+    return detect_stall(clock, train.uid, policy, now)
+
+
 def detect_stall(clock: StepClock, job_uid: str, policy: RunPolicy, now: datetime) -> Stall | None:
     """A stall: the step of this Job attempt unchanged for max(stallFloorSeconds, stallFactor x median step
     time). None when disabled (stallFactor 0), before any step was seen, or for another attempt's clock."""
