@@ -111,6 +111,23 @@ def logs(kube: Any, ns: str, pod: str) -> str:
     return kube.kubectl("logs", "-n", ns, pod, check=False).stdout
 
 
+def printed_rows(table: str) -> list[dict[str, str]]:
+    """`kubectl get` output as dicts, cut at the header's column starts (cells may be empty)."""
+    header, *rows = table.splitlines()
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    names = header.split()
+    cut = [*starts[1:], None]
+    return [{n: row[a:b].strip() for n, a, b in zip(names, starts, cut, strict=True)} for row in rows]
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 # ---- the node itself -------------------------------------------------------------------------------------
 
 
@@ -195,18 +212,18 @@ def test_helm_install_to_succeeded(
     kube.kubectl(
         "apply", "-n", ns, "-f", "-", input=json.dumps(sftjob("whole-path", inputs, pod_s3.endpoint))
     )
-    seen: list[str] = []
+    seen: list[dict[str, str]] = []
 
     def training_with_loss(st: dict[str, Any]) -> bool:
-        row = kube.kubectl("get", "sft", "whole-path", "-n", ns, "--no-headers").stdout.split()
-        seen.append(" ".join(row))
+        seen.extend(printed_rows(kube.kubectl("get", "sft", "whole-path", "-n", ns).stdout))
         progress = st.get("progress") or {}
         return (
             st.get("phase") == "Training" and progress.get("loss") is not None and progress.get("step", 0) > 0
         )
 
     wait_status(kube, ns, "whole-path", training_with_loss, 600, "Training with progress and loss")
-    assert any(" Training " in row for row in seen), seen  # what `kubectl get sft` showed on the way
+    # What a user watching `kubectl get sft` saw on the way: Training, with progress and a loss.
+    assert any(r["PHASE"] == "Training" and r["PROGRESS"] and _is_float(r["LOSS"]) for r in seen), seen
 
     # Both ranks are real pods, named by the headless Service (rank 1 resolved rank 0's DNS name).
     train = pods(kube, ns, "sft.tuning.dev/stage=train")
@@ -219,11 +236,11 @@ def test_helm_install_to_succeeded(
     st = status(kube, ns, "whole-path")
     assert r.returncode == 0, json.dumps(st, indent=1)
     assert st["phase"] == "Succeeded"
-    # Eval results came from the eval pod's termination message.
-    assert st.get("evalResults", {}).get("loss") is not None, st
+    # Eval results came from the eval pod's termination message: `{"evalResults": {...}}`.
+    assert st.get("evalResults", {}).get("evalLoss") is not None, st
     eval_pod = pods(kube, ns, "sft.tuning.dev/stage=eval")[0]
     message = eval_pod["status"]["containerStatuses"][0]["state"]["terminated"].get("message", "")
-    assert json.loads(message)["loss"] == pytest.approx(st["evalResults"]["loss"]), message
+    assert json.loads(message)["evalResults"]["evalLoss"] == pytest.approx(st["evalResults"]["evalLoss"])
 
     # The manifest in S3 verifies (every artifact present with its recorded size and hash).
     from sftjob_api.manifest import verify_manifest
