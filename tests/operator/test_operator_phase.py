@@ -495,3 +495,23 @@ def test_goes_back_only_along_the_forward_chain() -> None:
     assert not ph.goes_back(None, Phase.PENDING)
     assert not ph.goes_back(Phase.SUSPENDED, Phase.PENDING)  # resuming starts over from Pending
     assert not ph.goes_back(Phase.TRAINING, Phase.SUSPENDED) and not ph.goes_back(Phase.MERGING, Phase.FAILED)
+
+
+def test_own_suspend_writes_until_the_watch_shows_them() -> None:
+    """A quick suspend/resume (tests/chaos): the watch cache does not show the operator's own suspend of the
+    Job yet, so the Job must read as suspended (to be lifted at once), not as running with a leftover pod."""
+    import time
+
+    from sftjob_operator.handlers.children import RECREATE_AFTER_S, own_suspend_writes
+    from sftjob_operator.handlers.state import Memo
+
+    memo = Memo(suspended={"x-train": (True, time.monotonic())})
+    seen = {Stage.TRAIN: job(active=1)}
+    assert own_suspend_writes(seen, memo)[Stage.TRAIN].suspended is True
+    assert "x-train" in memo.suspended
+    # once the watch shows it, the observation is all there is
+    assert own_suspend_writes({Stage.TRAIN: job(suspended=True)}, memo)[Stage.TRAIN].suspended is True
+    assert memo.suspended == {}
+    # an old write that never showed (someone else changed it since): the observation wins
+    memo.suspended["x-train"] = (True, time.monotonic() - RECREATE_AFTER_S)
+    assert own_suspend_writes(seen, memo)[Stage.TRAIN].suspended is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from datetime import datetime
 
 from kubernetes.client.exceptions import ApiException
@@ -106,4 +107,21 @@ def refresh_created(
             and time.monotonic() - memo.created[stage] < RECREATE_AFTER_S
         ):
             out[stage] = JobObs(name=ChildNames(ref.name).job(stage), suspended=spec.suspend or ref.queued)
+    return out
+
+
+def own_suspend_writes(jobs: dict[Stage, JobObs], memo: Memo) -> dict[Stage, JobObs]:
+    """A child Job's suspend as this process last wrote it, while the watch cache does not show it yet (for at
+    most RECREATE_AFTER_S; later, or once shown, what is observed wins). Without it a quick suspend/resume
+    lifts nothing (the Job looks running) and a leftover Running pod reads as training (tests/chaos)."""
+    out = dict(jobs)
+    for stage, job in jobs.items():
+        wrote = memo.suspended.get(job.name)
+        if wrote is None:
+            continue
+        value, at = wrote
+        if job.suspended == value or time.monotonic() - at >= RECREATE_AFTER_S:
+            memo.suspended.pop(job.name, None)
+        else:
+            out[stage] = replace(job, suspended=value)
     return out

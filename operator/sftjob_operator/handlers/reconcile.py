@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
@@ -30,7 +31,7 @@ from ..render.status import EvalOutcome, build_status, eval_outcome, owned_by, p
 from ..render.stuck import Stuck, stuck_failure_message
 from ..render.trainer_config import cluster_output_error
 from ..settings import Settings
-from .children import Children, refresh_created
+from .children import Children, own_suspend_writes, refresh_created
 from .events import record_transition
 from .kube import Kube
 from .progress import read_progress
@@ -156,7 +157,7 @@ class Reconciler:
 
         if spec is not None and spec_error is None:
             self.children.ensure_base(ref, spec, obs_jobs, memo)
-            obs_jobs = refresh_created(ref, spec, obs_jobs, memo)
+            obs_jobs = own_suspend_writes(refresh_created(ref, spec, obs_jobs, memo), memo)
 
         outcome = eval_outcome(spec, obs_jobs.get(Stage.EVAL), pod_obs, prev) if spec else EvalOutcome()
 
@@ -213,8 +214,10 @@ class Reconciler:
                     continue
                 if spec.suspend and not job.suspended:
                     self.kube.set_job_suspend(namespace, job.name, True)
+                    memo.suspended[job.name] = (True, time.monotonic())
                 elif not spec.suspend and job.suspended and not ref.queued:
                     self.kube.set_job_suspend(namespace, job.name, False)
+                    memo.suspended[job.name] = (False, time.monotonic())
 
         if decision.terminal:
             self.children.stop_unfinished(namespace, list(obs_jobs.values()))

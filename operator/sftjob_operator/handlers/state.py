@@ -100,6 +100,8 @@ class Memo:
     """Per-SFTJob memory of this process (lost on restart, rebuilt from the cluster)."""
 
     created: dict[str, float] = field(default_factory=dict)  # child key -> monotonic time of create
+    # child Job name -> (spec.suspend we wrote, monotonic time): our own writes, until the watch shows them
+    suspended: dict[str, tuple[bool, float]] = field(default_factory=dict)
     last_progress_write: float = 0.0
     ttl_done: bool = False
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen
