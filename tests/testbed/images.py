@@ -42,10 +42,15 @@ def load_into_containerd(ctr: Path, sock: Path, images: ImageSet, logs_dir: Path
     base = [str(ctr), f"--address={sock}", "--namespace=k8s.io"]
     present = subprocess.run([*base, "images", "ls", "-q"], capture_output=True, text=True, check=True)
     have = set(present.stdout.split())
-    # Earlier builds of the same images: GBs each, so they go (containerd then collects their layers).
+    # Earlier builds of the same images, GBs each, go (containerd then collects their layers); so do the
+    # id-named duplicates `ctr import` adds for a docker archive ("sha256:<image id>"), which hold the same.
     wanted = set(images.all())
     repos = {ref.rsplit(":", 1)[0] for ref in wanted}
-    stale = [ref for ref in have if ref.rsplit(":", 1)[0] in repos and ref not in wanted]
+    stale = [
+        ref
+        for ref in have
+        if ref.startswith("sha256:") or (ref.rsplit(":", 1)[0] in repos and ref not in wanted)
+    ]
     if stale:
         subprocess.run([*base, "images", "rm", *stale], capture_output=True, check=False)
     with open(logs_dir / "containerd-import.log", "a") as log:
