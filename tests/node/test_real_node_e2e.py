@@ -288,12 +288,6 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(
     wait_status(kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after the restart")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torchrun gives workers 30 s after a forwarded SIGTERM, then SIGKILLs them (PContext.close's "
-    "default); on the loaded real node the SIGTERM checkpoint did not finish in 30 s (step-6 half "
-    "uploaded, no COMPLETE), although the pod's grace period is 300 s",
-)
 def test_suspend_checkpoints_on_sigterm_then_resumes(
     kube: Any, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
 ) -> None:

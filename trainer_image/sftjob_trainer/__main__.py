@@ -10,6 +10,7 @@ from files the workers leave in $SFTJOB_EXIT_DIR.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -107,6 +108,34 @@ def combine_exit_codes(launcher_rc: int, worker_codes: list[int]) -> int:
     return rc if rc != ExitCode.PERMANENT else int(ExitCode.RETRYABLE)
 
 
+def _children(parent: int) -> list[int]:
+    """PIDs whose parent is `parent` (torchrun's workers are its direct children)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:  # ppid follows the (command name)
+            found.append(int(entry))
+    return found
+
+
+def _forward(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Pass SIGTERM/SIGINT to the workers themselves, so they checkpoint within the pod's grace period:
+    torchrun, when it is the one signalled, gives its workers only 30 s before SIGKILL (PContext.close's
+    default) — too little for a checkpoint on a loaded node (found on the test bed's real node)."""
+    workers = _children(proc.pid)
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    if not workers:
+        proc.send_signal(sig)
+
+
 def launch(argv: list[str]) -> int:
     split_at = next((i for i, a in enumerate(argv) if a in STAGES), None)
     if split_at is None:
@@ -124,9 +153,8 @@ def launch(argv: list[str]) -> int:
             *argv[split_at:],
         ]
         proc = subprocess.Popen(cmd, env=env)
-        # forward SIGTERM/SIGINT so workers can checkpoint within the grace period
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda s, _f: proc.send_signal(s))
+            signal.signal(sig, lambda s, _f: _forward(proc, s))
         rc = proc.wait()
         codes = []
         for name in os.listdir(d):
