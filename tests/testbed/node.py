@@ -61,7 +61,7 @@ def node_binaries() -> dict[str, Path]:
         "coredns": Path(dirs.get("COREDNS_BIN", "/nonexistent")) / "coredns",
         "pause": Path(dirs.get("PAUSE_BIN", "/nonexistent")) / "pause",
     }
-    for tool in ("containerd", "ctr", "runc", "socat", "iptables", "ip", "conntrack"):
+    for tool in ("containerd", "ctr", "runc", "socat", "iptables", "ip", "conntrack", "podman"):
         found[tool] = Path(shutil.which(tool) or f"/nonexistent/{tool}")
     missing = [f"{k} ({v})" for k, v in found.items() if not os.access(v, os.X_OK)]
     if not (CNI_BIN / "bridge").exists():
@@ -112,7 +112,7 @@ class RealNode:
         return self
 
     def stop(self) -> None:
-        # Pods first (the kubelet would restart them), then the daemons, then what they left behind.
+        # Reverse start order (the kubelet first: it would restart pods), then what the runtime left behind.
         for proc in reversed(self.procs):
             proc.stop(timeout=30)
         self.procs.clear()
