@@ -16,9 +16,14 @@ from typing import Any
 
 import pytest
 from testbed.node import BRIDGE, NODE_SELECTOR, POD_SUBNET, ROUTE_TABLE, TOLERATIONS, RealNode
+from testbed.operator_e2e import load
 from testbed.procs import wait_until
 
 from .conftest import S3_SECRET, ChartOperator, PodS3
+
+# The operator e2e tests' SFTJob helpers: status(kube, ns, name), condition(status, type), pods(kube, ns, sel).
+_e2e = load()
+status, condition, pods = _e2e.status, _e2e.condition, _e2e.pods
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
@@ -86,14 +91,6 @@ def apply_sftjob(kube: Any, ns: str, name: str, prefix: str, endpoint: str, **ov
     kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(sftjob(name, prefix, endpoint, **over)))
 
 
-def status(kube: Any, ns: str, name: str) -> dict[str, Any]:
-    return kube.get_json("sftjob", name, "-n", ns).get("status") or {}
-
-
-def condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
-    return next((c for c in st.get("conditions", []) if c["type"] == ctype), {})
-
-
 def wait_status(kube: Any, ns: str, name: str, check: Any, timeout: float, what: str) -> dict[str, Any]:
     def probe() -> dict[str, Any] | None:
         st = status(kube, ns, name)
@@ -105,10 +102,6 @@ def wait_status(kube: Any, ns: str, name: str, check: Any, timeout: float, what:
         return wait_until(probe, timeout, f"{name}: {what}", interval=1.0)
     except TimeoutError as e:
         raise AssertionError(f"{e}\nstatus: {json.dumps(status(kube, ns, name), indent=1)}") from e
-
-
-def pods(kube: Any, ns: str, selector: str) -> list[dict[str, Any]]:
-    return kube.get_json("pods", "-n", ns, "-l", selector)["items"]
 
 
 def logs(kube: Any, ns: str, pod: str) -> str:
