@@ -5,18 +5,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .kube import CACHE, PROVISION_HINT
+from .kube import PROVISION_HINT, binary_dirs
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "sftjob-operator"
 
 
 def helm_bin() -> str:
-    env_file = CACHE / "versions.env"
-    if not env_file.exists():
-        raise RuntimeError(f"helm not built: {PROVISION_HINT}")
-    dirs = dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
-    path = Path(dirs.get("HELM_BIN", "/nonexistent")) / "helm"
+    path = Path(binary_dirs().get("HELM_BIN", "/nonexistent")) / "helm"
     if not path.exists():
         raise RuntimeError(f"{path} missing: {PROVISION_HINT}")
     return str(path)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .kube import CACHE
+from .kube import CACHE, read_env_file
 
 IMAGES_ENV = CACHE / "images" / "images.env"
 HINT = "run `bash tests/testbed/provision.sh` (it builds the images with tests/testbed/images.sh)"
@@ -26,9 +26,7 @@ class ImageSet:
 
 
 def image_set() -> ImageSet:
-    if not IMAGES_ENV.exists():
-        raise RuntimeError(f"node images not built ({IMAGES_ENV} missing): {HINT}")
-    env = dict(line.split("=", 1) for line in IMAGES_ENV.read_text().split() if "=" in line)
+    env = read_env_file(IMAGES_ENV, f"node images not built ({IMAGES_ENV} missing): {HINT}")
     images = ImageSet(*(env[f"sftjob_{name}_IMAGE"] for name in ("operator", "trainer", "pause")))
     for ref in images.all():
         if subprocess.run(["podman", "image", "exists", ref]).returncode != 0:

@@ -38,12 +38,22 @@ POD_CIDR = "127.20.0.0/16"  # kwok-stages.yaml: one pool from 127.20.0.1 (kwok-w
 SERVICE_CIDR = "10.0.0.0/24"  # only allocated, never dialled: no kube-proxy runs
 
 
+def read_env_file(path: Path, missing: str) -> dict[str, str]:
+    """KEY=VALUE lines written by build.sh / images.sh; RuntimeError(missing) when the file is absent."""
+    if not path.exists():
+        raise RuntimeError(missing)
+    return dict(line.split("=", 1) for line in path.read_text().split() if "=" in line)
+
+
+def binary_dirs() -> dict[str, str]:
+    """build.sh's versions.env: where each component's binaries are (versions live only in build.sh)."""
+    env_file = CACHE / "versions.env"
+    return read_env_file(env_file, f"test bed binaries not built ({env_file} missing): {PROVISION_HINT}")
+
+
 def find_binaries() -> dict[str, Path]:
     """Paths of every binary from build.sh's versions.env; a clear error (never a skip) when missing."""
-    env_file = CACHE / "versions.env"
-    if not env_file.exists():
-        raise RuntimeError(f"test bed binaries not built ({env_file} missing): {PROVISION_HINT}")
-    dirs = dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
+    dirs = binary_dirs()
     names = {
         "etcd": "ETCD_BIN",
         "kube-apiserver": "KUBERNETES_BIN",

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from .images import ImageSet, load_into_containerd
-from .kube import CACHE, Cluster
+from .kube import CACHE, Cluster, binary_dirs
 from .pki import write_kubeconfig
 from .procs import LOOPBACK, Proc, free_port, wait_until
 
@@ -53,8 +53,7 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def node_binaries() -> dict[str, Path]:
     """kubelet, kube-proxy, coredns and pause from build.sh; host tools from Debian. Clear errors, no skips."""
-    env_file = CACHE / "versions.env"
-    dirs = dict(line.split("=", 1) for line in env_file.read_text().split() if "=" in line)
+    dirs = binary_dirs()
     found = {
         "kubelet": Path(dirs.get("NODE_BIN", "/nonexistent")) / "kubelet",
         "kube-proxy": Path(dirs.get("NODE_BIN", "/nonexistent")) / "kube-proxy",
