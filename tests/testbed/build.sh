@@ -18,6 +18,9 @@ GOPROXY_URL=${GOPROXY_URL:-https://proxy.golang.org}
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-mod=mod
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Our own Go mains are keyed by version and content: a change to them builds a new directory.
+COREDNS_NAME=coredns-$COREDNS_VERSION-$(sha256sum "$HERE/node/coredns_main.go" | cut -c1-8)
+PAUSE_NAME=pause-$(sha256sum "$HERE/node/pause_main.go" | cut -c1-8)
 log() { printf '[build %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
 # done_already NAME BIN...: true when the stamp and every binary exist.
@@ -85,8 +88,8 @@ build_kubernetes() { k8s_build "kubernetes-$K8S_VERSION" kube-apiserver kube-con
 build_node() { k8s_build "kubernetes-node-$K8S_VERSION" kubelet kube-proxy; }
 
 # CoreDNS with only the plugins the test bed's Corefile uses (the stock build compiles every cloud SDK).
-build_coredns() {  # keyed by version and by our main.go's content
-  local name=coredns-$COREDNS_VERSION-$(sha256sum "$HERE/node/coredns_main.go" | cut -c1-8)
+build_coredns() {
+  local name=$COREDNS_NAME
   done_already "$name" coredns && return 0
   log "building $name"
   local src=$CACHE/src/$name dst=$CACHE/$name/bin
@@ -101,7 +104,7 @@ build_coredns() {  # keyed by version and by our main.go's content
 
 # The pod sandbox ("pause") binary: no image can be pulled here, so the test bed builds its own.
 build_pause() {
-  local name=pause-$(sha256sum "$HERE/node/pause_main.go" | cut -c1-8)
+  local name=$PAUSE_NAME
   done_already "$name" pause && return 0
   local src=$CACHE/src/$name dst=$CACHE/$name/bin
   mkdir -p "$src" "$dst"
@@ -170,8 +173,8 @@ ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
 KWOK_BIN=$CACHE/kwok-$KWOK_VERSION/bin
 HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
 NODE_BIN=$CACHE/kubernetes-node-$K8S_VERSION/bin
-COREDNS_BIN=$CACHE/coredns-$COREDNS_VERSION-$(sha256sum "$HERE/node/coredns_main.go" | cut -c1-8)/bin
-PAUSE_BIN=$CACHE/pause-$(sha256sum "$HERE/node/pause_main.go" | cut -c1-8)/bin
+COREDNS_BIN=$CACHE/$COREDNS_NAME/bin
+PAUSE_BIN=$CACHE/$PAUSE_NAME/bin
 EOF
   log "all binaries ready under $CACHE ($((SECONDS - t0)) s)"
 }
