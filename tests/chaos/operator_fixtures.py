@@ -7,5 +7,6 @@ from testbed.operator_e2e import load
 
 operator_e2e = load()
 Operator = operator_e2e.Operator
+create_peering = operator_e2e.create_peering
 sftjob = operator_e2e.sftjob
 sftjob_crd = operator_e2e.sftjob_crd

@@ -9,9 +9,7 @@ restart becomes healthy. Time to settle is reported, never asserted.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +17,9 @@ import pytest
 from .campaign import Campaign
 from .conftest import FULL, count
 from .faults import KillLoop, active_replica, peering_priority
-from .operator_fixtures import Operator
+from .operator_fixtures import Operator, create_peering
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.timeout(3600 if FULL else 900)]
-
-PEERING_CRDS = (
-    Path(__file__).resolve().parents[2] / "helm" / "sftjob-operator" / "crds" / "kopf.dev_peerings.yaml"
-)
-
 
 def assert_clean(figures: dict[str, Any]) -> None:
     assert figures["duplicate_children"] == {}, figures
@@ -63,10 +56,7 @@ def test_two_peered_replicas_active_one_killed(
 ) -> None:
     """Both replicas start alike, as the Helm chart starts them (same peering name, no --priority)."""
     kube = sftjob_crd
-    kube.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
-    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
-    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "sftjob-operator"}}
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(peering))
+    create_peering(kube, namespace)
     replicas = [
         Operator(kube, namespace, "--peering-name", "sftjob-operator", name=f"replica{i}-{namespace}").start()
         for i in range(2)

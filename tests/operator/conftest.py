@@ -222,6 +222,17 @@ def wait_phase(
         ) from None
 
 
+PEERING_CRDS = REPO / "helm" / "sftjob-operator" / "crds" / "kopf.dev_peerings.yaml"
+
+
+def create_peering(kube: Any, namespace: str, name: str = "sftjob-operator") -> None:
+    """kopf's peering CRDs (from the chart) and a namespaced KopfPeering for replicas started with --peering."""
+    kube.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
+    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
+    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": name}}
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(peering))
+
+
 def jobs(kube: Any, namespace: str) -> list[dict[str, Any]]:
     return list(kube.get_json("jobs", "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"])
 

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import apply, jobs, sftjob, wait_phase
+from conftest import apply, create_peering, jobs, sftjob, wait_phase
 from testbed.procs import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
-
-PEERING_CRDS = (
-    Path(__file__).resolve().parents[2] / "helm" / "sftjob-operator" / "crds" / "kopf.dev_peerings.yaml"
-)
-
 
 def test_second_replica_pauses_while_the_first_is_active(
     sftjob_crd: Any, namespace: str, start_operator: Any
 ) -> None:
     kube = sftjob_crd
-    kube.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
-    kube.kubectl("wait", "--for=condition=Established", "crd/kopfpeerings.kopf.dev", "--timeout=60s")
-    peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": "sftjob-operator"}}
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(peering))
+    create_peering(kube, namespace)
 
     peer = ("--peering-name", "sftjob-operator")
     active = start_operator(*peer, "--priority", "100", name=f"active-{namespace}")
