@@ -35,6 +35,7 @@ class Reason(StrEnum):
     PODS_RUNNING = "PodsRunning"
     RESTARTING = "Restarting"
     FINISHING = "Finishing"
+    SUSPENDING = "Suspending"
     SUSPENDED = "Suspended"
     EVAL_RUNNING = "EvalRunning"
     MERGE_RUNNING = "MergeRunning"
@@ -46,7 +47,6 @@ class Reason(StrEnum):
     GATE_FAILED = "EvalGateFailed"
     MERGE_FAILED = "MergeFailed"
     STUCK = "Stuck"
-    STALLED = "Stalled"
     # only `sftjob run` (one machine, no Job controller) reports these
     MODEL_NOT_FOUND = "ModelNotFound"
     INTERRUPTED = "Interrupted"
@@ -147,6 +147,9 @@ class Recovery(ApiModel):
     """From the failure to the first training step seen after the restart."""
     train_job_uid: str = Field(default="", max_length=64)
     """The torn-down training Job (each Job attempt is restarted at most once)."""
+    node: str | None = Field(default=None, max_length=253)
+    """The node the failure pointed at (NotReady, gone, or a node-caused eviction): later attempts of this
+    run's training group are kept off it (required node anti-affinity). See docs/recovery.md."""
 
 
 class Children(ApiModel):

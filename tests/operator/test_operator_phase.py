@@ -146,6 +146,23 @@ def test_suspend_in_every_stage() -> None:
     assert decide(phase="Pending", train=RUNNING, running_train_pods=1).phase == "Training"
 
 
+def test_suspend_waits_for_the_trainers_to_save_and_exit() -> None:
+    # SIGTERM makes each trainer save a checkpoint: Suspended only once no train pod is left running.
+    for running, stopping in ((2, 0), (0, 1), (1, 1)):
+        d = decide(
+            suspend=True,
+            phase="Training",
+            train=RUNNING,
+            running_train_pods=running,
+            stopping_train_pods=stopping,
+        )
+        assert (d.phase, d.reason) == ("Training", "Suspending"), (running, stopping, d)
+        assert f"{running + stopping} trainer pod(s)" in d.message
+    assert decide(suspend=True, phase="Training", train=RUNNING).phase == "Suspended"
+    # once Suspended, a stale view of the stopping pods does not move the phase back
+    assert decide(suspend=True, phase="Suspended", train=RUNNING, stopping_train_pods=1).phase == "Suspended"
+
+
 def test_kueue_queued() -> None:
     d = decide(queued=True, train=job(suspended=True))
     assert (d.phase, d.reason) == ("Pending", "Queued")

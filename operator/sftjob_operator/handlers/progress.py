@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.request
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
 from sftjob_api.layout import checkpoint_uri
@@ -55,6 +55,7 @@ def read_progress(
         metrics.PROGRESS_READS.labels(result="error").inc()
         log.debug("progress read %s failed: %s", url, e)
         return
+    now = datetime.now(UTC)  # when the step was read, not when the reconcile began (hang detection)
     progress = parse_progress(text, now)
     if progress is None:
         metrics.PROGRESS_READS.labels(result="empty").inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
@@ -23,9 +24,10 @@ from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, s
 
 from .. import metrics
 from ..render import phase as ph
+from ..render.bad_nodes import avoided_nodes
 from ..render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
 from ..render.objects import SFTJobRef
-from ..render.observe import JobObs, observe_job, observe_pod
+from ..render.observe import JobObs, PodObs, observe_job, observe_pod
 from ..render.recovery import RestartPlan, plan_restart, stall_now, stalled_condition
 from ..render.status import EvalOutcome, build_status, eval_outcome, owned_by, parse_status
 from ..render.stuck import Stuck, stuck_failure_message
@@ -33,7 +35,7 @@ from ..render.trainer_config import cluster_output_error
 from ..settings import Settings
 from .children import Children, own_suspend_writes, refresh_created
 from .events import record_transition
-from .kube import Kube
+from .kube import ChildRejected, Kube
 from .progress import read_progress
 from .state import Memo, Obj, Snapshot, slim_job, slim_pod
 from .terminal import after_terminal
@@ -110,6 +112,17 @@ class Reconciler:
                     raise
         return None
 
+    def _node_problems(self, train: JobObs | None, pods: list[PodObs], tick: bool) -> dict[str, str]:
+        """NotReady or gone nodes under the train pods (render/bad_nodes.py). Read at the progress interval
+        (`tick`) and while a failed or torn-down group is handled; never for a run with no live train pod."""
+        if train is None or self.kube.nodes_forbidden:
+            return {}
+        if not (tick or train.deleting or train.failed_reason):
+            return {}
+        nodes = {p.node for p in pods if p.node and p.phase in ("Pending", "Running")}
+        found = {n: self.kube.node_problem(n) for n in sorted(nodes)}
+        return {n: why for n, why in found.items() if why}
+
     # ---- the body ------------------------------------------------------------------------------------------
 
     def _reconcile(self, body: Obj, snap: Snapshot, tick: bool, trust_snapshot: bool = False) -> str | None:
@@ -137,7 +150,11 @@ class Reconciler:
             spec_error = f"spec could not be read: {e}"
 
         ref = SFTJobRef(
-            name=name, namespace=namespace, uid=uid, labels=tuple(sorted((meta.get("labels") or {}).items()))
+            name=name,
+            namespace=namespace,
+            uid=uid,
+            labels=tuple(sorted((meta.get("labels") or {}).items())),
+            avoid_nodes=avoided_nodes(prev.recoveries),
         )
         names = ChildNames(name)
         # A train Job being deleted stays in view: it is a group restart's teardown (render/recovery.py).
@@ -156,7 +173,11 @@ class Reconciler:
         pod_obs = [observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods]
 
         if spec is not None and spec_error is None:
-            self.children.ensure_base(ref, spec, obs_jobs, memo)
+            try:
+                self.children.ensure_base(ref, spec, obs_jobs, memo)
+            except ChildRejected as e:  # the spec's fault: Failed/InvalidSpec, never retried
+                spec_error = str(e)
+        if spec is not None and spec_error is None:
             obs_jobs = own_suspend_writes(refresh_created(ref, spec, obs_jobs, memo), memo)
 
         outcome = eval_outcome(spec, obs_jobs.get(Stage.EVAL), pod_obs, prev) if spec else EvalOutcome()
@@ -176,13 +197,15 @@ class Reconciler:
         running = sum(
             1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and not p.deleting
         )
+        stopping = sum(1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and p.deleting)
         restart = RestartPlan(prev)
         train_job = obs_jobs.get(Stage.TRAIN)
         if spec is not None and spec_error is None:
             policy = spec.run_policy
             stall = stall_now(memo.steps, train_job, running, prev_phase, spec.suspend, policy, now)
             train_pods = [p for p in pod_obs if p.stage == Stage.TRAIN]
-            restart = plan_restart(prev, spec.run_policy, train_job, train_pods, stall, now)
+            problems = self._node_problems(train_job, train_pods, tick)
+            restart = plan_restart(prev, spec.run_policy, train_job, train_pods, stall, now, problems)
 
         obs = ph.Observed(
             phase=prev_phase,
@@ -195,6 +218,7 @@ class Reconciler:
             stages=stages(spec) if spec else ph.ALL_STAGES,
             gate_failures=outcome.gate_failures,
             running_train_pods=running,
+            stopping_train_pods=stopping,
             stuck_failure=stuck_fail,
             eval_gate_exit=outcome.gate_exit,
             group_restart=restart.group_restart,
@@ -208,7 +232,11 @@ class Reconciler:
         if spec is not None and spec_error is None and not decision.terminal:
             stage = ph.active_stage(decision, obs)
             if stage is not None and stage not in obs_jobs:
-                self.children.create_job(stage, ref, spec, memo)
+                try:
+                    self.children.create_job(stage, ref, spec, memo)
+                except ChildRejected as e:
+                    obs = replace(obs, spec_error=str(e))
+                    decision = ph.next_phase(obs)
             for job in obs_jobs.values():
                 if job.finished or job.deleting:
                     continue
@@ -230,6 +258,8 @@ class Reconciler:
         if restart.delete is not None:  # after the recovery is recorded: a retry never counts it twice
             self.kube.delete_job(namespace, restart.delete.name, restart.delete.uid)
             memo.created.pop(Stage.TRAIN, None)  # re-create as soon as it is gone
+        for pod in restart.force_delete:  # on a NotReady/gone node: no kubelet ends them
+            self.kube.force_delete_pod(namespace, pod.name)
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
         record_transition(self.kube, body, prev, status, decision, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:

@@ -45,6 +45,9 @@ class Observed:
     # Gate failures computed from eval results; None while eval results are not known.
     gate_failures: tuple[str, ...] | None = None
     running_train_pods: int = 0  # train pods in phase Running (not deleting)
+    stopping_train_pods: int = (
+        0  # train pods still Running after their deletion (SIGTERM: saving a checkpoint)
+    )
     stuck_failure: str | None = None  # set when pods were Stuck past runPolicy.failWhenStuckSeconds
     # The eval pod exited with the trainer's EVAL_GATE_FAILED code; its termination message says which gate.
     eval_gate_exit: str | None = None
@@ -108,6 +111,15 @@ def next_phase(obs: Observed) -> Decision:
     if train.failed_reason is not None:
         return _train_failure(train)
     if not train.complete:
+        stopping = obs.running_train_pods + obs.stopping_train_pods
+        if obs.suspend and stopping and obs.phase != SUSPENDED:
+            # Suspended promises a saved checkpoint: until the trainers have exited (SIGTERM makes them save
+            # one), the run is still Training.
+            return Decision(
+                TRAINING,
+                Reason.SUSPENDING,
+                f"spec.suspend is true: {stopping} trainer pod(s) saving a checkpoint and stopping",
+            )
         if obs.suspend:
             return Decision(
                 SUSPENDED,
