@@ -109,6 +109,22 @@ class EvalResults(EvalMetrics):
     """Gates that did not hold, e.g. maxEvalLoss: 2.31 > 2.0."""
 
 
+class ServingHandoff(ApiModel):
+    """What to serve for spec.output.serving, and why (docs/serving.md)."""
+
+    server: str = Field(max_length=16)
+    """spec.output.serving: vllm, tgi or none."""
+    artifact: Literal["adapter", "merged", "model"]
+    """adapter: base model + the LoRA adapter; merged: the merged model (the server cannot load the adapter);
+    model: the fully fine-tuned model (method full)."""
+    uri: str | None = None
+    """Where that artifact is."""
+    manifest: str | None = None
+    """serving/serving.json: base model reference, adapter path, chat template, max length, eval numbers."""
+    message: str = Field(default="", max_length=4096)
+    """Why the merged model is handed off instead of the adapter (empty when it is not)."""
+
+
 class Artifacts(ApiModel):
     """Where the run's outputs are."""
 
@@ -126,6 +142,8 @@ class Artifacts(ApiModel):
     """The merged model."""
     manifest: str | None = None
     """manifest.json: every file with sha256 and size; written last."""
+    serving: ServingHandoff | None = None
+    """The serving hand-off: which artifact to serve (spec.output.serving) and its serving manifest."""
 
 
 class Recovery(ApiModel):

@@ -25,12 +25,18 @@ from kubernetes.client.exceptions import ApiException
 
 from sftjob_api import GROUP, PLURAL, VERSION, SFTJobStatus
 
-from ..render.names import LABEL_JOB_NAME
+from ..render.bad_nodes import node_problem
+from ..render.names import LABEL_JOB_NAME, LABEL_STAGE
+from ..render.rejected import REJECTED_STATUSES, rejection_message
 from ..render.status import status_patch
 
 log = logging.getLogger("sftjob_operator.kube")
 Obj = dict[str, Any]
 COMPONENT = "sftjob-operator"
+
+
+class ChildRejected(Exception):
+    """The apiserver refused a child object as invalid (400/422): the spec's fault, never retried."""
 
 
 def new_api_client(kubeconfig: str | None, pool_size: int) -> client.ApiClient:
@@ -55,6 +61,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.nodes_forbidden = False  # a 403 reading nodes turns the node check off (node_problem)
 
     # ---- SFTJobs -------------------------------------------------------------------------------------------
 
@@ -127,6 +134,12 @@ class Kube:
         except ApiException as e:
             if e.status == 409:
                 return False
+            if e.status in REJECTED_STATUSES:
+                what = obj["metadata"].get("labels", {}).get(LABEL_STAGE, "")
+                label = f"{what} {kind}" if what else kind
+                raise ChildRejected(
+                    rejection_message(label, obj["metadata"]["name"], e.status, e.body)
+                ) from e
             raise
         return True
 
@@ -161,6 +174,31 @@ class Kube:
             self.batch.delete_namespaced_job(name, namespace, body=opts, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status not in (404, 409):  # gone already / a different Job by now
+                raise
+
+    def node_problem(self, name: str) -> str | None:
+        """Why no rank should run on this node now (NotReady, gone: render/bad_nodes.py); None when it is
+        Ready or cannot be read (no RBAC for nodes: the node check is then off, logged once)."""
+        try:
+            node = self.core.read_node(name, _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status == 404:
+                return node_problem(None)
+            if e.status == 403:
+                if not self.nodes_forbidden:
+                    log.warning("cannot read nodes (403): NotReady nodes under training pods go unnoticed")
+                self.nodes_forbidden = True
+                return None
+            raise
+        return node_problem(self.api.sanitize_for_serialization(node))
+
+    def force_delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod on a NotReady or gone node at once (grace 0): no kubelet will confirm its end."""
+        opts = client.V1DeleteOptions(grace_period_seconds=0)
+        try:
+            self.core.delete_namespaced_pod(name, namespace, body=opts, _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status not in (404, 409):
                 raise
 
     def delete_children(self, namespace: str, job_names: list[str], config_map: str, service: str) -> None:

@@ -81,6 +81,7 @@ def slim_pod(body: Any) -> Obj:
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
+        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
         "status": {
             "phase": status.get("phase"),
             "reason": status.get("reason"),

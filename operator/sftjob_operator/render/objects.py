@@ -17,6 +17,7 @@ from sftjob_api import SFTJobSpec, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.spec import ResourcesSpec
 
+from .bad_nodes import with_avoided_nodes
 from .names import CONFIG_LABEL, KUEUE_LABELS, ChildNames, labels, owner_reference
 from .trainer_config import CONFIG_FILE, PVC_MOUNT_ROOT, pvc_claims, render_trainer_config
 
@@ -51,6 +52,8 @@ class SFTJobRef:
     namespace: str
     uid: str
     labels: tuple[tuple[str, str], ...] = ()
+    # Nodes the train Job's pods are kept off (render/bad_nodes.py: the nodes named by status.recoveries).
+    avoid_nodes: tuple[str, ...] = ()
 
     @property
     def kueue_labels(self) -> dict[str, str]:
@@ -211,8 +214,9 @@ def _pod_template(
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
-    if res.affinity:
-        pod_spec["affinity"] = dict(res.affinity)
+    affinity = with_avoided_nodes(res.affinity, ref.avoid_nodes if stage == Stage.TRAIN else ())
+    if affinity:
+        pod_spec["affinity"] = affinity
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
     return {

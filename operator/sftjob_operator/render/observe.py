@@ -106,6 +106,7 @@ class PodObs:
     terminated_reason: str | None = None  # the container's, e.g. OOMKilled, Error
     reason: str | None = None  # the pod's status.reason, e.g. Evicted
     disruption: str | None = None  # condition DisruptionTarget=True: "<reason>: <message>"
+    node: str | None = None  # spec.nodeName
 
 
 def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
@@ -158,6 +159,7 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
         terminated_reason=terminated_reason,
         reason=status.get("reason") or None,
         disruption=disruption,
+        node=(pod.get("spec") or {}).get("nodeName") or None,
     )
 
 

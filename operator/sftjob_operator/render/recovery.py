@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from itertools import pairwise
@@ -18,6 +19,7 @@ from itertools import pairwise
 from sftjob_api.run_policy import RunPolicy
 from sftjob_api.status import MAX_RECOVERIES, Condition, Recovery, SFTJobStatus
 
+from .bad_nodes import blamed_node, down_under
 from .conditions import get_condition, set_condition
 from .observe import JobObs, PodObs
 
@@ -46,23 +48,40 @@ class Failure:
 
     cause: str
     counted: bool
+    node: str | None = None  # the node it points at (render/bad_nodes.py): later attempts avoid it
 
 
-def classify_failure(pods: list[PodObs]) -> Failure:
+def _node_of(pods: list[PodObs], problems: Mapping[str, str]) -> str | None:
+    """The node a failed attempt points at: one whose pod's failure blames it, or a rank's node that is
+    NotReady or gone now (cause pod first: `pods` comes sorted)."""
+    for p in pods:
+        node = blamed_node(p) or (p.node if p.node in problems else None)
+        if node:
+            return node
+    return None
+
+
+def classify_failure(pods: list[PodObs], problems: Mapping[str, str] | None = None) -> Failure:
     """The train pods of one failed Job attempt -> the cause. A disrupted pod (preemption, drain, eviction,
     node lost: pod condition DisruptionTarget), failed or still terminating, makes the whole failure
     uncounted: the other ranks' errors (connection reset, or exit 143 after the checkpoint all ranks agree
-    on when one gets SIGTERM) are its consequences and may well reach the Job first."""
+    on when one gets SIGTERM) are its consequences and may well reach the Job first. `problems` (node ->
+    why it is unusable) names the node the failure points at."""
+    problems = problems or {}
     disrupted = next((p for p in sorted(pods, key=lambda p: (p.index or 0, p.name)) if p.disruption), None)
     failed = sorted(
         (p for p in pods if p.phase == "Failed"), key=lambda p: (p.deleting, p.index or 0, p.name)
     )
+    node = _node_of([p for p in (disrupted, *failed) if p is not None], problems)
+    on = f" on node {node}" + (f" ({problems[node]})" if node in problems else "") if node else ""
     if disrupted is not None:
         return Failure(
-            f"pod {disrupted.name} (rank {disrupted.index}) disrupted: {disrupted.disruption}", False
+            f"pod {disrupted.name} (rank {disrupted.index}) disrupted{on}: {disrupted.disruption}",
+            False,
+            node,
         )
     if not failed:
-        return Failure("a training pod failed", True)
+        return Failure("a training pod failed" + on, True, node)
     first = failed[0]
     if first.terminated_reason and first.terminated_reason not in ("Error", "Completed"):
         what = first.terminated_reason  # e.g. OOMKilled
@@ -72,7 +91,17 @@ def classify_failure(pods: list[PodObs]) -> Failure:
         what = f"exit code {first.exit_code}"
     else:
         what = first.reason or "failed"
-    return Failure(f"pod {first.name} (rank {first.index}) {what}", True)
+    # A failure the node caused (eviction, node lost) is a disruption: not counted.
+    return Failure(f"pod {first.name} (rank {first.index}) {what}{on}", node is None, node)
+
+
+def node_down(pods: list[PodObs], problems: Mapping[str, str]) -> Failure | None:
+    """A live rank whose node is NotReady or gone: the group is lost with it (not counted)."""
+    down = down_under(pods, problems)
+    if down is None:
+        return None
+    pod, problem = down
+    return Failure(f"node {pod.node} {problem} under pod {pod.name} (rank {pod.index})", False, pod.node)
 
 
 def checkpoint_step_of(uri: str | None) -> int:
@@ -102,6 +131,7 @@ def record_recovery(prev: SFTJobStatus, failure: Failure, job: JobObs, now: date
         resumed_from_step=resumed,
         steps_lost=max(failed_step - resumed, 0) if failed_step is not None else None,
         train_job_uid=job.uid,
+        node=failure.node,
     )
     return prev.model_copy(
         update={
@@ -201,6 +231,9 @@ class RestartPlan:
     exhausted: str | None = None  # phase Failed/BackoffLimitExceeded with this message
     delete: JobObs | None = None  # the train Job attempt to tear down (after the status is written)
     stall: Stall | None = None  # the stall seen now (condition Stalled)
+    # Pods of a torn-down attempt on a NotReady/gone node: no kubelet confirms their end, so they are
+    # deleted at once (grace 0); otherwise the foreground deletion of their Job never completes.
+    force_delete: tuple[PodObs, ...] = ()
 
 
 def plan_restart(
@@ -210,15 +243,24 @@ def plan_restart(
     train_pods: list[PodObs],
     stall: Stall | None,
     now: datetime,
+    problems: Mapping[str, str] | None = None,
 ) -> RestartPlan:
-    """What a group restart needs now: record it (once per Job attempt), tear down, wait, or give up."""
+    """What a group restart needs now: record it (once per Job attempt), tear down, wait, or give up.
+    `problems`: node -> why it is unusable (NotReady, gone), for the nodes of the train pods."""
+    problems = problems or {}
     failure: Failure | None = None
     if train is not None and not train.deleting:
         if train.failed_reason in RETRYABLE_JOB_FAILURES:
-            failure = classify_failure(train_pods)
-        elif stall is not None and not train.finished and not train.suspended:
-            failure = Failure(f"{STALLED}: {stall.message}", True)
-    return replace(_plan(prev, policy, train, failure, now), stall=stall)
+            failure = classify_failure(train_pods, problems)
+        elif not train.finished and not train.suspended:
+            failure = node_down(train_pods, problems)
+            if failure is None and stall is not None:
+                failure = Failure(f"{STALLED}: {stall.message}", True)
+    plan = _plan(prev, policy, train, failure, now)
+    force: tuple[PodObs, ...] = ()
+    if plan.delete is not None or (train is not None and train.deleting):
+        force = tuple(p for p in train_pods if p.node in problems and p.phase not in ("Succeeded", "Failed"))
+    return replace(plan, stall=stall, force_delete=force)
 
 
 def _plan(
