@@ -19,6 +19,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic
 import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -27,7 +28,7 @@ from sftjob_api import GROUP, PLURAL, VERSION, SFTJobStatus
 
 from ..render.bad_nodes import node_problem
 from ..render.names import LABEL_JOB_NAME, LABEL_STAGE
-from ..render.rejected import REJECTED_STATUSES, rejection_message
+from ..render.rejected import REJECTED_STATUSES, rejection_message, validation_message
 from ..render.status import status_patch
 
 log = logging.getLogger("sftjob_operator.kube")
@@ -122,6 +123,8 @@ class Kube:
         """Create a child; False when it already exists (idempotent re-creation after a restart)."""
         kind = obj["kind"]
         ns = obj["metadata"]["namespace"]
+        stage = obj["metadata"].get("labels", {}).get(LABEL_STAGE, "")
+        label = f"{stage} {kind}" if stage else kind
         try:
             if kind == "ConfigMap":
                 self.core.create_namespaced_config_map(ns, obj, _request_timeout=self.timeout)
@@ -135,12 +138,12 @@ class Kube:
             if e.status == 409:
                 return False
             if e.status in REJECTED_STATUSES:
-                what = obj["metadata"].get("labels", {}).get(LABEL_STAGE, "")
-                label = f"{what} {kind}" if what else kind
                 raise ChildRejected(
                     rejection_message(label, obj["metadata"]["name"], e.status, e.body)
                 ) from e
             raise
+        except pydantic.ValidationError as e:  # the client's own core/v1 models refused it before sending
+            raise ChildRejected(validation_message(label, obj["metadata"]["name"], list(e.errors()))) from e
         return True
 
     def list_children(self, namespace: str, sftjob: str) -> tuple[list[Obj], list[Obj]]:
