@@ -11,6 +11,7 @@ from pydantic import Field
 
 from .base import ApiModel, CelRule
 from .evaluation import ALL_METRICS, EvalGates, Metric
+from .labels import MAX_ENTRIES, AnnotationValue, LabelValue, keys_rule
 from .run_policy import RunPolicy
 
 # s3://bucket/key, an absolute path (e.g. a PVC mounted into the pod), pvc://claim/path, a path relative to
@@ -242,8 +243,8 @@ class ResourcesSpec(ApiModel):
     """Size of the /dev/shm emptyDir NCCL uses."""
     image: str | None = Field(default=None, max_length=512)
     """Trainer image; the operator's default when unset."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    """Node labels the pods must match."""
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+    """Node labels the pods must match (label keys and values)."""
     tolerations: list[Object] = Field(default_factory=list, max_length=64)
     """Pod tolerations (core/v1 Toleration)."""
     affinity: Object | None = None
@@ -252,12 +253,18 @@ class ResourcesSpec(ApiModel):
     """PriorityClass of the pods."""
     service_account_name: str | None = Field(default=None, max_length=253)
     """ServiceAccount of the pods; the chart's trainer account (no API permissions) when unset."""
-    pod_labels: dict[str, str] = Field(default_factory=dict)
-    """Extra labels on every pod."""
-    pod_annotations: dict[str, str] = Field(default_factory=dict)
+    pod_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
+    """Extra labels on every pod (label keys; values at most 63 characters)."""
+    pod_annotations: dict[str, AnnotationValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """Extra annotations on every pod."""
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
     """DeepSpeed ZeRO settings."""
+
+    cel_rules = (
+        keys_rule("nodeSelector", "resources.nodeSelector"),
+        keys_rule("podLabels", "resources.podLabels"),
+        keys_rule("podAnnotations", "resources.podAnnotations"),
+    )
 
 
 class SecretRef(ApiModel):
