@@ -48,8 +48,13 @@ def test_gradient_accumulation_is_derived_and_must_divide():
     assert plan_batches(100, 16, 4, 1, None, 5).total_steps == 5
     with pytest.raises(PermanentError, match="not a multiple"):
         plan_batches(100, 16, 3, 2, 1, None)
-    with pytest.raises(PermanentError, match="fewer than one global batch"):
+    with pytest.raises(PermanentError, match="fewer than one global batch") as e:
         plan_batches(10, 16, 2, 2, 1, None)
+    # says what to change: more data, a smaller globalBatchSize (a multiple of 4 here), or packing off
+    assert "globalBatchSize to at most 10" in str(e.value) and "= 4" in str(e.value)
+    assert "dataset.packing: false" in str(e.value) and "add data" in str(e.value)
+    with pytest.raises(PermanentError, match=r"lower training\.microBatchSize"):
+        plan_batches(1, 16, 2, 2, 1, None)
 
 
 def test_cosine_schedule_with_warmup():

@@ -168,5 +168,7 @@ def load_dataset(
         dedup=ds.filter.dedup,
     )
     if not examples:
+        if report.total_rows == 0:
+            raise PermanentError(f"no training rows in {', '.join(uris)}: empty (no non-blank line)")
         raise PermanentError(f"no usable training rows in {', '.join(uris)}: {report.summary()}")
     return examples, report

@@ -51,12 +51,15 @@ def _field(row: Mapping[str, Any], key: str, required: bool = True) -> Any:
 
 def _text(val: Any, key: str) -> str:
     if not isinstance(val, str):
-        raise RowError("missing_field", f"field {key!r} is not a string")
+        raise RowError("wrong_type", f"field {key!r} is {type(val).__name__}, not a string")
     return val
 
 
 def _render(tok: ChatTokenizer, msgs: list[dict[str, str]], gen_prompt: bool) -> str:
-    out = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+    try:
+        out = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+    except Exception as e:  # the template's own checks (jinja raise_exception: roles, order)
+        raise RowError("template_error", f"chat template refused the conversation: {e}") from e
     return str(out)
 
 
@@ -107,7 +110,7 @@ def format_row(
     templ = bool(tok.chat_template) if use_chat_template is None else use_chat_template
     if fmt == "alpaca":
         instr = _text(_field(row, f.instruction), f.instruction)
-        inp = _field(row, f.input, required=False) or ""
+        inp = _text(_field(row, f.input, required=False) or "", f.input)
         out = _text(_field(row, f.output), f.output)
         if templ:
             prompt = instr + (f"\n\n{inp}" if inp else "")

@@ -6,6 +6,7 @@ can fix the data; the caller decides whether what is left is enough (empty data 
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import tempfile
@@ -69,17 +70,35 @@ def _local_copy(uri: str, cache_dir: str | None, output: OutputSpec | None) -> s
     return dest
 
 
+def _decode(raw: bytes, lineno: int) -> str:
+    """One line as text: UTF-8, a leading BOM (utf-8-sig) dropped on line 1; UnicodeDecodeError otherwise."""
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    return raw.decode("utf-8")
+
+
 def iter_jsonl(path: str, name: str, report: DropReport) -> Iterator[Row]:
-    """Stream a JSONL file line by line (constant memory); bad lines go to the report."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    """Stream a JSONL file line by line (constant memory); bad lines go to the report: `invalid_utf8` (never
+    replaced and trained on), `malformed_json` (also: not an object, nested too deeply). CRLF and a UTF-8 BOM
+    are fine."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = _decode(raw, lineno)
+            except UnicodeDecodeError as e:
+                report.total_rows += 1
+                report.drop("invalid_utf8", f"{name}:{lineno}", f"byte {e.start}: {e.reason}")
+                continue
             if not line.strip():
                 continue
             report.total_rows += 1
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                report.drop("malformed_json", f"{name}:{lineno}", e.msg)
+                report.drop("malformed_json", f"{name}:{lineno}", f"{e.msg} (column {e.colno})")
+                continue
+            except RecursionError:
+                report.drop("malformed_json", f"{name}:{lineno}", "JSON nested too deeply")
                 continue
             if not isinstance(obj, dict):
                 report.drop("malformed_json", f"{name}:{lineno}", "row is not a JSON object")

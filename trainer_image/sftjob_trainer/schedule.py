@@ -33,9 +33,18 @@ def plan_batches(
     accum = global_batch // (micro * world)
     steps_per_epoch = n_rows // global_batch
     if steps_per_epoch == 0:
+        smallest = micro * world
         raise PermanentError(
-            f"only {n_rows} training rows after packing/filtering: fewer than one global "
-            f"batch of {global_batch}"
+            f"only {n_rows} training rows after filtering (and packing, when dataset.packing is on: each row"
+            f" then holds several samples): fewer than one global batch of {global_batch}. To train, add data,"
+            f" lower training.globalBatchSize to at most {n_rows} (a multiple of microBatchSize x world size ="
+            f" {smallest}), or set dataset.packing: false (one sample per row)"
+            + (
+                ""
+                if n_rows >= smallest
+                else f"; with {smallest} rows per step at the least, lower"
+                " training.microBatchSize or the number of GPUs too"
+            )
         )
     if max_steps is not None:
         total = max_steps
