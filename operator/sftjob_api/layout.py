@@ -9,6 +9,8 @@ Under the run's root `<output.uri>/<namespace>/<name>/`:
     eval/                    results.json, samples.jsonl                              (eval stage)
     merged/                  safetensors + tokenizer + generation config, verification.json (merge stage)
     report/                  report.md, loss_curve.png                                (`sftjob run` only)
+    serving/                 serving.json: what to serve and how (docs/serving.md)   (the final stage)
+    tracking/                mlflow.json: the MLflow run of this SFTJob (docs/tracking.md) (first tracked stage)
     manifest.json            every file above with size and sha256; written last, by the final stage
 """
 
@@ -18,8 +20,9 @@ import re
 from collections.abc import Iterable
 from enum import StrEnum
 
+from .serving import adapter_needs_merge
 from .spec import SFTJobSpec
-from .status import Artifacts
+from .status import Artifacts, ServingHandoff
 
 
 class Stage(StrEnum):
@@ -67,6 +70,8 @@ class Layout:
     EVAL = "eval"
     MERGED = "merged"
     REPORT = "report"
+    SERVING = "serving"
+    TRACKING = "tracking"
     MANIFEST = "manifest.json"
     TRAIN_SUMMARY = "train/summary.json"
     DATA_REPORT = "train/data_report.json"
@@ -75,8 +80,10 @@ class Layout:
     MERGE_VERIFICATION = "merged/verification.json"
     REPORT_MD = "report/report.md"
     LOSS_CURVE = "report/loss_curve.png"
+    SERVING_MANIFEST = "serving/serving.json"
+    MLFLOW_RUN = "tracking/mlflow.json"
     # Every prefix the manifest lists (the manifest itself is not listed).
-    PREFIXES = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, EVAL, MERGED, REPORT)
+    PREFIXES = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, EVAL, MERGED, REPORT, SERVING, TRACKING)
 
     @staticmethod
     def weights(method: str) -> str:
@@ -121,6 +128,31 @@ def status_artifacts(spec: SFTJobSpec, namespace: str, name: str) -> Artifacts:
         eval=f"{root}{Layout.EVAL}/" if Stage.EVAL in runs else None,
         merged=(spec.merge.uri or f"{root}{Layout.MERGED}/") if Stage.MERGE in runs else None,
         manifest=root + Layout.MANIFEST,
+        serving=handoff(spec, root),
+    )
+
+
+def handoff(spec: SFTJobSpec, root: str) -> ServingHandoff:
+    """What the run hands to spec.output.serving: the adapter when the server can load it, else the merged
+    model (admission refuses the spec when merge is off), or the full model for method full."""
+    server = spec.output.serving
+    manifest = root + Layout.SERVING_MANIFEST
+    if spec.method.type == "full":
+        return ServingHandoff(
+            server=server, artifact="model", uri=f"{root}{Layout.MODEL}/", manifest=manifest
+        )
+    problems = adapter_needs_merge(spec)
+    if problems and merge_enabled(spec):
+        why = "; ".join(str(p) for p in problems)
+        return ServingHandoff(
+            server=server,
+            artifact="merged",
+            uri=spec.merge.uri or f"{root}{Layout.MERGED}/",
+            manifest=manifest,
+            message=f"the merged model is handed off: {why}",
+        )
+    return ServingHandoff(
+        server=server, artifact="adapter", uri=f"{root}{Layout.ADAPTER}/", manifest=manifest
     )
 
 

@@ -20,11 +20,17 @@ import time
 from importlib import metadata
 from typing import Any
 
-from .layout import Layout, Stage, stages
+from .layout import Layout, Stage, handoff, stages
+from .serving import adapter_config_problems, smallest_max_lora_rank
 from .spec import SFTJobSpec
 from .storage import Store
+from .trainer_config import TrainerConfig
 
 MANIFEST_VERSION = 1
+SERVING_VERSION = 1
+# Where the serving examples (examples/serving/) mount a copy of the run root; the suggested server
+# arguments in serving/serving.json use it.
+SERVING_MOUNT = "/mnt/run"
 PACKAGES = (
     "sftjob",
     "torch",
@@ -151,3 +157,85 @@ def verify_manifest(store: Store, doc: dict[str, Any] | None = None) -> list[str
                 f"{f['path']}: size/sha256 {size}/{sha[:12]} != manifest {f['size']}/{f['sha256'][:12]}"
             )
     return problems
+
+
+def chat_template(store: Store, prefix: str) -> str | None:
+    """The chat template saved with the tokenizer under `prefix` (chat_template.jinja or tokenizer_config)."""
+    key = f"{prefix}/chat_template.jinja"
+    if store.exists(key):
+        return store.get_bytes(key).decode()
+    template = (store.read_json(f"{prefix}/tokenizer_config.json") or {}).get("chat_template")
+    return template if isinstance(template, str) else None
+
+
+def server_args(cfg: TrainerConfig, artifact: str, adapter: dict[str, Any] | None) -> dict[str, Any]:
+    """Suggested vLLM / TGI settings, with the run root copied to SERVING_MOUNT."""
+    name, base = cfg.run.name, cfg.base_model_reference()
+    served = {"adapter": base, "merged": f"{SERVING_MOUNT}/{Layout.MERGED}"}.get(
+        artifact, f"{SERVING_MOUNT}/{Layout.MODEL}"
+    )
+    max_len = str(cfg.dataset.max_seq_length)
+    if cfg.output.serving == "vllm":
+        args = ["vllm", "serve", served, "--max-model-len", max_len]
+        if artifact == "adapter" and adapter is not None:
+            rank = str(smallest_max_lora_rank(int(adapter["r"])))
+            lora = f"{name}={SERVING_MOUNT}/{Layout.ADAPTER}"
+            args += ["--enable-lora", "--lora-modules", lora, "--max-lora-rank", rank]
+        return {"args": args}
+    if cfg.output.serving == "tgi":
+        env = {"MODEL_ID": served, "MAX_INPUT_TOKENS": max_len}
+        if artifact == "adapter":
+            env["LORA_ADAPTERS"] = f"{name}={SERVING_MOUNT}/{Layout.ADAPTER}"
+        return {"env": env}
+    return {}
+
+
+def serving_document(store: Store, cfg: TrainerConfig) -> dict[str, Any]:
+    """serving/serving.json: what to serve and how (docs/serving.md). Pure given the store's contents."""
+    root = cfg.run.output_root
+    h = handoff(cfg, root)
+    weights = Layout.weights(cfg.method.type)
+    adapter_cfg = store.read_json(f"{weights}/adapter_config.json") if cfg.method.type != "full" else None
+    adapter = None
+    if adapter_cfg is not None:
+        adapter = {
+            "uri": f"{root}{Layout.ADAPTER}/",
+            "r": adapter_cfg.get("r"),
+            "loraAlpha": adapter_cfg.get("lora_alpha"),
+            "useRslora": adapter_cfg.get("use_rslora", False),
+            "useDora": adapter_cfg.get("use_dora", False),
+            "targetModules": adapter_cfg.get("target_modules"),
+            "modulesToSave": adapter_cfg.get("modules_to_save"),
+            "baseModelNameOrPath": adapter_cfg.get("base_model_name_or_path"),
+        }
+    results = store.read_json(Layout.EVAL_RESULTS)
+    merged = Stage.MERGE in stages(cfg)
+    doc = {
+        "servingVersion": SERVING_VERSION,
+        "server": h.server,
+        "artifact": h.artifact,
+        "uri": h.uri,
+        "message": h.message,
+        "baseModel": {"uri": cfg.base_model_reference(), "revision": cfg.model.revision},
+        "adapter": adapter,
+        "merged": {"uri": cfg.merge.uri or f"{root}{Layout.MERGED}/", "dtype": cfg.merge.dtype}
+        if merged
+        else None,
+        "chatTemplate": chat_template(store, weights),
+        "maxModelLen": cfg.dataset.max_seq_length,
+        "eval": {"trained": results.get("trained"), "base": results.get("base")} if results else None,
+        "adapterChecks": adapter_config_problems(h.server, adapter_cfg) if adapter_cfg else [],
+    }
+    if h.server != "none":
+        doc[h.server] = server_args(cfg, h.artifact, adapter_cfg)
+    return doc
+
+
+def close_run(store: Store, cfg: TrainerConfig, last: Stage, gate_failed: bool = False) -> dict[str, Any]:
+    """What the final stage does last: serving/serving.json (not after a failed gate: nothing to hand off),
+    then manifest.json (listing it). Returns the manifest."""
+    if not gate_failed:
+        doc = serving_document(store, cfg)
+        store.put_bytes(json.dumps(doc, indent=1).encode(), Layout.SERVING_MANIFEST)
+    states = stage_record(cfg, last, gate_failed)
+    return write_manifest(store, cfg.model_dump(mode="json"), states, manifest_locations(cfg))

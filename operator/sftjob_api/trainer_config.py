@@ -22,6 +22,8 @@ class RunSection(ApiModel):
     name: str = Field(default="local", max_length=253)
     output_root: str = Field(min_length=1, max_length=2048)
     """`<output.uri>/<namespace>/<name>/` (layout.run_root): every artifact key is relative to it."""
+    model_uri: str | None = Field(default=None, max_length=1024)
+    """spec.model.uri as the user wrote it, when model.uri was rewritten to a local directory (`sftjob run`)."""
 
 
 class RuntimeSection(ApiModel):
@@ -43,6 +45,11 @@ class TrainerConfig(SFTJobSpec):
 
     run: RunSection
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    def base_model_reference(self) -> str:
+        """The base model as the spec names it, for adapter_config.json and serving/serving.json: never the
+        trainer's local copy (a pod-local path means nothing to a server)."""
+        return self.run.model_uri or self.model.uri
 
     def is_final(self, stage: Stage) -> bool:
         """Whether `stage` is the last one this spec runs (it then writes manifest.json)."""

@@ -1,0 +1,183 @@
+"""The serving hand-off on real runs: serving/serving.json next to the artifacts (listed in a manifest that
+verifies), adapter_config.json naming the spec's base model (never the trainer's local copy), and the merged
+model handed off when the server cannot load the adapter (DoRA for vLLM).
+
+- the README's real model (SmolLM2-135M-Instruct, a model-cache name) through `sftjob run`, serving vllm;
+- the tiny Llama through `sftjob run` with DoRA, serving vllm: the merged model is the hand-off;
+- the train pod as the operator renders it (tests/pipeline/test_train_only.py) against real S3, train-only,
+  serving tgi: the train stage writes the serving manifest.
+vLLM and TGI do not install on this CPU-only machine: loadability is checked with peft (the merge stage loads
+base + adapter) and the servers' documented rules applied to the written adapter_config.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sftjob_api import Layout, parse_spec
+from sftjob_api.layout import status_artifacts
+from sftjob_api.manifest import SERVING_MOUNT, verify_manifest
+from sftjob_api.ports import free_port
+from sftjob_api.serving import adapter_config_problems
+from sftjob_api.storage import LocalStore, S3Store
+from sftjob_operator.render import objects as o
+
+from .test_train_only import pod_command, pod_env
+
+pytestmark = [pytest.mark.trainer, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def sftjob_run(tmp_path: Path, name: str, spec: dict[str, Any]) -> LocalStore:
+    doc = {
+        "apiVersion": "sft.tuning.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    cmd = [
+        sys.executable,
+        "-m",
+        "sftjob_operator.cli",
+        "run",
+        "job.yaml",
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SFTJOB_"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return LocalStore(str(tmp_path / "runs" / "local" / name))
+
+
+def serving_and_adapter(store: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """serving.json and adapter_config.json, after checking the manifest lists serving.json and verifies."""
+    assert verify_manifest(store) == []
+    manifest = json.loads(store.get_bytes(Layout.MANIFEST))
+    assert Layout.SERVING_MANIFEST in {f["path"] for f in manifest["files"]}
+    return store.read_json(Layout.SERVING_MANIFEST), store.read_json(f"{Layout.ADAPTER}/adapter_config.json")
+
+
+def base_spec(model: str, train: str, **over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "model": {"uri": model},
+        "dataset": {"train": [train], "format": "alpaca", "maxSeqLength": 96},
+        "method": {
+            "type": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": PROJECTIONS},
+        },
+        "training": {
+            "maxSteps": 2,
+            "globalBatchSize": 4,
+            "microBatchSize": 2,
+            "gradientCheckpointing": False,
+        },
+        "resources": {"nodes": 1, "gpusPerNode": 0, "deepspeed": {"zeroStage": 0}},
+        "output": {"uri": "./runs", "serving": "vllm"},
+        "merge": {"dtype": "float32"},
+    }
+    spec.update(over)
+    return spec
+
+
+@pytest.mark.timeout(1500)
+def test_smollm2_adapter_is_handed_to_vllm_with_a_serving_manifest(tmp_path):
+    data = REPO / "examples" / "data"
+    spec = base_spec(
+        "smollm2-135m-instruct",
+        str(data / "contacts-train.jsonl"),
+        eval={"metrics": ["loss", "exact_match"], "maxSamples": 4, "maxNewTokens": 16},
+    )
+    spec["dataset"].update(eval=[str(data / "contacts-eval.jsonl")], maxSeqLength=256)
+    spec["method"]["lora"]["r"] = 12  # vLLM needs --max-lora-rank 16 for it
+    store = sftjob_run(tmp_path, "smollm2-serve", spec)
+    serving, adapter = serving_and_adapter(store)
+
+    # adapter_config.json names the spec's model, not the cache directory the trainer loaded it from
+    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"
+    assert adapter_config_problems("vllm", adapter) == []
+    root = str(tmp_path / "runs" / "local" / "smollm2-serve") + "/"
+    assert serving["server"] == "vllm" and serving["artifact"] == "adapter" and serving["message"] == ""
+    assert serving["uri"] == serving["adapter"]["uri"] == root + "adapter/"
+    assert serving["baseModel"] == {"uri": "smollm2-135m-instruct", "revision": None}
+    assert serving["adapter"]["baseModelNameOrPath"] == "smollm2-135m-instruct"
+    assert sorted(serving["adapter"]["targetModules"]) == sorted(PROJECTIONS)
+    assert "<|im_start|>" in serving["chatTemplate"]  # SmolLM2's ChatML template, saved with the tokenizer
+    assert serving["maxModelLen"] == 256
+    results = store.read_json(Layout.EVAL_RESULTS)
+    assert serving["eval"] == {"trained": results["trained"], "base": results["base"]}
+    assert serving["eval"]["trained"]["eval_loss"] > 0
+    assert serving["merged"]["uri"] == root + "merged/" and serving["adapterChecks"] == []
+    args = serving["vllm"]["args"]
+    assert args[:3] == ["vllm", "serve", "smollm2-135m-instruct"]
+    assert args[args.index("--lora-modules") + 1] == f"smollm2-serve={SERVING_MOUNT}/adapter"
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+    assert args[args.index("--max-model-len") + 1] == "256"
+
+
+@pytest.mark.timeout(900)
+def test_dora_for_vllm_hands_off_the_merged_model(tiny_model_dir, tmp_path):
+    from trainer.tiny import dataset_rows, write_jsonl
+
+    write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(24, seed=1))
+    spec = base_spec(tiny_model_dir, "./train.jsonl", eval={"enabled": False})
+    spec["method"]["lora"]["useDora"] = True
+    store = sftjob_run(tmp_path, "tiny-dora", spec)
+    serving, adapter = serving_and_adapter(store)
+
+    assert adapter["use_dora"] is True and adapter["base_model_name_or_path"] == tiny_model_dir
+    assert serving["artifact"] == "merged"
+    assert serving["message"].startswith("the merged model is handed off: spec.method.lora.useDora: vLLM")
+    assert serving["uri"] == str(tmp_path / "runs" / "local" / "tiny-dora") + "/merged/"
+    assert store.exists(f"{Layout.MERGED}/model.safetensors")
+    # the documented rule, applied to what peft wrote, finds what vLLM would refuse
+    assert [p.split(":")[0] for p in serving["adapterChecks"]] == ["use_dora"]
+    assert serving["vllm"]["args"][:3] == ["vllm", "serve", f"{SERVING_MOUNT}/merged"]
+    assert "--enable-lora" not in serving["vllm"]["args"] and serving["eval"] is None
+
+
+def test_train_only_pod_writes_the_serving_manifest_to_s3(s3, tiny_model_dir, tmp_path):
+    from trainer.tiny import dataset_rows, write_jsonl
+
+    data = write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(24, seed=1))
+    output = {
+        "uri": s3.uri("runs"),
+        "endpoint": s3.endpoint_url,
+        "pathStyle": True,
+        "credentialsSecret": {"name": "s3"},
+        "serving": "tgi",
+    }
+    spec = parse_spec(
+        base_spec(tiny_model_dir, data, output=output, eval={"enabled": False}, merge={"enabled": False})
+    )
+    ref = o.SFTJobRef("tiny", "team-a", "uid-1")
+    config = tmp_path / "config.yaml"
+    config.write_text(o.render_config_map(ref, spec)["data"][o.CONFIG_FILE])
+    job = o.render_train_job(ref, spec, o.RenderOptions(metrics_port=free_port()))
+    env = pod_env(job, s3, str(config), tmp_path)
+    proc = subprocess.run(
+        pod_command(job, str(config), env), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    arts = status_artifacts(spec, "team-a", "tiny")  # what status.artifacts advertises
+    assert arts.serving is not None and arts.serving.artifact == "adapter"
+    store = S3Store(str(arts.root), s3.client())
+    serving, adapter = serving_and_adapter(store)
+    assert adapter["base_model_name_or_path"] == tiny_model_dir  # the spec's path, not the pod's work dir
+    assert not adapter["base_model_name_or_path"].startswith(env["SFTJOB_WORK_DIR"])
+    assert serving["uri"] == arts.serving.uri == arts.adapter
+    assert arts.serving.manifest == f"{arts.root}{Layout.SERVING_MANIFEST}"
+    assert serving["tgi"]["env"]["LORA_ADAPTERS"] == f"tiny={SERVING_MOUNT}/adapter"
+    assert serving["tgi"]["env"]["MODEL_ID"] == tiny_model_dir
+    assert serving["eval"] is None and serving["merged"] is None and serving["adapterChecks"] == []
