@@ -40,3 +40,38 @@ def invalid_examples() -> list[InvalidExample]:
 
 def valid_examples() -> list[Path]:
     return sorted(EXAMPLES.glob("sftjob-*.yaml"))
+
+
+# Serving hand-off (docs/serving.md): (server, lora settings it cannot load, the field an error must name).
+SERVING_INCOMPATIBLE = [
+    ("vllm", {"useDora": True}, "spec.method.lora.useDora"),
+    ("vllm", {"modulesToSave": ["lm_head"]}, "spec.method.lora.modulesToSave"),
+    ("vllm", {"r": 1024}, "spec.method.lora.r"),
+    ("vllm", {"targetModules": ["q_proj", "lm_head"]}, "spec.method.lora.targetModules"),
+    ("vllm", {"targetModules": ["embed_tokens"]}, "spec.method.lora.targetModules"),
+    ("tgi", {"useDora": True}, "spec.method.lora.useDora"),
+    ("tgi", {"modulesToSave": ["embed_tokens"]}, "spec.method.lora.modulesToSave"),
+    ("tgi", {"targetModules": ["lm_head"]}, "spec.method.lora.targetModules"),
+]
+
+
+def serving_manifest(
+    server: str,
+    lora: dict[str, Any] | None = None,
+    merge: bool = True,
+    method: str = "lora",
+    name: str = "serve",
+) -> dict[str, Any]:
+    """An SFTJob handing its result to `server`."""
+    return {
+        "apiVersion": "sft.tuning.dev/v1alpha1",
+        "kind": "SFTJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "s3://models/smollm2-135m-instruct"},
+            "dataset": {"train": ["s3://datasets/a.jsonl"]},
+            "method": {"type": method, "lora": lora or {}},
+            "output": {"uri": "s3://artifacts/sft", "serving": server},
+            "merge": {"enabled": merge},
+        },
+    }

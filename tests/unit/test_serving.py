@@ -4,9 +4,9 @@ gets (adapter, merged model, full model), and the refusal when there is nothing 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
+from example_manifests import SERVING_INCOMPATIBLE, serving_manifest
 
 from sftjob_api import SpecError, parse_sftjob
 from sftjob_api.crd import build_crd
@@ -21,32 +21,8 @@ from sftjob_api.serving import (
 )
 from sftjob_api.spec import LoraSpec
 
-# (server, lora settings the server cannot load, the spec field an error must name)
-INCOMPATIBLE = [
-    ("vllm", {"useDora": True}, "spec.method.lora.useDora"),
-    ("vllm", {"modulesToSave": ["lm_head"]}, "spec.method.lora.modulesToSave"),
-    ("vllm", {"r": 1024}, "spec.method.lora.r"),
-    ("vllm", {"targetModules": ["q_proj", "lm_head"]}, "spec.method.lora.targetModules"),
-    ("vllm", {"targetModules": ["embed_tokens"]}, "spec.method.lora.targetModules"),
-    ("tgi", {"useDora": True}, "spec.method.lora.useDora"),
-    ("tgi", {"modulesToSave": ["embed_tokens"]}, "spec.method.lora.modulesToSave"),
-    ("tgi", {"targetModules": ["lm_head"]}, "spec.method.lora.targetModules"),
-]
-
-
-def doc(server: str, lora: dict[str, Any] | None = None, merge: bool = True, method: str = "lora") -> dict:
-    return {
-        "apiVersion": "sft.tuning.dev/v1alpha1",
-        "kind": "SFTJob",
-        "metadata": {"name": "serve"},
-        "spec": {
-            "model": {"uri": "s3://models/smollm2-135m-instruct"},
-            "dataset": {"train": ["s3://datasets/a.jsonl"]},
-            "method": {"type": method, "lora": lora or {}},
-            "output": {"uri": "s3://artifacts/sft", "serving": server},
-            "merge": {"enabled": merge},
-        },
-    }
+INCOMPATIBLE = SERVING_INCOMPATIBLE
+doc = serving_manifest
 
 
 def test_serving_defaults_to_none_and_none_checks_nothing():
