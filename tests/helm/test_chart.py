@@ -138,3 +138,15 @@ def test_peering_object_only_with_several_replicas():
     deploy = next(d for d in render(FULL) if d["kind"] == "Deployment")
     env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["SFTJOB_PEERING"] == "sftjob-operator"
+
+
+def _egress_ports(values: dict[str, str]) -> list[list[int]]:
+    [policy] = [d for d in render(values) if d["kind"] == "NetworkPolicy"][:1]
+    return [[p["port"] for p in rule.get("ports", [])] for rule in policy["spec"]["egress"]]
+
+
+def test_network_policy_egress_ports_configurable():
+    # defaults: HTTPS/HTTP and self-hosted S3-compatible stores (MinIO 9000, SeaweedFS 8333), DNS
+    assert [443, 80, 9000, 8333] in _egress_ports(FULL)
+    assert [53, 53] in _egress_ports(FULL)
+    assert [443, 7480] in _egress_ports({**FULL, "networkPolicy.s3Ports": "{443,7480}"})
