@@ -122,3 +122,26 @@ def test_adapter_config_rules_match_what_the_servers_check_on_load():
         adapter_config_problems("vllm", {**ok, "target_modules": ["model.layers.0.self_attn.q_proj"]}) == []
     )
     assert adapter_config_problems("vllm", {**ok, "target_modules": ["lm_head"]})
+
+
+def test_serving_examples_point_at_the_artifacts_the_example_sftjob_writes():
+    import kubernetes_validate
+    import yaml
+    from example_manifests import EXAMPLES
+
+    from sftjob_api.manifest import SERVING_MOUNT
+
+    spec = parse_sftjob(yaml.safe_load((EXAMPLES / "sftjob-serving-vllm.yaml").read_text())).spec
+    arts = status_artifacts(spec, "team-a", "serving-vllm")
+    assert arts.serving is not None and arts.serving.artifact == "adapter"
+    deployment, service = yaml.safe_load_all((EXAMPLES / "serving" / "vllm-lora.yaml").read_text())
+    for obj in (deployment, service):
+        kubernetes_validate.validate(obj, "1.34", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    assert f"s3 sync {arts.adapter} {SERVING_MOUNT}/adapter/" in pod["initContainers"][0]["args"][0]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--lora-modules") + 1] == f"serving-vllm={SERVING_MOUNT}/adapter"
+    assert f"--max-lora-rank={smallest_max_lora_rank(spec.method.lora.r)}" in args
+    assert f"--max-model-len={spec.dataset.max_seq_length}" in args
+    isvc = yaml.safe_load((EXAMPLES / "serving" / "kserve-merged.yaml").read_text())
+    assert isvc["spec"]["predictor"]["model"]["storageUri"] == arts.merged
