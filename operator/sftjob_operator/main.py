@@ -103,6 +103,17 @@ def run(argv: Sequence[str] | None = None) -> int:
         if not settings_ours.standalone:
             log.info("peering %r, peering priority %d", settings_ours.peering_name, settings_ours.priority)
 
+    lag_probe: list[asyncio.Task[None]] = []
+
+    @kopf.on.startup(id="event_loop_lag", registry=registry)
+    async def start_lag_probe(**_: Any) -> None:
+        lag_probe.append(asyncio.create_task(metrics.probe_event_loop_lag()))
+
+    @kopf.on.cleanup(id="event_loop_lag", registry=registry)
+    async def stop_lag_probe(**_: Any) -> None:
+        for task in lag_probe:
+            task.cancel()
+
     settings_ours = settings
     liveness = (
         f"http://{settings.health_address}:{settings.health_port}/healthz" if settings.health_port else None

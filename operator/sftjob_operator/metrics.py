@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import threading
@@ -78,6 +79,13 @@ PROGRESS_READS = Counter(
     "sftjob_operator_progress_reads",
     "Reads of trainer /metrics endpoints, by result.",
     ["result"],
+    registry=REGISTRY,
+)
+LAG_PROBE_INTERVAL = 0.5  # seconds between two event-loop lag probes
+EVENT_LOOP_LAG = Histogram(
+    "sftjob_operator_event_loop_lag_seconds",
+    f"How late the event loop (kopf's watches and handlers) wakes a probe sleeping {LAG_PROBE_INTERVAL} s.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
 
@@ -194,6 +202,15 @@ def instrumented(name: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return wrap
+
+
+async def probe_event_loop_lag() -> None:
+    """Runs on the operator's event loop until cancelled: a loop busy with other work wakes the probe late."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_PROBE_INTERVAL
+        await asyncio.sleep(LAG_PROBE_INTERVAL)
+        EVENT_LOOP_LAG.observe(max(loop.time() - due, 0.0))
 
 
 def serve(port: int, address: str) -> None:

@@ -114,14 +114,25 @@ class Cluster:
     """The session-wide control plane. Public API: kubeconfig, server, logs_dir, kubectl(), api_client(),
     sa_kubeconfig(), create_namespace(), nodes."""
 
-    def __init__(self, work_dir: Path, logs_dir: Path):
+    def __init__(
+        self,
+        work_dir: Path,
+        logs_dir: Path,
+        gpu_nodes: int = GPU_NODES,
+        audit_policy: dict[str, Any] | None = None,
+    ):
+        """`gpu_nodes`: how many fake GPU nodes KWOK keeps (benchmarks use more); `audit_policy`: an
+        audit.k8s.io/v1 Policy: the apiserver then writes JSON audit events to `self.audit_log` (only
+        benchmarks ask for it: benchmarks/operator_scale.py counts the operator's requests from it)."""
         self.work_dir = work_dir
         self.logs_dir = logs_dir
         self.pki = Pki(work_dir / "pki")
         self.port = free_port()
         self.server = f"https://{LOOPBACK}:{self.port}"
         self.kubeconfig = work_dir / "admin.kubeconfig"
-        self.nodes = [f"gpu-node-{i}" for i in range(GPU_NODES)]
+        self.nodes = [f"gpu-node-{i}" for i in range(gpu_nodes)]
+        self.audit_policy = audit_policy
+        self.audit_log = work_dir / "audit.log"
         self.procs: list[Proc] = []
 
     # ---- lifecycle -------------------------------------------------------------------------------------
@@ -205,7 +216,7 @@ class Cluster:
             "-f",
             "-",
             input=json.dumps(
-                {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i) for i in range(GPU_NODES)]}
+                {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i) for i in range(len(self.nodes))]}
             ),
         )
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s")
@@ -269,6 +280,19 @@ class Cluster:
         )
         return url
 
+    def _audit_flags(self) -> list[str]:
+        if self.audit_policy is None:
+            return []
+        policy = self.work_dir / "audit-policy.json"  # JSON is YAML: the apiserver reads it
+        policy.write_text(json.dumps(self.audit_policy))
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=0",  # no rotation: the reader wants one file
+            "--audit-log-mode=blocking",  # written before the response: nothing lost at stop
+        ]
+
     def _start_apiserver(self, apiserver: Path, etcd_url: str, timeout: float) -> None:
         p = self.pki
         proc = self._spawn(
@@ -303,6 +327,7 @@ class Cluster:
                 "--allow-privileged=true",
                 "--profiling=false",
                 f"--cert-dir={self.work_dir / 'apiserver-certs'}",
+                *self._audit_flags(),
             ],
         )
         cert = (str(p.admin_crt), str(p.admin_key))
@@ -334,7 +359,9 @@ class Cluster:
     def apply_crd(self, path: Path | str, timeout: float = 60) -> None:
         """Apply a CRD and wait until it is Established (polled: `kubectl wait` races a CRD whose status
         has no conditions yet)."""
-        doc = self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path), "-o", "json").stdout
+        doc = self.kubectl(
+            "apply", "--server-side", "--force-conflicts", "-f", str(path), "-o", "json"
+        ).stdout
         name = json.loads(doc)["metadata"]["name"]
 
         def established() -> bool:

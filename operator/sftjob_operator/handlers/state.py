@@ -104,5 +104,7 @@ class Memo:
     # child Job name -> (spec.suspend we wrote, monotonic time): our own writes, until the watch shows them
     suspended: dict[str, tuple[bool, float]] = field(default_factory=dict)
     last_progress_write: float = 0.0
+    # (resourceVersion a status write started from, the SFTJob it returned): until the watch shows the write
+    own_write: tuple[str, Obj] | None = None
     ttl_done: bool = False
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen
