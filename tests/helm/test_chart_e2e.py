@@ -59,6 +59,7 @@ def test_install_creates_the_operator_and_least_privilege_rbac(kube, release):
         ("patch", "sftjobs.sft.tuning.dev"),
         ("patch", "sftjobs.sft.tuning.dev", "--subresource=status"),
         ("list", "pods"),
+        ("delete", "pods"),  # a torn-down group's pods on a NotReady node (docs/recovery.md)
         ("create", "services"),
         ("create", "configmaps"),
         ("create", "events"),
@@ -70,6 +71,7 @@ def test_install_creates_the_operator_and_least_privilege_rbac(kube, release):
                 f"{sa} cannot {verb} {resource} in {target}"
             )
     assert can_i(kube, sa, "list", "customresourcedefinitions.apiextensions.k8s.io")
+    assert can_i(kube, sa, "get", "nodes")  # is the node under a training rank Ready
 
     forbidden = [
         ("get", "secrets", "-n", watched),

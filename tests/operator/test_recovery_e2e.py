@@ -1,11 +1,13 @@
 """Group recovery on the real control plane with KWOK nodes (docs/recovery.md): one rank's retryable
 failure restarts every rank together and counts once; a permanent code on any rank fails at once; a
-step counter that stops advancing is a stall, restarted like a failure. Rank 0's progress comes from the
+step counter that stops advancing is a stall, restarted like a failure; a node gone NotReady under a rank restarts
+the group on other nodes (not counted) and keeps it off that node. Rank 0's progress comes from the
 trainer's own metrics exporter served on the loopback address KWOK gave the pod."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -172,3 +174,56 @@ def test_stalled_step_counter_sets_stalled_then_restarts_the_group(
     assert st["restarts"] == 1 and st["phase"] == "Training", st
     assert 'sftjob_operator_recoveries_total{cause="Stalled"} 1.0' in operator.metrics()
     print(f"\nstall: Stalled=True {stalled_after:.1f}s after the last step (floor 10 s)")
+
+
+@contextlib.contextmanager
+def not_ready(kube: Any, node: str) -> Iterator[None]:
+    """The node NotReady (kwok-stages.yaml leaves an annotated node so) until the block ends, then Ready."""
+    kube.kubectl("annotate", "node", node, "kwok.sftjob.dev/not-ready=true", "--overwrite")
+    patch = {"status": {"conditions": [{"type": "Ready", "status": "False", "reason": "TestNotReady"}]}}
+    try:
+        kube.kubectl(
+            "patch", "node", node, "--subresource=status", "--type=strategic", "-p", json.dumps(patch)
+        )
+        yield
+    finally:
+        kube.kubectl("annotate", "node", node, "kwok.sftjob.dev/not-ready-")
+        kube.kubectl("wait", "--for=condition=Ready", f"node/{node}", "--timeout=60s")
+        # the controller-manager lifts its not-ready taints once the node is Ready again
+        wait_until(lambda: not kube.get_json("node", node)["spec"].get("taints"), 60, f"{node} untainted")
+
+
+def test_node_not_ready_under_a_rank_restarts_the_group_elsewhere(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
+    kube, ns = sftjob_crd, namespace
+    whole_nodes = {"nodes": 2, "gpusPerNode": 8}  # one rank fills a node: the restart must use another
+    training = {"microBatchSize": 1, "globalBatchSize": 16}  # a multiple of the world size (16)
+    job = sftjob("nodefail", delay="600s", resources=whole_nodes, training=training, **NO_EVAL_MERGE)
+    apply(kube, ns, job)
+    wait_phase(kube, ns, "nodefail", "Training", 60, operator)
+    pods0 = wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
+    bad = pods0[1]["spec"]["nodeName"]
+    uid0 = train_job_uid(kube, ns, "nodefail")
+    with not_ready(kube, bad):
+        t0 = time.monotonic()
+        pods1 = wait_until(
+            lambda: train_job_uid(kube, ns, "nodefail") not in (None, uid0) and running(kube, ns, 2),
+            90,
+            "the group running again",
+        )
+        restarted = time.monotonic() - t0
+        assert bad not in {p["spec"]["nodeName"] for p in pods1}, pods1
+        job = kube.get_json("job", "nodefail-train", "-n", ns)
+    terms = job["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"]
+    assert terms == [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [bad]}]}
+    ], terms
+    st = status(kube, ns, "nodefail")
+    [rec] = st["recoveries"]
+    assert rec["node"] == bad and not rec["counted"], rec
+    assert rec["cause"].startswith(f"node {bad} NotReady (TestNotReady) under pod "), rec
+    assert st["restarts"] == 0 and st["phase"] == "Training", st
+    print(f"\nnode {bad} NotReady under rank 1: group running on other nodes {restarted:.1f}s later")

@@ -82,7 +82,8 @@ def classify_failure(pods: list[PodObs], problems: Mapping[str, str] | None = No
         )
     if not failed:
         return Failure("a training pod failed" + on, True, node)
-    first = failed[0]
+    # A rank whose node failed is the cause: the others' errors (connection reset) are its consequence.
+    first = next((p for p in failed if p.node and p.node == node), failed[0])
     if first.terminated_reason and first.terminated_reason not in ("Error", "Completed"):
         what = first.terminated_reason  # e.g. OOMKilled
         if first.exit_code is not None:
@@ -91,6 +92,8 @@ def classify_failure(pods: list[PodObs], problems: Mapping[str, str] | None = No
         what = f"exit code {first.exit_code}"
     else:
         what = first.reason or "failed"
+    if first.reason and not what.startswith(first.reason):
+        what = f"{first.reason}, {what}"  # e.g. Evicted, exit code 137
     # A failure the node caused (eviction, node lost) is a disruption: not counted.
     return Failure(f"pod {first.name} (rank {first.index}) {what}{on}", node is None, node)
 
