@@ -14,7 +14,8 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.*}"
 STACK=(
   "transformers>=5,<6" "peft>=0.21,<0.22" "accelerate>=1.10" "bitsandbytes>=0.50,<0.51"
   "pyarrow>=15" "safetensors>=0.4" "matplotlib>=3.8" "tokenizers" "boto3>=1.34" "prometheus-client>=0.20"
-  "pydantic>=2.7,<3" "pyyaml>=6"
+  "pydantic>=2.7,<3" "pyyaml>=6" "mlflow-skinny>=3.10,<4"
+  "datasketch>=1.6,<3"
 )
 DS_SPEC="deepspeed>=0.19,<0.20"
 
@@ -29,7 +30,7 @@ if ! have torch; then
   echo "install.sh: installing $TORCH_SPEC" >&2
   "${PIP[@]}" "$TORCH_SPEC"
 fi
-if ! have transformers peft accelerate bitsandbytes pyarrow safetensors matplotlib tokenizers boto3 prometheus_client; then
+if ! have transformers peft accelerate bitsandbytes pyarrow safetensors matplotlib tokenizers boto3 prometheus_client mlflow datasketch; then
   echo "install.sh: installing the trainer stack" >&2
   "${PIP[@]}" "${STACK[@]}"
 fi

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from .base import ApiModel
 from .evaluation import EvalMetrics
+from .tracking import TrackingStatus
 
 
 class Phase(StrEnum):
@@ -216,3 +217,5 @@ class SFTJobStatus(ApiModel):
     """The latest group restarts, newest last (at most 20)."""
     children: Children | None = None
     """Child object names."""
+    tracking: TrackingStatus | None = None
+    """Where the run is tracked (spec.tracking): the MLflow run id."""

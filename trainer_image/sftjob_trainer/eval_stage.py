@@ -29,7 +29,7 @@ import torch
 from sftjob_api import Layout, Stage
 from sftjob_api.evaluation import EvalMetrics
 from sftjob_api.exit_codes import EvalGateFailed, ExitCode, PermanentError
-from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.manifest import close_run
 from sftjob_api.status import EvalResults
 from sftjob_api.storage import Store, open_store
 from sftjob_api.trainer_config import TrainerConfig
@@ -41,6 +41,7 @@ from .metrics import log_json
 from .model import config_tokenizer, load_base, load_trained, model_dir, weights_dtype
 from .packing import collate
 from .pipeline import prepare_examples
+from .tracking import Tracker, termination_message
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ def main(cfg: TrainerConfig) -> int:
     t0 = time.monotonic()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     store = open_store(cfg.run.output_root, cfg.output)
+    tracker = Tracker(cfg, store, Stage.EVAL)
     work = os.path.join(cfg.runtime.work_dir, "eval")
     shutil.rmtree(work, ignore_errors=True)
     model, tok, as_base = load_models(cfg, store, work)
@@ -251,14 +253,16 @@ def main(cfg: TrainerConfig) -> int:
     store.put_bytes(json.dumps(results, indent=1).encode(), Layout.EVAL_RESULTS)
     log_json("eval_done", gates_passed=not failed, failed_gates=failed, seconds=results["seconds"])
     shutil.rmtree(work, ignore_errors=True)
-    if failed or cfg.is_final(Stage.EVAL):  # nothing runs after this stage: it completes the run
-        records = stage_record(cfg, Stage.EVAL, gate_failed=bool(failed))
-        write_manifest(store, cfg.model_dump(mode="json"), records, manifest_locations(cfg))
+    tracker.log_eval()
+    final = bool(failed) or cfg.is_final(Stage.EVAL)
+    if final:  # nothing runs after this stage: it completes the run
+        tracker.flush()  # the run's id is in the store before the manifest lists it
+        close_run(store, cfg, Stage.EVAL, gate_failed=bool(failed))
+        tracker.artifact(Layout.MANIFEST)
+    run = tracker.close(final=final, failed=bool(failed))
     if failed:
         # becomes the pod's termination message (the operator's EvalGateFailed reason text), exit code 3
         raise EvalGateFailed("; ".join(failed))
-    term = cfg.runtime.termination_log or os.environ.get("SFTJOB_TERMINATION_LOG")
-    if term:  # the operator reads status.evalResults from the eval pod's termination message
-        with open(term, "w") as f:
-            f.write(json.dumps({"evalResults": results["status"]}))
+    # the operator reads status.evalResults (and status.tracking) from the eval pod's termination message
+    termination_message(cfg, run, evalResults=results["status"])
     return int(ExitCode.OK)

@@ -28,12 +28,13 @@ from transformers import AutoModelForCausalLM
 
 from sftjob_api import Layout, Stage, stages
 from sftjob_api.exit_codes import ExitCode, PermanentError
-from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.manifest import close_run
 from sftjob_api.storage import open_store
 from sftjob_api.trainer_config import TrainerConfig
 
 from .metrics import log_json
 from .model import config_tokenizer, model_dir, torch_dtype
+from .tracking import Tracker, termination_message
 
 FP32_ATOL = 1e-3
 LOWP_RTOL = {"float32": 1e-5, "bfloat16": 0.05, "float16": 0.01}
@@ -122,6 +123,7 @@ def main(cfg: TrainerConfig) -> int:
         )
         return int(ExitCode.OK)
     store = open_store(cfg.run.output_root, cfg.output)
+    tracker = Tracker(cfg, store, Stage.MERGE)
     work = os.path.join(cfg.runtime.work_dir, "merge")
     shutil.rmtree(work, ignore_errors=True)
     base_dir = model_dir(cfg)
@@ -146,9 +148,13 @@ def main(cfg: TrainerConfig) -> int:
     else:
         store.upload_dir(out_dir, Layout.MERGED)
     shutil.rmtree(work, ignore_errors=True)
+    tracker.metrics({f"merge_{k}": rec["saved"][k] for k in ("rel_l2", "top1_agreement")})
+    tracker.metrics({"merge_max_abs_diff": rec["max_abs_diff"]})
+    tracker.artifact(Layout.MERGE_VERIFICATION)
     if cfg.is_final(Stage.MERGE):
-        write_manifest(
-            store, cfg.model_dump(mode="json"), stage_record(cfg, Stage.MERGE), manifest_locations(cfg)
-        )
+        tracker.flush()  # the run's id is in the store before the manifest lists it
+        close_run(store, cfg, Stage.MERGE)
+        tracker.artifact(Layout.MANIFEST)
+    termination_message(cfg, tracker.close(final=cfg.is_final(Stage.MERGE)))
     log_json("merge_done", seconds=round(time.monotonic() - t0, 1))
     return int(ExitCode.OK)

@@ -23,13 +23,14 @@ import torch.distributed as dist
 
 from sftjob_api import Layout, Stage
 from sftjob_api.exit_codes import ExitCode, Preempted
-from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.manifest import close_run
 from sftjob_api.ports import free_port
 from sftjob_api.storage import open_store
 from sftjob_api.trainer_config import TrainerConfig
 
 from . import checkpoint
 from .config import DistEnv
+from .curation.perplexity import make_scorer
 from .loss import SelectiveLossLM, base_causal_lm
 from .metrics import TrainerMetrics, log_json
 from .model import load_for_training, weights_dtype
@@ -37,6 +38,7 @@ from .packing import collate, epoch_order, micro_batches_for, pack_rows, single_
 from .pipeline import prepare_examples
 from .schedule import deepspeed_config, lr_factor, plan_batches
 from .speed import effective_zero_stage
+from .tracking import Tracker, termination_message
 
 # deepspeed is imported inside the functions: it picks its accelerator at import, and train() sets
 # DS_ACCELERATOR=cpu first when there is no GPU.
@@ -106,7 +108,8 @@ def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: 
             sd = {n: p.detach().cpu().clone() for n, p in zip(names, params, strict=True)}
             if full:
                 base_causal_lm(model).save_pretrained(out_dir, state_dict=sd)
-            else:
+            else:  # the spec's model reference, not this pod's copy of the model (docs/serving.md)
+                model.peft_config["default"].base_model_name_or_path = cfg.base_model_reference()
                 model.save_pretrained(out_dir, state_dict=sd)
             tok.save_pretrained(out_dir)
     dist.barrier()
@@ -133,9 +136,12 @@ def train(cfg: TrainerConfig) -> int:
     store = open_store(cfg.run.output_root, cfg.output)
     staging = os.path.join(cfg.runtime.work_dir, "staging")
     is0 = env.rank == 0
+    tracker = Tracker(cfg, store, Stage.TRAIN, enabled=is0)  # rank 0 logs; never fails the run
 
     model, tok = load_for_training(cfg, on_gpu)
-    examples, eval_examples, report = prepare_examples(cfg, tok)
+    cur = cfg.dataset.curation
+    scorer = make_scorer(model, env.rank, env.world_size) if cur and cur.perplexity else None
+    examples, eval_examples, report = prepare_examples(cfg, tok, scorer)
     if is0:
         n_4bit = sum(1 for m in model.modules()  # bitsandbytes' own class, not peft's wrapper of it
                      if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"))
@@ -143,6 +149,7 @@ def train(cfg: TrainerConfig) -> int:
                  trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                  gradient_checkpointing=t.gradient_checkpointing)
     metrics.record_drops(dict(report.dropped))
+    metrics.record_mixture({x.name: x.mixed_rows for x in report.sources})
     lengths = [len(e.input_ids) for e in examples]
     rows = pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
     plan = plan_batches(len(rows), t.global_batch_size, t.micro_batch_size, env.world_size, t.epochs,
@@ -231,6 +238,9 @@ def train(cfg: TrainerConfig) -> int:
                      grad_norm=None if gn is None else float(gn), epoch=round(done / plan.steps_per_epoch, 4),
                      tokens_per_second=round(tps, 1), tokens=int(tot_real), step_seconds=round(dt, 3),
                      eta_seconds=round(eta, 1))
+            tracker.metrics({"train_loss": loss, "learning_rate": lr, "tokens_per_second": tps,
+                             "grad_norm": None if gn is None else float(gn),
+                             "epoch": done / plan.steps_per_epoch}, done)
         preempt = stop_votes > 0
         if (done % t.checkpoint_steps == 0 or preempt) and done < plan.total_steps:
             c0 = time.monotonic()
@@ -242,6 +252,7 @@ def train(cfg: TrainerConfig) -> int:
             if is0:
                 log_json("checkpoint", step=done, seconds=round(time.monotonic() - c0, 3))
         if preempt:
+            tracker.close(timeout=30)
             raise Preempted(f"SIGTERM: checkpoint step-{done} saved, exiting for a retry")
 
     out_dir = os.path.join(staging, "final")
@@ -251,10 +262,13 @@ def train(cfg: TrainerConfig) -> int:
         summary = {"steps": plan.total_steps, "final_loss": loss, "tokens": tokens_seen,
                    "resumed_from": resume, "plan": plan.__dict__, "data": report.as_dict()}
         store.put_bytes(json.dumps(summary, indent=1).encode(), Layout.TRAIN_SUMMARY)
+        tracker.metrics({"train_final_loss": loss, "train_tokens": tokens_seen}, plan.total_steps)
+        tracker.artifact(Layout.DATA_REPORT)
         if cfg.is_final(Stage.TRAIN):  # a train-only run: nothing runs after this stage
-            write_manifest(
-                store, cfg.model_dump(mode="json"), stage_record(cfg, Stage.TRAIN), manifest_locations(cfg)
-            )
+            tracker.flush()  # the run's id is in the store before the manifest lists it
+            close_run(store, cfg, Stage.TRAIN)
+            tracker.artifact(Layout.MANIFEST)
+        termination_message(cfg, tracker.close(final=cfg.is_final(Stage.TRAIN)))
         log_json("done", kind=kind, steps=plan.total_steps, final_loss=loss)
     dist.barrier()
     return int(ExitCode.OK)

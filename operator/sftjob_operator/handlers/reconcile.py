@@ -29,13 +29,21 @@ from ..render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
 from ..render.objects import SFTJobRef
 from ..render.observe import JobObs, PodObs, observe_job, observe_pod
 from ..render.recovery import RestartPlan, plan_restart, stall_now, stalled_condition
-from ..render.status import EvalOutcome, build_status, eval_outcome, owned_by, parse_status
+from ..render.status import (
+    EvalOutcome,
+    build_status,
+    eval_outcome,
+    owned_by,
+    parse_status,
+    tracking_status,
+)
 from ..render.stuck import Stuck, stuck_failure_message
 from ..render.trainer_config import cluster_output_error
 from ..settings import Settings
 from .children import Children, own_suspend_writes, refresh_created
 from .events import record_transition
 from .kube import ChildRejected, Kube
+from .kueue import sync_workload_active
 from .progress import read_progress
 from .state import Memo, Obj, Snapshot, slim_job, slim_pod, slim_sftjob
 from .terminal import after_terminal
@@ -265,6 +273,8 @@ class Reconciler:
             for job in obs_jobs.values():
                 if job.finished or job.deleting:
                     continue
+                if ref.queued and sync_workload_active(self.kube, namespace, job, not spec.suspend, memo):
+                    continue  # Kueue suspends and resumes its Job (handlers/kueue.py)
                 if spec.suspend and not job.suspended:
                     self.kube.set_job_suspend(namespace, job.name, True)
                     memo.suspended[job.name] = (True, time.monotonic())
@@ -279,6 +289,7 @@ class Reconciler:
             meta, restart.status, spec, decision, obs, outcome.results, stuck, now, generation, names
         )
         status.conditions = stalled_condition(status.conditions, restart, now, generation)
+        status.tracking = tracking_status(pod_obs, prev.tracking)
         written = self.kube.write_status(body, status)
         if written is not body:
             memo.own_write = (meta["resourceVersion"], slim_sftjob(written))

@@ -27,7 +27,7 @@ import yaml
 
 from sftjob_api import Layout, Phase, Reason, SFTJob, SpecError, Stage, final_stage, parse_sftjob, stages
 from sftjob_api.exit_codes import ExitCode
-from sftjob_api.manifest import manifest_locations, stage_record, write_manifest
+from sftjob_api.manifest import close_run
 from sftjob_api.ports import free_port
 from sftjob_api.spec import CACHE_NAME, OutputSpec, SFTJobSpec
 from sftjob_api.storage import Store, open_store
@@ -88,12 +88,7 @@ def local_spec(spec: SFTJobSpec, spec_dir: str, output: OutputSpec, model_dir: s
                     "tokenizer": spec.model.tokenizer and _local(spec.model.tokenizer, spec_dir),
                 }
             ),
-            "dataset": ds.model_copy(
-                update={
-                    "train": [_local(u, spec_dir) for u in ds.train],
-                    "eval": ds.eval and [_local(u, spec_dir) for u in ds.eval],
-                }
-            ),
+            "dataset": ds.with_uris(lambda u: _local(u, spec_dir)),
             "output": output,
             "merge": spec.merge.model_copy(
                 update={
@@ -148,9 +143,7 @@ class Run:
         rc, interrupted = proc.run(on_event)
         self.timings[PHASE_OF[stage]] = time.monotonic() - t0
         if rc != 0 and not interrupted and rc != ExitCode.EVAL_GATE_FAILED:
-            self.phase(
-                Phase.FAILED, f"{FAILED_REASON[stage]} (exit code {rc}); last log lines:\n{proc.tail()}"
-            )
+            self.phase(Phase.FAILED, f"{FAILED_REASON[stage]} (exit code {rc}): {proc.failure()}")
         return rc, interrupted
 
     @property
@@ -254,6 +247,7 @@ def prepare(opts: Options, job: SFTJob, server: Any) -> Run:
     model_dir = resolve_model(spec.model.uri, spec_dir, opts.echo)
     work = opts.work_dir or os.path.join(os.path.expanduser("~/.cache/sftjob/runs"), ns, name)
     cfg = trainer_config(ns, name, local_spec(spec, spec_dir, output, model_dir))
+    cfg.run.model_uri = _local(spec.model.uri, spec_dir)  # the spec's reference, not the resolved directory
     cfg = cfg.model_copy(update={"runtime": RuntimeSection(metrics_port=0, work_dir=work)})
     store = open_store(cfg.run.output_root, cfg.output)
     if opts.fresh:
@@ -345,9 +339,7 @@ def write_report(r: Run, job: SFTJob, spec_path: str) -> None:
             f.write(md)
         store.upload_dir(d, Layout.REPORT)
     cfg = r.cfg
-    write_manifest(
-        store, cfg.model_dump(mode="json"), stage_record(cfg, final_stage(cfg)), manifest_locations(cfg)
-    )
+    close_run(store, cfg, final_stage(cfg))
 
 
 def print_summary(r: Run) -> None:
@@ -371,4 +363,6 @@ def print_summary(r: Run) -> None:
         )
         if results.get("failed_gates"):
             echo("failed gates: " + "; ".join(results["failed_gates"]))
+    if r.cfg.tracking and r.cfg.tracking.mlflow:
+        echo(report.tracking_line(r.store.read_json(Layout.MLFLOW_RUN), r.cfg.tracking.mlflow.tracking_uri))
     echo(f"\nartifacts: {r.cfg.run.output_root}  (manifest.json, report/report.md, report/loss_curve.png)")

@@ -122,6 +122,12 @@ def _env(spec: SFTJobSpec, opts: RenderOptions) -> list[Obj]:
             ("AWS_SECRET_ACCESS_KEY", sec.secret_access_key_key),
         ):
             env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": sec.name, "key": key}}})
+    mlflow = spec.tracking.mlflow if spec.tracking else None
+    if mlflow is not None and mlflow.credentials_secret is not None:
+        creds = mlflow.credentials_secret  # basic auth and/or a token: the keys the Secret lacks stay unset
+        for var, key in creds.env_keys():
+            ref = {"name": creds.name, "key": key, "optional": True}
+            env.append({"name": var, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 

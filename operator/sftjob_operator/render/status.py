@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -12,6 +12,7 @@ from sftjob_api import Reason, SFTJobSpec, SFTJobStatus, Stage
 from sftjob_api.exit_codes import ExitCode
 from sftjob_api.layout import status_artifacts
 from sftjob_api.status import Children, EvalResults
+from sftjob_api.tracking import TrackingStatus, parse_tracking
 
 from . import phase as ph
 from .conditions import derive_conditions, get_condition, set_condition
@@ -80,6 +81,14 @@ def eval_outcome(
             f"eval exited with code {int(ExitCode.EVAL_GATE_FAILED)}"
         )
     return EvalOutcome(results, gate_failures, gate_exit)
+
+
+def tracking_status(pods: list[PodObs], prev: TrackingStatus | None) -> TrackingStatus | None:
+    """status.tracking: the MLflow run the stages report in their termination messages (any pod; the
+    newest pod's report wins), else what status already holds."""
+    newest = sorted(pods, key=lambda p: p.created or datetime.min.replace(tzinfo=UTC), reverse=True)
+    found = (parse_tracking(p.termination_message) for p in newest if p.termination_message)
+    return next((t for t in found if t is not None), prev)
 
 
 def build_status(
