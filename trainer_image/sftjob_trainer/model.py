@@ -156,6 +156,7 @@ def apply_method(model: Any, method: MethodSpec, training: TrainingSpec) -> Any:
         target_modules=targets,
         use_dora=lc.use_dora,
         use_rslora=lc.use_rslora,
+        modules_to_save=list(lc.modules_to_save) or None,
     )
     model = get_peft_model(model, lora)
     if not torch.cuda.is_available():  # CUDA's fused dropout is already cheap

@@ -15,7 +15,7 @@ PVC_MOUNT_ROOT = "/mnt/pvc"
 
 def pvc_claims(spec: SFTJobSpec) -> list[str]:
     """PersistentVolumeClaims named by pvc://claim/path inputs, in first-seen order."""
-    uris = [spec.model.uri, spec.model.tokenizer, *spec.dataset.train, *(spec.dataset.eval or [])]
+    uris = [spec.model.uri, spec.model.tokenizer, *(u for _, u in spec.dataset.input_uris())]
     claims: list[str] = []
     for uri in uris:
         if uri and uri.startswith("pvc://"):
@@ -42,13 +42,13 @@ def trainer_config(namespace: str, name: str, spec: SFTJobSpec) -> TrainerConfig
             "tokenizer": spec.model.tokenizer and pvc_path(spec.model.tokenizer),
         }
     )
-    dataset = spec.dataset.model_copy(
-        update={
-            "train": [pvc_path(u) for u in spec.dataset.train],
-            "eval": spec.dataset.eval and [pvc_path(u) for u in spec.dataset.eval],
-        }
+    dataset = spec.dataset.with_uris(pvc_path)
+    run = RunSection(
+        namespace=namespace,
+        name=name,
+        output_root=run_root(spec, namespace, name),
+        model_uri=spec.model.uri if model.uri != spec.model.uri else None,  # pvc:// became a pod path
     )
-    run = RunSection(namespace=namespace, name=name, output_root=run_root(spec, namespace, name))
     fields = {**dict(spec), "model": model, "dataset": dataset, "run": run}
     return TrainerConfig.model_validate(fields)
 
@@ -71,8 +71,7 @@ def cluster_output_error(spec: SFTJobSpec) -> str | None:
         ("spec.model.uri", spec.model.uri),
         ("spec.model.tokenizer", spec.model.tokenizer),
     ]
-    inputs += [(f"spec.dataset.train.{i}", u) for i, u in enumerate(spec.dataset.train)]
-    inputs += [(f"spec.dataset.eval.{i}", u) for i, u in enumerate(spec.dataset.eval or [])]
+    inputs += [(f"spec.dataset.{path}", u) for path, u in spec.dataset.input_uris()]
     for field, uri in inputs:
         if uri is not None and _is_relative(uri):
             return (
