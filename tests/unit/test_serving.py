@@ -145,3 +145,15 @@ def test_serving_examples_point_at_the_artifacts_the_example_sftjob_writes():
     assert f"--max-model-len={spec.dataset.max_seq_length}" in args
     isvc = yaml.safe_load((EXAMPLES / "serving" / "kserve-merged.yaml").read_text())
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == arts.merged
+
+
+def test_a_pvc_model_is_named_by_its_spec_reference_not_the_pod_path():
+    from sftjob_operator.render.trainer_config import trainer_config
+
+    d = serving_manifest("vllm")
+    d["spec"]["model"]["uri"] = "pvc://models/smollm2"
+    cfg = trainer_config("team-a", "serve", parse_sftjob(d).spec)
+    assert cfg.model.uri == "/mnt/pvc/models/smollm2"  # where the pod reads it
+    assert cfg.run.model_uri == "pvc://models/smollm2" == cfg.base_model_reference()
+    plain = trainer_config("team-a", "serve", parse_sftjob(serving_manifest("vllm")).spec)
+    assert plain.run.model_uri is None and plain.base_model_reference() == "s3://models/smollm2-135m-instruct"
