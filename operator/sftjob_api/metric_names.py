@@ -1,6 +1,7 @@
 """Names of the trainer's Prometheus metrics: the trainer exports them, the operator's progress reader, the
 Grafana dashboards and the alert rules read them. Labels: namespace, sftjob, rank (plus `reason` on the drop
-counter). A Counter named `X` is exposed as `X_total`; a Histogram as `X_sum`, `X_count`, `X_bucket`.
+counter, `source` on the source gauge).
+A Counter named `X` is exposed as `X_total`; a Histogram as `X_sum`, `X_count`, `X_bucket`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ MEMORY_USED_BYTES = "sft_memory_used_bytes"
 GPU_MEMORY_BYTES = "sft_gpu_memory_bytes"
 CHECKPOINT_SAVE_SECONDS = "sft_checkpoint_save_duration_seconds"  # Histogram
 DATA_ROWS_DROPPED = "sft_data_rows_dropped"  # Counter: sft_data_rows_dropped_total
+DATA_SOURCE_ROWS = "sft_data_source_rows"  # Gauge, label `source`: samples each source gave the mixture
 # The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
 TRAIN_CHECKPOINT_STEP = "sft_train_checkpoint_step"
 TRAIN_RESUMED_FROM_STEP = "sft_train_resumed_from_step"

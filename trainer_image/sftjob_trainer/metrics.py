@@ -59,6 +59,12 @@ class TrainerMetrics:
         self.dropped = Counter(
             m.DATA_ROWS_DROPPED, "Dataset rows dropped, by reason", [*names, "reason"], registry=r
         )
+        self.source_rows = Gauge(
+            m.DATA_SOURCE_ROWS,
+            "Training samples drawn from each source (after curation and mixing)",
+            [*names, "source"],
+            registry=r,
+        )
         self.resumed_step = g(m.TRAIN_RESUMED_FROM_STEP, "Checkpoint step this run resumed from (0: none)")
         self.checkpoint_step = g(
             m.TRAIN_CHECKPOINT_STEP, "Step of the newest checkpoint this run saved (0: none)"
@@ -73,6 +79,10 @@ class TrainerMetrics:
     def record_drops(self, dropped: dict[str, int]) -> None:
         for reason, n in dropped.items():
             self.dropped.labels(**self.labels, reason=reason).inc(n)
+
+    def record_mixture(self, rows: dict[str, int]) -> None:
+        for source, n in rows.items():
+            self.source_rows.labels(**self.labels, source=source).set(n)
 
     def sample_memory(self) -> None:
         try:

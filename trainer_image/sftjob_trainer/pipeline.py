@@ -7,17 +7,15 @@ from typing import Any
 
 from sftjob_api.trainer_config import TrainerConfig
 
-from .data import Example, load_dataset, split
-from .records import DropReport
+from .curation import DataReport, Scorer, curate
+from .data import Example
 
 
-def prepare_examples(cfg: TrainerConfig, tok: Any) -> tuple[list[Example], list[Example], DropReport]:
-    """(train, eval, report): the same deterministic split on every rank, restart and stage."""
-    ds = cfg.dataset
+def prepare_examples(
+    cfg: TrainerConfig, tok: Any, scorer: Scorer | None = None
+) -> tuple[list[Example], list[Example], DataReport]:
+    """(train, eval, report): the same deterministic curation, split and mixture on every rank, restart and
+    stage. `scorer` (the base model's perplexity) is only needed by spec.dataset.curation.perplexity; the eval
+    stage passes none (its held-out split is drawn before that filter)."""
     cache = os.path.join(cfg.runtime.work_dir, "data")
-    examples, report = load_dataset(list(ds.train), tok, ds, cache, cfg.output)
-    if ds.eval:
-        ev, _ = load_dataset(list(ds.eval), tok, ds, cache, cfg.output)
-        return examples, ev, report
-    train, ev = split(examples, ds.eval_split, cfg.training.seed)
-    return train, ev, report
+    return curate(cfg.dataset, tok, seed=cfg.training.seed, cache_dir=cache, output=cfg.output, scorer=scorer)
