@@ -28,6 +28,17 @@ class JobEvent:
     time: datetime | None
 
 
+def _secret_hint(message: str) -> str:
+    """The kubelet names a missing Secret or key (`secret "s3" not found`, `couldn't find key K in Secret
+    ns/s3`); say which spec field points at it."""
+    if "secret" not in message.lower():
+        return message
+    return (
+        f"{message} (the Secret named by spec.output.credentialsSecret or"
+        " spec.tracking.mlflow.credentialsSecret must exist in the SFTJob's namespace with the keys it names)"
+    )
+
+
 def pod_stuck_cause(pod: PodObs) -> tuple[str, str]:
     if pod.unschedulable_message is not None:
         return "Unschedulable", pod.unschedulable_message
@@ -35,7 +46,7 @@ def pod_stuck_cause(pod: PodObs) -> tuple[str, str]:
         if w.reason in IMAGE_PULL_REASONS:
             return w.reason, w.message or f"cannot pull the trainer image ({w.reason})"
         if w.reason in CONFIG_REASONS:
-            return w.reason, w.message or w.reason
+            return w.reason, _secret_hint(w.message or w.reason)
     for w in pod.waiting:
         if w.reason:
             return w.reason, w.message or w.reason
