@@ -231,6 +231,8 @@ def test_helm_install_to_succeeded(
     st = status(kube, ns, "whole-path")
     assert r.returncode == 0, json.dumps(st, indent=1)
     assert st["phase"] == "Succeeded"
+    done = st["progress"]
+    assert done["step"] == done["totalSteps"] and done["percent"] == 100, done  # not the last step read
     # Eval results came from the eval pod's termination message: `{"evalResults": {...}}`.
     assert st.get("evalResults", {}).get("evalLoss") is not None, st
     eval_pod = pods(kube, ns, "sft.tuning.dev/stage=eval")[0]

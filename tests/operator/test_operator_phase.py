@@ -418,6 +418,23 @@ def test_parse_progress() -> None:
     assert progress_changed(p, p.model_copy(update={"step": 121}))
 
 
+def test_progress_is_complete_once_the_train_job_succeeded() -> None:
+    # The last reading of rank 0's metrics was short of the end; the Job's success says the rest.
+    last = parse_progress(METRICS, NOW)
+    assert last is not None and (last.step, last.total_steps) == (120, 480)
+    prev = parse_status({"phase": "Training", "progress": last.model_dump(mode="json", by_alias=True)})
+    meta = {"namespace": "ns", "name": "run", "creationTimestamp": "2026-01-01T11:00:00Z"}
+    for train, want in ((RUNNING, "120/480 (25%)"), (DONE, "480/480 (100%)"), (FAILED_JOB, "120/480 (25%)")):
+        obs = ph.Observed(phase=Phase.TRAINING, train=train, eval=job(active=1))
+        status = build_status(
+            meta, prev, SPEC, ph.next_phase(obs), obs, None, None, NOW, 1, ChildNames("run")
+        )
+        assert status.progress is not None and status.progress.summary == want, train
+        if train is DONE:
+            assert (status.progress.step, status.progress.percent, status.progress.eta) == (480, 100.0, None)
+            assert status.progress.loss == last.loss  # the last loss read stays
+
+
 def test_checkpoint_step_from_trainer_metrics() -> None:
     assert checkpoint_step(METRICS) is None  # no checkpoint metrics at all
     labels = 'namespace="ns",sftjob="j",rank="0"'

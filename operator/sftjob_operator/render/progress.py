@@ -51,7 +51,7 @@ def parse_progress(text: str, now: datetime) -> Progress | None:
     if total and total > 0:
         out.total_steps = int(total)
         out.percent = round(min(step / total, 1.0) * 100, 1)
-        out.summary = f"{int(step)}/{int(total)} ({out.percent:g}%)"
+        out.summary = _summary(int(step), int(total), out.percent)
     if (loss := samples.get(m.TRAIN_LOSS)) is not None:
         out.loss = round(loss, 4)
     if (tps := samples.get(m.TRAIN_TOKENS_PER_SECOND)) is not None:
@@ -61,6 +61,21 @@ def parse_progress(text: str, now: datetime) -> Progress | None:
     if (epoch := samples.get(m.TRAIN_EPOCH)) is not None:
         out.epoch = round(epoch, 3)
     return out
+
+
+def _summary(step: int, total: int, percent: float) -> str:
+    return f"{step}/{total} ({percent:g}%)"
+
+
+def training_done(progress: Progress | None) -> Progress | None:
+    """The progress of a run whose train Job succeeded: every planned step is done (the trainer exits 0 only
+    after its last step), though the last reading of its metrics may have been a few steps short."""
+    if progress is None or not progress.total_steps or progress.step == progress.total_steps:
+        return progress
+    total = progress.total_steps
+    return progress.model_copy(
+        update={"step": total, "percent": 100.0, "summary": _summary(total, total, 100.0), "eta": None}
+    )
 
 
 def checkpoint_step(text: str) -> int | None:

@@ -18,6 +18,7 @@ from . import phase as ph
 from .conditions import derive_conditions, get_condition, set_condition
 from .names import ChildNames
 from .observe import JobObs, PodObs, parse_eval_results, parse_time
+from .progress import training_done
 from .stuck import Stuck
 
 Obj = dict[str, Any]
@@ -103,7 +104,8 @@ def build_status(
     generation: int | None,
     names: ChildNames,
 ) -> SFTJobStatus:
-    """Every status field the reconcile owns (progress is the progress reader's: kept from `prev`)."""
+    """Every status field the reconcile owns (progress is the progress reader's: kept from `prev`, and
+    completed once the train Job has succeeded)."""
     conds = derive_conditions(list(prev.conditions), decision, obs, now, generation)
     if stuck is not None and decision.phase != ph.SUCCEEDED:
         conds = set_condition(conds, "Stuck", "True", stuck.reason, stuck.message, now, generation)
@@ -118,7 +120,9 @@ def build_status(
         start_time=prev.start_time or parse_time(meta.get("creationTimestamp")) or now,
         restarts=prev.restarts,  # group restarts: counted by render/recovery.py
         recoveries=prev.recoveries,
-        progress=prev.progress,
+        progress=training_done(prev.progress)
+        if obs.train is not None and obs.train.complete
+        else prev.progress,
         training_start_time=prev.training_start_time,
         completion_time=prev.completion_time,
     )
