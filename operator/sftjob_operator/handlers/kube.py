@@ -179,6 +179,35 @@ class Kube:
             if e.status not in (404, 409):  # gone already / a different Job by now
                 raise
 
+    def set_workloads_active(
+        self, namespace: str, label: str, value: str, active: bool, api: tuple[str, str, str]
+    ) -> int:
+        """Patch spec.active of the Kueue Workloads labelled label=value; how many there were (0 also when
+        the Workload API is not installed)."""
+        group, version, plural = api
+        try:
+            found: Obj = self.custom.list_namespaced_custom_object(
+                group,
+                version,
+                namespace,
+                plural,
+                label_selector=f"{label}={value}",
+                _request_timeout=self.timeout,
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return 0
+            raise
+        items: list[Obj] = found.get("items") or []
+        for wl in items:
+            if (wl.get("spec") or {}).get("active", True) == active:
+                continue
+            self.custom.patch_namespaced_custom_object(
+                group, version, namespace, plural, wl["metadata"]["name"], {"spec": {"active": active}},
+                _request_timeout=self.timeout,
+            )  # fmt: skip
+        return len(items)
+
     def node_problem(self, name: str) -> str | None:
         """Why no rank should run on this node now (NotReady, gone: render/bad_nodes.py); None when it is
         Ready or cannot be read (no RBAC for nodes: the node check is then off, logged once)."""

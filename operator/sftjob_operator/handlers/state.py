@@ -107,4 +107,6 @@ class Memo:
     # (resourceVersion a status write started from, the SFTJob it returned): until the watch shows the write
     own_write: tuple[str, Obj] | None = None
     ttl_done: bool = False
+    # Kueue: child Job name -> (its uid, the Workload spec.active we wrote) (handlers/kueue.py)
+    workload_active: dict[str, tuple[str, bool]] = field(default_factory=dict)
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen
