@@ -60,11 +60,12 @@ class SpecError(ValueError):
         super().__init__(f"invalid {source}:\n" + "\n".join(f"  - {e}" for e in errors))
 
 
-def format_error(err: Any) -> str:
-    """One pydantic error as "field.path: message", with a CEL rule's own field path appended."""
-    path = ".".join(str(p) for p in err["loc"])
+def format_error(err: Any, root: str = "") -> str:
+    """One pydantic error as "field.path: message" (under `root`), with a CEL rule's own field path
+    (".training.globalBatchSize") appended."""
+    path = ".".join(str(p) for p in (root, *err["loc"]) if str(p))
     if err["type"] == CEL_ERROR:
-        path += err["ctx"]["field_path"]
+        path = (path + err["ctx"]["field_path"]).lstrip(".")
     msg = str(err["msg"]).removeprefix("Value error, ")
     return f"{path}: {msg}" if path else msg
 
@@ -82,4 +83,4 @@ def parse_spec(spec: dict[str, Any]) -> SFTJobSpec:
     try:
         return SFTJobSpec.model_validate(spec)
     except ValidationError as exc:
-        raise SpecError([f"spec.{format_error(e)}" for e in exc.errors()]) from None
+        raise SpecError([format_error(e, "spec") for e in exc.errors()]) from None

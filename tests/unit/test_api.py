@@ -82,6 +82,22 @@ def test_world_size_counts_cpu_pods_as_one_rank():
     assert spec.world_size() == 3
 
 
+def test_a_spec_wide_rule_names_its_field_once():
+    # The rule sits on the whole spec; its error names spec.training.globalBatchSize (not "spec..training").
+    with pytest.raises(SpecError) as e:
+        parse_spec(
+            {
+                "model": {"uri": "m"},
+                "dataset": {"train": ["/d.jsonl"]},
+                "output": {"uri": "/out"},
+                "resources": {"nodes": 3, "gpusPerNode": 0},
+                "training": {"globalBatchSize": 10, "microBatchSize": 2},
+            }
+        )
+    [error] = e.value.errors
+    assert error.startswith("spec.training.globalBatchSize: "), error
+
+
 def test_round_trip_through_the_wire_format():
     doc = yaml.safe_load(valid_examples()[-1].read_text())
     job = parse_sftjob(doc)
