@@ -156,13 +156,20 @@ def launch(argv: list[str]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda s, _f: _forward(proc, s))
         rc = proc.wait()
-        codes = []
-        for name in os.listdir(d):
+        codes, errors = [], []
+        for name in sorted(os.listdir(d)):
             with open(os.path.join(d, name)) as f:
                 first = f.readline().strip()
                 if first.lstrip("-").isdigit():
                     codes.append(int(first))
-    return combine_exit_codes(rc, codes)
+                    if int(first) != ExitCode.OK:
+                        errors.append(f.read().strip())
+    code = combine_exit_codes(rc, codes)
+    if code != ExitCode.OK and errors:
+        # the last line of the pod's log (and of `sftjob run`'s stage log) is the trainer's own error,
+        # not torch's launcher traceback (ChildFailedError) that precedes it
+        sys.stderr.write(f"{argv[split_at]} failed (exit code {code}): {errors[0]}\n")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,7 @@ class ChildProcess:
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], log_path: str) -> None:
         self.name, self.cmd, self.env, self.log_path = name, cmd, env, log_path
+        self.error: str | None = None  # the trainer's own one-line error (its `error` event), if it sent one
 
     def run(self, on_event: Callable[[dict[str, Any]], None]) -> tuple[int, bool]:
         """(exit code, interrupted by Ctrl-C)."""
@@ -77,7 +78,10 @@ class ChildProcess:
                         log.flush()
                         if line.startswith("{") and '"event"' in line:
                             with contextlib.suppress(json.JSONDecodeError):
-                                on_event(json.loads(line))
+                                ev = json.loads(line)
+                                if ev.get("event") == "error" and self.error is None:
+                                    self.error = str(ev.get("message") or "")
+                                on_event(ev)
                     break
                 except KeyboardInterrupt:
                     if interrupted:  # second Ctrl-C: stop now
@@ -88,6 +92,10 @@ class ChildProcess:
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(pid, signal.SIGTERM)
             return proc.wait(), interrupted
+
+    def failure(self) -> str:
+        """What to show when it failed: the trainer's error, else the log's last lines (a crash, a signal)."""
+        return self.error or f"last log lines:\n{self.tail()}"
 
     def tail(self, n: int = 25) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
