@@ -246,6 +246,14 @@ def test_helm_install_to_succeeded(
     store = S3Store(st["artifacts"]["manifest"].rsplit("/", 1)[0], pod_s3.bucket.client())
     assert verify_manifest(store) == []
 
+    # The S3 credentials (from the Secret, through secretKeyRef) appear in no pod's log (issue 14, part 7).
+    b = pod_s3.bucket
+    for pod in [*pods(kube, ns, "sft.tuning.dev/job-name=whole-path"), chart_operator.pod]:
+        text = logs(kube, ns, pod["metadata"]["name"])
+        assert b.secret_key not in text and b.access_key not in text, (
+            f"a credential in {pod['metadata']['name']}"
+        )
+
 
 def test_deleted_trainer_pod_resumes_from_checkpoint(
     kube: Any, real_node: RealNode, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
@@ -322,3 +330,28 @@ def test_unpullable_image_is_stuck_with_the_cause(
     stuck = condition(st, "Stuck")
     assert "ImagePull" in stuck.get("reason", "") + stuck.get("message", ""), stuck
     kube.kubectl("delete", "sftjob", name, "-n", ns, "--wait=false")
+
+
+def test_missing_or_incomplete_secret_is_stuck_naming_it(
+    kube: Any, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
+) -> None:
+    """The kubelet cannot start a pod whose secretKeyRef names a missing Secret or key: the SFTJob is Stuck
+    with that cause, naming the Secret and spec.output.credentialsSecret (issue 14, part 7)."""
+    ns = chart_operator.namespace
+    kube.kubectl(
+        "create", "secret", "generic", "s3-half", "-n", ns, "--from-literal=AWS_ACCESS_KEY_ID=only-the-id"
+    )
+    cases = {
+        "no-secret": ("s3-nowhere", 's3-nowhere" not found'),
+        "half-secret": ("s3-half", "AWS_SECRET_ACCESS_KEY"),
+    }
+    for name, (secret, _) in cases.items():
+        apply_sftjob(kube, ns, name, inputs, pod_s3.endpoint, output={"credentialsSecret": {"name": secret}})
+    for name, (_, said) in cases.items():
+        st = wait_status(
+            kube, ns, name, lambda s: condition(s, "Stuck").get("status") == "True", 180, "Stuck condition"
+        )
+        stuck = condition(st, "Stuck")
+        assert stuck.get("reason") == "CreateContainerConfigError", stuck
+        assert said in stuck["message"] and "spec.output.credentialsSecret" in stuck["message"], stuck
+        kube.kubectl("delete", "sftjob", name, "-n", ns, "--wait=false")
