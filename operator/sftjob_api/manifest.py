@@ -105,6 +105,7 @@ def build_manifest(
     train = store.read_json(Layout.TRAIN_SUMMARY) or {}
     results = store.read_json(Layout.EVAL_RESULTS) or {}
     merged = store.read_json(Layout.MERGE_VERIFICATION) or {}
+    data = store.read_json(Layout.DATA_REPORT) or {}
     metrics = {
         "train": {k: train.get(k) for k in ("steps", "final_loss", "tokens") if k in train},
         "eval": results.get("trained"),
@@ -126,6 +127,10 @@ def build_manifest(
         "config": config,
         "versions": versions(),
         "metrics": metrics,
+        # the curated training data (docs/data.md): equal hashes, equal token ids and labels, same split
+        "data": {
+            k: data[k] for k in ("content_hash", "train_examples", "eval_examples", "mixture") if k in data
+        },
         "argv": sys.argv,
     }
 

@@ -4,12 +4,17 @@ perplexity filter with the real SmolLM2 is in test_curation_perplexity.py."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
+from sftjob_api import Layout
 from sftjob_api.exit_codes import PermanentError
+from sftjob_api.manifest import build_manifest
 from sftjob_api.spec import DatasetSpec
+from sftjob_api.storage import open_store
+from sftjob_operator.local.report import data_lines
 from sftjob_trainer.curation import curate
 from sftjob_trainer.curation.neardup import jaccard
 from sftjob_trainer.curation.text import ngrams, words
@@ -247,3 +252,33 @@ def test_single_source_form_and_exact_duplicates_across_sources(tiny_tokenizer, 
     assert d["examples"]["duplicate"][0] == f"b: {b}:1: same as {a}:1"
     _, _, single = run(spec(train=[a], eval=[ev]), tiny_tokenizer)
     assert list(single.as_dict()["sources"]) == ["train"] and single.as_dict()["kept_rows"] == 8
+
+
+def test_sftjob_run_summary_and_manifest_show_the_data_report(tiny_tokenizer, tmp_path):
+    rng = random.Random(21)
+    evals = _eval_rows(6, rng)
+    a = write_jsonl(
+        str(tmp_path / "a.jsonl"), [*pc_rows(40, "a", 1), {"prompt": evals[0]["prompt"], "completion": "q"}]
+    )
+    b = write_jsonl(str(tmp_path / "b.jsonl"), pc_rows(20, "b", 2))
+    ds = spec(
+        sources=[
+            {"name": "general", "files": [a], "weight": 0.6},
+            {"name": "hard", "files": [b], "weight": 0.4},
+        ],
+        eval=[write_jsonl(str(tmp_path / "e.jsonl"), evals)],
+        curation={"nearDuplicates": {}, "decontamination": {}},
+    )
+    _, _, rep = run(ds, tiny_tokenizer)
+    lines = data_lines(rep.as_dict())
+    text = "\n".join(lines)
+    assert lines[0].startswith(f"data: 60/61 rows kept, {rep.train_examples} training samples")
+    assert "general" in text and "60.0%" in text and "40.0%" in text and "contaminated=1" in text
+    assert "decontamination: 1/6 eval rows leaked, 1 training rows removed" in text
+    store = open_store(str(tmp_path / "run"), None)
+    store.put_bytes(json.dumps(rep.as_dict()).encode(), Layout.DATA_REPORT)
+    doc = build_manifest(store, {}, {})
+    assert doc["data"]["content_hash"] == rep.content_hash and doc["data"]["mixture"] == {
+        "general": 0.6,
+        "hard": 0.4,
+    }

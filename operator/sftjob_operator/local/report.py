@@ -165,3 +165,57 @@ def tracking_line(run: dict[str, Any] | None, tracking_uri: str) -> str:
     uri = str(run.get("mlflowTrackingUri") or tracking_uri).rstrip("/")
     exp, rid = run.get("mlflowExperimentId"), run["mlflowRunId"]
     return f"MLflow run: {rid} (experiment {exp}; {uri}/#/experiments/{exp}/runs/{rid})"
+
+
+def data_lines(rep: dict[str, Any] | None) -> list[str]:
+    """What curation did, from train/data_report.json: a table per source and one line per curation step."""
+    if not rep:
+        return []
+    out = [
+        f"data: {rep.get('kept_rows')}/{rep.get('total_rows')} rows kept, {rep.get('train_examples')} training"
+        f" samples ({(rep.get('tokens') or {}).get('train')} tokens), {rep.get('eval_examples')} held-out;"
+        f" content hash {str(rep.get('content_hash', ''))[:19]}"
+    ]
+    rows = []
+    for name, s in (rep.get("sources") or {}).items():
+        dropped = " ".join(f"{k}={v}" for k, v in sorted((s.get("dropped") or {}).items())) or "-"
+        target = (
+            f"{100 * s['weight']:.0f}%"
+            if s.get("weight")
+            else (str(s["samples"]) if s.get("samples") else "all")
+        )
+        rows.append(
+            (
+                name,
+                str(s.get("rows_in")),
+                dropped,
+                str(s.get("curated_rows")),
+                str(s.get("mixed_rows")),
+                f"{100 * s.get('fraction', 0):.1f}%",
+                target,
+            )
+        )
+    if rows:
+        out.append(
+            render_table(("source", "rows in", "dropped", "curated", "mixed", "share", "target"), rows)
+        )
+    nd, ct, pp = rep.get("near_duplicates"), rep.get("contamination"), rep.get("perplexity")
+    if nd:
+        out.append(
+            f"near-duplicates (Jaccard >= {nd['threshold']}): {nd['clusters']} clusters,"
+            f" {nd['rows_removed']} rows removed"
+        )
+    if ct:
+        ex = "; ".join(
+            f"{h['train']} contains eval {h['part']} {h['eval']}" for h in ct.get("examples", [])[:2]
+        )
+        out.append(
+            f"decontamination: {ct['eval_rows_leaked']}/{ct['eval_rows_checked']} eval rows leaked,"
+            f" {ct['train_rows_removed']} training rows removed" + (f" (e.g. {ex})" if ex else "")
+        )
+    if pp and "threshold" in pp:
+        out.append(
+            f"perplexity filter: {pp['dropped']}/{pp['scored']} rows above {pp['threshold']:.1f} removed"
+            f" (median {pp['median']:.1f})"
+        )
+    return out

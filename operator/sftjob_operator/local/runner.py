@@ -350,6 +350,8 @@ def print_summary(r: Run) -> None:
     if r.timings:
         echo(report.render_table(("phase", "wall time"), [(k, f"{v:.0f}s") for k, v in r.timings.items()]))
         echo("")
+    for line in report.data_lines(r.store.read_json(Layout.DATA_REPORT)):
+        echo(line)
     if summary:
         echo(
             f"training: {summary.get('steps')} steps, {summary.get('tokens')} tokens, "
