@@ -120,8 +120,10 @@ def floor(kube: Cluster, n: int, delay: str, gpus: int, timeout: float) -> dict[
         wait_until(lambda: len(done) == n, timeout, f"floor: {n} Job chains complete", interval=1)
         stop.set()
         pool.shutdown()
+    figures = {"train_jobs_created_s": created, "all_done_s": max(done.values()) - t0}
+    print(f"N={n}: floor {figures}; deleting its Jobs and pods", flush=True)
     kube.delete_namespace(ns, timeout=300)
-    return {"train_jobs_created_s": created, "all_done_s": max(done.values()) - t0}
+    return figures
 
 
 # ---- 2. the operator -------------------------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def main() -> int:
         for n in sizes:
             t = time.time()
             fl = {} if args.no_floor else floor(kube, n, args.delay, args.gpus, args.timeout)
-            print(f"N={n}: floor {fl} ({time.time() - t:.0f} s)", flush=True)
+            print(f"N={n}: floor and clean-up took {time.time() - t:.0f} s", flush=True)
             run = with_operator(kube, token, n, args)
             print(f"N={n}: operator run done ({time.time() - run['t0']:.0f} s)", flush=True)
             results.append(
