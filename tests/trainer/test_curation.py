@@ -214,6 +214,11 @@ def test_a_failing_source_names_source_file_and_line(tiny_tokenizer, tmp_path):
     msg = str(ei.value)
     assert msg.startswith("source 'domain': no usable training rows in " + str(bad)), msg
     assert f"{bad}:1: missing field 'completion'" in msg and f"{bad}:2:" in msg
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    ds = spec(sources=[{"name": "general", "files": [good]}, {"name": "hard", "files": [str(empty)]}])
+    with pytest.raises(PermanentError, match=r"^source 'hard': no training rows in .*empty\.jsonl: empty"):
+        run(ds, tiny_tokenizer)
     missing = spec(
         sources=[
             {"name": "general", "files": [good]},

@@ -195,10 +195,10 @@ def curate(
     for exs, sr, s in zip(per_source, rep.sources, srcs, strict=True):
         sr.curated_rows = len(exs)
         if not exs:
-            what = f"source {s.name!r}: " if ds.sources else ""
-            raise PermanentError(
-                f"{what}no usable training rows in {', '.join(s.files)}: {sr.drops.summary()}"
-            )
+            what, files = f"source {s.name!r}: " if ds.sources else "", ", ".join(s.files)
+            if sr.drops.total_rows == 0:  # the same words as data.load_dataset
+                raise PermanentError(f"{what}no training rows in {files}: empty (no non-blank line)")
+            raise PermanentError(f"{what}no usable training rows in {files}: {sr.drops.summary()}")
     check_drop_gate(cur, rep)
 
     counts = mixture_counts(
