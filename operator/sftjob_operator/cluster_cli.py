@@ -129,6 +129,13 @@ def format_status(obj: Obj, events: list[Obj], now: datetime, last_events: int =
     arts = st.get("artifacts") or {}
     if arts:
         lines += ["", "Artifacts:", *[f"  {k}: {v}" for k, v in arts.items()]]
+    tr = st.get("tracking") or {}
+    if tr.get("mlflowRunId"):  # docs/tracking.md
+        lines += [
+            "",
+            f"MLflow: run {tr['mlflowRunId']} (experiment {tr.get('mlflowExperimentId')}) at "
+            f"{tr.get('mlflowTrackingUri')}",
+        ]
     if events:
         rows = [["AGE", "TYPE", "REASON", "MESSAGE"]]
         for e in events[-last_events:]:

@@ -44,6 +44,14 @@ def test_status_shows_eval_gates_and_the_latest_events() -> None:
     assert "Events (last 3):" in text and "R11" in text and "R8" not in text and "60s" in text
 
 
+def test_status_shows_the_mlflow_run() -> None:
+    done = next(o for o in CAPTURED if state_key(o)[1] == "Succeeded")
+    assert "MLflow" not in format_status(done, [], NOW)
+    run = {"mlflowRunId": "0af5c3e1", "mlflowExperimentId": "7", "mlflowTrackingUri": "http://mlflow:5000"}
+    tracked = {**done, "status": {**done["status"], "tracking": run}}
+    assert "MLflow: run 0af5c3e1 (experiment 7) at http://mlflow:5000" in format_status(tracked, [], NOW)
+
+
 def test_logs_follow_the_stage_the_run_is_in_or_failed_in() -> None:
     want = {
         "Pending": "train",
