@@ -14,6 +14,9 @@ import codecs
 import json
 import os
 import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -101,6 +104,20 @@ def _dataset(fmt: str) -> DatasetSpec:
     return DatasetSpec(train=["/unused"], format=fmt, max_seq_length=64)
 
 
+FIGURES: Counter[str] = Counter()  # files by outcome, rows by drop reason (printed, and for the doc)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures() -> Iterator[None]:
+    yield
+    text = json.dumps(dict(sorted(FIGURES.items())), indent=1)
+    print(f"\ndata fuzz figures:\n{text}")
+    out = os.environ.get("SFTJOB_CHAOS_REPORT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "test_data_fuzz.json").write_text(text + "\n")
+
+
 @FUZZ
 @given(data=jsonl_file(), fmt=st.sampled_from(["alpaca", "messages", "prompt_completion"]))
 def test_loader_never_crashes_and_counts_add_up(
@@ -116,7 +133,15 @@ def test_loader_never_crashes_and_counts_add_up(
         assert path in msg, msg
         if "empty" not in msg:
             assert re.search(re.escape(path) + r":\d+", msg), msg  # names the file and a line
+        FIGURES[
+            "files: permanent error, empty" if "empty" in msg else "files: permanent error, file:line"
+        ] += 1
         return
+    FIGURES["files: trained"] += 1
+    FIGURES["rows: total"] += report.total_rows
+    FIGURES["rows: kept"] += report.kept_rows
+    for reason, n in report.dropped.items():
+        FIGURES[f"rows dropped: {reason}"] += n
     assert examples
     assert report.kept_rows == len(examples)
     assert report.kept_rows + sum(report.dropped.values()) == report.total_rows, report.as_dict()
