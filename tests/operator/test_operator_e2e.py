@@ -294,47 +294,6 @@ def test_operator_only_invalid_spec_ends_failed_invalid_spec(
     assert operator.proc is not None and operator.proc.alive()
 
 
-def test_kueue_queue_label_creates_suspended_children(
-    sftjob_crd: Any, namespace: str, operator: Operator
-) -> None:
-    """Without Kueue in the test bed, the test admits each Job the way Kueue does: suspend=false."""
-    kube = sftjob_crd
-    job = sftjob("queued", merge={"enabled": False})
-    job["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "team-a"}
-    apply(kube, namespace, job)
-    st = wait_phase(kube, namespace, "queued", "Pending", 30, operator)
-    wait_until(lambda: status(kube, namespace, "queued").get("reason") == "Queued", 30, "reason Queued")
-    train = kube.get_json("job", "queued-train", "-n", namespace)
-    assert train["spec"]["suspend"] is True
-    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    assert train["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
-    time.sleep(2)
-    assert not pods(kube, namespace)
-    assert (
-        kube.get_json("job", "queued-train", "-n", namespace)["spec"]["suspend"] is True
-    )  # not ours to lift
-    for stage in ("train", "eval"):
-        wait_until(
-            lambda s=stage: (
-                kube.kubectl("get", "job", f"queued-{s}", "-n", namespace, check=False).returncode == 0
-            ),
-            60,
-            f"{stage} Job",
-        )
-        kube.kubectl(
-            "patch",
-            "job",
-            f"queued-{stage}",
-            "-n",
-            namespace,
-            "--type=merge",
-            "-p",
-            '{"spec":{"suspend":false}}',
-        )
-    st = wait_phase(kube, namespace, "queued", ("Succeeded", "Failed"), 60, operator)
-    assert st["phase"] == "Succeeded", st
-
-
 def test_ttl_deletes_children_keeps_sftjob(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
     kube = sftjob_crd
     apply(

@@ -11,6 +11,7 @@ ETCD_VERSION=v3.6.16   # Kubernetes 1.34 expects etcd 3.6.x
 KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.21.4
 COREDNS_VERSION=v1.14.7  # cluster DNS for the real node (built with only the plugins it uses)
+KUEUE_VERSION=v0.17.0    # Kueue's controller manager (tests/testbed/kueue.py); its CRDs from the same module
 
 CACHE=${SFTJOB_TESTBED_CACHE:-$HOME/.cache/sftjob-testbed}
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
@@ -155,6 +156,22 @@ go_install() {
   stamp "$name"
 }
 
+# Kueue: the manager binary only (no kueuectl, no images), and its CRDs copied from the module source.
+build_kueue() {
+  local name=kueue-$KUEUE_VERSION
+  done_already "$name" kueue && [[ -d $CACHE/$name/crds ]] && return 0
+  log "building $name (cold: ~30 min on 2 shared cores)"
+  mkdir -p "$CACHE/$name/bin" "$CACHE/$name/crds"
+  local dir
+  dir=$(GOFLAGS= "$GO" mod download -json "sigs.k8s.io/kueue@$KUEUE_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [[ -d $dir/config/components/crd/bases ]] || { echo "kueue module source not found ($dir)" >&2; exit 1; }
+  cp "$dir"/config/components/crd/bases/*.yaml "$CACHE/$name/crds/"
+  GOFLAGS= GOBIN=$CACHE/$name/bin "$GO" install -trimpath -ldflags "-s -w" \
+    "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  stamp "$name"
+}
+
 main() {
   mkdir -p "$CACHE"
   local t0=$SECONDS
@@ -166,6 +183,7 @@ main() {
   build_pause
   build_coredns
   build_node
+  build_kueue
   # One file the Python fixtures read, so versions live in this script only.
   cat > "$CACHE/versions.env" <<EOF
 KUBERNETES_BIN=$CACHE/kubernetes-$K8S_VERSION/bin
@@ -175,6 +193,8 @@ HELM_BIN=$CACHE/helm-$HELM_VERSION/bin
 NODE_BIN=$CACHE/kubernetes-node-$K8S_VERSION/bin
 COREDNS_BIN=$CACHE/$COREDNS_NAME/bin
 PAUSE_BIN=$CACHE/$PAUSE_NAME/bin
+KUEUE_BIN=$CACHE/kueue-$KUEUE_VERSION/bin
+KUEUE_CRDS=$CACHE/kueue-$KUEUE_VERSION/crds
 EOF
   log "all binaries ready under $CACHE ($((SECONDS - t0)) s)"
 }

@@ -1,0 +1,184 @@
+"""Kueue for real (docs/kueue.md): Kueue's own controller (tests/testbed/kueue.py, built from
+sigs.k8s.io/kueue) admits the operator's child Jobs against a ClusterQueue of 16 GPUs on the KWOK nodes.
+Four SFTJobs of 8 GPUs each (2 ranks x 4 GPUs) run two at a time, the others are admitted as the first
+finish, and every stage is admitted as a whole gang (a training group never runs partially). Suspending a
+queued SFTJob deactivates its Workload, so Kueue itself stops the Job and releases the quota."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Operator, apply, sftjob, status, wait_phase
+from testbed.kueue import Kueue
+from testbed.procs import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+QUOTA_GPUS = 16
+GANG = {"nodes": 2, "gpusPerNode": 4}  # 8 GPUs, two pods that must start together
+TRAINING = {"microBatchSize": 1, "globalBatchSize": 16}  # a multiple of the world size (8)
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+@pytest.fixture(scope="module")
+def kueue(kube: Any, tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path) -> Iterator[Kueue]:
+    k = Kueue(kube, tmp_path_factory.mktemp("kueue"), testbed_logs)
+    try:
+        yield k.start()
+    finally:
+        k.stop()
+
+
+@contextlib.contextmanager
+def cluster_queue(kube: Any, ns: str, gpus: int) -> Iterator[str]:
+    """A ResourceFlavor + ClusterQueue (cluster-scoped, named after the namespace) and a LocalQueue `team`."""
+    name = ns[:63]
+    objs = [
+        {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "ResourceFlavor", "metadata": {"name": name}},
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ClusterQueue",
+            "metadata": {"name": name},
+            "spec": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+                "queueingStrategy": "BestEffortFIFO",
+                "resourceGroups": [
+                    {
+                        "coveredResources": ["nvidia.com/gpu"],
+                        "flavors": [
+                            {"name": name, "resources": [{"name": "nvidia.com/gpu", "nominalQuota": gpus}]}
+                        ],
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "LocalQueue",
+            "metadata": {"name": "team", "namespace": ns},
+            "spec": {"clusterQueue": name},
+        },
+    ]
+    apply(kube, ns, *objs)
+    try:
+        yield "team"
+    finally:
+        for kind in ("clusterqueue", "resourceflavor"):
+            kube.kubectl("delete", kind, name, "--wait=false", check=False)
+
+
+def queued(name: str, queue: str, delay: str) -> dict[str, Any]:
+    job = sftjob(name, delay=delay, resources=GANG, training=TRAINING, merge={"enabled": False})
+    job["metadata"]["labels"] = {QUEUE_LABEL: queue}
+    return job
+
+
+def admitted(wl: dict[str, Any]) -> bool:
+    conds = (wl.get("status") or {}).get("conditions") or []
+    on = {c["type"] for c in conds if c.get("status") == "True"}
+    return "QuotaReserved" in on and "Finished" not in on
+
+
+def workload_gpus(wl: dict[str, Any]) -> int:
+    """GPUs the Workload holds: its admission's per-pod-set usage."""
+    total = 0
+    for psa in ((wl.get("status") or {}).get("admission") or {}).get("podSetAssignments") or []:
+        total += int((psa.get("resourceUsage") or {}).get("nvidia.com/gpu", "0"))
+    return total
+
+
+def owner_job(wl: dict[str, Any]) -> str:
+    return next(o["name"] for o in wl["metadata"].get("ownerReferences") or [] if o["kind"] == "Job")
+
+
+def test_four_8_gpu_sftjobs_run_two_at_a_time_each_stage_a_whole_gang(
+    sftjob_crd: Any, namespace: str, operator: Operator, kueue: Kueue
+) -> None:
+    kube, ns = sftjob_crd, namespace
+    names = [f"q{i}" for i in range(4)]
+    with cluster_queue(kube, ns, QUOTA_GPUS) as queue:
+        for name in names:  # one after another: Kueue's FIFO order is creation order
+            apply(kube, ns, queued(name, queue, delay="8s"))
+        peak_training: set[str] = set()
+        max_gpus = 0
+        admitted_trains: list[str] = []  # in the order first seen admitted
+        queued_seen: set[str] = set()  # SFTJobs seen Pending/Queued (their train Job waiting for quota)
+        polls = 0
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            polls += 1
+            wls = kube.get_json("workloads.kueue.x-k8s.io", "-n", ns)["items"]
+            live = [w for w in wls if admitted(w)]
+            gpus = sum(workload_gpus(w) for w in live)
+            max_gpus = max(max_gpus, gpus)
+            assert gpus <= QUOTA_GPUS, [(owner_job(w), workload_gpus(w)) for w in live]
+            trains = {owner_job(w) for w in live if owner_job(w).endswith("-train")}
+            for w in live:
+                if owner_job(w).endswith("-train"):
+                    assert workload_gpus(w) == 8, w["status"]["admission"]  # the whole gang, 2 x 4 GPUs
+            for t in sorted(trains):
+                if t not in admitted_trains:
+                    admitted_trains.append(t)
+            if len(trains) > len(peak_training):
+                peak_training = trains
+            # a training group never runs partially: 0 or 2 running train pods per SFTJob
+            pods = kube.get_json("pods", "-n", ns, "-l", "sft.tuning.dev/stage=train")["items"]
+            for name in names:
+                running = [
+                    p
+                    for p in pods
+                    if p["metadata"]["labels"].get("sft.tuning.dev/job-name") == name
+                    and p["status"].get("phase") == "Running"
+                ]
+                assert len(running) in (0, 2), (name, [p["metadata"]["name"] for p in running])
+            sts = {n: status(kube, ns, n) for n in names}
+            queued_seen |= {
+                n for n, s in sts.items() if (s.get("phase"), s.get("reason")) == ("Pending", "Queued")
+            }
+            phases = {n: s.get("phase") for n, s in sts.items()}
+            if all(p in ("Succeeded", "Failed") for p in phases.values()):
+                break
+        assert all(p == "Succeeded" for p in phases.values()), phases
+        train = kube.get_json("job", "q3-train", "-n", ns)  # created suspended and labelled for Kueue
+        assert train["metadata"]["labels"][QUEUE_LABEL] == queue
+        assert train["spec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == queue
+    assert {"q2", "q3"} <= queued_seen, queued_seen  # they waited for quota, Pending/Queued
+    assert len(peak_training) == 2, peak_training  # two at a time, never three
+    assert admitted_trains == [f"{n}-train" for n in names], admitted_trains  # FIFO, as the first finished
+    print(f"\nkueue: 4 SFTJobs x 8 GPUs on a 16-GPU queue: peak {len(peak_training)} training at once,"
+          f" max {max_gpus} GPUs admitted, {polls} polls")  # fmt: skip
+
+
+def test_suspend_of_a_queued_sftjob_goes_through_kueue(
+    sftjob_crd: Any, namespace: str, operator: Operator, kueue: Kueue
+) -> None:
+    kube, ns = sftjob_crd, namespace
+    with cluster_queue(kube, ns, QUOTA_GPUS) as queue:
+        apply(kube, ns, queued("susp", queue, delay="600s"))
+        wait_phase(kube, ns, "susp", "Training", 90, operator)
+
+        def train_workload() -> dict[str, Any] | None:
+            wls = kube.get_json("workloads.kueue.x-k8s.io", "-n", ns)["items"]
+            return next((w for w in wls if owner_job(w) == "susp-train"), None)
+
+        assert admitted(wait_until(train_workload, 30, "train Workload"))
+        kube.kubectl("patch", "sftjob", "susp", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        wait_phase(kube, ns, "susp", "Suspended", 90, operator)
+        wl = train_workload()
+        assert wl is not None and wl["spec"]["active"] is False, wl
+        assert not admitted(wl), wl["status"]  # Kueue evicted it: the quota is free
+        evicted = next(c for c in wl["status"]["conditions"] if c["type"] == "Evicted")
+        assert evicted["status"] == "True" and evicted["reason"] == "Deactivated", evicted
+        job = kube.get_json("job", "susp-train", "-n", ns)
+        assert job["spec"]["suspend"] is True  # by Kueue, which keeps it so while the Workload is inactive
+        time.sleep(3)  # Kueue would have unsuspended an admitted Job by now
+        assert kube.get_json("job", "susp-train", "-n", ns)["spec"]["suspend"] is True
+        kube.kubectl("patch", "sftjob", "susp", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+        wait_phase(kube, ns, "susp", "Training", 90, operator)
+        wl = train_workload()
+        assert wl is not None and wl["spec"]["active"] is True and admitted(wl), wl
