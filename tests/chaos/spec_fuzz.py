@@ -81,10 +81,35 @@ def label_maps(marker: str) -> st.SearchStrategy[dict[str, Any]]:
     return st.dictionaries(key, st.one_of(st.text(max_size=70), shell_strings(marker)), max_size=3)
 
 
+# Admissible edits (most manifests the other mutations make are refused at admission): these reach the
+# operator, where the ./relative ones are its own InvalidSpec and the rest run (suspended) or not.
+ADMISSIBLE: tuple[tuple[tuple[str, ...], st.SearchStrategy[Any]], ...] = (
+    (("training", "learningRate"), st.floats(1e-7, 0.9)),
+    (("training", "maxSteps"), st.integers(1, 10_000_000)),
+    (("training", "globalBatchSize"), st.sampled_from([1, 2, 4, 8, 16, 64])),
+    (("training", "microBatchSize"), st.sampled_from([1, 2, 4])),
+    (("method", "type"), st.sampled_from(["lora", "qlora", "full"])),
+    (("method", "lora", "r"), st.integers(1, 1024)),
+    (("dataset", "maxSeqLength"), st.integers(16, 131072)),
+    (("dataset", "format"), st.sampled_from(["alpaca", "messages", "prompt_completion"])),
+    (("resources", "nodes"), st.integers(1, 4)),
+    (("resources", "gpusPerNode"), st.integers(0, 8)),
+    (("resources", "image"), st.from_regex(r"\A[a-z0-9][a-z0-9./-]{0,40}(:[a-z0-9.]{1,10})?\Z")),
+    (("model", "uri"), st.sampled_from(["s3://models/m", "/models/m", "smollm2-135m-instruct", "./m"])),
+    (("output", "uri"), st.sampled_from(["s3://out/x", "/mnt/out", "./runs", "runs/x"])),
+    (("eval", "enabled"), st.booleans()),
+    (("merge", "enabled"), st.booleans()),
+    (("runPolicy", "backoffLimit"), st.integers(0, 10)),
+    (("suspend",), st.booleans()),
+)
+
+
 def names() -> st.SearchStrategy[str]:
+    plain = st.one_of(st.just("fz"), st.from_regex(r"\A[a-z][-a-z0-9]{0,20}\Z"))
     return st.one_of(
-        st.just("fz"),
-        st.from_regex(r"\A[a-z][-a-z0-9]{0,20}\Z"),
+        plain,
+        plain,
+        plain,
         st.from_regex(r"\A[a-z0-9]{1,8}(\.[a-z0-9]{1,8}){1,3}\Z"),  # dotted (a DNS subdomain: not a label)
         st.just("n" * 50),  # longer than the 42 the CRD allows; the index makes it 63 at most
     )
@@ -111,8 +136,13 @@ def _delete(obj: dict[str, Any], path: tuple[str, ...]) -> None:
 @st.composite
 def mutation(draw: st.DrawFn, marker: str) -> tuple[str, tuple[str, ...], Any]:
     kind = draw(
-        st.sampled_from(["set", "set", "set", "unknown_key", "delete", "labels", "k8s_objects", "strings"])
+        st.sampled_from(
+            ["set", "set", "unknown_key", "delete", "labels", "k8s_objects", "strings", *["admissible"] * 5]
+        )
     )
+    if kind == "admissible":
+        path, strategy = draw(st.sampled_from(ADMISSIBLE))
+        return "set", path, draw(strategy)
     if kind == "labels":
         field = draw(st.sampled_from(["podLabels", "nodeSelector", "podAnnotations"]))
         return "set", ("resources", field), draw(label_maps(marker))

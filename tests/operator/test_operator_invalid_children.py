@@ -47,7 +47,11 @@ def test_valid_label_keys_admitted(sftjob_crd: Any, namespace: str) -> None:
     ("resources", "field", "quote"),
     [
         # refused by the apiserver's Job validation (422), quoted
-        ({"tolerations": [{"key": "gpu", "operator": "Sometimes"}]}, "spec.resources.tolerations", "is invalid"),
+        (
+            {"tolerations": [{"key": "gpu", "operator": "Sometimes"}]},
+            "spec.resources.tolerations",
+            "is invalid",
+        ),
         ({"priorityClassName": "Not_A_Name"}, "spec.resources.priorityClassName", "is invalid"),
         # refused by the Kubernetes client's core/v1 models before it is sent (a required field missing)
         (
