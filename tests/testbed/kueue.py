@@ -6,8 +6,9 @@ Service name on the test bed, and the operator does what Kueue's Job webhook wou
 suspended with the queue label). Kueue still needs serving certificates at start-up; its internal cert
 management makes them (a Secret in kueue-system, which the test bed writes to its cert dir as a kubelet
 would mount it) and injects its CA into whatever it
-finds: the CRDs therefore carry a conversion webhook stanza (an address nothing calls: every client here,
-Kueue included, uses the storage version v1beta2, so the apiserver never converts). Metrics and the
+finds: the multi-version CRDs therefore carry a conversion webhook stanza until Kueue is ready, then
+`strategy: None` (only the storage version v1beta2 is served, which every client here, Kueue included,
+uses, so nothing needs converting). Metrics and the
 visibility API server are off.
 """
 
@@ -30,8 +31,12 @@ SERVICE = "kueue-webhook-service"
 
 
 def _with_conversion_stanza(crd: dict[str, Any], url: str) -> dict[str, Any]:
-    """A CRD with more than one version gets the conversion webhook stanza Kueue's cert rotator expects."""
+    """A CRD with more than one version gets the conversion webhook stanza Kueue's cert rotator expects, and
+    only its storage version is served: the apiserver's watch cache of another served version would call
+    the webhook, whose certificate names a Service, not the loopback address."""
     if len(crd["spec"].get("versions") or []) > 1:
+        for v in crd["spec"]["versions"]:
+            v["served"] = bool(v.get("storage"))
         crd["spec"]["conversion"] = {
             "strategy": "Webhook",
             "webhook": {"clientConfig": {"url": url}, "conversionReviewVersions": ["v1"]},
@@ -47,6 +52,7 @@ class Kueue:
         self.work_dir = work_dir
         self.log_dir = log_dir
         self.proc: Proc | None = None
+        self.converted: list[str] = []  # CRDs given the conversion stanza for the cert rotator
 
     def start(self, timeout: float = 180.0) -> Kueue:
         dirs = binary_dirs()
@@ -56,10 +62,13 @@ class Kueue:
         webhook_port, probe_port = free_port(), free_port()
         crd_dir = self.work_dir / "crds"
         crd_dir.mkdir(parents=True, exist_ok=True)
+        self.converted = []
         for src in sorted(Path(dirs["KUEUE_CRDS"]).glob("*.yaml")):
             crd = _with_conversion_stanza(
                 yaml.safe_load(src.read_text()), f"https://{LOOPBACK}:{webhook_port}/convert"
             )
+            if "conversion" in crd["spec"]:
+                self.converted.append(crd["metadata"]["name"])
             dst = crd_dir / src.name
             dst.write_text(json.dumps(crd))
             self.cluster.apply_crd(dst)
@@ -112,6 +121,12 @@ class Kueue:
             timeout,
             "kueue /readyz",
         )
+        # Injected and ready: take the stanza away again, or the apiserver's watch cache keeps calling the
+        # webhook (whose certificate names a Service, not 127.0.0.1) and logs errors many times a second.
+        # Kueue's rotator only logs its failed re-injections from now on.
+        patch = json.dumps({"spec": {"conversion": {"strategy": "None", "webhook": None}}})
+        for name in self.converted:
+            kc("patch", "crd", name, "--type=merge", "-p", patch)
         return self
 
     def _secret_data(self) -> dict[str, str] | None:
