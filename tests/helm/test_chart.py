@@ -73,8 +73,11 @@ def test_rbac_is_least_privilege():
 
 def test_namespace_list_mode_grants_no_cluster_wide_access_to_workloads():
     docs = render(FULL)
-    cluster_resources = {res for r in _rules(docs, "ClusterRole") for res in r["resources"]}
-    assert cluster_resources == {"customresourcedefinitions", "namespaces"}
+    cluster_rules = _rules(docs, "ClusterRole")
+    cluster_resources = {res for r in cluster_rules for res in r["resources"]}
+    # nodes: read-only `get` (is the node under a training rank Ready, docs/recovery.md); nothing else
+    assert cluster_resources == {"customresourcedefinitions", "namespaces", "nodes"}
+    assert [r["verbs"] for r in cluster_rules if "nodes" in r["resources"]] == [["get"]]
     roles = [d for d in docs if d["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     trainer_sas = [
