@@ -107,11 +107,12 @@ def test_four_8_gpu_sftjobs_run_two_at_a_time_each_stage_a_whole_gang(
     kube, ns = sftjob_crd, namespace
     names = [f"q{i}" for i in range(4)]
     with cluster_queue(kube, ns, QUOTA_GPUS) as queue:
-        for name in names:  # one after another: Kueue's FIFO order is creation order
+        for name in names:
             apply(kube, ns, queued(name, queue, delay="8s"))
         peak_training: set[str] = set()
         max_gpus = 0
         admitted_trains: list[str] = []  # in the order first seen admitted
+        finished_then: dict[str, set[str]] = {}  # train Workloads Finished when each was first seen admitted
         queued_seen: set[str] = set()  # SFTJobs seen Pending/Queued (their train Job waiting for quota)
         polls = 0
         deadline = time.monotonic() + 300
@@ -131,14 +132,15 @@ def test_four_8_gpu_sftjobs_run_two_at_a_time_each_stage_a_whole_gang(
                     psas = w["status"]["admission"]["podSetAssignments"]
                     # the whole gang: both ranks' pods, 2 x 4 GPUs, in one admission
                     assert [p.get("count") for p in psas] == [2] and workload_gpus(w) == 8, psas
+            done = {owner_job(w) for w in wls if finished(w)}
             for t in sorted(trains):
                 if t not in admitted_trains:
                     admitted_trains.append(t)
+                    finished_then[t] = {d for d in done if d.endswith("-train")}
             if len(trains) > len(peak_training):
                 peak_training = trains
             # no rank runs without its whole group's admission (the pods of an admitted gang start one
             # by one on KWOK, so 1 of 2 Running is a start-up moment, not a partial admission)
-            done = {owner_job(w) for w in wls if finished(w)}
             for name in names:
                 running = [
                     p["metadata"]["name"]
@@ -160,9 +162,15 @@ def test_four_8_gpu_sftjobs_run_two_at_a_time_each_stage_a_whole_gang(
         train = kube.get_json("job", "q3-train", "-n", ns)  # created suspended and labelled for Kueue
         assert train["metadata"]["labels"][QUEUE_LABEL] == queue
         assert train["spec"]["template"]["metadata"]["labels"][QUEUE_LABEL] == queue
-    assert {"q2", "q3"} <= queued_seen, queued_seen  # they waited for quota, Pending/Queued
     assert len(peak_training) == 2, peak_training  # two at a time, never three
-    assert admitted_trains == [f"{n}-train" for n in names], admitted_trains  # FIFO, as the first finished
+    # The other two waited (Pending/Queued) and were admitted only once a first gang had finished. Which two
+    # go first is Kueue's choice: BestEffortFIFO orders by creation time, but the four are created within
+    # the same second and an inadmissible head does not block the queue (a run saw q0, q1, q3, q2).
+    first, later = admitted_trains[:2], admitted_trains[2:]
+    assert sorted(admitted_trains) == [f"{n}-train" for n in names], admitted_trains
+    for t in later:
+        assert finished_then[t] & set(first), (t, finished_then[t], first)
+    assert {t.removesuffix("-train") for t in later} <= queued_seen, (later, queued_seen)
     print(f"\nkueue: 4 SFTJobs x 8 GPUs on a 16-GPU queue: peak {len(peak_training)} training at once,"
           f" max {max_gpus} GPUs admitted, {polls} polls")  # fmt: skip
 
