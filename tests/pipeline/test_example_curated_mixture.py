@@ -7,14 +7,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from sftjob_api import parse_sftjob
 from sftjob_trainer.curation import curate
+
+from .sftjob_cli import sftjob_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "sftjob-curated-mixture.yaml")
@@ -80,23 +80,7 @@ def test_example_mixture_follows_the_weights(tok):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_example_runs_end_to_end_with_sftjob_run(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sftjob_operator.cli",
-            "run",
-            EXAMPLE,
-            "--output",
-            str(tmp_path / "out"),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1700,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = sftjob_run(EXAMPLE, tmp_path, output=tmp_path / "out", timeout=1700)
     root = tmp_path / "out" / "local" / "smollm2-curated-mixture"
     report = json.loads((root / "train" / "data_report.json").read_text())
     manifest = json.loads((root / "manifest.json").read_text())

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from .sftjob_cli import sftjob_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXAMPLE = os.path.join(REPO, "examples", "sftjob-smollm2.yaml")
@@ -20,23 +20,7 @@ EXAMPLE = os.path.join(REPO, "examples", "sftjob-smollm2.yaml")
 @pytest.mark.trainer
 @pytest.mark.timeout(1800)
 def test_example_improves_eval_loss_and_exact_match(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sftjob_operator.cli",
-            "run",
-            EXAMPLE,
-            "--output",
-            str(tmp_path / "out"),
-            "--work-dir",
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1700,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = sftjob_run(EXAMPLE, tmp_path, output=tmp_path / "out", timeout=1700)
     root = tmp_path / "out" / "local" / "smollm2-contacts"
     res = json.loads((root / "eval" / "results.json").read_text())
     base, tuned = res["base"], res["trained"]

@@ -12,14 +12,11 @@ base + adapter) and the servers' documented rules applied to the written adapter
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from sftjob_api import Layout, parse_spec
 from sftjob_api.layout import status_artifacts
@@ -29,6 +26,7 @@ from sftjob_api.serving import adapter_config_problems
 from sftjob_api.storage import LocalStore, S3Store
 from sftjob_operator.render import objects as o
 
+from .sftjob_cli import clean_env, sftjob_doc, sftjob_run, write_spec
 from .test_train_only import pod_command, pod_env
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
@@ -36,27 +34,9 @@ REPO = Path(__file__).resolve().parents[2]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def sftjob_run(tmp_path: Path, name: str, spec: dict[str, Any]) -> LocalStore:
-    doc = {
-        "apiVersion": "sft.tuning.dev/v1alpha1",
-        "kind": "SFTJob",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
-    cmd = [
-        sys.executable,
-        "-m",
-        "sftjob_operator.cli",
-        "run",
-        "job.yaml",
-        "--work-dir",
-        str(tmp_path / "work"),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SFTJOB_"))}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def run_to_store(tmp_path: Path, name: str, spec: dict[str, Any]) -> LocalStore:
+    write_spec(tmp_path / "job.yaml", sftjob_doc(name, spec))
+    sftjob_run("job.yaml", tmp_path, env=clean_env(OMP_NUM_THREADS="1"))
     return LocalStore(str(tmp_path / "runs" / "local" / name))
 
 
@@ -100,7 +80,7 @@ def test_smollm2_adapter_is_handed_to_vllm_with_a_serving_manifest(tmp_path):
     )
     spec["dataset"].update(eval=[str(data / "contacts-eval.jsonl")], maxSeqLength=256)
     spec["method"]["lora"]["r"] = 12  # vLLM needs --max-lora-rank 16 for it
-    store = sftjob_run(tmp_path, "smollm2-serve", spec)
+    store = run_to_store(tmp_path, "smollm2-serve", spec)
     serving, adapter = serving_and_adapter(store)
 
     # adapter_config.json names the spec's model, not the cache directory the trainer loaded it from
@@ -132,7 +112,7 @@ def test_dora_for_vllm_hands_off_the_merged_model(tiny_model_dir, tmp_path):
     write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(24, seed=1))
     spec = base_spec(tiny_model_dir, "./train.jsonl", eval={"enabled": False})
     spec["method"]["lora"]["useDora"] = True
-    store = sftjob_run(tmp_path, "tiny-dora", spec)
+    store = run_to_store(tmp_path, "tiny-dora", spec)
     serving, adapter = serving_and_adapter(store)
 
     assert adapter["use_dora"] is True and adapter["base_model_name_or_path"] == tiny_model_dir

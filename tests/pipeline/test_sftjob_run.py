@@ -8,13 +8,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-import yaml
 
-CLI = [sys.executable, "-m", "sftjob_operator.cli"]
+from .sftjob_cli import CLI, write_spec
 
 
 def spec_doc(model_dir: str, **over: object) -> dict:
@@ -47,11 +45,6 @@ def spec_doc(model_dir: str, **over: object) -> dict:
     }
     doc["spec"].update(over)
     return doc
-
-
-def write_spec(path, doc) -> str:
-    path.write_text(yaml.safe_dump(doc))
-    return str(path)
 
 
 @pytest.mark.parametrize(

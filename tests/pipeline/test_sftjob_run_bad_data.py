@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 
-from .test_sftjob_run import CLI, spec_doc, write_spec
+from .sftjob_cli import CLI, write_spec
+from .test_sftjob_run import spec_doc
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -15,7 +15,8 @@ import pytest
 from testbed.mlflow_server import MlflowServer
 from testbed.procs import free_port
 
-from pipeline.test_sftjob_run import CLI, spec_doc, wait_for_step, write_spec
+from pipeline.sftjob_cli import CLI, write_spec
+from pipeline.test_sftjob_run import spec_doc, wait_for_step
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1500)]
 

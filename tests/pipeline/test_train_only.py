@@ -15,7 +15,6 @@ import sys
 from typing import Any
 
 import pytest
-import yaml
 
 from sftjob_api import Layout, parse_spec
 from sftjob_api.layout import status_artifacts
@@ -23,6 +22,8 @@ from sftjob_api.manifest import verify_manifest
 from sftjob_api.ports import free_port
 from sftjob_api.storage import LocalStore, S3Store
 from sftjob_operator.render import objects as o
+
+from .sftjob_cli import clean_env, sftjob_doc, sftjob_run, write_spec
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
@@ -135,26 +136,8 @@ def test_train_only_with_sftjob_run_ends_with_a_verifying_manifest(case, tiny_mo
 
     write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(40, seed=1))
     spec = spec_doc(tiny_model_dir, "./train.jsonl", {"uri": "./runs"}, case)
-    doc = {
-        "apiVersion": "sft.tuning.dev/v1alpha1",
-        "kind": "SFTJob",
-        "metadata": {"name": "tiny"},
-        "spec": spec,
-    }
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(doc))
-    cmd = [
-        sys.executable,
-        "-m",
-        "sftjob_operator.cli",
-        "run",
-        "tiny.yaml",
-        "--work-dir",
-        str(tmp_path / "work"),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SFTJOB_"))}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    write_spec(tmp_path / "tiny.yaml", sftjob_doc("tiny", spec))
+    proc = sftjob_run("tiny.yaml", tmp_path, env=clean_env(OMP_NUM_THREADS="1"), timeout=600)
     assert "phase Evaluating" not in proc.stdout and "phase Merging" not in proc.stdout
     assert "phase Succeeded" in proc.stdout
 
