@@ -24,15 +24,24 @@ def pod(i: int, node: str, phase: str = "Running", **kw: object) -> PodObs:
     return PodObs(name=f"g-train-{i}", stage="train", phase=phase, created=NOW, index=i, node=node, **kw)  # type: ignore[arg-type]
 
 
-def test_node_problem_reads_the_ready_condition() -> None:
+def test_node_problem_needs_not_ready_and_the_eviction_taint() -> None:
+    unreachable = {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}
+    no_schedule = {"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule"}
     ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     unknown = {
         "status": {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}
     }
     assert node_problem(ready) is None
-    assert node_problem(unknown) == "NotReady (NodeStatusUnknown)"
+    # Ready again, the taint not yet lifted
+    assert node_problem({**ready, "spec": {"taints": [unreachable]}}) is None
+    assert node_problem({**unknown, "spec": {"taints": [unreachable]}}) == "NotReady (NodeStatusUnknown)"
+    not_ready = {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}
+    assert node_problem({"spec": {"taints": [not_ready]}, "status": {}}) == "NotReady (no Ready condition)"
+    # NotReady without the controller's NoExecute taint: every node at once after an apiserver outage (the
+    # controller's full-disruption mode), or not yet judged; no group restart for that
+    assert node_problem(unknown) is None
+    assert node_problem({**unknown, "spec": {"taints": [no_schedule]}}) is None
     assert node_problem(None) == "gone"
-    assert node_problem({"status": {}}) == "NotReady (no Ready condition)"
 
 
 def test_a_live_rank_on_a_not_ready_node_restarts_the_group_uncounted_and_names_the_node() -> None:

@@ -1,8 +1,9 @@
 """Avoiding the bad node (pure): which failures point at a node, which nodes a run's training group is kept
 off, and the required node anti-affinity that does it. See docs/recovery.md, "Avoiding the bad node".
 
-A failure points at the node when a training pod's node is NotReady or gone while the pod runs (the
-operator reads the nodes of the running ranks at its progress interval), when a pod was deleted because of
+A failure points at the node when a training pod's node is gone, or NotReady and tainted for eviction by
+Kubernetes' node lifecycle controller, while the pod runs (the operator reads the nodes of the running ranks
+at its progress interval), when a pod was deleted because of
 its node (DisruptionTarget reasons of the taint manager, the pod GC, the kubelet's node-pressure eviction
 or graceful node shutdown), or when the pod failed with a node reason (Evicted, NodeLost, NodeShutdown).
 Each recovery records that node (`status.recoveries[].node`); every later attempt of this run's train Job
@@ -30,10 +31,21 @@ NODE_POD_REASONS = ("Evicted", "NodeLost", "NodeShutdown", "Terminated")
 MAX_AVOIDED_NODES = 8
 
 
+# The NoExecute taints Kubernetes' node lifecycle controller puts on a NotReady node whose pods it means to
+# evict. It holds them back, and lifts those already set, when every node is NotReady at once (its "full
+# disruption" mode: a control-plane or network outage, not node failures); NotReady alone is not enough.
+EVICTION_TAINTS = ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")
+
+
 def node_problem(node: Mapping[str, Any] | None) -> str | None:
-    """A Node object (None: it does not exist) -> why no rank should run there now; None when Ready."""
+    """A Node object (None: it does not exist) -> why no rank should run there now; None when it is Ready,
+    or NotReady without the node lifecycle controller's eviction taint (e.g. every node briefly NotReady
+    after the apiserver was away: their heartbeats could not reach it)."""
     if node is None:
         return "gone"
+    taints = (node.get("spec") or {}).get("taints") or []
+    if not any(t.get("key") in EVICTION_TAINTS and t.get("effect") == "NoExecute" for t in taints):
+        return None
     for cond in (node.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Ready":
             if cond.get("status") == "True":
