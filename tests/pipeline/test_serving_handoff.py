@@ -12,7 +12,6 @@ base + adapter) and the servers' documented rules applied to the written adapter
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ import pytest
 from sftjob_api import Layout, parse_spec
 from sftjob_api.layout import status_artifacts
 from sftjob_api.manifest import SERVING_MOUNT, verify_manifest
-from sftjob_api.ports import free_port
 from sftjob_api.serving import adapter_config_problems
 from sftjob_api.storage import LocalStore, S3Store
-from sftjob_operator.render import objects as o
 
 from .sftjob_cli import clean_env, sftjob_doc, sftjob_run, write_spec
-from .test_train_only import pod_command, pod_env
+from .test_train_only import run_train_pod
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -140,15 +137,7 @@ def test_train_only_pod_writes_the_serving_manifest_to_s3(s3, tiny_model_dir, tm
     spec = parse_spec(
         base_spec(tiny_model_dir, data, output=output, eval={"enabled": False}, merge={"enabled": False})
     )
-    ref = o.SFTJobRef("tiny", "team-a", "uid-1")
-    config = tmp_path / "config.yaml"
-    config.write_text(o.render_config_map(ref, spec)["data"][o.CONFIG_FILE])
-    job = o.render_train_job(ref, spec, o.RenderOptions(metrics_port=free_port()))
-    env = pod_env(job, s3, str(config), tmp_path)
-    proc = subprocess.run(
-        pod_command(job, str(config), env), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    env = run_train_pod(spec, s3, tmp_path)
 
     arts = status_artifacts(spec, "team-a", "tiny")  # what status.artifacts advertises
     assert arts.serving is not None and arts.serving.artifact == "adapter"

@@ -101,6 +101,20 @@ def pod_env(job: dict[str, Any], s3: Any, config: str, tmp_path: Any) -> dict[st
     return env
 
 
+def run_train_pod(spec: Any, s3: Any, tmp_path: Any) -> dict[str, str]:
+    """The train pod the operator renders for `spec` (SFTJob team-a/tiny), run to its end; returns its env."""
+    ref = o.SFTJobRef("tiny", "team-a", "uid-1")
+    config = tmp_path / "config.yaml"
+    config.write_text(o.render_config_map(ref, spec)["data"][o.CONFIG_FILE])
+    job = o.render_train_job(ref, spec, o.RenderOptions(metrics_port=free_port()))
+    env = pod_env(job, s3, str(config), tmp_path)
+    proc = subprocess.run(
+        pod_command(job, str(config), env), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return env
+
+
 @pytest.mark.parametrize("case", sorted(ENDS_WITH_TRAINING))
 def test_train_only_in_a_cluster_ends_with_a_verifying_manifest(case, s3, tiny_model_dir, tmp_path):
     from trainer.tiny import dataset_rows, write_jsonl
@@ -113,15 +127,7 @@ def test_train_only_in_a_cluster_ends_with_a_verifying_manifest(case, s3, tiny_m
         "credentialsSecret": {"name": "s3"},
     }
     spec = parse_spec(spec_doc(tiny_model_dir, data, output, case))
-    ref = o.SFTJobRef("tiny", "team-a", "uid-1")
-    config = tmp_path / "config.yaml"
-    config.write_text(o.render_config_map(ref, spec)["data"][o.CONFIG_FILE])
-    job = o.render_train_job(ref, spec, o.RenderOptions(metrics_port=free_port()))
-    env = pod_env(job, s3, str(config), tmp_path)
-    proc = subprocess.run(
-        pod_command(job, str(config), env), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_train_pod(spec, s3, tmp_path)
 
     artifacts = status_artifacts(spec, "team-a", "tiny")  # what status.artifacts advertises
     assert artifacts.manifest == f"{artifacts.root}{Layout.MANIFEST}"
