@@ -3,9 +3,9 @@ off, and the required node anti-affinity that does it. See docs/recovery.md, "Av
 
 A failure points at the node when a training pod's node is gone, or NotReady and tainted for eviction by
 Kubernetes' node lifecycle controller, while the pod runs (the operator reads the nodes of the running ranks
-at its progress interval), when a pod was deleted because of
-its node (DisruptionTarget reasons of the taint manager, the pod GC, the kubelet's node-pressure eviction
-or graceful node shutdown), or when the pod failed with a node reason (Evicted, NodeLost, NodeShutdown).
+at its progress interval), when a pod was deleted because of its node (DisruptionTarget reasons of the taint
+manager, the pod GC, the kubelet's node-pressure eviction or graceful node shutdown), or when the pod failed
+with a node reason (Evicted, NodeLost, NodeShutdown).
 Each recovery records that node (`status.recoveries[].node`); every later attempt of this run's train Job
 carries a `NotIn` on `kubernetes.io/hostname` for the nodes named there.
 """
