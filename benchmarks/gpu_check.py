@@ -38,8 +38,14 @@ import gpu_check_lib as lib  # noqa: E402
 
 REPO = os.path.dirname(HERE)
 # per-step time boxes (s): GPU, CPU smoke
-BOXES = {"setup": (150, 300), "a1": (150, 400), "a2": (110, 300), "eval": (100, 300), "merge": (120, 300),
-         "bench": (100, 300)}
+BOXES = {
+    "setup": (150, 300),
+    "a1": (150, 400),
+    "a2": (110, 300),
+    "eval": (100, 300),
+    "merge": (120, 300),
+    "bench": (100, 300),
+}
 MIN_BOX_S = 25.0
 
 
@@ -55,8 +61,12 @@ class GpuMemSampler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5).stdout
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
                 self.peak_mib = max([self.peak_mib, *(int(x) for x in out.split() if x.isdigit())])
             except (OSError, subprocess.TimeoutExpired):
                 pass
@@ -83,8 +93,15 @@ def run_step(name: str, cmd: list[str], env: dict[str, str], timeout: float, log
     log.write(f"\n===== {name}: {' '.join(cmd)} (box {timeout:.0f} s)\n")
     log.flush()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=REPO,
+    )
     buf: dict[str, list[str]] = {"out": [], "err": []}
 
     def pump(stream: Any, key: str) -> None:
@@ -93,8 +110,10 @@ def run_step(name: str, cmd: list[str], env: dict[str, str], timeout: float, log
             log.write(f"[{name}{'' if key == 'out' else '!'}] {line}")
             log.flush()
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout, "out"), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, "err"), daemon=True)]
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout, "out"), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, "err"), daemon=True),
+    ]
     for t in threads:
         t.start()
     timed_out = False
@@ -118,8 +137,14 @@ def run_step(name: str, cmd: list[str], env: dict[str, str], timeout: float, log
     secs = round(time.monotonic() - t0, 1)
     log.write(f"===== {name}: rc={proc.returncode} timed_out={timed_out} {secs} s\n")
     log.flush()
-    return {"rc": proc.returncode, "timed_out": timed_out, "seconds": secs, "stdout": "".join(buf["out"]),
-            "stderr": "".join(buf["err"]), "peak_gpu_mem_bytes": mem.peak_bytes}
+    return {
+        "rc": proc.returncode,
+        "timed_out": timed_out,
+        "seconds": secs,
+        "stdout": "".join(buf["out"]),
+        "stderr": "".join(buf["err"]),
+        "peak_gpu_mem_bytes": mem.peak_bytes,
+    }
 
 
 def status_of(r: dict[str, Any]) -> str:
@@ -147,18 +172,35 @@ class Check:
         self.budget = lib.Budget(a.budget_s)
         self.log = open(os.path.join(self.out, "gpu_check.log"), "a", buffering=1)  # noqa: SIM115
         src = os.path.abspath(a.src)
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "SFTJOB_MODEL_CACHE": os.path.join(self.work, "model-cache"),
-                    "PYTHONPATH": os.pathsep.join(p for p in (os.path.join(src, "operator"),
-                                                              os.path.join(src, "trainer_image"), HERE,
-                                                              os.environ.get("PYTHONPATH", "")) if p)}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "TQDM_DISABLE": "1",
+            "SFTJOB_MODEL_CACHE": os.path.join(self.work, "model-cache"),
+            "PYTHONPATH": os.pathsep.join(
+                p
+                for p in (
+                    os.path.join(src, "operator"),
+                    os.path.join(src, "trainer_image"),
+                    HERE,
+                    os.environ.get("PYTHONPATH", ""),
+                )
+                if p
+            ),
+        }
         self.env.pop("SFTJOB_CONFIG", None)
         if self.smoke:
             self.env["DS_ACCELERATOR"] = "cpu"
         self.res: dict[str, Any] = {
-            "mode": "cpu-smoke" if self.smoke else "gpu", "command": " ".join([sys.executable, *sys.argv]),
+            "mode": "cpu-smoke" if self.smoke else "gpu",
+            "command": " ".join([sys.executable, *sys.argv]),
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "env": {"source": a.source_note or src}, "parts": {}, "failures": {}}
+            "env": {"source": a.source_note or src},
+            "parts": {},
+            "failures": {},
+        }
         self.assets: dict[str, Any] = {}
 
     # --- plumbing -------------------------------------------------------------------------------------------
@@ -185,8 +227,19 @@ class Check:
 
     def trainer(self, stage: str, config: str) -> list[str]:
         if stage == "train":  # the operator's launcher: torchrun, exit codes restored from the workers
-            return [sys.executable, "-m", "sftjob_trainer", "launch", "--nnodes=1", "--nproc-per-node=1",
-                    "--master-addr=127.0.0.1", f"--master-port={free_port()}", "train", "--config", config]
+            return [
+                sys.executable,
+                "-m",
+                "sftjob_trainer",
+                "launch",
+                "--nnodes=1",
+                "--nproc-per-node=1",
+                "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}",
+                "train",
+                "--config",
+                config,
+            ]
         return [sys.executable, "-m", "sftjob_trainer", stage, "--config", config]
 
     def write_config(self, name: str, cfg: dict[str, Any]) -> str:
@@ -197,15 +250,23 @@ class Check:
 
     def geometry(self) -> dict[str, int]:
         """Our batch shape: packed rows of `seq` tokens, `global_batch` rows per step, `micro` per forward."""
-        return {"seq": 256, "global_batch": 4, "micro": 2} if self.smoke else {"seq": 2048, "global_batch": 8,
-                                                                            "micro": 4}
+        return (
+            {"seq": 256, "global_batch": 4, "micro": 2}
+            if self.smoke
+            else {"seq": 2048, "global_batch": 8, "micro": 4}
+        )
 
     def config(self, name: str, method: str, **kw: Any) -> dict[str, Any]:
         geo = self.geometry()
-        return lib.trainer_config(model_dir=self.assets["model_dir"], data=self.assets["data"],
-                                  out_root=os.path.join(self.work, name, "out"),
-                                  work_dir=os.path.join(self.work, name, "work"), method=method, name=name,
-                                  **{**geo, **kw})
+        return lib.trainer_config(
+            model_dir=self.assets["model_dir"],
+            data=self.assets["data"],
+            out_root=os.path.join(self.work, name, "out"),
+            work_dir=os.path.join(self.work, name, "work"),
+            method=method,
+            name=name,
+            **{**geo, **kw},
+        )
 
     # --- the parts ------------------------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -217,7 +278,7 @@ class Check:
         line = next((x for x in (r or {}).get("stdout", "").splitlines() if x.startswith("ASSETS ")), None)
         if line is None:
             return False
-        self.assets = json.loads(line[len("ASSETS "):])
+        self.assets = json.loads(line[len("ASSETS ") :])
         env = self.res["env"]
         env.update(gpu=self.assets["gpu"], cpus=self.assets["cpus"], versions=self.assets["versions"])
         self.res["model"] = {k: self.assets[k] for k in ("description", "params", "matmul_params", "config")}
@@ -228,8 +289,16 @@ class Check:
 
     def part_a(self) -> None:
         steps, ckpt = (6, 3) if self.smoke else (10, 5)
-        cfg = self.config("a", "qlora", steps=steps, checkpoint_steps=ckpt, lr=2e-3, zero3=True,
-                          eval_enabled=True, eval_samples=8 if self.smoke else 16)
+        cfg = self.config(
+            "a",
+            "qlora",
+            steps=steps,
+            checkpoint_steps=ckpt,
+            lr=2e-3,
+            zero3=True,
+            eval_enabled=True,
+            eval_samples=8 if self.smoke else 16,
+        )
         path = self.write_config("a", cfg)
         part: dict[str, Any] = {"status": "running", "config": cfg}
         self.res["parts"]["a_qlora_zero3"] = part
@@ -240,13 +309,20 @@ class Check:
         ev = lib.json_events(r1["stdout"])
         ds, model, ck = lib.first(ev, "deepspeed"), lib.first(ev, "model"), lib.first(ev, "checkpoint")
         losses = lib.step_losses(ev)
-        part.update(status=status_of(r1), seconds=r1["seconds"], peak_gpu_mem_bytes=r1["peak_gpu_mem_bytes"],
-                    zero_stage=ds and ds.get("zero_stage"), losses=losses, loss=lib.loss_decreased(losses),
-                    linear_4bit_layers=model and model.get("linear_4bit_layers"),
-                    trainable_params=model and model.get("trainable_params"),
-                    checkpoint_step=ck and ck.get("step"), checkpoint_seconds=ck and ck.get("seconds"),
-                    tokens_per_second=lib.throughput(ev, 1)["tokens_per_second"],
-                    adapter_written=lib.first(ev, "done") is not None)
+        part.update(
+            status=status_of(r1),
+            seconds=r1["seconds"],
+            peak_gpu_mem_bytes=r1["peak_gpu_mem_bytes"],
+            zero_stage=ds and ds.get("zero_stage"),
+            losses=losses,
+            loss=lib.loss_decreased(losses),
+            linear_4bit_layers=model and model.get("linear_4bit_layers"),
+            trainable_params=model and model.get("trainable_params"),
+            checkpoint_step=ck and ck.get("step"),
+            checkpoint_seconds=ck and ck.get("seconds"),
+            tokens_per_second=lib.throughput(ev, 1)["tokens_per_second"],
+            adapter_written=lib.first(ev, "done") is not None,
+        )
         self.save()
         if ck is None:
             part["resume"] = {"passed": False, "reason": "no checkpoint event in the first run"}
@@ -261,8 +337,12 @@ class Check:
         part["resume"]["run_status"] = status_of(r2)
         if not resumed:
             part["resume"]["passed"] = False
-        ok = (status_of(r1) == status_of(r2) == "ok" and part["zero_stage"] == 3 and part["loss"]["passed"]
-              and part["resume"]["passed"])
+        ok = (
+            status_of(r1) == status_of(r2) == "ok"
+            and part["zero_stage"] == 3
+            and part["loss"]["passed"]
+            and part["resume"]["passed"]
+        )
         part["status"] = "ok" if ok else "checks failed"
 
     def part_c(self) -> None:
@@ -278,18 +358,25 @@ class Check:
             ev = lib.json_events(r["stdout"])
             base, trained = lib.first(ev, "eval_base") or {}, lib.first(ev, "eval_trained") or {}
             strip = ("ts", "event")
-            part["eval"] = {"status": status_of(r), "seconds": r["seconds"],
-                            "peak_gpu_mem_bytes": r["peak_gpu_mem_bytes"],
-                            "base": {k: v for k, v in base.items() if k not in strip},
-                            "trained": {k: v for k, v in trained.items() if k not in strip}}
+            part["eval"] = {
+                "status": status_of(r),
+                "seconds": r["seconds"],
+                "peak_gpu_mem_bytes": r["peak_gpu_mem_bytes"],
+                "base": {k: v for k, v in base.items() if k not in strip},
+                "trained": {k: v for k, v in trained.items() if k not in strip},
+            }
             self.save()
         r = self.step("c_merge", "merge", self.trainer("merge", path))
         if r is not None:
             ver = lib.first(lib.json_events(r["stdout"]), "merge_verified") or {}
-            part["merge"] = {"status": status_of(r), "seconds": r["seconds"],
-                             "verification": {k: v for k, v in ver.items() if k not in ("ts", "event")},
-                             "files": sorted(os.listdir(os.path.join(self.work, "a", "out", "merged")))
-                             if os.path.isdir(os.path.join(self.work, "a", "out", "merged")) else []}
+            part["merge"] = {
+                "status": status_of(r),
+                "seconds": r["seconds"],
+                "verification": {k: v for k, v in ver.items() if k not in ("ts", "event")},
+                "files": sorted(os.listdir(os.path.join(self.work, "a", "out", "merged")))
+                if os.path.isdir(os.path.join(self.work, "a", "out", "merged"))
+                else [],
+            }
 
     def part_b(self) -> None:
         warm, timed = (1, 2) if self.smoke else (2, 8)
@@ -304,8 +391,9 @@ class Check:
                 run: dict[str, Any] = {"name": name, "impl": impl, "method": method}
                 part["runs"].append(run)
                 if impl == "ours":
-                    path = self.write_config(f"b_{name}", self.config(f"b_{name}", method, steps=warm + timed,
-                                                                      lr=2e-4))
+                    path = self.write_config(
+                        f"b_{name}", self.config(f"b_{name}", method, steps=warm + timed, lr=2e-4)
+                    )
                     r = self.step(f"b_{name}", "bench", self.trainer("train", path))
                     if r is not None:
                         ev = lib.json_events(r["stdout"])
@@ -313,18 +401,38 @@ class Check:
                         data, ds = lib.first(ev, "data") or {}, lib.first(ev, "deepspeed") or {}
                         run["zero_stage"] = ds.get("zero_stage")
                         if data.get("rows"):
-                            run["samples_per_step"] = round(data["train_examples"] / data["rows"]
-                                                            * data["plan"]["micro"] * data["plan"]["accum"], 1)
+                            run["samples_per_step"] = round(
+                                data["train_examples"]
+                                / data["rows"]
+                                * data["plan"]["micro"]
+                                * data["plan"]["accum"],
+                                1,
+                            )
                         run["losses"] = list(lib.step_losses(ev).values())
                 else:
-                    cmd = [sys.executable, os.path.join(HERE, "gpu_check_trl.py"), "--model",
-                           self.assets["model_dir"], "--rows", self.assets["rows"], "--method", method,
-                           "--steps", str(timed), "--warmup", str(warm), "--lr", "2e-4", *trl_geo]
+                    cmd = [
+                        sys.executable,
+                        os.path.join(HERE, "gpu_check_trl.py"),
+                        "--model",
+                        self.assets["model_dir"],
+                        "--rows",
+                        self.assets["rows"],
+                        "--method",
+                        method,
+                        "--steps",
+                        str(timed),
+                        "--warmup",
+                        str(warm),
+                        "--lr",
+                        "2e-4",
+                        *trl_geo,
+                    ]
                     r = self.step(f"b_{name}", "bench", cmd)
-                    line = next((x for x in (r or {}).get("stdout", "").splitlines() if x.startswith("RESULT ")),
-                                None)
+                    line = next(
+                        (x for x in (r or {}).get("stdout", "").splitlines() if x.startswith("RESULT ")), None
+                    )
                     if line:
-                        run.update(json.loads(line[len("RESULT "):]))
+                        run.update(json.loads(line[len("RESULT ") :]))
                 run["status"] = "skipped" if r is None else status_of(r)
                 if r is not None:
                     run["peak_gpu_mem_bytes"] = r["peak_gpu_mem_bytes"]
@@ -339,7 +447,8 @@ class Check:
             f"first {warm} steps untimed, {timed} timed",
             "peak GPU memory: nvidia-smi memory.used of the whole GPU (CUDA context and allocator cache included)",
             f"MFU: {fpt / 1e9:.2f} GFLOP per token (4 x {self.assets['matmul_params'] / 1e9:.3f} B matmul weights) "
-            f"over the measured peak ({self.res.get('peak_kind')})"]
+            f"over the measured peak ({self.res.get('peak_kind')})",
+        ]
 
     def run(self, parts: list[str]) -> int:
         self.save()
@@ -361,7 +470,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT"), help="result directory (default $OUT)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU (gloo), same code paths")
-    ap.add_argument("--budget-s", type=float, default=None, help="total wall-clock budget (390 GPU, 1500 smoke)")
+    ap.add_argument(
+        "--budget-s", type=float, default=None, help="total wall-clock budget (390 GPU, 1500 smoke)"
+    )
     ap.add_argument("--parts", default="a,c,b")
     # 64 x 2 = 128 samples per step, close to the ~140 that ours packs into 8 rows of 2048 tokens
     ap.add_argument("--trl-batch", type=int, default=64, help="TRL per-device batch (samples) on GPU")

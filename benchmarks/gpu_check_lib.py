@@ -14,9 +14,11 @@ from typing import Any
 
 # A fixed, low-entropy vocabulary: a randomly initialised model can learn its unigram statistics within a
 # few LoRA steps, so "loss decreases" is a meaningful check even without pretrained weights.
-_TEXT = ("the a of to and in is it that for on with as was at by an be this from or are have not but model data "
-         "train token loss step batch learning rate memory speed pack sample answer question value result number "
-         "list order item first second last name city river mountain color")
+_TEXT = (
+    "the a of to and in is it that for on with as was at by an be this from or are have not but model data "
+    "train token loss step batch learning rate memory speed pack sample answer question value result number "
+    "list order item first second last name city river mountain color"
+)
 WORDS = _TEXT.split()
 
 
@@ -30,17 +32,32 @@ def make_rows(n: int, seed: int = 1234, max_prompt: int = 60, max_answer: int = 
         task = rng.choice(("repeat", "reverse"))
         answer = words if task == "repeat" else words[::-1]
         filler = [rng.choice(WORDS) for _ in range(rng.randint(0, max(0, max_prompt - 12)))]
-        tail = [rng.choice(WORDS) for _ in range(int(rng.choice([2, 5, 20, 60, 120, max_answer]) * rng.random()))]
-        rows.append({"prompt": f"{task}: {' '.join(words)}. context: {' '.join(filler)}",
-                     "completion": " ".join(answer + tail)})
+        tail = [
+            rng.choice(WORDS) for _ in range(int(rng.choice([2, 5, 20, 60, 120, max_answer]) * rng.random()))
+        ]
+        rows.append(
+            {
+                "prompt": f"{task}: {' '.join(words)}. context: {' '.join(filler)}",
+                "completion": " ".join(answer + tail),
+            }
+        )
     return rows
 
 
 def messages_jsonl(rows: list[dict[str, str]]) -> str:
     """The rows in the trainer's `messages` format (user prompt, assistant answer), one JSON per line."""
-    return "".join(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                            {"role": "assistant", "content": r["completion"]}]}) + "\n"
-                   for r in rows)
+    return "".join(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": r["prompt"]},
+                    {"role": "assistant", "content": r["completion"]},
+                ]
+            }
+        )
+        + "\n"
+        for r in rows
+    )
 
 
 @dataclass
@@ -58,10 +75,25 @@ class Budget:
         return max(0.0, min(want_s, self.left() - self.reserve_s))
 
 
-def trainer_config(*, model_dir: str, data: str, out_root: str, work_dir: str, method: str, steps: int,
-                   seq: int, global_batch: int, micro: int, lr: float, checkpoint_steps: int = 100_000,
-                   zero3: bool = False, name: str = "gpu-check", eval_enabled: bool = False,
-                   eval_samples: int = 16, eval_new_tokens: int = 32) -> dict[str, Any]:
+def trainer_config(
+    *,
+    model_dir: str,
+    data: str,
+    out_root: str,
+    work_dir: str,
+    method: str,
+    steps: int,
+    seq: int,
+    global_batch: int,
+    micro: int,
+    lr: float,
+    checkpoint_steps: int = 100_000,
+    zero3: bool = False,
+    name: str = "gpu-check",
+    eval_enabled: bool = False,
+    eval_samples: int = 16,
+    eval_new_tokens: int = 32,
+) -> dict[str, Any]:
     """A trainer config as the operator renders it (camelCase spec sections + run/runtime).
 
     `zero3`: ZeRO stage 3 with the optimizer offloaded to the host. On one rank that is the only
@@ -75,12 +107,25 @@ def trainer_config(*, model_dir: str, data: str, out_root: str, work_dir: str, m
     return {
         "run": {"namespace": "bench", "name": name, "outputRoot": out_root},
         "model": {"uri": model_dir},
-        "dataset": {"train": [data], "format": "messages", "maxSeqLength": seq, "packing": True,
-                    "evalSplit": 0.05},
+        "dataset": {
+            "train": [data],
+            "format": "messages",
+            "maxSeqLength": seq,
+            "packing": True,
+            "evalSplit": 0.05,
+        },
         "method": m,
-        "training": {"maxSteps": steps, "learningRate": lr, "warmupRatio": 0.0, "scheduler": "constant",
-                     "globalBatchSize": global_batch, "microBatchSize": micro, "gradientCheckpointing": False,
-                     "checkpointSteps": checkpoint_steps, "seed": 7},
+        "training": {
+            "maxSteps": steps,
+            "learningRate": lr,
+            "warmupRatio": 0.0,
+            "scheduler": "constant",
+            "globalBatchSize": global_batch,
+            "microBatchSize": micro,
+            "gradientCheckpointing": False,
+            "checkpointSteps": checkpoint_steps,
+            "seed": 7,
+        },
         "resources": {"deepspeed": ds},
         "output": {"uri": out_root, "keepCheckpoints": 2},
         "eval": {"enabled": eval_enabled, "maxSamples": eval_samples, "maxNewTokens": eval_new_tokens},
@@ -114,9 +159,13 @@ def throughput(events: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     tokens = sum(int(e["tokens"]) for e in steps)
     secs = sum(float(e["step_seconds"]) for e in steps)
     per_step = [int(e["tokens"]) / float(e["step_seconds"]) for e in steps if float(e["step_seconds"]) > 0]
-    return {"timed_steps": len(steps), "tokens": tokens, "seconds": round(secs, 3),
-            "tokens_per_second": round(tokens / secs, 1) if secs > 0 else None,
-            "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None}
+    return {
+        "timed_steps": len(steps),
+        "tokens": tokens,
+        "seconds": round(secs, 3),
+        "tokens_per_second": round(tokens / secs, 1) if secs > 0 else None,
+        "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None,
+    }
 
 
 def loss_decreased(losses: dict[int, float], min_drop: float = 0.01) -> dict[str, Any]:
@@ -126,8 +175,12 @@ def loss_decreased(losses: dict[int, float], min_drop: float = 0.01) -> dict[str
     ks = sorted(losses)
     first_loss = losses[ks[0]]
     last = sum(losses[k] for k in ks[-3:]) / 3
-    return {"first": round(first_loss, 4), "last3_mean": round(last, 4),
-            "relative_drop": round(1 - last / first_loss, 4), "passed": last < first_loss * (1 - min_drop)}
+    return {
+        "first": round(first_loss, 4),
+        "last3_mean": round(last, 4),
+        "relative_drop": round(1 - last / first_loss, 4),
+        "passed": last < first_loss * (1 - min_drop),
+    }
 
 
 def resume_matches(original: dict[int, float], resumed: dict[int, float], tol: float) -> dict[str, Any]:
@@ -174,9 +227,16 @@ def _mark(ok: Any) -> str:
 
 def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
     """One row per throughput run; ours/TRL ratio against TRL's run of the same method."""
-    rows = ["| run | method | status | samples/step | real tok/s | median step tok/s | MFU | peak GPU mem (GiB) "
-            "| ours / TRL |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    trl = {r["method"]: r.get("tokens_per_second") for r in runs if r["impl"] == "trl" and r.get("tokens_per_second")}
+    rows = [
+        "| run | method | status | samples/step | real tok/s | median step tok/s | MFU | peak GPU mem (GiB) "
+        "| ours / TRL |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    trl = {
+        r["method"]: r.get("tokens_per_second")
+        for r in runs
+        if r["impl"] == "trl" and r.get("tokens_per_second")
+    }
     for r in runs:
         tps = r.get("tokens_per_second")
         ratio = None
@@ -184,43 +244,63 @@ def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
             ratio = f"{tps / trl[r['method']]:.2f}x"
         mem = r.get("peak_gpu_mem_bytes")
         mfu_v = r.get("mfu")
-        rows.append(f"| {r['name']} | {r['method']} | {r['status']} | {_fmt(r.get('samples_per_step'))} | "
-                    f"{_fmt(tps, ',.0f')} | {_fmt(r.get('median_step_tokens_per_second'), ',.0f')} | "
-                    f"{_fmt(None if mfu_v is None else 100 * mfu_v, '.1f')}{'%' if mfu_v is not None else ''} | "
-                    f"{_fmt(None if mem is None else mem / 2**30, '.1f')} | {_fmt(ratio)} |")
+        rows.append(
+            f"| {r['name']} | {r['method']} | {r['status']} | {_fmt(r.get('samples_per_step'))} | "
+            f"{_fmt(tps, ',.0f')} | {_fmt(r.get('median_step_tokens_per_second'), ',.0f')} | "
+            f"{_fmt(None if mfu_v is None else 100 * mfu_v, '.1f')}{'%' if mfu_v is not None else ''} | "
+            f"{_fmt(None if mem is None else mem / 2**30, '.1f')} | {_fmt(ratio)} |"
+        )
     return rows
 
 
 def markdown(res: dict[str, Any]) -> str:
     """The human-readable report: environment, the three parts, failures with their error tails."""
     env = res.get("env", {})
-    out = [f"# GPU check ({res.get('mode', '?')})", "",
-           f"- date: {res.get('date')}; command: `{res.get('command')}`",
-           f"- machine: {env.get('gpu', '?')}; {env.get('cpus', '?')} CPUs",
-           f"- software: {env.get('versions', {})}",
-           f"- trainer source: {env.get('source', '?')}",
-           f"- model: {res.get('model', {}).get('description', '?')}",
-           f"- measured matmul peak ({res.get('peak_kind', '?')}): {_fmt(res.get('peak_tflops'), '.4g')} TFLOP/s "
-           "(MFU = real tok/s x 4N / this peak; N = matmul weights incl. the output layer)",
-           f"- total: {res.get('seconds')} s", ""]
+    out = [
+        f"# GPU check ({res.get('mode', '?')})",
+        "",
+        f"- date: {res.get('date')}; command: `{res.get('command')}`",
+        f"- machine: {env.get('gpu', '?')}; {env.get('cpus', '?')} CPUs",
+        f"- software: {env.get('versions', {})}",
+        f"- trainer source: {env.get('source', '?')}",
+        f"- model: {res.get('model', {}).get('description', '?')}",
+        f"- measured matmul peak ({res.get('peak_kind', '?')}): {_fmt(res.get('peak_tflops'), '.4g')} TFLOP/s "
+        "(MFU = real tok/s x 4N / this peak; N = matmul weights incl. the output layer)",
+        f"- total: {res.get('seconds')} s",
+        "",
+    ]
     a = res.get("parts", {}).get("a_qlora_zero3", {})
     backend = "NCCL" if res.get("mode") == "gpu" else "gloo, fp32 compute on CPU"
-    out += [f"## (a) QLoRA nf4 (bf16 compute, bf16 quant storage), ZeRO-3 ({backend}), 1 rank", "",
-            f"- status: {a.get('status', 'not run')}; ZeRO stage {_fmt(a.get('zero_stage'))}, "
-            f"4-bit layers {_fmt(a.get('linear_4bit_layers'))}, trainable params {_fmt(a.get('trainable_params'), ',')}",
-            f"- loss decreases: {_mark(a.get('loss', {}).get('passed'))} {a.get('loss', {})}",
-            f"- checkpoint at step {_fmt(a.get('checkpoint_step'))} saved in {_fmt(a.get('checkpoint_seconds'))} s; "
-            f"resumed from step {_fmt(a.get('resumed_from'))}: {_mark(a.get('resume', {}).get('passed'))} {a.get('resume', {})}",
-            f"- tok/s in this run: {_fmt(a.get('tokens_per_second'), ',.0f')}", ""]
+    out += [
+        f"## (a) QLoRA nf4 (bf16 compute, bf16 quant storage), ZeRO-3 ({backend}), 1 rank",
+        "",
+        f"- status: {a.get('status', 'not run')}; ZeRO stage {_fmt(a.get('zero_stage'))}, "
+        f"4-bit layers {_fmt(a.get('linear_4bit_layers'))}, trainable params {_fmt(a.get('trainable_params'), ',')}",
+        f"- loss decreases: {_mark(a.get('loss', {}).get('passed'))} {a.get('loss', {})}",
+        f"- checkpoint at step {_fmt(a.get('checkpoint_step'))} saved in {_fmt(a.get('checkpoint_seconds'))} s; "
+        f"resumed from step {_fmt(a.get('resumed_from'))}: {_mark(a.get('resume', {}).get('passed'))} {a.get('resume', {})}",
+        f"- tok/s in this run: {_fmt(a.get('tokens_per_second'), ',.0f')}",
+        "",
+    ]
     b = res.get("parts", {}).get("b_throughput", {})
-    out += ["## (b) Throughput, ours vs TRL SFTTrainer (same model, data, LoRA r16 all-linear, no recompute)", "",
-            *throughput_table(b.get("runs", [])), "", *[f"- {n}" for n in b.get("notes", [])], ""]
+    out += [
+        "## (b) Throughput, ours vs TRL SFTTrainer (same model, data, LoRA r16 all-linear, no recompute)",
+        "",
+        *throughput_table(b.get("runs", [])),
+        "",
+        *[f"- {n}" for n in b.get("notes", [])],
+        "",
+    ]
     c = res.get("parts", {}).get("c_eval_merge", {})
-    out += ["## (c) eval and merge stages", "",
-            f"- eval: {c.get('eval', {}).get('status', 'not run')} in {_fmt(c.get('eval', {}).get('seconds'))} s; "
-            f"base {c.get('eval', {}).get('base')}; trained {c.get('eval', {}).get('trained')}",
-            f"- merge: {c.get('merge', {}).get('status', 'not run')} in {_fmt(c.get('merge', {}).get('seconds'))} s; "
-            f"verification {c.get('merge', {}).get('verification')}", ""]
+    out += [
+        "## (c) eval and merge stages",
+        "",
+        f"- eval: {c.get('eval', {}).get('status', 'not run')} in {_fmt(c.get('eval', {}).get('seconds'))} s; "
+        f"base {c.get('eval', {}).get('base')}; trained {c.get('eval', {}).get('trained')}",
+        f"- merge: {c.get('merge', {}).get('status', 'not run')} in {_fmt(c.get('merge', {}).get('seconds'))} s; "
+        f"verification {c.get('merge', {}).get('verification')}",
+        "",
+    ]
     fails = [(k, v) for k, v in res.get("failures", {}).items() if v]
     if fails:
         out += ["## Failures", ""]

@@ -1,10 +1,10 @@
 """Workers of the GPU check that need torch, each run in its own time-boxed process by gpu_check.py.
 
-    python benchmarks/gpu_check_setup.py assets OUT_DIR [--smoke] [--tokenizer DIR]
-        a randomly initialised Llama (1B-shaped, or tiny with --smoke) + tokenizer, the data set, the
-        machine's measured bf16 matmul rate and the software versions -> OUT_DIR/assets.json
-    python benchmarks/gpu_check_setup.py export-tokenizer DEST      (here, with network: SmolLM2's tokenizer)
-    python benchmarks/gpu_check_setup.py repack-bnb WHEEL DEST_DIR   (here: keep only the CUDA 13 libraries)
+python benchmarks/gpu_check_setup.py assets OUT_DIR [--smoke] [--tokenizer DIR]
+    a randomly initialised Llama (1B-shaped, or tiny with --smoke) + tokenizer, the data set, the
+    machine's measured bf16 matmul rate and the software versions -> OUT_DIR/assets.json
+python benchmarks/gpu_check_setup.py export-tokenizer DEST      (here, with network: SmolLM2's tokenizer)
+python benchmarks/gpu_check_setup.py repack-bnb WHEEL DEST_DIR   (here: keep only the CUDA 13 libraries)
 """
 
 from __future__ import annotations
@@ -22,14 +22,39 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_check_lib import WORDS, llama_matmul_params, make_rows, messages_jsonl
 
 # Llama-3.2-1B's attention shape (hidden 2048, 16 layers, 32 heads, 8 KV heads) with TinyLlama's MLP width
-BIG = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 16, "num_attention_heads": 32,
-       "num_key_value_heads": 8, "max_position_embeddings": 4096}
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 1024}
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "trl", "datasets",
-            "pydantic", "safetensors", "tokenizers")
+BIG = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 4096,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "bitsandbytes",
+    "trl",
+    "datasets",
+    "pydantic",
+    "safetensors",
+    "tokenizers",
+)
 
 
 def tiny_bpe(out_dir: str):
@@ -41,11 +66,13 @@ def tiny_bpe(out_dir: str):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tk.train_from_iterator([" ".join(WORDS) + " repeat reverse context user assistant: ."] * 50, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     tok.chat_template = CHATML
     tok.save_pretrained(out_dir)
     return tok
@@ -66,8 +93,15 @@ def versions() -> dict[str, str]:
 def gpu_name() -> str:
     try:
         q = "name,driver_version,memory.total"
-        return subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip() or "no GPU"
+        return (
+            subprocess.run(
+                ["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+            or "no GPU"
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "no GPU (nvidia-smi absent)"
 
@@ -108,8 +142,14 @@ def build_assets(out: str, smoke: bool, tokenizer_dir: str | None) -> dict:
         tok = tiny_bpe(model_dir)
         tok_name = f"tiny byte-level BPE (vocab {len(tok)})"
     shape = TINY if smoke else BIG
-    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **shape)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **shape,
+    )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     with torch.device("cuda" if on_gpu else "cpu"):
@@ -125,17 +165,38 @@ def build_assets(out: str, smoke: bool, tokenizer_dir: str | None) -> dict:
     cfg_d = cfg.to_dict()
     peak = matmul_peak_flops(8192 if on_gpu else 1024, 20 if on_gpu else 5)
     return {
-        "model_dir": model_dir, "data": os.path.join(out, "data.jsonl"), "rows": os.path.join(out, "rows.json"),
-        "n_rows": len(rows), "params": n_params, "matmul_params": llama_matmul_params(cfg_d),
-        "config": {k: cfg_d[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "num_key_value_heads", "vocab_size")},
-        "description": ((f"randomly initialised Llama, {n_params / 1e9:.3f} B params " if n_params > 1e8 else
-                         f"randomly initialised Llama, {n_params / 1e3:.0f} k params ") +
-                        f"(hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
-                        f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV, MLP "
-                        f"{shape['intermediate_size']}), {tok_name}, saved in {str(dtype).replace('torch.', '')}"),
-        "peak_flops": peak, "peak_kind": "bf16 8192^3" if on_gpu else "fp32 1024^3 (CPU)",
-        "gpu": gpu_name(), "cpus": os.cpu_count(), "versions": versions(),
+        "model_dir": model_dir,
+        "data": os.path.join(out, "data.jsonl"),
+        "rows": os.path.join(out, "rows.json"),
+        "n_rows": len(rows),
+        "params": n_params,
+        "matmul_params": llama_matmul_params(cfg_d),
+        "config": {
+            k: cfg_d[k]
+            for k in (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+            )
+        },
+        "description": (
+            (
+                f"randomly initialised Llama, {n_params / 1e9:.3f} B params "
+                if n_params > 1e8
+                else f"randomly initialised Llama, {n_params / 1e3:.0f} k params "
+            )
+            + f"(hidden {shape['hidden_size']}, {shape['num_hidden_layers']} layers, "
+            f"{shape['num_attention_heads']} heads / {shape['num_key_value_heads']} KV, MLP "
+            f"{shape['intermediate_size']}), {tok_name}, saved in {str(dtype).replace('torch.', '')}"
+        ),
+        "peak_flops": peak,
+        "peak_kind": "bf16 8192^3" if on_gpu else "fp32 1024^3 (CPU)",
+        "gpu": gpu_name(),
+        "cpus": os.cpu_count(),
+        "versions": versions(),
         "seconds": round(time.monotonic() - t0, 1),
     }
 

@@ -44,16 +44,27 @@ def main() -> None:
     kw: dict = {"dtype": dtype}
     if a.method == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,
+        )
     if on_gpu:
         kw["device_map"] = {"": 0}
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, **kw)
     with open(a.rows) as f:
         rows = json.load(f)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows
+        ]
+    )
     counted = {"tokens": 0}
 
     def count(_m, args, kwargs):
@@ -71,27 +82,52 @@ def main() -> None:
             marks.append((time.perf_counter(), counted["tokens"]))
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = SFTConfig(output_dir=os.path.join(tmp, "trl"), per_device_train_batch_size=a.batch,
-                        gradient_accumulation_steps=a.accum, max_steps=a.warmup + a.steps, learning_rate=a.lr,
-                        max_length=a.max_len, gradient_checkpointing=False, bf16=on_gpu, fp16=False,
-                        use_cpu=not on_gpu, report_to=[], save_strategy="no", logging_steps=1,
-                        lr_scheduler_type="constant", dataloader_num_workers=0, seed=42)
-        peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
-                              task_type="CAUSAL_LM")
-        trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
-                             callbacks=[Clock()])
+        cfg = SFTConfig(
+            output_dir=os.path.join(tmp, "trl"),
+            per_device_train_batch_size=a.batch,
+            gradient_accumulation_steps=a.accum,
+            max_steps=a.warmup + a.steps,
+            learning_rate=a.lr,
+            max_length=a.max_len,
+            gradient_checkpointing=False,
+            bf16=on_gpu,
+            fp16=False,
+            use_cpu=not on_gpu,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            lr_scheduler_type="constant",
+            dataloader_num_workers=0,
+            seed=42,
+        )
+        peft_cfg = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=peft_cfg,
+            callbacks=[Clock()],
+        )
         if on_gpu:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     (t0, k0), (t1, k1) = marks[a.warmup - 1], marks[-1]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    timed = marks[a.warmup - 1:]
+    timed = marks[a.warmup - 1 :]
     per_step = [(kb - ka) / (tb - ta) for (ta, ka), (tb, kb) in itertools.pairwise(timed) if tb > ta]
-    res = {"tokens": k1 - k0, "seconds": round(t1 - t0, 3), "timed_steps": len(marks) - a.warmup,
-           "tokens_per_second": round((k1 - k0) / (t1 - t0), 1), "losses": losses,
-           "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None,
-           "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-           "samples_per_step": a.batch * a.accum}
+    res = {
+        "tokens": k1 - k0,
+        "seconds": round(t1 - t0, 3),
+        "timed_steps": len(marks) - a.warmup,
+        "tokens_per_second": round((k1 - k0) / (t1 - t0), 1),
+        "losses": losses,
+        "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None,
+        "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+        "samples_per_step": a.batch * a.accum,
+    }
     print("RESULT " + json.dumps(res), flush=True)
 
 

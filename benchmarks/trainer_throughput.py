@@ -30,9 +30,11 @@ MODEL = "smollm2-135m-instruct"
 MAX_LEN, BATCH, LR, R = 512, 8, 2e-4, 16
 # Our micro-batch: 1 packed row x 8 accumulation steps (or 2 x 4) = the same 8 sequences per optimizer step;
 # a packed row of 512 tokens holds ~4 of TRL's unpacked samples.
-_TEXT = ("the a of to and in is it that for on with as was at by an be this from or are have not but "
-         "model data train token loss step batch learning rate memory speed pack sample answer question "
-         "value result number list order item first second last name city river mountain color")
+_TEXT = (
+    "the a of to and in is it that for on with as was at by an be this from or are have not but "
+    "model data train token loss step batch learning rate memory speed pack sample answer question "
+    "value result number list order item first second last name city river mountain color"
+)
 WORDS = _TEXT.split()
 
 
@@ -63,20 +65,45 @@ def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str, policy: str, micr
     data = os.path.join(tmp, "data.jsonl")
     with open(data, "w") as f:
         for r in rows:
-            f.write(json.dumps({"messages": [{"role": "user", "content": r["prompt"]},
-                                             {"role": "assistant", "content": r["completion"]}]}) + "\n")
-    cfg = parse_config({
-        "run": {"namespace": "bench", "name": "ours", "outputRoot": os.path.join(tmp, "out")},
-        "model": {"uri": MODEL},
-        "dataset": {"train": [data], "format": "messages", "maxSeqLength": MAX_LEN, "packing": True,
-                    "evalSplit": 0.01},
-        "method": {"type": "lora", "lora": {"r": R, "alpha": 32, "dropout": 0.05}},
-        "training": {"maxSteps": steps, "learningRate": LR, "globalBatchSize": BATCH, "microBatchSize": micro,
-                     "gradientCheckpointing": gc, "checkpointingPolicy": policy, "checkpointSteps": 10_000,
-                     "warmupRatio": 0.0},
-        "output": {"uri": os.path.join(tmp, "out")}, "eval": {"enabled": False}, "merge": {"enabled": False},
-        "runtime": {"metricsPort": 0, "workDir": os.path.join(tmp, "work")},
-    })
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": r["prompt"]},
+                            {"role": "assistant", "content": r["completion"]},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    cfg = parse_config(
+        {
+            "run": {"namespace": "bench", "name": "ours", "outputRoot": os.path.join(tmp, "out")},
+            "model": {"uri": MODEL},
+            "dataset": {
+                "train": [data],
+                "format": "messages",
+                "maxSeqLength": MAX_LEN,
+                "packing": True,
+                "evalSplit": 0.01,
+            },
+            "method": {"type": "lora", "lora": {"r": R, "alpha": 32, "dropout": 0.05}},
+            "training": {
+                "maxSteps": steps,
+                "learningRate": LR,
+                "globalBatchSize": BATCH,
+                "microBatchSize": micro,
+                "gradientCheckpointing": gc,
+                "checkpointingPolicy": policy,
+                "checkpointSteps": 10_000,
+                "warmupRatio": 0.0,
+            },
+            "output": {"uri": os.path.join(tmp, "out")},
+            "eval": {"enabled": False},
+            "merge": {"enabled": False},
+            "runtime": {"metricsPort": 0, "workDir": os.path.join(tmp, "work")},
+        }
+    )
     # capture our own JSON step lines
     import io
     from contextlib import redirect_stdout
@@ -101,8 +128,15 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
     path = resolve(MODEL)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                             "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
+    ds = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": r["completion"]}],
+            }
+            for r in rows
+        ]
+    )
     counted = {"tokens": 0}
 
     def count(_m, args, kwargs):  # real tokens entering the model (padding excluded)
@@ -117,20 +151,39 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
         def on_step_end(self, args, state, control, **kw):
             marks.append((time.perf_counter(), counted["tokens"]))
 
-    cfg = SFTConfig(output_dir=os.path.join(tmp, "trl"), per_device_train_batch_size=BATCH, max_steps=steps,
-                    learning_rate=LR,
-                    # TRL refuses max_length with padding_free alone; no sample here exceeds MAX_LEN anyway
-                    max_length=None if mode == "trl_padding_free" else MAX_LEN, packing=mode == "trl_packing",
-                    padding_free=mode == "trl_padding_free", gradient_checkpointing=gc, use_cpu=True,
-                    report_to=[], save_strategy="no", logging_steps=1, lr_scheduler_type="constant",
-                    dataloader_num_workers=0, seed=42,
-                    # SFTConfig defaults to bf16=True: CPU autocast to bf16, which on CPUs without AVX512-BF16
-                    # runs PyTorch's scalar fallback GEMM (~10x slower). Both sides compute in fp32 here.
-                    bf16=False, fp16=False)
-    peft_cfg = LoraConfig(r=R, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                          task_type="CAUSAL_LM")
-    trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_cfg,
-                         callbacks=[Clock()])
+    cfg = SFTConfig(
+        output_dir=os.path.join(tmp, "trl"),
+        per_device_train_batch_size=BATCH,
+        max_steps=steps,
+        learning_rate=LR,
+        # TRL refuses max_length with padding_free alone; no sample here exceeds MAX_LEN anyway
+        max_length=None if mode == "trl_padding_free" else MAX_LEN,
+        packing=mode == "trl_packing",
+        padding_free=mode == "trl_padding_free",
+        gradient_checkpointing=gc,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        lr_scheduler_type="constant",
+        dataloader_num_workers=0,
+        seed=42,
+        # SFTConfig defaults to bf16=True: CPU autocast to bf16, which on CPUs without AVX512-BF16
+        # runs PyTorch's scalar fallback GEMM (~10x slower). Both sides compute in fp32 here.
+        bf16=False,
+        fp16=False,
+    )
+    peft_cfg = LoraConfig(
+        r=R, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_cfg,
+        callbacks=[Clock()],
+    )
     trainer.train()
     (t0, k0), (t1, k1) = marks[0], marks[-1]
     return {"tokens": k1 - k0, "seconds": t1 - t0}
@@ -172,15 +225,19 @@ def main() -> None:
             continue
         results.append(json.loads(line[7:]))
         print(f"done: {results[-1]}", file=sys.stderr, flush=True)
-    print(f"\ngradient checkpointing: {'on' if gc else 'off'}; {a.steps} steps (first untimed); "
-          f"batch {BATCH} x <= {MAX_LEN} tokens; LoRA r{R}; SmolLM2-135M fp32 on CPU ({os.cpu_count()} cores)")
+    print(
+        f"\ngradient checkpointing: {'on' if gc else 'off'}; {a.steps} steps (first untimed); "
+        f"batch {BATCH} x <= {MAX_LEN} tokens; LoRA r{R}; SmolLM2-135M fp32 on CPU ({os.cpu_count()} cores)"
+    )
     print(f"{'mode':<18} {'real tok/s':>11} {'peak RSS GB':>12} {'ours / mode':>12} {'ours RSS <= mode':>17}")
     ours = next((r for r in results if r["mode"] == "ours"), None)
     for r in results:
         ratio = f"{ours['tokens_per_second'] / r['tokens_per_second']:.2f}x" if ours else "-"
         fits = ("yes" if ours["peak_rss_bytes"] <= r["peak_rss_bytes"] else "no") if ours else "-"
-        print(f"{r['mode']:<18} {r['tokens_per_second']:>11.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} {ratio:>12} "
-              f"{fits:>17}")
+        print(
+            f"{r['mode']:<18} {r['tokens_per_second']:>11.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} {ratio:>12} "
+            f"{fits:>17}"
+        )
 
 
 if __name__ == "__main__":

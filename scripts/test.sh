@@ -19,6 +19,7 @@ bash tests/testbed/provision.sh
 
 step "lint and types"
 "$PY" -m ruff check .
+"$PY" -m ruff format --check .
 "$PY" -m mypy
 
 step "pytest"

@@ -21,6 +21,7 @@ from .operator_fixtures import Operator, create_peering
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos, pytest.mark.timeout(3600 if FULL else 900)]
 
+
 def assert_clean(figures: dict[str, Any]) -> None:
     assert figures["duplicate_children"] == {}, figures
     assert figures["stuck"] == {}, figures

@@ -10,6 +10,7 @@ from testbed.procs import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
+
 def test_second_replica_pauses_while_the_first_is_active(
     sftjob_crd: Any, namespace: str, start_operator: Any
 ) -> None:

@@ -62,8 +62,15 @@ def init_distributed(env: DistEnv, on_gpu: bool, collective_timeout_s: int) -> N
     import deepspeed
 
     if "MASTER_ADDR" not in os.environ:  # plain `python -m sftjob_trainer train`: a world of one
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.update(
+            {
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+                "RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_RANK": "0",
+            }
+        )
     deepspeed.init_distributed(
         dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=collective_timeout_s)
     )
@@ -82,8 +89,9 @@ def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
-    groups = [{"params": ps, "weight_decay": wd}
-              for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps]  # ZeRO drops empty groups
+    groups = [
+        {"params": ps, "weight_decay": wd} for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps
+    ]  # ZeRO drops empty groups
     if t.optimizer == "adamw_8bit":
         return bnb.optim.AdamW8bit(groups, lr=t.learning_rate)  # type: ignore[attr-defined]
     return torch.optim.AdamW(groups, lr=t.learning_rate)
@@ -143,20 +151,37 @@ def train(cfg: TrainerConfig) -> int:
     scorer = make_scorer(model, env.rank, env.world_size) if cur and cur.perplexity else None
     examples, eval_examples, report = prepare_examples(cfg, tok, scorer)
     if is0:
-        n_4bit = sum(1 for m in model.modules()  # bitsandbytes' own class, not peft's wrapper of it
-                     if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes"))
-        log_json("model", method=cfg.method.type, linear_4bit_layers=n_4bit,
-                 trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                 gradient_checkpointing=t.gradient_checkpointing)
+        n_4bit = sum(
+            1
+            for m in model.modules()  # bitsandbytes' own class, not peft's wrapper of it
+            if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+        )
+        log_json(
+            "model",
+            method=cfg.method.type,
+            linear_4bit_layers=n_4bit,
+            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            gradient_checkpointing=t.gradient_checkpointing,
+        )
     metrics.record_drops(dict(report.dropped))
     metrics.record_mixture({x.name: x.mixed_rows for x in report.sources})
     lengths = [len(e.input_ids) for e in examples]
-    rows = pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
-    plan = plan_batches(len(rows), t.global_batch_size, t.micro_batch_size, env.world_size, t.epochs,
-                        t.max_steps)
+    rows = (
+        pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
+    )
+    plan = plan_batches(
+        len(rows), t.global_batch_size, t.micro_batch_size, env.world_size, t.epochs, t.max_steps
+    )
     if is0:
-        log_json("data", report=report.as_dict(), train_examples=len(examples), eval_examples=len(eval_examples),
-                 rows=len(rows), packing=cfg.dataset.packing, plan=plan.__dict__)
+        log_json(
+            "data",
+            report=report.as_dict(),
+            train_examples=len(examples),
+            eval_examples=len(eval_examples),
+            rows=len(rows),
+            packing=cfg.dataset.packing,
+            plan=plan.__dict__,
+        )
         store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), Layout.DATA_REPORT)
 
     # DeepSpeed's precision must match the weights' dtype (bf16 on GPU, fp32 on CPU)
@@ -168,18 +193,30 @@ def train(cfg: TrainerConfig) -> int:
     warmup = math.ceil(t.warmup_ratio * plan.total_steps)
 
     def make_sched(opt: Any) -> Any:  # built on DeepSpeed's wrapped optimizer, saved in its checkpoints
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, plan.total_steps, warmup,
-                                                                          t.scheduler))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, plan.total_steps, warmup, t.scheduler)
+        )
 
     ds = cfg.resources.deepspeed
     stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
     if is0:
-        log_json("deepspeed", zero_stage=stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size)
-    ds_cfg = deepspeed_config(micro=plan.micro, accum=plan.accum, world=env.world_size, stage=stage,
-                              offload_optimizer=ds.offload_optimizer, offload_params=ds.offload_params,
-                              bf16=bf16, fp16=False, grad_clip=t.max_grad_norm)
-    engine, _, _, sched = deepspeed.initialize(model=wrapper, optimizer=optimizer, lr_scheduler=make_sched,
-                                               config=ds_cfg)
+        log_json(
+            "deepspeed", zero_stage=stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size
+        )
+    ds_cfg = deepspeed_config(
+        micro=plan.micro,
+        accum=plan.accum,
+        world=env.world_size,
+        stage=stage,
+        offload_optimizer=ds.offload_optimizer,
+        offload_params=ds.offload_params,
+        bf16=bf16,
+        fp16=False,
+        grad_clip=t.max_grad_norm,
+    )
+    engine, _, _, sched = deepspeed.initialize(
+        model=wrapper, optimizer=optimizer, lr_scheduler=make_sched, config=ds_cfg
+    )
 
     start, tokens_seen = 0, 0
     full = cfg.method.type == "full"  # adapters: the frozen base comes from the model source, not checkpoints
@@ -234,19 +271,42 @@ def train(cfg: TrainerConfig) -> int:
             metrics.grad_norm.set(float(gn))
         metrics.sample_memory()
         if is0 and (done % cfg.runtime.log_every_steps == 0 or done == plan.total_steps):
-            log_json("step", step=done, total_steps=plan.total_steps, loss=round(loss, 6), lr=lr,
-                     grad_norm=None if gn is None else float(gn), epoch=round(done / plan.steps_per_epoch, 4),
-                     tokens_per_second=round(tps, 1), tokens=int(tot_real), step_seconds=round(dt, 3),
-                     eta_seconds=round(eta, 1))
-            tracker.metrics({"train_loss": loss, "learning_rate": lr, "tokens_per_second": tps,
-                             "grad_norm": None if gn is None else float(gn),
-                             "epoch": done / plan.steps_per_epoch}, done)
+            log_json(
+                "step",
+                step=done,
+                total_steps=plan.total_steps,
+                loss=round(loss, 6),
+                lr=lr,
+                grad_norm=None if gn is None else float(gn),
+                epoch=round(done / plan.steps_per_epoch, 4),
+                tokens_per_second=round(tps, 1),
+                tokens=int(tot_real),
+                step_seconds=round(dt, 3),
+                eta_seconds=round(eta, 1),
+            )
+            tracker.metrics(
+                {
+                    "train_loss": loss,
+                    "learning_rate": lr,
+                    "tokens_per_second": tps,
+                    "grad_norm": None if gn is None else float(gn),
+                    "epoch": done / plan.steps_per_epoch,
+                },
+                done,
+            )
         preempt = stop_votes > 0
         if (done % t.checkpoint_steps == 0 or preempt) and done < plan.total_steps:
             c0 = time.monotonic()
-            checkpoint.save(engine, store, done, env.rank, staging,
-                            {"step": done, "tokens": tokens_seen, "loss": loss}, cfg.output.keep_checkpoints,
-                            save_frozen=full)
+            checkpoint.save(
+                engine,
+                store,
+                done,
+                env.rank,
+                staging,
+                {"step": done, "tokens": tokens_seen, "loss": loss},
+                cfg.output.keep_checkpoints,
+                save_frozen=full,
+            )
             metrics.ckpt_seconds.observe(time.monotonic() - c0)
             metrics.checkpoint_step.set(done)
             if is0:
@@ -259,8 +319,14 @@ def train(cfg: TrainerConfig) -> int:
     kind = export_weights(engine, model, tok, cfg, env.rank, out_dir)
     if is0:
         store.upload_dir(out_dir, kind)
-        summary = {"steps": plan.total_steps, "final_loss": loss, "tokens": tokens_seen,
-                   "resumed_from": resume, "plan": plan.__dict__, "data": report.as_dict()}
+        summary = {
+            "steps": plan.total_steps,
+            "final_loss": loss,
+            "tokens": tokens_seen,
+            "resumed_from": resume,
+            "plan": plan.__dict__,
+            "data": report.as_dict(),
+        }
         store.put_bytes(json.dumps(summary, indent=1).encode(), Layout.TRAIN_SUMMARY)
         tracker.metrics({"train_final_loss": loss, "train_tokens": tokens_seen}, plan.total_steps)
         tracker.artifact(Layout.DATA_REPORT)

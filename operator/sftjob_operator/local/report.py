@@ -161,7 +161,9 @@ def markdown_report(
 def tracking_line(run: dict[str, Any] | None, tracking_uri: str) -> str:
     """The summary's line about spec.tracking.mlflow: the run id, or that no stage reached the server."""
     if not run or not run.get("mlflowRunId"):
-        return f"MLflow: no run recorded at {tracking_uri} (tracking failed; see the warnings in the stage logs)"
+        return (
+            f"MLflow: no run recorded at {tracking_uri} (tracking failed; see the warnings in the stage logs)"
+        )
     uri = str(run.get("mlflowTrackingUri") or tracking_uri).rstrip("/")
     exp, rid = run.get("mlflowExperimentId"), run["mlflowRunId"]
     return f"MLflow run: {rid} (experiment {exp}; {uri}/#/experiments/{exp}/runs/{rid})"
