@@ -24,6 +24,7 @@ import json
 import os
 import random
 import sys
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEED = 20261125
@@ -302,13 +303,16 @@ def render(rows: list[dict[str, str]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def write_or_check(
+    description: str, files: Callable[[], dict[str, list[dict[str, str]]]], argv: list[str] | None
+) -> int:
+    """The generators' command line: write the files into --out, or with --check say whether they match."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--out", default=HERE, help="output directory (default: next to this script)")
     ap.add_argument("--check", action="store_true", help="verify the files in --out instead of writing")
     args = ap.parse_args(argv)
     bad = 0
-    for name, rows in generate().items():
+    for name, rows in files().items():
         path = os.path.join(args.out, name)
         text = render(rows)
         if args.check:
@@ -324,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(text)
             print(f"wrote {path} ({len(rows)} rows)")
     return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return write_or_check(__doc__.split("\n")[0], generate, argv)
 
 
 if __name__ == "__main__":

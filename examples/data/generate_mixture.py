@@ -18,7 +18,6 @@ contacts-eval.jsonl, verbatim or wrapped in other text. `planted()` says which l
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -26,7 +25,16 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from generate_contacts import CITIES, JOBS, LAST, PETS, TEMPLATES, answer, generate, render  # noqa: E402
+from generate_contacts import (  # noqa: E402
+    CITIES,
+    JOBS,
+    LAST,
+    PETS,
+    TEMPLATES,
+    answer,
+    generate,
+    write_or_check,
+)
 
 SEED = 20261201
 FORMAL = [t for t in TEMPLATES if t.startswith(("Name:", "Customer record", "Age ", "Please update"))]
@@ -110,25 +118,7 @@ def planted() -> dict[str, dict[str, list[int]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=HERE, help="output directory (default: next to this script)")
-    ap.add_argument("--check", action="store_true", help="verify the files in --out instead of writing")
-    args = ap.parse_args(argv)
-    bad = 0
-    for name, rows in build()[0].items():
-        path, text = os.path.join(args.out, name), render(rows)
-        if args.check:
-            ok = False
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    ok = f.read() == text
-            print(f"{path}: {'ok' if ok else 'DIFFERS'}")
-            bad += not ok
-        else:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-            print(f"wrote {path} ({len(rows)} rows)")
-    return 1 if bad else 0
+    return write_or_check(__doc__.split("\n")[0], lambda: build()[0], argv)
 
 
 if __name__ == "__main__":
