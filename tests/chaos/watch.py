@@ -1,6 +1,6 @@
 """Real watches on the test bed, recorded for the chaos checks.
 
-A `Watcher` lists, then watches from the list's resourceVersion, resumes from the last one it saw after any
+A `Watcher` (testbed/watch.py) lists, then watches from the list's resourceVersion, resumes from the last one it saw after any
 error (the apiserver going away included), and lists again when the apiserver answers 410 Gone. Every object
 it sees goes to a `Recorder`, which keeps what the checks need:
 
@@ -18,75 +18,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from kubernetes import client, watch
-from kubernetes.client.exceptions import ApiException
+from kubernetes import client
+from testbed.watch import Obj, Watcher
 
-GROUP, VERSION, PLURAL = "sft.tuning.dev", "v1alpha1", "sftjobs"
-LABEL_JOB_NAME = "sft.tuning.dev/job-name"
-LABEL_STAGE = "sft.tuning.dev/stage"
-
-Obj = dict[str, Any]
-
-
-class Watcher(threading.Thread):
-    """One list+watch loop in a daemon thread; `on_event(type, obj)` gets plain dicts (camelCase keys)."""
-
-    def __init__(
-        self,
-        name: str,
-        api: client.ApiClient,
-        list_fn: Callable[..., Any],
-        on_event: Callable[[str, Obj], None],
-        **kw: Any,
-    ):
-        super().__init__(name=f"watch-{name}", daemon=True)
-        self.api = api
-        self.list_fn = list_fn
-        self.kw = kw
-        self.on_event = on_event
-        self.stopping = threading.Event()
-        self.errors = 0  # watch connections that ended in an error (apiserver gone, ...)
-        self.relists = 0  # full lists (the first one, then one per 410 Gone)
-
-    def stop(self) -> None:
-        self.stopping.set()
-
-    def _plain(self, obj: Any) -> Obj:
-        return obj if isinstance(obj, dict) else self.api.sanitize_for_serialization(obj)
-
-    def run(self) -> None:
-        rv: str | None = None
-        while not self.stopping.is_set():
-            try:
-                if rv is None:
-                    listing = self._plain(self.list_fn(_request_timeout=(5, 30), **self.kw))
-                    for item in listing.get("items") or []:
-                        self.on_event("LISTED", item)
-                    rv = listing["metadata"]["resourceVersion"]
-                    self.relists += 1
-                stream = watch.Watch().stream(
-                    self.list_fn,
-                    resource_version=rv,
-                    timeout_seconds=20,
-                    allow_watch_bookmarks=True,
-                    _request_timeout=(5, 25),  # a watch the apiserver keeps silent (starting) is redialled
-                    **self.kw,
-                )
-                for event in stream:
-                    obj = event["raw_object"]
-                    rv = obj["metadata"]["resourceVersion"]
-                    if event["type"] != "BOOKMARK":
-                        self.on_event(event["type"], obj)
-                    if self.stopping.is_set():
-                        break
-            except ApiException as e:
-                self.errors += 1
-                if e.status == 410:
-                    rv = None  # too old: list again (the checks compare against the last state seen)
-                time.sleep(0.5)
-            except Exception:  # connection refused/reset while the apiserver is down: resume from rv
-                self.errors += 1
-                time.sleep(0.5)
+from sftjob_api import GROUP, PLURAL, VERSION
+from sftjob_operator.render.names import LABEL_JOB_NAME, LABEL_STAGE
 
 
 @dataclass

@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 from conftest import Operator, apply, condition, events, sftjob, status, wait_phase
+from kubernetes import client
 from testbed.procs import wait_until
+from testbed.watch import Watcher
 
+from sftjob_api import GROUP, PLURAL, VERSION
 from sftjob_trainer.metrics import TrainerMetrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -136,39 +139,62 @@ def test_permanent_code_on_any_rank_fails_at_once(
     assert st["restarts"] == 0 and not st.get("recoveries"), st
 
 
+@contextlib.contextmanager
+def stalled_conditions(kube: Any, ns: str) -> Iterator[list[tuple[float, dict[str, Any]]]]:
+    """Every Stalled condition the namespace's SFTJobs carried, with the monotonic time the watch delivered
+    it: the True state lasts only until the restarted group runs (under a second on KWOK), too short to poll."""
+    seen: list[tuple[float, dict[str, Any]]] = []
+
+    def on_event(_kind: str, obj: dict[str, Any]) -> None:
+        cond = condition(obj.get("status") or {}, "Stalled")
+        if cond and (not seen or seen[-1][1] != cond):
+            seen.append((time.monotonic(), cond))
+
+    api = kube.api_client()
+    custom = client.CustomObjectsApi(api)
+    w = Watcher(
+        "sftjobs", api, custom.list_namespaced_custom_object, on_event,
+        group=GROUP, version=VERSION, namespace=ns, plural=PLURAL,
+    )  # fmt: skip
+    w.start()
+    try:
+        yield seen
+    finally:
+        w.stop()
+        w.join(30)
+
+
 def test_stalled_step_counter_sets_stalled_then_restarts_the_group(
     sftjob_crd: Any, namespace: str, operator: Operator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kube, ns = sftjob_crd, namespace
     policy = {"stallFactor": 3, "stallFloorSeconds": 10, "backoffLimit": 2}
-    apply(kube, ns, sftjob("stall", delay="600s", resources=TWO_RANKS, runPolicy=policy, **NO_EVAL_MERGE))
-    wait_phase(kube, ns, "stall", "Training", 60, operator)
-    pods0 = wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
-    uid0 = train_job_uid(kube, ns, "stall")
-    with rank0_exporter(pods0[0], ns, "stall", operator.trainer_metrics_port, monkeypatch) as tm:
-        for step in range(1, 6):  # one step a second...
-            tm.step.set(step)
-            time.sleep(1.0)
-        t0 = (
-            time.monotonic()
-        )  # ...then the counter stops (a hung collective; the exporter thread still answers)
+    with stalled_conditions(kube, ns) as seen:
+        apply(kube, ns, sftjob("stall", delay="600s", resources=TWO_RANKS, runPolicy=policy, **NO_EVAL_MERGE))
+        wait_phase(kube, ns, "stall", "Training", 60, operator)
+        pods0 = wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
+        uid0 = train_job_uid(kube, ns, "stall")
+        with rank0_exporter(pods0[0], ns, "stall", operator.trainer_metrics_port, monkeypatch) as tm:
+            for step in range(1, 6):  # one step a second...
+                tm.step.set(step)
+                time.sleep(1.0)
+            t0 = time.monotonic()  # ...then the counter stops (a hung collective; the exporter still answers)
+            wait_until(
+                lambda: train_job_uid(kube, ns, "stall") not in (None, uid0), 60, "train Job re-created"
+            )
         st = wait_until(
             lambda: (
-                (s := status(kube, ns, "stall")) and condition(s, "Stalled").get("status") == "True" and s
+                (s := status(kube, ns, "stall")) and condition(s, "Stalled").get("status") == "False" and s
             ),
             60,
-            "Stalled=True",
+            "Stalled=False after the restart",
         )
-        stalled_after = time.monotonic() - t0
-    msg = condition(st, "Stalled")["message"]
-    assert msg.startswith("step 5 has not advanced for "), msg
+    states = [c["status"] for _, c in seen]
+    assert states == ["True", "False"], seen
+    stalled_at, stalled = seen[0]
+    stalled_after = stalled_at - t0
+    assert stalled["message"].startswith("step 5 has not advanced for "), stalled
     assert stalled_after >= 9, stalled_after  # the floor (10 s), counted from when step 5 was first seen
-    wait_until(lambda: train_job_uid(kube, ns, "stall") not in (None, uid0), 60, "train Job re-created")
-    st = wait_until(
-        lambda: (s := status(kube, ns, "stall")) and condition(s, "Stalled").get("status") == "False" and s,
-        60,
-        "Stalled=False after the restart",
-    )
     [rec] = st["recoveries"]
     assert rec["cause"].startswith("Stalled: step 5") and rec["counted"] and rec["failedStep"] == 5, rec
     assert st["restarts"] == 1 and st["phase"] == "Training", st
