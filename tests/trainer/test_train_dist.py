@@ -79,6 +79,9 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     ev = json_events(ref.stdout)
     ls = losses(ev)
     assert len(ls) == 12 and sum(ls[-3:]) / 3 < sum(ls[:3]) / 3, ls
+    # built under ZeRO-3 init: before DeepSpeed, rank 0 holds the new adapters and none of the base weights
+    [info] = [e for e in ev if e["event"] == "model"]
+    assert info["zero3_init"] and info["params_held"] == info["trainable_params"] < info["params"], info
     ref_keys = keys(s3, "ref/")
     # keepCheckpoints=2: step-4 and step-8, each with both ranks' ZeRO-3 shards and the marker
     for step in (4, 8):
@@ -142,6 +145,15 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     assert again.returncode == 0, again.stderr[-4000:]
     ev2 = json_events(again.stdout)
     assert [e["step"] for e in ev2 if e["event"] == "resumed"] == [4]
+    # each rank fetched its own ZeRO partition and RNG state, nothing else: together, the whole checkpoint
+    fetched = {e["rank"]: e["files"] for e in ev2 if e["event"] == "checkpoint_fetched"}
+    stored = keys(s3, "crash/checkpoints/step-4/")
+    assert sorted(fetched) == [0, 1], fetched
+    for r in (0, 1):
+        assert len(fetched[r]) == 3 and all(f"rank_{r}_" in f or f"rank{r}." in f for f in fetched[r]), (
+            fetched
+        )
+    assert sorted(fetched[0] + fetched[1]) == sorted(set(stored) - {"COMPLETE"}), (fetched, stored)
     assert [e["step"] for e in ev2 if e["event"] == "step"] == list(range(5, 13))
     assert losses(ev2) == pytest.approx(ls[4:], rel=1e-6)
     a = adapter_tensors(s3, "ref/", tmp_path)

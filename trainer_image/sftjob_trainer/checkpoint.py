@@ -5,7 +5,9 @@ Protocol (every rank takes part):
   2. each rank uploads what it wrote to checkpoints/step-N/ (rank files never collide);
   3. barrier; rank 0 writes checkpoints/step-N/COMPLETE (JSON: step, world size, trainer state); barrier;
   4. rank 0 deletes the oldest complete checkpoints beyond `keep`, and incomplete ones older than N.
-Resume only ever considers steps whose COMPLETE exists, so a crash mid-upload is ignored.
+Resume only ever considers steps whose COMPLETE exists, so a crash mid-upload is ignored. On resume each
+rank fetches only the files it reads (`files_for_rank`): its own ZeRO partition and RNG state, and the files
+no rank owns; with ZeRO-3 that is ~1/world of the checkpoint per rank instead of all of it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +34,37 @@ def to_delete(keys: Iterable[str], keep: int, just_written: int) -> list[int]:
     done, partial = Layout.scan_checkpoints(keys)
     old = [s for s in done if s != just_written][: max(0, len(done) - max(keep, 1))]
     return old + [s for s in partial if s < just_written]
+
+
+# files owned by one data-parallel rank: DeepSpeed's ZeRO partitions (model and optimizer states,
+# `bf16_` prefixed in bf16 mode) and our RNG state; `mp_rank_00` is the model-parallel rank, shared here
+_RANK_OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rng_state_rank(\d+)\.pt$")
+
+
+def files_for_rank(names: Iterable[str], rank: int) -> list[str]:
+    """The files of one checkpoint (names relative to checkpoints/step-N/) that `rank` needs on resume:
+    those it owns and those no rank owns (e.g. mp_rank_00_model_states.pt below ZeRO-3), never the marker
+    (already read) nor another rank's partition (DeepSpeed reads only its own without elastic checkpoints)."""
+    out = []
+    for name in names:
+        m = _RANK_OWNED.match(name)
+        owner = None if m is None else int(m.group(1) or m.group(2))
+        if name != Layout.CHECKPOINT_MARKER and owner in (None, rank):
+            out.append(name)
+    return sorted(out)
+
+
+def fetch(store: Store, keys: Iterable[str], prefix: str, dest: str) -> list[str]:
+    """Download `prefix/<key>` for each key into dest/<key>; returns the keys."""
+    done = []
+    for key in keys:
+        target = os.path.join(dest, *key.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            for block in store.iter_bytes(f"{prefix}/{key}"):
+                f.write(block)
+        done.append(key)
+    return done
 
 
 def read_marker(store: Store, step: int) -> dict[str, Any]:
@@ -85,8 +119,9 @@ def save(
 
 def load(
     engine: Any, store: Store, step: int, rank: int, staging: str, frozen_saved: bool = True
-) -> dict[str, Any]:
-    """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state."""
+) -> tuple[dict[str, Any], list[str]]:
+    """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state and the files
+    this rank fetched."""
     marker = read_marker(store, step)
     if marker["world_size"] != dist.get_world_size():
         raise PermanentError(
@@ -96,7 +131,9 @@ def load(
     tag = f"step-{step}"
     local = os.path.join(staging, f"resume-rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
-    store.download_dir(Layout.checkpoint(step), os.path.join(local, tag))
+    prefix = Layout.checkpoint(step)
+    names = [k[len(prefix) + 1 :] for k in store.list(prefix)]
+    fetched = fetch(store, files_for_rank(names, rank), prefix, os.path.join(local, tag))
     path, _ = engine.load_checkpoint(
         local,
         tag=tag,
@@ -109,4 +146,4 @@ def load(
     rng_file = os.path.join(local, tag, f"rng_state_rank{rank}.pt")
     set_rng_state(torch.load(rng_file, weights_only=False))
     shutil.rmtree(local, ignore_errors=True)
-    return dict(marker["trainer_state"])
+    return dict(marker["trainer_state"]), fetched

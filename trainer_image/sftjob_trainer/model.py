@@ -3,6 +3,9 @@
 Shared by train, eval and merge. Sources: a local directory (PVC) or an `s3://` prefix mirrored into a
 local cache (kept between restarts of the same pod, skipped when sizes match). A directory holding a
 single `.gguf` file is loaded through transformers' GGUF reader (dequantized to full precision).
+
+Under ZeRO-3 (`zero3_init`) the base is built inside `deepspeed.zero.Init`: each parameter is partitioned as
+soon as it is created and rank 0 alone reads the weights file, so the other ranks never hold the whole model.
 """
 
 from __future__ import annotations
@@ -129,6 +132,24 @@ def load_base(path: str, method: MethodSpec, dtype: Any, trust_remote_code: bool
     if method.type == "qlora":
         disable_bnb_cpu_repack(model)
     return model
+
+
+def zero3_init(ds_config: dict[str, Any], method: MethodSpec, curation_needs_model: bool = False) -> Any:
+    """A transformers `HfDeepSpeedConfig` that makes `from_pretrained` build under zero.Init, or None.
+
+    The caller keeps it alive until deepspeed.initialize: transformers and peft read it through a weak
+    reference (peft then gathers partitioned base weights where it must, e.g. DoRA's norms and
+    modules_to_save copies; plain LoRA only needs in/out features). None when:
+    - the stage is not 3;
+    - qlora: transformers never builds a quantized model under zero.Init (meta device, then every rank loads
+      the 4-bit weights; DeepSpeed partitions them at initialize, as without this);
+    - the perplexity curation scores with the base model before DeepSpeed installs its gathering hooks.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3 or method.type == "qlora" or curation_needs_model:
+        return None
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
 
 
 def apply_method(model: Any, method: MethodSpec, training: TrainingSpec) -> Any:

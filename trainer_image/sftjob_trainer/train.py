@@ -33,7 +33,7 @@ from .config import DistEnv
 from .curation.perplexity import make_scorer
 from .loss import SelectiveLossLM, base_causal_lm
 from .metrics import TrainerMetrics, log_json
-from .model import load_for_training, weights_dtype
+from .model import load_for_training, weights_dtype, zero3_init
 from .packing import collate, epoch_order, micro_batches_for, pack_rows, single_rows
 from .pipeline import prepare_examples
 from .schedule import deepspeed_config, lr_factor, plan_batches
@@ -82,13 +82,19 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def numel(p: Any) -> int:
+    """Elements of a parameter, also when ZeRO-3 has partitioned it (then `p` itself is empty)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
     t = cfg.training
     decay: list[Any] = []
     no_decay: list[Any] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # a partitioned parameter is 1-d and empty
+            (no_decay if ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
     groups = [
         {"params": ps, "weight_decay": wd} for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps
     ]  # ZeRO drops empty groups
@@ -146,9 +152,31 @@ def train(cfg: TrainerConfig) -> int:
     is0 = env.rank == 0
     tracker = Tracker(cfg, store, Stage.TRAIN, enabled=is0)  # rank 0 logs; never fails the run
 
-    model, tok = load_for_training(cfg, on_gpu)
+    ds = cfg.resources.deepspeed
+    stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
+    # DeepSpeed's precision must match the weights' dtype (bf16 on GPU, fp32 on CPU)
+    bf16 = weights_dtype(cfg.method, on_gpu) == torch.bfloat16
+
+    def ds_config(micro: int, accum: int) -> dict[str, Any]:
+        return deepspeed_config(
+            micro=micro,
+            accum=accum,
+            world=env.world_size,
+            stage=stage,
+            offload_optimizer=ds.offload_optimizer,
+            offload_params=ds.offload_params,
+            bf16=bf16,
+            fp16=False,
+            grad_clip=t.max_grad_norm,
+        )
+
     cur = cfg.dataset.curation
-    scorer = make_scorer(model, env.rank, env.world_size) if cur and cur.perplexity else None
+    scoring = bool(cur and cur.perplexity)
+    # zero.Init reads only the ZeRO and precision sections; the batch geometry needs the data (below).
+    # Kept alive (a local of this function) through deepspeed.initialize: transformers and peft hold a weakref.
+    zero_init = zero3_init(ds_config(t.micro_batch_size, 1), cfg.method, curation_needs_model=scoring)
+    model, tok = load_for_training(cfg, on_gpu)
+    scorer = make_scorer(model, env.rank, env.world_size) if scoring else None
     examples, eval_examples, report = prepare_examples(cfg, tok, scorer)
     if is0:
         n_4bit = sum(
@@ -160,8 +188,11 @@ def train(cfg: TrainerConfig) -> int:
             "model",
             method=cfg.method.type,
             linear_4bit_layers=n_4bit,
-            trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            trainable_params=sum(numel(p) for p in model.parameters() if p.requires_grad),
+            params=sum(numel(p) for p in model.parameters()),
+            params_held=sum(p.numel() for p in model.parameters()),  # this rank's memory before DeepSpeed
             gradient_checkpointing=t.gradient_checkpointing,
+            zero3_init=zero_init is not None,
         )
     metrics.record_drops(dict(report.dropped))
     metrics.record_mixture({x.name: x.mixed_rows for x in report.sources})
@@ -184,8 +215,6 @@ def train(cfg: TrainerConfig) -> int:
         )
         store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), Layout.DATA_REPORT)
 
-    # DeepSpeed's precision must match the weights' dtype (bf16 on GPU, fp32 on CPU)
-    bf16 = weights_dtype(cfg.method, on_gpu) == torch.bfloat16
     wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
     # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
     wrapper.train()
@@ -197,32 +226,20 @@ def train(cfg: TrainerConfig) -> int:
             opt, lambda s: lr_factor(s, plan.total_steps, warmup, t.scheduler)
         )
 
-    ds = cfg.resources.deepspeed
-    stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
     if is0:
         log_json(
             "deepspeed", zero_stage=stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size
         )
-    ds_cfg = deepspeed_config(
-        micro=plan.micro,
-        accum=plan.accum,
-        world=env.world_size,
-        stage=stage,
-        offload_optimizer=ds.offload_optimizer,
-        offload_params=ds.offload_params,
-        bf16=bf16,
-        fp16=False,
-        grad_clip=t.max_grad_norm,
-    )
     engine, _, _, sched = deepspeed.initialize(
-        model=wrapper, optimizer=optimizer, lr_scheduler=make_sched, config=ds_cfg
+        model=wrapper, optimizer=optimizer, lr_scheduler=make_sched, config=ds_config(plan.micro, plan.accum)
     )
 
     start, tokens_seen = 0, 0
     full = cfg.method.type == "full"  # adapters: the frozen base comes from the model source, not checkpoints
     resume = Layout.newest_checkpoint(store.list(Layout.CHECKPOINTS))
     if resume is not None:
-        state = checkpoint.load(engine, store, resume, env.rank, staging, frozen_saved=full)
+        state, fetched = checkpoint.load(engine, store, resume, env.rank, staging, frozen_saved=full)
+        log_json("checkpoint_fetched", rank=env.rank, step=resume, files=fetched)  # every rank: its own list
         start, tokens_seen = int(state["step"]), int(state.get("tokens", 0))
         metrics.resumed_step.set(start)
         if is0:

@@ -1,0 +1,94 @@
+"""Which checkpoint files each rank fetches on resume (`checkpoint.files_for_rank`), and which DeepSpeed config
+makes the base model be built under ZeRO-3 init (`model.zero3_init`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftjob_api.spec import MethodSpec
+from sftjob_trainer.checkpoint import files_for_rank
+from sftjob_trainer.model import zero3_init
+from sftjob_trainer.schedule import deepspeed_config
+
+# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/step-N/
+ZERO3 = [
+    "COMPLETE",
+    "rng_state_rank0.pt",
+    "rng_state_rank1.pt",
+    "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    "zero_pp_rank_1_mp_rank_00_model_states.pt",
+    "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+]
+
+
+def test_zero3_rank_gets_its_own_partition_and_rng_only():
+    assert files_for_rank(ZERO3, 1) == [
+        "rng_state_rank1.pt",
+        "zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    # every file but the marker is fetched by exactly one rank
+    got = files_for_rank(ZERO3, 0) + files_for_rank(ZERO3, 1)
+    assert sorted(got) == sorted(set(ZERO3) - {"COMPLETE"})
+
+
+def test_shared_files_go_to_every_rank_and_rank_numbers_are_not_prefixes():
+    # ZeRO-1/2 and stage 0: one model-states file (mp_rank is the model-parallel rank) read by all ranks;
+    # bf16 mode prefixes the optimizer partitions; rank 1 must not take rank 10's or 11's files
+    names = [
+        "mp_rank_00_model_states.pt",
+        "latest",
+        *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1, 10, 11)),
+        *(f"rng_state_rank{r}.pt" for r in (0, 1, 10, 11)),
+    ]
+    assert files_for_rank(names, 1) == [
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "latest",
+        "mp_rank_00_model_states.pt",
+        "rng_state_rank1.pt",
+    ]
+    assert "bf16_zero_pp_rank_10_mp_rank_00_optim_states.pt" in files_for_rank(names, 10)
+    assert files_for_rank(names, 2) == ["latest", "mp_rank_00_model_states.pt"]
+
+
+def ds(stage: int) -> dict:
+    return deepspeed_config(
+        micro=1,
+        accum=1,
+        world=2,
+        stage=stage,
+        offload_optimizer="none",
+        offload_params="none",
+        bf16=False,
+        fp16=False,
+        grad_clip=1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "method", "curation", "expected"),
+    [
+        (3, "lora", False, True),
+        (3, "full", False, True),
+        (
+            3,
+            "qlora",
+            False,
+            False,
+        ),  # transformers builds quantized models on the meta device, never zero.Init
+        (3, "lora", True, False),  # the perplexity scorer runs the base before DeepSpeed's gathering hooks
+        (2, "lora", False, False),
+        (0, "full", False, False),
+    ],
+)
+def test_zero3_init_only_where_it_applies(stage, method, curation, expected):
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    keep = zero3_init(ds(stage), MethodSpec(type=method), curation_needs_model=curation)
+    try:
+        assert (keep is not None) == expected
+        assert is_deepspeed_zero3_enabled() == expected  # what from_pretrained and peft consult
+    finally:
+        del keep
+    assert not is_deepspeed_zero3_enabled()  # a weak reference: gone with the object
