@@ -127,7 +127,10 @@ def worker(a: argparse.Namespace) -> None:
     engine.backward(out)
     engine.step()
     rec["hwm_step_kib"] = vm_kib("VmHWM")
-    rec["rss_end_kib"] = vm_kib("VmRSS")
+    # now, not peak: private memory vs pages of mapped files (the weights file when transformers maps it lazily,
+    # shared between ranks on one machine through the page cache)
+    rec["anon_end_kib"] = vm_kib("RssAnon")
+    rec["file_end_kib"] = vm_kib("RssFile")
     rec["seconds"] = round(time.monotonic() - t0, 1)
     with open(os.path.join(a.results, f"rank{env.rank}.json"), "w") as f:
         json.dump(rec, f)
@@ -209,7 +212,8 @@ def main() -> None:
         )
         print(
             "GiB per rank: RSS before loading; peak RSS (VmHWM) after build (load_base + apply_method), after"
-            " deepspeed.initialize, after one step. params held: fraction of the parameters this rank materialised"
+            " deepspeed.initialize, after one step; RssAnon / RssFile at the end. params held: fraction of the"
+            " parameters this rank holds after the build"
         )
         head = (
             "world",
@@ -221,6 +225,7 @@ def main() -> None:
             "built",
             "initialized",
             "step",
+            "anon / file now",
             "s (load + init + step)",
         )
         print("| " + " | ".join(head) + " |")
@@ -238,6 +243,7 @@ def main() -> None:
                     gib(r["hwm_built_kib"]),
                     gib(r["hwm_initialized_kib"]),
                     gib(r["hwm_step_kib"]),
+                    f"{gib(r['anon_end_kib'])} / {gib(r['file_end_kib'])}",
                     r["seconds"],
                 )
                 print("| " + " | ".join(str(x) for x in row) + " |", flush=True)
