@@ -185,3 +185,36 @@ def test_qlora_4bit_zero3_two_ranks(s3, tiny_model_dir, data_file, tmp_path):
     assert len(ls) == 6 and ls[-1] < ls[0], ls
     k = keys(s3, "q/")
     assert "checkpoints/step-3/COMPLETE" in k and "adapter/adapter_model.safetensors" in k
+
+
+def test_full_zero3_init_two_ranks_checkpoints_and_exports_the_whole_model(
+    tiny_model_dir, data_file, tmp_path
+):
+    """Full fine-tuning with the base built under ZeRO-3 init: no rank ever held the whole model, yet the
+    checkpoint and the exported model are complete (gathered), trained, and shaped like the base."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    cfg = make_config(
+        tiny_model_dir,
+        data_file,
+        str(out),
+        str(tmp_path / "work"),
+        method="full",
+        max_steps=2,
+        checkpoint_steps=1,
+    )
+    res = run(launch_cmd(write_config(str(tmp_path / "full.json"), cfg), 2, free_port()), trainer_env())
+    assert res.returncode == 0, res.stderr[-4000:]
+    ev = json_events(res.stdout)
+    [info] = [e for e in ev if e["event"] == "model"]
+    assert info["zero3_init"] and info["params_held"] == 0 and info["trainable_params"] == info["params"] > 0
+    assert len(losses(ev)) == 2
+    assert (out / "checkpoints" / "step-1" / "COMPLETE").exists()
+    base = load_file(f"{tiny_model_dir}/model.safetensors")
+    trained = load_file(str(out / "model" / "model.safetensors"))
+    shared = base.keys() & trained.keys()
+    assert len(shared) >= len(base) - 1, (base.keys(), trained.keys())  # a tied lm_head may be saved once
+    assert all(trained[k].shape == base[k].shape for k in shared)
+    assert any(not torch.equal(trained[k], base[k]) for k in shared)  # it trained, and not into empty shards
