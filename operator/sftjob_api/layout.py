@@ -12,6 +12,9 @@ Under the run's root `<output.uri>/<namespace>/<name>/`:
     serving/                 serving.json: what to serve and how (docs/serving.md)   (the final stage)
     tracking/                mlflow.json: the MLflow run of this SFTJob (docs/tracking.md) (first tracked stage)
     manifest.json            every file above with size and sha256; written last, by the final stage
+
+Beside the runs, `<output.uri>/<namespace>/_curated/<key>/` holds curated, tokenized data that every run of the
+namespace with the same inputs reuses (curated_root; sftjob_trainer/curation/cache.py).
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ def final_stage(spec: SFTJobSpec) -> Stage:
 def run_root(spec: SFTJobSpec, namespace: str, name: str) -> str:
     """`<output.uri>/<namespace>/<name>/`."""
     return f"{spec.output.uri.rstrip('/')}/{namespace}/{name}/"
+
+
+def curated_root(output_uri: str, namespace: str) -> str:
+    """`<output.uri>/<namespace>/_curated/`: an SFTJob name cannot begin with `_`, so no run lives there."""
+    return f"{output_uri.rstrip('/')}/{namespace}/_curated/"
 
 
 _CHECKPOINT_KEY = re.compile(r"^checkpoints/step-(\d+)/(.+)$")

@@ -105,7 +105,7 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     assert first.returncode == 130, log1[-3000:]
     client = s3.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/")["Contents"]]
-    done = sorted(int(k.split("/")[4][5:]) for k in keys if k.endswith("/COMPLETE"))
+    done = sorted(int(k.split("/")[4][5:]) for k in keys if "/checkpoints/" in k and k.endswith("/COMPLETE"))
     assert done, keys
     assert f"checkpoint step-{done[-1]} saved" in log1
     assert not any(k.endswith("manifest.json") for k in keys)
@@ -116,6 +116,20 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     for phase in ("Pending", "Training", "Evaluating", "Merging", "Succeeded"):
         assert f"phase {phase}" in second.stdout
     assert "exact match" in second.stdout and "eval loss" in second.stdout
+
+    # curated once: the first train stage saved the data in S3, the resumed one and the eval stage read it
+    def events(stage: str, name: str) -> list[dict]:
+        lines = (work / f"{stage}.log").read_text().splitlines()
+        return [e for x in lines if x.startswith("{") and (e := json.loads(x))["event"] == name]
+
+    [cold, warm] = events("train", "data")
+    [ev] = events("eval", "eval_data")
+    assert (cold["curated_reused"], warm["curated_reused"], ev["curated_reused"]) == (False, True, True)
+    assert cold["curated_key"] == warm["curated_key"] == ev["curated_key"]
+    curated = f"runs/local/_curated/{cold['curated_key']}/COMPLETE"
+    assert curated in keys + [
+        o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=curated)["Contents"]
+    ]
 
     root = "runs/local/tiny-run/"
 

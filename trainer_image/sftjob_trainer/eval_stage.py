@@ -210,7 +210,9 @@ def main(cfg: TrainerConfig) -> int:
     work = os.path.join(cfg.runtime.work_dir, "eval")
     shutil.rmtree(work, ignore_errors=True)
     model, tok, as_base = load_models(cfg, store, work)
-    _, examples, _ = prepare_examples(cfg, tok)
+    data = prepare_examples(cfg, tok)
+    examples = data.eval
+    log_json("eval_data", curated_key=data.key, curated_reused=data.reused)
     if not examples:
         raise PermanentError("no held-out examples: set dataset.eval or dataset.evalSplit")
     ev = cfg.eval

@@ -177,7 +177,10 @@ def train(cfg: TrainerConfig) -> int:
     zero_init = zero3_init(ds_config(t.micro_batch_size, 1), cfg.method, curation_needs_model=scoring)
     model, tok = load_for_training(cfg, on_gpu)
     scorer = make_scorer(model, env.rank, env.world_size) if scoring else None
-    examples, eval_examples, report = prepare_examples(cfg, tok, scorer)
+    data = prepare_examples(
+        cfg, tok, scorer, agree=lambda hit: _allreduce([float(hit)])[0] == env.world_size, save=is0
+    )
+    examples, eval_examples, report = data.train, data.eval, data.report
     if is0:
         n_4bit = sum(
             1
@@ -194,8 +197,8 @@ def train(cfg: TrainerConfig) -> int:
             gradient_checkpointing=t.gradient_checkpointing,
             zero3_init=zero_init is not None,
         )
-    metrics.record_drops(dict(report.dropped))
-    metrics.record_mixture({x.name: x.mixed_rows for x in report.sources})
+    metrics.record_drops(dict(report["dropped"]))
+    metrics.record_mixture({name: src["mixed_rows"] for name, src in report["sources"].items()})
     lengths = [len(e.input_ids) for e in examples]
     rows = (
         pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
@@ -206,14 +209,16 @@ def train(cfg: TrainerConfig) -> int:
     if is0:
         log_json(
             "data",
-            report=report.as_dict(),
+            report=report,
+            curated_key=data.key,
+            curated_reused=data.reused,
             train_examples=len(examples),
             eval_examples=len(eval_examples),
             rows=len(rows),
             packing=cfg.dataset.packing,
             plan=plan.__dict__,
         )
-        store.put_bytes(json.dumps(report.as_dict(), indent=1).encode(), Layout.DATA_REPORT)
+        store.put_bytes(json.dumps(report, indent=1).encode(), Layout.DATA_REPORT)
 
     wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
     # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
@@ -342,7 +347,7 @@ def train(cfg: TrainerConfig) -> int:
             "tokens": tokens_seen,
             "resumed_from": resume,
             "plan": plan.__dict__,
-            "data": report.as_dict(),
+            "data": report,
         }
         store.put_bytes(json.dumps(summary, indent=1).encode(), Layout.TRAIN_SUMMARY)
         tracker.metrics({"train_final_loss": loss, "train_tokens": tokens_seen}, plan.total_steps)

@@ -1,0 +1,110 @@
+"""Curated data computed once (sftjob_trainer/curation/cache.py, pipeline.prepare_examples): the key follows
+every input, an entry round-trips exactly, a half-written or corrupt entry is never used, and a second
+preparation of the same inputs reads the entry instead of curating. Real files, the real (tiny) tokenizer."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from sftjob_api.layout import curated_root
+from sftjob_api.storage import open_store
+from sftjob_trainer.config import parse_config
+from sftjob_trainer.curation import cache
+from sftjob_trainer.pipeline import prepare_examples
+
+from .tiny import dataset_rows, write_jsonl
+
+pytestmark = pytest.mark.trainer
+
+
+def config(tmp_path: Any, model_dir: str, name: str = "a", **dataset: Any) -> Any:
+    out = str(tmp_path / "out")
+    data = {"train": [str(tmp_path / "train.jsonl")], "format": "alpaca", "maxSeqLength": 256, **dataset}
+    return parse_config(
+        {
+            "run": {"namespace": "ns", "name": name, "outputRoot": f"{out}/ns/{name}"},
+            "model": {"uri": model_dir},
+            "dataset": data,
+            "method": {"type": "lora"},
+            "output": {"uri": out},
+            "runtime": {"metricsPort": 0, "workDir": str(tmp_path / "work")},
+        }
+    )
+
+
+@pytest.fixture
+def data_file(tmp_path: Any) -> str:
+    return write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(60, seed=3))
+
+
+def key(cfg: Any, tok: Any, seed: int | None = None) -> str | None:
+    return cache.key_for(cfg.dataset, tok, seed or cfg.training.seed, None, cfg.output)
+
+
+def test_key_follows_the_data_the_spec_the_seed_and_the_tokenizer(
+    tmp_path, data_file, tiny_model_dir, tiny_tokenizer
+):
+    cfg = config(tmp_path, tiny_model_dir)
+    k = key(cfg, tiny_tokenizer)
+    assert k is not None and k == key(
+        config(tmp_path, tiny_model_dir, name="b"), tiny_tokenizer
+    )  # run name: no
+    assert key(config(tmp_path, tiny_model_dir, maxSeqLength=128), tiny_tokenizer) != k
+    assert key(cfg, tiny_tokenizer, seed=cfg.training.seed + 1) != k
+    other = cache.curation_key(
+        cfg.dataset, {data_file: "sha256 0"}, cache.tokenizer_fingerprint(tiny_tokenizer), 42, None
+    )
+    assert other != cache.curation_key(
+        cfg.dataset, {data_file: "sha256 1"}, cache.tokenizer_fingerprint(tiny_tokenizer), 42, None
+    )
+    assert cache.curation_key(cfg.dataset, {}, "tok-a", 42, None) != cache.curation_key(
+        cfg.dataset, {}, "tok-b", 42, None
+    )
+    with open(data_file, "a") as f:  # one more row: new content, new key
+        f.write('{"instruction": "x", "output": "y"}\n')
+    assert key(cfg, tiny_tokenizer) != k
+    os.remove(data_file)  # unreadable input: no key (curation itself names the missing file)
+    assert key(cfg, tiny_tokenizer) is None
+
+
+def test_second_preparation_reads_what_the_first_saved(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
+    cfg = config(tmp_path, tiny_model_dir)
+    first = prepare_examples(cfg, tiny_tokenizer, save=True)
+    assert not first.reused and first.key and first.train and first.eval
+    root = curated_root(cfg.output.uri, "ns")
+    assert sorted(open_store(root).list(first.key)) == [
+        f"{first.key}/{n}" for n in ("COMPLETE", "examples.npz", "report.json")
+    ]
+    again = prepare_examples(config(tmp_path, tiny_model_dir, name="rerun"), tiny_tokenizer)
+    assert again.reused and again.key == first.key
+    assert (again.train, again.eval, again.report) == (first.train, first.eval, first.report)
+    # a rank that did not find the entry makes every rank curate (they may score perplexity together)
+    assert not prepare_examples(cfg, tiny_tokenizer, agree=lambda hit: False).reused
+
+
+def test_incomplete_or_corrupt_entry_is_curated_again(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
+    cfg = config(tmp_path, tiny_model_dir)
+    first = prepare_examples(cfg, tiny_tokenizer, save=True)
+    store = open_store(curated_root(cfg.output.uri, "ns"))
+    store.delete(f"{first.key}/{cache.COMPLETE}")  # an upload cut before its marker
+    assert cache.load(store, first.key) is None
+    assert not prepare_examples(cfg, tiny_tokenizer).reused  # eval stage: does not save
+    assert cache.load(store, first.key) is None
+    prepare_examples(cfg, tiny_tokenizer, save=True)
+    store.put_bytes(b"not an npz", f"{first.key}/{cache.EXAMPLES}")
+    second = prepare_examples(cfg, tiny_tokenizer, save=True)
+    assert not second.reused and second.train == first.train
+    assert prepare_examples(cfg, tiny_tokenizer).reused  # the rewrite repaired it
+
+
+def test_examples_round_trip_exactly(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
+    cfg = config(tmp_path, tiny_model_dir, evalSplit=0.2)
+    p = prepare_examples(cfg, tiny_tokenizer)
+    store = open_store(str(tmp_path / "c"))
+    cache.save(store, "k", cache.Curated(p.train, p.eval, p.report))
+    got = cache.load(store, "k")
+    assert got is not None and (got.train, got.eval, got.report) == (p.train, p.eval, p.report)
+    assert any(x == -100 for e in got.train for x in e.labels)  # masked prompt tokens survive

@@ -1,0 +1,164 @@
+"""Curated data, computed once: the tokenized train and held-out examples and the data report, stored under a
+key derived from everything that determines them, and reused by every later stage, restart and rerun.
+
+Where: `<output.uri>/<namespace>/_curated/<key>/` (sftjob_api.layout.curated_root; `_` cannot begin an
+SFTJob name, so it never collides with a run), shared by the runs of one namespace, never across namespaces.
+What: `examples.npz` (token ids and labels, concatenated, with offsets; loaded without pickle),
+`report.json` (DataReport.as_dict()), then `COMPLETE`, written last: a half-written entry is never read.
+
+The key hashes: the dataset spec, every input file's content (sha256 of a local file; size and ETag of an
+S3 object), the tokenizer (its serialized form and chat template), the training seed (split and mixture),
+the base model reference when the perplexity filter scores with it, the versions of transformers and
+tokenizers, and the source of the code that curates. Anything that cannot be fingerprinted (a missing file,
+an unreachable bucket) means no key: the run curates as if there were no cache, and reports its own error.
+A cache entry that fails to load is ignored the same way; it is safe to delete `_curated/` at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from sftjob_api.spec import DatasetSpec, OutputSpec
+from sftjob_api.storage import S3Location, Store, s3_client
+
+from ..data import Example
+
+log = logging.getLogger(__name__)
+
+EXAMPLES, REPORT, COMPLETE = "examples.npz", "report.json", "COMPLETE"
+_PKG = Path(__file__).resolve().parent.parent
+# The code whose output is cached: a change to any of these files is a new key.
+_CODE = sorted(
+    [_PKG / "data.py", _PKG / "formatting.py", _PKG / "records.py", *(_PKG / "curation").glob("*.py")]
+)
+
+
+@dataclass(frozen=True)
+class Curated:
+    train: list[Example]
+    eval: list[Example]
+    report: dict[str, Any]  # DataReport.as_dict()
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def input_fingerprint(uri: str, output: OutputSpec | None) -> str:
+    """What identifies one input file's content (raises if it cannot be read)."""
+    if uri.startswith("s3://"):
+        loc = S3Location.parse(uri)
+        head = s3_client(output).head_object(Bucket=loc.bucket, Key=loc.key)
+        return f"s3 {head['ContentLength']} {head['ETag']}"
+    return f"sha256 {_sha256_file(uri)}"
+
+
+def tokenizer_fingerprint(tok: Any) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    extra = [type(tok).__name__, getattr(tok, "chat_template", None), str(tok.special_tokens_map)]
+    return hashlib.sha256((body + json.dumps(extra, sort_keys=True, default=str)).encode()).hexdigest()
+
+
+def curation_key(
+    ds: DatasetSpec, inputs: dict[str, str], tokenizer: str, seed: int, model: str | None
+) -> str:
+    """The cache key (pure): `inputs` maps each input URI to its fingerprint; `model` (the base model's
+    reference) only when the perplexity filter scores with it."""
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+    for part in (
+        ds.model_dump_json(by_alias=True),
+        json.dumps(sorted(inputs.items())),
+        tokenizer,
+        str(seed),
+        model or "",
+        f"transformers {transformers.__version__} tokenizers {tokenizers.__version__}",
+        *(f"{p.name} {hashlib.sha256(p.read_bytes()).hexdigest()}" for p in _CODE),
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+def input_uris(ds: DatasetSpec) -> list[str]:
+    return [*(f for s in ds.resolved_sources() for f in s.files), *(ds.eval or [])]
+
+
+def key_for(ds: DatasetSpec, tok: Any, seed: int, model: str | None, output: OutputSpec | None) -> str | None:
+    """The key of this curation, or None when an input cannot be fingerprinted (then curate reports it)."""
+    try:
+        inputs = {uri: input_fingerprint(uri, output) for uri in input_uris(ds)}
+    except Exception as e:  # missing file, no access: the curation itself names the source, file and line
+        log.info("curated data cache off: %s", e)
+        return None
+    return curation_key(ds, inputs, tokenizer_fingerprint(tok), seed, model)
+
+
+def _pack(examples: list[Example]) -> dict[str, np.ndarray]:
+    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
+    flat = [x for e in examples for x in e.input_ids]
+    labels = [x for e in examples for x in e.labels]
+    return {
+        "lengths": lengths,
+        "ids": np.array(flat, dtype=np.int32),
+        "labels": np.array(labels, dtype=np.int32),
+    }
+
+
+def _unpack(z: Any, part: str) -> list[Example]:
+    ids, labels = z[f"{part}_ids"].tolist(), z[f"{part}_labels"].tolist()
+    out, at = [], 0
+    for n in z[f"{part}_lengths"].tolist():
+        out.append(Example(ids[at : at + n], labels[at : at + n]))
+        at += n
+    return out
+
+
+def encode(c: Curated) -> bytes:
+    arrays = {
+        f"{part}_{k}": v
+        for part, exs in (("train", c.train), ("eval", c.eval))
+        for k, v in _pack(exs).items()
+    }
+    buf = io.BytesIO()
+    np.savez(buf, **cast(dict[str, Any], arrays))  # (numpy's stubs take the keywords for its flags)
+    return buf.getvalue()
+
+
+def load(store: Store, key: str) -> Curated | None:
+    """The cached entry, or None (absent, incomplete, or unreadable: then it is recomputed)."""
+    try:
+        if not store.exists(f"{key}/{COMPLETE}"):
+            return None
+        with np.load(io.BytesIO(store.get_bytes(f"{key}/{EXAMPLES}")), allow_pickle=False) as z:
+            train, eval_ = _unpack(z, "train"), _unpack(z, "eval")
+        return Curated(train, eval_, dict(json.loads(store.get_bytes(f"{key}/{REPORT}"))))
+    except Exception as e:
+        log.warning("curated data %s unreadable, curating again: %s", key, e)
+        return None
+
+
+def save(store: Store, key: str, c: Curated) -> None:
+    """Write an entry, COMPLETE last. A failure is logged, never fatal: the run has its data already."""
+    try:
+        store.put_bytes(encode(c), f"{key}/{EXAMPLES}")
+        store.put_bytes(json.dumps(c.report, indent=1).encode(), f"{key}/{REPORT}")
+        store.put_bytes(json.dumps({"key": key, "content_hash": c.report.get("content_hash")}).encode(),
+                        f"{key}/{COMPLETE}")  # fmt: skip
+    except Exception as e:
+        log.warning("curated data %s not saved: %s", key, e)
