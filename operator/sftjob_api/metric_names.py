@@ -1,6 +1,6 @@
 """Names of the trainer's Prometheus metrics: the trainer exports them, the operator's progress reader, the
 Grafana dashboards and the alert rules read them. Labels: namespace, sftjob, rank (plus `reason` on the drop
-counter, `source` on the source gauge).
+counter, `source` on the source gauge, `content_hash` and `reused` on the training set gauge).
 A Counter named `X` is exposed as `X_total`; a Histogram as `X_sum`, `X_count`, `X_bucket`.
 """
 
@@ -20,6 +20,8 @@ GPU_MEMORY_BYTES = "sft_gpu_memory_bytes"
 CHECKPOINT_SAVE_SECONDS = "sft_checkpoint_save_duration_seconds"  # Histogram
 DATA_ROWS_DROPPED = "sft_data_rows_dropped"  # Counter: sft_data_rows_dropped_total
 DATA_SOURCE_ROWS = "sft_data_source_rows"  # Gauge, label `source`: samples each source gave the mixture
+# Gauge, labels `content_hash` and `reused` ("true"/"false"): the curated training set's size and identity
+DATA_TRAIN_EXAMPLES = "sft_data_train_examples"
 # The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
 TRAIN_CHECKPOINT_STEP = "sft_train_checkpoint_step"
 TRAIN_RESUMED_FROM_STEP = "sft_train_resumed_from_step"

@@ -101,6 +101,21 @@ class Progress(ApiModel):
     """When progress was last read."""
 
 
+class DataSummary(ApiModel):
+    """The training data as curated (docs/data.md): the full report is train/data_report.json."""
+
+    train_examples: int | None = None
+    """Training samples after curation and mixing."""
+    content_hash: str | None = None
+    """sha256 of the curated token ids and labels: equal hashes, equal training data."""
+    reused: bool | None = None
+    """Whether the curated data was read from the namespace's cache (<output.uri>/<namespace>/_curated/)."""
+    dropped: dict[str, int] = Field(default_factory=dict)
+    """Rows dropped, by reason (duplicate, near_duplicate, contaminated, too_long, ...)."""
+    mixture: dict[str, int] = Field(default_factory=dict)
+    """Training samples each source gave the mixture."""
+
+
 class EvalResults(EvalMetrics):
     """Results of the evaluation stage."""
 
@@ -207,6 +222,8 @@ class SFTJobStatus(ApiModel):
     """When the run reached Succeeded or Failed."""
     progress: Progress | None = None
     """Training progress."""
+    data: DataSummary | None = None
+    """The curated training data (read from the rank-0 trainer's metrics with the progress)."""
     eval_results: EvalResults | None = None
     """Evaluation stage results."""
     artifacts: Artifacts | None = None

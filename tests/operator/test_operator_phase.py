@@ -21,7 +21,13 @@ from sftjob_operator.render.observe import (
     observe_pod,
     parse_eval_results,
 )
-from sftjob_operator.render.progress import checkpoint_step, format_duration, parse_progress, progress_changed
+from sftjob_operator.render.progress import (
+    checkpoint_step,
+    format_duration,
+    parse_data,
+    parse_progress,
+    progress_changed,
+)
 from sftjob_operator.render.status import build_status, parse_status, status_patch
 from sftjob_operator.render.stuck import JobEvent, Stuck, detect_stuck, stuck_failure_message
 
@@ -416,6 +422,32 @@ def test_parse_progress() -> None:
     assert progress_changed(None, p)
     assert not progress_changed(p, p.model_copy(update={"last_update": NOW + timedelta(seconds=5)}))
     assert progress_changed(p, p.model_copy(update={"step": 121}))
+
+
+DATA_REPORT = {  # the parts of DataReport.as_dict() the trainer exports
+    "dropped": {"duplicate": 3, "contaminated": 2},
+    "sources": {"general": {"mixed_rows": 300}, "domain": {"mixed_rows": 100}},
+    "content_hash": "sha256:0f1e",
+    "train_examples": 400,
+}
+
+
+def test_parse_data_from_the_trainers_own_exporter() -> None:
+    from prometheus_client import generate_latest
+
+    from sftjob_trainer.metrics import TrainerMetrics
+
+    tm = TrainerMetrics("ns", "run", 0, None)
+    assert parse_data(generate_latest(tm.registry).decode()) is None  # not curated yet
+    tm.record_data(DATA_REPORT, reused=True)
+    d = parse_data(generate_latest(tm.registry).decode())
+    assert d is not None and d.model_dump(mode="json") == {
+        "trainExamples": 400,
+        "contentHash": "sha256:0f1e",
+        "reused": True,
+        "dropped": {"duplicate": 3, "contaminated": 2},
+        "mixture": {"general": 300, "domain": 100},
+    }
 
 
 def test_progress_is_complete_once_the_train_job_succeeded() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from conftest import Operator, apply, condition, sftjob, status, wait_phase
+from test_operator_phase import DATA_REPORT
 from testbed.procs import wait_until
 
 from sftjob_trainer.metrics import TrainerMetrics
@@ -59,6 +60,13 @@ def test_progress_from_rank0_metrics(
         assert p["step"] == 120 and p["totalSteps"] == 480 and p["percent"] == 25.0
         assert p["loss"] == 1.25 and p["tokensPerSecond"] == 2413.4 and p["eta"] == "1h12m"
         assert p["epoch"] == 0.25 and p["lastUpdate"]
+        assert status(kube, namespace, "prog").get("data") is None  # the trainer has not curated yet
+        tm.record_data(DATA_REPORT, reused=False)
+        data = wait_until(lambda: status(kube, namespace, "prog").get("data"), 30, "status.data")
+        assert data == {
+            "trainExamples": 400, "contentHash": "sha256:0f1e", "reused": False,
+            "dropped": {"duplicate": 3, "contaminated": 2}, "mixture": {"general": 300, "domain": 100},
+        }  # fmt: skip
         assert latest_checkpoint() is None  # no checkpoint saved yet
         tm.checkpoint_step.set(200)  # what train.py does after a successful checkpoint save
         tm.step.set(240)

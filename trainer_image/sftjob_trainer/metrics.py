@@ -1,7 +1,7 @@
 """Prometheus metrics per rank and JSON log lines on rank 0.
 
 The names are `sftjob_api.metric_names` (the operator's progress reader, the dashboards and the alert rules
-read them); labels are namespace/sftjob/rank only (plus `reason` on the drop counter).
+read them); labels are namespace/sftjob/rank (plus those metric_names lists for the data metrics).
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ class TrainerMetrics:
             [*names, "source"],
             registry=r,
         )
+        self.train_examples = Gauge(
+            m.DATA_TRAIN_EXAMPLES,
+            "Training samples after curation and mixing (labels: their content hash, read from the cache)",
+            [*names, "content_hash", "reused"],
+            registry=r,
+        )
         self.resumed_step = g(m.TRAIN_RESUMED_FROM_STEP, "Checkpoint step this run resumed from (0: none)")
         self.checkpoint_step = g(
             m.TRAIN_CHECKPOINT_STEP, "Step of the newest checkpoint this run saved (0: none)"
@@ -76,13 +82,15 @@ class TrainerMetrics:
             )
             self.port = self.server.server_port
 
-    def record_drops(self, dropped: dict[str, int]) -> None:
-        for reason, n in dropped.items():
+    def record_data(self, report: dict[str, Any], reused: bool) -> None:
+        """The curated data (DataReport.as_dict()): drops by reason, samples per source, the set's size."""
+        for reason, n in report["dropped"].items():
             self.dropped.labels(**self.labels, reason=reason).inc(n)
-
-    def record_mixture(self, rows: dict[str, int]) -> None:
-        for source, n in rows.items():
-            self.source_rows.labels(**self.labels, source=source).set(n)
+        for source, src in report["sources"].items():
+            self.source_rows.labels(**self.labels, source=source).set(src["mixed_rows"])
+        self.train_examples.labels(
+            **self.labels, content_hash=report["content_hash"], reused=str(reused).lower()
+        ).set(report["train_examples"])
 
     def sample_memory(self) -> None:
         try:

@@ -197,8 +197,7 @@ def train(cfg: TrainerConfig) -> int:
             gradient_checkpointing=t.gradient_checkpointing,
             zero3_init=zero_init is not None,
         )
-    metrics.record_drops(dict(report["dropped"]))
-    metrics.record_mixture({name: src["mixed_rows"] for name, src in report["sources"].items()})
+    metrics.record_data(report, data.reused)
     lengths = [len(e.input_ids) for e in examples]
     rows = (
         pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))

@@ -14,7 +14,7 @@ from sftjob_api.layout import checkpoint_uri
 
 from .. import metrics
 from ..render.observe import PodObs
-from ..render.progress import checkpoint_step, parse_progress, progress_changed
+from ..render.progress import checkpoint_step, parse_data, parse_progress, progress_changed
 from ..render.recovery import with_downtime
 from ..settings import Settings
 from .kube import Kube
@@ -71,6 +71,9 @@ def read_progress(
         metrics.RECOVERY_SECONDS.observe(after_restart.recoveries[-1].downtime_seconds or 0.0)
     if progress_changed(status.progress, progress):
         update["progress"] = progress
+    data = parse_data(text)
+    if data is not None and data != status.data:
+        update["data"] = data
     saved = checkpoint_step(text)
     if saved is not None and status.artifacts is not None:
         latest = checkpoint_uri(spec, meta["namespace"], meta["name"], saved)

@@ -8,7 +8,7 @@ from datetime import datetime
 from prometheus_client.parser import text_string_to_metric_families
 
 from sftjob_api import metric_names as m
-from sftjob_api.status import Progress
+from sftjob_api.status import DataSummary, Progress
 
 # The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
 CHECKPOINT = (m.TRAIN_CHECKPOINT_STEP, m.TRAIN_RESUMED_FROM_STEP)
@@ -24,6 +24,22 @@ def _samples(text: str) -> dict[str, float]:
             # Several label sets (ranks): keep the first seen; the endpoint is rank 0's anyway.
             out.setdefault(sample.name, value)
     return out
+
+
+def parse_data(text: str) -> DataSummary | None:
+    """status.data from metrics text; None before the trainer has curated its data."""
+    out = DataSummary()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels, value = sample.labels, int(sample.value)
+            if sample.name == m.DATA_TRAIN_EXAMPLES and out.train_examples is None:
+                out.train_examples, out.content_hash = value, labels.get("content_hash")
+                out.reused = labels.get("reused") == "true"
+            elif sample.name == f"{m.DATA_ROWS_DROPPED}_total" and "reason" in labels:
+                out.dropped.setdefault(labels["reason"], value)
+            elif sample.name == m.DATA_SOURCE_ROWS and "source" in labels:
+                out.mixture.setdefault(labels["source"], value)
+    return out if out.train_examples is not None else None
 
 
 def format_duration(seconds: float) -> str:
