@@ -10,9 +10,9 @@ import random
 import pytest
 
 from sftjob_api import Layout
+from sftjob_api.dataset import DatasetSpec
 from sftjob_api.exit_codes import PermanentError
 from sftjob_api.manifest import build_manifest
-from sftjob_api.spec import DatasetSpec
 from sftjob_api.storage import open_store
 from sftjob_operator.local.report import data_lines
 from sftjob_trainer.curation import curate

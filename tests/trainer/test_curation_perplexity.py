@@ -8,7 +8,7 @@ import string
 
 import pytest
 
-from sftjob_api.spec import DatasetSpec
+from sftjob_api.dataset import DatasetSpec
 from sftjob_trainer.curation import curate
 from sftjob_trainer.curation.perplexity import make_scorer
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from sftjob_api.dataset import DatasetSpec, FieldMapping, FilterSpec
 from sftjob_api.exit_codes import PermanentError
-from sftjob_api.spec import DatasetSpec, FieldMapping, FilterSpec
 from sftjob_trainer.data import IGNORE, build_examples, load_dataset, split, truncate
 from sftjob_trainer.formatting import format_row
 from sftjob_trainer.records import DropReport, iter_rows

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sftjob_api.dataset import DatasetSpec
 from sftjob_api.exit_codes import PermanentError
-from sftjob_api.spec import DatasetSpec
 from sftjob_trainer.data import load_dataset
 from sftjob_trainer.records import DropReport, iter_jsonl
 

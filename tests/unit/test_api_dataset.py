@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sftjob_api import SpecError, parse_spec
-from sftjob_api.spec import DatasetSpec
+from sftjob_api.dataset import DatasetSpec
 
 
 def _spec(dataset):

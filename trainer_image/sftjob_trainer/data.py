@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sftjob_api.dataset import DatasetSpec, FieldMapping
 from sftjob_api.exit_codes import PermanentError
-from sftjob_api.spec import DatasetSpec, FieldMapping, OutputSpec
+from sftjob_api.spec import OutputSpec
 
 from .formatting import Formatted, RowError, format_row
 from .records import DropReport, Row, iter_rows

@@ -26,7 +26,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from sftjob_api.spec import DatasetSpec, OutputSpec
+from sftjob_api.dataset import DatasetSpec
+from sftjob_api.spec import OutputSpec
 from sftjob_api.storage import S3Location, Store, s3_client
 
 from ..data import Example

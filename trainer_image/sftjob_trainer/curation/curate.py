@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from sftjob_api.dataset import DatasetSpec
 from sftjob_api.exit_codes import PermanentError
-from sftjob_api.spec import DatasetSpec, OutputSpec
+from sftjob_api.spec import OutputSpec
 
 from ..data import IGNORE, Example, build_examples, split
 from ..records import DropReport, Row, iter_rows

@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftjob_api.dataset import CurationSpec
 from sftjob_api.exit_codes import PermanentError
-from sftjob_api.spec import CurationSpec
 
 from ..data import Example
 from ..records import DropReport

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sftjob_api.spec import FieldMapping
+from sftjob_api.dataset import FieldMapping
 
 from ..formatting import CONTENT, ROLE
 
