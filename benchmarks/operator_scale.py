@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,8 @@ def from_audit(path: Path, ns: str, n: int, run: dict[str, Any]) -> dict[str, An
         "writes": audit.per_lifecycle(audit.by_write_fields(life), n),
         "deletion": audit.per_lifecycle(audit.by_write_fields(deletion), n),
         "errors": sum(r.code >= 400 for r in ops),
+        # which requests were refused, and with what: [((code, verb, resource), count)], most frequent first
+        "errors_by": Counter((r.code, r.verb, r.resource) for r in ops if r.code >= 400).most_common(),
     }
 
 
@@ -316,6 +319,9 @@ def report(results: list[dict[str, Any]], header: str) -> str:
             f"SFTJobs applied {a['applied']}, train Jobs created {a['train_jobs']}; "
             f"phases at the end {r['operator']['phases']}",
         ]
+        if a["errors_by"]:
+            lines += ["", "| responses ≥ 400: code | verb | resource | total |", "|---:|---|---|---:|"]
+            lines += [f"| {code} | {verb} | {res} | {c} |" for (code, verb, res), c in a["errors_by"]]
     return "\n".join(lines)
 
 
