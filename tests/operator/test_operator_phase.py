@@ -70,6 +70,9 @@ def test_retry_keeps_training_phase() -> None:
     # pods done, Job not yet Complete: still Training, not a restart
     d = decide(phase="Training", train=job(active=0, succeeded=1))
     assert (d.phase, d.reason) == ("Training", "Finishing")
+    # a train Job just re-created by a group restart: no pods yet, none finished
+    d = decide(phase="Training", train=job(active=0))
+    assert (d.phase, d.reason) == ("Training", "Restarting")
 
 
 def test_full_happy_path() -> None:

@@ -147,8 +147,9 @@ def next_phase(obs: Observed) -> Decision:
                 Reason.RESTARTING,
                 f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
             )
-        if obs.phase == TRAINING and train.active > 0:
-            # A re-created group (or a replaced pod) whose pods do not run yet.
+        if obs.phase == TRAINING and (train.active > 0 or train.succeeded == 0):
+            # A re-created group (or a replaced pod) whose pods do not run yet; a Job just re-created after a
+            # group restart has no pods at all yet (none finished: not Finishing).
             return Decision(
                 TRAINING, Reason.RESTARTING, f"waiting for {train.completions} trainer pod(s) to start"
             )
