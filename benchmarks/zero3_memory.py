@@ -103,9 +103,8 @@ def worker(a: argparse.Namespace) -> None:
         grad_clip=1.0,
     )
     rec: dict[str, Any] = {"rank": env.rank, "world": env.world_size, "stage": stage}
-    rec["rss_before_kib"] = vm_kib(
-        "VmRSS"
-    )  # the imports (torch, transformers, deepspeed) and the process group
+    # the imports (torch, transformers, deepspeed) and the process group
+    rec["rss_before_kib"] = vm_kib("VmRSS")
     t0 = time.monotonic()
     keep = zero3_init(ds_cfg, cfg.method) if a.zero_init == "on" else None  # alive until initialize
     rec["zero3_init"] = keep is not None
