@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +92,11 @@ def download_file(loc: S3Location, dest: str, client: Any = None) -> None:
     os.replace(dest + ".part", dest)
 
 
-def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> Keys:
-    """Mirror every object under a prefix into dest_dir; files already there with the same size are kept."""
+def download_prefix(
+    loc: S3Location, dest_dir: str, client: Any = None, keep: Callable[[str], bool] | None = None
+) -> Keys:
+    """Mirror every object under a prefix (or those whose relative path `keep` accepts) into dest_dir; files
+    already there with the same size are kept."""
     client = client or s3_client()
     got = []
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
@@ -102,7 +105,7 @@ def download_prefix(loc: S3Location, dest_dir: str, client: Any = None) -> Keys:
         for page in pages:
             for obj in page.get("Contents", []):
                 rel = obj["Key"][len(prefix) :]
-                if not rel or rel.endswith("/"):
+                if not rel or rel.endswith("/") or (keep is not None and not keep(rel)):
                     continue
                 dest = os.path.join(dest_dir, rel)
                 if not (os.path.exists(dest) and os.path.getsize(dest) == obj["Size"]):
@@ -139,8 +142,9 @@ class Store(abc.ABC):
     def list(self, prefix: str) -> Keys: ...
 
     @abc.abstractmethod
-    def download_dir(self, prefix: str, dest: str) -> Keys:
-        """Mirror prefix/ into dest; returns the paths relative to prefix."""
+    def download_dir(self, prefix: str, dest: str, keep: Callable[[str], bool] | None = None) -> Keys:
+        """Mirror prefix/ (only the paths relative to it that `keep` accepts, when given) into dest; returns
+        the paths relative to prefix."""
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -209,10 +213,12 @@ class LocalStore(Store):
                     out.append(rel.replace(os.sep, "/"))
         return sorted(out)
 
-    def download_dir(self, prefix: str, dest: str) -> Keys:
+    def download_dir(self, prefix: str, dest: str, keep: Callable[[str], bool] | None = None) -> Keys:
         rels = []
         for k in self.list(prefix):
             rel = k[len(prefix.rstrip("/")) + 1 :]
+            if keep is not None and not keep(rel):
+                continue
             target = os.path.join(dest, rel)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(self._p(k), target)
@@ -286,8 +292,8 @@ class S3Store(Store):
             raise _wrap(e, f"list s3://{self.loc.bucket}/{full}") from e
         return sorted(out)
 
-    def download_dir(self, prefix: str, dest: str) -> Keys:
-        return download_prefix(self.loc.join(prefix), dest, self.client)
+    def download_dir(self, prefix: str, dest: str, keep: Callable[[str], bool] | None = None) -> Keys:
+        return download_prefix(self.loc.join(prefix), dest, self.client, keep)
 
     def delete(self, key: str) -> None:
         try:

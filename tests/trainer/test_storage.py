@@ -28,6 +28,10 @@ def exercise(store: Store, tmp_path) -> None:
     got = store.download_dir("checkpoints/step-3", str(tmp_path / "dl"))
     assert "COMPLETE" in got and "sub/b.bin" in got
     assert (tmp_path / "dl" / "sub" / "b.bin").read_bytes() == b"B"
+    only = store.download_dir(
+        "checkpoints/step-3", str(tmp_path / "only"), keep=lambda rel: rel.startswith("sub/")
+    )
+    assert only == ["sub/b.bin"] and not (tmp_path / "only" / "a.bin").exists()
     assert store.get_bytes("checkpoints/step-3/a.bin") == b"A" * 10
     store.delete_prefix("checkpoints/step-7")
     assert all("step-7" not in k for k in store.list("checkpoints"))

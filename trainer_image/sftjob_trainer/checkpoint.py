@@ -6,7 +6,7 @@ Protocol (every rank takes part):
   3. barrier; rank 0 writes checkpoints/step-N/COMPLETE (JSON: step, world size, trainer state); barrier;
   4. rank 0 deletes the oldest complete checkpoints beyond `keep`, and incomplete ones older than N.
 Resume only ever considers steps whose COMPLETE exists, so a crash mid-upload is ignored. On resume each
-rank fetches only the files it reads (`files_for_rank`): its own ZeRO partition and RNG state, and the files
+rank fetches only the files it reads (`needed_by`): its own ZeRO partition and RNG state, and the files
 no rank owns; with ZeRO-3 that is ~1/world of the checkpoint per rank instead of all of it.
 """
 
@@ -41,30 +41,18 @@ def to_delete(keys: Iterable[str], keep: int, just_written: int) -> list[int]:
 _RANK_OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rng_state_rank(\d+)\.pt$")
 
 
+def needed_by(name: str, rank: int) -> bool:
+    """Whether `rank` reads this checkpoint file (a name relative to checkpoints/step-N/) on resume: those it
+    owns and those no rank owns (e.g. mp_rank_00_model_states.pt below ZeRO-3), never the marker (already
+    read) nor another rank's partition (DeepSpeed reads only its own without elastic checkpoints)."""
+    m = _RANK_OWNED.match(name)
+    owner = None if m is None else int(m.group(1) or m.group(2))
+    return name != Layout.CHECKPOINT_MARKER and owner in (None, rank)
+
+
 def files_for_rank(names: Iterable[str], rank: int) -> list[str]:
-    """The files of one checkpoint (names relative to checkpoints/step-N/) that `rank` needs on resume:
-    those it owns and those no rank owns (e.g. mp_rank_00_model_states.pt below ZeRO-3), never the marker
-    (already read) nor another rank's partition (DeepSpeed reads only its own without elastic checkpoints)."""
-    out = []
-    for name in names:
-        m = _RANK_OWNED.match(name)
-        owner = None if m is None else int(m.group(1) or m.group(2))
-        if name != Layout.CHECKPOINT_MARKER and owner in (None, rank):
-            out.append(name)
-    return sorted(out)
-
-
-def fetch(store: Store, keys: Iterable[str], prefix: str, dest: str) -> list[str]:
-    """Download `prefix/<key>` for each key into dest/<key>; returns the keys."""
-    done = []
-    for key in keys:
-        target = os.path.join(dest, *key.split("/"))
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target, "wb") as f:
-            for block in store.iter_bytes(f"{prefix}/{key}"):
-                f.write(block)
-        done.append(key)
-    return done
+    """The files of one checkpoint listing that `rank` needs on resume (`needed_by`)."""
+    return sorted(n for n in names if needed_by(n, rank))
 
 
 def read_marker(store: Store, step: int) -> dict[str, Any]:
@@ -131,9 +119,12 @@ def load(
     tag = f"step-{step}"
     local = os.path.join(staging, f"resume-rank{rank}")
     shutil.rmtree(local, ignore_errors=True)
-    prefix = Layout.checkpoint(step)
-    names = [k[len(prefix) + 1 :] for k in store.list(prefix)]
-    fetched = fetch(store, files_for_rank(names, rank), prefix, os.path.join(local, tag))
+    # the store's own transfer (S3: parallel ranged GETs), restricted to this rank's files
+    fetched = sorted(
+        store.download_dir(
+            Layout.checkpoint(step), os.path.join(local, tag), keep=lambda n: needed_by(n, rank)
+        )
+    )
     path, _ = engine.load_checkpoint(
         local,
         tag=tag,
