@@ -16,10 +16,12 @@ A cache entry that fails to load is ignored the same way; it is safe to delete `
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -49,21 +51,14 @@ class Curated:
     report: dict[str, Any]  # DataReport.as_dict()
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def input_fingerprint(uri: str, output: OutputSpec | None) -> str:
-    """What identifies one input file's content (raises if it cannot be read)."""
+def input_fingerprint(uri: str, s3: Callable[[], Any]) -> str:
+    """What identifies one input file's content (raises if it cannot be read); `s3()` gives the S3 client."""
     if uri.startswith("s3://"):
         loc = S3Location.parse(uri)
-        head = s3_client(output).head_object(Bucket=loc.bucket, Key=loc.key)
+        head = s3().head_object(Bucket=loc.bucket, Key=loc.key)
         return f"s3 {head['ContentLength']} {head['ETag']}"
-    return f"sha256 {_sha256_file(uri)}"
+    with open(uri, "rb") as f:
+        return f"sha256 {hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 def tokenizer_fingerprint(tok: Any) -> str:
@@ -103,7 +98,8 @@ def input_uris(ds: DatasetSpec) -> list[str]:
 def key_for(ds: DatasetSpec, tok: Any, seed: int, model: str | None, output: OutputSpec | None) -> str | None:
     """The key of this curation, or None when an input cannot be fingerprinted (then curate reports it)."""
     try:
-        inputs = {uri: input_fingerprint(uri, output) for uri in input_uris(ds)}
+        s3 = functools.cache(lambda: s3_client(output))  # one client for all the inputs
+        inputs = {uri: input_fingerprint(uri, s3) for uri in input_uris(ds)}
     except Exception as e:  # missing file, no access: the curation itself names the source, file and line
         log.info("curated data cache off: %s", e)
         return None
