@@ -6,7 +6,7 @@ stages a spec runs and the artifact layout, the trainer's metric names, eval res
 and the manifest. Both packages depend on this one; neither imports the other.
 """
 
-from .layout import Layout, Stage, final_stage, merge_enabled, stages
+from .layout import Layout, Stage, curate_enabled, final_stage, merge_enabled, stages
 from .resource import (
     API_VERSION,
     GROUP,
@@ -37,6 +37,7 @@ __all__ = [
     "SFTJobStatus",
     "SpecError",
     "Stage",
+    "curate_enabled",
     "final_stage",
     "merge_enabled",
     "parse_sftjob",

@@ -29,6 +29,7 @@ from .status import Artifacts, ServingHandoff
 
 
 class Stage(StrEnum):
+    CURATE = "curate"
     TRAIN = "train"
     EVAL = "eval"
     MERGE = "merge"
@@ -39,10 +40,18 @@ def merge_enabled(spec: SFTJobSpec) -> bool:
     return spec.merge.enabled and spec.method.type != "full"
 
 
+def curate_enabled(spec: SFTJobSpec) -> bool:
+    """A curate stage (its own Job, no GPU unless the perplexity filter scores) runs before training when
+    spec.dataset.curation is set: near-duplicate search, decontamination and scoring happen once, before any
+    training GPU is held, and the training ranks read only their own shards of the result."""
+    return spec.dataset.curation is not None
+
+
 def stages(spec: SFTJobSpec) -> tuple[Stage, ...]:
     """The stages this spec runs, in order. The operator's phase machine, `sftjob run` and the trainer (the
     last stage writes manifest.json) all follow this list."""
-    out = [Stage.TRAIN]
+    out = [Stage.CURATE] if curate_enabled(spec) else []
+    out.append(Stage.TRAIN)
     if spec.eval.enabled:
         out.append(Stage.EVAL)
     if merge_enabled(spec):

@@ -15,6 +15,7 @@ from .tracking import TrackingStatus
 
 class Phase(StrEnum):
     PENDING = "Pending"
+    CURATING = "Curating"
     TRAINING = "Training"
     EVALUATING = "Evaluating"
     MERGING = "Merging"
@@ -38,9 +39,11 @@ class Reason(StrEnum):
     FINISHING = "Finishing"
     SUSPENDING = "Suspending"
     SUSPENDED = "Suspended"
+    CURATE_RUNNING = "CurateRunning"
     EVAL_RUNNING = "EvalRunning"
     MERGE_RUNNING = "MergeRunning"
     SUCCEEDED = "Succeeded"
+    CURATE_FAILED = "CurationFailed"
     TRAINING_FAILED = "TrainingFailed"
     BACKOFF = "BackoffLimitExceeded"
     DEADLINE = "DeadlineExceeded"
@@ -54,7 +57,16 @@ class Reason(StrEnum):
 
 
 ConditionType = Literal[
-    "Created", "Training", "Evaluated", "Merged", "Succeeded", "Failed", "Suspended", "Stuck", "Stalled"
+    "Created",
+    "Curated",
+    "Training",
+    "Evaluated",
+    "Merged",
+    "Succeeded",
+    "Failed",
+    "Suspended",
+    "Stuck",
+    "Stalled",
 ]
 
 # status.recoveries keeps this many entries (newest last).
