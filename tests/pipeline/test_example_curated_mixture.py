@@ -1,6 +1,7 @@
 """examples/sftjob-curated-mixture.yaml: curation removes every planted near-duplicate and eval leak of the
 example's three sources and mixes them 50/30/20 (real SmolLM2 tokenizer); end to end with `sftjob run`, the
-summary and train/data_report.json say so and the manifest records the content hash (slow)."""
+curate stage runs first, training reads only its shard of the result, the summary and train/data_report.json say
+what was removed and the manifest records the content hash (slow)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,16 @@ def test_example_runs_end_to_end_with_sftjob_run(tmp_path):
     assert manifest["data"]["content_hash"] == report["content_hash"]
     assert "decontamination: 9/48 eval rows leaked, 9 training rows removed" in proc.stdout
     assert "near-duplicates (Jaccard >= 0.9): 18 clusters, 18 rows removed" in proc.stdout
+    # the curate stage did the work before training; training read its own shard and curated nothing
+    assert proc.stdout.index("phase Curating") < proc.stdout.index("phase Training")
+
+    def events(stage: str, name: str) -> list[dict]:
+        lines = (tmp_path / "work" / f"{stage}.log").read_text().splitlines()
+        return [e for x in lines if x.startswith("{") and (e := json.loads(x))["event"] == name]
+
+    [curated] = events("curate", "curated")
+    assert curated["content_hash"] == report["content_hash"] and not curated["reused"]
+    assert curated["dropped"] == report["dropped"] and curated["world_size"] == 1
+    assert not events("train", "curating")
+    [fetched] = events("train", "data_fetched")
+    assert fetched["keys"] == [f"{curated['curated_key']}/shards/{curated['shards']}/rank-0.npz"]

@@ -117,19 +117,23 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
         assert f"phase {phase}" in second.stdout
     assert "exact match" in second.stdout and "eval loss" in second.stdout
 
-    # curated once: the first train stage saved the data in S3, the resumed one and the eval stage read it
+    # curated once: the first train stage's rank 0 curated (no curate stage without spec.dataset.curation),
+    # saved the data in S3 and cut this run's shard; the resumed one read that shard only, the eval stage the
+    # held-out part
     def events(stage: str, name: str) -> list[dict]:
         lines = (work / f"{stage}.log").read_text().splitlines()
         return [e for x in lines if x.startswith("{") and (e := json.loads(x))["event"] == name]
 
     [cold, warm] = events("train", "data")
     [ev] = events("eval", "eval_data")
-    assert (cold["curated_reused"], warm["curated_reused"], ev["curated_reused"]) == (False, True, True)
     assert cold["curated_key"] == warm["curated_key"] == ev["curated_key"]
-    curated = f"runs/local/_curated/{cold['curated_key']}/COMPLETE"
-    assert curated in keys + [
-        o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=curated)["Contents"]
-    ]
+    assert len(events("train", "curating")) == 1  # the first attempt only
+    [fetched_cold, fetched_warm] = [e["keys"] for e in events("train", "data_fetched")]
+    shard = f"{cold['curated_key']}/shards/"
+    assert fetched_cold == fetched_warm and len(fetched_cold) == 1 and fetched_cold[0].startswith(shard)
+    curated = f"runs/local/_curated/{cold['curated_key']}/"
+    stored = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=curated)["Contents"]]
+    assert curated + "COMPLETE" in stored and curated + fetched_cold[0] in stored
 
     root = "runs/local/tiny-run/"
 

@@ -67,25 +67,19 @@ def ds(stage: int) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("stage", "method", "curation", "expected"),
+    ("stage", "method", "expected"),
     [
-        (3, "lora", False, True),
-        (3, "full", False, True),
-        (
-            3,
-            "qlora",
-            False,
-            False,
-        ),  # transformers builds quantized models on the meta device, never zero.Init
-        (3, "lora", True, False),  # the perplexity scorer runs the base before DeepSpeed's gathering hooks
-        (2, "lora", False, False),
-        (0, "full", False, False),
+        (3, "lora", True),
+        (3, "full", True),
+        (3, "qlora", False),  # transformers builds quantized models on the meta device, never zero.Init
+        (2, "lora", False),
+        (0, "full", False),
     ],
 )
-def test_zero3_init_only_where_it_applies(stage, method, curation, expected):
+def test_zero3_init_only_where_it_applies(stage, method, expected):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    keep = zero3_init(ds(stage), MethodSpec(type=method), curation_needs_model=curation)
+    keep = zero3_init(ds(stage), MethodSpec(type=method))
     try:
         assert (keep is not None) == expected
         assert is_deepspeed_zero3_enabled() == expected  # what from_pretrained and peft consult

@@ -1,4 +1,4 @@
-"""Curated data computed once (sftjob_trainer/curation/cache.py, pipeline.prepare_examples): the key follows
+"""Curated data computed once (sftjob_trainer/curation/cache.py, pipeline.ensure_curated): the key follows
 every input, an entry round-trips exactly, a half-written or corrupt entry is never used, and a second
 preparation of the same inputs reads the entry instead of curating. Real files, the real (tiny) tokenizer."""
 
@@ -13,7 +13,7 @@ from sftjob_api.layout import curated_root
 from sftjob_api.storage import open_store
 from sftjob_trainer.config import parse_config
 from sftjob_trainer.curation import cache
-from sftjob_trainer.pipeline import prepare_examples
+from sftjob_trainer.pipeline import ensure_curated, prepare_eval
 
 from .tiny import dataset_rows, write_jsonl
 
@@ -72,39 +72,43 @@ def test_key_follows_the_data_the_spec_the_seed_and_the_tokenizer(
 
 def test_second_preparation_reads_what_the_first_saved(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
     cfg = config(tmp_path, tiny_model_dir)
-    first = prepare_examples(cfg, tiny_tokenizer, save=True)
+    first = ensure_curated(cfg, tiny_tokenizer)
     assert not first.reused and first.key and first.train and first.eval
     root = curated_root(cfg.output.uri, "ns")
     assert sorted(open_store(root).list(first.key)) == [
-        f"{first.key}/{n}" for n in ("COMPLETE", "examples.npz", "report.json")
+        f"{first.key}/{n}" for n in ("COMPLETE", "eval.npz", "report.json", "train.npz")
     ]
-    again = prepare_examples(config(tmp_path, tiny_model_dir, name="rerun"), tiny_tokenizer)
-    assert again.reused and again.key == first.key
+    again = ensure_curated(config(tmp_path, tiny_model_dir, name="rerun"), tiny_tokenizer)
+    assert again.reused and again.key == first.key  # another run: read, not curated
     assert (again.train, again.eval, again.report) == (first.train, first.eval, first.report)
-    # a rank that did not find the entry makes every rank curate (they may score perplexity together)
-    assert not prepare_examples(cfg, tiny_tokenizer, agree=lambda hit: False).reused
+    assert not ensure_curated(cfg, tiny_tokenizer).reused  # the run that curated it reads its own data
+    held_out = prepare_eval(config(tmp_path, tiny_model_dir, name="rerun"), tiny_tokenizer)
+    assert held_out.reused and held_out.eval == first.eval and held_out.train == []  # eval reads eval.npz only
 
 
 def test_incomplete_or_corrupt_entry_is_curated_again(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
     cfg = config(tmp_path, tiny_model_dir)
-    first = prepare_examples(cfg, tiny_tokenizer, save=True)
+    first = ensure_curated(cfg, tiny_tokenizer)
     store = open_store(curated_root(cfg.output.uri, "ns"))
     store.delete(f"{first.key}/{cache.COMPLETE}")  # an upload cut before its marker
     assert cache.load(store, first.key) is None
-    assert not prepare_examples(cfg, tiny_tokenizer).reused  # eval stage: does not save
+    assert prepare_eval(cfg, tiny_tokenizer).eval == first.eval  # curated again, not saved
     assert cache.load(store, first.key) is None
-    prepare_examples(cfg, tiny_tokenizer, save=True)
-    store.put_bytes(b"not an npz", f"{first.key}/{cache.EXAMPLES}")
-    second = prepare_examples(cfg, tiny_tokenizer, save=True)
+    ensure_curated(cfg, tiny_tokenizer)
+    assert cache.load(store, first.key) is not None
+    store.put_bytes(b"not an npz", f"{first.key}/{cache.part_file('train')}")
+    assert cache.load(store, first.key) is None
+    second = ensure_curated(config(tmp_path, tiny_model_dir, name="b"), tiny_tokenizer)
     assert not second.reused and second.train == first.train
-    assert prepare_examples(cfg, tiny_tokenizer).reused  # the rewrite repaired it
+    assert ensure_curated(config(tmp_path, tiny_model_dir, name="c"), tiny_tokenizer).reused  # repaired
 
 
 def test_examples_round_trip_exactly(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
     cfg = config(tmp_path, tiny_model_dir, evalSplit=0.2)
-    p = prepare_examples(cfg, tiny_tokenizer)
+    p = prepare_eval(cfg, tiny_tokenizer)
     store = open_store(str(tmp_path / "c"))
-    cache.save(store, "k", cache.Curated(p.train, p.eval, p.report))
+    assert cache.save(store, "k", cache.Curated(p.train, p.eval, p.report, "ns/a"))
     got = cache.load(store, "k")
-    assert got is not None and (got.train, got.eval, got.report) == (p.train, p.eval, p.report)
+    assert got is not None
+    assert (got.train, got.eval, got.report, got.curated_by) == (p.train, p.eval, p.report, "ns/a")
     assert any(x == -100 for e in got.train for x in e.labels)  # masked prompt tokens survive

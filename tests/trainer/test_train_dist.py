@@ -82,6 +82,13 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     # built under ZeRO-3 init: before DeepSpeed, rank 0 holds the new adapters and none of the base weights
     [info] = [e for e in ev if e["event"] == "model"]
     assert info["zero3_init"] and info["params_held"] == info["trainable_params"] < info["params"], info
+    # data: rank 0 curated and cut one shard per rank (no curate stage without dataset.curation); each rank
+    # read its own shard and nothing else
+    assert len([e for e in ev if e["event"] == "curating"]) == 1
+    shard_reads = {e["rank"]: e["keys"] for e in ev if e["event"] == "data_fetched"}
+    assert sorted(shard_reads) == [0, 1] and all(
+        len(shard_reads[r]) == 1 and shard_reads[r][0].endswith(f"/rank-{r}.npz") for r in (0, 1)
+    ), shard_reads
     ref_keys = keys(s3, "ref/")
     # keepCheckpoints=2: step-4 and step-8, each with both ranks' ZeRO-3 shards and the marker
     for step in (4, 8):
@@ -155,6 +162,9 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
         )
     assert sorted(fetched[0] + fetched[1]) == sorted(set(stored) - {"COMPLETE"}), (fetched, stored)
     assert [e["step"] for e in ev2 if e["event"] == "step"] == list(range(5, 13))
+    # the restarted group found the shards the first attempt wrote: nobody curated again
+    assert not [e for e in ev2 if e["event"] == "curating"]
+    assert sorted(e["rank"] for e in ev2 if e["event"] == "data_fetched") == [0, 1]
     assert losses(ev2) == pytest.approx(ls[4:], rel=1e-6)
     a = adapter_tensors(s3, "ref/", tmp_path)
     b = adapter_tensors(s3, "crash/", tmp_path)

@@ -1,4 +1,4 @@
-"""Entry point: `python -m sftjob_trainer {train,eval,merge} --config PATH` (or $SFTJOB_CONFIG),
+"""Entry point: `python -m sftjob_trainer {curate,train,eval,merge} --config PATH` (or $SFTJOB_CONFIG),
 `python -m sftjob_trainer launch [torchrun args] train --config PATH`, and
 `python -m sftjob_trainer model {list,prepare NAME [--force],resolve URI}` (the model cache; `sftjob model`).
 
@@ -47,7 +47,9 @@ def run_stage(stage: Stage, config_path: str | None) -> int:
         cfg = load_config(config_path)
         term_log = cfg.runtime.termination_log or term_log
         # Imported here: the torch stack loads only in the process that runs a stage (never in `launch`).
-        if stage == Stage.TRAIN:
+        if stage == Stage.CURATE:
+            from .curate_stage import main as entry
+        elif stage == Stage.TRAIN:
             from .train import train as entry
         elif stage == Stage.EVAL:
             from .eval_stage import main as entry

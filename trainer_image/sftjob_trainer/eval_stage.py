@@ -40,7 +40,7 @@ from .loss import SelectiveLossLM
 from .metrics import log_json
 from .model import config_tokenizer, load_base, load_trained, model_dir, weights_dtype
 from .packing import collate
-from .pipeline import prepare_examples
+from .pipeline import prepare_eval
 from .tracking import Tracker, termination_message
 
 
@@ -210,7 +210,7 @@ def main(cfg: TrainerConfig) -> int:
     work = os.path.join(cfg.runtime.work_dir, "eval")
     shutil.rmtree(work, ignore_errors=True)
     model, tok, as_base = load_models(cfg, store, work)
-    data = prepare_examples(cfg, tok)
+    data = prepare_eval(cfg, tok)
     examples = data.eval
     log_json("eval_data", curated_key=data.key, curated_reused=data.reused)
     if not examples:

@@ -134,7 +134,7 @@ def load_base(path: str, method: MethodSpec, dtype: Any, trust_remote_code: bool
     return model
 
 
-def zero3_init(ds_config: dict[str, Any], method: MethodSpec, curation_needs_model: bool = False) -> Any:
+def zero3_init(ds_config: dict[str, Any], method: MethodSpec) -> Any:
     """A transformers `HfDeepSpeedConfig` that makes `from_pretrained` build under zero.Init, or None.
 
     The caller keeps it alive until deepspeed.initialize: transformers and peft read it through a weak
@@ -142,10 +142,9 @@ def zero3_init(ds_config: dict[str, Any], method: MethodSpec, curation_needs_mod
     modules_to_save copies; plain LoRA only needs in/out features). None when:
     - the stage is not 3;
     - qlora: transformers never builds a quantized model under zero.Init (meta device, then every rank loads
-      the 4-bit weights; DeepSpeed partitions them at initialize, as without this);
-    - the perplexity curation scores with the base model before DeepSpeed installs its gathering hooks.
+      the 4-bit weights; DeepSpeed partitions them at initialize, as without this).
     """
-    if ds_config["zero_optimization"]["stage"] != 3 or method.type == "qlora" or curation_needs_model:
+    if ds_config["zero_optimization"]["stage"] != 3 or method.type == "qlora":
         return None
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 

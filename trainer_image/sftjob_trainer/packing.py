@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .data import IGNORE, Example
 
 Row = list[int]  # indices into the example list
+# all examples, or one rank's shard of them by index (shards.py)
+Examples = Sequence[Example] | Mapping[int, Example]
 
 
 def pack_rows(lengths: Sequence[int], max_len: int) -> list[Row]:
@@ -73,7 +75,7 @@ def micro_batches_for(
     return layout[rank * accum : (rank + 1) * accum]
 
 
-def row_arrays(row: Row, examples: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
+def row_arrays(row: Row, examples: Examples) -> tuple[list[int], list[int], list[int]]:
     """input ids, per-sample shifted targets, restarting position ids for one packed row."""
     ids: list[int] = []
     tgt: list[int] = []
@@ -86,7 +88,7 @@ def row_arrays(row: Row, examples: Sequence[Example]) -> tuple[list[int], list[i
     return ids, tgt, pos
 
 
-def collate(rows: list[Row], examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
+def collate(rows: list[Row], examples: Examples, pad_id: int) -> dict[str, Any]:
     """Tensors for one micro-batch. Padding is its own 'sample' (positions restart, targets ignored)."""
     import torch
 

@@ -30,13 +30,13 @@ from sftjob_api.trainer_config import TrainerConfig
 
 from . import checkpoint
 from .config import DistEnv
-from .curation.perplexity import make_scorer
 from .loss import SelectiveLossLM, base_causal_lm
 from .metrics import TrainerMetrics, log_json
 from .model import load_for_training, weights_dtype, zero3_init
-from .packing import collate, epoch_order, micro_batches_for, pack_rows, single_rows
-from .pipeline import prepare_examples
-from .schedule import deepspeed_config, lr_factor, plan_batches
+from .packing import collate, epoch_order, micro_batches_for
+from .pipeline import prepare_train
+from .schedule import deepspeed_config, lr_factor
+from .shards import train_order
 from .speed import effective_zero_stage
 from .tracking import Tracker, termination_message
 
@@ -170,17 +170,13 @@ def train(cfg: TrainerConfig) -> int:
             grad_clip=t.max_grad_norm,
         )
 
-    cur = cfg.dataset.curation
-    scoring = bool(cur and cur.perplexity)
     # zero.Init reads only the ZeRO and precision sections; the batch geometry needs the data (below).
     # Kept alive (a local of this function) through deepspeed.initialize: transformers and peft hold a weakref.
-    zero_init = zero3_init(ds_config(t.micro_batch_size, 1), cfg.method, curation_needs_model=scoring)
+    zero_init = zero3_init(ds_config(t.micro_batch_size, 1), cfg.method)
     model, tok = load_for_training(cfg, on_gpu)
-    scorer = make_scorer(model, env.rank, env.world_size) if scoring else None
-    data = prepare_examples(
-        cfg, tok, scorer, agree=lambda hit: _allreduce([float(hit)])[0] == env.world_size, save=is0
-    )
-    examples, eval_examples, report = data.train, data.eval, data.report
+    data = prepare_train(cfg, tok, env.rank, env.world_size)
+    examples, lengths, report = data.examples, data.lengths, data.report
+    log_json("data_fetched", rank=env.rank, keys=data.fetched, examples=len(examples))  # every rank: its own
     if is0:
         n_4bit = sum(
             1
@@ -198,21 +194,16 @@ def train(cfg: TrainerConfig) -> int:
             zero3_init=zero_init is not None,
         )
     metrics.record_data(report, data.reused)
-    lengths = [len(e.input_ids) for e in examples]
-    rows = (
-        pack_rows(lengths, cfg.dataset.max_seq_length) if cfg.dataset.packing else single_rows(len(lengths))
-    )
-    plan = plan_batches(
-        len(rows), t.global_batch_size, t.micro_batch_size, env.world_size, t.epochs, t.max_steps
-    )
+    order = train_order(lengths, cfg, env.world_size)
+    rows, plan = order.rows, order.plan
     if is0:
         log_json(
             "data",
             report=report,
             curated_key=data.key,
             curated_reused=data.reused,
-            train_examples=len(examples),
-            eval_examples=len(eval_examples),
+            train_examples=len(lengths),
+            eval_examples=report.get("eval_examples"),
             rows=len(rows),
             packing=cfg.dataset.packing,
             plan=plan.__dict__,

@@ -1,7 +1,7 @@
 """`sftjob run SPEC.yaml`: validate with the API models, then run `stages(spec)` on this machine.
 
 Each stage is the trainer image's own entry point run as a child process, exactly as the operator runs it
-in a Job: train under torchrun (`python -m sftjob_trainer launch`, nodes x max(gpusPerNode, 1) local ranks),
+in a Job: curate (when spec.dataset.curation is set), train under torchrun (`python -m sftjob_trainer launch`, nodes x max(gpusPerNode, 1) local ranks),
 then `python -m sftjob_trainer eval` and `... merge` with the same trainer config. The final stage writes
 manifest.json, as in a cluster; `sftjob run` then adds report/ and writes the manifest again (still last).
 Phases and reasons are printed as the operator would set them in status. Ctrl-C sends SIGTERM to the
@@ -39,8 +39,14 @@ from .process import ChildProcess, Progress, child_env, read_steps
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
-PHASE_OF = {Stage.TRAIN: Phase.TRAINING, Stage.EVAL: Phase.EVALUATING, Stage.MERGE: Phase.MERGING}
+PHASE_OF = {
+    Stage.CURATE: Phase.CURATING,
+    Stage.TRAIN: Phase.TRAINING,
+    Stage.EVAL: Phase.EVALUATING,
+    Stage.MERGE: Phase.MERGING,
+}
 FAILED_REASON = {
+    Stage.CURATE: Reason.CURATE_FAILED,
     Stage.TRAIN: Reason.TRAINING_FAILED,
     Stage.EVAL: Reason.EVAL_FAILED,
     Stage.MERGE: Reason.MERGE_FAILED,
@@ -151,6 +157,23 @@ class Run:
         return os.path.join(self.work, "steps.jsonl")
 
 
+def _print_curate_event(r: Run, ev: dict[str, Any]) -> None:
+    if ev.get("event") == "curated":
+        r.echo(
+            f"  {ev.get('train_examples')} training / {ev.get('eval_examples')} held-out examples, dropped "
+            f"{ev.get('dropped') or 'nothing'}, {'reused' if ev.get('reused') else 'curated'} in "
+            f"{ev.get('seconds')}s, shards for {ev.get('world_size')} rank(s)"
+        )
+
+
+def run_curate(r: Run) -> int:
+    r.phase(Phase.CURATING, "reading, curating and tokenizing the sources once")
+    rc, interrupted = r.child(
+        Stage.CURATE, ["curate", "--config", r.cfg_path], lambda ev: _print_curate_event(r, ev)
+    )
+    return EXIT_INTERRUPTED if interrupted else rc
+
+
 def run_train(r: Run) -> int:
     weights = Layout.weights(r.cfg.method.type)
     if r.store.exists(Layout.TRAIN_SUMMARY) and r.store.list(weights):
@@ -215,6 +238,7 @@ def run_merge(r: Run) -> int:
 
 
 RUNNERS: dict[Stage, Callable[[Run], int]] = {
+    Stage.CURATE: run_curate,
     Stage.TRAIN: run_train,
     Stage.EVAL: run_eval,
     Stage.MERGE: run_merge,

@@ -3,8 +3,9 @@ key derived from everything that determines them, and reused by every later stag
 
 Where: `<output.uri>/<namespace>/_curated/<key>/` (sftjob_api.layout.curated_root; `_` cannot begin an
 SFTJob name, so it never collides with a run), shared by the runs of one namespace, never across namespaces.
-What: `examples.npz` (token ids and labels, concatenated, with offsets; loaded without pickle),
-`report.json` (DataReport.as_dict()), then `COMPLETE`, written last: a half-written entry is never read.
+What: `train.npz` and `eval.npz` (token ids and labels, concatenated, with lengths; loaded without pickle),
+`report.json` (DataReport.as_dict()), then `COMPLETE` (key, content hash, which run curated it), written last:
+a half-written entry is never read. `shards/` beside them holds per-rank training shards (shards.py).
 
 The key hashes: the dataset spec, every input file's content (sha256 of a local file; size and ETag of an
 S3 object), the tokenizer (its serialized form and chat template), the training seed (split and mixture),
@@ -36,7 +37,8 @@ from ..data import Example
 
 log = logging.getLogger(__name__)
 
-EXAMPLES, REPORT, COMPLETE = "examples.npz", "report.json", "COMPLETE"
+REPORT, COMPLETE = "report.json", "COMPLETE"
+PARTS = ("train", "eval")
 _PKG = Path(__file__).resolve().parent.parent
 # The code whose output is cached: a change to any of these files is a new key.
 _CODE = sorted(
@@ -49,6 +51,11 @@ class Curated:
     train: list[Example]
     eval: list[Example]
     report: dict[str, Any]  # DataReport.as_dict()
+    curated_by: str = ""  # "<namespace>/<name>" of the run that curated it
+
+
+def part_file(part: str) -> str:
+    return f"{part}.npz"
 
 
 def input_fingerprint(uri: str, s3: Callable[[], Any]) -> str:
@@ -106,56 +113,70 @@ def key_for(ds: DatasetSpec, tok: Any, seed: int, model: str | None, output: Out
     return curation_key(ds, inputs, tokenizer_fingerprint(tok), seed, model)
 
 
-def _pack(examples: list[Example]) -> dict[str, np.ndarray]:
-    lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
-    flat = [x for e in examples for x in e.input_ids]
-    labels = [x for e in examples for x in e.labels]
-    return {
-        "lengths": lengths,
-        "ids": np.array(flat, dtype=np.int32),
-        "labels": np.array(labels, dtype=np.int32),
-    }
-
-
-def _unpack(z: Any, part: str) -> list[Example]:
-    ids, labels = z[f"{part}_ids"].tolist(), z[f"{part}_labels"].tolist()
-    out, at = [], 0
-    for n in z[f"{part}_lengths"].tolist():
-        out.append(Example(ids[at : at + n], labels[at : at + n]))
-        at += n
-    return out
-
-
-def encode(c: Curated) -> bytes:
+def encode(examples: list[Example], **extra: np.ndarray) -> bytes:
+    """Examples as one npz: lengths, then every token id and label concatenated (no pickle needed to read)."""
     arrays = {
-        f"{part}_{k}": v
-        for part, exs in (("train", c.train), ("eval", c.eval))
-        for k, v in _pack(exs).items()
+        "lengths": np.array([len(e.input_ids) for e in examples], dtype=np.int64),
+        "ids": np.array([x for e in examples for x in e.input_ids], dtype=np.int32),
+        "labels": np.array([x for e in examples for x in e.labels], dtype=np.int32),
+        **extra,
     }
     buf = io.BytesIO()
     np.savez(buf, **cast(dict[str, Any], arrays))  # (numpy's stubs take the keywords for its flags)
     return buf.getvalue()
 
 
-def load(store: Store, key: str) -> Curated | None:
-    """The cached entry, or None (absent, incomplete, or unreadable: then it is recomputed)."""
+def decode(data: bytes) -> tuple[list[Example], dict[str, np.ndarray]]:
+    """(examples, the other arrays of the file)."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    ids, labels = arrays.pop("ids").tolist(), arrays.pop("labels").tolist()
+    out, at = [], 0
+    for n in arrays.pop("lengths").tolist():
+        out.append(Example(ids[at : at + n], labels[at : at + n]))
+        at += n
+    return out, arrays
+
+
+def marker(store: Store, key: str) -> dict[str, Any] | None:
+    """The entry's COMPLETE marker, or None while the entry is absent or half-written."""
     try:
         if not store.exists(f"{key}/{COMPLETE}"):
             return None
-        with np.load(io.BytesIO(store.get_bytes(f"{key}/{EXAMPLES}")), allow_pickle=False) as z:
-            train, eval_ = _unpack(z, "train"), _unpack(z, "eval")
-        return Curated(train, eval_, dict(json.loads(store.get_bytes(f"{key}/{REPORT}"))))
+        return dict(json.loads(store.get_bytes(f"{key}/{COMPLETE}")))
     except Exception as e:
         log.warning("curated data %s unreadable, curating again: %s", key, e)
         return None
 
 
-def save(store: Store, key: str, c: Curated) -> None:
-    """Write an entry, COMPLETE last. A failure is logged, never fatal: the run has its data already."""
+def load(store: Store, key: str, parts: tuple[str, ...] = PARTS) -> Curated | None:
+    """The cached entry with the `parts` asked for (the others empty), or None (absent, incomplete, or
+    unreadable: then it is recomputed)."""
+    done = marker(store, key)
+    if done is None:
+        return None
     try:
-        store.put_bytes(encode(c), f"{key}/{EXAMPLES}")
+        got = {p: decode(store.get_bytes(f"{key}/{part_file(p)}"))[0] if p in parts else [] for p in PARTS}
+        report = load_report(store, key)
+    except Exception as e:
+        log.warning("curated data %s unreadable, curating again: %s", key, e)
+        return None
+    return Curated(got["train"], got["eval"], report, str(done.get("curated_by", "")))
+
+
+def load_report(store: Store, key: str) -> dict[str, Any]:
+    return dict(json.loads(store.get_bytes(f"{key}/{REPORT}")))
+
+
+def save(store: Store, key: str, c: Curated) -> bool:
+    """Write an entry, COMPLETE last. A failure is logged and returns False: the run has its data already."""
+    try:
+        store.put_bytes(encode(c.train), f"{key}/{part_file('train')}")
+        store.put_bytes(encode(c.eval), f"{key}/{part_file('eval')}")
         store.put_bytes(json.dumps(c.report, indent=1).encode(), f"{key}/{REPORT}")
-        store.put_bytes(json.dumps({"key": key, "content_hash": c.report.get("content_hash")}).encode(),
-                        f"{key}/{COMPLETE}")  # fmt: skip
+        done = {"key": key, "content_hash": c.report.get("content_hash"), "curated_by": c.curated_by}
+        store.put_bytes(json.dumps(done).encode(), f"{key}/{COMPLETE}")
+        return True
     except Exception as e:
         log.warning("curated data %s not saved: %s", key, e)
+        return False

@@ -1,6 +1,6 @@
 """The perplexity scorer for spec.dataset.curation.perplexity: the base model's perplexity of each example's
-answer tokens (the labelled ones), before any training. Each rank scores every world-th example and the
-scores are all-gathered, so every rank applies the same cut to the same numbers."""
+answer tokens (the labelled ones), before any training, by one process (the curate stage, or rank 0 of the
+train stage when there is none) on a copy of the base model of its own (pipeline.base_model_scorer)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,17 @@ from .curate import Scorer
 BATCH = 8
 
 
-def make_scorer(model: Any, rank: int = 0, world: int = 1, batch: int = BATCH) -> Scorer:
+def make_scorer(model: Any, batch: int = BATCH) -> Scorer:
     import torch
 
     def score(examples: list[Example]) -> list[float]:
-        mine = list(range(rank, len(examples), world))
-        out: dict[int, float] = {}
+        out: list[float] = []
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            for k in range(0, len(mine), batch):
-                idx = mine[k : k + batch]
+            for k in range(0, len(examples), batch):
+                idx = list(range(k, min(k + batch, len(examples))))
                 width = max(len(examples[i].input_ids) for i in idx)
                 ids = torch.zeros((len(idx), width), dtype=torch.long)
                 labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
@@ -42,16 +41,8 @@ def make_scorer(model: Any, rank: int = 0, world: int = 1, batch: int = BATCH) -
                 keep = tgt != IGNORE
                 nll = -logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * keep
                 per_row = nll.sum(1) / keep.sum(1).clamp(min=1)
-                for row, i in enumerate(idx):
-                    out[i] = math.exp(min(float(per_row[row]), 50.0))
+                out += [math.exp(min(float(x), 50.0)) for x in per_row]
         model.train(was_training)
-        if world > 1:
-            import torch.distributed as dist
-
-            parts: list[dict[int, float] | None] = [None] * world
-            dist.all_gather_object(parts, out)
-            for p in parts:
-                out.update(p or {})
-        return [out[i] for i in range(len(examples))]
+        return out
 
     return score
