@@ -121,7 +121,8 @@ class DataSummary(ApiModel):
     content_hash: str | None = None
     """sha256 of the curated token ids and labels: equal hashes, equal training data."""
     reused: bool | None = None
-    """Whether the curated data was read from the namespace's cache (<output.uri>/<namespace>/_curated/)."""
+    """Whether another SFTJob curated this data: read from the namespace's cache (<output.uri>/<namespace>/_curated/)
+    instead of curated for this run."""
     dropped: dict[str, int] = Field(default_factory=dict)
     """Rows dropped, by reason (duplicate, near_duplicate, contaminated, too_long, ...)."""
     mixture: dict[str, int] = Field(default_factory=dict)

@@ -108,6 +108,11 @@ def logs(kube: Any, ns: str, pod: str) -> str:
     return kube.kubectl("logs", "-n", ns, pod, check=False).stdout
 
 
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The trainer's JSON log events in a pod's log."""
+    return [json.loads(x) for x in text.splitlines() if x.startswith("{") and '"event"' in x]
+
+
 def printed_rows(table: str) -> list[dict[str, str]]:
     """`kubectl get` output as dicts, cut at the header's column starts (cells may be empty)."""
     header, *rows = table.splitlines()
@@ -206,7 +211,10 @@ def test_helm_install_to_succeeded(
         lambda: prometheus.query('up{job="sftjob-operator"} == 1'), 60, "Prometheus scraping the operator pod"
     )
 
-    apply_sftjob(kube, ns, "whole-path", inputs, pod_s3.endpoint)
+    # with dataset.curation: a curate pod first, then the training ranks read their own shards of its output
+    apply_sftjob(
+        kube, ns, "whole-path", inputs, pod_s3.endpoint, dataset={"curation": {"nearDuplicates": {}}}
+    )
     seen: list[dict[str, str]] = []
 
     def training_with_loss(st: dict[str, Any]) -> bool:
@@ -233,6 +241,23 @@ def test_helm_install_to_succeeded(
     assert st["phase"] == "Succeeded"
     done = st["progress"]
     assert done["step"] == done["totalSteps"] and done["percent"] == 100, done  # not the last step read
+    # Curated first, by a pod with no GPU that finished before the training pods started; each training
+    # rank read only its own shard of what it wrote.
+    [curate] = pods(kube, ns, "sft.tuning.dev/stage=curate")
+    assert curate["spec"]["nodeName"] == real_node.name
+    assert "nvidia.com/gpu" not in (curate["spec"]["containers"][0]["resources"].get("limits") or {})
+    curated_at = curate["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
+    assert all(p["metadata"]["creationTimestamp"] >= curated_at for p in train), (curated_at, train)
+    assert any(c["type"] == "Curated" and c["status"] == "True" for c in st["conditions"]), st["conditions"]
+    [curated] = [e for e in json_lines(logs(kube, ns, curate["metadata"]["name"])) if e["event"] == "curated"]
+    for p in train:
+        rank = int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+        [fetched] = [
+            e for e in json_lines(logs(kube, ns, p["metadata"]["name"])) if e["event"] == "data_fetched"
+        ]
+        assert fetched["keys"] == [f"{curated['curated_key']}/shards/{curated['shards']}/rank-{rank}.npz"]
+    assert st["data"]["contentHash"] == curated["content_hash"] and st["data"]["reused"] is False, st["data"]
+
     # Eval results came from the eval pod's termination message: `{"evalResults": {...}}`.
     assert st.get("evalResults", {}).get("evalLoss") is not None, st
     eval_pod = pods(kube, ns, "sft.tuning.dev/stage=eval")[0]
