@@ -35,6 +35,11 @@ def test_fast_dropout_is_bernoulli_with_exact_expectation():
     y = d(x)
     dropped = float((y == 0).float().mean())
     assert abs(dropped - 0.1) < 0.002  # 2M draws: the standard error is 0.0002
+    # both 16-bit halves of each 32-bit draw are used, and both drop at the same rate (standard error 0.0003)
+    flat = (y == 0).flatten().float()
+    assert abs(float(flat[0::2].mean()) - 0.1) < 0.002 and abs(float(flat[1::2].mean()) - 0.1) < 0.002
+    odd_size = FastDropout(0.5).train()(torch.ones(3, 7))  # an odd count of elements: the last half unused
+    assert odd_size.shape == (3, 7) and set(odd_size.unique().tolist()) <= {0.0, 2.0}
     kept = y[y != 0]
     assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - dropout_threshold(0.1) / 2**15)))
     assert abs(float(y.mean()) - 1.0) < 0.003

@@ -4,9 +4,11 @@
   rank and no offload there is nothing to split, but stage 3 still gathers and frees every parameter around
   every module call (three times per micro-batch with gradient checkpointing). Stage 0 there.
 - `FastDropout`: peft's LoRA dropout draws a float Bernoulli mask per element, which on CPU costs tens of times
-  the LoRA matmul it feeds (20% of a SmolLM2 step). The same Bernoulli(p) mask from 16-bit random integers is
-  ~3x cheaper; p is rounded to a multiple of 1/32768 and the kept values are scaled by 1/(1 - that p), so
-  the expectation is exact.
+  the LoRA matmul it feeds (20% of a SmolLM2 step). The same Bernoulli(p) mask from 15-bit random integers is
+  several times cheaper; p is rounded to a multiple of 1/32768 and the kept values are scaled by
+  1/(1 - that p), so the expectation is exact. Each 32-bit draw of the CPU generator feeds two elements (its
+  two 16-bit halves, sign bit cleared), half the draws of one per element (measured: 20 -> 14 ms for a
+  8 x 1024 x 576 activation).
 - `checkpointing_kwargs("selective")`: gradient checkpointing that keeps the outputs of the base model's
   matmuls and of attention (the expensive ops) and recomputes the cheap ones (norms, SiLU, RoPE, dropout,
   residual adds, LoRA's rank-r up-projections). Most activation memory is still freed, at a fraction of full
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-_INT16_RANGE = 1 << 15  # Tensor.random_() on int16 draws uniformly from [0, 2**15)
+_INT16_RANGE = 1 << 15  # draws are uniform 15-bit integers: [0, 2**15)
 
 
 def effective_zero_stage(stage: int, world_size: int, offload_params: str, offload_optimizer: str) -> int:
@@ -36,8 +38,17 @@ def dropout_threshold(p: float) -> int:
     return round(p * _INT16_RANGE)
 
 
+def draws15(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """Uniform integers in [0, 2**15) of `shape` (int16), two per 32-bit draw: random_() on int32 draws from
+    [0, 2**31), whose low half is uniform on all 16 bits and high half on the low 15; clearing the sign bit
+    makes both uniform on [0, 2**15)."""
+    n = shape.numel()
+    words = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_()
+    return words.view(torch.int16)[:n].view(shape).bitwise_and_(_INT16_RANGE - 1)
+
+
 class FastDropout(nn.Module):
-    """Inverted dropout with a mask from 16-bit random integers (CPU generator, checkpoint-replayable)."""
+    """Inverted dropout with a mask from 15-bit random integers (CPU generator, checkpoint-replayable)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -48,8 +59,7 @@ class FastDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.threshold == 0:
             return x
-        draws = torch.empty(x.shape, dtype=torch.int16, device=x.device).random_()
-        return torch.where(draws >= self.threshold, x * self.scale, 0.0)
+        return torch.where(draws15(x.shape, x.device) >= self.threshold, x * self.scale, 0.0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
