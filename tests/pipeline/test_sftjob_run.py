@@ -131,9 +131,9 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     [fetched_cold, fetched_warm] = [e["keys"] for e in events("train", "data_fetched")]
     shard = f"{cold['curated_key']}/shards/"
     assert fetched_cold == fetched_warm and len(fetched_cold) == 1 and fetched_cold[0].startswith(shard)
-    curated = f"runs/local/_curated/{cold['curated_key']}/"
+    curated = "runs/local/_curated/"
     stored = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=curated)["Contents"]]
-    assert curated + "COMPLETE" in stored and curated + fetched_cold[0] in stored
+    assert f"{curated}{cold['curated_key']}/COMPLETE" in stored and curated + fetched_cold[0] in stored
 
     root = "runs/local/tiny-run/"
 

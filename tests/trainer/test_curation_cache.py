@@ -83,7 +83,8 @@ def test_second_preparation_reads_what_the_first_saved(tmp_path, data_file, tiny
     assert (again.train, again.eval, again.report) == (first.train, first.eval, first.report)
     assert not ensure_curated(cfg, tiny_tokenizer).reused  # the run that curated it reads its own data
     held_out = prepare_eval(config(tmp_path, tiny_model_dir, name="rerun"), tiny_tokenizer)
-    assert held_out.reused and held_out.eval == first.eval and held_out.train == []  # eval reads eval.npz only
+    # the eval stage reads eval.npz only
+    assert held_out.reused and held_out.eval == first.eval and held_out.train == []
 
 
 def test_incomplete_or_corrupt_entry_is_curated_again(tmp_path, data_file, tiny_model_dir, tiny_tokenizer):
