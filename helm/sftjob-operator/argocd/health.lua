@@ -3,13 +3,13 @@
 -- What each result means and why: docs/gitops.md. Tested against statuses captured from real runs of
 -- the operator (tests/gitops/).
 --
---   no status yet / spec not yet observed     Progressing
---   Pending, Training, Evaluating, Merging    Progressing   (reason, message, progress)
---   ... with condition Stuck=True             Degraded      (the cause; back to Progressing once pods start)
---   Suspended                                 Suspended
---   Succeeded                                 Healthy
---   Failed                                    Degraded      (reason and message)
---   anything else                             Unknown
+--   no status yet / spec not yet observed              Progressing
+--   Pending, Curating, Training, Evaluating, Merging   Progressing   (reason, message, progress)
+--   ... with condition Stuck=True                      Degraded      (the cause; Progressing once pods start)
+--   Suspended                                          Suspended
+--   Succeeded                                          Healthy
+--   Failed                                             Degraded      (reason and message)
+--   anything else                                      Unknown
 local function health(status, message)
   return { status = status, message = message }
 end
@@ -63,7 +63,8 @@ if phase == "Suspended" then
   return health("Suspended", describe(phase, status.reason, status.message))
 end
 
-if phase == "Pending" or phase == "Training" or phase == "Evaluating" or phase == "Merging" then
+if phase == "Pending" or phase == "Curating" or phase == "Training" or phase == "Evaluating"
+    or phase == "Merging" then
   -- Stuck: pods Pending past runPolicy.stuckPendingTimeoutSeconds (unschedulable, image pull, quota).
   -- Nothing moves without a person, so Degraded, like a Deployment past its progress deadline.
   local stuck = condition(status, "Stuck")
