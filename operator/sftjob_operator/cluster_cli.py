@@ -1,7 +1,7 @@
 """`sftjob status|logs|artifacts NAME`: a run in a cluster, from a terminal, with the user's kubeconfig.
 
     sftjob status NAME [-n NS]                       phase, progress, conditions, eval table, last events
-    sftjob logs NAME [--stage train|eval|merge] [--rank N] [-f]
+    sftjob logs NAME [--stage curate|train|eval|merge] [--rank N] [-f]
     sftjob artifacts NAME [--download DIR]           the manifest; --download fetches and checks every file
 
 The same commands run as a kubectl plugin (`kubectl sft status NAME`: the `kubectl-sft` entry point).
@@ -22,8 +22,19 @@ from pathlib import Path
 from typing import Any
 
 Obj = dict[str, Any]
-STAGE_OF_PHASE = {"Pending": "train", "Training": "train", "Evaluating": "eval", "Merging": "merge"}
-STAGE_OF_REASON = {"EvalFailed": "eval", "EvalGateFailed": "eval", "MergeFailed": "merge"}
+STAGE_OF_PHASE = {
+    "Pending": "train",
+    "Curating": "curate",
+    "Training": "train",
+    "Evaluating": "eval",
+    "Merging": "merge",
+}
+STAGE_OF_REASON = {
+    "CurationFailed": "curate",
+    "EvalFailed": "eval",
+    "EvalGateFailed": "eval",
+    "MergeFailed": "merge",
+}
 
 
 class CliError(Exception):
@@ -315,7 +326,7 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--events", type=int, default=10, help="how many of the latest events to show")
     s.set_defaults(func=_wrap(_status))
     lg = sub.add_parser("logs", parents=[common], help="logs of a run's pod (the current stage by default)")
-    lg.add_argument("--stage", choices=("train", "eval", "merge"))
+    lg.add_argument("--stage", choices=("curate", "train", "eval", "merge"))
     lg.add_argument("--rank", type=int, default=0, help="trainer rank (train stage)")
     lg.add_argument("--tail", type=int, help="only the last N lines")
     lg.add_argument("-f", "--follow", action="store_true")

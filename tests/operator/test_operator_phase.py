@@ -28,7 +28,7 @@ from sftjob_operator.render.progress import (
     parse_progress,
     progress_changed,
 )
-from sftjob_operator.render.status import build_status, parse_status, status_patch
+from sftjob_operator.render.status import build_status, failed_pod_message, parse_status, status_patch
 from sftjob_operator.render.stuck import JobEvent, Stuck, detect_stuck, stuck_failure_message
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -102,6 +102,70 @@ def test_eval_and_merge_skipped_when_disabled() -> None:
     d = decide(train=DONE, stages=TRAIN_ONLY)
     assert d.phase == "Succeeded" and d.message == "training completed"
     assert decide(train=DONE, eval=job(complete=True), stages=TRAIN_EVAL).phase == "Succeeded"
+
+
+CURATED = (Stage.CURATE, Stage.TRAIN, Stage.EVAL, Stage.MERGE)
+CURATING = job("x-curate", active=1, ready=1)
+CURATED_DONE = job("x-curate", complete=True, succeeded=1)
+
+
+def test_curation_comes_first_and_holds_no_training_job() -> None:
+    """spec.dataset.curation: the curate Job runs alone; the train Job is created only once it completed."""
+    d = decide(stages=CURATED)
+    assert d == ph.Decision("Pending", "CreatingChildren", "creating the curation Job")
+    assert ph.active_stage(d, ph.Observed(stages=CURATED)) == "curate"
+    for curate in (CURATING, job("x-curate")):  # running, or created with no pod yet
+        obs = ph.Observed(stages=CURATED, curate=curate)
+        d = ph.next_phase(obs)
+        assert (d.phase, d.reason) == ("Curating", "CurateRunning")
+        assert ph.active_stage(d, obs) == "curate"  # not train: no GPU held while curating
+    # complete: now the train Job
+    obs = ph.Observed(stages=CURATED, curate=CURATED_DONE)
+    d = ph.next_phase(obs)
+    assert d == ph.Decision("Pending", "CreatingChildren", "creating the training Job")
+    assert ph.active_stage(d, obs) == "train"
+    assert decide(stages=CURATED, curate=CURATED_DONE, train=job(active=1)).reason == "PodsPending"
+    assert decide(stages=CURATED, curate=CURATED_DONE, train=RUNNING).phase == "Training"
+    d = decide(stages=CURATED, curate=CURATED_DONE, train=DONE)
+    assert (d.phase, d.reason) == ("Evaluating", "EvalRunning")
+    d = decide(stages=CURATED, curate=CURATED_DONE, train=DONE, eval=DONE, merge=DONE, gate_failures=())
+    assert d == ph.Decision("Succeeded", "Succeeded", "curation, training, evaluation and merge completed")
+    # a train Job exists only after curation: a curate Job deleted later is not run again
+    obs = ph.Observed(stages=CURATED, train=RUNNING)
+    assert ph.next_phase(obs).phase == "Training" and ph.active_stage(ph.next_phase(obs), obs) == "train"
+    # the default (a spec without dataset.curation) never curates
+    assert Stage.CURATE not in ph.Observed().stages and decide(curate=CURATING).phase == "Pending"
+
+
+def test_curation_failure_says_why() -> None:
+    failed = job("x-curate", failed=1, failed_reason="PodFailurePolicy", failed_message="exit code 2 ...")
+    why = "curation gate maxDropFraction: 0.42 of the input rows were dropped > 0.2"
+    obs = ph.Observed(stages=CURATED, curate=failed, curate_failure=why)
+    d = ph.next_phase(obs)
+    assert (d.phase, d.reason) == ("Failed", "CurationFailed")
+    assert d.message == f"curation Job failed (PodFailurePolicy): {why}"
+    assert ph.active_stage(d, obs) is None  # no train Job, ever
+    d = decide(stages=CURATED, curate=replace(failed, failed_reason="BackoffLimitExceeded"))
+    assert d.message == "curation Job failed (BackoffLimitExceeded): exit code 2 ..."  # no pod message
+
+
+def test_curation_suspended_and_queued() -> None:
+    assert decide(stages=CURATED, suspend=True) == ph.Decision(
+        "Suspended", "Suspended", "spec.suspend is true; nothing is running"
+    )
+    d = decide(stages=CURATED, suspend=True, curate=CURATING)
+    assert d == ph.Decision("Suspended", "Suspended", "curation suspended by spec.suspend")
+    assert decide(stages=CURATED, suspend=True, curate=replace(CURATING, suspended=True)).phase == "Suspended"
+    # resumed: the curate Job still suspended for a moment -> Curating again
+    assert (
+        decide(stages=CURATED, phase="Suspended", curate=job("x-curate", suspended=True)).phase == "Curating"
+    )
+    # suspended after curation: the train Job is not created until resumed (Suspended, nothing running)
+    assert decide(stages=CURATED, suspend=True, curate=CURATED_DONE).phase == "Suspended"
+    d = decide(stages=CURATED, queued=True, curate=job("x-curate", suspended=True))
+    assert d == ph.Decision("Curating", "Queued", "waiting for Kueue to admit the curation Job")
+    d = decide(stages=CURATED, queued=True, curate=CURATED_DONE, train=job(suspended=True))
+    assert (d.phase, d.reason) == ("Pending", "Queued")
 
 
 @pytest.mark.parametrize(
@@ -339,6 +403,52 @@ def test_conditions_failure_and_suspend() -> None:
     assert by["Failed"].reason == "InvalidSpec" and "Created" not in by
 
 
+def test_curated_condition() -> None:
+    # absent without a curate stage
+    obs = ph.Observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
+    assert get_condition(derive_conditions([], ph.next_phase(obs), obs, NOW, 1), "Curated") is None
+    obs = ph.Observed(stages=CURATED, curate=CURATING)
+    conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
+    by = {c.type: c for c in conds}
+    assert (by["Curated"].status, by["Curated"].reason) == ("False", "CurateRunning")
+    assert by["Created"].status == "True" and by["Created"].message == "curation Job x-curate created"
+    assert by["Training"].status == "False" and [c.type for c in conds] == ["Created", "Curated", "Training"]
+    later = NOW + timedelta(minutes=1)
+    obs = ph.Observed(stages=CURATED, curate=CURATED_DONE, train=RUNNING)
+    by = {c.type: c for c in derive_conditions(conds, ph.next_phase(obs), obs, later, 1)}
+    assert (by["Curated"].status, by["Curated"].reason) == ("True", "CurationCompleted")
+    assert by["Curated"].last_transition_time == later and by["Training"].status == "True"
+    assert (
+        by["Created"].message == "training Job x-train created" and by["Created"].last_transition_time == NOW
+    )
+    failed = job("x-curate", failed_reason="PodFailurePolicy")
+    obs = ph.Observed(stages=CURATED, curate=failed, curate_failure="maxDropFraction: 0.5 > 0.2")
+    by = {c.type: c for c in derive_conditions(conds, ph.next_phase(obs), obs, later, 1)}
+    assert (by["Curated"].status, by["Curated"].reason) == ("False", "CurationFailed")
+    assert "maxDropFraction: 0.5 > 0.2" in by["Curated"].message and by["Failed"].reason == "CurationFailed"
+
+
+def test_failed_pod_message_is_the_newest_failed_pods_own_words() -> None:
+    failed = job("x-curate", failed=2, failed_reason="BackoffLimitExceeded")
+    pods = [
+        PodObs("c-1", "curate", "Failed", NOW, termination_message="first try\n", exit_code=1),
+        PodObs(
+            "c-2", "curate", "Failed", NOW + timedelta(seconds=5), termination_message="bad file", exit_code=2
+        ),
+        PodObs(
+            "t-0", "train", "Failed", NOW + timedelta(seconds=9), termination_message="other", exit_code=2
+        ),
+        PodObs(
+            "c-3", "curate", "Succeeded", NOW + timedelta(seconds=9), termination_message="{}", exit_code=0
+        ),
+    ]
+    assert failed_pod_message(failed, pods, Stage.CURATE) == "bad file"
+    assert failed_pod_message(failed, pods[:1], Stage.CURATE) == "first try"
+    assert failed_pod_message(failed, pods[3:], Stage.CURATE) is None
+    assert failed_pod_message(CURATING, pods, Stage.CURATE) is None  # the Job has not failed
+    assert failed_pod_message(None, pods, Stage.CURATE) is None
+
+
 def test_set_condition_is_idempotent() -> None:
     c1 = set_condition([], "Stuck", "True", "Unschedulable", "m", NOW, 1)
     c2 = set_condition(c1, "Stuck", "True", "Unschedulable", "m", NOW + timedelta(hours=1), 1)
@@ -523,6 +633,22 @@ SCENARIOS = {
     ),
     "stuck": ph.Observed(phase=Phase.PENDING, train=job(), stuck_failure="stuck for 700s"),
     "suspended": ph.Observed(suspend=True, train=RUNNING),
+    "curating": ph.Observed(stages=CURATED, curate=CURATING),
+    "curation failed": ph.Observed(
+        phase=Phase.CURATING,
+        stages=CURATED,
+        curate=job("run-curate", failed_reason="PodFailurePolicy"),
+        curate_failure="a bad input file",
+    ),
+    "curated, succeeded": ph.Observed(
+        phase=Phase.MERGING,
+        stages=CURATED,
+        curate=CURATED_DONE,
+        train=DONE,
+        eval=job(complete=True),
+        gate_failures=(),
+        merge=job(complete=True),
+    ),
 }
 
 
@@ -564,6 +690,16 @@ def test_goes_back_only_along_the_forward_chain() -> None:
     assert not ph.goes_back(None, Phase.PENDING)
     assert not ph.goes_back(Phase.SUSPENDED, Phase.PENDING)  # resuming starts over from Pending
     assert not ph.goes_back(Phase.TRAINING, Phase.SUSPENDED) and not ph.goes_back(Phase.MERGING, Phase.FAILED)
+    # Curating sits between Pending and Training; the train Job's Pending (curation done) after Curating
+    assert not ph.goes_back(Phase.PENDING, Phase.CURATING) and not ph.goes_back(
+        Phase.CURATING, Phase.TRAINING
+    )
+    assert ph.goes_back(Phase.TRAINING, Phase.CURATING) and ph.goes_back(Phase.EVALUATING, Phase.CURATING)
+    assert ph.goes_back(Phase.CURATING, Phase.PENDING)  # a view without the curate Job: stale
+    assert not ph.goes_back(Phase.CURATING, Phase.PENDING, curated=True)  # the train Job's pods pending
+    assert ph.goes_back(Phase.TRAINING, Phase.PENDING, curated=True)
+    obs = ph.Observed(stages=CURATED, curate=CURATED_DONE, train=job(active=1))
+    assert not ph.goes_back(Phase.CURATING, ph.next_phase(obs).phase, ph.curation_done(obs))
 
 
 def test_own_suspend_writes_until_the_watch_shows_them() -> None:

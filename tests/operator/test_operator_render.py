@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sftjob_api import Layout, SFTJobStatus, merge_enabled, parse_spec
+from sftjob_api import Layout, SFTJobStatus, Stage, merge_enabled, parse_spec
 from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode
 from sftjob_api.layout import checkpoint_uri, status_artifacts
 from sftjob_api.trainer_config import TrainerConfig
@@ -55,6 +56,7 @@ def all_children(ref: o.SFTJobRef, spec: Any) -> list[dict[str, Any]]:
         o.render_train_job(ref, spec, opts),
         o.render_eval_job(ref, spec, opts),
         o.render_merge_job(ref, spec, opts),
+        o.render_curate_job(ref, spec, opts),
     ]
 
 
@@ -70,6 +72,7 @@ def test_names_are_deterministic_and_short(multinode: Any) -> None:
         "llama-8b-support-bot-train",
         "llama-8b-support-bot-eval",
         "llama-8b-support-bot-merge",
+        "llama-8b-support-bot-curate",
     ]
     # pod hostnames <job>-<index> of a 42-character name stay a DNS label
     assert len(ChildNames("a" * 42).train_job + "-511") <= 63
@@ -91,7 +94,7 @@ def test_every_child_is_owned_and_labelled(multinode: Any) -> None:
             }
         ]
         assert meta["labels"][LABEL_JOB_NAME] == ref.name
-        assert meta["labels"][LABEL_STAGE] in ("config", "train", "eval", "merge")
+        assert meta["labels"][LABEL_STAGE] in ("config", "train", "eval", "merge", "curate")
 
 
 def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
@@ -249,6 +252,68 @@ def test_eval_and_merge_jobs(multinode: Any) -> None:
     assert (
         ev["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
     )
+
+
+def curated(doc: dict[str, Any], **curation: Any) -> Any:
+    doc = copy.deepcopy(doc)
+    doc["spec"]["dataset"]["curation"] = {"nearDuplicates": {}, **curation}
+    return parse_spec(doc["spec"])
+
+
+def test_curate_job_is_one_pod_without_gpu_unless_perplexity_scores(multinode: Any) -> None:
+    """The curate Job runs before any training GPU is held: one pod, no GPU, no rendezvous, no avoided nodes;
+    the perplexity filter scores rows with the base model, so then it gets one GPU (as eval does)."""
+    doc = load("sftjob-multinode-qlora.yaml")
+    ref = replace(ref_of(doc), avoid_nodes=("bad-node",))
+    spec = curated(doc)
+    job = o.render_stage_job(Stage.CURATE, ref, spec, o.RenderOptions())
+    assert job["metadata"]["name"] == ChildNames(ref.name).curate_job == "llama-8b-support-bot-curate"
+    assert job["metadata"]["labels"][LABEL_STAGE] == "curate"
+    s = job["spec"]
+    assert (s["completions"], s["parallelism"], s["completionMode"]) == (1, 1, "NonIndexed")
+    assert s["backoffLimit"] == 2  # min(runPolicy.backoffLimit 4, 2), as for eval
+    assert "activeDeadlineSeconds" not in s
+    assert (
+        s["podFailurePolicy"] == o.render_eval_job(ref, spec, o.RenderOptions())["spec"]["podFailurePolicy"]
+    )
+    assert s["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [int(c) for c in PERMANENT_CODES]
+    assert s["suspend"] is True  # the example is Kueue-managed: queued like every stage
+    pod = s["template"]["spec"]
+    assert s["template"]["metadata"]["labels"][LABEL_STAGE] == "curate"
+    assert s["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
+    (c,) = pod["containers"]
+    assert c["command"] == ["python", "-m", "sftjob_trainer", "curate", "--config", "/etc/sftjob/config.yaml"]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert c["resources"]["limits"]["cpu"] == "64"  # the run's cpu/memory, like eval and merge
+    assert [p["name"] for p in c["ports"]] == ["metrics"]  # no rendezvous port
+    assert "subdomain" not in pod and "affinity" not in pod  # no avoid_nodes anti-affinity
+    assert "MASTER_ADDR" not in {e["name"] for e in c["env"]}
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"  # a gate failure's text reaches status
+    train = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
+    assert "affinity" in train  # the same ref keeps the train pods off the bad node
+    # same pod security, volumes and credentials as eval
+    ev = o.render_eval_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
+    assert pod["securityContext"] == ev["securityContext"] and pod["volumes"] == ev["volumes"]
+    assert (
+        c["env"] == ev["containers"][0]["env"]
+        and c["securityContext"] == ev["containers"][0]["securityContext"]
+    )
+
+    scored = curated(doc, perplexity={"percentile": 95})
+    c = o.render_curate_job(ref, scored, o.RenderOptions())["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"  # min(gpusPerNode 8, 1)
+    doc["spec"]["resources"]["gpusPerNode"] = 0
+    c = o.render_curate_job(ref, curated(doc, perplexity={"percentile": 95}), o.RenderOptions())
+    assert "nvidia.com/gpu" not in c["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def test_curate_job_suspended_like_every_child(minimal: Any) -> None:
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    spec = curated(doc)
+    assert o.render_curate_job(ref, spec, o.RenderOptions())["spec"]["suspend"] is False
+    spec.suspend = True
+    assert o.render_curate_job(ref, spec, o.RenderOptions())["spec"]["suspend"] is True
 
 
 def test_service_is_headless_and_selects_train_pods(minimal: Any) -> None:

@@ -9,7 +9,7 @@ from datetime import datetime
 
 from kubernetes.client.exceptions import ApiException
 
-from sftjob_api import SFTJobSpec, Stage
+from sftjob_api import SFTJobSpec, Stage, stages
 
 from ..render.names import ChildNames
 from ..render.objects import RenderOptions, SFTJobRef, render_config_map, render_service, render_stage_job
@@ -30,15 +30,16 @@ class Children:
         self.opts = opts
 
     def ensure_base(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo) -> None:
-        # Once the train Job exists its ConfigMap and Service were created before it.
-        if Stage.TRAIN in jobs:
+        """The ConfigMap, the Service and the first stage's Job (curate, else train)."""
+        # Once a stage Job exists its ConfigMap and Service were created before it.
+        if jobs:
             return
         for key, obj in (("configmap", render_config_map(ref, spec)), ("service", render_service(ref))):
             if key in memo.created:
                 continue
             self.kube.create(obj)
             memo.created[key] = time.monotonic()
-        self.create_job(Stage.TRAIN, ref, spec, memo)
+        self.create_job(stages(spec)[0], ref, spec, memo)
 
     def create_job(self, stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
         last = memo.created.get(stage)

@@ -33,6 +33,7 @@ from ..render.status import (
     EvalOutcome,
     build_status,
     eval_outcome,
+    failed_pod_message,
     owned_by,
     parse_status,
     tracking_status,
@@ -231,6 +232,7 @@ class Reconciler:
             spec_error=spec_error,
             suspend=bool(spec.suspend) if spec else False,
             queued=ref.queued,
+            curate=obs_jobs.get(Stage.CURATE),
             train=obs_jobs.get(Stage.TRAIN),
             eval=obs_jobs.get(Stage.EVAL),
             merge=obs_jobs.get(Stage.MERGE),
@@ -240,11 +242,12 @@ class Reconciler:
             stopping_train_pods=stopping,
             stuck_failure=stuck_fail,
             eval_gate_exit=outcome.gate_exit,
+            curate_failure=failed_pod_message(obs_jobs.get(Stage.CURATE), pod_obs, Stage.CURATE),
             group_restart=restart.group_restart,
             restarts_exhausted=restart.exhausted,
         )
         decision = ph.next_phase(obs)
-        if not trust_snapshot and ph.goes_back(prev_phase, decision.phase):
+        if not trust_snapshot and ph.goes_back(prev_phase, decision.phase, ph.curation_done(obs)):
             raise StaleChildren(f"{prev_phase} -> {decision.phase}")  # before acting on the stale view
 
         # Act: the stage Job the decision needs, and suspend state of the live stage Job.
@@ -263,6 +266,7 @@ class Reconciler:
                     outcome = eval_outcome(spec, obs_jobs.get(Stage.EVAL), pod_obs, prev)
                     obs = replace(
                         obs,
+                        curate=obs_jobs.get(Stage.CURATE),
                         train=obs_jobs.get(Stage.TRAIN),
                         eval=obs_jobs.get(Stage.EVAL),
                         merge=obs_jobs.get(Stage.MERGE),

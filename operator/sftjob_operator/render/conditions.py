@@ -9,6 +9,7 @@ from sftjob_api import Condition, Reason, Stage
 from sftjob_api.status import ConditionType
 
 from .phase import (
+    CURATING,
     EVALUATING,
     FAILED,
     MERGING,
@@ -65,8 +66,19 @@ def derive_conditions(
     phase = decision.phase
     if obs.train is not None:
         put("Created", "True", "ChildrenCreated", f"training Job {obs.train.name} created")
+    elif obs.curate is not None:
+        put("Created", "True", "ChildrenCreated", f"curation Job {obs.curate.name} created")
     elif phase != FAILED:
         put("Created", "False", decision.reason, decision.message)
+
+    # Curated: absent for a spec without a curate stage.
+    if Stage.CURATE in obs.stages:
+        if obs.curate is not None and obs.curate.complete:
+            put("Curated", "True", "CurationCompleted", "curation Job completed")
+        elif decision.reason == Reason.CURATE_FAILED:
+            put("Curated", "False", decision.reason, decision.message)
+        elif phase == CURATING:
+            put("Curated", "False", "CurateRunning", decision.message)
 
     train_done = obs.train is not None and obs.train.complete
     if phase == TRAINING:

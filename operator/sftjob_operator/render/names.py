@@ -36,6 +36,10 @@ class ChildNames:
         return f"{self.name}-train"
 
     @property
+    def curate_job(self) -> str:
+        return f"{self.name}-curate"
+
+    @property
     def train_job(self) -> str:
         return f"{self.name}-train"
 
@@ -48,7 +52,12 @@ class ChildNames:
         return f"{self.name}-merge"
 
     def job(self, stage: Stage) -> str:
-        return {Stage.TRAIN: self.train_job, Stage.EVAL: self.eval_job, Stage.MERGE: self.merge_job}[stage]
+        return {
+            Stage.CURATE: self.curate_job,
+            Stage.TRAIN: self.train_job,
+            Stage.EVAL: self.eval_job,
+            Stage.MERGE: self.merge_job,
+        }[stage]
 
     @property
     def master_addr(self) -> str:

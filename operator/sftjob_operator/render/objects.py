@@ -1,4 +1,4 @@
-"""Pure renderers: SFTJob -> ConfigMap, headless Service, indexed train Job, eval Job, merge Job.
+"""Pure renderers: SFTJob -> ConfigMap, headless Service, curate Job, indexed train Job, eval Job, merge Job.
 
 No I/O and no clock: the same SFTJob always renders the same objects, so re-creating after an operator
 restart is idempotent (names are deterministic; an AlreadyExists answer means "done").
@@ -234,7 +234,7 @@ def _pod_template(
 def pod_failure_policy(group: bool = False) -> Obj:
     """Permanent trainer exit codes fail the Job at once (reason PodFailurePolicy: no retry).
 
-    Eval and merge (one pod): disruptions (preemption, drain) are ignored, every other failure counts
+    Curate, eval and merge (one pod): disruptions (preemption, drain) are ignored, every other failure counts
     against the Job's backoffLimit. The train group (`group`): no Ignore rule, since its Job has backoffLimit
     0 and any failure must fail the Job so that every rank stops together; the operator restarts the group
     and tells a disruption (not counted) from a crash by the failed pod's DisruptionTarget condition.
@@ -292,6 +292,26 @@ def _job(
 def child_suspended(ref: SFTJobRef, spec: SFTJobSpec) -> bool:
     """A child Job starts suspended when the user suspended the run or when Kueue must admit it."""
     return spec.suspend or ref.queued
+
+
+def render_curate_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
+    """One pod that curates and tokenizes the data and cuts the per-rank shards before the train Job exists.
+    No GPU, except one (at most gpusPerNode) when the perplexity filter scores rows with the base model."""
+    command = ["python", "-m", "sftjob_trainer", "curate", "--config", CONFIG_PATH]
+    curation = spec.dataset.curation
+    scores = curation is not None and curation.perplexity is not None
+    gpus = min(spec.resources.gpus_per_node, 1) if scores else 0
+    template = _pod_template(ref, spec, opts, Stage.CURATE, command, gpus)
+    return _job(
+        ref,
+        spec,
+        Stage.CURATE,
+        template,
+        1,
+        min(spec.run_policy.backoff_limit, 2),
+        child_suspended(ref, spec),
+        False,
+    )
 
 
 def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
@@ -376,5 +396,10 @@ def render_merge_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
 
 
 def render_stage_job(stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
-    renderer = {Stage.TRAIN: render_train_job, Stage.EVAL: render_eval_job, Stage.MERGE: render_merge_job}
+    renderer = {
+        Stage.CURATE: render_curate_job,
+        Stage.TRAIN: render_train_job,
+        Stage.EVAL: render_eval_job,
+        Stage.MERGE: render_merge_job,
+    }
     return renderer[stage](ref, spec, opts)

@@ -5,10 +5,14 @@ because terminal phases are sticky), never on which event woke the operator up. 
 actions that follow from a decision (create the eval Job when the phase is Evaluating and it does not
 exist, ...) live in the handlers.
 
-    Pending -> Training -> Evaluating -> Merging -> Succeeded
-    any -> Failed (InvalidSpec, TrainingFailed, BackoffLimitExceeded, DeadlineExceeded, EvalFailed,
-                   EvalGateFailed, MergeFailed, Stuck)
+    Pending -> [Curating -> Pending] -> Training -> Evaluating -> Merging -> Succeeded
+    any -> Failed (InvalidSpec, CurationFailed, TrainingFailed, BackoffLimitExceeded, DeadlineExceeded,
+                   EvalFailed, EvalGateFailed, MergeFailed, Stuck)
     non-terminal <-> Suspended (spec.suspend)
+
+Curating (only when spec.dataset.curation is set): the curate Job runs alone; the train Job is created only
+once it has completed, so no training GPU is held while the data is curated. Curate, eval and merge are
+single-pod stages of one shape (`_single_pod_stage`); training, a group of ranks, has its own rules.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from sftjob_api import Phase, Reason, Stage
 from .observe import JobObs
 
 PENDING = Phase.PENDING
+CURATING = Phase.CURATING
 TRAINING = Phase.TRAINING
 EVALUATING = Phase.EVALUATING
 MERGING = Phase.MERGING
@@ -27,7 +32,8 @@ SUCCEEDED = Phase.SUCCEEDED
 FAILED = Phase.FAILED
 SUSPENDED = Phase.SUSPENDED
 TERMINAL = (SUCCEEDED, FAILED)
-ALL_STAGES = tuple(Stage)
+# The stages of a spec without dataset.curation (sftjob_api.stages(spec) says which a spec runs).
+ALL_STAGES = (Stage.TRAIN, Stage.EVAL, Stage.MERGE)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Observed:
     spec_error: str | None = None  # SpecError text: the spec failed validation in the operator
     suspend: bool = False  # spec.suspend
     queued: bool = False  # Kueue manages admission (queue-name label)
+    curate: JobObs | None = None
     train: JobObs | None = None
     eval: JobObs | None = None
     merge: JobObs | None = None
@@ -51,6 +58,8 @@ class Observed:
     stuck_failure: str | None = None  # set when pods were Stuck past runPolicy.failWhenStuckSeconds
     # The eval pod exited with the trainer's EVAL_GATE_FAILED code; its termination message says which gate.
     eval_gate_exit: str | None = None
+    # The failed curate pod's termination message: why curation failed (a data gate, a bad input file).
+    curate_failure: str | None = None
     # A group restart is under way (render/recovery.py): the failed or stalled train Job is being torn down
     # or re-created. The message says why.
     group_restart: str | None = None
@@ -69,6 +78,79 @@ class Decision:
         return self.phase in TERMINAL
 
 
+@dataclass(frozen=True)
+class _Step:
+    """The words of one single-pod stage: its phase and reasons, its Job's name in messages."""
+
+    phase: Phase
+    running: Reason
+    failed: Reason
+    what: str  # in messages: "the <what> Job"
+    doing: str  # the message while it runs
+    start: Decision  # no Job yet: it is created now
+    waits: str  # the message when there is no Job yet and spec.suspend is set
+
+
+_CURATE = _Step(
+    phase=CURATING,
+    running=Reason.CURATE_RUNNING,
+    failed=Reason.CURATE_FAILED,
+    what="curation",
+    doing="curating the training data",
+    start=Decision(PENDING, Reason.CREATING, "creating the curation Job"),
+    waits="spec.suspend is true; nothing is running",
+)
+_EVAL = _Step(
+    phase=EVALUATING,
+    running=Reason.EVAL_RUNNING,
+    failed=Reason.EVAL_FAILED,
+    what="evaluation",
+    doing="evaluating the adapter on held-out data",
+    start=Decision(EVALUATING, Reason.EVAL_RUNNING, "training complete; starting evaluation"),
+    waits="training done; evaluation waits for spec.suspend",
+)
+_MERGE = _Step(
+    phase=MERGING,
+    running=Reason.MERGE_RUNNING,
+    failed=Reason.MERGE_FAILED,
+    what="merge",
+    doing="merging the adapter into the base model",
+    start=Decision(MERGING, Reason.MERGE_RUNNING, "merging the adapter into the base model"),
+    waits="merge waits for spec.suspend",
+)
+
+
+def _single_pod_stage(
+    obs: Observed, job: JobObs | None, step: _Step, why: str | None = None
+) -> Decision | None:
+    """The decision while a single-pod stage (curate, eval, merge) is not done; None once its Job completed.
+    `why`: what the failed pod said (its termination message), else the Job's own failure message is used."""
+    if job is None:
+        if obs.suspend:
+            return Decision(SUSPENDED, Reason.SUSPENDED, step.waits)
+        return step.start
+    if job.failed_reason is not None:
+        detail = why or job.failed_message or job.failed_reason
+        return Decision(FAILED, step.failed, f"{step.what} Job failed ({job.failed_reason}): {detail}")
+    if job.complete:
+        return None
+    if obs.suspend:
+        return Decision(SUSPENDED, Reason.SUSPENDED, f"{step.what} suspended by spec.suspend")
+    if job.suspended and obs.queued:
+        return Decision(step.phase, Reason.QUEUED, f"waiting for Kueue to admit the {step.what} Job")
+    return Decision(step.phase, step.running, step.doing)
+
+
+def curation_done(obs: Observed) -> bool:
+    """No curate stage, or its Job completed. A train Job is created only after that, so once one exists
+    curation counts as done (a curate Job deleted later is not run again)."""
+    return (
+        Stage.CURATE not in obs.stages
+        or obs.train is not None
+        or (obs.curate is not None and obs.curate.complete)
+    )
+
+
 def _train_failure(job: JobObs) -> Decision:
     reason = job.failed_reason or "Failed"
     detail = job.failed_message or reason
@@ -83,6 +165,60 @@ def _train_failure(job: JobObs) -> Decision:
     if reason == "DeadlineExceeded":
         return Decision(FAILED, Reason.DEADLINE, f"runPolicy.activeDeadlineSeconds exceeded: {detail}")
     return Decision(FAILED, Reason.TRAINING_FAILED, f"training Job failed ({reason}): {detail}")
+
+
+def _training(obs: Observed, train: JobObs) -> Decision:
+    """The decision while the train Job exists and has not completed."""
+    if train.failed_reason is not None:
+        return _train_failure(train)
+    stopping = obs.running_train_pods + obs.stopping_train_pods
+    if obs.suspend and stopping and obs.phase != SUSPENDED:
+        # Suspended promises a saved checkpoint: until the trainers have exited (SIGTERM makes them save
+        # one), the run is still Training.
+        return Decision(
+            TRAINING,
+            Reason.SUSPENDING,
+            f"spec.suspend is true: {stopping} trainer pod(s) saving a checkpoint and stopping",
+        )
+    if obs.suspend:
+        return Decision(
+            SUSPENDED,
+            Reason.SUSPENDED,
+            "training suspended by spec.suspend; resuming continues from the newest checkpoint",
+        )
+    if train.suspended:
+        if obs.queued:
+            return Decision(PENDING, Reason.QUEUED, "waiting for Kueue to admit the training Job")
+        return Decision(PENDING, Reason.PODS_PENDING, "training Job is suspended")
+    if (obs.running_train_pods > 0 or train.ready > 0) and obs.phase == SUSPENDED:
+        # Just resumed: pods seen Running are the suspended Job's, their deletion not seen yet (the Job's
+        # own suspend may not even be in the watch cache), so not Training yet: Suspended -> Pending.
+        return Decision(PENDING, Reason.PODS_PENDING, "resuming: waiting for trainer pod(s) to start")
+    if obs.running_train_pods > 0 or train.ready > 0:
+        return Decision(
+            TRAINING,
+            Reason.PODS_RUNNING,
+            f"{max(obs.running_train_pods, train.ready)}/{train.completions} trainer pod(s) running",
+        )
+    if obs.phase == TRAINING and train.failed > 0:
+        # A retryable failure: the Job controller is replacing the pod; training resumes from a checkpoint.
+        return Decision(
+            TRAINING,
+            Reason.RESTARTING,
+            f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
+        )
+    if obs.phase == TRAINING and (train.active > 0 or train.succeeded == 0):
+        # A re-created group (or a replaced pod) whose pods do not run yet; a Job just re-created after a
+        # group restart has no pods at all yet (none finished: not Finishing).
+        return Decision(
+            TRAINING, Reason.RESTARTING, f"waiting for {train.completions} trainer pod(s) to start"
+        )
+    if obs.phase == TRAINING:
+        # Pods finished; the Job controller has not marked the Job complete yet.
+        return Decision(
+            TRAINING, Reason.FINISHING, "trainer pod(s) finished; waiting for the Job to complete"
+        )
+    return Decision(PENDING, Reason.PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start")
 
 
 def next_phase(obs: Observed) -> Decision:
@@ -103,90 +239,28 @@ def next_phase(obs: Observed) -> Decision:
             )
         return Decision(TRAINING, Reason.RESTARTING, obs.group_restart)
 
+    if not curation_done(obs):
+        curating = _single_pod_stage(obs, obs.curate, _CURATE, obs.curate_failure)
+        if curating is not None:
+            return curating
+
     train = obs.train
     if train is None:
         if obs.suspend:
             return Decision(SUSPENDED, Reason.SUSPENDED, "spec.suspend is true; nothing is running")
         return Decision(PENDING, Reason.CREATING, "creating the training Job")
-    if train.failed_reason is not None:
-        return _train_failure(train)
     if not train.complete:
-        stopping = obs.running_train_pods + obs.stopping_train_pods
-        if obs.suspend and stopping and obs.phase != SUSPENDED:
-            # Suspended promises a saved checkpoint: until the trainers have exited (SIGTERM makes them save
-            # one), the run is still Training.
-            return Decision(
-                TRAINING,
-                Reason.SUSPENDING,
-                f"spec.suspend is true: {stopping} trainer pod(s) saving a checkpoint and stopping",
-            )
-        if obs.suspend:
-            return Decision(
-                SUSPENDED,
-                Reason.SUSPENDED,
-                "training suspended by spec.suspend; resuming continues from the newest checkpoint",
-            )
-        if train.suspended:
-            if obs.queued:
-                return Decision(PENDING, Reason.QUEUED, "waiting for Kueue to admit the training Job")
-            return Decision(PENDING, Reason.PODS_PENDING, "training Job is suspended")
-        if (obs.running_train_pods > 0 or train.ready > 0) and obs.phase == SUSPENDED:
-            # Just resumed: pods seen Running are the suspended Job's, their deletion not seen yet (the Job's
-            # own suspend may not even be in the watch cache), so not Training yet: Suspended -> Pending.
-            return Decision(PENDING, Reason.PODS_PENDING, "resuming: waiting for trainer pod(s) to start")
-        if obs.running_train_pods > 0 or train.ready > 0:
-            return Decision(
-                TRAINING,
-                Reason.PODS_RUNNING,
-                f"{max(obs.running_train_pods, train.ready)}/{train.completions} trainer pod(s) running",
-            )
-        if obs.phase == TRAINING and train.failed > 0:
-            # A retryable failure: the Job controller is replacing the pod; training resumes from a checkpoint.
-            return Decision(
-                TRAINING,
-                Reason.RESTARTING,
-                f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
-            )
-        if obs.phase == TRAINING and (train.active > 0 or train.succeeded == 0):
-            # A re-created group (or a replaced pod) whose pods do not run yet; a Job just re-created after a
-            # group restart has no pods at all yet (none finished: not Finishing).
-            return Decision(
-                TRAINING, Reason.RESTARTING, f"waiting for {train.completions} trainer pod(s) to start"
-            )
-        if obs.phase == TRAINING:
-            # Pods finished; the Job controller has not marked the Job complete yet.
-            return Decision(
-                TRAINING, Reason.FINISHING, "trainer pod(s) finished; waiting for the Job to complete"
-            )
-        return Decision(
-            PENDING, Reason.PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start"
-        )
+        return _training(obs, train)
 
-    # Training is complete.
     if Stage.EVAL in obs.stages:
         ev = obs.eval
-        if ev is None:
-            if obs.suspend:
-                return Decision(
-                    SUSPENDED, Reason.SUSPENDED, "training done; evaluation waits for spec.suspend"
-                )
-            return Decision(EVALUATING, Reason.EVAL_RUNNING, "training complete; starting evaluation")
-        if ev.failed_reason is not None and obs.eval_gate_exit is not None:
+        if ev is not None and ev.failed_reason is not None and obs.eval_gate_exit is not None:
             return Decision(
                 FAILED, Reason.GATE_FAILED, "eval gates failed (adapter kept): " + obs.eval_gate_exit
             )
-        if ev.failed_reason is not None:
-            return Decision(
-                FAILED,
-                Reason.EVAL_FAILED,
-                f"evaluation Job failed ({ev.failed_reason}): {ev.failed_message or ev.failed_reason}",
-            )
-        if not ev.complete:
-            if obs.suspend:
-                return Decision(SUSPENDED, Reason.SUSPENDED, "evaluation suspended by spec.suspend")
-            if ev.suspended and obs.queued:
-                return Decision(EVALUATING, Reason.QUEUED, "waiting for Kueue to admit the evaluation Job")
-            return Decision(EVALUATING, Reason.EVAL_RUNNING, "evaluating the adapter on held-out data")
+        evaluating = _single_pod_stage(obs, ev, _EVAL)
+        if evaluating is not None:
+            return evaluating
         if obs.gate_failures:
             return Decision(
                 FAILED,
@@ -195,53 +269,49 @@ def next_phase(obs: Observed) -> Decision:
             )
 
     if Stage.MERGE in obs.stages:
-        mg = obs.merge
-        if mg is None:
-            if obs.suspend:
-                return Decision(SUSPENDED, Reason.SUSPENDED, "merge waits for spec.suspend")
-            return Decision(MERGING, Reason.MERGE_RUNNING, "merging the adapter into the base model")
-        if mg.failed_reason is not None:
-            return Decision(
-                FAILED,
-                Reason.MERGE_FAILED,
-                f"merge Job failed ({mg.failed_reason}): {mg.failed_message or mg.failed_reason}",
-            )
-        if not mg.complete:
-            if obs.suspend:
-                return Decision(SUSPENDED, Reason.SUSPENDED, "merge suspended by spec.suspend")
-            if mg.suspended and obs.queued:
-                return Decision(MERGING, Reason.QUEUED, "waiting for Kueue to admit the merge Job")
-            return Decision(MERGING, Reason.MERGE_RUNNING, "merging the adapter into the base model")
+        merging = _single_pod_stage(obs, obs.merge, _MERGE)
+        if merging is not None:
+            return merging
 
     return Decision(
         SUCCEEDED,
         Reason.SUCCEEDED,
-        "training"
+        ("curation, " if Stage.CURATE in obs.stages else "")
+        + "training"
         + (", evaluation" if Stage.EVAL in obs.stages else "")
         + (" and merge" if Stage.MERGE in obs.stages else "")
         + " completed",
     )
 
 
-_FORWARD = {PENDING: 0, TRAINING: 1, EVALUATING: 2, MERGING: 3}
+# Pending -> Curating -> Pending (the train Job's, `curated`) -> Training -> Evaluating -> Merging.
+_FORWARD = {PENDING: 0, CURATING: 1, TRAINING: 3, EVALUATING: 4, MERGING: 5}
+_PENDING_CURATED = 2
 
 
-def goes_back(prev: Phase | None, new: Phase) -> bool:
-    """Whether `new` is an earlier step of Pending -> Training -> Evaluating -> Merging than `prev`.
+def goes_back(prev: Phase | None, new: Phase, curated: bool = False) -> bool:
+    """Whether `new` is an earlier step of Pending -> Curating -> Training -> Evaluating -> Merging than
+    `prev`. `curated`: the view shows curation done (`curation_done`), so a Pending decision is the train
+    Job's, after Curating (a spec without a curate stage is always curated).
 
     The status records progress the children proved when it was written; a view of the children that
     decides an earlier phase is usually stale (another replica wrote the status; this one's watch caches
     lag), so the reconciler reads the children afresh before it believes it (Kueue preemption or a deleted
     Job can still move a phase back, and then the fresh read says so too)."""
-    return prev in _FORWARD and new in _FORWARD and _FORWARD[new] < _FORWARD[prev]
+    if prev not in _FORWARD or new not in _FORWARD:
+        return False
+    rank = _PENDING_CURATED if new == PENDING and curated else _FORWARD[new]
+    return rank < _FORWARD[prev]
 
 
 def active_stage(decision: Decision, obs: Observed) -> Stage | None:
     """The stage whose Job must exist for `decision` (None: no new Job is needed)."""
     if decision.terminal:
         return None
-    jobs = {Stage.TRAIN: obs.train, Stage.EVAL: obs.eval, Stage.MERGE: obs.merge}
+    jobs = {Stage.CURATE: obs.curate, Stage.TRAIN: obs.train, Stage.EVAL: obs.eval, Stage.MERGE: obs.merge}
     for stage in obs.stages:
+        if stage == Stage.CURATE and curation_done(obs):
+            continue
         job = jobs[stage]
         if job is None or not job.complete:
             return stage

@@ -78,10 +78,23 @@ def eval_outcome(
     gate_exit: str | None = None
     gate_pod = next((p for p in eval_pods if p.exit_code == ExitCode.EVAL_GATE_FAILED), None)
     if eval_job.failed_reason is not None and gate_pod is not None:
-        gate_exit = (gate_pod.termination_message or "").strip() or (
+        gate_exit = failed_pod_message(eval_job, [gate_pod], Stage.EVAL) or (
             f"eval exited with code {int(ExitCode.EVAL_GATE_FAILED)}"
         )
     return EvalOutcome(results, gate_failures, gate_exit)
+
+
+def failed_pod_message(job: JobObs | None, pods: list[PodObs], stage: Stage) -> str | None:
+    """Why a failed single-pod stage failed, in its pod's words: the termination message of the stage's newest
+    pod that exited non-zero (the trainer writes a permanent error's reason there; Kubernetes falls back to
+    the log tail). None while the Job has not failed, or when no pod said anything."""
+    if job is None or job.failed_reason is None:
+        return None
+    failed = [p for p in pods if p.stage == stage and p.exit_code and (p.termination_message or "").strip()]
+    if not failed:
+        return None
+    newest = max(failed, key=lambda p: p.created or datetime.min.replace(tzinfo=UTC))
+    return (newest.termination_message or "").strip()
 
 
 def tracking_status(pods: list[PodObs], prev: TrackingStatus | None) -> TrackingStatus | None:
