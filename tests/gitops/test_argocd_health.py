@@ -124,3 +124,23 @@ def test_the_chart_ships_the_check_under_the_argocd_cm_key() -> None:
         check=False,
     )
     assert typo.returncode != 0 and "enable" in typo.stderr  # values.schema.json knows the new keys
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason", "message"),
+    [
+        ("Curating", "CurateRunning", "curating the training data"),
+        ("Curating", "Queued", "waiting for Kueue to admit the curation Job"),
+        ("Failed", "CurationFailed", "curation Job failed (PodFailurePolicy): maxDropFraction: 0.42 > 0.2"),
+    ],
+)
+def test_curation_states_get_the_documented_health(phase: str, reason: str, message: str) -> None:
+    """The curate stage came after the captures: its states, written onto a captured Evaluating status."""
+    obj = captured("Evaluating", "EvalRunning")
+    obj["status"].update(phase=phase, reason=reason, message=message)
+    got = health(obj)
+    assert got["status"] == documented_health(phase, reason, False), got
+    assert reason in got["message"] and message in got["message"], got
+    stuck = next(o for o in CAPTURED if state_key(o)[3] and state_key(o)[1] != "Failed")
+    obj["status"]["conditions"] = [c for c in stuck["status"]["conditions"] if c["type"] == "Stuck"]
+    assert health(obj)["status"] == documented_health(phase, reason, True) == "Degraded"
