@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Operator, apply, sftjob, status, wait_phase
+from conftest import Operator, apply, events, sftjob, status, wait_phase
 from testbed.kueue import Kueue
 from testbed.procs import wait_until
 
@@ -203,3 +203,25 @@ def test_suspend_of_a_queued_sftjob_goes_through_kueue(
         wait_phase(kube, ns, "susp", "Training", 90, operator)
         wl = train_workload()
         assert wl is not None and wl["spec"]["active"] is True and admitted(wl), wl
+
+
+def test_a_curated_run_queues_its_curate_job_like_every_stage(
+    sftjob_crd: Any, namespace: str, operator: Operator, kueue: Kueue
+) -> None:
+    """The curate Job (no GPU) is created suspended with the queue label and admitted as a Workload of its
+    own; the train gang is queued only after it, once curation is done."""
+    kube, ns = sftjob_crd, namespace
+    with cluster_queue(kube, ns, QUOTA_GPUS) as queue:
+        job = queued("qcur", queue, delay="2s")
+        job["spec"]["dataset"]["curation"] = {"nearDuplicates": {}}
+        apply(kube, ns, job)
+        st = wait_phase(kube, ns, "qcur", ("Succeeded", "Failed"), 120, operator)
+        assert st["phase"] == "Succeeded", st
+        curate = kube.get_json("job", "qcur-curate", "-n", ns)
+        assert curate["metadata"]["labels"][QUEUE_LABEL] == queue
+        wls = {owner_job(w): w for w in kube.get_json("workloads.kueue.x-k8s.io", "-n", ns)["items"]}
+        assert {"qcur-curate", "qcur-train", "qcur-eval"} <= set(wls), sorted(wls)
+        assert finished(wls["qcur-curate"]) and workload_gpus(wls["qcur-curate"]) == 0
+        assert wls["qcur-train"]["metadata"]["creationTimestamp"] >= curate["status"]["startTime"]
+    steps = [e["message"].split(":")[0] for e in events(kube, ns, "qcur") if "->" in e["message"]]
+    assert steps[:2] == ["New -> Curating", "Curating -> Pending"], steps
