@@ -74,7 +74,8 @@ def file_entries(store: Store) -> list[dict[str, Any]]:
 
 
 def stage_record(spec: SFTJobSpec, last: Stage, gate_failed: bool = False) -> dict[str, str]:
-    """{"train": "done", "eval": "done" | "gate_failed" | "skipped", "merge": ...} for a run ending at `last`."""
+    """Each stage's outcome for a run ending at `last`: "done", "skipped" (not in stages(spec) or after
+    `last`) or, for eval, "gate_failed"."""
     runs = stages(spec)
     out: dict[str, str] = {}
     for stage in Stage:

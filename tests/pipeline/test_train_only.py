@@ -58,7 +58,12 @@ def assert_complete(store: Any, method: str) -> dict[str, Any]:
     assert store.exists(Layout.MANIFEST)
     assert verify_manifest(store) == []
     manifest = json.loads(store.get_bytes(Layout.MANIFEST))
-    assert manifest["stages"] == {"train": "done", "eval": "skipped", "merge": "skipped"}
+    assert manifest["stages"] == {
+        "curate": "skipped",
+        "train": "done",
+        "eval": "skipped",
+        "merge": "skipped",
+    }
     paths = {f["path"] for f in manifest["files"]}
     assert Layout.TRAIN_SUMMARY in paths, paths
     assert any(p.startswith(Layout.weights(method) + "/") for p in paths), paths
