@@ -15,6 +15,7 @@ import kopf
 from sftjob_api import GROUP, PLURAL
 
 from . import metrics
+from .diffbase import InMemoryDiffBase
 from .handlers import register
 from .render.names import LABEL_JOB_NAME
 from .settings import Settings, from_args
@@ -33,14 +34,14 @@ class RetryForever:
         yield from itertools.repeat(5.0)
 
 
-def configure(settings: Settings, kopf_settings: kopf.OperatorSettings) -> None:
+def configure(settings: Settings, kopf_settings: kopf.OperatorSettings, diffbase: InMemoryDiffBase) -> None:
     """Apply our settings to kopf's."""
-    prefix = settings.annotation_prefix
-    # status is a structural schema that prunes unknown fields: keep kopf's bookkeeping in annotations.
-    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=prefix)
-    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=prefix, key="last-handled-configuration", ignored_fields=["status"]
+    # status is a structural schema that prunes unknown fields: keep kopf's retry bookkeeping in annotations
+    # (written only when a handler fails), and what it last handled in memory (diffbase.py: no write).
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=settings.annotation_prefix
     )
+    kopf_settings.persistence.diffbase_storage = diffbase
     kopf_settings.persistence.finalizer = settings.finalizer
     kopf_settings.watching.server_timeout = settings.watch_server_timeout
     kopf_settings.watching.client_timeout = settings.watch_client_timeout
@@ -78,7 +79,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = settings.kubeconfig  # for kopf's login as well as ours
 
     registry = kopf.OperatorRegistry()
-    register(registry, settings)
+    diffbase = InMemoryDiffBase(ignored_fields=["status"])
+    register(registry, settings, diffbase)
 
     @kopf.on.login(id="login", registry=registry)
     def login(**kwargs: Any) -> Any:
@@ -91,7 +93,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     @kopf.on.startup(id="startup", registry=registry)
     def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-        configure(settings_ours, settings)
+        configure(settings_ours, settings, diffbase)
         metrics.serve(settings_ours.metrics_port, settings_ours.metrics_address)
         log.info(
             "sftjob-operator watching %s for %s.%s; metrics on :%s",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Operator, apply, events, sftjob, status, wait_phase
+from conftest import Operator, apply, sftjob, status, wait_phase
 from testbed.kueue import Kueue
 from testbed.procs import wait_until
 
@@ -223,5 +223,6 @@ def test_a_curated_run_queues_its_curate_job_like_every_stage(
         assert {"qcur-curate", "qcur-train", "qcur-eval"} <= set(wls), sorted(wls)
         assert finished(wls["qcur-curate"]) and workload_gpus(wls["qcur-curate"]) == 0
         assert wls["qcur-train"]["metadata"]["creationTimestamp"] >= curate["status"]["startTime"]
-    steps = [e["message"].split(":")[0] for e in events(kube, ns, "qcur") if "->" in e["message"]]
-    assert steps[:2] == ["New -> Curating", "Curating -> Pending"], steps
+    text = operator.metrics()
+    for before, after in (("", "Curating"), ("Curating", "Pending")):
+        assert f'sftjob_operator_phase_transitions_total{{from_phase="{before}",to_phase="{after}"}}' in text

@@ -82,14 +82,8 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     stages = sorted(j["metadata"]["labels"]["sft.tuning.dev/stage"] for j in jobs(kube, namespace))
     assert stages == ["eval", "merge", "train"]
 
-    # An Event on every transition, in order.
-    assert transition_messages(kube, namespace, "happy") == [
-        "New -> Pending",
-        "Pending -> Training",
-        "Training -> Evaluating",
-        "Evaluating -> Merging",
-        "Merging -> Succeeded",
-    ]
+    # An Event for the end only (one write, not one per phase: the conditions above carry the way there).
+    assert transition_messages(kube, namespace, "happy") == ["Merging -> Succeeded"]
 
     # Operator metrics and health.
     text = operator.metrics()
@@ -264,8 +258,8 @@ def test_operator_kill9_mid_run_no_duplicates(sftjob_crd: Any, namespace: str, o
     assert len(pods(kube, namespace, "sft.tuning.dev/stage=train")) == 1  # no second trainer
     for kind in ("services", "configmaps"):
         assert len(kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]) == 1
-    msgs = transition_messages(kube, namespace, "phoenix")
-    assert len(msgs) == len(set(msgs)), msgs  # every transition announced once
+    # announced once, though the restarted operator reconciled it afresh (its create handler: diffbase.py)
+    assert transition_messages(kube, namespace, "phoenix") == ["Merging -> Succeeded"]
 
 
 def test_invalid_spec_rejected_by_api_server(sftjob_crd: Any, namespace: str) -> None:

@@ -7,6 +7,7 @@ import itertools
 import kopf
 import pytest
 
+from sftjob_operator.diffbase import InMemoryDiffBase
 from sftjob_operator.main import configure
 from sftjob_operator.metrics import REGISTRY, instrumented
 from sftjob_operator.settings import Settings, from_args
@@ -62,15 +63,42 @@ def test_replicas_started_alike_draw_distinct_peering_priorities() -> None:
 def test_configure_kopf() -> None:
     ks = kopf.OperatorSettings()
     configure(
-        Settings(namespaces=("a",), finalizer="x.dev/f", watch_server_timeout=60, request_timeout=9), ks
+        Settings(namespaces=("a",), finalizer="x.dev/f", watch_server_timeout=60, request_timeout=9),
+        ks,
+        InMemoryDiffBase(),
     )
     assert isinstance(ks.persistence.progress_storage, kopf.AnnotationsProgressStorage)
+    assert isinstance(ks.persistence.diffbase_storage, InMemoryDiffBase)
     assert ks.persistence.finalizer == "x.dev/f"
     assert ks.watching.server_timeout == 60 and ks.networking.request_timeout == 9
     assert not ks.peering.clusterwide
     # API errors are retried for as long as the apiserver is away, every 5 s at most (tests/chaos)
     for _ in range(2):  # kopf iterates it afresh for every request
         assert list(itertools.islice(ks.networking.error_backoffs, 8)) == [1, 1, 2, 3, 5, 5, 5, 5]
+
+
+def test_in_memory_diffbase_writes_nothing_and_tells_update_from_create() -> None:
+    storage = InMemoryDiffBase(ignored_fields=["status"])
+    body = kopf.Body(
+        {
+            "metadata": {"uid": "u1", "name": "a", "annotations": {"team": "x"}},
+            "spec": {"suspend": False},
+            "status": {"phase": "Training"},
+        }
+    )
+    assert storage.fetch(body=body) is None  # never handled: kopf's create
+    essence = storage.build(body=body)
+    patch = kopf.Patch()
+    storage.store(body=body, patch=patch, essence=essence)
+    assert not patch  # no API write
+    assert storage.fetch(body=body) == {
+        "metadata": {"annotations": {"team": "x"}},
+        "spec": {"suspend": False},
+    }
+    changed = kopf.Body({**body, "spec": {"suspend": True}, "status": {"phase": "Suspended"}})
+    assert storage.fetch(body=changed) != storage.build(body=changed)  # kopf's update
+    storage.forget("u1")
+    assert storage.fetch(body=body) is None and len(storage) == 0
 
 
 def test_instrumented_counts_errors() -> None:

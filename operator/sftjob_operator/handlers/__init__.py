@@ -18,6 +18,7 @@ import kopf
 from sftjob_api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, SpecError, parse_spec
 
 from .. import metrics
+from ..diffbase import InMemoryDiffBase
 from ..render.names import LABEL_JOB_NAME
 from ..settings import Settings
 from .kube import Kube, new_api_client
@@ -48,7 +49,7 @@ def _ttl_pending(spec: Any, jobs_index: Any, namespace: str, name: str) -> bool:
     return (namespace, name) in jobs_index  # DeleteChildren: done once no child Job is left
 
 
-def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
+def register(registry: kopf.OperatorRegistry, settings: Settings, diffbase: InMemoryDiffBase) -> Reconciler:
     api = new_api_client(settings.kubeconfig, pool_size=settings.workers + 4)
     reconciler = Reconciler(settings, Kube(api, settings.request_timeout))
     executor = concurrent.futures.ThreadPoolExecutor(
@@ -129,6 +130,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> Reconciler:
     async def on_delete(namespace: str, name: str, uid: str, **_: Any) -> None:
         # Children go with the SFTJob through their ownerReferences (garbage collector).
         reconciler.forget(namespace, name, uid)
+        diffbase.forget(uid)
 
     @kopf.timer(
         GROUP,

@@ -19,6 +19,20 @@ from .state import Obj
 log = logging.getLogger("sftjob_operator.reconcile")
 
 
+# Phases whose arrival (or, for Suspended, departure) is posted as an Event. The progress phases in between
+# (Pending, Curating, Training, Evaluating, Merging) are in status.conditions with their transition times;
+# an Event for each would cost the apiserver one write per phase per SFTJob (issue 17 counts them).
+ANNOUNCED = (ph.SUCCEEDED, ph.FAILED, ph.SUSPENDED)
+
+
+def announced(prev_phase: str | None, new_phase: str) -> bool:
+    """Whether a change of phase or reason gets an Event: an end, a suspension, a resumption; and a new
+    reason of Failed."""
+    if prev_phase == new_phase:
+        return new_phase == ph.FAILED
+    return new_phase in ANNOUNCED or prev_phase == ph.SUSPENDED
+
+
 def record_transition(
     kube: Kube,
     body: Obj,
@@ -45,7 +59,7 @@ def record_transition(
             if created is not None:
                 metrics.TIME_TO_TRAINING.observe(max((now - created).total_seconds(), 0.0))
         etype = "Warning" if new_phase == ph.FAILED else "Normal"
-        if prev_phase != new_phase or new_phase == ph.FAILED:
+        if announced(prev_phase, new_phase):
             kube.post_event(
                 body,
                 etype,
