@@ -35,8 +35,18 @@ EXPECTED = {
     "gate": ("Failed", "EvalGateFailed"),
     "suspend": ("Succeeded", "Succeeded"),
 }
-# Phase order for "never goes backwards"; Suspended may come from and go to any non-terminal phase.
-RANK = {None: -1, "Pending": 0, "Training": 1, "Evaluating": 2, "Merging": 3, "Succeeded": 4, "Failed": 4}
+# Phase order for "never goes backwards" (a curated run goes Curating -> Pending while its train pods start);
+# Suspended may come from and go to any non-terminal phase.
+RANK = {
+    None: -1,
+    "Curating": 0,
+    "Pending": 0,
+    "Training": 1,
+    "Evaluating": 2,
+    "Merging": 3,
+    "Succeeded": 4,
+    "Failed": 4,
+}
 
 
 def manifest(name: str, kind: str) -> dict[str, Any]:
