@@ -3,6 +3,7 @@ backoffLimit, hang detection, lost-work accounting, and the phases a restart goe
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,6 +17,7 @@ from sftjob_operator.render.observe import JobObs, PodObs, observe_pod
 from sftjob_operator.render.recovery import (
     CAUSE_KINDS,
     Failure,
+    Stall,
     StepClock,
     cause_kind,
     checkpoint_step_of,
@@ -232,6 +234,14 @@ def test_a_stall_restarts_the_group_counted_and_sets_the_condition() -> None:
         "True",
         "Stalled",
     ) and "step 57" in cond.message
+    # the same stall seen again on the next tick (the old group still tearing down) writes nothing new
+    later = detect_stall(clock((0, 56), (10, 57)), "job-1", policy, NOW + timedelta(seconds=47))
+    assert later is not None and later.message != stall.message
+    assert stalled_condition([cond], replace(plan, stall=later), NOW, 1) == [cond]
+    # a stall at another step is news
+    other = Stall(step=90, seconds=40, threshold=30)
+    [moved] = stalled_condition([cond], replace(plan, stall=other), NOW, 1)
+    assert moved.status == "True" and moved.message.startswith("step 90 has not advanced for 40s"), moved
     [cleared] = stalled_condition([cond], plan_restart(plan.status, policy, None, [], None, NOW), NOW, 1)
     assert (cleared.status, cleared.reason) == ("False", "Progressing")
 

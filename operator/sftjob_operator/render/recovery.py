@@ -179,9 +179,13 @@ class Stall:
     threshold: float
 
     @property
+    def subject(self) -> str:
+        return f"step {self.step} has not advanced"
+
+    @property
     def message(self) -> str:
         return (
-            f"step {self.step} has not advanced for {self.seconds:.0f}s"
+            f"{self.subject} for {self.seconds:.0f}s"
             f" (threshold {self.threshold:.0f}s: runPolicy.stallFactor x median step time,"
             " at least runPolicy.stallFloorSeconds)"
         )
@@ -305,10 +309,13 @@ def stalled_condition(
     conds: list[Condition], plan: RestartPlan, now: datetime, generation: int | None
 ) -> list[Condition]:
     """Stalled=True while a stall is seen (the message names the last step and the time since it advanced);
-    False once it is not (the group was restarted, or the step moved again)."""
-    if plan.stall is not None:
-        return set_condition(conds, "Stalled", "True", STALLED, plan.stall.message, now, generation)
+    False once it is not (the group was restarted, or the step moved again). One stall is one write: while
+    the old group is torn down the same stall is seen on every tick, and its growing "for Ns" is not news."""
     old = get_condition(conds, "Stalled")
+    if plan.stall is not None:
+        if old is not None and old.status == "True" and old.message.startswith(plan.stall.subject + " "):
+            return conds
+        return set_condition(conds, "Stalled", "True", STALLED, plan.stall.message, now, generation)
     if old is not None and old.status == "True":
         return set_condition(conds, "Stalled", "False", "Progressing", f"was: {old.message}", now, generation)
     return conds
