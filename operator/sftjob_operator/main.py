@@ -15,8 +15,8 @@ import kopf
 from sftjob_api import GROUP, PLURAL
 
 from . import metrics
-from .diffbase import InMemoryDiffBase
 from .handlers import register
+from .kopf_storage import InMemoryDiffBase, UnmarkedProgressStorage
 from .render.names import LABEL_JOB_NAME
 from .settings import Settings, from_args
 
@@ -37,10 +37,8 @@ class RetryForever:
 def configure(settings: Settings, kopf_settings: kopf.OperatorSettings, diffbase: InMemoryDiffBase) -> None:
     """Apply our settings to kopf's."""
     # status is a structural schema that prunes unknown fields: keep kopf's retry bookkeeping in annotations
-    # (written only when a handler fails), and what it last handled in memory (diffbase.py: no write).
-    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-        prefix=settings.annotation_prefix
-    )
+    # (written only when a handler fails), and what it last handled in memory (kopf_storage.py: no write).
+    kopf_settings.persistence.progress_storage = UnmarkedProgressStorage(prefix=settings.annotation_prefix)
     kopf_settings.persistence.diffbase_storage = diffbase
     kopf_settings.persistence.finalizer = settings.finalizer
     kopf_settings.watching.server_timeout = settings.watch_server_timeout

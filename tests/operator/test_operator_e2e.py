@@ -258,7 +258,7 @@ def test_operator_kill9_mid_run_no_duplicates(sftjob_crd: Any, namespace: str, o
     assert len(pods(kube, namespace, "sft.tuning.dev/stage=train")) == 1  # no second trainer
     for kind in ("services", "configmaps"):
         assert len(kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]) == 1
-    # announced once, though the restarted operator reconciled it afresh (its create handler: diffbase.py)
+    # announced once, though the restarted operator reconciled it afresh (its create handler: kopf_storage.py)
     assert transition_messages(kube, namespace, "phoenix") == ["Merging -> Succeeded"]
 
 

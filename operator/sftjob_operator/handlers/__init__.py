@@ -18,7 +18,7 @@ import kopf
 from sftjob_api import GROUP, PLURAL, TERMINAL_PHASES, VERSION, SpecError, parse_spec
 
 from .. import metrics
-from ..diffbase import InMemoryDiffBase
+from ..kopf_storage import InMemoryDiffBase
 from ..render.names import LABEL_JOB_NAME
 from ..settings import Settings
 from .kube import Kube, new_api_client
