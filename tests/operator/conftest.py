@@ -253,6 +253,19 @@ def events(kube: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
 
 
+def wait_event(
+    kube: Any, namespace: str, name: str, reason: str, timeout: float = 30
+) -> list[dict[str, Any]]:
+    """The SFTJob's Events once one has `reason`. The operator posts an Event after the status write it
+    belongs to, so a test that just saw the status may list the Events a moment too early."""
+
+    def with_reason() -> list[dict[str, Any]] | None:
+        evs = events(kube, namespace, name)
+        return evs if any(e["reason"] == reason for e in evs) else None
+
+    return wait_until(with_reason, timeout, f"an Event {reason} of {namespace}/{name}")
+
+
 def timed(what: str) -> Callable[[], float]:
     t0 = time.monotonic()
 

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from conftest import Operator, apply, condition, events, jobs, pods, sftjob, status, wait_phase
+from conftest import Operator, apply, condition, events, jobs, pods, sftjob, status, wait_event, wait_phase
 from kubernetes import client
 from testbed.watch import Watcher
 
@@ -112,6 +112,7 @@ def test_curation_runs_alone_before_the_train_job(
         assert (
             f'sftjob_operator_phase_transitions_total{{from_phase="{before}",to_phase="{after}"}} 1.0' in text
         )
+    wait_event(kube, ns, "cur", "Succeeded")
     assert transitions(kube, ns, "cur") == ["Merging -> Succeeded"]  # Events: the end only
 
 
@@ -146,5 +147,5 @@ def test_failed_curation_fails_the_run_without_a_train_job(
     assert [j["metadata"]["name"] for j in jobs(kube, ns)] == ["badcur-curate"]
     assert kube.get_json("job", "badcur-curate", "-n", ns)["status"].get("failed") == 1  # FailJob: no retry
     assert status(kube, ns, "badcur")["phase"] == "Failed"
-    warnings = [e for e in events(kube, ns, "badcur") if e["type"] == "Warning"]
+    warnings = [e for e in wait_event(kube, ns, "badcur", "CurationFailed") if e["type"] == "Warning"]
     assert any(e["reason"] == "CurationFailed" and why in e["message"] for e in warnings), warnings

@@ -19,6 +19,7 @@ from conftest import (
     sftjob,
     status,
     timed,
+    wait_event,
     wait_phase,
 )
 from testbed.procs import wait_until
@@ -83,6 +84,7 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     assert stages == ["eval", "merge", "train"]
 
     # An Event for the end only (one write, not one per phase: the conditions above carry the way there).
+    wait_event(kube, namespace, "happy", "Succeeded")
     assert transition_messages(kube, namespace, "happy") == ["Merging -> Succeeded"]
 
     # Operator metrics and health.
@@ -149,7 +151,7 @@ def test_retryable_exit_code_is_retried_then_succeeds(
     train = kube.get_json("job", "retry-train", "-n", namespace)
     assert train["status"].get("failed", 0) == 0 and train["status"]["succeeded"] == 1
     assert len(st["recoveries"]) == 1 and st["recoveries"][0]["cause"].endswith("exit code 1"), st
-    assert any(e["reason"] == "TrainerRestarted" for e in events(kube, namespace, "retry"))
+    wait_event(kube, namespace, "retry", "TrainerRestarted")
     assert "sftjob_operator_restarts_total 1.0" in operator.metrics()
 
 
@@ -188,7 +190,7 @@ def test_stuck_pending_on_unsatisfiable_gpu_request(
     assert cond["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in cond["message"], cond  # the scheduler's own words
     assert st["phase"] == "Pending"
-    assert any(e["reason"] == "StuckUnschedulable" for e in events(kube, namespace, "stuck"))
+    wait_event(kube, namespace, "stuck", "StuckUnschedulable")
     st = wait_phase(kube, namespace, "stuck", "Failed", 60, operator)
     assert st["reason"] == "Stuck" and "Insufficient nvidia.com/gpu" in st["message"]
     # A failed run stops its Pending pods.
@@ -259,6 +261,7 @@ def test_operator_kill9_mid_run_no_duplicates(sftjob_crd: Any, namespace: str, o
     for kind in ("services", "configmaps"):
         assert len(kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]) == 1
     # announced once, though the restarted operator reconciled it afresh (its create handler: kopf_storage.py)
+    wait_event(kube, namespace, "phoenix", "Succeeded")
     assert transition_messages(kube, namespace, "phoenix") == ["Merging -> Succeeded"]
 
 
@@ -282,9 +285,8 @@ def test_operator_only_invalid_spec_ends_failed_invalid_spec(
     assert st["message"].startswith("spec.output.uri:")
     assert condition(st, "Failed")["reason"] == "InvalidSpec"
     assert jobs(kube, namespace) == []
-    assert any(
-        e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events(kube, namespace, "local")
-    )
+    evs = wait_event(kube, namespace, "local", "InvalidSpec")
+    assert all(e["type"] == "Warning" for e in evs if e["reason"] == "InvalidSpec"), evs
     assert operator.proc is not None and operator.proc.alive()
 
 
@@ -304,7 +306,7 @@ def test_ttl_deletes_children_keeps_sftjob(sftjob_crd: Any, namespace: str, oper
     wait_until(lambda: not jobs(kube, namespace), 30, "children deleted after the TTL")
     st = status(kube, namespace, "brief")
     assert st["phase"] == "Succeeded"  # the SFTJob and its status stay
-    assert any(e["reason"] == "TTLExpired" for e in events(kube, namespace, "brief"))
+    wait_event(kube, namespace, "brief", "TTLExpired")
 
 
 def test_eval_gate_failed_from_reported_results(sftjob_crd: Any, namespace: str, operator: Operator) -> None:

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import Operator, apply, condition, events, jobs, sftjob, wait_phase
+from conftest import Operator, apply, condition, jobs, sftjob, wait_event, wait_phase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -72,6 +72,6 @@ def test_child_refused_ends_invalid_spec(
     assert quote in st["message"], st
     assert condition(st, "Failed")["reason"] == "InvalidSpec"
     assert jobs(kube, namespace) == []
-    assert any(e["reason"] == "InvalidSpec" for e in events(kube, namespace, "refused"))
+    wait_event(kube, namespace, "refused", "InvalidSpec")
     assert operator.proc is not None and operator.proc.alive()
     assert "Traceback" not in operator.log()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Operator, apply, condition, events, sftjob, status, wait_phase
+from conftest import Operator, apply, condition, sftjob, status, wait_event, wait_phase
 from kubernetes import client
 from testbed.procs import wait_until
 from testbed.watch import Watcher
@@ -107,7 +107,7 @@ def test_one_rank_fails_retryably_whole_group_restarts_once(
     [rec] = st["recoveries"]
     assert rec["counted"] and "(rank 1) exit code 1" in rec["cause"], rec
     assert (rec["failedStep"], rec["resumedFromStep"], rec["stepsLost"]) == (57, 40, 17), rec
-    assert any(e["reason"] == "TrainerRestarted" for e in events(kube, ns, "grp"))
+    wait_event(kube, ns, "grp", "TrainerRestarted")
     # the new group resumes from step 40: its first later step closes the recovery's downtime
     with rank0_exporter(pods1[0], ns, "grp", operator.trainer_metrics_port, monkeypatch) as tm:
         tm.step.set(41)
