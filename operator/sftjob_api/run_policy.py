@@ -22,8 +22,8 @@ class RunPolicy(ApiModel):
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Clean up this long after Succeeded or Failed (see ttlPolicy)."""
     ttl_policy: Literal["DeleteChildren", "DeleteSFTJob"] = "DeleteChildren"
-    """DeleteChildren keeps the SFTJob (and its status) but deletes its Jobs, pods, Service and
-    ConfigMap; DeleteSFTJob deletes the SFTJob itself. Artifacts in S3 are never deleted."""
+    """DeleteChildren keeps the SFTJob (and its status) but deletes its Jobs, pods and Service;
+    DeleteSFTJob deletes the SFTJob itself. Artifacts in S3 are never deleted."""
     stuck_pending_timeout_seconds: int = Field(default=600, ge=10)
     """Pods Pending longer than this set the Stuck condition with the cause."""
     fail_when_stuck_seconds: int | None = Field(default=None, ge=10)

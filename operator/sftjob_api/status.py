@@ -203,9 +203,10 @@ class Children(ApiModel):
     """Names of the objects the operator created (all owned by the SFTJob)."""
 
     config_map: str | None = None
-    """Trainer config."""
+    """Trainer config ConfigMap: written by earlier operator versions only (the config now travels in the pod
+    template); kept so their statuses still parse."""
     service: str | None = None
-    """Headless Service for the rendezvous."""
+    """Headless Service for the rendezvous of a multi-node run (none when resources.nodes is 1)."""
     train_job: str | None = None
     """Indexed training Job."""
     eval_job: str | None = None

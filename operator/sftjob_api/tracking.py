@@ -6,7 +6,7 @@ that reaches the tracking server creates the run and records its id in the artif
 in its termination message (`{"tracking": {...}}`, also next to `evalResults`), from which the operator
 fills `status.tracking`. See docs/tracking.md.
 
-Credentials never pass through the spec, the ConfigMap, status or logs: the pods get them from a Secret as
+Credentials never pass through the spec, the trainer config, status or logs: the pods get them from a Secret as
 the environment variables the MLflow client reads itself (`CREDENTIAL_ENV`).
 """
 

@@ -1,8 +1,8 @@
 """The trainer's config file: the SFTJob spec itself (all its sections, same wire names and rules) plus
 `run` (which SFTJob, where its artifacts go) and `runtime` (process settings).
 
-The operator renders it into the ConfigMap (`sftjob_operator.render.trainer_config`), `sftjob run` into
-its work directory; the trainer reads it (`sftjob_trainer.config.load_config`). Rank and world size are not
+The operator renders it into every stage's pod template (`sftjob_operator.render.trainer_config`; an
+annotation mounted as a file), `sftjob run` into its work directory; the trainer reads it (`sftjob_trainer.config.load_config`). Rank and world size are not
 config: they come from torchrun's environment.
 """
 

@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from sftjob_api import SFTJobSpec
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 def model_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -189,6 +188,5 @@ def names_field(message: str) -> bool:
 
 
 def child_name_problems(kind: str, name: str) -> list[str]:
-    """Services and Jobs (pod hostnames) need DNS-1123 labels; ConfigMaps DNS subdomains."""
-    ok = DNS_SUBDOMAIN.match(name) if kind == "ConfigMap" else DNS_LABEL.match(name)
-    return [] if ok else [f"{kind} {name!r}"]
+    """Services and Jobs (pod hostnames) need DNS-1123 labels."""
+    return [] if DNS_LABEL.match(name) else [f"{kind} {name!r}"]

@@ -113,9 +113,6 @@ class Fuzz:
         found += [
             ("Service", s) for s in self.core.list_namespaced_service(self.ns, label_selector=sel).items
         ]
-        found += [
-            ("ConfigMap", c) for c in self.core.list_namespaced_config_map(self.ns, label_selector=sel).items
-        ]
         for kind, obj in found:
             self.children_checked += 1
             self.violations += [

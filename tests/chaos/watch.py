@@ -5,7 +5,7 @@ error (the apiserver going away included), and lists again when the apiserver an
 it sees goes to a `Recorder`, which keeps what the checks need:
 
 - per SFTJob (by uid): every (phase, observedGeneration, generation) it was seen with, in order;
-- per child (ConfigMap, Service, stage Job) of each SFTJob: every uid it ever had (more than one = a duplicate);
+- per child (Service, stage Job) of each SFTJob: every uid it ever had (more than one = a duplicate);
 - per SFTJob: the train pods seen Running (the campaign injects retryable failures into them).
 """
 
@@ -126,7 +126,7 @@ class Recorder:
 
 
 class Watches:
-    """The watches a chaos run needs in one namespace: SFTJobs, their Jobs, ConfigMaps, Services, pods."""
+    """The watches a chaos run needs in one namespace: SFTJobs, their Jobs, Services, pods."""
 
     def __init__(self, api: client.ApiClient, namespace: str):
         self.recorder = Recorder()
@@ -140,14 +140,6 @@ class Watches:
             Watcher("sftjobs", api, sftjobs, r.sftjob),
             Watcher(
                 "jobs", api, batch.list_namespaced_job, partial(r.child, "job"), namespace=namespace, **sel
-            ),
-            Watcher(
-                "configmaps",
-                api,
-                core.list_namespaced_config_map,
-                partial(r.child, "configmap"),
-                namespace=namespace,
-                **sel,
             ),
             Watcher(
                 "services",

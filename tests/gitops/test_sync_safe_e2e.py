@@ -121,7 +121,7 @@ def test_reapplying_every_example_is_a_no_op(
         )
 
     # Children are owned by their SFTJob: Argo CD shows them under it and never tracks or prunes them.
-    owned_kinds = ("jobs", "services", "configmaps")
+    owned_kinds = ("jobs", "services")
     for kind in owned_kinds:
         for child in kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]:
             refs = child["metadata"].get("ownerReferences") or []

@@ -61,7 +61,6 @@ def test_install_creates_the_operator_and_least_privilege_rbac(kube, release):
         ("list", "pods"),
         ("delete", "pods"),  # a torn-down group's pods on a NotReady node (docs/recovery.md)
         ("create", "services"),
-        ("create", "configmaps"),
         ("create", "events"),
         ("patch", "kopfpeerings.kopf.dev"),
     ]
@@ -77,6 +76,7 @@ def test_install_creates_the_operator_and_least_privilege_rbac(kube, release):
         ("get", "secrets", "-n", watched),
         ("list", "secrets", "--all-namespaces"),
         ("create", "pods", "-n", watched),
+        ("create", "configmaps", "-n", watched),  # the trainer config travels in the pod template
         ("create", "jobs.batch", "-n", ns),  # the release namespace is not watched
         ("list", "sftjobs.sft.tuning.dev", "--all-namespaces"),
         ("escalate", "roles.rbac.authorization.k8s.io", "-n", watched),

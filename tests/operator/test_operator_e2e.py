@@ -22,6 +22,7 @@ from conftest import (
     wait_event,
     wait_phase,
 )
+from pod_files import trainer_config_file
 from testbed.procs import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -37,7 +38,8 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     apply(kube, namespace, sftjob("happy", delay="2s"))
     wait_phase(kube, namespace, "happy", "Training", 60, operator)
 
-    # Children: ConfigMap, headless Service, indexed train Job, all owned by the SFTJob.
+    # Children: the indexed train Job, owned by the SFTJob; one pod needs no Service and the trainer config
+    # travels in the pod template (no ConfigMap).
     owner = get(kube, namespace, "happy")["metadata"]["uid"]
     train = kube.get_json("job", "happy-train", "-n", namespace)
     assert train["spec"]["completionMode"] == "Indexed"
@@ -49,12 +51,13 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
     assert tmpl["metadata"]["annotations"]["kwok.sftjob.dev/delay"] == "2s"
     assert tmpl["spec"]["containers"][0]["command"][:4] == ["python", "-m", "sftjob_trainer", "launch"]
     assert tmpl["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    svc = kube.get_json("service", "happy-train", "-n", namespace)
-    assert svc["spec"]["clusterIP"] == "None" and svc["metadata"]["ownerReferences"][0]["uid"] == owner
-    cm = kube.get_json("configmap", "happy-config", "-n", namespace)
-    assert json.loads(cm["data"]["config.yaml"])["run"]["name"] == "happy"
+    assert json.loads(trainer_config_file(train))["run"]["name"] == "happy"  # as the API server stored it
+    for kind in ("services", "configmaps"):
+        assert not kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]
     (pod,) = pods(kube, namespace, "sft.tuning.dev/stage=train")
-    assert pod["spec"]["hostname"] == "happy-train-0" and pod["spec"]["subdomain"] == "happy-train"
+    assert pod["spec"]["hostname"] == "happy-train-0" and "subdomain" not in pod["spec"]
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["MASTER_ADDR"] == "127.0.0.1"
 
     st = wait_phase(kube, namespace, "happy", "Succeeded", 90, operator)
     took = done()
@@ -72,8 +75,6 @@ def test_happy_path_train_eval_merge_succeeded(sftjob_crd: Any, namespace: str, 
         assert condition(st, ctype)["lastTransitionTime"]
     assert condition(st, "Training")["reason"] == "TrainingCompleted"
     assert st["children"] == {
-        "configMap": "happy-config",
-        "service": "happy-train",
         "trainJob": "happy-train",
         "evalJob": "happy-eval",
         "mergeJob": "happy-merge",
@@ -239,11 +240,11 @@ def test_deletion_cascades_to_children(sftjob_crd: Any, namespace: str, operator
     def all_gone() -> bool:
         left = [
             kube.kubectl("get", kind, "-n", namespace, "-l", "sft.tuning.dev/job-name", "-o", "name").stdout
-            for kind in ("jobs", "pods", "services", "configmaps")
+            for kind in ("jobs", "pods")
         ]
         return not "".join(left).strip()
 
-    wait_until(all_gone, 60, "garbage collector deleting Jobs, pods, Service and ConfigMap")
+    wait_until(all_gone, 60, "garbage collector deleting Jobs and pods")
 
 
 def test_operator_kill9_mid_run_no_duplicates(sftjob_crd: Any, namespace: str, operator: Operator) -> None:
@@ -258,8 +259,8 @@ def test_operator_kill9_mid_run_no_duplicates(sftjob_crd: Any, namespace: str, o
     names = sorted(j["metadata"]["name"] for j in jobs(kube, namespace))
     assert names == ["phoenix-eval", "phoenix-merge", "phoenix-train"]
     assert len(pods(kube, namespace, "sft.tuning.dev/stage=train")) == 1  # no second trainer
-    for kind in ("services", "configmaps"):
-        assert len(kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]) == 1
+    for kind in ("services", "configmaps"):  # a one-pod run has neither
+        assert not kube.get_json(kind, "-n", namespace, "-l", "sft.tuning.dev/job-name")["items"]
     # announced once, though the restarted operator reconciled it afresh (its create handler: kopf_storage.py)
     wait_event(kube, namespace, "phoenix", "Succeeded")
     assert transition_messages(kube, namespace, "phoenix") == ["Merging -> Succeeded"]

@@ -53,6 +53,12 @@ def test_valid_label_keys_admitted(sftjob_crd: Any, namespace: str) -> None:
             "is invalid",
         ),
         ({"priorityClassName": "Not_A_Name"}, "spec.resources.priorityClassName", "is invalid"),
+        # under the 256 KiB cap on a pod's annotations alone, over it with the trainer config beside them
+        (
+            {"podAnnotations": {f"a{i}": "x" * (65536 - 200) for i in range(4)}},
+            "spec.resources.podAnnotations (with the trainer config",
+            "Too long",
+        ),
         # refused by the Kubernetes client's core/v1 models before it is sent (a required field missing)
         (
             {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}}},

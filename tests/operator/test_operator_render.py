@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pod_files import trainer_config_file
 
 from sftjob_api import Layout, SFTJobStatus, Stage, merge_enabled, parse_spec
 from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode
@@ -51,7 +52,6 @@ def minimal() -> tuple[o.SFTJobRef, Any]:
 def all_children(ref: o.SFTJobRef, spec: Any) -> list[dict[str, Any]]:
     opts = o.RenderOptions()
     return [
-        o.render_config_map(ref, spec),
         o.render_service(ref),
         o.render_train_job(ref, spec, opts),
         o.render_eval_job(ref, spec, opts),
@@ -67,7 +67,6 @@ def test_names_are_deterministic_and_short(multinode: Any) -> None:
     assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
     names = [c["metadata"]["name"] for c in first]
     assert names == [
-        "llama-8b-support-bot-config",
         "llama-8b-support-bot-train",
         "llama-8b-support-bot-train",
         "llama-8b-support-bot-eval",
@@ -94,7 +93,7 @@ def test_every_child_is_owned_and_labelled(multinode: Any) -> None:
             }
         ]
         assert meta["labels"][LABEL_JOB_NAME] == ref.name
-        assert meta["labels"][LABEL_STAGE] in ("config", "train", "eval", "merge", "curate")
+        assert meta["labels"][LABEL_STAGE] in ("train", "eval", "merge", "curate")
 
 
 def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
@@ -162,18 +161,18 @@ def test_no_spec_string_reaches_a_shell(minimal: Any) -> None:
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["model"]["uri"] = "/models/$(rm -rf /);`reboot`"
     spec = parse_spec(doc["spec"])
-    for job in all_children(ref, spec)[2:]:
+    for job in all_children(ref, spec)[1:]:
         c = job["spec"]["template"]["spec"]["containers"][0]
         assert c["command"][:3] == ["python", "-m", "sftjob_trainer"]
         assert not any(x in ("sh", "bash", "-c", "/bin/sh") for x in c["command"])
         assert "rm -rf" not in json.dumps(c["command"]) + json.dumps(c["env"])
-    cm = o.render_config_map(ref, spec)
-    assert "rm -rf" in cm["data"]["config.yaml"]  # the value lives in the config file, as data
+    config = trainer_config_file(o.render_train_job(ref, spec, o.RenderOptions()))
+    assert "rm -rf" in config  # the value lives in the config file, as data
 
 
 def test_security_context_and_shm(minimal: Any) -> None:
     ref, spec = minimal
-    for job in all_children(ref, spec)[2:]:
+    for job in all_children(ref, spec)[1:]:
         pod = job["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -211,9 +210,10 @@ def test_pod_annotations_and_labels_reach_every_pod(minimal: Any) -> None:
         "podLabels": {"team": "nlp", LABEL_JOB_NAME: "spoofed"},
     }
     spec = parse_spec(doc["spec"])
-    for job in all_children(ref, spec)[2:]:
+    for job in all_children(ref, spec)[1:]:
         tmeta = job["spec"]["template"]["metadata"]
-        assert tmeta["annotations"] == {"kwok.sftjob.dev/delay": "3s"}
+        assert tmeta["annotations"]["kwok.sftjob.dev/delay"] == "3s"
+        assert set(tmeta["annotations"]) == {"kwok.sftjob.dev/delay", o.CONFIG_ANNOTATION}
         assert tmeta["labels"]["team"] == "nlp"
         assert tmeta["labels"][LABEL_JOB_NAME] == "minimal"  # ours win: the index relies on them
 
@@ -221,7 +221,7 @@ def test_pod_annotations_and_labels_reach_every_pod(minimal: Any) -> None:
 def test_kueue_label_passthrough_and_suspended_children(multinode: Any, minimal: Any) -> None:
     ref, spec = multinode
     assert ref.queued
-    for job in all_children(ref, spec)[2:]:
+    for job in all_children(ref, spec)[1:]:
         assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
         assert job["spec"]["template"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-team-a"
         assert job["spec"]["suspend"] is True
@@ -325,6 +325,20 @@ def test_service_is_headless_and_selects_train_pods(minimal: Any) -> None:
     assert svc["metadata"]["name"] == ChildNames("minimal").service
 
 
+def test_one_pod_group_meets_on_loopback_without_a_service(minimal: Any, multinode: Any) -> None:
+    """A Service exists only for the rank-0 DNS name of a multi-node group: one pod needs none."""
+    for (ref, spec), nodes in ((minimal, 1), (multinode, 2)):
+        assert spec.resources.nodes == nodes
+        pod = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert o.needs_service(spec) is (nodes > 1)
+        if nodes == 1:
+            assert env["MASTER_ADDR"] == "127.0.0.1" and "subdomain" not in pod
+        else:
+            assert env["MASTER_ADDR"] == ChildNames(ref.name).master_addr
+            assert pod["subdomain"] == o.render_service(ref)["metadata"]["name"]
+
+
 def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     ref, _ = minimal
     doc = load("sftjob-minimal.yaml")
@@ -349,8 +363,10 @@ def test_trainer_config_and_artifacts(minimal: Any) -> None:
     # the config is the spec itself (every section, the same wire names) plus run and runtime
     sections = {k: v for k, v in cfg.items() if k not in ("run", "runtime")}
     assert sections == spec.model_dump(mode="json", exclude_none=True)
-    cm = o.render_config_map(ref, spec)
-    assert json.loads(cm["data"]["config.yaml"]) == cfg
+    # every stage's pods read the same file (the spec parts it comes from are immutable)
+    jobs = all_children(ref, spec)[1:]
+    assert {trainer_config_file(job) for job in jobs} == {trainer_config_file(jobs[0])}
+    assert json.loads(trainer_config_file(jobs[0])) == cfg
     a = status_artifacts(spec, "team-a", "minimal")
     assert a.adapter == "s3://artifacts/sft/team-a/minimal/adapter/"
     assert a.merged == "s3://artifacts/sft/team-a/minimal/merged/"
@@ -430,8 +446,8 @@ def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) ->
 def test_rendered_config_is_a_valid_trainer_config(multinode: Any, minimal: Any) -> None:
     """The contract with the trainer: the config model (sftjob_api) accepts what the operator renders."""
     for ref, spec in (multinode, minimal):
-        cm = o.render_config_map(ref, spec)
-        cfg = TrainerConfig.model_validate(json.loads(cm["data"]["config.yaml"]))
+        job = o.render_train_job(ref, spec, o.RenderOptions())
+        cfg = TrainerConfig.model_validate(json.loads(trainer_config_file(job)))
         assert cfg.run.name == ref.name and cfg.run.namespace == "team-a"
         assert cfg.run.output_root == f"s3://artifacts/sft/team-a/{ref.name}/"
         assert cfg.resources.deepspeed.zero_stage == spec.resources.deepspeed.zero_stage
@@ -448,7 +464,7 @@ def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
         "s3://bucket/c.jsonl",
     ]
     spec = parse_spec(doc["spec"])
-    for job in all_children(ref, spec)[2:]:
+    for job in all_children(ref, spec)[1:]:
         pod = job["spec"]["template"]["spec"]
         claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
         assert claims == [
@@ -457,7 +473,8 @@ def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
         ]
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/datasets"]["readOnly"]
-    cfg = TrainerConfig.model_validate(json.loads(o.render_config_map(ref, spec)["data"]["config.yaml"]))
+    job = o.render_train_job(ref, spec, o.RenderOptions())
+    cfg = TrainerConfig.model_validate(json.loads(trainer_config_file(job)))
     assert cfg.model.uri == "/mnt/pvc/models/llama-8b"
     assert cfg.dataset.train == [
         "/mnt/pvc/datasets/a.jsonl",

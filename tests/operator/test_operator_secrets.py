@@ -1,6 +1,7 @@
 """Secrets (issue 14, part 7), operator side: the values of the S3 credentials Secret an SFTJob references
-never appear in its status, the namespace's Events, the operator's log, the rendered ConfigMap, the child
-objects (the pods get them through secretKeyRef only) or the operator's metrics. The trainer side is
+never appear in its status, the namespace's Events, the operator's log, the child objects (the trainer
+config in their pod templates included; the pods get them through secretKeyRef only) or the operator's
+metrics. The trainer side is
 tests/trainer/test_secrets_trainer.py; a missing Secret on a real kubelet is tests/node."""
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ def test_credential_values_never_leave_the_secret(
     places = {
         "sftjob": json.dumps(get(kube, namespace, "secretive")),
         "events": json.dumps(kube.get_json("events", "-n", namespace)),
-        "configmaps": json.dumps(kube.get_json("configmaps", "-n", namespace)),
         "jobs": json.dumps(kube.get_json("jobs", "-n", namespace)),
         "pods": json.dumps(kube.get_json("pods", "-n", namespace)),
         "services": json.dumps(kube.get_json("services", "-n", namespace)),

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from pod_files import trainer_config_file
 
 from sftjob_api import parse_spec
 from sftjob_api.storage import S3Store, open_store
@@ -28,9 +29,9 @@ def spec_with(output: dict[str, Any]) -> Any:
 
 
 def trainer_store(output: dict[str, Any]) -> S3Store:
-    """What the trainer in the pod opens: the ConfigMap the operator renders, parsed as the trainer does."""
+    """What the trainer in the pod opens: the config file the operator renders, parsed as the trainer does."""
     ref = o.SFTJobRef("run", "team-a", "uid-1")
-    rendered = o.render_config_map(ref, spec_with(output))["data"]["config.yaml"]
+    rendered = trainer_config_file(o.render_train_job(ref, spec_with(output), o.RenderOptions()))
     cfg = TrainerConfig.model_validate(json.loads(rendered))
     store = open_store(cfg.run.output_root, cfg.output)
     assert isinstance(store, S3Store)

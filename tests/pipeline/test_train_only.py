@@ -2,7 +2,7 @@
 manifest.json that verifies, in a cluster and under `sftjob run` alike: the final stage of stages(spec)
 writes it. (Once only the eval and merge stages wrote it, so such runs never looked complete.)
 
-"In a cluster" here is the train pod without Kubernetes: the ConfigMap and the container command and env
+"In a cluster" here is the train pod without Kubernetes: the config file and the container command and env
 the operator renders, run as they are (Kubernetes' $(VAR) expansion and Secret refs filled in by the test),
 against real S3 (SeaweedFS) reached only through spec.output's endpoint and pathStyle."""
 
@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import pytest
+from pod_files import trainer_config_file
 
 from sftjob_api import Layout, parse_spec
 from sftjob_api.layout import status_artifacts
@@ -99,7 +100,7 @@ def pod_env(job: dict[str, Any], s3: Any, config: str, tmp_path: Any) -> dict[st
             env[e["name"]] = e["value"]
         elif "secretKeyRef" in e["valueFrom"]:
             env[e["name"]] = keys[e["valueFrom"]["secretKeyRef"]["key"]]
-    env.update(JOB_COMPLETION_INDEX="0", POD_NAME="tiny-train-0", MASTER_ADDR="127.0.0.1")
+    env.update(JOB_COMPLETION_INDEX="0", POD_NAME="tiny-train-0")  # MASTER_ADDR: one pod meets on 127.0.0.1
     env.update(MASTER_PORT=str(free_port()), SFTJOB_CONFIG=config)
     env["SFTJOB_TERMINATION_LOG"] = str(tmp_path / "termination-log")
     assert "AWS_ENDPOINT_URL" not in env  # the endpoint reaches the trainer through its config only
@@ -110,8 +111,8 @@ def run_train_pod(spec: Any, s3: Any, tmp_path: Any) -> dict[str, str]:
     """The train pod the operator renders for `spec` (SFTJob team-a/tiny), run to its end; returns its env."""
     ref = o.SFTJobRef("tiny", "team-a", "uid-1")
     config = tmp_path / "config.yaml"
-    config.write_text(o.render_config_map(ref, spec)["data"][o.CONFIG_FILE])
     job = o.render_train_job(ref, spec, o.RenderOptions(metrics_port=free_port()))
+    config.write_text(trainer_config_file(job))
     env = pod_env(job, s3, str(config), tmp_path)
     proc = subprocess.run(
         pod_command(job, str(config), env), env=env, capture_output=True, text=True, timeout=600

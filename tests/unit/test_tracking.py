@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pod_files import trainer_config_file
 from testbed.procs import free_port
 
 from sftjob_api import Layout, SpecError, parse_spec
@@ -68,7 +69,7 @@ def test_credentials_reach_the_pods_from_the_secret_only() -> None:
         ):
             ref_ = env[var]["valueFrom"]["secretKeyRef"]
             assert ref_ == {"name": "mlflow-creds", "key": key, "optional": True} and "value" not in env[var]
-    config = o.render_config_map(ref, spec)["data"]
+    config = trainer_config_file(o.render_train_job(ref, spec, opts))
     assert "mlflow-creds" in json.dumps(config)  # the Secret's name only: the trainer never reads the Secret
     assert 'MLFLOW_TRACKING_PASSWORD": "' not in json.dumps(config)
     no_secret = o.render_train_job(ref, parse_spec(with_mlflow()), opts)

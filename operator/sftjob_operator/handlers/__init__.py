@@ -172,6 +172,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, diffbase: InMe
         namespace: str, labels: Any, sft_jobs: Any, sft_pods: Any, sft_objects: Any, **_: Any
     ) -> None:
         parent = labels[LABEL_JOB_NAME]
+        if (namespace, parent) not in sft_objects:
+            # The SFTJob is gone and the garbage collector is deleting its Jobs: reading it would only 404.
+            # (kopf fills every index before any handler runs, so a live SFTJob is always in it.)
+            return
         try:
             await run(namespace, parent, sft_jobs, sft_pods, sft_objects)
         except Exception as e:  # event handlers are not retried: the timer resyncs

@@ -12,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 from sftjob_api import SFTJobSpec, Stage, stages
 
 from ..render.names import ChildNames
-from ..render.objects import RenderOptions, SFTJobRef, render_config_map, render_service, render_stage_job
+from ..render.objects import RenderOptions, SFTJobRef, needs_service, render_service, render_stage_job
 from ..render.observe import JobObs, PodObs, parse_time
 from ..render.stuck import JobEvent, Stuck, detect_stuck
 from .kube import Kube
@@ -30,15 +30,13 @@ class Children:
         self.opts = opts
 
     def ensure_base(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo) -> None:
-        """The ConfigMap, the Service and the first stage's Job (curate, else train)."""
-        # Once a stage Job exists its ConfigMap and Service were created before it.
+        """The Service of a multi-node run and the first stage's Job (curate, else train)."""
+        # Once a stage Job exists its Service was created before it.
         if jobs:
             return
-        for key, obj in (("configmap", render_config_map(ref, spec)), ("service", render_service(ref))):
-            if key in memo.created:
-                continue
-            self.kube.create(obj)
-            memo.created[key] = time.monotonic()
+        if needs_service(spec) and "service" not in memo.created:
+            self.kube.create(render_service(ref))
+            memo.created["service"] = time.monotonic()
         self.create_job(stages(spec)[0], ref, spec, memo)
 
     def create_job(self, stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:

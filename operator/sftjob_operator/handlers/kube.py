@@ -7,7 +7,6 @@ API verbs used here (the Helm chart's ClusterRole must grant them):
   sft.tuning.dev  sftjobs/finalizers update (ownerReferences with blockOwnerDeletion)
   batch           jobs               create, patch (suspend), delete (TTL); list, watch (kopf index)
   ""              pods               list, watch (kopf index)
-  ""              configmaps         create, delete (TTL)
   ""              services           create, delete (TTL)
   ""              events             create; list (stuck detection: FailedCreate on a Job)
   kopf.dev        kopfpeerings / clusterkopfpeerings  get, list, watch, patch (kopf peering)
@@ -126,9 +125,7 @@ class Kube:
         stage = obj["metadata"].get("labels", {}).get(LABEL_STAGE, "")
         label = f"{stage} {kind}" if stage else kind
         try:
-            if kind == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, obj, _request_timeout=self.timeout)
-            elif kind == "Service":
+            if kind == "Service":
                 self.core.create_namespaced_service(ns, obj, _request_timeout=self.timeout)
             elif kind == "Job":
                 self.batch.create_namespaced_job(ns, obj, _request_timeout=self.timeout)
@@ -233,13 +230,12 @@ class Kube:
             if e.status not in (404, 409):
                 raise
 
-    def delete_children(self, namespace: str, job_names: list[str], config_map: str, service: str) -> None:
+    def delete_children(self, namespace: str, job_names: list[str], service: str) -> None:
+        """Stage Jobs and the Service, each only if it exists. (The ConfigMap that earlier versions created goes
+        with the SFTJob: it is owned by it.)"""
         opts = client.V1DeleteOptions(propagation_policy="Background")
         calls = [(self.batch.delete_namespaced_job, n) for n in job_names]
-        calls += [
-            (self.core.delete_namespaced_service, service),
-            (self.core.delete_namespaced_config_map, config_map),
-        ]
+        calls.append((self.core.delete_namespaced_service, service))
         for fn, name in calls:
             try:
                 fn(name, namespace, body=opts, _request_timeout=self.timeout)

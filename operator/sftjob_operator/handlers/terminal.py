@@ -38,14 +38,12 @@ def after_terminal(
         kube.post_event(body, "Normal", "TTLExpired", f"deleting the SFTJob {ttl}s after it finished")
         kube.delete_sftjob(meta["namespace"], meta["name"], meta["uid"])
     elif any(owned_by(j, meta["uid"]) for j in snap.jobs):
-        kube.delete_children(
-            meta["namespace"], [names.job(s) for s in Stage], names.config_map, names.service
-        )
+        kube.delete_children(meta["namespace"], [names.job(s) for s in Stage], names.service)
         kube.post_event(
             body,
             "Normal",
             "TTLExpired",
-            f"deleted the child Jobs, Service and ConfigMap {ttl}s after it finished;"
+            f"deleted the child Jobs and Service {ttl}s after it finished;"
             " the SFTJob and its status are kept",
         )
     memo.ttl_done = True

@@ -16,9 +16,6 @@ KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 # Set by the Job controller on every pod of an Indexed Job (also exported as JOB_COMPLETION_INDEX).
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
-# The stage label of the ConfigMap (Jobs and pods carry their Stage).
-CONFIG_LABEL = "config"
-
 
 @dataclass(frozen=True)
 class ChildNames:
@@ -27,12 +24,9 @@ class ChildNames:
     name: str
 
     @property
-    def config_map(self) -> str:
-        return f"{self.name}-config"
-
-    @property
     def service(self) -> str:
-        # The headless Service is the pods' subdomain: <name>-train-<index>.<name>-train resolves.
+        # The headless Service of a multi-node run is the pods' subdomain: <name>-train-<index>.<name>-train
+        # resolves.
         return f"{self.name}-train"
 
     @property

@@ -1,4 +1,5 @@
-"""Pure renderers: SFTJob -> ConfigMap, headless Service, curate Job, indexed train Job, eval Job, merge Job.
+"""Pure renderers: SFTJob -> curate Job, indexed train Job, eval Job, merge Job, and the headless Service of a
+multi-node run.
 
 No I/O and no clock: the same SFTJob always renders the same objects, so re-creating after an operator
 restart is idempotent (names are deterministic; an AlreadyExists answer means "done").
@@ -13,18 +14,23 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sftjob_api import SFTJobSpec, Stage
+from sftjob_api import GROUP, SFTJobSpec, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.spec import ResourcesSpec
 
 from .bad_nodes import with_avoided_nodes
-from .names import CONFIG_LABEL, KUEUE_LABELS, ChildNames, labels, owner_reference
+from .names import KUEUE_LABELS, ChildNames, labels, owner_reference
 from .trainer_config import CONFIG_FILE, PVC_MOUNT_ROOT, pvc_claims, render_trainer_config
 
 Obj = dict[str, Any]
 
 CONFIG_DIR = "/etc/sftjob"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+# The trainer config travels in each stage's pod template, as this annotation, which a downward-API volume
+# mounts at CONFIG_PATH: no ConfigMap to create (and delete) per SFTJob. The spec parts it is rendered from
+# are immutable (crd.IMMUTABLE_PATHS), so every stage reads the same file. The API server caps an object's
+# annotations at 256 KiB together; a larger config is refused at Job creation (InvalidSpec, with its message).
+CONFIG_ANNOTATION = f"{GROUP}/trainer-config"
 CONTAINER = "trainer"
 METRICS_PORT = 9400
 MASTER_PORT = 29500
@@ -74,15 +80,16 @@ def _meta(ref: SFTJobRef, name: str, stage: str, extra_labels: dict[str, str] | 
     }
 
 
-def render_config_map(ref: SFTJobRef, spec: SFTJobSpec) -> Obj:
+def render_config_file(ref: SFTJobRef, spec: SFTJobSpec) -> str:
+    """What the trainer reads at CONFIG_PATH. JSON is valid YAML (the trainer reads either); compact and
+    sort_keys keep it small and byte-stable."""
     config = render_trainer_config(ref.namespace, ref.name, spec)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(ref, ChildNames(ref.name).config_map, CONFIG_LABEL),
-        # JSON is valid YAML: the trainer reads either; sort_keys keeps it byte-stable.
-        "data": {CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True) + "\n"},
-    }
+    return json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def needs_service(spec: SFTJobSpec) -> bool:
+    """Only ranks on other pods need rank 0's DNS name; a one-pod group meets on 127.0.0.1."""
+    return spec.resources.nodes > 1
 
 
 def render_service(ref: SFTJobRef) -> Obj:
@@ -206,7 +213,17 @@ def _pod_template(
         },
         "containers": [container],
         "volumes": [
-            {"name": "config", "configMap": {"name": ChildNames(ref.name).config_map}},
+            {
+                "name": "config",
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": CONFIG_FILE,
+                            "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"},
+                        }
+                    ]
+                },
+            },
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             {"name": "scratch", "emptyDir": {}},
             *volumes,
@@ -226,7 +243,10 @@ def _pod_template(
     if res.priority_class_name:
         pod_spec["priorityClassName"] = res.priority_class_name
     return {
-        "metadata": {"labels": pod_labels, "annotations": dict(res.pod_annotations)},
+        "metadata": {
+            "labels": pod_labels,
+            "annotations": {**res.pod_annotations, CONFIG_ANNOTATION: render_config_file(ref, spec)},
+        },
         "spec": pod_spec,
     }
 
@@ -334,8 +354,9 @@ def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
         "--config",
         CONFIG_PATH,
     ]
+    multi_node = needs_service(spec)
     extra_env: list[Obj] = [
-        {"name": "MASTER_ADDR", "value": names.master_addr},
+        {"name": "MASTER_ADDR", "value": names.master_addr if multi_node else "127.0.0.1"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         # Also injected by the Job controller; defined here so $(JOB_COMPLETION_INDEX) always expands.
         {
@@ -345,9 +366,8 @@ def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
             },
         },
     ]
-    template = _pod_template(
-        ref, spec, opts, Stage.TRAIN, command, res.gpus_per_node, extra_env, subdomain=names.service
-    )
+    subdomain = names.service if multi_node else None
+    template = _pod_template(ref, spec, opts, Stage.TRAIN, command, res.gpus_per_node, extra_env, subdomain)
     # backoffLimit 0: the first failed rank fails the Job, whose controller then stops the other ranks at once;
     # the operator restarts the whole group (render/recovery.py) and counts against runPolicy.backoffLimit.
     backoff = 0

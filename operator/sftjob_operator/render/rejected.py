@@ -14,10 +14,15 @@ from typing import Any
 # Answers to a create that mean "this object is invalid" (retrying cannot help).
 REJECTED_STATUSES = (400, 422)
 
+# The trainer config is a pod annotation too (render/objects.CONFIG_ANNOTATION): it counts against the API
+# server's 256 KiB cap on annotations beside the user's.
+_POD_ANNOTATIONS = "spec.resources.podAnnotations (with the trainer config rendered from the spec)"
+
 # Where a spec field lands in the rendered Job (longest prefix wins); the user's name for it.
 _CHILD_TO_SPEC: tuple[tuple[str, str], ...] = (
     ("spec.template.metadata.labels", "spec.resources.podLabels"),
-    ("spec.template.metadata.annotations", "spec.resources.podAnnotations"),
+    ("spec.template.metadata.annotations", _POD_ANNOTATIONS),
+    ("spec.template.annotations", _POD_ANNOTATIONS),  # the total-size check names the field so
     ("spec.template.spec.nodeSelector", "spec.resources.nodeSelector"),
     ("spec.template.spec.tolerations", "spec.resources.tolerations"),
     ("spec.template.spec.affinity", "spec.resources.affinity"),

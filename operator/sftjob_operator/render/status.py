@@ -17,6 +17,7 @@ from sftjob_api.tracking import TrackingStatus, parse_tracking
 from . import phase as ph
 from .conditions import derive_conditions, get_condition, set_condition
 from .names import ChildNames
+from .objects import needs_service
 from .observe import JobObs, PodObs, parse_eval_results, parse_time
 from .progress import training_done
 from .stuck import Stuck
@@ -148,8 +149,7 @@ def build_status(
             arts.latest_checkpoint = latest
         status.artifacts = arts
         status.children = Children(
-            config_map=names.config_map,
-            service=names.service,
+            service=names.service if needs_service(spec) else None,
             train_job=names.train_job,
             eval_job=names.eval_job if obs.eval is not None else None,
             merge_job=names.merge_job if obs.merge is not None else None,

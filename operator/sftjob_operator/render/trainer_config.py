@@ -1,5 +1,5 @@
-"""SFTJob spec -> the trainer's config file (mounted from the ConfigMap at /etc/sftjob/config.yaml), and the
-paths a cluster cannot resolve."""
+"""SFTJob spec -> the trainer's config file (a pod-template annotation mounted at /etc/sftjob/config.yaml),
+and the paths a cluster cannot resolve."""
 
 from __future__ import annotations
 
