@@ -22,7 +22,7 @@ _POD_ANNOTATIONS = "spec.resources.podAnnotations (with the trainer config rende
 _CHILD_TO_SPEC: tuple[tuple[str, str], ...] = (
     ("spec.template.metadata.labels", "spec.resources.podLabels"),
     ("spec.template.metadata.annotations", _POD_ANNOTATIONS),
-    ("spec.template.annotations", _POD_ANNOTATIONS),  # the total-size check names the field so
+    ("spec.template.annotations", _POD_ANNOTATIONS),  # where the total-size check points
     ("spec.template.spec.nodeSelector", "spec.resources.nodeSelector"),
     ("spec.template.spec.tolerations", "spec.resources.tolerations"),
     ("spec.template.spec.affinity", "spec.resources.affinity"),
