@@ -216,7 +216,8 @@ def with_operator(kube: Cluster, token: Path, n: int, args: argparse.Namespace) 
     t_settled = time.time()
     metrics = scrape(op.metrics())
     cpu, hwm = cpu_seconds(op.proc.pid), peak_rss_mib(op.proc.pid)
-    kube.kubectl("delete", "sftjobs", "--all", "-n", ns, "--wait=false")
+    # One DELETE per SFTJob: at N = 1000 on a slow machine that outlasts kubectl's default 120 s here.
+    kube.kubectl("delete", "sftjobs", "--all", "-n", ns, "--wait=false", timeout=args.timeout)
     wait_until(
         lambda: not kube.kubectl("get", "sftjobs", "-n", ns, "-o", "name").stdout.strip(),
         args.timeout,

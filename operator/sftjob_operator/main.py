@@ -20,6 +20,9 @@ from .kopf_storage import InMemoryDiffBase, UnmarkedProgressStorage
 from .render.names import LABEL_JOB_NAME
 from .settings import Settings, from_args
 
+# How long kopf waits for the watch to show its own patch before handling an older copy (see configure).
+CONSISTENCY_TIMEOUT_S = 60.0
+
 log = logging.getLogger("sftjob_operator")
 
 
@@ -41,6 +44,11 @@ def configure(settings: Settings, kopf_settings: kopf.OperatorSettings, diffbase
     kopf_settings.persistence.progress_storage = UnmarkedProgressStorage(prefix=settings.annotation_prefix)
     kopf_settings.persistence.diffbase_storage = diffbase
     kopf_settings.persistence.finalizer = settings.finalizer
+    # After its finalizer patch kopf runs the create handler only once the watch shows the patched version,
+    # or when this runs out (kopf's default: 5 s), on the copy from before the patch: our status write on that
+    # copy then fails 409 and costs a re-read and a second write. On a loaded control plane the watch lags
+    # past 5 s (issue 17: 769 conflicts at N = 1000); waiting longer costs nothing when it does not.
+    kopf_settings.persistence.consistency_timeout = CONSISTENCY_TIMEOUT_S
     kopf_settings.watching.server_timeout = settings.watch_server_timeout
     kopf_settings.watching.client_timeout = settings.watch_client_timeout
     kopf_settings.watching.connect_timeout = 10

@@ -71,6 +71,7 @@ def test_configure_kopf() -> None:
     assert isinstance(ks.persistence.progress_storage, UnmarkedProgressStorage)
     assert isinstance(ks.persistence.diffbase_storage, InMemoryDiffBase)
     assert ks.persistence.finalizer == "x.dev/f"
+    assert ks.persistence.consistency_timeout > kopf.OperatorSettings().persistence.consistency_timeout
     assert ks.watching.server_timeout == 60 and ks.networking.request_timeout == 9
     assert not ks.peering.clusterwide
     # API errors are retried for as long as the apiserver is away, every 5 s at most (tests/chaos)
