@@ -2,8 +2,9 @@
 `run` (which SFTJob, where its artifacts go) and `runtime` (process settings).
 
 The operator renders it into every stage's pod template (`sftjob_operator.render.trainer_config`; an
-annotation mounted as a file), `sftjob run` into its work directory; the trainer reads it (`sftjob_trainer.config.load_config`). Rank and world size are not
-config: they come from torchrun's environment.
+annotation mounted as a file), `sftjob run` into its work directory; the trainer reads it
+(`sftjob_trainer.config.load_config`). Rank and world size are not config: they come from torchrun's
+environment.
 """
 
 from __future__ import annotations
