@@ -307,7 +307,9 @@ def test_ttl_deletes_children_keeps_sftjob(sftjob_crd: Any, namespace: str, oper
     wait_until(lambda: not jobs(kube, namespace), 30, "children deleted after the TTL")
     st = status(kube, namespace, "brief")
     assert st["phase"] == "Succeeded"  # the SFTJob and its status stay
-    wait_event(kube, namespace, "brief", "TTLExpired")
+    evs = wait_event(kube, namespace, "brief", "TTLExpired")
+    (ttl,) = [e["message"] for e in evs if e["reason"] == "TTLExpired"]
+    assert ttl.startswith("deleted the child Jobs 1s after"), ttl  # a one-pod run had no Service
 
 
 def test_eval_gate_failed_from_reported_results(sftjob_crd: Any, namespace: str, operator: Operator) -> None:

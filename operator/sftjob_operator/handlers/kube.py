@@ -230,12 +230,13 @@ class Kube:
             if e.status not in (404, 409):
                 raise
 
-    def delete_children(self, namespace: str, job_names: list[str], service: str) -> None:
-        """Stage Jobs and the Service, each only if it exists. (The ConfigMap that earlier versions created goes
-        with the SFTJob: it is owned by it.)"""
+    def delete_children(self, namespace: str, job_names: list[str], service: str | None) -> None:
+        """Stage Jobs and the Service (if the run has one), each only if it exists. (The ConfigMap that earlier
+        versions created goes with the SFTJob: it is owned by it.)"""
         opts = client.V1DeleteOptions(propagation_policy="Background")
         calls = [(self.batch.delete_namespaced_job, n) for n in job_names]
-        calls.append((self.core.delete_namespaced_service, service))
+        if service is not None:
+            calls.append((self.core.delete_namespaced_service, service))
         for fn, name in calls:
             try:
                 fn(name, namespace, body=opts, _request_timeout=self.timeout)

@@ -7,6 +7,7 @@ from datetime import datetime
 from sftjob_api import SFTJobStatus, SpecError, Stage, parse_spec
 
 from ..render.names import ChildNames
+from ..render.objects import needs_service
 from ..render.observe import observe_job
 from ..render.status import owned_by
 from .children import Children
@@ -38,12 +39,13 @@ def after_terminal(
         kube.post_event(body, "Normal", "TTLExpired", f"deleting the SFTJob {ttl}s after it finished")
         kube.delete_sftjob(meta["namespace"], meta["name"], meta["uid"])
     elif any(owned_by(j, meta["uid"]) for j in snap.jobs):
-        kube.delete_children(meta["namespace"], [names.job(s) for s in Stage], names.service)
+        service = names.service if needs_service(spec) else None  # a one-pod run has none
+        kube.delete_children(meta["namespace"], [names.job(s) for s in Stage], service)
         kube.post_event(
             body,
             "Normal",
             "TTLExpired",
-            f"deleted the child Jobs and Service {ttl}s after it finished;"
+            f"deleted the child Jobs{' and Service' if service else ''} {ttl}s after it finished;"
             " the SFTJob and its status are kept",
         )
     memo.ttl_done = True

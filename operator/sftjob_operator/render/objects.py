@@ -10,27 +10,27 @@ operator defines (or the Job controller injects: JOB_COMPLETION_INDEX); no spec 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from sftjob_api import GROUP, SFTJobSpec, Stage
+from sftjob_api import SFTJobSpec, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.spec import ResourcesSpec
 
 from .bad_nodes import with_avoided_nodes
 from .names import KUEUE_LABELS, ChildNames, labels, owner_reference
-from .trainer_config import CONFIG_FILE, PVC_MOUNT_ROOT, pvc_claims, render_trainer_config
+from .trainer_config import (
+    CONFIG_ANNOTATION,
+    CONFIG_DIR,
+    CONFIG_PATH,
+    PVC_MOUNT_ROOT,
+    config_volume,
+    pvc_claims,
+    render_config_file,
+)
 
 Obj = dict[str, Any]
 
-CONFIG_DIR = "/etc/sftjob"
-CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
-# The trainer config travels in each stage's pod template, as this annotation, which a downward-API volume
-# mounts at CONFIG_PATH: no ConfigMap to create (and delete) per SFTJob. The spec parts it is rendered from
-# are immutable (crd.IMMUTABLE_PATHS), so every stage reads the same file. The API server caps an object's
-# annotations at 256 KiB together; a larger config is refused at Job creation (InvalidSpec, with its message).
-CONFIG_ANNOTATION = f"{GROUP}/trainer-config"
 CONTAINER = "trainer"
 METRICS_PORT = 9400
 MASTER_PORT = 29500
@@ -78,13 +78,6 @@ def _meta(ref: SFTJobRef, name: str, stage: str, extra_labels: dict[str, str] | 
         "labels": {**labels(ref.name, stage), **(extra_labels or {})},
         "ownerReferences": [owner_reference(ref.name, ref.uid)],
     }
-
-
-def render_config_file(ref: SFTJobRef, spec: SFTJobSpec) -> str:
-    """What the trainer reads at CONFIG_PATH. JSON is valid YAML (the trainer reads either); compact and
-    sort_keys keep it small and byte-stable."""
-    config = render_trainer_config(ref.namespace, ref.name, spec)
-    return json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n"
 
 
 def needs_service(spec: SFTJobSpec) -> bool:
@@ -213,17 +206,7 @@ def _pod_template(
         },
         "containers": [container],
         "volumes": [
-            {
-                "name": "config",
-                "downwardAPI": {
-                    "items": [
-                        {
-                            "path": CONFIG_FILE,
-                            "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"},
-                        }
-                    ]
-                },
-            },
+            config_volume("config"),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             {"name": "scratch", "emptyDir": {}},
             *volumes,
@@ -245,7 +228,10 @@ def _pod_template(
     return {
         "metadata": {
             "labels": pod_labels,
-            "annotations": {**res.pod_annotations, CONFIG_ANNOTATION: render_config_file(ref, spec)},
+            "annotations": {
+                **res.pod_annotations,
+                CONFIG_ANNOTATION: render_config_file(ref.namespace, ref.name, spec),
+            },
         },
         "spec": pod_spec,
     }

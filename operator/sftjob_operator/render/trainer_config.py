@@ -3,13 +3,21 @@ and the paths a cluster cannot resolve."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from sftjob_api import SFTJobSpec
+from sftjob_api import GROUP, SFTJobSpec
 from sftjob_api.layout import run_root
 from sftjob_api.trainer_config import RunSection, TrainerConfig
 
 CONFIG_FILE = "config.yaml"
+CONFIG_DIR = "/etc/sftjob"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+# The trainer config travels in each stage's pod template, as this annotation, which a downward-API volume
+# mounts at CONFIG_PATH: no ConfigMap to create (and delete) per SFTJob. The spec parts it is rendered from
+# are immutable (crd.IMMUTABLE_PATHS), so every stage reads the same file. The API server caps an object's
+# annotations at 256 KiB together; a larger config is refused at Job creation (InvalidSpec, with its message).
+CONFIG_ANNOTATION = f"{GROUP}/trainer-config"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 
 
@@ -85,3 +93,16 @@ def cluster_output_error(spec: SFTJobSpec) -> str | None:
                 " or an absolute path on a mounted volume"
             )
     return None
+
+
+def render_config_file(namespace: str, name: str, spec: SFTJobSpec) -> str:
+    """What the trainer reads at CONFIG_PATH. JSON is valid YAML (the trainer reads either); compact and
+    sort_keys keep it small and byte-stable."""
+    config = render_trainer_config(namespace, name, spec)
+    return json.dumps(config, sort_keys=True, separators=(",", ":")) + "\n"
+
+
+def config_volume(name: str) -> dict[str, Any]:
+    """The pod volume holding CONFIG_FILE: the CONFIG_ANNOTATION of the pod itself (downward API)."""
+    item = {"path": CONFIG_FILE, "fieldRef": {"fieldPath": f"metadata.annotations['{CONFIG_ANNOTATION}']"}}
+    return {"name": name, "downwardAPI": {"items": [item]}}
