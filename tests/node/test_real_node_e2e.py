@@ -65,7 +65,7 @@ def sftjob(name: str, prefix: str, endpoint: str, **over: Any) -> dict[str, Any]
         "resources": {
             "nodes": 2,
             "gpusPerNode": 0,
-            "cpu": "250m",
+            "cpu": "900m",  # 2 ranks + the operator (100m) fit 2 cores; at 250m a rank crawled
             "memory": "3Gi",
             "shmSize": "512Mi",
             "nodeSelector": NODE_SELECTOR,

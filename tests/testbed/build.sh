@@ -172,19 +172,9 @@ build_kueue() {
   stamp "$name"
 }
 
-main() {
-  mkdir -p "$CACHE"
-  local t0=$SECONDS
-  # Small ones first so a partial cold build already gives a usable etcd/kwok.
-  build_etcd
-  go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-  go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
-  build_kubernetes
-  build_pause
-  build_coredns
-  build_node
-  build_kueue
-  # One file the Python fixtures read, so versions live in this script only.
+write_versions_env() {
+  # One file the Python fixtures read, so versions live in this script only. Paths only, so it is written
+  # first: images.sh (run alongside the builds) finds the pause binary; a fixture names any binary missing.
   cat > "$CACHE/versions.env" <<EOF
 KUBERNETES_BIN=$CACHE/kubernetes-$K8S_VERSION/bin
 ETCD_BIN=$CACHE/etcd-$ETCD_VERSION/bin
@@ -196,6 +186,22 @@ PAUSE_BIN=$CACHE/$PAUSE_NAME/bin
 KUEUE_BIN=$CACHE/kueue-$KUEUE_VERSION/bin
 KUEUE_CRDS=$CACHE/kueue-$KUEUE_VERSION/crds
 EOF
+}
+
+main() {
+  mkdir -p "$CACHE"
+  write_versions_env
+  if [[ ${1:-} == pause ]]; then build_pause; return 0; fi  # `build.sh pause`: what images.sh needs, first
+  local t0=$SECONDS
+  # Small ones first so a partial cold build already gives a usable etcd/kwok.
+  build_etcd
+  go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+  go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+  build_kubernetes
+  build_pause
+  build_coredns
+  build_node
+  build_kueue
   log "all binaries ready under $CACHE ($((SECONDS - t0)) s)"
 }
 

@@ -34,7 +34,24 @@ GPUS_PER_NODE = 8
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 POOL_LABEL = "sftjob.dev/node-pool"
 POOL = "gpu-h100"
-POD_CIDR = "127.20.0.0/16"  # kwok-stages.yaml: one pool from 127.20.0.1 (kwok-wide, unique across nodes)
+STAGES = HERE / "kwok-stages.yaml"
+STAGES_CIDR = "cidr: 127.20.0.1/16"  # kwok-stages.yaml's pod pool: each test bed gets its own (bed_cidr)
+
+
+def bed_index() -> int:
+    """Which of the machine's test beds this process runs: pytest-xdist worker gwN -> N, else 0. Each bed has
+    its own pod and node addresses, so two beds never hand a pod the same loopback IP (a test serves a
+    pod's /metrics on it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+def bed_cidr(index: int) -> str:
+    """The pod CIDR of test bed `index`: 127.20.0.0/16, 127.21.0.0/16, ... (kwok hands out from .0.1)."""
+    return f"127.{20 + index}.0.0/16"
+
+
+POD_CIDR = bed_cidr(bed_index())
 SERVICE_CIDR = "10.0.0.0/24"  # only allocated, never dialled: no kube-proxy runs
 
 
@@ -70,7 +87,7 @@ def find_binaries() -> dict[str, Path]:
     return found
 
 
-def gpu_node(i: int) -> dict[str, Any]:
+def gpu_node(i: int, bed: int = 0) -> dict[str, Any]:
     """A fake GPU node: capacity, labels and loopback addresses are ours, kwok keeps it Ready."""
     name = f"gpu-node-{i}"
     resources = {
@@ -103,7 +120,7 @@ def gpu_node(i: int) -> dict[str, Any]:
             "capacity": resources,
             "allocatable": resources,
             "addresses": [
-                {"type": "InternalIP", "address": f"127.10.0.{i + 1}"},
+                {"type": "InternalIP", "address": f"127.10.{bed}.{i + 1}"},
                 {"type": "Hostname", "address": name},
             ],
         },
@@ -190,7 +207,7 @@ class Cluster:
             [
                 str(bins["kwok"]),
                 f"--kubeconfig={kc}",
-                f"--config={HERE / 'kwok-stages.yaml'}",
+                f"--config={self._kwok_config()}",
                 # Only the fake GPU nodes: the real node (tests/testbed/node.py) has a kubelet of its own.
                 "--manage-all-nodes=false",
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
@@ -216,7 +233,7 @@ class Cluster:
             "-f",
             "-",
             input=json.dumps(
-                {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i) for i in range(len(self.nodes))]}
+                {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i, bed_index()) for i in range(len(self.nodes))]}
             ),
         )
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s")
@@ -236,6 +253,15 @@ class Cluster:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+
+    def _kwok_config(self) -> Path:
+        """kwok-stages.yaml with this bed's pod pool (one file holds the stages; only the CIDR differs)."""
+        text = STAGES.read_text()
+        assert STAGES_CIDR in text, f"{STAGES} no longer says {STAGES_CIDR!r}"
+        pool = "cidr: " + POD_CIDR.replace(".0.0/", ".0.1/")
+        path = self.work_dir / "kwok-stages.yaml"
+        path.write_text(text.replace(STAGES_CIDR, pool))
+        return path
 
     def _spawn(self, name: str, argv: list[str]) -> Proc:
         proc = Proc(name, argv, self.logs_dir)

@@ -10,6 +10,7 @@ Cache root: $SFTJOB_MODEL_CACHE, else ~/.cache/sftjob/models.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -129,17 +130,23 @@ def prepare(name: str, force: bool = False) -> str:
     if is_prepared(name) and not force:
         return dest
     os.makedirs(cache_root(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
-    os.chmod(tmp, 0o755)
-    try:
-        KNOWN[name].prepare(tmp)
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            f.write("\n".join(sorted(os.listdir(tmp))))
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # One preparer at a time per name: two runs starting together on one machine would otherwise both
+    # convert, and the second's swap removes the directory under the first one's feet.
+    with open(os.path.join(cache_root(), f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_prepared(name) and not force:
+            return dest  # prepared by the run that held the lock
+        tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_root())
+        os.chmod(tmp, 0o755)
+        try:
+            KNOWN[name].prepare(tmp)
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                f.write("\n".join(sorted(os.listdir(tmp))))
+            if os.path.exists(dest):
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
