@@ -44,15 +44,26 @@ from .tracking import Tracker, termination_message
 # DS_ACCELERATOR=cpu first when there is no GPU.
 
 
+# Test-only (docs/trainer.md): after this optimizer step, wait (at most 10 min) until SIGTERM arrives, so a
+# test interrupts mid-training however fast the machine trains.
+HOLD_ENV = "SFTJOB_TEST_HOLD_AFTER_STEP"
+
+
 class StopFlag:
     """Set by SIGTERM; checked (and agreed on by all ranks) after each optimizer step."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.hold_after = int(os.environ.get(HOLD_ENV) or 0)
         signal.signal(signal.SIGTERM, self._handler)
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+    def hold(self, step: int, limit_s: float = 600) -> None:
+        deadline = time.monotonic() + limit_s
+        while step == self.hold_after and not self.requested and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def init_distributed(env: DistEnv, on_gpu: bool, collective_timeout_s: int) -> None:
@@ -326,6 +337,7 @@ def train(cfg: TrainerConfig) -> int:
         if preempt:
             tracker.close(timeout=30)
             raise Preempted(f"SIGTERM: checkpoint step-{done} saved, exiting for a retry")
+        stop.hold(done)
 
     out_dir = os.path.join(staging, "final")
     kind = export_weights(engine, model, tok, cfg, env.rank, out_dir)

@@ -1,4 +1,4 @@
-"""The trainer's entry points as child processes of `sftjob run`: environment, Ctrl-C handling, events."""
+"""The trainer's entry points as child processes of `sftjob run`: environment, events, progress."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable
 from typing import Any
+
+from .interrupt import Interrupt
 
 
 def child_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
@@ -21,35 +22,6 @@ def child_env(nproc: int, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def worker_pids(root: int) -> list[int]:
-    """The trainer worker processes below `root` (Linux /proc), not torchrun or the launch wrapper.
-
-    Ctrl-C signals the workers directly: each finishes its step, checkpoints and exits 143, however long the
-    step takes. Signalling torchrun instead would give them only torchrun's 30 s before it kills them.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "sftjob_trainer" in argv and "launch" not in argv and "torch.distributed.run" not in argv:
-            out.append(pid)
-    return sorted(out)
-
-
 class ChildProcess:
     """A child process whose stdout JSON lines are events; everything else goes to the stage's log."""
 
@@ -57,9 +29,8 @@ class ChildProcess:
         self.name, self.cmd, self.env, self.log_path = name, cmd, env, log_path
         self.error: str | None = None  # the trainer's own one-line error (its `error` event), if it sent one
 
-    def run(self, on_event: Callable[[dict[str, Any]], None]) -> tuple[int, bool]:
-        """(exit code, interrupted by Ctrl-C)."""
-        interrupted = False
+    def run(self, on_event: Callable[[dict[str, Any]], None], interrupt: Interrupt) -> int:
+        """Its exit code. A signal to `sftjob run` meanwhile reaches it through `interrupt`."""
         with open(self.log_path, "a", encoding="utf-8") as log:
             proc = subprocess.Popen(
                 self.cmd,
@@ -69,29 +40,19 @@ class ChildProcess:
                 text=True,
                 bufsize=1,
                 start_new_session=True,
-            )  # Ctrl-C reaches us only
+            )  # a terminal's Ctrl-C reaches `sftjob run` only, which decides what the stage gets
             assert proc.stdout is not None
-            while True:
-                try:
-                    for line in proc.stdout:
-                        log.write(line)
-                        log.flush()
-                        if line.startswith("{") and '"event"' in line:
-                            with contextlib.suppress(json.JSONDecodeError):
-                                ev = json.loads(line)
-                                if ev.get("event") == "error" and self.error is None:
-                                    self.error = str(ev.get("message") or "")
-                                on_event(ev)
-                    break
-                except KeyboardInterrupt:
-                    if interrupted:  # second Ctrl-C: stop now
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    else:
-                        interrupted = True
-                        for pid in worker_pids(proc.pid) or [proc.pid]:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, signal.SIGTERM)
-            return proc.wait(), interrupted
+            with interrupt.watching(proc):
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    if line.startswith("{") and '"event"' in line:
+                        with contextlib.suppress(json.JSONDecodeError):
+                            ev = json.loads(line)
+                            if ev.get("event") == "error" and self.error is None:
+                                self.error = str(ev.get("message") or "")
+                            on_event(ev)
+            return proc.wait()
 
     def failure(self) -> str:
         """What to show when it failed: the trainer's error, else the log's last lines (a crash, a signal)."""

@@ -4,9 +4,10 @@ Each stage is the trainer image's own entry point run as a child process, exactl
 in a Job: curate (when spec.dataset.curation is set), train under torchrun (`python -m sftjob_trainer launch`, nodes x max(gpusPerNode, 1) local ranks),
 then `python -m sftjob_trainer eval` and `... merge` with the same trainer config. The final stage writes
 manifest.json, as in a cluster; `sftjob run` then adds report/ and writes the manifest again (still last).
-Phases and reasons are printed as the operator would set them in status. Ctrl-C sends SIGTERM to the
-trainer, which finishes its step, saves a checkpoint and exits; running the same command again resumes from
-it (a finished training is skipped).
+Phases and reasons are printed as the operator would set them in status. SIGINT (Ctrl-C) or SIGTERM in any
+phase stops the running stage (interrupt.py: the trainer finishes its step and saves a checkpoint), prints
+what is saved and exits 130 / 143; the same command resumes: stages that completed are skipped, the
+interrupted one runs again (training from the newest complete checkpoint).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,20 +26,20 @@ from typing import Any
 
 import yaml
 
-from sftjob_api import Layout, Phase, Reason, SFTJob, SpecError, Stage, final_stage, parse_sftjob, stages
+from sftjob_api import Layout, Phase, Reason, SFTJob, SpecError, Stage, parse_sftjob, stages
 from sftjob_api.exit_codes import ExitCode
-from sftjob_api.manifest import close_run
 from sftjob_api.ports import free_port
 from sftjob_api.spec import CACHE_NAME, OutputSpec, SFTJobSpec
 from sftjob_api.storage import Store, open_store
 from sftjob_api.trainer_config import RuntimeSection, TrainerConfig
 
+from ..render.objects import TERMINATION_GRACE_SECONDS
 from ..render.trainer_config import trainer_config
-from . import report
-from .process import ChildProcess, Progress, child_env, read_steps
+from .interrupt import Interrupt, exit_code, resume_command, stop_lines
+from .process import ChildProcess, Progress, child_env
+from .summary import print_summary, write_report
 
 EXIT_INVALID = 2
-EXIT_INTERRUPTED = 130
 PHASE_OF = {
     Stage.CURATE: Phase.CURATING,
     Stage.TRAIN: Phase.TRAINING,
@@ -107,18 +108,24 @@ def local_spec(spec: SFTJobSpec, spec_dir: str, output: OutputSpec, model_dir: s
     )
 
 
-def resolve_model(uri: str, spec_dir: str, echo: Callable[[str], None]) -> str:
+def resolve_model(uri: str, spec_dir: str, echo: Callable[[str], None], intr: Interrupt) -> str:
     """A directory for spec.model.uri; a model-cache name is resolved (and prepared once) by the trainer."""
     uri = _local(uri, spec_dir)
     if not re.fullmatch(CACHE_NAME, uri) or os.path.exists(uri):
         return uri
     echo(f"  resolving model {uri} (prepared into the model cache the first time)")
-    proc = subprocess.run(
-        [sys.executable, "-m", "sftjob_trainer", "model", "resolve", uri], capture_output=True, text=True
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sftjob_trainer", "model", "resolve", uri],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
+    with intr.watching(proc):
+        out, err = proc.communicate()
     if proc.returncode != 0:
-        raise LookupError((proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
-    return proc.stdout.strip().splitlines()[-1]
+        raise LookupError((err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
+    return out.strip().splitlines()[-1]
 
 
 @dataclass
@@ -131,14 +138,16 @@ class Run:
     work: str
     env: dict[str, str]
     echo: Callable[[str], None]
+    intr: Interrupt
     timings: dict[str, float] = field(default_factory=dict)
+    current: Phase = Phase.PENDING  # the last phase printed
+    running: Stage | None = None  # the stage whose child process is (or was last) running
 
     def phase(self, p: Phase, msg: str = "") -> None:
+        self.current = p
         self.echo(f"[{time.strftime('%H:%M:%S')}] phase {p}" + (f": {msg}" if msg else ""))
 
-    def child(
-        self, stage: Stage, argv: list[str], on_event: Callable[[dict[str, Any]], Any]
-    ) -> tuple[int, bool]:
+    def child(self, stage: Stage, argv: list[str], on_event: Callable[[dict[str, Any]], Any]) -> int:
         proc = ChildProcess(
             stage,
             [sys.executable, "-m", "sftjob_trainer", *argv],
@@ -146,11 +155,33 @@ class Run:
             os.path.join(self.work, f"{stage}.log"),
         )
         t0 = time.monotonic()
-        rc, interrupted = proc.run(on_event)
+        self.running = stage
+        rc = proc.run(on_event, self.intr)
         self.timings[PHASE_OF[stage]] = time.monotonic() - t0
-        if rc != 0 and not interrupted and rc != ExitCode.EVAL_GATE_FAILED:
+        if rc not in (0, ExitCode.EVAL_GATE_FAILED) and self.intr.signum is None:
             self.phase(Phase.FAILED, f"{FAILED_REASON[stage]} (exit code {rc}): {proc.failure()}")
-        return rc, interrupted
+        return rc
+
+    def done(self, stage: Stage) -> str | None:
+        """What shows that `stage` completed in an earlier attempt, so that a resume skips it (None: not
+        done). Each key is the last one its stage writes; merge, the final stage, completes the run."""
+        store = self.store
+        if store.exists(Layout.MANIFEST):
+            return Layout.MANIFEST  # the whole run
+        if stage == Stage.CURATE and store.exists(Layout.DATA_REPORT):
+            return Layout.DATA_REPORT
+        weights = Layout.weights(self.cfg.method.type)
+        if stage == Stage.TRAIN and store.exists(Layout.TRAIN_SUMMARY) and store.list(weights):
+            return Layout.TRAIN_SUMMARY
+        if stage == Stage.EVAL and (store.read_json(Layout.EVAL_RESULTS) or {}).get("gates_passed"):
+            return Layout.EVAL_RESULTS  # a failed gate is evaluated again (and fails again)
+        return None
+
+    def skip(self, stage: Stage) -> bool:
+        key = self.done(stage)
+        if key:
+            self.phase(PHASE_OF[stage], f"already done ({key} present): skipped")
+        return key is not None
 
     @property
     def steps_file(self) -> str:
@@ -168,32 +199,18 @@ def _print_curate_event(r: Run, ev: dict[str, Any]) -> None:
 
 def run_curate(r: Run) -> int:
     r.phase(Phase.CURATING, "reading, curating and tokenizing the sources once")
-    rc, interrupted = r.child(
-        Stage.CURATE, ["curate", "--config", r.cfg_path], lambda ev: _print_curate_event(r, ev)
-    )
-    return EXIT_INTERRUPTED if interrupted else rc
+    return r.child(Stage.CURATE, ["curate", "--config", r.cfg_path], lambda ev: _print_curate_event(r, ev))
 
 
 def run_train(r: Run) -> int:
-    weights = Layout.weights(r.cfg.method.type)
-    if r.store.exists(Layout.TRAIN_SUMMARY) and r.store.list(weights):
-        r.phase(Phase.TRAINING, f"already done ({Layout.TRAIN_SUMMARY} present): skipped")
-        return 0
     nproc = r.cfg.world_size()
     resume = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS))
     r.phase(Phase.TRAINING, f"{nproc} local rank(s)" + (f", resuming from step {resume}" if resume else ""))
     prog = Progress(r.steps_file)
     argv = ["launch", "--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1"]
     argv += [f"--master-port={free_port()}", "train", "--config", r.cfg_path]
-    rc, interrupted = r.child(Stage.TRAIN, argv, prog)
+    rc = r.child(Stage.TRAIN, argv, prog)
     prog.close()
-    if interrupted:
-        done = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS))
-        r.echo(
-            f"interrupted: checkpoint {'step-' + str(done) if done else '(none yet)'} saved; "
-            "run the same command again to resume"
-        )
-        return EXIT_INTERRUPTED
     return rc
 
 
@@ -205,12 +222,8 @@ def _print_eval_event(r: Run, ev: dict[str, Any]) -> None:
 
 def run_eval(r: Run) -> int:
     r.phase(Phase.EVALUATING, "base model and fine-tuned model on the held-out data")
-    rc, interrupted = r.child(
-        Stage.EVAL, ["eval", "--config", r.cfg_path], lambda ev: _print_eval_event(r, ev)
-    )
-    if interrupted:
-        return EXIT_INTERRUPTED
-    if rc == ExitCode.EVAL_GATE_FAILED:
+    rc = r.child(Stage.EVAL, ["eval", "--config", r.cfg_path], lambda ev: _print_eval_event(r, ev))
+    if rc == ExitCode.EVAL_GATE_FAILED and r.intr.signum is None:
         res = r.store.read_json(Layout.EVAL_RESULTS) or {}
         r.phase(
             Phase.FAILED,
@@ -231,10 +244,7 @@ def _print_merge_event(r: Run, ev: dict[str, Any]) -> None:
 
 def run_merge(r: Run) -> int:
     r.phase(Phase.MERGING, f"adapter into the full-precision base, saved as {r.cfg.merge.dtype}")
-    rc, interrupted = r.child(
-        Stage.MERGE, ["merge", "--config", r.cfg_path], lambda ev: _print_merge_event(r, ev)
-    )
-    return EXIT_INTERRUPTED if interrupted else rc
+    return r.child(Stage.MERGE, ["merge", "--config", r.cfg_path], lambda ev: _print_merge_event(r, ev))
 
 
 RUNNERS: dict[Stage, Callable[[Run], int]] = {
@@ -245,7 +255,7 @@ RUNNERS: dict[Stage, Callable[[Run], int]] = {
 }
 
 
-def prepare(opts: Options, job: SFTJob, server: Any) -> Run:
+def prepare(opts: Options, job: SFTJob, server: Any, intr: Interrupt) -> Run:
     """Output location, model, config file and store of this run (raises LookupError: model not found)."""
     spec, name = job.spec, job.metadata.name
     ns = job.metadata.namespace or "local"
@@ -268,7 +278,7 @@ def prepare(opts: Options, job: SFTJob, server: Any) -> Run:
         output = output.model_copy(update={"uri": os.path.abspath(output.uri)})
     os.environ.update(s3env)  # credentials for this process's own store too
 
-    model_dir = resolve_model(spec.model.uri, spec_dir, opts.echo)
+    model_dir = resolve_model(spec.model.uri, spec_dir, opts.echo, intr)
     work = opts.work_dir or os.path.join(os.path.expanduser("~/.cache/sftjob/runs"), ns, name)
     cfg = trainer_config(ns, name, local_spec(spec, spec_dir, output, model_dir))
     cfg.run.model_uri = _local(spec.model.uri, spec_dir)  # the spec's reference, not the resolved directory
@@ -284,10 +294,19 @@ def prepare(opts: Options, job: SFTJob, server: Any) -> Run:
     with open(cfg_path, "w") as f:
         json.dump(cfg.model_dump(mode="json", exclude_none=True), f, indent=1)
     opts.echo(f"artifacts: {cfg.run.output_root}   logs and config: {work}/")
-    return Run(cfg, cfg_path, store, work, child_env(cfg.world_size(), s3env), opts.echo)
+    return Run(cfg, cfg_path, store, work, child_env(cfg.world_size(), s3env), opts.echo, intr)
 
 
 def run(opts: Options) -> int:
+    intr = Interrupt(TERMINATION_GRACE_SECONDS)  # the stage gets what a pod's grace period gives it
+    restore = intr.install()
+    try:
+        return _run(opts, intr)
+    finally:
+        restore()
+
+
+def _run(opts: Options, intr: Interrupt) -> int:
     t_start = time.monotonic()
     try:
         job = load_spec(opts.spec_path)
@@ -307,18 +326,29 @@ def run(opts: Options) -> int:
 
             server = EmbeddedS3().start()
         try:
-            r = prepare(opts, job, server)
+            r = prepare(opts, job, server, intr) if intr.signum is None else None
         except LookupError as e:
-            opts.echo(f"[{time.strftime('%H:%M:%S')}] phase {Phase.FAILED}: {Reason.MODEL_NOT_FOUND}: {e}")
-            return int(ExitCode.PERMANENT)
+            if intr.signum is None:
+                opts.echo(
+                    f"[{time.strftime('%H:%M:%S')}] phase {Phase.FAILED}: {Reason.MODEL_NOT_FOUND}: {e}"
+                )
+                return int(ExitCode.PERMANENT)
+            r = None
+        if r is None or intr.signum is not None:
+            return stopped(intr, job, r, opts)
         if r.store.exists(Layout.MANIFEST):
             r.echo("this run already completed (manifest.json present); use --fresh to start over")
         else:
             for stage in stages(r.cfg):
-                rc = RUNNERS[stage](r)
-                if rc != 0:
-                    return rc
-            write_report(r, job, opts.spec_path)
+                if intr.signum is None and not r.skip(stage):
+                    rc = RUNNERS[stage](r)
+                    if rc != 0 and intr.signum is None:
+                        return rc
+                if intr.signum is not None and not r.store.exists(Layout.MANIFEST):
+                    return stopped(intr, job, r, opts)
+            write_report(r, job, opts.spec_path)  # also when a signal came after the final stage: it is quick
+        if intr.signum is not None:
+            return stopped(intr, job, r, opts)
         r.phase(Phase.SUCCEEDED, f"in {time.monotonic() - t_start:.0f}s")
         print_summary(r)
         return 0
@@ -327,68 +357,25 @@ def run(opts: Options) -> int:
             server.stop()
 
 
-def write_report(r: Run, job: SFTJob, spec_path: str) -> None:
-    """report/loss_curve.png + report/report.md, then the manifest again so it lists them (still last)."""
-    store = r.store
-    results = store.read_json(Layout.EVAL_RESULTS)
-    try:
-        samples = [json.loads(x) for x in store.get_bytes(Layout.EVAL_SAMPLES).decode().splitlines()]
-    except Exception:
-        samples = []
-    with tempfile.TemporaryDirectory() as d:
-        evals = {}
-        if results and (results.get("base") or {}).get("eval_loss") is not None:
-            evals = {
-                "eval loss, base": results["base"]["eval_loss"],
-                "eval loss, fine-tuned": results["trained"]["eval_loss"],
-            }
-        png = report.loss_curve_png(
-            read_steps(r.steps_file),
-            os.path.join(d, "loss_curve.png"),
-            f"SFTJob {job.metadata.name}: training loss",
-            evals,
-        )
-        md = report.markdown_report(
-            job.metadata.name,
-            spec_path,
-            r.timings,
-            results,
-            store.read_json(Layout.TRAIN_SUMMARY),
-            store.read_json(Layout.MERGE_VERIFICATION),
-            samples,
-            r.cfg.run.output_root,
-            png,
-        )
-        with open(os.path.join(d, "report.md"), "w") as f:
-            f.write(md)
-        store.upload_dir(d, Layout.REPORT)
-    cfg = r.cfg
-    close_run(store, cfg, final_stage(cfg))
-
-
-def print_summary(r: Run) -> None:
-    summary = r.store.read_json(Layout.TRAIN_SUMMARY) or {}
-    results = r.store.read_json(Layout.EVAL_RESULTS)
-    echo = r.echo
-    echo("")
-    if r.timings:
-        echo(report.render_table(("phase", "wall time"), [(k, f"{v:.0f}s") for k, v in r.timings.items()]))
-        echo("")
-    for line in report.data_lines(r.store.read_json(Layout.DATA_REPORT)):
-        echo(line)
-    if summary:
-        echo(
-            f"training: {summary.get('steps')} steps, {summary.get('tokens')} tokens, "
-            f"final train loss {summary.get('final_loss', float('nan')):.4f}"
-        )
-    if results:
-        echo(
-            report.render_table(
-                ("held-out metric", "base model", "fine-tuned", "change"), report.eval_table(results)
-            )
-        )
-        if results.get("failed_gates"):
-            echo("failed gates: " + "; ".join(results["failed_gates"]))
-    if r.cfg.tracking and r.cfg.tracking.mlflow:
-        echo(report.tracking_line(r.store.read_json(Layout.MLFLOW_RUN), r.cfg.tracking.mlflow.tracking_uri))
-    echo(f"\nartifacts: {r.cfg.run.output_root}  (manifest.json, report/report.md, report/loss_curve.png)")
+def stopped(intr: Interrupt, job: SFTJob, r: Run | None, opts: Options) -> int:
+    """After a signal: what was stopped, what is saved, how to resume; 128 + the signal's number."""
+    signum = intr.signum or signal.SIGINT
+    planned = stages(r.cfg if r else job.spec)
+    done = [s for s in planned if r and r.done(s)]
+    todo = [str(s) for s in planned if s not in done]
+    newest = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS)) if r and Stage.TRAIN in todo else None
+    running = r.running if r and intr.sent else None
+    lines = stop_lines(
+        signum,
+        r.current if r else Phase.PENDING,
+        running,
+        intr.killed,
+        [str(s) for s in done],
+        todo,
+        newest,
+        resume_command(opts.spec_path, opts.output, opts.embedded_s3, opts.work_dir),
+    )
+    opts.echo(f"[{time.strftime('%H:%M:%S')}] " + lines[0])
+    for line in lines[1:]:
+        opts.echo("  " + line)
+    return exit_code(signum)
