@@ -71,6 +71,12 @@ def test_invalid_spec_prints_field_path_and_does_no_work(tmp_path, broken, expec
     assert sorted(os.listdir(tmp_path)) == ["bad.yaml"]  # no output dir, no work dir
 
 
+def held_after_step(step: int, env: dict[str, str]) -> dict[str, str]:
+    """The environment for a run whose trainer waits after `step` until its SIGTERM comes (a test-only knob,
+    docs/trainer.md): an interrupt sent after that step lands mid-training however fast the machine is."""
+    return {**env, "SFTJOB_TEST_HOLD_AFTER_STEP": str(step)}
+
+
 def wait_for_step(steps_file: str, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,16 +103,22 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     cmd = [*CLI, "run", spec, "--work-dir", str(work)]
 
     first = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=tmp_path,
+        env=held_after_step(2, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     wait_for_step(str(work / "steps.jsonl"), first, 2)
     first.send_signal(signal.SIGINT)  # what Ctrl-C does
     log1, _ = first.communicate(timeout=300)
     assert first.returncode == 130, log1[-3000:]
+    assert "interrupted by SIGINT in phase Training: the train stage stopped" in log1, log1[-3000:]
     client = s3.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/")["Contents"]]
     done = sorted(int(k.split("/")[4][5:]) for k in keys if "/checkpoints/" in k and k.endswith("/COMPLETE"))
-    assert done, keys
+    assert done == [3], keys  # the step in flight when SIGTERM reached the held trainer, then its checkpoint
     assert f"checkpoint step-{done[-1]} saved" in log1
     assert not any(k.endswith("manifest.json") for k in keys)
 

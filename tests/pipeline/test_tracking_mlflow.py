@@ -16,7 +16,7 @@ from testbed.mlflow_server import MlflowServer
 from testbed.procs import free_port
 
 from pipeline.sftjob_cli import CLI, write_spec
-from pipeline.test_sftjob_run import spec_doc, wait_for_step
+from pipeline.test_sftjob_run import held_after_step, spec_doc, wait_for_step
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -54,7 +54,12 @@ def test_run_is_tracked_in_one_mlflow_run_across_stages_and_resume(tiny_model_di
     cmd = [*CLI, "run", spec, "--work-dir", str(work)]
 
     first = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=tmp_path,
+        env=held_after_step(2, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     wait_for_step(str(work / "steps.jsonl"), first, 2)
     first.send_signal(signal.SIGINT)
@@ -67,7 +72,7 @@ def test_run_is_tracked_in_one_mlflow_run_across_stages_and_resume(tiny_model_di
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming from step" in second.stdout
+    assert "resuming from step 3" in second.stdout  # SIGTERM came while the trainer was held after step 2
     assert f"MLflow run: {run_id} (experiment {pointer['mlflowExperimentId']}" in second.stdout
     for stage in ("train", "eval", "merge"):  # every stage reported the same run, none had to warn
         evs = events(work / f"{stage}.log")
