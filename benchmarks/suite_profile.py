@@ -18,16 +18,18 @@ import time
 
 def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of all cores since boot."""
-    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
 
 
 def mem_used_mib() -> float:
     info = {}
-    for line in open("/proc/meminfo"):
-        key, value = line.split(":", 1)
-        info[key] = int(value.split()[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":", 1)
+            info[key] = int(value.split()[0])
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
@@ -65,7 +67,9 @@ def main() -> int:
             f.writelines(f"{t:.0f},{c:.1f},{m:.0f}\n" for t, c, m in rows)
     cpu = [c for _, c, _ in rows] or [0.0]
     peak = max((m for _, _, m in rows), default=base)
-    print(f"\n| command | exit | wall | CPU busy median | CPU busy mean | peak memory in use (before: {base:.0f} MiB) |")
+    print(
+        f"\n| command | exit | wall | CPU busy median | CPU busy mean | peak memory in use (before: {base:.0f} MiB) |"
+    )
     print("|---|---|---|---|---|---|")
     print(
         f"| `{' '.join(args.command)}` | {rc} | {wall / 60:.1f} min | {statistics.median(cpu):.0f}% "

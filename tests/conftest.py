@@ -28,7 +28,9 @@ TESTBED_FIXTURES = {"kube", "namespace", "s3", "seaweed_server", "prometheus"}
 def testbed_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Logs of every component; SFTJOB_TESTBED_LOGS keeps them somewhere stable (e.g. a CI artifact dir)."""
     chosen = os.environ.get("SFTJOB_TESTBED_LOGS")
-    path = Path(chosen) if chosen else tmp_path_factory.mktemp("testbed-logs")
+    # one directory per xdist worker: each runs a test bed of its own, whose logs share names
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    path = Path(chosen) / worker if chosen else tmp_path_factory.mktemp("testbed-logs")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

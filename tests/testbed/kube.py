@@ -233,7 +233,11 @@ class Cluster:
             "-f",
             "-",
             input=json.dumps(
-                {"apiVersion": "v1", "kind": "List", "items": [gpu_node(i, bed_index()) for i in range(len(self.nodes))]}
+                {
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": [gpu_node(i, bed_index()) for i in range(len(self.nodes))],
+                }
             ),
         )
         self.kubectl("wait", "--for=condition=Ready", "node", "--all", f"--timeout={int(timeout)}s")
