@@ -23,6 +23,13 @@ from testbed.seaweed import S3Bucket, SeaweedServer
 
 TESTBED_FIXTURES = {"kube", "namespace", "s3", "seaweed_server", "prometheus"}
 
+# Workers share the machine's cores: each torch process (and what it starts) gets its share of OpenMP
+# threads. Oversubscribed OpenMP threads spin: four workers of two threads each on two cores ran a small
+# torch loop 6x slower than one thread each (docs/testing.md, "In parallel").
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(scope="session")
 def testbed_logs(tmp_path_factory: pytest.TempPathFactory) -> Path:

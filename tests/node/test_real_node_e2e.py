@@ -347,8 +347,9 @@ def test_unpullable_image_is_stuck_with_the_cause(
 ) -> None:
     ns, name = chart_operator.namespace, "bad-image"
     apply_sftjob(
-        kube, ns, name, inputs, pod_s3.endpoint, resources={"image": "localhost/sftjob-no-such-image:0"}
-    )
+        kube, ns, name, inputs, pod_s3.endpoint,
+        resources={"image": "localhost/sftjob-no-such-image:0", "cpu": "100m"},  # never starts: leave room
+    )  # fmt: skip
     st = wait_status(
         kube, ns, name, lambda s: condition(s, "Stuck").get("status") == "True", 180, "Stuck condition"
     )
@@ -371,7 +372,11 @@ def test_missing_or_incomplete_secret_is_stuck_naming_it(
         "half-secret": ("s3-half", "AWS_SECRET_ACCESS_KEY"),
     }
     for name, (secret, _) in cases.items():
-        apply_sftjob(kube, ns, name, inputs, pod_s3.endpoint, output={"credentialsSecret": {"name": secret}})
+        apply_sftjob(
+            kube, ns, name, inputs, pod_s3.endpoint,
+            output={"credentialsSecret": {"name": secret}},
+            resources={"cpu": "100m"},  # never start: both groups' pods must fit beside each other
+        )  # fmt: skip
     for name, (_, said) in cases.items():
         st = wait_status(
             kube, ns, name, lambda s: condition(s, "Stuck").get("status") == "True", 180, "Stuck condition"

@@ -147,7 +147,9 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
         "MASTER_ADDR",
         "MASTER_PORT",
         "JOB_COMPLETION_INDEX",
+        "OMP_NUM_THREADS",
     }
+    assert env["OMP_NUM_THREADS"]["value"] == "8"  # 64 CPUs shared by 8 ranks
     assert c["resources"]["limits"] == {"cpu": "64", "memory": "900Gi", "nvidia.com/gpu": "8"}
     assert c["resources"]["requests"] == c["resources"]["limits"]
     assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in c["ports"]
@@ -349,6 +351,24 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     assert "--nproc-per-node=1" in c["command"]
     assert c["command"][3] == "launch"
     assert c["resources"] == {}
+
+
+def test_threads_per_rank_follow_the_cpu_limit(minimal: Any) -> None:
+    # torch sizes its pool by the node's cores, not the pod's quota; ranks of one pod share its CPUs
+    assert [o.omp_threads(cpu, procs) for cpu, procs in [("900m", 1), ("4", 1), ("2.5", 1), ("96", 8)]] == [
+        1,
+        4,
+        2,
+        12,
+    ]
+    assert o.omp_threads("4", 8) == 1 and o.omp_threads(None, 1) is None and o.omp_threads("1Gi", 1) is None
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    for resources, threads in (({"gpusPerNode": 0, "cpu": "900m"}, "1"), ({"gpusPerNode": 0}, None)):
+        doc["spec"]["resources"] = resources
+        job = o.render_train_job(ref, parse_spec(doc["spec"]), o.RenderOptions())
+        env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env.get("OMP_NUM_THREADS") == threads, env
 
 
 def test_trainer_config_and_artifacts(minimal: Any) -> None:

@@ -2,7 +2,8 @@
 verifies), adapter_config.json naming the spec's base model (never the trainer's local copy), and the merged
 model handed off when the server cannot load the adapter (DoRA for vLLM).
 
-- the README's real model (SmolLM2-135M-Instruct, a model-cache name) through `sftjob run`, serving vllm;
+- the README's real model (SmolLM2-135M-Instruct, a model-cache name) through `sftjob run`, serving vllm:
+  tests/pipeline/test_example_smollm2.py, on the README example's own run;
 - the tiny Llama through `sftjob run` with DoRA, serving vllm: the merged model is the hand-off;
 - the train pod as the operator renders it (tests/pipeline/test_train_only.py) against real S3, train-only,
   serving tgi: the train stage writes the serving manifest.
@@ -20,14 +21,12 @@ import pytest
 from sftjob_api import Layout, parse_spec
 from sftjob_api.layout import status_artifacts
 from sftjob_api.manifest import SERVING_MOUNT, verify_manifest
-from sftjob_api.serving import adapter_config_problems
 from sftjob_api.storage import LocalStore, S3Store
 
 from .sftjob_cli import clean_env, sftjob_doc, sftjob_run, write_spec
 from .test_train_only import run_train_pod
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
-REPO = Path(__file__).resolve().parents[2]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -65,41 +64,6 @@ def base_spec(model: str, train: str, **over: Any) -> dict[str, Any]:
     }
     spec.update(over)
     return spec
-
-
-@pytest.mark.timeout(1500)
-def test_smollm2_adapter_is_handed_to_vllm_with_a_serving_manifest(tmp_path):
-    data = REPO / "examples" / "data"
-    spec = base_spec(
-        "smollm2-135m-instruct",
-        str(data / "contacts-train.jsonl"),
-        eval={"metrics": ["loss", "exact_match"], "maxSamples": 4, "maxNewTokens": 16},
-    )
-    spec["dataset"].update(eval=[str(data / "contacts-eval.jsonl")], maxSeqLength=256)
-    spec["method"]["lora"]["r"] = 12  # vLLM needs --max-lora-rank 16 for it
-    store = run_to_store(tmp_path, "smollm2-serve", spec)
-    serving, adapter = serving_and_adapter(store)
-
-    # adapter_config.json names the spec's model, not the cache directory the trainer loaded it from
-    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"
-    assert adapter_config_problems("vllm", adapter) == []
-    root = str(tmp_path / "runs" / "local" / "smollm2-serve") + "/"
-    assert serving["server"] == "vllm" and serving["artifact"] == "adapter" and serving["message"] == ""
-    assert serving["uri"] == serving["adapter"]["uri"] == root + "adapter/"
-    assert serving["baseModel"] == {"uri": "smollm2-135m-instruct", "revision": None}
-    assert serving["adapter"]["baseModelNameOrPath"] == "smollm2-135m-instruct"
-    assert sorted(serving["adapter"]["targetModules"]) == sorted(PROJECTIONS)
-    assert "<|im_start|>" in serving["chatTemplate"]  # SmolLM2's ChatML template, saved with the tokenizer
-    assert serving["maxModelLen"] == 256
-    results = store.read_json(Layout.EVAL_RESULTS)
-    assert serving["eval"] == {"trained": results["trained"], "base": results["base"]}
-    assert serving["eval"]["trained"]["eval_loss"] > 0
-    assert serving["merged"]["uri"] == root + "merged/" and serving["adapterChecks"] == []
-    args = serving["vllm"]["args"]
-    assert args[:3] == ["vllm", "serve", "smollm2-135m-instruct"]
-    assert args[args.index("--lora-modules") + 1] == f"smollm2-serve={SERVING_MOUNT}/adapter"
-    assert args[args.index("--max-lora-rank") + 1] == "16"
-    assert args[args.index("--max-model-len") + 1] == "256"
 
 
 @pytest.mark.timeout(900)

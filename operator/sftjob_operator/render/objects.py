@@ -104,6 +104,22 @@ def render_service(ref: SFTJobRef) -> Obj:
     }
 
 
+def omp_threads(cpu: str | None, procs_per_pod: int) -> int | None:
+    """Threads per rank for the pod's CPU limit. torch sizes its pool by the host's cores, not the cgroup's
+    quota: a rank limited to 900m on a 16-core node would run 16 threads and be throttled most of each
+    period. None when the pod has no CPU limit (or a quantity that is no CPU amount)."""
+    if cpu is None:
+        return None
+    if cpu.endswith("m") and cpu[:-1].isdigit():
+        cores = int(cpu[:-1]) / 1000
+    else:
+        try:
+            cores = float(cpu)
+        except ValueError:
+            return None
+    return max(1, int(cores // procs_per_pod))
+
+
 def _env(spec: SFTJobSpec, opts: RenderOptions) -> list[Obj]:
     """Only what Kubernetes must inject: everything else is in the config file (spec.output included)."""
     env: list[Obj] = [
@@ -115,6 +131,9 @@ def _env(spec: SFTJobSpec, opts: RenderOptions) -> list[Obj]:
     ]
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    threads = omp_threads(spec.resources.cpu, max(1, spec.resources.gpus_per_node))
+    if threads is not None:
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     sec = spec.output.credentials_secret
     if sec is not None:
         for var, key in (
