@@ -2,8 +2,9 @@
 the operator installed by its Helm chart from the locally built image into a `restricted` namespace.
 
 Fixtures
-  real_node        session  the node (containerd, kubelet, kube-proxy, CoreDNS) joined to `kube`
-  pod_s3           session  (bucket, endpoint) of the SeaweedFS S3 server as pods reach it (the node's IP)
+  real_node        module   the node (containerd, kubelet, kube-proxy, CoreDNS) joined to `kube`; it leaves
+                            the cluster afterwards (the worker's later modules see the KWOK nodes only)
+  pod_s3           module   (bucket, endpoint) of the SeaweedFS S3 server as pods reach it (the node's IP)
   node_namespace   module   a namespace enforcing Pod Security `restricted`, with the S3 credentials Secret
   chart_operator   module   `helm install` of the chart into node_namespace, Ready; yields the release info
 """
@@ -25,7 +26,7 @@ S3_SECRET = "s3-credentials"
 RELEASE = "sftjob"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_node(kube: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     node = RealNode(kube, tmp_path_factory.mktemp("node"), image_set())
     try:
@@ -41,7 +42,7 @@ class PodS3:
     endpoint: str  # the pods' view: the same server through the node IP
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def pod_s3(seaweed_server: SeaweedServer, real_node: RealNode) -> PodS3:
     port = seaweed_server.s3_port
     return PodS3(seaweed_server.new_bucket(), f"http://{real_node.forward(port, port)}")

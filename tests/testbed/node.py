@@ -111,6 +111,9 @@ class RealNode:
         return self
 
     def stop(self) -> None:
+        # The cluster as it was: the worker's later modules expect only the KWOK nodes (tests/e2e lists them).
+        self.cluster.kubectl("delete", "node", self.name, "--wait=false", check=False)
+        self.cluster.kubectl("delete", "endpointslice", "kubernetes", "-n", "default", check=False)
         # Reverse start order (the kubelet first: it would restart pods), then what the runtime left behind.
         for proc in reversed(self.procs):
             proc.stop(timeout=30)
