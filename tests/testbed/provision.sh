@@ -66,8 +66,8 @@ builds_and_images() {
   bash "$HERE/images.sh" &
   local images=$! rc=0
   step "go builds (tests/testbed/build.sh)" bash "$HERE/build.sh" || rc=$?
+  if [[ $rc -ne 0 ]]; then kill $images 2>/dev/null; wait $images; return $rc; fi  # fail fast
   wait $images || { echo "[provision] images.sh failed" >&2; return 1; }
-  return $rc
 }
 step "go builds and, alongside, images for the real node (build.sh, images.sh)" builds_and_images
 echo "[provision] all done in $((SECONDS - t_all)) s"
