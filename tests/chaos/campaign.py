@@ -103,7 +103,17 @@ def regressions(seen: Seen) -> list[str]:
 
 
 class Campaign:
-    def __init__(self, kube: Any, namespace: str, recorder: Recorder, count: int, max_inflight: int = 24):
+    def __init__(
+        self,
+        kube: Any,
+        namespace: str,
+        recorder: Recorder,
+        count: int,
+        max_inflight: int = 24,
+        after_fault: int = 0,
+    ):
+        """`after_fault`: the last N lifecycles are submitted only once the fault is over, however fast the
+        ones before it finish (a suite that checks what happens after the fault has lifecycles there)."""
         self.kube = kube
         self.namespace = namespace
         self.rec = recorder
@@ -111,6 +121,7 @@ class Campaign:
             Lifecycle(f"c{i:03d}-{KINDS[i % len(KINDS)]}", KINDS[i % len(KINDS)]) for i in range(count)
         ]
         self.max_inflight = max_inflight
+        self.after_fault = after_fault
         self.kubectl_failures = 0  # driver calls refused while the apiserver was away (retried)
         self.fault_free_after = 0.0  # monotonic time the last fault was over
 
@@ -154,6 +165,10 @@ class Campaign:
         if phase in TERMINAL:
             lc.ended = time.monotonic()
 
+    def _held(self, fault: Any, queued: int) -> bool:
+        """The last `after_fault` lifecycles wait until the fault is over."""
+        return fault is not None and not fault.satisfied and queued <= self.after_fault
+
     def run(self, deadline_s: float, fault: Any = None) -> float:
         """Drive every lifecycle to its end (or the deadline) while `fault.tick()` injects faults, until the
         last lifecycle is submitted and `fault.satisfied`. Returns the time (monotonic) the campaign ended."""
@@ -167,7 +182,7 @@ class Campaign:
                     self.fault_free_after = fault.last_end
                     fault = None
             inflight = [lc for lc in self.lifecycles if lc.submitted and not lc.done]
-            while queue and len(inflight) < self.max_inflight:
+            while queue and len(inflight) < self.max_inflight and not self._held(fault, len(queue)):
                 lc = queue[0]
                 self._submit(lc)
                 if not lc.submitted:

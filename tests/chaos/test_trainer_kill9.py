@@ -83,10 +83,20 @@ def same_adapter(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def crash_and_resume(
-    runner: Any, s3: Any, cfg: str, env: dict[str, str], prefix: str, kill_when: Any
+    runner: Any,
+    s3: Any,
+    cfg: str,
+    env: dict[str, str],
+    prefix: str,
+    kill_when: Any,
+    hold_marker_at: int | None = None,
 ) -> dict[str, Any]:
-    """Run until `kill_when(event)` says so, SIGKILL a rank, run again; what happened, for the checks."""
-    proc = launch(runner, cfg, env)
+    """Run until `kill_when(event)` says so, SIGKILL a rank, run again; what happened, for the checks.
+    `hold_marker_at`: rank 0 waits before that step's COMPLETE marker (docs/trainer.md) and is the one killed."""
+    from sftjob_trainer.checkpoint import HOLD_MARKER_ENV
+
+    held = {HOLD_MARKER_ENV: str(hold_marker_at)} if hold_marker_at else {}
+    proc = launch(runner, cfg, {**env, **held})
     assert proc.stdout is not None
     last_step, killed_at, partial = 0, None, None
     for line in proc.stdout:
@@ -95,7 +105,7 @@ def crash_and_resume(
                 last_step = ev["step"]
             if killed_at is None and (why := kill_when(ev)):
                 partial = why if isinstance(why, int) else None
-                kill_rank(proc.pid, random.Random(last_step).randrange(RANKS))
+                kill_rank(proc.pid, 0 if held else random.Random(last_step).randrange(RANKS))
                 killed_at = last_step
     proc.wait(timeout=300)
     after_kill = keys(s3, prefix)
@@ -173,7 +183,7 @@ def test_rank_sigkilled_at_random_steps_resumes_exactly(
                 return int(ev["step"])
         return None
 
-    mid = crash_and_resume(runner, s3, config("upload"), env, "upload/", uploading)
+    mid = crash_and_resume(runner, s3, config("upload"), env, "upload/", uploading, hold_marker_at=CKPT_EVERY)
     mid["identical_adapter"] = mid["rc"] == 0 and same_adapter(ref_adapter, adapter(s3, "upload/", tmp_path))
 
     figures = {

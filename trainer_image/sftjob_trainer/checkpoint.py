@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -78,6 +79,16 @@ def set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
+# Test-only (docs/trainer.md): rank 0 waits (at most 10 min) before step N's COMPLETE marker, every rank's
+# files uploaded, so a test SIGKILLs it inside a checkpoint upload however fast the upload is.
+HOLD_MARKER_ENV = "SFTJOB_TEST_HOLD_BEFORE_MARKER"
+
+
+def hold_before_marker(step: int, limit_s: float = 600) -> None:
+    if os.environ.get(HOLD_MARKER_ENV) == str(step):
+        time.sleep(limit_s)
+
+
 def save(
     engine: Any,
     store: Store,
@@ -98,6 +109,7 @@ def save(
     shutil.rmtree(local, ignore_errors=True)
     dist.barrier()
     if rank == 0:
+        hold_before_marker(step)
         marker = {"step": step, "world_size": dist.get_world_size(), "trainer_state": trainer_state}
         store.put_bytes(json.dumps(marker, indent=1).encode(), Layout.checkpoint_marker(step))
         for old in to_delete(store.list(Layout.CHECKPOINTS), keep, step):
