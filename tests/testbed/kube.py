@@ -21,7 +21,7 @@ from typing import Any
 import requests
 
 from .pki import Pki, write_kubeconfig
-from .procs import LOOPBACK, Proc, free_port, wait_until
+from .procs import LOOPBACK, Proc, bed_index, free_port, wait_until
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("SFTJOB_TESTBED_CACHE", Path.home() / ".cache" / "sftjob-testbed"))
@@ -38,16 +38,10 @@ STAGES = HERE / "kwok-stages.yaml"
 STAGES_CIDR = "cidr: 127.20.0.1/16"  # kwok-stages.yaml's pod pool: each test bed gets its own (bed_cidr)
 
 
-def bed_index() -> int:
-    """Which of the machine's test beds this process runs: pytest-xdist worker gwN -> N, else 0. Each bed has
-    its own pod and node addresses, so two beds never hand a pod the same loopback IP (a test serves a
-    pod's /metrics on it)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
-
-
 def bed_cidr(index: int) -> str:
-    """The pod CIDR of test bed `index`: 127.20.0.0/16, 127.21.0.0/16, ... (kwok hands out from .0.1)."""
+    """The pod CIDR of test bed `index` (procs.bed_index): 127.20.0.0/16, 127.21.0.0/16, ... (kwok hands out
+    from .0.1). Each bed has its own pod and node addresses, so two beds never hand a pod the same loopback
+    IP (a test serves a pod's /metrics on it)."""
     return f"127.{20 + index}.0.0/16"
 
 

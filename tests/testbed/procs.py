@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -27,11 +28,33 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def bed_index() -> int:
+    """Which of the machine's test beds this process runs: pytest-xdist worker gwN -> N, else 0."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+# Each test bed takes its ports from a block of its own below the kernel's ephemeral range (32768 and up
+# here), so neither another worker nor any outgoing connection takes a port between this check and the
+# server's bind: with the OS picking (bind to port 0), four workers made that race real (Kueue exited with
+# "bind: address already in use").
+PORT_BASE, PORT_BLOCK = 10000, 2000
+_handed_out = itertools.count()
+
+
 def free_port() -> int:
-    """A currently free TCP port on loopback (the OS picks; a tiny race with other users is accepted)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    """A free TCP port on loopback from this bed's block, never the same twice in a row of PORT_BLOCK."""
+    first = PORT_BASE + bed_index() * PORT_BLOCK
+    assert first + PORT_BLOCK <= 32768, f"test bed {bed_index()} has no port block below the ephemeral range"
+    for _ in range(PORT_BLOCK):
+        port = first + next(_handed_out) % PORT_BLOCK
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+            return port
+    raise RuntimeError(f"no free loopback port in {first}-{first + PORT_BLOCK - 1}")
 
 
 def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
