@@ -33,6 +33,7 @@ class Watcher(threading.Thread):
         self.stopping = threading.Event()
         self.errors = 0  # watch connections that ended in an error (apiserver gone, ...)
         self.relists = 0  # full lists (the first one, then one per 410 Gone)
+        self.known: dict[str, Obj] = {}  # uid -> last object seen, for deletions a relist reveals
 
     def stop(self) -> None:
         self.stopping.set()
@@ -40,16 +41,34 @@ class Watcher(threading.Thread):
     def _plain(self, obj: Any) -> Obj:
         return obj if isinstance(obj, dict) else self.api.sanitize_for_serialization(obj)
 
+    def _deliver(self, kind: str, obj: Obj) -> None:
+        uid = obj["metadata"]["uid"]
+        if kind == "DELETED":
+            self.known.pop(uid, None)
+        else:
+            self.known[uid] = obj
+        self.on_event(kind, obj)
+
+    def _relist(self) -> str:
+        """List, and deliver as DELETED what was known and is gone: an object deleted while the watch was
+        away (a 410 after the apiserver restarted) has no DELETED event of its own (client-go's informers
+        do the same: DeletedFinalStateUnknown)."""
+        listing = self._plain(self.list_fn(_request_timeout=(5, 30), **self.kw))
+        items = listing.get("items") or []
+        listed = {item["metadata"]["uid"] for item in items}
+        for uid in [u for u in self.known if u not in listed]:
+            self._deliver("DELETED", self.known[uid])
+        for item in items:
+            self._deliver("LISTED", item)
+        self.relists += 1
+        return listing["metadata"]["resourceVersion"]
+
     def run(self) -> None:
         rv: str | None = None
         while not self.stopping.is_set():
             try:
                 if rv is None:
-                    listing = self._plain(self.list_fn(_request_timeout=(5, 30), **self.kw))
-                    for item in listing.get("items") or []:
-                        self.on_event("LISTED", item)
-                    rv = listing["metadata"]["resourceVersion"]
-                    self.relists += 1
+                    rv = self._relist()
                 stream = watch.Watch().stream(
                     self.list_fn,
                     resource_version=rv,
@@ -62,7 +81,7 @@ class Watcher(threading.Thread):
                     obj = event["raw_object"]
                     rv = obj["metadata"]["resourceVersion"]
                     if event["type"] != "BOOKMARK":
-                        self.on_event(event["type"], obj)
+                        self._deliver(event["type"], obj)
                     if self.stopping.is_set():
                         break
             except ApiException as e:
