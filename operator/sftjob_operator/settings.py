@@ -34,7 +34,7 @@ class Settings:
     health_address: str = "0.0.0.0"
     health_port: int = 8081  # kopf liveness endpoint /healthz (0: off)
     progress_interval: float = 15.0  # timer: progress, stuck detection, TTL, resync
-    progress_timeout: float = 3.0  # HTTP timeout reading a trainer's /metrics
+    progress_timeout: float = 3.0  # the whole read of a trainer's /metrics (connect to last byte)
     peering_name: str = "sftjob-operator"
     standalone: bool = False  # no peering: for one replica or tests
     peering_required: bool = (
@@ -169,6 +169,8 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         raise SystemExit("--workers must be >= 1")
     if args.progress_interval <= 0:
         raise SystemExit("--progress-interval must be > 0")
+    if args.progress_timeout <= 0:
+        raise SystemExit("--progress-timeout must be > 0")
     return Settings(
         namespaces=namespaces,
         default_image=args.default_image,

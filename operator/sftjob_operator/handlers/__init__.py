@@ -49,11 +49,19 @@ def _ttl_pending(spec: Any, jobs_index: Any, namespace: str, name: str) -> bool:
     return (namespace, name) in jobs_index  # DeleteChildren: done once no child Job is left
 
 
+# Threads reading trainers' /metrics (each read bounded by --progress-timeout): apart from the reconcile pool,
+# so slow or hostile trainer ports delay only progress, never another SFTJob's reconcile.
+PROGRESS_WORKERS = 4
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings, diffbase: InMemoryDiffBase) -> Reconciler:
-    api = new_api_client(settings.kubeconfig, pool_size=settings.workers + 4)
+    api = new_api_client(settings.kubeconfig, pool_size=settings.workers + PROGRESS_WORKERS + 4)
     reconciler = Reconciler(settings, Kube(api, settings.request_timeout))
     executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=settings.workers, thread_name_prefix="reconcile"
+    )
+    progress_pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=PROGRESS_WORKERS, thread_name_prefix="progress"
     )
 
     async def run(
@@ -160,6 +168,9 @@ def register(registry: kopf.OperatorRegistry, settings: Settings, diffbase: InMe
             return  # finished and nothing left to clean up: no API call at all
         try:
             await run(namespace, name, sft_jobs, sft_pods, sft_objects, tick=True)
+            await asyncio.get_running_loop().run_in_executor(
+                progress_pool, reconciler.progress, namespace, name
+            )
         except Exception as e:
             log.warning("timer on %s/%s: %s: %s", namespace, name, type(e).__name__, e)
             raise

@@ -1,12 +1,20 @@
 """The progress reader: rank 0's trainer /metrics -> status.progress and status.artifacts.latestCheckpoint
 (rate-limited per SFTJob); it also feeds hang detection (when each step was first seen) and fills the newest
-recovery's downtime."""
+recovery's downtime.
+
+The trainer's port is tenant-controlled, so a read must never block: the reconcile only picks the target
+(`progress_target`, under the SFTJob's lock); the read itself (`fetch_metrics`) runs afterwards on its own
+small pool with an overall deadline and a size cap, and only the status write (`apply_progress`) takes the
+lock again (handlers/reconcile.py `Reconciler.progress`)."""
 
 from __future__ import annotations
 
+import http.client
+import io
 import logging
+import socket
 import time
-import urllib.request
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
@@ -16,27 +24,40 @@ from .. import metrics
 from ..render.observe import PodObs
 from ..render.progress import checkpoint_step, parse_data, parse_progress, progress_changed
 from ..render.recovery import with_downtime
-from ..settings import Settings
-from .kube import Kube
 from .state import Memo, Obj
 
 log = logging.getLogger("sftjob_operator.reconcile")
 
+MAX_METRICS_BYTES = 2_000_000  # a trainer's /metrics is a few KiB; anything near this is not ours to parse
 
-def read_progress(
-    settings: Settings,
-    kube: Kube,
-    body: Obj,
-    status: SFTJobStatus,
-    spec: SFTJobSpec,
+
+class MetricsReadError(Exception):
+    """A trainer's /metrics could not be read in time, in size, or as HTTP 200."""
+
+
+@dataclass(frozen=True)
+class ProgressTarget:
+    """What one reconcile decided to read, and the SFTJob as that reconcile wrote it."""
+
+    host: str
+    port: int
+    train_uid: str
+    body: Obj  # the SFTJob as the reconcile wrote it (the status write chains on its resourceVersion)
+    spec: SFTJobSpec
+
+
+def progress_target(
     pods: list[PodObs],
-    train_uid: str,
+    port: int,
+    interval: float,
     memo: Memo,
-    now: datetime,
-) -> None:
-    interval = settings.progress_interval
+    train_uid: str,
+    body: Obj,
+    spec: SFTJobSpec,
+) -> ProgressTarget | None:
+    """Rank 0's address when a read is due (at most one progress write per interval per SFTJob)."""
     if time.monotonic() - memo.last_progress_write < interval * 0.8:
-        return  # rate limit: at most one progress write per interval per SFTJob
+        return None
     rank0 = next(
         (
             p
@@ -45,26 +66,90 @@ def read_progress(
         ),
         None,
     )
-    if rank0 is None:
-        return
-    url = f"http://{rank0.ip}:{settings.trainer_metrics_port}/metrics"
+    if rank0 is None or not rank0.ip:
+        return None
+    return ProgressTarget(rank0.ip, port, train_uid, body, spec)
+
+
+class _Recorded:
+    """Bytes already read, offered to http.client's parser as if they were a socket."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def makefile(self, *_: object, **__: object) -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+
+def http_body(raw: bytes) -> str:
+    """The body of a complete HTTP/1.x response (status line, headers, body), or MetricsReadError."""
+    resp = http.client.HTTPResponse(_Recorded(raw))  # type: ignore[arg-type]
     try:
-        with urllib.request.urlopen(url, timeout=settings.progress_timeout) as resp:
-            text = resp.read(2_000_000).decode("utf-8", "replace")
-    except Exception as e:
-        metrics.PROGRESS_READS.labels(result="error").inc()
-        log.debug("progress read %s failed: %s", url, e)
-        return
-    now = datetime.now(UTC)  # when the step was read, not when the reconcile began (hang detection)
+        resp.begin()
+        body = resp.read()
+    except (http.client.HTTPException, ValueError) as e:
+        raise MetricsReadError(f"not an HTTP response: {type(e).__name__}: {e}") from e
+    if resp.status != 200:
+        raise MetricsReadError(f"HTTP {resp.status}")
+    return body.decode("utf-8", "replace")
+
+
+def _complete(raw: bytes) -> bool:
+    """Whether `raw` already holds the whole response by its Content-Length (a server that keeps the
+    connection open after answering must not cost the full deadline)."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == b"content-length" and value.strip().isdigit():
+            return len(body) >= int(value.strip())
+    return False
+
+
+def fetch_metrics(host: str, port: int, deadline: float, max_bytes: int = MAX_METRICS_BYTES) -> str:
+    """GET /metrics, bounded as a whole: every socket operation waits at most for what is left of `deadline`
+    seconds (urllib's timeout bounds each read only: a trickle of one byte a second never ends), and more
+    than `max_bytes` is refused."""
+    end = time.monotonic() + deadline
+
+    def left() -> float:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise MetricsReadError(f"no complete response from {host}:{port} within {deadline:g} s")
+        return remaining
+
+    request = f"GET /metrics HTTP/1.0\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
+    raw = bytearray()
+    try:
+        with socket.create_connection((host, port), timeout=left()) as sock:
+            sock.settimeout(left())
+            sock.sendall(request)
+            while not _complete(bytes(raw)):
+                sock.settimeout(left())
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                raw += chunk
+                if len(raw) > max_bytes:
+                    raise MetricsReadError(f"response from {host}:{port} is over {max_bytes} bytes")
+    except TimeoutError as e:
+        raise MetricsReadError(f"no complete response from {host}:{port} within {deadline:g} s") from e
+    except OSError as e:
+        raise MetricsReadError(f"{host}:{port}: {e}") from e
+    return http_body(bytes(raw))
+
+
+def progress_update(
+    target: ProgressTarget, meta: Obj, status: SFTJobStatus, text: str, memo: Memo, now: datetime
+) -> dict[str, object]:
+    """The status fields a read page changes (empty: nothing to write)."""
     progress = parse_progress(text, now)
     if progress is None:
-        metrics.PROGRESS_READS.labels(result="empty").inc()
-        return
-    metrics.PROGRESS_READS.labels(result="ok").inc()
-    meta = body["metadata"]
+        return {}
     update: dict[str, object] = {}
     step = progress.step or 0
-    memo.steps.observe(train_uid, step, now)  # hang detection (render/recovery.detect_stall)
+    memo.steps.observe(target.train_uid, step, now)  # hang detection (render/recovery.detect_stall)
     after_restart = with_downtime(status, step, now)
     if after_restart is not None:
         update["recoveries"] = after_restart.recoveries
@@ -76,10 +161,23 @@ def read_progress(
         update["data"] = data
     saved = checkpoint_step(text)
     if saved is not None and status.artifacts is not None:
-        latest = checkpoint_uri(spec, meta["namespace"], meta["name"], saved)
+        latest = checkpoint_uri(target.spec, meta["namespace"], meta["name"], saved)
         if status.artifacts.latest_checkpoint != latest:
             update["artifacts"] = status.artifacts.model_copy(update={"latest_checkpoint": latest})
-    if not update:
-        return
-    kube.write_status(body, status.model_copy(update=update))
-    memo.last_progress_write = time.monotonic()
+    return update
+
+
+def read_metrics(target: ProgressTarget, deadline: float) -> tuple[str, datetime] | None:
+    """The page and when it was read (hang detection wants the time of the read), or None; counted."""
+    try:
+        text = fetch_metrics(target.host, target.port, deadline)
+    except MetricsReadError as e:
+        metrics.PROGRESS_READS.labels(result="error").inc()
+        log.debug("progress read %s:%s failed: %s", target.host, target.port, e)
+        return None
+    read_at = datetime.now(UTC)
+    if parse_progress(text, read_at) is None:
+        metrics.PROGRESS_READS.labels(result="empty").inc()
+        return None
+    metrics.PROGRESS_READS.labels(result="ok").inc()
+    return text, read_at

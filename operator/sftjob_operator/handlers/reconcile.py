@@ -45,7 +45,7 @@ from .children import Children, own_suspend_writes, refresh_created
 from .events import record_transition
 from .kube import ChildRejected, Kube
 from .kueue import sync_workload_active
-from .progress import read_progress
+from .progress import ProgressTarget, progress_target, progress_update, read_metrics
 from .state import Memo, Obj, Snapshot, slim_job, slim_pod, slim_sftjob
 from .terminal import after_terminal
 
@@ -73,6 +73,7 @@ class Reconciler:
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._memos: dict[str, Memo] = {}
+        self._progress: dict[tuple[str, str], ProgressTarget] = {}  # reads a tick decided on, not yet done
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._locks_guard:
@@ -85,6 +86,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str, uid: str | None) -> None:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._progress.pop((namespace, name), None)
             if uid:
                 self._memos.pop(uid, None)
         if uid:
@@ -306,5 +308,48 @@ class Reconciler:
         record_transition(self.kube, body, prev, status, decision, stuck, now)
         if tick and decision.phase == ph.TRAINING and spec is not None:
             train_uid = train_job.uid if train_job else ""
-            read_progress(self.settings, self.kube, written, status, spec, pod_obs, train_uid, memo, now)
+            port, interval = self.settings.trainer_metrics_port, self.settings.progress_interval
+            target = progress_target(pod_obs, port, interval, memo, train_uid, written, spec)
+            if target is not None:  # read by `progress`, after this lock is released
+                with self._locks_guard:
+                    self._progress[(namespace, name)] = target
         return decision.phase
+
+    # ---- the progress reader (handlers/progress.py) --------------------------------------------------------
+
+    def progress(self, namespace: str, name: str) -> None:
+        """Read the trainer's /metrics that the last tick chose, holding no lock while the (tenant-controlled)
+        trainer answers; then write what changed under the SFTJob's lock, from the newest SFTJob this process
+        knows (one re-read if that proves stale)."""
+        with self._locks_guard:
+            target = self._progress.pop((namespace, name), None)
+        if target is None:
+            return
+        got = read_metrics(target, self.settings.progress_timeout)
+        if got is None:
+            return
+        text, read_at = got
+        uid = target.body["metadata"]["uid"]
+        with self.lock(namespace, name):
+            memo = self.memo(uid)
+            body: Obj | None = memo.own_write[1] if memo.own_write else target.body
+            for attempt in range(2):
+                if body is None or body["metadata"].get("uid") != uid:
+                    return
+                status = parse_status(body.get("status"))
+                if status.phase != ph.TRAINING:
+                    return  # the run moved on while the trainer answered
+                update = progress_update(target, body["metadata"], status, text, memo, read_at)
+                if not update:
+                    return
+                try:
+                    written = self.kube.write_status(body, status.model_copy(update=update))
+                except ApiException as e:
+                    if e.status != 409 or attempt:
+                        raise
+                    body = self.kube.get_sftjob(namespace, name)
+                    continue
+                memo.last_progress_write = time.monotonic()
+                if written is not body:
+                    memo.own_write = (body["metadata"]["resourceVersion"], slim_sftjob(written))
+                return
