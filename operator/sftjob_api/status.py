@@ -31,6 +31,7 @@ class Reason(StrEnum):
     """status.reason (CamelCase, stable: alerts and dashboards key on them)."""
 
     INVALID_SPEC = "InvalidSpec"
+    NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object this SFTJob does not own
     CREATING = "CreatingChildren"
     QUEUED = "Queued"
     PODS_PENDING = "PodsPending"

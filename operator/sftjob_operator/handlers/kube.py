@@ -5,9 +5,10 @@ API verbs used here (the Helm chart's ClusterRole must grant them):
   sft.tuning.dev  sftjobs            get, delete (ttlPolicy DeleteSFTJob); list, watch, patch (kopf)
   sft.tuning.dev  sftjobs/status     patch
   sft.tuning.dev  sftjobs/finalizers update (ownerReferences with blockOwnerDeletion)
-  batch           jobs               create, patch (suspend), delete (TTL); list, watch (kopf index)
+  batch           jobs               create, get (whose it is, after a 409), patch (suspend), delete (TTL);
+                                     list, watch (kopf index)
   ""              pods               list, watch (kopf index)
-  ""              services           create, delete (TTL)
+  ""              services           create, get (whose it is, after a 409 and before TTL), delete (TTL)
   ""              events             create; list (stuck detection: FailedCreate on a Job)
   kopf.dev        kopfpeerings / clusterkopfpeerings  get, list, watch, patch (kopf peering)
 """
@@ -27,6 +28,7 @@ from sftjob_api import GROUP, PLURAL, VERSION, SFTJobStatus
 
 from ..render.bad_nodes import node_problem
 from ..render.names import LABEL_JOB_NAME, LABEL_STAGE
+from ..render.ownership import Existing, classify, conflict_message
 from ..render.rejected import REJECTED_STATUSES, rejection_message, validation_message
 from ..render.status import status_patch
 
@@ -37,6 +39,16 @@ COMPONENT = "sftjob-operator"
 
 class ChildRejected(Exception):
     """The apiserver refused a child object as invalid (400/422): the spec's fault, never retried."""
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object this SFTJob does not own (render/ownership.py): never adopted,
+    patched or deleted; the run fails naming it."""
+
+
+class ChildNotYet(Exception):
+    """A child's name is still held by an earlier SFTJob's object of the same name (the garbage collector has
+    not removed it yet): create again on a later reconcile."""
 
 
 def new_api_client(kubeconfig: str | None, pool_size: int) -> client.ApiClient:
@@ -133,7 +145,7 @@ class Kube:
                 raise ValueError(f"cannot create {kind}")
         except ApiException as e:
             if e.status == 409:
-                return False
+                return self._existing(obj, label)
             if e.status in REJECTED_STATUSES:
                 raise ChildRejected(
                     rejection_message(label, obj["metadata"]["name"], e.status, e.body)
@@ -142,6 +154,29 @@ class Kube:
         except pydantic.ValidationError as e:  # the client's own core/v1 models refused it before sending
             raise ChildRejected(validation_message(label, obj["metadata"]["name"], list(e.errors()))) from e
         return True
+
+    def _existing(self, obj: Obj, label: str) -> bool:
+        """After a 409: False (it is ours already) only when the existing object's ownerReference is this
+        SFTJob's uid; otherwise ChildNotYet or ChildConflict."""
+        meta = obj["metadata"]
+        owner = next(o for o in meta["ownerReferences"] if o.get("controller"))
+        read = (
+            self.core.read_namespaced_service if obj["kind"] == "Service" else self.batch.read_namespaced_job
+        )
+        try:
+            existing = self.api.sanitize_for_serialization(
+                read(meta["name"], meta["namespace"], _request_timeout=self.timeout)
+            )
+        except ApiException as e:
+            if e.status == 404:  # gone between the create and the read: the next reconcile creates it
+                raise ChildNotYet(f"{label} {meta['name']} was just deleted") from e
+            raise
+        verdict = classify(existing, owner["name"], owner["uid"])
+        if verdict == Existing.MINE:
+            return False
+        if verdict == Existing.LEFTOVER:
+            raise ChildNotYet(f"{label} {meta['name']} of an earlier SFTJob {owner['name']} is still there")
+        raise ChildConflict(conflict_message(label, meta["namespace"], meta["name"], existing))
 
     def list_children(self, namespace: str, sftjob: str) -> tuple[list[Obj], list[Obj]]:
         """The child Jobs and Pods of one SFTJob as the API has them now (the watch caches may lag)."""
@@ -230,18 +265,36 @@ class Kube:
             if e.status not in (404, 409):
                 raise
 
-    def delete_children(self, namespace: str, job_names: list[str], service: str | None) -> None:
-        """Stage Jobs and the Service (if the run has one), each only if it exists. (The ConfigMap that earlier
-        versions created goes with the SFTJob: it is owned by it.)"""
-        opts = client.V1DeleteOptions(propagation_policy="Background")
-        calls = [(self.batch.delete_namespaced_job, n) for n in job_names]
+    def delete_children(
+        self, namespace: str, jobs: list[tuple[str, str]], service: str | None, uid: str
+    ) -> None:
+        """TTL clean-up: the given (name, uid) stage Jobs and the Service (if the run has one), each only if it
+        is still that very object and this SFTJob's (uid preconditions: an object someone else made under a
+        child's name is never deleted). (The ConfigMap that earlier versions created goes with the SFTJob.)"""
+
+        def opts(child_uid: str) -> client.V1DeleteOptions:
+            return client.V1DeleteOptions(
+                propagation_policy="Background", preconditions=client.V1Preconditions(uid=child_uid)
+            )
+
+        calls = [(self.batch.delete_namespaced_job, name, job_uid) for name, job_uid in jobs]
         if service is not None:
-            calls.append((self.core.delete_namespaced_service, service))
-        for fn, name in calls:
             try:
-                fn(name, namespace, body=opts, _request_timeout=self.timeout)
+                svc = self.core.read_namespaced_service(service, namespace, _request_timeout=self.timeout)
             except ApiException as e:
                 if e.status != 404:
+                    raise
+            else:
+                plain = self.api.sanitize_for_serialization(svc)
+                if classify(plain, "", uid) == Existing.MINE:
+                    calls.append((self.core.delete_namespaced_service, service, plain["metadata"]["uid"]))
+                else:
+                    log.warning("TTL: Service %s/%s is not this SFTJob's; left alone", namespace, service)
+        for fn, name, child_uid in calls:
+            try:
+                fn(name, namespace, body=opts(child_uid), _request_timeout=self.timeout)
+            except ApiException as e:
+                if e.status not in (404, 409):  # gone / a different object of that name by now
                     raise
 
     def job_warning_events(self, namespace: str, job_name: str) -> list[Obj]:

@@ -43,7 +43,7 @@ from ..render.trainer_config import cluster_output_error
 from ..settings import Settings
 from .children import Children, own_suspend_writes, refresh_created
 from .events import record_transition
-from .kube import ChildRejected, Kube
+from .kube import ChildConflict, ChildNotYet, ChildRejected, Kube
 from .kueue import sync_workload_active
 from .progress import ProgressTarget, progress_target, progress_update, read_metrics
 from .state import Memo, Obj, Snapshot, slim_job, slim_pod, slim_sftjob
@@ -194,11 +194,16 @@ class Reconciler:
         obs_jobs: dict[Stage, JobObs] = {Stage(s): observe_job(j) for s, j in jobs.items() if s in set(Stage)}
         pod_obs = [observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods]
 
+        name_conflict: str | None = None
         if spec is not None and spec_error is None:
             try:
                 self.children.ensure_base(ref, spec, obs_jobs, memo)
             except ChildRejected as e:  # the spec's fault: Failed/InvalidSpec, never retried
                 spec_error = str(e)
+            except ChildConflict as e:  # someone else's object has a child's name: Failed/NameConflict
+                name_conflict = str(e)
+            except ChildNotYet as e:  # an earlier SFTJob's child is still going: the next reconcile creates
+                log.info("%s/%s: %s", namespace, name, e)
         if spec is not None and spec_error is None:
             obs_jobs = own_suspend_writes(refresh_created(ref, spec, obs_jobs, memo), memo)
 
@@ -232,6 +237,7 @@ class Reconciler:
         obs = ph.Observed(
             phase=prev_phase,
             spec_error=spec_error,
+            name_conflict=name_conflict,
             suspend=bool(spec.suspend) if spec else False,
             queued=ref.queued,
             curate=obs_jobs.get(Stage.CURATE),
@@ -261,6 +267,11 @@ class Reconciler:
                 except ChildRejected as e:
                     obs = replace(obs, spec_error=str(e))
                     decision = ph.next_phase(obs)
+                except ChildConflict as e:
+                    obs = replace(obs, name_conflict=str(e))
+                    decision = ph.next_phase(obs)
+                except ChildNotYet as e:
+                    log.info("%s/%s: %s", namespace, name, e)
                 else:
                     # Decide again with the new Job in view, as the next reconcile would: one status write
                     # per transition instead of two (benchmarks/operator_scale.py counts them).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sftjob_api import SFTJobStatus, SpecError, Stage, parse_spec
+from sftjob_api import SFTJobStatus, SpecError, parse_spec
 
 from ..render.names import ChildNames
 from ..render.objects import needs_service
@@ -38,9 +38,10 @@ def after_terminal(
     if spec.run_policy.ttl_policy == "DeleteSFTJob":
         kube.post_event(body, "Normal", "TTLExpired", f"deleting the SFTJob {ttl}s after it finished")
         kube.delete_sftjob(meta["namespace"], meta["name"], meta["uid"])
-    elif any(owned_by(j, meta["uid"]) for j in snap.jobs):
+    elif owned:
         service = names.service if needs_service(spec) else None  # a one-pod run has none
-        kube.delete_children(meta["namespace"], [names.job(s) for s in Stage], service)
+        jobs = [(j.name, j.uid) for j in owned if j.uid]  # only ours (ownerReference), each by its uid
+        kube.delete_children(meta["namespace"], jobs, service, meta["uid"])
         kube.post_event(
             body,
             "Normal",

@@ -6,7 +6,7 @@ actions that follow from a decision (create the eval Job when the phase is Evalu
 exist, ...) live in the handlers.
 
     Pending -> [Curating -> Pending] -> Training -> Evaluating -> Merging -> Succeeded
-    any -> Failed (InvalidSpec, CurationFailed, TrainingFailed, BackoffLimitExceeded, DeadlineExceeded,
+    any -> Failed (InvalidSpec, NameConflict, CurationFailed, TrainingFailed, BackoffLimitExceeded, DeadlineExceeded,
                    EvalFailed, EvalGateFailed, MergeFailed, Stuck)
     non-terminal <-> Suspended (spec.suspend)
 
@@ -42,6 +42,7 @@ class Observed:
 
     phase: Phase | None = None  # current status.phase
     spec_error: str | None = None  # SpecError text: the spec failed validation in the operator
+    name_conflict: str | None = None  # a child's name is taken by someone else's object (render/ownership)
     suspend: bool = False  # spec.suspend
     queued: bool = False  # Kueue manages admission (queue-name label)
     curate: JobObs | None = None
@@ -225,6 +226,8 @@ def next_phase(obs: Observed) -> Decision:
     """The phase the SFTJob should be in given what is observed now."""
     if obs.spec_error is not None:
         return Decision(FAILED, Reason.INVALID_SPEC, obs.spec_error)
+    if obs.name_conflict is not None:
+        return Decision(FAILED, Reason.NAME_CONFLICT, obs.name_conflict)
     if obs.phase is not None and obs.phase in TERMINAL:
         # Terminal phases are sticky: a later resync (or TTL clean-up deleting the children) changes nothing.
         return Decision(obs.phase, "", "")
