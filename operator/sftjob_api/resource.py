@@ -22,6 +22,8 @@ CATEGORIES = ["all", "ml", "training"]
 # Children are named <name>-train etc. and pods <name>-train-<index>; a DNS-1035 label of at most
 # 42 characters keeps every derived name (Service, Job, pod hostname) within 63.
 NAME_PATTERN = r"^[a-z]([-a-z0-9]{0,40}[a-z0-9])?$"
+# What the API server allows for a namespace; checked here for `sftjob run`, where no API server does.
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
 class ObjectMeta(ApiModel):
@@ -31,8 +33,8 @@ class ObjectMeta(ApiModel):
 
     name: str = Field(pattern=NAME_PATTERN)
     """Name: a DNS-1035 label of at most 42 characters."""
-    namespace: str | None = None
-    """Namespace."""
+    namespace: str | None = Field(default=None, pattern=NAMESPACE_PATTERN)
+    """Namespace: a DNS-1123 label (`sftjob run` derives local paths from it)."""
     labels: dict[str, str] = Field(default_factory=dict)
     """Labels (kueue.x-k8s.io/queue-name is passed on to the child Jobs)."""
 

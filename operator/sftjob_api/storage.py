@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .exit_codes import PermanentError, StorageError
+from .paths import safe_join
 from .spec import OutputSpec
 
 Keys = list[str]  # (`Store.list` shadows the builtin inside the classes)
@@ -107,7 +108,7 @@ def download_prefix(
                 rel = obj["Key"][len(prefix) :]
                 if not rel or rel.endswith("/") or (keep is not None and not keep(rel)):
                     continue
-                dest = os.path.join(dest_dir, rel)
+                dest = safe_join(dest_dir, rel, f"S3 key s3://{loc.bucket}/{obj['Key']}")
                 if not (os.path.exists(dest) and os.path.getsize(dest) == obj["Size"]):
                     download_file(S3Location(loc.bucket, obj["Key"]), dest, client)
                 got.append(rel)
@@ -219,7 +220,7 @@ class LocalStore(Store):
             rel = k[len(prefix.rstrip("/")) + 1 :]
             if keep is not None and not keep(rel):
                 continue
-            target = os.path.join(dest, rel)
+            target = safe_join(dest, rel, f"{self.root}/{k}")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copyfile(self._p(k), target)
             rels.append(rel)

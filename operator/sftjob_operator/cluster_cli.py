@@ -244,12 +244,19 @@ def _credentials(cluster: Cluster, spec: Any) -> None:
 
 
 def download_verified(store: Any, manifest: Obj, dest: Path) -> list[str]:
-    """Every manifest file into dest, hashed while it is written; the problems found (empty: all match)."""
+    """Every manifest file into dest, hashed while it is written; the problems found (empty: all match).
+    Every path is checked before anything is written (sftjob_api.paths: the manifest is tenant-writable)."""
     from sftjob_api import Layout
+    from sftjob_api.paths import UnsafePath, safe_join
 
+    try:
+        targets = [
+            Path(safe_join(dest, str(f["path"]), "manifest.json files[].path")) for f in manifest["files"]
+        ]
+    except UnsafePath as e:
+        raise CliError(f"refusing to download: {e}") from None
     problems = []
-    for f in manifest["files"]:
-        target = dest / f["path"]
+    for f, target in zip(manifest["files"], targets, strict=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         h, size = hashlib.sha256(), 0
         try:
