@@ -14,6 +14,7 @@ from .dataset import DATA_URI, DatasetSpec
 from .evaluation import ALL_METRICS, EvalGates, Metric
 from .labels import MAX_ENTRIES, AnnotationValue, LabelValue, keys_rule
 from .run_policy import RunPolicy
+from .scheduling import MAX_TOLERATIONS, Affinity, Toleration
 from .serving import Server
 from .serving import cel_rules as serving_rules
 from .tracking import TrackingSpec
@@ -184,10 +185,10 @@ class ResourcesSpec(ApiModel):
     """Trainer image; the operator's default when unset."""
     node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """Node labels the pods must match (label keys and values)."""
-    tolerations: list[Object] = Field(default_factory=list, max_length=64)
-    """Pod tolerations (core/v1 Toleration)."""
-    affinity: Object | None = None
-    """Pod affinity (core/v1 Affinity)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
+    """Pod tolerations (core/v1 Toleration; lists and strings capped: sftjob_api/scheduling.py)."""
+    affinity: Affinity | None = None
+    """Pod affinity (core/v1 Affinity; lists and strings capped: sftjob_api/scheduling.py)."""
     priority_class_name: str | None = Field(default=None, max_length=253)
     """PriorityClass of the pods."""
     service_account_name: str | None = Field(default=None, max_length=253)

@@ -18,12 +18,23 @@ from typing import Any, cast
 
 import kopf
 
+from sftjob_api.scheduling import split_child_only
+
 
 class InMemoryDiffBase(kopf.DiffBaseStorage):
     def __init__(self, ignored_fields: Iterable[Any] = ()) -> None:
         super().__init__(ignored_fields=ignored_fields)
         # uid -> compact JSON: ~1 KiB per SFTJob rather than a nested dict several times that size
         self._essences: dict[str, str] = {}
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        # tolerations/affinity as a digest: a change still shows, but ~300 KB per SFTJob is not kept twice
+        essence = super().build(body=body, extra_fields=extra_fields)
+        spec, digest = split_child_only(essence.get("spec") or {})
+        if digest is not None:
+            spec["resources"]["childOnlyDigest"] = digest
+            essence["spec"] = spec
+        return essence
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         text = self._essences.get(body.metadata.uid or "")

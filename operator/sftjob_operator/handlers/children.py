@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 
@@ -20,6 +21,8 @@ from .state import Memo
 
 log = logging.getLogger("sftjob_operator.reconcile")
 
+FullSpec = Callable[[], SFTJobSpec] | None
+
 # Re-create a child that the index still does not show this long after we created it (deleted by hand).
 RECREATE_AFTER_S = 30.0
 
@@ -29,7 +32,9 @@ class Children:
         self.kube = kube
         self.opts = opts
 
-    def ensure_base(self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo) -> None:
+    def ensure_base(
+        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo, full: FullSpec = None
+    ) -> None:
         """The Service of a multi-node run and the first stage's Job (curate, else train)."""
         # Once a stage Job exists its Service was created before it.
         if jobs:
@@ -37,13 +42,16 @@ class Children:
         if needs_service(spec) and "service" not in memo.created:
             self.kube.create(render_service(ref))
             memo.created["service"] = time.monotonic()
-        self.create_job(stages(spec)[0], ref, spec, memo)
+        self.create_job(stages(spec)[0], ref, spec, memo, full)
 
-    def create_job(self, stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
+    def create_job(
+        self, stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo, full: FullSpec = None
+    ) -> None:
+        """`full` gives the spec with its child-only fields when `spec` came from the slim index."""
         last = memo.created.get(stage)
         if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
             return  # created moments ago; the watch has not shown it yet
-        job = render_stage_job(stage, ref, spec, self.opts)
+        job = render_stage_job(stage, ref, full() if full else spec, self.opts)
         if self.kube.create(job):
             log.info("created %s Job %s/%s", stage, ref.namespace, job["metadata"]["name"])
         memo.created[stage] = time.monotonic()

@@ -41,12 +41,12 @@ from ..render.status import (
 from ..render.stuck import Stuck, stuck_failure_message
 from ..render.trainer_config import cluster_output_error
 from ..settings import Settings
-from .children import Children, own_suspend_writes, refresh_created
+from .children import Children, FullSpec, own_suspend_writes, refresh_created
 from .events import record_transition
 from .kube import ChildConflict, ChildNotYet, ChildRejected, Kube
 from .kueue import sync_workload_active
 from .progress import ProgressTarget, progress_target, progress_update, read_metrics
-from .state import Memo, Obj, Snapshot, slim_job, slim_pod, slim_sftjob
+from .state import CHILD_ONLY_DIGEST, Memo, Obj, Snapshot, slim_job, slim_pod, slim_sftjob
 from .terminal import after_terminal
 
 log = logging.getLogger("sftjob_operator.reconcile")
@@ -134,6 +134,24 @@ class Reconciler:
         memo.own_write = None  # the watch has caught up (or someone else wrote): what it shows wins
         return seen
 
+    def _full_spec(self, body: Obj) -> FullSpec:
+        """For a slim `body` (state.slim_sftjob): read the SFTJob's spec with tolerations and affinity, once a
+        Job is rendered from it. A spec the API server stored before their caps fails InvalidSpec here."""
+        if CHILD_ONLY_DIGEST not in body:
+            return None
+        meta = body["metadata"]
+
+        def read() -> SFTJobSpec:
+            full = self.kube.get_sftjob(meta["namespace"], meta["name"])
+            if full is None or full["metadata"].get("uid") != meta["uid"]:
+                raise ChildNotYet("the SFTJob is gone")
+            try:
+                return parse_spec(full.get("spec") or {})
+            except SpecError as e:
+                raise ChildRejected("; ".join(e.errors)) from None
+
+        return read
+
     def _node_problems(self, train: JobObs | None, pods: list[PodObs], tick: bool) -> dict[str, str]:
         """NotReady or gone nodes under the train pods (render/bad_nodes.py). Read at the progress interval
         (`tick`) and while a failed or torn-down group is handled; never for a run with no live train pod."""
@@ -197,7 +215,7 @@ class Reconciler:
         name_conflict: str | None = None
         if spec is not None and spec_error is None:
             try:
-                self.children.ensure_base(ref, spec, obs_jobs, memo)
+                self.children.ensure_base(ref, spec, obs_jobs, memo, self._full_spec(body))
             except ChildRejected as e:  # the spec's fault: Failed/InvalidSpec, never retried
                 spec_error = str(e)
             except ChildConflict as e:  # someone else's object has a child's name: Failed/NameConflict
@@ -263,7 +281,7 @@ class Reconciler:
             stage = ph.active_stage(decision, obs)
             if stage is not None and stage not in obs_jobs:
                 try:
-                    self.children.create_job(stage, ref, spec, memo)
+                    self.children.create_job(stage, ref, spec, memo, self._full_spec(body))
                 except ChildRejected as e:
                     obs = replace(obs, spec_error=str(e))
                     decision = ph.next_phase(obs)

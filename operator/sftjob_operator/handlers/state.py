@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from sftjob_api.scheduling import split_child_only
+
 from ..render.names import COMPLETION_INDEX_LABEL
 from ..render.recovery import StepClock
 
@@ -41,11 +43,17 @@ def slim_job(body: Any) -> Obj:
     }
 
 
+# Set on a slim SFTJob whose spec lost its child-only fields (split_child_only): the digest of what they held.
+CHILD_ONLY_DIGEST = "childOnlyDigest"
+
+
 def slim_sftjob(body: Any) -> Obj:
     """The SFTJob as last seen by the watch: reconciles start from it instead of a GET (a stale copy is caught
-    by the resourceVersion precondition of the status patch, and then re-read)."""
+    by the resourceVersion precondition of the status patch, and then re-read). Without tolerations and
+    affinity: a child Job's create reads them from the API (`Reconciler._full_spec`)."""
     meta = body.get("metadata", {})
-    return {
+    spec, digest = split_child_only(body.get("spec") or {})
+    out = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
         "metadata": {
@@ -62,9 +70,12 @@ def slim_sftjob(body: Any) -> Obj:
             )
             if meta.get(k) is not None
         },
-        "spec": json.loads(json.dumps(dict(body.get("spec") or {}))),
+        "spec": spec,
         "status": json.loads(json.dumps(dict(body.get("status") or {}))),
     }
+    if digest is not None:
+        out[CHILD_ONLY_DIGEST] = digest
+    return out
 
 
 def slim_pod(body: Any) -> Obj:

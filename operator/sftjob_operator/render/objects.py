@@ -238,8 +238,9 @@ def _pod_template(
     if res.node_selector:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in res.tolerations]
-    affinity = with_avoided_nodes(res.affinity, ref.avoid_nodes if stage == Stage.TRAIN else ())
+        pod_spec["tolerations"] = [t.model_dump(mode="json", exclude_none=True) for t in res.tolerations]
+    own = res.affinity.model_dump(mode="json", exclude_none=True) if res.affinity else None
+    affinity = with_avoided_nodes(own, ref.avoid_nodes if stage == Stage.TRAIN else ())
     if affinity:
         pod_spec["affinity"] = affinity
     if res.priority_class_name:
