@@ -8,13 +8,14 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .render.network_policy import NetworkPolicyOptions
 from .render.objects import METRICS_PORT, RenderOptions
 
 ENV_PREFIX = "SFTJOB_"
 # Environment variables (the Helm chart sets these): SFTJOB_NAMESPACES, SFTJOB_TRAINER_IMAGE,
 # SFTJOB_TRAINER_SERVICE_ACCOUNT, SFTJOB_PROGRESS_INTERVAL, SFTJOB_WATCH_TIMEOUT, SFTJOB_REQUEST_TIMEOUT,
 # SFTJOB_FINALIZER, SFTJOB_USE_FINALIZER, SFTJOB_METRICS_PORT, SFTJOB_HEALTH_PORT, SFTJOB_PEERING (peering
-# name; empty: standalone), SFTJOB_PRIORITY, SFTJOB_WORKERS, SFTJOB_LOG_LEVEL, SFTJOB_KUBECONFIG.
+# name; empty: standalone), SFTJOB_NETWORK_POLICY (JSON, render/network_policy.py; unset: none), SFTJOB_PRIORITY, SFTJOB_WORKERS, SFTJOB_LOG_LEVEL, SFTJOB_KUBECONFIG.
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Settings:
     kubeconfig: str | None = None
     log_level: str = "INFO"
     annotation_prefix: str = "sft.tuning.dev"
+    network_policy: NetworkPolicyOptions | None = None  # a NetworkPolicy per SFTJob (None: none)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -143,6 +145,11 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         default=int(priority_env) if priority_env else None,
         help="kopf peering priority (env PRIORITY); default: each replica draws its own at start",
     )
+    p.add_argument(
+        "--network-policy",
+        default=_env(e, "NETWORK_POLICY") or None,
+        help="JSON settings of the NetworkPolicy created per SFTJob ('{}': defaults; unset: no policy)",
+    )
     p.add_argument("--workers", type=int, default=int(ev("WORKERS", d.workers)))
     p.add_argument("--kubeconfig", default=_env(e, "KUBECONFIG"))
     p.add_argument("--log-level", default=ev("LOG_LEVEL", d.log_level))
@@ -195,4 +202,14 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         workers=args.workers,
         kubeconfig=args.kubeconfig,
         log_level=args.log_level,
+        network_policy=_network_policy(args.network_policy),
     )
+
+
+def _network_policy(text: str | None) -> NetworkPolicyOptions | None:
+    if not text:
+        return None
+    try:
+        return NetworkPolicyOptions.from_json(text)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--network-policy: {e}") from e

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -12,6 +13,9 @@ import yaml
 from chart import CHART, RULES, grafana_to_promql, helm, render, set_args
 
 from sftjob_operator import dashboards
+from sftjob_operator.handlers import kube
+from sftjob_operator.render.network_policy import NetworkPolicyOptions, render_network_policy
+from sftjob_operator.render.objects import METRICS_PORT, SFTJobRef
 
 FULL = {
     "watch.namespaces": "{team-a,team-b}",
@@ -143,8 +147,19 @@ def test_peering_object_only_with_several_replicas():
     assert env["SFTJOB_PEERING"] == "sftjob-operator"
 
 
+def _network_policy(values: dict[str, str]) -> dict[str, Any] | None:
+    """The NetworkPolicy the operator renders for an SFTJob under this chart's settings (None: off)."""
+    deploy = next(d for d in render(values) if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if "SFTJOB_NETWORK_POLICY" not in env:
+        return None
+    opts = NetworkPolicyOptions.from_json(env["SFTJOB_NETWORK_POLICY"])
+    return render_network_policy(SFTJobRef("run", "team-a", "u"), opts, METRICS_PORT)
+
+
 def _egress_ports(values: dict[str, str]) -> list[list[int]]:
-    [policy] = [d for d in render(values) if d["kind"] == "NetworkPolicy"][:1]
+    policy = _network_policy(values)
+    assert policy is not None
     return [[p["port"] for p in rule.get("ports", [])] for rule in policy["spec"]["egress"]]
 
 
@@ -153,3 +168,56 @@ def test_network_policy_egress_ports_configurable():
     assert [443, 80, 9000, 8333] in _egress_ports(FULL)
     assert [53, 53] in _egress_ports(FULL)
     assert [443, 7480] in _egress_ports({**FULL, "networkPolicy.s3Ports": "{443,7480}"})
+
+
+def test_network_policy_is_on_by_default_and_per_sftjob():
+    """The default install is the isolated one: the operator gets the settings and the RBAC to create one
+    NetworkPolicy per SFTJob (the chart renders none: one policy cannot say "the same job-name value")."""
+    for values in ({}, {"watch.namespaces": "{team-a}"}):
+        docs = render(values)
+        assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
+        policy = _network_policy(values)
+        assert policy is not None
+        kubernetes_validate.validate(policy, "1.34", strict=True)
+        operator_pods = policy["spec"]["ingress"][1]["from"][0]
+        assert operator_pods["namespaceSelector"]["matchLabels"] == {
+            "kubernetes.io/metadata.name": "sftjob-system"
+        }
+        assert operator_pods["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "sft"
+        grants = [
+            r
+            for r in _rules(docs, "ClusterRole") + _rules(docs, "Role")
+            if "networkpolicies" in r["resources"]
+        ]
+        assert [(r["apiGroups"], sorted(r["verbs"])) for r in grants] == [
+            (["networking.k8s.io"], ["create", "get"])
+        ]
+    off = {"networkPolicy.enabled": "false"}
+    assert _network_policy(off) is None
+    assert not [r for r in _rules(render(off), "ClusterRole") if "networkpolicies" in r["resources"]]
+
+
+def test_network_policy_values_reach_the_policy():
+    values = {
+        "networkPolicy.s3Cidrs": "{10.0.0.0/8}",
+        "networkPolicy.apiServerCidrs": "{10.0.0.10/32}",
+        "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team": "monitoring",
+    }
+    policy = _network_policy(values)
+    assert policy is not None
+    kubernetes_validate.validate(policy, "1.34", strict=True)
+    [block] = [
+        peer["ipBlock"] for rule in policy["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer
+    ]
+    assert block == {"cidr": "10.0.0.0/8", "except": ["10.0.0.10/32"]}  # link-local lies outside 10/8
+    scrapers = policy["spec"]["ingress"][1]["from"]
+    assert scrapers[1] == {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
+
+
+def test_operator_verb_list_names_the_network_policy_grant():
+    """handlers/kube.py's list of API verbs and the chart's ClusterRole agree on networkpolicies."""
+    doc = kube.__doc__ or ""
+    line = next(ln for ln in doc.splitlines() if "networkpolicies" in ln)
+    verbs = {v.strip() for v in line.split("networkpolicies")[1].split("(")[0].split(",")}
+    [grant] = [r for r in _rules(render(), "ClusterRole") if "networkpolicies" in r["resources"]]
+    assert verbs == set(grant["verbs"])

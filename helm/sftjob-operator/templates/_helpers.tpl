@@ -30,3 +30,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "sftjob.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{- /*
+The operator's NetworkPolicy settings (SFTJOB_NETWORK_POLICY, render/network_policy.py): the operator's own
+pods (progress reads) and networkPolicy.metricsFrom on the trainer metrics port; DNS; egress to s3Cidrs (any
+address when empty) on s3Ports, except egressExcept and apiServerCidrs.
+*/ -}}
+{{- define "sftjob.networkPolicy" -}}
+{{- $np := .Values.networkPolicy -}}
+{{- $operator := dict "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" .Release.Namespace)) "podSelector" (dict "matchLabels" (include "sftjob.selectorLabels" . | fromYaml)) -}}
+{{- $cfg := dict "metricsFrom" (prepend $np.metricsFrom $operator) "dnsTo" $np.dnsTo "egressPorts" $np.s3Ports "egressExcept" (concat $np.egressExcept $np.apiServerCidrs) -}}
+{{- with $np.s3Cidrs }}{{- $_ := set $cfg "egressCidrs" . -}}{{- end -}}
+{{- toJson $cfg -}}
+{{- end -}}

@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from sftjob_api import SFTJobSpec, Stage, stages
 
 from ..render.names import ChildNames
+from ..render.network_policy import NetworkPolicyOptions, render_network_policy
 from ..render.objects import RenderOptions, SFTJobRef, needs_service, render_service, render_stage_job
 from ..render.observe import JobObs, PodObs, parse_time
 from ..render.stuck import JobEvent, Stuck, detect_stuck
@@ -28,17 +29,22 @@ RECREATE_AFTER_S = 30.0
 
 
 class Children:
-    def __init__(self, kube: Kube, opts: RenderOptions):
+    def __init__(self, kube: Kube, opts: RenderOptions, network: NetworkPolicyOptions | None = None):
         self.kube = kube
         self.opts = opts
+        self.network = network
 
     def ensure_base(
         self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo, full: FullSpec = None
     ) -> None:
-        """The Service of a multi-node run and the first stage's Job (curate, else train)."""
-        # Once a stage Job exists its Service was created before it.
+        """The NetworkPolicy, the Service of a multi-node run and the first stage's Job (curate, else train)."""
+        # Once a stage Job exists its NetworkPolicy and Service were created before it.
         if jobs:
             return
+        # The policy first: no pod of this run ever runs without it.
+        if self.network is not None and "networkpolicy" not in memo.created:
+            self.kube.create(render_network_policy(ref, self.network, self.opts.metrics_port))
+            memo.created["networkpolicy"] = time.monotonic()
         if needs_service(spec) and "service" not in memo.created:
             self.kube.create(render_service(ref))
             memo.created["service"] = time.monotonic()

@@ -10,11 +10,14 @@ API verbs used here (the Helm chart's ClusterRole must grant them):
   ""              pods               list, watch (kopf index)
   ""              services           create, get (whose it is, after a 409 and before TTL), delete (TTL)
   ""              events             create; list (stuck detection: FailedCreate on a Job)
+  networking.k8s.io networkpolicies  create, get (whose it is, after a 409) (only with a network policy:
+                                     the chart's networkPolicy.enabled; deleted with the SFTJob by the GC)
   kopf.dev        kopfpeerings / clusterkopfpeerings  get, list, watch, patch (kopf peering)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -73,6 +76,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
         self.nodes_forbidden = False  # a 403 reading nodes turns the node check off (node_problem)
 
     # ---- SFTJobs -------------------------------------------------------------------------------------------
@@ -141,6 +145,8 @@ class Kube:
                 self.core.create_namespaced_service(ns, obj, _request_timeout=self.timeout)
             elif kind == "Job":
                 self.batch.create_namespaced_job(ns, obj, _request_timeout=self.timeout)
+            elif kind == "NetworkPolicy":
+                self.networking.create_namespaced_network_policy(ns, obj, _request_timeout=self.timeout)
             else:
                 raise ValueError(f"cannot create {kind}")
         except ApiException as e:
@@ -160,9 +166,10 @@ class Kube:
         SFTJob's uid; otherwise ChildNotYet or ChildConflict."""
         meta = obj["metadata"]
         owner = next(o for o in meta["ownerReferences"] if o.get("controller"))
-        read = (
-            self.core.read_namespaced_service if obj["kind"] == "Service" else self.batch.read_namespaced_job
-        )
+        read = {
+            "Service": self.core.read_namespaced_service,
+            "NetworkPolicy": self.networking.read_namespaced_network_policy,
+        }.get(obj["kind"], self.batch.read_namespaced_job)
         try:
             existing = self.api.sanitize_for_serialization(
                 read(meta["name"], meta["namespace"], _request_timeout=self.timeout)
@@ -177,6 +184,15 @@ class Kube:
         if verdict == Existing.LEFTOVER:
             raise ChildNotYet(f"{label} {meta['name']} of an earlier SFTJob {owner['name']} is still there")
         raise ChildConflict(conflict_message(label, meta["namespace"], meta["name"], existing))
+
+    def api_server_ip(self) -> str | None:
+        """The API server's address as this client reaches it, when it is an IP (in a pod: the `kubernetes`
+        Service's ClusterIP): trainer egress excludes it (render/network_policy.py)."""
+        host = urllib3.util.parse_url(self.api.configuration.host).host or ""
+        try:
+            return str(ipaddress.ip_address(host.strip("[]")))
+        except ValueError:
+            return None
 
     def list_children(self, namespace: str, sftjob: str) -> tuple[list[Obj], list[Obj]]:
         """The child Jobs and Pods of one SFTJob as the API has them now (the watch caches may lag)."""

@@ -69,7 +69,11 @@ class Reconciler:
         self.settings = settings
         self.kube = kube
         self.opts = settings.render_options()
-        self.children = Children(kube, self.opts)
+        network = settings.network_policy
+        api_ip = kube.api_server_ip() if network is not None else None
+        self.children = Children(
+            kube, self.opts, network.excluding(api_ip) if network and api_ip else network
+        )
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._memos: dict[str, Memo] = {}

@@ -30,6 +30,10 @@ class ChildNames:
         return f"{self.name}-train"
 
     @property
+    def network_policy(self) -> str:
+        return f"{self.name}-network"
+
+    @property
     def curate_job(self) -> str:
         return f"{self.name}-curate"
 
