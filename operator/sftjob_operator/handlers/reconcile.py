@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from kubernetes.client.exceptions import ApiException
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
+from sftjob_api.policy import policy_error
 
 from .. import metrics
 from ..render import phase as ph
@@ -187,7 +188,10 @@ class Reconciler:
         spec_error: str | None = None
         try:
             spec = parse_spec(body.get("spec") or {})
-            spec_error = cluster_output_error(spec)
+            # The admin policy again: for SFTJobs admitted before it existed (sftjob_api/policy.py).
+            spec_error = cluster_output_error(spec) or policy_error(
+                body, namespace, self.settings.admission_policy
+            )
         except SpecError as e:
             spec_error = "; ".join(e.errors)
         except Exception as e:  # the operator must never crash on user input
