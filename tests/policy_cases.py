@@ -7,9 +7,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from example_manifests import EXAMPLES, valid_examples
-
 import yaml
+from example_manifests import EXAMPLES, valid_examples
 
 BUCKET = "sftjob"  # the bucket of the chart's default admissionPolicy.uriPrefixes
 
