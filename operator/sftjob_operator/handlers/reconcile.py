@@ -188,10 +188,7 @@ class Reconciler:
         spec_error: str | None = None
         try:
             spec = parse_spec(body.get("spec") or {})
-            # The admin policy again: for SFTJobs admitted before it existed (sftjob_api/policy.py).
-            spec_error = cluster_output_error(spec) or policy_error(
-                body, namespace, self.settings.admission_policy
-            )
+            spec_error = cluster_output_error(spec)
         except SpecError as e:
             spec_error = "; ".join(e.errors)
         except Exception as e:  # the operator must never crash on user input
@@ -219,6 +216,12 @@ class Reconciler:
         pods = [p for p in snap.pods if any(owned_by(p, u) for u in job_uids.values() if u)]
         obs_jobs: dict[Stage, JobObs] = {Stage(s): observe_job(j) for s, j in jobs.items() if s in set(Stage)}
         pod_obs = [observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods]
+
+        if spec is not None and spec_error is None and not jobs:
+            # The admin policy again, before the first child: for SFTJobs admitted before it existed
+            # (sftjob_api/policy.py). Like admission, it judges what is about to start; a run already going
+            # is not failed by a later, tighter policy.
+            spec_error = policy_error(body, namespace, self.settings.admission_policy)
 
         name_conflict: str | None = None
         if spec is not None and spec_error is None:
