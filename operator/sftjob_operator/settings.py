@@ -7,6 +7,9 @@ import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from sftjob_api.policy import parse_policy
 
 from .render.network_policy import NetworkPolicyOptions
 from .render.objects import METRICS_PORT, RenderOptions
@@ -15,7 +18,8 @@ ENV_PREFIX = "SFTJOB_"
 # Environment variables (the Helm chart sets these): SFTJOB_NAMESPACES, SFTJOB_TRAINER_IMAGE,
 # SFTJOB_TRAINER_SERVICE_ACCOUNT, SFTJOB_PROGRESS_INTERVAL, SFTJOB_WATCH_TIMEOUT, SFTJOB_REQUEST_TIMEOUT,
 # SFTJOB_FINALIZER, SFTJOB_USE_FINALIZER, SFTJOB_METRICS_PORT, SFTJOB_HEALTH_PORT, SFTJOB_PEERING (peering
-# name; empty: standalone), SFTJOB_NETWORK_POLICY (JSON, render/network_policy.py; unset: none), SFTJOB_PRIORITY, SFTJOB_WORKERS, SFTJOB_LOG_LEVEL, SFTJOB_KUBECONFIG.
+# name; empty: standalone), SFTJOB_NETWORK_POLICY (JSON, render/network_policy.py; unset: none),
+# SFTJOB_ADMISSION_POLICY (JSON, sftjob_api/policy.py; unset: none), SFTJOB_PRIORITY, SFTJOB_WORKERS, SFTJOB_LOG_LEVEL, SFTJOB_KUBECONFIG.
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Settings:
     log_level: str = "INFO"
     annotation_prefix: str = "sft.tuning.dev"
     network_policy: NetworkPolicyOptions | None = None  # a NetworkPolicy per SFTJob (None: none)
+    admission_policy: Mapping[str, Any] | None = None  # the admin policy checked before children (None: none)
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -150,6 +155,11 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
         default=_env(e, "NETWORK_POLICY") or None,
         help="JSON settings of the NetworkPolicy created per SFTJob ('{}': defaults; unset: no policy)",
     )
+    p.add_argument(
+        "--admission-policy",
+        default=_env(e, "ADMISSION_POLICY") or None,
+        help="JSON admin policy (sftjob_api/policy.py) checked before creating children (unset: none)",
+    )
     p.add_argument("--workers", type=int, default=int(ev("WORKERS", d.workers)))
     p.add_argument("--kubeconfig", default=_env(e, "KUBECONFIG"))
     p.add_argument("--log-level", default=ev("LOG_LEVEL", d.log_level))
@@ -203,6 +213,7 @@ def from_args(argv: Sequence[str] | None = None, env: Mapping[str, str] | None =
         kubeconfig=args.kubeconfig,
         log_level=args.log_level,
         network_policy=_network_policy(args.network_policy),
+        admission_policy=_admission_policy(args.admission_policy),
     )
 
 
@@ -213,3 +224,12 @@ def _network_policy(text: str | None) -> NetworkPolicyOptions | None:
         return NetworkPolicyOptions.from_json(text)
     except (ValueError, TypeError) as e:
         raise SystemExit(f"--network-policy: {e}") from e
+
+
+def _admission_policy(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        return parse_policy(text)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"--admission-policy: {e}") from e

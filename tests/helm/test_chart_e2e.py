@@ -28,6 +28,10 @@ def release(kube, namespace):
         "--set",
         "watch.namespaces={" + ",".join(watched) + "}",
         "--wait=false",
+        # A cluster-wide admin policy would refuse other tests' SFTJobs on this apiserver; it has its own
+        # test (tests/e2e/test_admission_policy.py), bound to that test's namespace.
+        "--set",
+        "admissionPolicy.enabled=false",
     )
     yield name, namespace, watched
     helm("uninstall", name, "--kubeconfig", str(kube.kubeconfig), "--namespace", namespace, check=False)

@@ -94,6 +94,9 @@ def chart_operator(kube: Any, real_node: RealNode, node_namespace: str) -> Itera
         "operator": {"progressIntervalSeconds": 2},
         "nodeSelector": NODE_SELECTOR,
         "tolerations": TOLERATIONS,
+        # The node tests' SFTJobs use the test bed's bucket; the admin policy has its own test
+        # (tests/e2e/test_admission_policy.py), bound to its own namespace.
+        "admissionPolicy": {"enabled": False},
     }
     values_file = real_node.work / f"values-{node_namespace}.json"
     values_file.write_text(json.dumps(values))

@@ -34,6 +34,8 @@ def test_operator_under_the_chart_service_account_completes_an_sftjob(
         release_ns,
         "--set",
         f"watch.namespaces={{{namespace}}}",
+        "--set",
+        "admissionPolicy.enabled=false",  # cluster-wide: tests/e2e/test_admission_policy.py binds its own
         "--wait=false",
     )
     try:

@@ -43,3 +43,14 @@ address when empty) on s3Ports, except egressExcept and apiServerCidrs.
 {{- with $np.s3Cidrs }}{{- $_ := set $cfg "egressCidrs" . -}}{{- end -}}
 {{- toJson $cfg -}}
 {{- end -}}
+
+{{/*
+The admin policy on SFTJobs as one JSON object (sftjob_api/policy.py): inlined into the
+ValidatingAdmissionPolicy's CEL and passed to the operator, which checks the same rules. The chart's trainer
+image and trainer ServiceAccount are always allowed.
+*/ -}}
+{{- define "sftjob.admissionPolicy" -}}
+{{- $p := .Values.admissionPolicy -}}
+{{- $cfg := dict "uriPrefixes" $p.uriPrefixes "modelCacheNames" $p.modelCacheNames "images" (append $p.images .Values.trainerImage | uniq) "serviceAccounts" (append $p.serviceAccounts .Values.trainerServiceAccount.name | uniq) "priorityClasses" $p.priorityClasses "secretNames" $p.secretNames "hosts" $p.hosts "podLabelKeys" $p.podLabelKeys "podAnnotationKeys" $p.podAnnotationKeys -}}
+{{- toJson $cfg -}}
+{{- end -}}

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from kubernetes.client.exceptions import ApiException
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
+from sftjob_api.policy import policy_error
 
 from .. import metrics
 from ..render import phase as ph
@@ -215,6 +216,12 @@ class Reconciler:
         pods = [p for p in snap.pods if any(owned_by(p, u) for u in job_uids.values() if u)]
         obs_jobs: dict[Stage, JobObs] = {Stage(s): observe_job(j) for s, j in jobs.items() if s in set(Stage)}
         pod_obs = [observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods]
+
+        if spec is not None and spec_error is None and not jobs:
+            # The admin policy again, before the first child: for SFTJobs admitted before it existed
+            # (sftjob_api/policy.py). Like admission, it judges what is about to start; a run already going
+            # is not failed by a later, tighter policy.
+            spec_error = policy_error(body, namespace, self.settings.admission_policy)
 
         name_conflict: str | None = None
         if spec is not None and spec_error is None:
