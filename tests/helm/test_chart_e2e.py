@@ -29,7 +29,7 @@ def release(kube, namespace):
         "watch.namespaces={" + ",".join(watched) + "}",
         "--wait=false",
         # A cluster-wide admin policy would refuse other tests' SFTJobs on this apiserver; it has its own
-        # test (tests/e2e/test_admission_policy.py), bound to that test's namespace.
+        # test (tests/e2e/test_admission_policy_apiserver.py), bound to that test's namespace.
         "--set",
         "admissionPolicy.enabled=false",
     )

@@ -95,7 +95,7 @@ def chart_operator(kube: Any, real_node: RealNode, node_namespace: str) -> Itera
         "nodeSelector": NODE_SELECTOR,
         "tolerations": TOLERATIONS,
         # The node tests' SFTJobs use the test bed's bucket; the admin policy has its own test
-        # (tests/e2e/test_admission_policy.py), bound to its own namespace.
+        # (tests/e2e/test_admission_policy_apiserver.py), bound to its own namespace.
         "admissionPolicy": {"enabled": False},
     }
     values_file = real_node.work / f"values-{node_namespace}.json"

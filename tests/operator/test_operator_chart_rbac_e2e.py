@@ -35,7 +35,7 @@ def test_operator_under_the_chart_service_account_completes_an_sftjob(
         "--set",
         f"watch.namespaces={{{namespace}}}",
         "--set",
-        "admissionPolicy.enabled=false",  # cluster-wide: tests/e2e/test_admission_policy.py binds its own
+        "admissionPolicy.enabled=false",  # cluster-wide: tests/e2e/test_admission_policy_apiserver.py binds its own
         "--wait=false",
     )
     try:

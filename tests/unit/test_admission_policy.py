@@ -1,6 +1,6 @@
 """The operator's side of the admin policy (sftjob_api/policy.py), with the policy the chart passes it:
 each rule refuses naming its field, every shipped example passes, and the chart's generated
-ValidatingAdmissionPolicy is up to date with the rules (tests/e2e/test_admission_policy.py runs it)."""
+ValidatingAdmissionPolicy is up to date with the rules (tests/e2e/test_admission_policy_apiserver.py runs it)."""
 
 from __future__ import annotations
 
