@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -25,10 +26,36 @@ def exit_code(signum: int) -> int:
     return 128 + signum
 
 
-def kill_group(pid: int) -> None:
-    """SIGKILL the process group a stage leads (start_new_session): it and whatever it started."""
+def group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies do not count: they hold no memory or ports)."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+        except OSError:
+            continue  # it ended meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def kill_group(pid: int, wait_s: float = 5.0) -> None:
+    """SIGKILL the process group a stage leads (start_new_session): it and whatever it started; then wait
+    (bounded) until none of them runs. SIGKILL lands asynchronously: on a loaded machine a killed worker
+    still ran when `sftjob run` had returned, holding its memory and ports for a moment."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait_s
+    while group_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class Interrupt:
