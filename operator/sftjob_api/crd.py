@@ -7,10 +7,8 @@ python -m sftjob_api.crd --check    # exit 1 if the committed file differs
 
 from __future__ import annotations
 
-import argparse
 import sys
 import typing
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,11 +16,11 @@ from pydantic import BaseModel
 
 from . import resource
 from .base import ApiModel
+from .generated import REPO_ROOT, generated_file_main
 from .spec import SFTJobSpec
 from .status import SFTJobStatus
 
 CRD_FILE = f"{resource.GROUP}_{resource.PLURAL}.yaml"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Run-defining parts of the spec are immutable once created (CEL transition rules); scheduling
 # hints, suspend and the run policy stay editable.
@@ -232,22 +230,9 @@ def render_crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="write crds/ in the repository")
-    parser.add_argument("--check", action="store_true", help="fail if crds/ is not up to date")
-    args = parser.parse_args(argv)
-    text = render_crd_yaml()
-    target = REPO_ROOT / "crds" / CRD_FILE
-    if args.write:
-        target.write_text(text)
-        print(f"wrote {target}")
-    elif args.check:
-        if not target.exists() or target.read_text() != text:
-            print(f"{target} is stale: run python -m sftjob_api.crd --write", file=sys.stderr)
-            return 1
-    else:
-        sys.stdout.write(text)
-    return 0
+    return generated_file_main(
+        argv, __doc__, REPO_ROOT / "crds" / CRD_FILE, render_crd_yaml, "sftjob_api.crd"
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ python -m sftjob_api.policy --write    # update the chart's generated template
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .crd import REPO_ROOT
+from .generated import REPO_ROOT, generated_file_main
 
 TEMPLATE = REPO_ROOT / "helm" / "sftjob-operator" / "templates" / "admission-policy.yaml"
 NS = "{namespace}"
@@ -244,20 +243,7 @@ def _quote(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="write the chart's template")
-    parser.add_argument("--check", action="store_true", help="fail if the chart's template is stale")
-    args = parser.parse_args(argv)
-    text = render_policy_template()
-    if args.write:
-        TEMPLATE.write_text(text)
-        print(f"wrote {TEMPLATE}")
-    elif args.check and (not TEMPLATE.exists() or TEMPLATE.read_text() != text):
-        print(f"{TEMPLATE} is stale: run python -m sftjob_api.policy --write", file=sys.stderr)
-        return 1
-    elif not args.check:
-        sys.stdout.write(text)
-    return 0
+    return generated_file_main(argv, __doc__, TEMPLATE, render_policy_template, "sftjob_api.policy")
 
 
 if __name__ == "__main__":
