@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
 from sftjob_api.layout import checkpoint_uri
+from sftjob_api.status import Progress
 
 from .. import metrics
 from ..render.observe import PodObs
@@ -140,13 +141,21 @@ def fetch_metrics(host: str, port: int, deadline: float, max_bytes: int = MAX_ME
     return http_body(bytes(raw))
 
 
+@dataclass(frozen=True)
+class Page:
+    """A trainer's /metrics page that holds a training step, parsed once, and when it was read (hang
+    detection wants the time of the read, not of the status write)."""
+
+    text: str
+    progress: Progress
+    read_at: datetime
+
+
 def progress_update(
-    target: ProgressTarget, meta: Obj, status: SFTJobStatus, text: str, memo: Memo, now: datetime
+    target: ProgressTarget, meta: Obj, status: SFTJobStatus, page: Page, memo: Memo
 ) -> dict[str, object]:
     """The status fields a read page changes (empty: nothing to write)."""
-    progress = parse_progress(text, now)
-    if progress is None:
-        return {}
+    progress, now = page.progress, page.read_at
     update: dict[str, object] = {}
     step = progress.step or 0
     memo.steps.observe(target.train_uid, step, now)  # hang detection (render/recovery.detect_stall)
@@ -156,10 +165,10 @@ def progress_update(
         metrics.RECOVERY_SECONDS.observe(after_restart.recoveries[-1].downtime_seconds or 0.0)
     if progress_changed(status.progress, progress):
         update["progress"] = progress
-    data = parse_data(text)
+    data = parse_data(page.text)
     if data is not None and data != status.data:
         update["data"] = data
-    saved = checkpoint_step(text)
+    saved = checkpoint_step(page.text)
     if saved is not None and status.artifacts is not None:
         latest = checkpoint_uri(target.spec, meta["namespace"], meta["name"], saved)
         if status.artifacts.latest_checkpoint != latest:
@@ -167,8 +176,8 @@ def progress_update(
     return update
 
 
-def read_metrics(target: ProgressTarget, deadline: float) -> tuple[str, datetime] | None:
-    """The page and when it was read (hang detection wants the time of the read), or None; counted."""
+def read_metrics(target: ProgressTarget, deadline: float) -> Page | None:
+    """The page, or None (unreadable, or no training step in it yet); counted."""
     try:
         text = fetch_metrics(target.host, target.port, deadline)
     except MetricsReadError as e:
@@ -176,8 +185,9 @@ def read_metrics(target: ProgressTarget, deadline: float) -> tuple[str, datetime
         log.debug("progress read %s:%s failed: %s", target.host, target.port, e)
         return None
     read_at = datetime.now(UTC)
-    if parse_progress(text, read_at) is None:
+    progress = parse_progress(text, read_at)
+    if progress is None:
         metrics.PROGRESS_READS.labels(result="empty").inc()
         return None
     metrics.PROGRESS_READS.labels(result="ok").inc()
-    return text, read_at
+    return Page(text, progress, read_at)

@@ -365,10 +365,9 @@ class Reconciler:
             target = self._progress.pop((namespace, name), None)
         if target is None:
             return
-        got = read_metrics(target, self.settings.progress_timeout)
-        if got is None:
+        page = read_metrics(target, self.settings.progress_timeout)
+        if page is None:
             return
-        text, read_at = got
         uid = target.body["metadata"]["uid"]
         with self.lock(namespace, name):
             memo = self.memo(uid)
@@ -379,7 +378,7 @@ class Reconciler:
                 status = parse_status(body.get("status"))
                 if status.phase != ph.TRAINING:
                     return  # the run moved on while the trainer answered
-                update = progress_update(target, body["metadata"], status, text, memo, read_at)
+                update = progress_update(target, body["metadata"], status, page, memo)
                 if not update:
                     return
                 try:
