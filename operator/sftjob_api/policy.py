@@ -40,15 +40,20 @@ class Rule:
     kind: str = VALUE
 
     @property
-    def message(self) -> str:
+    def requirement(self) -> str:
+        """What each value must satisfy: the message after the field's path."""
         what = {
             VALUE: "must match an entry of",
             MODEL_URI: "must be a model-cache name (if allowed) or match an entry of",
             OUTPUT_URI: "with /<namespace>/ appended (where the runs go) must match an entry of",
             HOST: "must name a host matching an entry of",
         }[self.kind]
-        keys = " (keys)" if self.path.endswith("{}") else ""
-        return f"{self.path.replace('{}', '')}{keys} {what} admissionPolicy.{self.allowed}"
+        keys = "(keys) " if self.path.endswith("{}") else ""
+        return f"{keys}{what} admissionPolicy.{self.allowed}"
+
+    @property
+    def message(self) -> str:
+        return f"{self.path.replace('{}', '')} {self.requirement}"
 
 
 RULES: tuple[Rule, ...] = (
@@ -122,7 +127,7 @@ def violations(sftjob: Mapping[str, Any], namespace: str, policy: Mapping[str, A
     for rule in RULES:
         for where, value in _values(sftjob, rule.path.split("."), ""):
             if not _ok(rule, value, policy, namespace):
-                out.append(f"{where}: {value[:200]!r} {rule.message.split(' ', 1)[1]}")
+                out.append(f"{where}: {value[:200]!r} {rule.requirement}")
     return out
 
 
