@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from testbed.procs import free_port
 from testbed.tcp import Serve, TcpServer, trickle
 
 from sftjob_operator.handlers.progress import MetricsReadError, fetch_metrics, http_body
@@ -103,9 +104,7 @@ def test_refused_connection_and_non_200_are_read_errors(server) -> None:
 
 
 def test_the_trainers_own_exporter_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    port = socket.create_server(("127.0.0.1", 0))
-    free = port.getsockname()[1]
-    port.close()
+    free = free_port()  # from this test bed's own block
     monkeypatch.setenv("SFTJOB_METRICS_ADDR", "127.0.0.1")
     tm = TrainerMetrics("ns", "run", 0, free)
     tm.step.set(120)
