@@ -64,6 +64,7 @@ RULES: tuple[Rule, ...] = (
     Rule("spec.dataset.eval[*]", "uriPrefixes"),
     Rule("spec.output.uri", "uriPrefixes", OUTPUT_URI),
     Rule("spec.merge.uri", "uriPrefixes"),
+    Rule("spec.training.resumeFrom", "uriPrefixes"),
     Rule("spec.resources.image", "images"),
     Rule("spec.resources.serviceAccountName", "serviceAccounts"),
     Rule("spec.resources.priorityClassName", "priorityClasses"),

@@ -128,6 +128,10 @@ class TrainingSpec(ApiModel):
     """Save a resumable checkpoint every N optimizer steps (and on SIGTERM)."""
     neftune_alpha: float | None = Field(default=None, gt=0, le=100)
     """NEFTune: add uniform noise of this scale to input embeddings during training."""
+    resume_from: str | None = Field(default=None, pattern=OUTPUT_URI, max_length=1024)
+    """Warm start (lora, qlora): the adapter weights of this checkpoint (`.../checkpoints/<run>/step-N/`) or
+    adapter directory (`.../adapter/`), also another run's; training then starts at step 0 of this spec with
+    a fresh optimizer. Used only while the run has no checkpoint of its own (docs/recovery.md)."""
 
     cel_rules = (
         CelRule(
@@ -325,6 +329,13 @@ class SFTJobSpec(ApiModel):
                 == 0
             ),
             field_path=".training.globalBatchSize",
+        ),
+        CelRule(
+            cel="!has(self.training.resumeFrom) || self.method.type != 'full'",
+            message="training.resumeFrom warm-starts an adapter (lora, qlora); for method full set model.uri"
+            " to the earlier run's model/",
+            check=lambda s: s.training.resume_from is None or s.method.type != "full",
+            field_path=".training.resumeFrom",
         ),
         CelRule(
             cel="self.resources.deepspeed.zeroStage == 3 || self.method.type != 'qlora'"

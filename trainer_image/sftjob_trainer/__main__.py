@@ -99,15 +99,17 @@ def model(argv: list[str]) -> int:
 
 
 def combine_exit_codes(launcher_rc: int, worker_codes: list[int]) -> int:
-    """Permanent beats everything; then success; then preemption; else the launcher's (retryable) code."""
-    if ExitCode.PERMANENT in worker_codes:
-        return int(ExitCode.PERMANENT)
+    """Permanent beats everything (the most specific first); then success; then preemption; else the
+    launcher's (retryable) code."""
+    for permanent in (ExitCode.SPEC_CHANGED, ExitCode.PERMANENT):
+        if permanent in worker_codes:
+            return int(permanent)
     if launcher_rc == 0:
         return int(ExitCode.OK)
     if ExitCode.PREEMPTED in worker_codes or launcher_rc in (-signal.SIGTERM, 128 + signal.SIGTERM):
         return int(ExitCode.PREEMPTED)
     rc = launcher_rc if launcher_rc > 0 else 128 - launcher_rc
-    return rc if rc != ExitCode.PERMANENT else int(ExitCode.RETRYABLE)
+    return rc if rc not in (ExitCode.PERMANENT, ExitCode.SPEC_CHANGED) else int(ExitCode.RETRYABLE)
 
 
 def _children(parent: int) -> list[int]:

@@ -16,6 +16,7 @@ from typing import Any
 from sftjob_api import SFTJobSpec, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.spec import ResourcesSpec
+from sftjob_api.trainer_config import RUN_ID_ENV
 
 from .bad_nodes import with_avoided_nodes
 from .names import KUEUE_LABELS, ChildNames, labels, owner_reference
@@ -191,7 +192,8 @@ def _pod_template(
         "image": res.image or opts.default_image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": command,
-        "env": _env(spec, opts) + (extra_env or []),
+        # the run's identity (checkpoint prefix and marker; sftjob_api.trainer_config.RUN_ID_ENV)
+        "env": _env(spec, opts) + [{"name": RUN_ID_ENV, "value": ref.uid}] + (extra_env or []),
         "ports": [{"name": "metrics", "containerPort": opts.metrics_port, "protocol": "TCP"}],
         "resources": _resources(res, gpus),
         "securityContext": _container_security(),

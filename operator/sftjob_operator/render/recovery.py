@@ -30,7 +30,7 @@ STALLED = "Stalled"
 # How many step advances the median step time is taken over.
 STEP_WINDOW = 20
 
-_CHECKPOINT_STEP = re.compile(r"/checkpoints/step-(\d+)/?$")
+_CHECKPOINT_STEP = re.compile(r"/checkpoints/(?:[^/]+/)?step-(\d+)/?$")
 
 
 # The `cause` label of sftjob_operator_recoveries_total.
@@ -108,7 +108,7 @@ def node_down(pods: list[PodObs], problems: Mapping[str, str]) -> Failure | None
 
 
 def checkpoint_step_of(uri: str | None) -> int:
-    """Step of status.artifacts.latestCheckpoint (`.../checkpoints/step-N/`); 0 when there is none."""
+    """Step of status.artifacts.latestCheckpoint (`.../checkpoints/<run>/step-N/`); 0 when there is none."""
     m = _CHECKPOINT_STEP.search(uri or "")
     return int(m.group(1)) if m else 0
 
