@@ -32,7 +32,7 @@ from sftjob_operator.render.recovery import (
 )
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-CKPT = "s3://b/sft/ns/run/checkpoints/step-40/"
+CKPT = "s3://b/sft/ns/run/checkpoints/0c5e-uid/step-40/"
 SPEC = {
     "model": {"uri": "s3://models/base"},
     "dataset": {"train": ["s3://data/train.jsonl"]},
