@@ -57,12 +57,6 @@ def gather(engine: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def optimizer_steps(engine: Any) -> int:
-    """Adam's step count (bias correction), the same for every parameter here."""
-    steps = [float(st["step"]) for st in _base(engine).state.values() if "step" in st]
-    return int(max(steps, default=0))
-
-
 def scatter(engine: Any, tensors: Mapping[str, torch.Tensor], steps: int | None) -> None:
     """Load what `gather` saved (or, with steps=None, only the weights: a warm start) into this rank's
     partitions: the module's parameters, DeepSpeed's fp32 master copies and the optimizer's moments."""
