@@ -101,15 +101,15 @@ def test_run_identity_integrity_and_warm_start(tiny_model_dir, tmp_path):
     assert "checkpoints/run-a/step-2/adapter_state.safetensors does not match the sha256" in message, message
     assert not [e for e in ev_t if e["event"] == "step"]
 
-    # 5. another SFTJob (own output root) warm-starts from A's adapter: its first loss is already A's
-    # trained level, far below a fresh start's, and it runs from step 1 with its own schedule
+    # 5. another SFTJob (own output root) warm-starts from A's adapter and runs from step 1 with its own
+    # schedule: its first batch is B's first batch (same data order), whose loss from the untrained adapter
+    # every fresh run reproduces to 1e-6 (A and B above); A's trained adapter lowers it clearly
     c, ev_c, _ = launch("c", "run-c", 3e-3, tmp_path / "out-c", resumeFrom=str(out / "adapter") + "/")
     assert c.returncode == 0, c.stderr[-3000:]
     [warm] = [e for e in ev_c if e["event"] == "warm_start"]
     assert warm["tensors"] > 0
     assert [e["step"] for e in ev_c if e["event"] == "step"] == [1, 2, 3, 4]
-    fresh_first, trained_last = losses(ev_b)[0], losses(ev_a)[-1]
-    assert losses(ev_c)[0] < fresh_first - 0.5 * (fresh_first - trained_last), (losses(ev_c), ev_a)
+    assert losses(ev_c)[0] < losses(ev_b)[0] - 0.02, (losses(ev_c), losses(ev_b))
 
     # 6. a resumeFrom that is neither a checkpoint nor an adapter: permanent, the field named
     bad, _, message = launch("d", "run-d", 3e-3, tmp_path / "out-d", resumeFrom=str(tmp_path / "nothing"))

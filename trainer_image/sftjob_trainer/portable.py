@@ -57,6 +57,35 @@ def gather(engine: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def _init_adam_state(engine: Any) -> None:
+    """Adam's state as its first step would create it, so the saved moments have somewhere to go: DeepSpeed
+    creates none before the first step. ZeRO-3 lists its flat fp32 partitions in the optimizer's param
+    groups only around its own step, so they are taken from it directly."""
+    base = _base(engine)
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    for fp in flat if flat is not None else [p for g in base.param_groups for p in g["params"]]:
+        st = base.state[fp]
+        if not st:
+            st["step"] = torch.tensor(0.0)
+            st.update({k: torch.zeros_like(fp, memory_format=torch.preserve_format) for k in MOMENTS})
+
+
+def _z3_set(p: Any, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of a full fp32 tensor into ZeRO-3's partition of `p` (its master copy, or optimizer
+    state `key`). DeepSpeed's own `set_full_hp_param` (0.19) slices the unpadded tensor, so it fails on the
+    last rank whenever a parameter's size does not divide by the world size (512 over 3 ranks: partitions
+    of 171); the padding is zeros, as ZeRO's own."""
+    opt = p._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False, optim_state_key=key)
+    n, rank = part.numel(), opt._get_param_partition_rank(p)
+    flat = value.flatten().to(part.device, part.dtype)
+    if flat.numel() < n * (rank + 1):
+        flat = torch.cat([flat, flat.new_zeros(n * (rank + 1) - flat.numel())])
+    part.data.copy_(flat.narrow(0, n * rank, n))
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
 def scatter(engine: Any, tensors: Mapping[str, torch.Tensor], steps: int | None) -> None:
     """Load what `gather` saved (or, with steps=None, only the weights: a warm start) into this rank's
     partitions: the module's parameters, DeepSpeed's fp32 master copies and the optimizer's moments."""
@@ -64,25 +93,27 @@ def scatter(engine: Any, tensors: Mapping[str, torch.Tensor], steps: int | None)
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     base = _base(engine)
+    if steps is not None:
+        _init_adam_state(engine)
+    moments = MOMENTS if steps is not None else ()
     for name, p in trainable(engine.module):
         value = tensors[f"param/{name}"]
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0):  # ZeRO-3: rank 0's copy is broadcast
             p.data.copy_(value.to(p.device, p.dtype).view_as(p.data))
-        if _plain(p):
-            if steps is not None:
-                base.state[p] = {
-                    "step": torch.tensor(float(steps)),
-                    **{k: tensors[f"{k}/{name}"].to(p.device).view_as(p).clone() for k in MOMENTS},
-                }
-            continue
-        safe_set_full_fp32_param(p, value.to(engine.device))
-        if steps is not None:
-            for k in MOMENTS:
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            _z3_set(p, value, None)
+            for k in moments:
+                _z3_set(p, tensors[f"{k}/{name}"], k)
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2, bf16
+            safe_set_full_fp32_param(p, value.to(engine.device))
+            for k in moments:
                 safe_set_full_optimizer_state(p, tensors[f"{k}/{name}"].to(engine.device), k)
+        else:  # no ZeRO, fp32: the parameter is its own master copy
+            for k in moments:
+                base.state[p][k].copy_(tensors[f"{k}/{name}"].view_as(p))
     if steps is not None:
         for st in base.state.values():
-            if "step" in st:
-                st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(steps))
+            st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(steps))
 
 
 def continue_schedule(sched: Any, steps: int) -> None:
