@@ -69,3 +69,14 @@ def test_run_id_comes_from_the_environment_and_is_never_a_path():
     for bad in ("../x", "a/b", "-x", "x" * 65):
         with pytest.raises(PermanentError, match="SFTJOB_RUN_ID"):
             run_id_from_env({"SFTJOB_RUN_ID": bad})
+
+
+def test_sftjob_run_keeps_its_run_id_in_the_work_directory(tmp_path):
+    from sftjob_operator.local.runner import local_run_id
+
+    first = local_run_id(str(tmp_path))
+    assert local_run_id(str(tmp_path)) == first  # a rerun continues the same run (and its checkpoints)
+    (tmp_path / "run-id").write_text("../../elsewhere\n")  # never a path: replaced by a fresh id
+    fresh = local_run_id(str(tmp_path))
+    assert fresh != first and "/" not in fresh
+    assert local_run_id(str(tmp_path / "..")) != fresh  # another work directory (or --fresh): a new run
