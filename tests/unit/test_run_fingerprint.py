@@ -79,4 +79,5 @@ def test_sftjob_run_keeps_its_run_id_in_the_work_directory(tmp_path):
     (tmp_path / "run-id").write_text("../../elsewhere\n")  # never a path: replaced by a fresh id
     fresh = local_run_id(str(tmp_path))
     assert fresh != first and "/" not in fresh
-    assert local_run_id(str(tmp_path / "..")) != fresh  # another work directory (or --fresh): a new run
+    (tmp_path / "other").mkdir()
+    assert local_run_id(str(tmp_path / "other")) != fresh  # another work directory (or --fresh): a new run
