@@ -64,6 +64,7 @@ def allowed(namespace: str, name: str = "allowed") -> dict[str, Any]:
                 "credentialsSecret": {"name": "s3-credentials"},
             },
             "merge": {"uri": f"{own}/served/m"},
+            "training": {"resumeFrom": f"{own}/earlier-run/adapter/"},
             "tracking": {
                 "mlflow": {
                     "trackingUri": "http://mlflow.mlflow.svc.cluster.local:5000",
@@ -98,6 +99,11 @@ VIOLATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("spec.dataset.eval", _set("spec.dataset.eval", ["/data/e.jsonl"]), "default"),
     ("spec.output.uri", _set("spec.output.uri", "s3://sftjob/other-team"), "default"),
     ("spec.merge.uri", _set("spec.merge.uri", "s3://sftjob/other-team/served/m"), "default"),
+    (
+        "spec.training.resumeFrom",
+        _set("spec.training.resumeFrom", "s3://sftjob/other-team/run/checkpoints/0c5e/step-9/"),
+        "default",
+    ),
     ("spec.resources.image", _set("spec.resources.image", "evil.example.com/trainer:1"), "default"),
     ("spec.resources.serviceAccountName", _set("spec.resources.serviceAccountName", "default"), "default"),
     ("spec.output.credentialsSecret.name", _set("spec.output.credentialsSecret.name", "admin"), "default"),
