@@ -98,7 +98,8 @@ def _ok(rule: Rule, value: str, policy: Mapping[str, Any], namespace: str) -> bo
         url = urlsplit(value)
         host = (url.hostname or "").lower()
         return any(
-            _allowed(f"{url.scheme.lower()}://{host}" if "://" in e else host, [e], namespace) for e in entries
+            _allowed(f"{url.scheme.lower()}://{host}" if "://" in e else host, [e], namespace)
+            for e in entries
         )
     return _allowed(value, entries, namespace)
 
