@@ -142,6 +142,8 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
         "SFTJOB_TERMINATION_LOG",
         "POD_NAME",
         "PYTHONUNBUFFERED",
+        "HOME",
+        "PYTHONSAFEPATH",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "MASTER_ADDR",
@@ -188,6 +190,16 @@ def test_security_context_and_shm(minimal: Any) -> None:
         assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
         mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert "/dev/shm" in mounts and "/etc/sftjob" in mounts
+        # a read-only root: what the trainer writes ($HOME's caches, /tmp) lies on emptyDirs of its own
+        assert sc["readOnlyRootFilesystem"] is True
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        writable = {
+            m["mountPath"]
+            for m in pod["containers"][0]["volumeMounts"]
+            if "emptyDir" in vols[m["name"]] and not m.get("readOnly")
+        }
+        assert {env["HOME"], "/tmp"} <= writable
+        assert env["PYTHONSAFEPATH"] == "1"  # the writable working directory is not on the import path
 
 
 def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:

@@ -36,6 +36,9 @@ METRICS_PORT = 9400
 MASTER_PORT = 29500
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RUN_AS_USER = 1000
+# The root filesystem is read-only: $HOME (caches of HF, triton, torch) and /tmp (the trainer's work dir, the
+# torch extension cache) are emptyDirs of their own.
+HOME_DIR = "/home/trainer"
 # Long enough for the trainer to write a checkpoint on SIGTERM (suspend, preemption, node drain).
 TERMINATION_GRACE_SECONDS = 300
 
@@ -128,6 +131,9 @@ def _env(spec: SFTJobSpec, opts: RenderOptions) -> list[Obj]:
         {"name": "SFTJOB_TERMINATION_LOG", "value": TERMINATION_MESSAGE_PATH},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": HOME_DIR},
+        # the working directory ($HOME) is writable: keep it off Python's import path
+        {"name": "PYTHONSAFEPATH", "value": "1"},
     ]
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
@@ -168,6 +174,7 @@ def _container_security() -> Obj:
     return {
         "allowPrivilegeEscalation": False,
         "privileged": False,
+        "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -201,6 +208,7 @@ def _pod_template(
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": "/tmp"},
+            {"name": "home", "mountPath": HOME_DIR},
         ],
     }
     volumes: list[Obj] = []
@@ -228,6 +236,7 @@ def _pod_template(
             config_volume("config"),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             {"name": "scratch", "emptyDir": {}},
+            {"name": "home", "emptyDir": {}},
             *volumes,
         ],
     }
