@@ -144,7 +144,7 @@ def test_a_failed_group_is_recorded_once_with_steps_lost_and_counted_once() -> N
     deleting = JobObs(name="run-train", uid="job-1", deleting=True)
     assert plan_restart(plan.status, policy, deleting, [], None, NOW).group_restart
     assert plan_restart(plan.status, policy, None, [], None, NOW).group_restart
-    d = ph.next_phase(ph.Observed(phase=ph.TRAINING, train=None, group_restart="re-creating"))
+    d = ph.next_phase(ph.Observed(phase=ph.TRAINING, group_restart="re-creating"))
     assert (d.phase, d.reason) == ("Training", "Restarting")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 
@@ -71,7 +71,7 @@ class Children:
     def find_stuck(
         self,
         namespace: str,
-        jobs: dict[Stage, JobObs],
+        jobs: Mapping[Stage, JobObs],
         pods: list[PodObs],
         spec: SFTJobSpec,
         now: datetime,

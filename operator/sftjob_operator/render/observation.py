@@ -1,0 +1,195 @@
+"""One reconcile's view of an SFTJob, built purely: the spec as read, the children it owns (stage Jobs by
+stage, their pods), and everything decided from them before the phase machine runs (the group restart plan,
+the eval outcome, a Stuck failure); then the status written from that view and the phase decision.
+
+The reconcile (handlers/reconcile.py) reads, calls `observe`, decides with `phase.next_phase` once, acts,
+and writes what `render_status` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
+
+from . import phase as ph
+from .names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
+from .observe import JobObs, PodObs, observe_job, observe_pod
+from .recovery import RestartPlan, Stall, plan_restart, stalled_condition
+from .status import (
+    EvalOutcome,
+    build_status,
+    eval_outcome,
+    failed_pod_message,
+    owned_by,
+    tracking_status,
+)
+from .stuck import Stuck, stuck_failure_message
+from .trainer_config import cluster_output_error
+
+Obj = dict[str, Any]
+STAGES = frozenset(Stage)
+
+
+def read_spec(raw: Obj | None) -> tuple[SFTJobSpec | None, str | None]:
+    """The spec, or why it cannot run (field paths); never raises on user input."""
+    try:
+        spec = parse_spec(raw or {})
+        return spec, cluster_output_error(spec)
+    except SpecError as e:
+        return None, "; ".join(e.errors)
+    except Exception as e:  # the operator must never crash on user input
+        return None, f"spec could not be read: {e}"
+
+
+@dataclass(frozen=True)
+class Children:
+    """The stage Jobs an SFTJob owns (by stage) and their pods."""
+
+    jobs: Mapping[Stage, JobObs]
+    pods: tuple[PodObs, ...]
+
+
+def children_of(uid: str, jobs: Iterable[Obj], pods: Iterable[Obj]) -> Children:
+    """The SFTJob's own stage Jobs and their pods out of the watched ones. A Job being deleted is left out,
+    except the train Job: its deletion is a group restart's teardown (render/recovery.py)."""
+    by_stage: dict[Stage, JobObs] = {}
+    for j in jobs:
+        meta = j.get("metadata") or {}
+        stage = (meta.get("labels") or {}).get(LABEL_STAGE)
+        if stage not in STAGES or not owned_by(j, uid):
+            continue
+        if meta.get("deletionTimestamp") and stage != Stage.TRAIN:
+            continue
+        by_stage[Stage(stage)] = observe_job(j)
+    uids = {job.uid for job in by_stage.values() if job.uid}
+    own = tuple(
+        observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods if any(owned_by(p, u) for u in uids)
+    )
+    return Children(by_stage, own)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything one reconcile decides and writes from. `phase` is the phase machine's input."""
+
+    phase: ph.Observed
+    prev: SFTJobStatus
+    spec: SFTJobSpec | None
+    pods: tuple[PodObs, ...]
+    restart: RestartPlan
+    eval: EvalOutcome
+    stuck: Stuck | None
+
+    @property
+    def jobs(self) -> Mapping[Stage, JobObs]:
+        return self.phase.jobs
+
+    @property
+    def runnable(self) -> bool:
+        """The spec is valid and no child is in conflict: children may be created and changed."""
+        return self.spec is not None and self.phase.spec_error is None and self.phase.name_conflict is None
+
+    def with_jobs(self, jobs: Mapping[Stage, JobObs]) -> Observation:
+        """The same observation with the stage Jobs as they are after this reconcile created one."""
+        outcome = (
+            eval_outcome(self.spec, jobs.get(Stage.EVAL), list(self.pods), self.prev)
+            if self.spec
+            else EvalOutcome()
+        )
+        phase = replace(
+            self.phase, jobs=dict(jobs), gate_failures=outcome.gate_failures, eval_gate_exit=outcome.gate_exit
+        )
+        return replace(self, phase=phase, eval=outcome)
+
+    def failing(self, spec_error: str | None = None, name_conflict: str | None = None) -> Observation:
+        """The observation once creating a child found the spec at fault or the name taken."""
+        phase = replace(
+            self.phase,
+            spec_error=spec_error or self.phase.spec_error,
+            name_conflict=name_conflict or self.phase.name_conflict,
+        )
+        return replace(self, phase=phase)
+
+
+def train_pods(pods: Iterable[PodObs]) -> list[PodObs]:
+    return [p for p in pods if p.stage == Stage.TRAIN]
+
+
+def running_train_pods(pods: Iterable[PodObs]) -> tuple[int, int]:
+    """(Running train pods, Running train pods being deleted: saving a checkpoint after SIGTERM)."""
+    running = [p for p in train_pods(pods) if p.phase == "Running"]
+    return sum(1 for p in running if not p.deleting), sum(1 for p in running if p.deleting)
+
+
+def observe(
+    prev: SFTJobStatus,
+    spec: SFTJobSpec | None,
+    spec_error: str | None,
+    name_conflict: str | None,
+    queued: bool,
+    jobs: Mapping[Stage, JobObs],
+    pods: Iterable[PodObs],
+    stuck: Stuck | None,
+    stall: Stall | None,
+    node_problems: Mapping[str, str],
+    now: datetime,
+) -> Observation:
+    """The view one reconcile decides from. `stuck`, `stall` and `node_problems` are what the reconcile read
+    besides the children (Job events, the step clock, Nodes); all None/empty for a spec that cannot run."""
+    pods = tuple(pods)
+    ok = spec is not None and spec_error is None
+    outcome = eval_outcome(spec, jobs.get(Stage.EVAL), list(pods), prev) if spec else EvalOutcome()
+    stuck_fail: str | None = None
+    if ok and stuck is not None and spec is not None:
+        policy = spec.run_policy
+        stuck_fail = stuck_failure_message(
+            stuck, now, policy.stuck_pending_timeout_seconds, policy.fail_when_stuck_seconds
+        )
+    restart = RestartPlan(prev)
+    if ok and spec is not None:
+        train = jobs.get(Stage.TRAIN)
+        restart = plan_restart(prev, spec.run_policy, train, train_pods(pods), stall, now, node_problems)
+    running, stopping = running_train_pods(pods)
+    phase = ph.Observed(
+        phase=prev.phase,
+        spec_error=spec_error,
+        name_conflict=name_conflict,
+        suspend=bool(spec.suspend) if spec else False,
+        queued=queued,
+        jobs=dict(jobs),
+        stages=stages(spec) if spec else ph.ALL_STAGES,
+        gate_failures=outcome.gate_failures,
+        running_train_pods=running,
+        stopping_train_pods=stopping,
+        stuck_failure=stuck_fail,
+        eval_gate_exit=outcome.gate_exit,
+        curate_failure=failed_pod_message(jobs.get(Stage.CURATE), list(pods), Stage.CURATE),
+        group_restart=restart.group_restart,
+        restarts_exhausted=restart.exhausted,
+    )
+    return Observation(phase, prev, spec, pods, restart, outcome, stuck if ok else None)
+
+
+def render_status(
+    meta: Obj, obs: Observation, decision: ph.Decision, now: datetime, generation: int | None
+) -> SFTJobStatus:
+    """The whole status this reconcile writes (progress stays the progress reader's)."""
+    status = build_status(
+        meta,
+        obs.restart.status,
+        obs.spec,
+        decision,
+        obs.phase,
+        obs.eval.results,
+        obs.stuck,
+        now,
+        generation,
+        ChildNames(meta["name"]),
+    )
+    status.conditions = stalled_condition(status.conditions, obs.restart, now, generation)
+    status.tracking = tracking_status(list(obs.pods), obs.prev.tracking)
+    return status
