@@ -107,6 +107,8 @@ class PodObs:
     reason: str | None = None  # the pod's status.reason, e.g. Evicted
     disruption: str | None = None  # condition DisruptionTarget=True: "<reason>: <message>"
     node: str | None = None  # spec.nodeName
+    signal: int | None = None  # the container's terminated.signal (set when a signal ended its main process)
+    finished_at: datetime | None = None  # the container's terminated.finishedAt
 
 
 def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
@@ -130,6 +132,8 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
     term_msg: str | None = None
     exit_code: int | None = None
     terminated_reason: str | None = None
+    signal: int | None = None
+    finished_at: datetime | None = None
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if state.get("waiting"):
@@ -142,6 +146,9 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
             if t.get("exitCode") is not None:
                 exit_code = int(t["exitCode"])
             terminated_reason = str(t.get("reason") or "") or terminated_reason
+            if t.get("signal"):
+                signal = int(t["signal"])
+            finished_at = parse_time(t.get("finishedAt")) or finished_at
     raw_index = lab.get(index_label) or (meta.get("annotations") or {}).get(index_label)
     return PodObs(
         name=str(meta.get("name", "")),
@@ -160,6 +167,8 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
         reason=status.get("reason") or None,
         disruption=disruption,
         node=(pod.get("spec") or {}).get("nodeName") or None,
+        signal=signal,
+        finished_at=finished_at,
     )
 
 
