@@ -225,6 +225,10 @@ class Recovery(ApiModel):
     run's training group are kept off it (required node anti-affinity). See docs/recovery.md."""
     ranks: list[RankEnd] = Field(default_factory=list, max_length=MAX_RANK_ENDS)
     """How the failed attempt's ranks ended, the cause first (at most 16)."""
+    from_world_size: int | None = None
+    """A resize (runPolicy.elastic, or resources.nodes/gpusPerNode edited): the world size before."""
+    to_world_size: int | None = None
+    """A resize: the world size the group re-formed at."""
 
 
 class Children(ApiModel):
@@ -274,6 +278,11 @@ class SFTJobStatus(ApiModel):
     """Group restarts counted against runPolicy.backoffLimit (each resumed every rank from a checkpoint)."""
     recoveries: list[Recovery] = Field(default_factory=list, max_length=MAX_RECOVERIES)
     """The latest group restarts, newest last (at most 20)."""
+    nodes: int | None = None
+    """Trainer pods of the training group (the current one, or the next): resources.nodes, or the size an
+    elastic run re-formed at."""
+    world_size: int | None = None
+    """Ranks of that group: nodes x max(gpusPerNode, 1)."""
     children: Children | None = None
     """Child object names."""
     tracking: TrackingStatus | None = None

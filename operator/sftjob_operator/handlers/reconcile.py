@@ -27,7 +27,9 @@ from sftjob_api.policy import policy_error
 from .. import metrics
 from ..render import phase as ph
 from ..render.bad_nodes import avoided_nodes
-from ..render.objects import SFTJobRef
+from ..render.elastic import capacity_mark, group_size, render_probe_job, spec_at
+from ..render.names import PROBE
+from ..render.objects import SFTJobRef, render_train_job
 from ..render.observation import (
     Observation,
     children_of,
@@ -42,7 +44,7 @@ from ..render.recovery import Stall, stall_now
 from ..render.status import parse_status
 from ..render.stuck import Stuck
 from ..settings import Settings
-from .children import Children, FullSpec, own_suspend_writes, refresh_created
+from .children import RECREATE_AFTER_S, Children, FullSpec, own_suspend_writes, refresh_created
 from .events import record_transition
 from .kube import ChildConflict, ChildNotYet, ChildRejected, Kube
 from .kueue import sync_workload_active
@@ -199,7 +201,8 @@ class Reconciler:
             # is not failed by a later, tighter policy.
             spec_error = policy_error(body, namespace, self.settings.admission_policy)
         if spec is not None and spec_error is None:
-            spec_error, name_conflict = self._ensure_base(ref, spec, jobs, memo, body)
+            size = group_size(spec, prev)
+            spec_error, name_conflict = self._ensure_base(ref, spec, jobs, memo, body, size)
         if spec is not None and spec_error is None:
             jobs = own_suspend_writes(refresh_created(ref, spec, dict(jobs), memo), memo)
 
@@ -215,8 +218,21 @@ class Reconciler:
             running, _ = running_train_pods(pods)
             stall = stall_now(memo.steps, train, running, prev.phase, spec.suspend, spec.run_policy, now)
             problems = self._node_problems(train, train_pods(pods), tick)
+        memo.capacity_since_step = capacity_mark(memo.capacity_since_step, kids.probe_pods, prev)
         obs = observe(
-            prev, spec, spec_error, name_conflict, ref.queued, jobs, pods, stuck, stall, problems, now
+            prev,
+            spec,
+            spec_error,
+            name_conflict,
+            ref.queued,
+            jobs,
+            pods,
+            stuck,
+            stall,
+            problems,
+            now,
+            kids.probe_pods,
+            memo.capacity_since_step,
         )
         # Act before deciding on one thing: the stage Job the run lacks, so that the decision (and the one
         # status write of this transition) already sees it (benchmarks/operator_scale.py counts the writes).
@@ -233,6 +249,7 @@ class Reconciler:
             self._sync_suspend(ref, spec, obs, memo)
         if decision.terminal:
             self.children.stop_unfinished(namespace, list(obs.jobs.values()))
+        self._sync_probe(ref, obs, kids.probe, 0 if decision.terminal else obs.probe_pods, memo, body)
 
         # Write the status, then what must follow it.
         status = render_status(meta, obs, decision, now, meta.get("generation"))
@@ -259,11 +276,11 @@ class Reconciler:
         return decision.phase
 
     def _ensure_base(
-        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: Mapping[Stage, JobObs], memo: Memo, body: Obj
+        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: Mapping[Stage, JobObs], memo: Memo, body: Obj, size: int
     ) -> tuple[str | None, str | None]:
         """The first children of a run (render/objects.py); -> (spec error, name conflict)."""
         try:
-            self.children.ensure_base(ref, spec, dict(jobs), memo, self._full_spec(body))
+            self.children.ensure_base(ref, spec, dict(jobs), memo, self._full_spec(body), size)
         except ChildRejected as e:  # the spec's fault: Failed/InvalidSpec, never retried
             return str(e), None
         except ChildConflict as e:  # someone else's object has a child's name: Failed/NameConflict
@@ -279,8 +296,9 @@ class Reconciler:
         stage = ph.stage_to_create(obs.phase)
         if stage is None:
             return obs
+        size = group_size(spec, obs.restart.status)
         try:
-            self.children.create_job(stage, ref, spec, memo, self._full_spec(body))
+            self.children.create_job(stage, ref, spec, memo, self._full_spec(body), size)
         except ChildRejected as e:
             return obs.failing(spec_error=str(e))
         except ChildConflict as e:
@@ -289,6 +307,27 @@ class Reconciler:
             log.info("%s/%s: %s", ref.namespace, ref.name, e)
             return obs
         return obs.with_jobs(refresh_created(ref, spec, dict(obs.jobs), memo))
+
+    def _sync_probe(
+        self, ref: SFTJobRef, obs: Observation, probe: JobObs | None, want: int, memo: Memo, body: Obj
+    ) -> None:
+        """An elastic run's capacity probe (render/elastic.py): `want` placeholder pods, or none."""
+        if probe is not None and probe.completions != want:
+            self.kube.delete_job(ref.namespace, probe.name, probe.uid)  # re-created at the new count
+            memo.created.pop(PROBE, None)
+            return
+        if probe is not None or want == 0 or obs.spec is None:
+            return
+        last = memo.created.get(PROBE)
+        if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
+            return  # created moments ago; the watch has not shown it yet
+        full = self._full_spec(body)
+        spec = full() if full else obs.spec
+        train = render_train_job(
+            ref, spec_at(spec, group_size(spec, obs.restart.status)), self.settings.render_options()
+        )
+        self.kube.create(render_probe_job(train, ref.name, want))
+        memo.created[PROBE] = time.monotonic()
 
     def _sync_suspend(self, ref: SFTJobRef, spec: SFTJobSpec, obs: Observation, memo: Memo) -> None:
         """spec.suspend onto every live stage Job (Kueue's Jobs through their Workload)."""

@@ -16,7 +16,8 @@ from typing import Any
 from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
 
 from . import phase as ph
-from .names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
+from .elastic import group_size, plan_resize, probe_size, record_resize, resize_again, world
+from .names import COMPLETION_INDEX_LABEL, LABEL_STAGE, PROBE, ChildNames
 from .observe import JobObs, PodObs, observe_job, observe_pod
 from .recovery import RestartPlan, Stall, plan_restart, stalled_condition
 from .status import (
@@ -47,29 +48,39 @@ def read_spec(raw: Obj | None) -> tuple[SFTJobSpec | None, str | None]:
 
 @dataclass(frozen=True)
 class Children:
-    """The stage Jobs an SFTJob owns (by stage) and their pods."""
+    """The stage Jobs an SFTJob owns (by stage) and their pods; an elastic run's capacity probe apart."""
 
     jobs: Mapping[Stage, JobObs]
     pods: tuple[PodObs, ...]
+    probe: JobObs | None = None
+    probe_pods: tuple[PodObs, ...] = ()
+
+
+def _pods_of(jobs: Iterable[JobObs], pods: Iterable[Obj]) -> tuple[PodObs, ...]:
+    uids = {job.uid for job in jobs if job.uid}
+    return tuple(
+        observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods if any(owned_by(p, u) for u in uids)
+    )
 
 
 def children_of(uid: str, jobs: Iterable[Obj], pods: Iterable[Obj]) -> Children:
     """The SFTJob's own stage Jobs and their pods out of the watched ones. A Job being deleted is left out,
     except the train Job: its deletion is a group restart's teardown (render/recovery.py)."""
     by_stage: dict[Stage, JobObs] = {}
+    probe: JobObs | None = None
+    pods = list(pods)
     for j in jobs:
         meta = j.get("metadata") or {}
         stage = (meta.get("labels") or {}).get(LABEL_STAGE)
-        if stage not in STAGES or not owned_by(j, uid):
+        if not owned_by(j, uid):
             continue
-        if meta.get("deletionTimestamp") and stage != Stage.TRAIN:
+        if stage == PROBE and not meta.get("deletionTimestamp"):
+            probe = observe_job(j)
+        if stage not in STAGES or (meta.get("deletionTimestamp") and stage != Stage.TRAIN):
             continue
         by_stage[Stage(stage)] = observe_job(j)
-    uids = {job.uid for job in by_stage.values() if job.uid}
-    own = tuple(
-        observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods if any(owned_by(p, u) for u in uids)
-    )
-    return Children(by_stage, own)
+    probe_pods = _pods_of([probe], pods) if probe is not None else ()
+    return Children(by_stage, _pods_of(by_stage.values(), pods), probe, probe_pods)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Observation:
     restart: RestartPlan
     eval: EvalOutcome
     stuck: Stuck | None
+    probe_pods: int = 0  # capacity probe pods wanted now (render/elastic.py)
 
     @property
     def jobs(self) -> Mapping[Stage, JobObs]:
@@ -137,9 +149,12 @@ def observe(
     stall: Stall | None,
     node_problems: Mapping[str, str],
     now: datetime,
+    probe_pods: Iterable[PodObs] = (),
+    capacity_since_step: int | None = None,
 ) -> Observation:
     """The view one reconcile decides from. `stuck`, `stall` and `node_problems` are what the reconcile read
-    besides the children (Job events, the step clock, Nodes); all None/empty for a spec that cannot run."""
+    besides the children (Job events, the step clock, Nodes); all None/empty for a spec that cannot run.
+    `probe_pods` and `capacity_since_step`: an elastic run's capacity probe (render/elastic.py)."""
     pods = tuple(pods)
     ok = spec is not None and spec_error is None
     outcome = eval_outcome(spec, jobs.get(Stage.EVAL), list(pods), prev) if spec else EvalOutcome()
@@ -150,9 +165,14 @@ def observe(
             stuck, now, policy.stuck_pending_timeout_seconds, policy.fail_when_stuck_seconds
         )
     restart = RestartPlan(prev)
+    probe = 0
     if ok and spec is not None:
         train = jobs.get(Stage.TRAIN)
-        restart = plan_restart(prev, spec.run_policy, train, train_pods(pods), stall, now, node_problems)
+        ranks = train_pods(pods)
+        restart = plan_restart(prev, spec.run_policy, train, ranks, stall, now, node_problems)
+        if train is not None:
+            restart = _with_resize(restart, spec, train, ranks, probe_pods, capacity_since_step, now)
+        probe = probe_size(spec, queued, train, ranks) if restart.delete is None else 0
     running, stopping = running_train_pods(pods)
     phase = ph.Observed(
         phase=prev.phase,
@@ -171,7 +191,35 @@ def observe(
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )
-    return Observation(phase, prev, spec, pods, restart, outcome, stuck if ok else None)
+    return Observation(phase, prev, spec, pods, restart, outcome, stuck if ok else None, probe)
+
+
+def _with_resize(
+    restart: RestartPlan,
+    spec: SFTJobSpec,
+    train: JobObs,
+    ranks: list[PodObs],
+    probe_pods: Iterable[PodObs],
+    capacity_since_step: int | None,
+    now: datetime,
+) -> RestartPlan:
+    """The restart plan, or, when nothing else restarts the group, the resize render/elastic.py decides."""
+    if restart.delete is not None or restart.group_restart or restart.exhausted or train.deleting:
+        return restart
+    prev = restart.status
+    if resize_again(prev, train):
+        msg = f"tearing down the training group to re-form it at {prev.nodes} node(s)"
+        return replace(restart, group_restart=msg, delete=train)
+    resize = plan_resize(spec, prev, train, ranks, list(probe_pods), capacity_since_step, now)
+    if resize is None:
+        return restart
+    status = record_resize(prev, resize, train, spec.resources.gpus_per_node, now)
+    entry = status.recoveries[-1]
+    msg = (
+        f"re-forming the training group at {resize.nodes} node(s) (world size {entry.from_world_size} ->"
+        f" {entry.to_world_size}) from step {entry.resumed_from_step}: {resize.cause}"
+    )
+    return replace(restart, status=status, group_restart=msg, delete=train)
 
 
 def render_status(
@@ -192,4 +240,12 @@ def render_status(
     )
     status.conditions = stalled_condition(status.conditions, obs.restart, now, generation)
     status.tracking = tracking_status(list(obs.pods), obs.prev.tracking)
+    if obs.spec is not None:
+        train = obs.jobs.get(Stage.TRAIN)
+        running = train is not None and not train.deleting and obs.restart.delete is None
+        if running and train is not None and train.nodes is not None:
+            nodes, gpus = train.nodes, train.gpus_per_node or 0  # the group as it runs
+        else:
+            nodes, gpus = group_size(obs.spec, obs.restart.status), obs.spec.resources.gpus_per_node
+        status.nodes, status.world_size = nodes, world(nodes, gpus)
     return status

@@ -9,6 +9,8 @@ from typing import Any
 
 from sftjob_api.status import EvalResults
 
+from .names import LABEL_GPUS_PER_NODE, LABEL_NODES
+
 Obj = dict[str, Any]
 
 
@@ -37,14 +39,23 @@ class JobObs:
     start_time: datetime | None = None
     uid: str = ""
     deleting: bool = False  # deletionTimestamp set (a group restart tears it down)
+    # The train Job's shape as rendered (labels; None on Jobs of operators before elastic runs).
+    nodes: int | None = None
+    gpus_per_node: int | None = None
 
     @property
     def finished(self) -> bool:
         return self.complete or self.failed_reason is not None
 
 
+def _int_label(labels: dict[str, Any], key: str) -> int | None:
+    value = str(labels.get(key) or "")
+    return int(value) if value.isdigit() else None
+
+
 def observe_job(job: Obj) -> JobObs:
     meta = job.get("metadata") or {}
+    lab = meta.get("labels") or {}
     spec = job.get("spec") or {}
     status = job.get("status") or {}
     complete = False
@@ -77,6 +88,8 @@ def observe_job(job: Obj) -> JobObs:
         failed_message=failed_message,
         start_time=parse_time(status.get("startTime")),
         deleting=bool(meta.get("deletionTimestamp")),
+        nodes=_int_label(lab, LABEL_NODES),
+        gpus_per_node=_int_label(lab, LABEL_GPUS_PER_NODE),
     )
 
 

@@ -35,11 +35,14 @@ _CHECKPOINT_STEP = re.compile(r"/checkpoints/step-(\d+)/?$")
 
 
 # The `cause` label of sftjob_operator_recoveries_total.
-CAUSE_KINDS = ("Failed", "Disrupted", "Stalled")
+CAUSE_KINDS = ("Failed", "Disrupted", "Stalled", "Resized")
 
 
 def cause_kind(rec: Recovery) -> str:
-    """Failed (a counted pod failure), Disrupted (preemption, drain, node lost: not counted) or Stalled."""
+    """Failed (a counted pod failure), Disrupted (preemption, drain, node lost: not counted), Stalled, or
+    Resized (the group re-formed at another size: render/elastic.py)."""
+    if rec.to_world_size is not None:
+        return "Resized"
     return STALLED if rec.cause.startswith(STALLED) else "Failed" if rec.counted else "Disrupted"
 
 
