@@ -251,7 +251,9 @@ def test_cause_kinds_label_the_recoveries_metric() -> None:
     for failure in (Failure("pod p (rank 0) exit code 1", True), Failure("pod p disrupted", False)):
         st = record_recovery(st, failure, failed_job(failure.cause), NOW)
     st = record_recovery(st, Failure("Stalled: step 5 ...", True), failed_job("s"), NOW)
-    resized = st.recoveries[-1].model_copy(update={"cause": "Resized: 2 -> 1 node(s) ...", "to_world_size": 8})
+    resized = st.recoveries[-1].model_copy(
+        update={"cause": "Resized: 2 -> 1 node(s) ...", "to_world_size": 8}
+    )
     st = st.model_copy(update={"recoveries": [*st.recoveries, resized]})
     kinds = ["Failed", "Disrupted", "Stalled", "Resized"]
     assert [cause_kind(r) for r in st.recoveries] == list(CAUSE_KINDS) == kinds
