@@ -322,10 +322,12 @@ class Reconciler:
         if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
             return  # created moments ago; the watch has not shown it yet
         full = self._full_spec(body)
-        spec = full() if full else obs.spec
-        train = render_train_job(
-            ref, spec_at(spec, group_size(spec, obs.restart.status)), self.settings.render_options()
-        )
+        try:
+            spec = full() if full else obs.spec
+        except (ChildNotYet, ChildRejected) as e:  # the next reconcile decides on it
+            log.info("%s/%s: capacity probe: %s", ref.namespace, ref.name, e)
+            return
+        train = render_train_job(ref, spec_at(spec, group_size(spec, obs.restart.status)), self.opts)
         self.kube.create(render_probe_job(train, ref.name, want))
         memo.created[PROBE] = time.monotonic()
 
