@@ -1,6 +1,6 @@
 """Elastic runs on the real control plane with KWOK GPU nodes (docs/recovery.md, "Elastic runs"): a node lost
 with no spare re-forms the group at minNodes, and it finishes; capacity that returns grows it back at the
-next checkpoint. The pool is made small by cordoning two of the bed's four nodes (restored afterwards); rank
+next checkpoint; once maxResizesPerHour is used up a due grow waits (Event ResizeHeld). The pool is made small by cordoning two of the bed's four nodes (restored afterwards); rank
 0's progress and checkpoints come from the trainer's own metrics exporter on the pod's loopback address
 (KWOK fakes the GPUs and the pods, nothing else)."""
 
@@ -18,7 +18,8 @@ from testbed.procs import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
-# one rank fills a node (8 GPUs), so the group's size is the number of nodes it gets
+# one rank fills a node (8 GPUs), so the group's size is the number of nodes it gets; a shrink, a grow and
+# another shrink use up maxResizesPerHour
 ELASTIC = {
     "resources": {"nodes": 2, "gpusPerNode": 8},
     "training": {"microBatchSize": 1, "globalBatchSize": 16},  # a multiple of 8 and of 16 ranks
@@ -49,7 +50,7 @@ def progress(st: dict[str, Any]) -> tuple[int | None, str]:
     return (st.get("progress") or {}).get("step"), (st.get("artifacts") or {}).get("latestCheckpoint", "")
 
 
-def test_lost_node_without_spare_shrinks_to_min_nodes_then_grows_back_and_finishes(
+def test_lost_node_shrinks_to_min_nodes_grows_back_within_the_resize_budget_and_finishes(
     sftjob_crd: Any, namespace: str, operator: Operator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     kube, ns, port = sftjob_crd, namespace, operator.trainer_metrics_port
@@ -103,28 +104,54 @@ def test_lost_node_without_spare_shrinks_to_min_nodes_then_grows_back_and_finish
                 "2 nodes",
             )
             grown = time.monotonic() - t1
-    st = status(kube, ns, "el")
-    grew = st["recoveries"][-1]
-    assert (grew["fromWorldSize"], grew["toWorldSize"], grew["resumedFromStep"]) == (8, 16, 15), grew
-    assert "after the checkpoint of step 15" in grew["cause"], grew
-    assert st["nodes"] == 2 and lost not in {p["spec"]["nodeName"] for p in two}
-    wait_until(
-        lambda: not kube.get_json("jobs", "-n", ns, "-l", "sft.tuning.dev/stage=probe")["items"],
-        30,
-        "probe gone",
-    )  # at its most nodes the group needs no probe
-    resizes = [e for e in events(kube, ns, "el") if e["reason"] == "GroupResized"]
-    assert [e["type"] for e in resizes][-2:] == ["Warning", "Normal"], resizes
-    text = operator.metrics()
-    assert 'sftjob_operator_recoveries_total{cause="Resized"} 2.0' in text, text
+        st = status(kube, ns, "el")
+        grew = st["recoveries"][-1]
+        assert (grew["fromWorldSize"], grew["toWorldSize"], grew["resumedFromStep"]) == (8, 16, 15), grew
+        assert "after the checkpoint of step 15" in grew["cause"], grew
+        assert st["nodes"] == 2 and lost not in {p["spec"]["nodeName"] for p in two}
+        wait_until(lambda: not probe_jobs(kube, ns), 30, "probe gone")  # at its most nodes: no probe
+        resizes = [e for e in events(kube, ns, "el") if e["reason"] == "GroupResized"]
+        assert [e["type"] for e in resizes][-2:] == ["Warning", "Normal"], resizes
 
-    for pod in two:  # the grown group finishes
-        annotate(kube, ns, pod, 0)
+        # bounded: maxResizesPerHour 2 is used up. Losing the new node still shrinks the group (that keeps
+        # the run going), but when capacity returns once more the grow waits, and says so.
+        with rank0_exporter(two[0], ns, "el", port, monkeypatch) as tm:
+            tm.step.set(17)
+            tm.checkpoint_step.set(15)
+            wait_until(lambda: progress(status(kube, ns, "el"))[0] == 17, 30, "the grown group's step seen")
+            with not_ready(kube, spare[0]):
+                one = wait_until(
+                    lambda: status(kube, ns, "el").get("nodes") == 1 and running(kube, ns, 1),
+                    90,
+                    "1 node again",
+                )
+        with rank0_exporter(one[0], ns, "el", port, monkeypatch) as tm:
+            tm.step.set(16)
+            tm.checkpoint_step.set(15)
+            wait_until(lambda: progress(status(kube, ns, "el"))[0] == 16, 30, "the shrunk group's step seen")
+            kube.kubectl("uncordon", spare[1])
+            wait_until(lambda: probe_scheduled(kube, ns), 60, "the capacity probe scheduled")
+            tm.step.set(21)
+            tm.checkpoint_step.set(20)
+            [held] = [e for e in wait_event(kube, ns, "el", "ResizeHeld") if e["reason"] == "ResizeHeld"]
+    assert held["message"].endswith("3 resizes in the last hour, runPolicy.elastic.maxResizesPerHour is 2"), (
+        held
+    )
+    st = status(kube, ns, "el")
+    assert st["nodes"] == 1 and len([r for r in st["recoveries"] if "toWorldSize" in r]) == 3, st
+    text = operator.metrics()
+    assert 'sftjob_operator_recoveries_total{cause="Resized"} 3.0' in text, text
+
+    annotate(kube, ns, one[0], 0)  # the group at minNodes finishes
     st = wait_phase(kube, ns, "el", ("Succeeded", "Failed"), 60, operator)
-    assert st["phase"] == "Succeeded" and st["nodes"] == 2, st
+    assert st["phase"] == "Succeeded" and st["nodes"] == 1, st
     print(
         f"\nelastic: node lost -> running at 1 node {shrunk:.1f}s; checkpoint -> running at 2 nodes {grown:.1f}s"
     )
+
+
+def probe_jobs(kube: Any, ns: str) -> list[Any]:
+    return list(kube.get_json("jobs", "-n", ns, "-l", "sft.tuning.dev/stage=probe")["items"])
 
 
 def probe_scheduled(kube: Any, ns: str) -> bool:

@@ -144,7 +144,18 @@ def test_spare_capacity_grows_the_group_at_the_next_checkpoint_within_the_hourly
     assert resize is not None and resize.nodes == 2, resize
     assert "after the checkpoint of step 50" in resize.cause
     spent = status(1, checkpoint=50, step=51, resizes=3)  # maxResizesPerHour: 3 within the hour
-    assert plan_resize(spec, spent, train_job(1), group, probe, mark, NOW) is None
+    held = plan_resize(spec, spent, train_job(1), group, probe, mark, NOW)
+    assert held is not None and held.held, held
+    assert held.cause.endswith("3 resizes in the last hour, runPolicy.elastic.maxResizesPerHour is 3")
+    obs = observe(
+        spent, spec, None, None, False, {"train": train_job(1)}, group, None, None, {}, NOW, probe, mark
+    )  # type: ignore[dict-item]
+    assert obs.restart.delete is None and obs.grow_held == held.cause  # the group keeps running
+    older = status(1, checkpoint=50, step=51, resizes=3).model_copy()
+    older.recoveries[0] = older.recoveries[0].model_copy(update={"time": NOW - timedelta(minutes=61)})
+    assert (
+        plan_resize(spec, older, train_job(1), group, probe, mark, NOW) == resize
+    )  # one fell out of the hour
     assert capacity_mark(40, [replace_stage(rank(0, "Pending", unschedulable=NO_ROOM))], at_50) is None
 
 

@@ -264,6 +264,9 @@ class Reconciler:
             self.kube.force_delete_pod(namespace, pod.name)
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
         record_transition(self.kube, body, prev, status, decision, stuck, now)
+        if obs.grow_held and not memo.grow_held:  # once per wait (render/elastic.py)
+            self.kube.post_event(body, "Normal", "ResizeHeld", obs.grow_held)
+        memo.grow_held = obs.grow_held is not None
         if tick and decision.phase == ph.TRAINING and spec is not None:
             train_job = obs.jobs.get(Stage.TRAIN)
             port, interval = self.settings.trainer_metrics_port, self.settings.progress_interval

@@ -123,3 +123,4 @@ class Memo:
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen
     # Elastic runs: the checkpoint step when the capacity probe first found spare nodes (render/elastic.py)
     capacity_since_step: int | None = None
+    grow_held: bool = False  # the Event ResizeHeld was posted for the grow that waits now

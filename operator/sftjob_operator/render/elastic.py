@@ -71,6 +71,7 @@ def resizes_within_hour(status: SFTJobStatus, now: datetime) -> int:
 class Resize:
     nodes: int  # the size the group re-forms at
     cause: str
+    held: bool = False  # a grow that is due but waits: maxResizesPerHour is used up
 
 
 def _largest(sizes: Iterable[int], at_most: int) -> int | None:
@@ -126,11 +127,17 @@ def plan_resize(
     bigger = _largest(sizes, train.nodes + spare)
     if bigger is None or bigger <= train.nodes:
         return None
-    if resizes_within_hour(status, now) >= elastic.max_resizes_per_hour:
-        return None
     step = checkpoint_step_of(status.artifacts.latest_checkpoint if status.artifacts else None)
     if step <= capacity_since_step:
         return None  # grow at the next checkpoint, not before
+    used = resizes_within_hour(status, now)
+    if used >= elastic.max_resizes_per_hour:
+        return Resize(
+            bigger,
+            f"capacity for {spare} more node(s) found; the group stays at {train.nodes} node(s): {used} resizes"
+            f" in the last hour, runPolicy.elastic.maxResizesPerHour is {elastic.max_resizes_per_hour}",
+            held=True,
+        )
     return Resize(
         bigger, f"capacity for {spare} more node(s) found; re-formed after the checkpoint of step {step}"
     )

@@ -95,6 +95,7 @@ class Observation:
     eval: EvalOutcome
     stuck: Stuck | None
     probe_pods: int = 0  # capacity probe pods wanted now (render/elastic.py)
+    grow_held: str | None = None  # a grow that is due but waits for the hourly resize budget: why
 
     @property
     def jobs(self) -> Mapping[Stage, JobObs]:
@@ -166,12 +167,13 @@ def observe(
         )
     restart = RestartPlan(prev)
     probe = 0
+    held: str | None = None
     if ok and spec is not None:
         train = jobs.get(Stage.TRAIN)
         ranks = train_pods(pods)
         restart = plan_restart(prev, spec.run_policy, train, ranks, stall, now, node_problems)
         if train is not None:
-            restart = _with_resize(restart, spec, train, ranks, probe_pods, capacity_since_step, now)
+            restart, held = _with_resize(restart, spec, train, ranks, probe_pods, capacity_since_step, now)
         probe = probe_size(spec, queued, train, ranks) if restart.delete is None else 0
     running, stopping = running_train_pods(pods)
     phase = ph.Observed(
@@ -191,7 +193,7 @@ def observe(
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )
-    return Observation(phase, prev, spec, pods, restart, outcome, stuck if ok else None, probe)
+    return Observation(phase, prev, spec, pods, restart, outcome, stuck if ok else None, probe, held)
 
 
 def _with_resize(
@@ -202,24 +204,25 @@ def _with_resize(
     probe_pods: Iterable[PodObs],
     capacity_since_step: int | None,
     now: datetime,
-) -> RestartPlan:
-    """The restart plan, or, when nothing else restarts the group, the resize render/elastic.py decides."""
+) -> tuple[RestartPlan, str | None]:
+    """The restart plan, or, when nothing else restarts the group, the resize render/elastic.py decides;
+    and why a due grow waits, if it does."""
     if restart.delete is not None or restart.group_restart or restart.exhausted or train.deleting:
-        return restart
+        return restart, None
     prev = restart.status
     if resize_again(prev, train):
         msg = f"tearing down the training group to re-form it at {prev.nodes} node(s)"
-        return replace(restart, group_restart=msg, delete=train)
+        return replace(restart, group_restart=msg, delete=train), None
     resize = plan_resize(spec, prev, train, ranks, list(probe_pods), capacity_since_step, now)
-    if resize is None:
-        return restart
+    if resize is None or resize.held:
+        return restart, resize.cause if resize else None
     status = record_resize(prev, resize, train, spec.resources.gpus_per_node, now)
     entry = status.recoveries[-1]
     msg = (
         f"re-forming the training group at {resize.nodes} node(s) (world size {entry.from_world_size} ->"
         f" {entry.to_world_size}) from step {entry.resumed_from_step}: {resize.cause}"
     )
-    return replace(restart, status=status, group_restart=msg, delete=train)
+    return replace(restart, status=status, group_restart=msg, delete=train), None
 
 
 def render_status(
