@@ -157,3 +157,41 @@ def probe_jobs(kube: Any, ns: str) -> list[Any]:
 def probe_scheduled(kube: Any, ns: str) -> bool:
     pods = kube.get_json("pods", "-n", ns, "-l", "sft.tuning.dev/stage=probe")["items"]
     return any(p["spec"].get("nodeName") for p in pods)
+
+
+def test_nodes_edited_while_suspended_re_form_the_group_at_the_new_size(
+    sftjob_crd: Any, namespace: str, operator: Operator
+) -> None:
+    """resources.nodes is editable: a suspended run resumes at the new size (any run, elastic or not)."""
+    kube, ns = sftjob_crd, namespace
+    two = {"nodes": 2, "gpusPerNode": 1}
+    apply(
+        kube,
+        ns,
+        sftjob("resz", delay="600s", resources=two, eval={"enabled": False}, merge={"enabled": False}),
+    )
+    wait_until(lambda: running(kube, ns, 2), 60, "both ranks running")
+    uid0 = train_job_uid(kube, ns, "resz")
+    patch = '{"spec":{"suspend":true}}'
+    kube.kubectl("patch", "sftjob", "resz", "-n", ns, "--type=merge", "-p", patch)
+    wait_phase(kube, ns, "resz", "Suspended", 60, operator)
+    kube.kubectl(
+        "patch", "sftjob", "resz", "-n", ns, "--type=merge", "-p", '{"spec":{"resources":{"nodes":1}}}'
+    )
+    job = wait_until(
+        lambda: (
+            train_job_uid(kube, ns, "resz") not in (None, uid0)
+            and kube.get_json("job", "resz-train", "-n", ns)
+        ),
+        60,
+        "the train Job re-created",
+    )
+    assert job["spec"]["completions"] == 1 and job["spec"]["suspend"] is True, job["spec"]
+    kube.kubectl("patch", "sftjob", "resz", "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_until(lambda: running(kube, ns, 1), 60, "one rank running")
+    st = status(kube, ns, "resz")
+    rec = st["recoveries"][-1]
+    assert rec["cause"] == (
+        "Resized: 2 -> 1 node(s) (world size 2 -> 1): resources.nodes changed while the group was not running"
+    ), rec
+    assert (rec["fromWorldSize"], rec["toWorldSize"], st["nodes"], st["restarts"]) == (2, 1, 1, 0), st
