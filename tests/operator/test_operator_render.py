@@ -431,7 +431,7 @@ def test_status_keeps_latest_checkpoint_under_the_checkpoints_prefix(minimal: An
     _, spec = minimal
     meta = {"namespace": "team-a", "name": "minimal", "creationTimestamp": "2026-01-01T00:00:00Z"}
     decision = ph.Decision(ph.TRAINING, "PodsRunning", "1 trainer pod running")
-    obs = ph.Observed(phase=ph.TRAINING, train=JobObs(name="minimal-train", active=1, ready=1))
+    obs = ph.Observed(phase=ph.TRAINING, jobs={Stage.TRAIN: JobObs(name="minimal-train", active=1, ready=1)})
     now = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
 
     def built(prev_artifacts: dict[str, str] | None) -> dict[str, str]:

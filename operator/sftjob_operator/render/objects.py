@@ -18,7 +18,7 @@ from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.spec import ResourcesSpec
 
 from .bad_nodes import with_avoided_nodes
-from .names import KUEUE_LABELS, ChildNames, labels, owner_reference
+from .names import KUEUE_LABELS, LABEL_GPUS_PER_NODE, LABEL_NODES, ChildNames, labels, owner_reference
 from .trainer_config import (
     CONFIG_ANNOTATION,
     CONFIG_DIR,
@@ -84,8 +84,9 @@ def _meta(ref: SFTJobRef, name: str, stage: str, extra_labels: dict[str, str] | 
 
 
 def needs_service(spec: SFTJobSpec) -> bool:
-    """Only ranks on other pods need rank 0's DNS name; a one-pod group meets on 127.0.0.1."""
-    return spec.resources.nodes > 1
+    """Only ranks on other pods need rank 0's DNS name; a one-pod group meets on 127.0.0.1. An elastic run
+    that may grow past one node has it from the start."""
+    return max(spec.group_sizes(), default=spec.resources.nodes) > 1
 
 
 def render_service(ref: SFTJobRef) -> Obj:
@@ -369,7 +370,7 @@ def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
         "--config",
         CONFIG_PATH,
     ]
-    multi_node = needs_service(spec)
+    multi_node = res.nodes > 1  # `spec` is at the group's size (render/elastic.py: spec_at)
     extra_env: list[Obj] = [
         {"name": "MASTER_ADDR", "value": names.master_addr if multi_node else "127.0.0.1"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
@@ -386,16 +387,12 @@ def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
     # backoffLimit 0: the first failed rank fails the Job, whose controller then stops the other ranks at once;
     # the operator restarts the whole group (render/recovery.py) and counts against runPolicy.backoffLimit.
     backoff = 0
-    return _job(
-        ref,
-        spec,
-        Stage.TRAIN,
-        template,
-        res.nodes,
-        backoff,
-        child_suspended(ref, spec),
-        True,
+    job = _job(ref, spec, Stage.TRAIN, template, res.nodes, backoff, child_suspended(ref, spec), True)
+    # The shape it runs at, for render/elastic.py to compare with the wanted one.
+    job["metadata"]["labels"].update(
+        {LABEL_NODES: str(res.nodes), LABEL_GPUS_PER_NODE: str(res.gpus_per_node)}
     )
+    return job
 
 
 def render_eval_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:
