@@ -14,7 +14,7 @@ BUCKET = "sftjob"  # the bucket of the chart's default admissionPolicy.uriPrefix
 
 # Values beyond the default policy, so that the host, priority class and key rules refuse something too.
 STRICT = {
-    "hosts": ["mlflow.example.com", "mlflow.mlflow.svc.cluster.local"],
+    "hosts": ["https://mlflow.example.com", "mlflow.mlflow.svc.cluster.local"],  # the first over https only
     "priorityClasses": ["training-high"],
     "podLabelKeys": ["team", "example.com/*"],
     "podAnnotationKeys": ["example.com/*"],
@@ -113,6 +113,7 @@ VIOLATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "default",
     ),
     ("spec.output.endpoint", _set("spec.output.endpoint", "http://169.254.169.254"), "strict"),
+    ("spec.output.endpoint", _set("spec.output.endpoint", "http://mlflow.example.com"), "strict"),
     (
         "spec.tracking.mlflow.trackingUri",
         _set("spec.tracking.mlflow.trackingUri", "http://evil.io"),

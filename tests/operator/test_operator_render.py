@@ -144,6 +144,8 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
         "POD_NAME",
         "PYTHONUNBUFFERED",
         "SFTJOB_RUN_ID",
+        "HOME",
+        "PYTHONSAFEPATH",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "MASTER_ADDR",
@@ -190,6 +192,16 @@ def test_security_context_and_shm(minimal: Any) -> None:
         assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
         mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert "/dev/shm" in mounts and "/etc/sftjob" in mounts
+        # a read-only root: what the trainer writes ($HOME's caches, /tmp) lies on emptyDirs of its own
+        assert sc["readOnlyRootFilesystem"] is True
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        writable = {
+            m["mountPath"]
+            for m in pod["containers"][0]["volumeMounts"]
+            if "emptyDir" in vols[m["name"]] and not m.get("readOnly")
+        }
+        assert {env["HOME"], "/tmp"} <= writable
+        assert env["PYTHONSAFEPATH"] == "1"  # the writable working directory is not on the import path
 
 
 def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
@@ -422,7 +434,7 @@ def test_status_keeps_latest_checkpoint_under_the_checkpoints_prefix(minimal: An
     _, spec = minimal
     meta = {"namespace": "team-a", "name": "minimal", "creationTimestamp": "2026-01-01T00:00:00Z"}
     decision = ph.Decision(ph.TRAINING, "PodsRunning", "1 trainer pod running")
-    obs = ph.Observed(phase=ph.TRAINING, train=JobObs(name="minimal-train", active=1, ready=1))
+    obs = ph.Observed(phase=ph.TRAINING, jobs={Stage.TRAIN: JobObs(name="minimal-train", active=1, ready=1)})
     now = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
 
     def built(prev_artifacts: dict[str, str] | None) -> dict[str, str]:

@@ -23,6 +23,7 @@ from sftjob_api.exit_codes import ExitCode, TrainerError
 
 from . import model_cache
 from .config import load_config
+from .extensions import seed_extensions
 from .metrics import log_json
 
 STAGES = tuple(Stage)
@@ -46,6 +47,9 @@ def run_stage(stage: Stage, config_path: str | None) -> int:
     try:
         cfg = load_config(config_path)
         term_log = cfg.runtime.termination_log or term_log
+        seed_extensions(
+            os.environ.get("SFTJOB_TORCH_EXTENSIONS_SEED"), os.environ.get("TORCH_EXTENSIONS_DIR")
+        )
         # Imported here: the torch stack loads only in the process that runs a stage (never in `launch`).
         if stage == Stage.CURATE:
             from .curate_stage import main as entry
