@@ -43,7 +43,7 @@ def install_policy(kube: Any, namespace: str, values: dict[str, Any]) -> list[di
     kube.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     # The apiserver's policy informer picks new policies up a moment later: probe until a known-bad SFTJob
     # (an image outside the list) is refused.
-    probe = violating(namespace, VIOLATIONS[7], 99)
+    probe = violating(namespace, next(c for c in VIOLATIONS if c[0] == "spec.resources.image"), 99)
     wait_until(
         lambda: "spec.resources.image" in dry_run(kube, namespace, probe).stderr, 30, "policy in force"
     )

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+from sftjob_api.layout import Layout
+from sftjob_api.trainer_config import DEFAULT_RUN_ID
+
 from .runner import json_events, make_config, run, trainer_env, write_config
 from .tiny import write_jsonl
 
@@ -58,4 +61,5 @@ def test_lora_steps_on_real_smollm2(tmp_path):
     # pretrained weights on fluent chat text: far below the uniform-guess loss ln(49152) ~ 10.8
     assert ls[0] < 4.0, ls
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
-    assert (tmp_path / "out" / "checkpoints" / "step-1" / "COMPLETE").exists()
+    # a trainer started without SFTJOB_RUN_ID (no SFTJob, no `sftjob run`) keeps its checkpoints as run "local"
+    assert (tmp_path / "out" / Layout.checkpoint_marker(DEFAULT_RUN_ID, 1)).exists()
