@@ -75,7 +75,7 @@ def test_api_server_refuses_an_affinity_over_its_caps_naming_the_field(
     sftjob_crd.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(job))  # the largest fits
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_twenty_largest_affinities_keep_the_operator_within_its_memory_limit(
     sftjob_crd: Any, namespace: str, operator: Operator
 ) -> None:
