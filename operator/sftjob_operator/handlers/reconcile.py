@@ -41,6 +41,7 @@ from ..render.status import (
 )
 from ..render.stuck import Stuck, stuck_failure_message
 from ..render.trainer_config import cluster_output_error
+from ..render.user_view import unschedulable_condition
 from ..settings import Settings
 from .children import Children, FullSpec, own_suspend_writes, refresh_created
 from .events import record_transition
@@ -335,6 +336,7 @@ class Reconciler:
             meta, restart.status, spec, decision, obs, outcome.results, stuck, now, generation, names
         )
         status.conditions = stalled_condition(status.conditions, restart, now, generation)
+        status.conditions = unschedulable_condition(status.conditions, pod_obs, now, generation)
         status.tracking = tracking_status(pod_obs, prev.tracking)
         written = self.kube.write_status(body, status)
         if written is not body:

@@ -21,6 +21,7 @@ from .objects import needs_service
 from .observe import JobObs, PodObs, parse_eval_results, parse_time
 from .progress import training_done
 from .stuck import Stuck
+from .user_view import shown_progress
 
 Obj = dict[str, Any]
 
@@ -134,9 +135,10 @@ def build_status(
         start_time=prev.start_time or parse_time(meta.get("creationTimestamp")) or now,
         restarts=prev.restarts,  # group restarts: counted by render/recovery.py
         recoveries=prev.recoveries,
-        progress=training_done(prev.progress)
-        if obs.train is not None and obs.train.complete
-        else prev.progress,
+        progress=shown_progress(
+            training_done(prev.progress) if obs.train is not None and obs.train.complete else prev.progress,
+            decision.reason,
+        ),
         training_start_time=prev.training_start_time,
         completion_time=prev.completion_time,
     )
