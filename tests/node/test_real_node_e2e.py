@@ -1,7 +1,12 @@
 """The whole path on real containers: `helm install` the chart with the locally built images, `kubectl apply`
-an SFTJob, and two trainer pods rendezvous through the headless Service's DNS names, train with 2-rank
-ZeRO-3 on gloo, checkpoint to S3; then the eval and merge pods run and the run Succeeds. Also what a real
-kubelet adds: a deleted trainer pod, SIGTERM on suspend, an image that cannot be pulled.
+the README's SmolLM2 task (examples/sftjob-smollm2.yaml, data in S3, curation on) as two trainer pods that
+rendezvous through the headless Service's DNS names and train with 2-rank ZeRO-3 on gloo; then the eval and
+merge pods run and the run Succeeds. One run (tests/node/readme_run.py) is watched the way a user and a
+cluster's Prometheus watch it, and every test of it asserts on that one run: the model learned (eval stage's
+numbers vs the base model), the merged model answers in the requested shape, the manifest verifies, the
+pods are discovered from the apiserver and every dashboard panel and alert rule works on their data,
+`kubectl get sft` / `sftjob status|logs|artifacts` say what happened. Also what a real kubelet adds (tiny
+model, tests/node/toy.py): a deleted trainer pod, SIGTERM on suspend, an image that cannot be pulled.
 
 Real: kubelet, containerd/runc, CNI, kube-proxy, CoreDNS, both images, SeaweedFS, Prometheus. Simulated:
 GPUs (gpusPerNode: 0, the CPU path), multi-host networking (one node; the pods share its bridge).
@@ -19,19 +24,14 @@ from typing import Any
 
 import pytest
 from testbed.node import BRIDGE, NODE_SELECTOR, POD_SUBNET, ROUTE_TABLE, TOLERATIONS, RealNode
-from testbed.operator_e2e import load
 from testbed.procs import wait_until
 
 from .conftest import S3_SECRET, ChartOperator, PodS3
 from .readme_run import DATA, NAME, PHASES, ReadmeRun, json_lines, run_readme_task, upload_data
-
-# The operator e2e tests' SFTJob helpers: status(kube, ns, name), condition(status, type), pods(kube, ns, sel).
-_e2e = load()
-status, condition, pods = _e2e.status, _e2e.condition, _e2e.pods
+from .toy import _is_float, apply_sftjob, condition, logs, pods, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
-GROUP = "sft.tuning.dev"
 INDEX = "batch.kubernetes.io/job-completion-index"
 
 
@@ -47,78 +47,6 @@ def inputs(pod_s3: PodS3, tiny_model_dir: str) -> str:
         body = "".join(json.dumps(r) + "\n" for r in dataset_rows(n, seed=seed))
         client.put_object(Bucket=bucket, Key=f"data/{name}.jsonl", Body=body.encode())
     return f"s3://{bucket}"
-
-
-def sftjob(name: str, prefix: str, endpoint: str, **over: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model": {"uri": f"{prefix}/models/tiny"},
-        "dataset": {
-            "train": [f"{prefix}/data/train.jsonl"],
-            "eval": [f"{prefix}/data/eval.jsonl"],
-            "format": "alpaca",
-            "maxSeqLength": 96,
-        },
-        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "training": {
-            "maxSteps": 24,
-            "learningRate": 3e-3,
-            "globalBatchSize": 4,  # micro 1 x 2 ranks x accumulation 2
-            "microBatchSize": 1,
-            "gradientCheckpointing": False,
-            "checkpointSteps": 4,
-        },
-        "resources": {
-            "nodes": 2,
-            "gpusPerNode": 0,
-            "cpu": "900m",  # 2 ranks + the operator (100m) fit 2 cores; at 250m a rank crawled
-            "memory": "3Gi",
-            "shmSize": "512Mi",
-            "nodeSelector": NODE_SELECTOR,
-            "tolerations": TOLERATIONS,
-        },
-        "output": {
-            "uri": f"{prefix}/runs",
-            "endpoint": endpoint,
-            "pathStyle": True,
-            "region": "us-east-1",
-            "credentialsSecret": {"name": S3_SECRET},
-        },
-        "eval": {"maxSamples": 8, "maxNewTokens": 8},
-        "merge": {"dtype": "float32"},
-        "runPolicy": {"stuckPendingTimeoutSeconds": 30},
-    }
-    for key, value in over.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
-    return {"apiVersion": f"{GROUP}/v1alpha1", "kind": "SFTJob", "metadata": {"name": name}, "spec": spec}
-
-
-def apply_sftjob(kube: Any, ns: str, name: str, prefix: str, endpoint: str, **over: Any) -> None:
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(sftjob(name, prefix, endpoint, **over)))
-
-
-def wait_status(kube: Any, ns: str, name: str, check: Any, timeout: float, what: str) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        st = status(kube, ns, name)
-        if st.get("phase") == "Failed" and "Failed" not in what:
-            raise AssertionError(f"{name} Failed: {json.dumps(st, indent=1)}")
-        return st if check(st) else None
-
-    try:
-        return wait_until(probe, timeout, f"{name}: {what}", interval=1.0)
-    except TimeoutError as e:
-        raise AssertionError(f"{e}\nstatus: {json.dumps(status(kube, ns, name), indent=1)}") from e
-
-
-def logs(kube: Any, ns: str, pod: str) -> str:
-    return kube.kubectl("logs", "-n", ns, pod, check=False).stdout
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ---- the node itself -------------------------------------------------------------------------------------
