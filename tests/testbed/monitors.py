@@ -211,7 +211,9 @@ def chart_monitors(release: str, namespace: str, values: Obj) -> list[Obj]:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
         json.dump(values, f)
         f.flush()
-        out = helm("template", release, str(CHART), "-n", namespace, "-f", f.name).stdout
+        out = helm(
+            "template", release, str(CHART), "-n", namespace, "-f", f.name, "--kube-version=1.34.0"
+        ).stdout
     return [d for d in yaml.safe_load_all(out) if d and d.get("kind") in ("PodMonitor", "ServiceMonitor")]
 
 

@@ -1,16 +1,18 @@
-"""A real Prometheus (Debian's 2.42) for tests: own process on loopback, generated config, 1 s scrapes."""
+"""A real Prometheus (3.x, built by build.sh with its Kubernetes service discovery) for tests: own process on
+loopback, generated config, 1 s scrapes."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
 
+from .kube import PROVISION_HINT, binary_dirs
 from .procs import LOOPBACK, Proc, free_port, wait_until
 
 
@@ -30,17 +32,15 @@ class Prometheus:
         self.proc: Proc | None = None
 
     def start(self, timeout: float = 60.0) -> Prometheus:
-        binary = shutil.which("prometheus")
-        if not binary:
-            raise RuntimeError(
-                "prometheus not installed: run `bash tests/testbed/provision.sh` "
-                "(apt-get install --no-install-recommends prometheus)"
-            )
+        # Built by build.sh from Go modules, with kubernetes_sd_configs (Debian's package lacks it).
+        binary = Path(binary_dirs().get("PROMETHEUS_BIN", "/nonexistent")) / "prometheus"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} missing: {PROVISION_HINT}")
         self._write_config()
         self.proc = Proc(
             "prometheus",
             [
-                binary,
+                str(binary),
                 f"--config.file={self.config_path}",
                 f"--storage.tsdb.path={self.work_dir / 'data'}",
                 f"--web.listen-address={LOOPBACK}:{self.port}",
@@ -121,7 +121,7 @@ class Prometheus:
             ]
             + list(self.discovered.values()),
         }
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.config_path.write_text(yaml.safe_dump(json.loads(json.dumps(config))))  # no YAML anchors
 
     def api(self, path: str, **params: Any) -> Any:
         r = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)
