@@ -202,6 +202,31 @@ def test_the_merged_model_answers_in_the_requested_shape(readme_run: ReadmeRun, 
     assert set(json.loads(answer)) == set(json.loads(row["output"])), answer
 
 
+def test_the_adapter_is_handed_to_vllm(readme_run: ReadmeRun, downloaded: Path) -> None:
+    """The example's `output.serving: vllm`: serving/serving.json names what vLLM serves, with this run's
+    S3 URIs and eval numbers, and vLLM's rules accept the adapter (docs/serving.md)."""
+    from sftjob_api import Layout
+    from sftjob_api.manifest import SERVING_MOUNT
+    from sftjob_api.serving import adapter_config_problems
+
+    serving = json.loads((downloaded / Layout.SERVING_MANIFEST).read_text())
+    adapter = json.loads((downloaded / "adapter" / "adapter_config.json").read_text())
+    root = readme_run.status["artifacts"]["root"].rstrip("/") + "/"
+    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"  # the spec's name, not a cache path
+    assert adapter_config_problems("vllm", adapter) == []
+    assert (serving["server"], serving["artifact"], serving["message"]) == ("vllm", "adapter", "")
+    assert serving["uri"] == serving["adapter"]["uri"] == root + "adapter/"
+    assert serving["merged"]["uri"] == root + "merged/" and serving["adapterChecks"] == []
+    assert serving["baseModel"] == {"uri": "smollm2-135m-instruct", "revision": None}
+    assert "<|im_start|>" in serving["chatTemplate"] and serving["maxModelLen"] == 256
+    results = json.loads((downloaded / "eval" / "results.json").read_text())
+    assert serving["eval"] == {"trained": results["trained"], "base": results["base"]}
+    args = serving["vllm"]["args"]
+    assert args[:3] == ["vllm", "serve", "smollm2-135m-instruct"]
+    assert args[args.index("--lora-modules") + 1] == f"{NAME}={SERVING_MOUNT}/adapter"
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+
+
 def test_curated_first_then_each_rank_reads_its_shard(readme_run: ReadmeRun) -> None:
     st, pods_of = readme_run.status, readme_run.pods
     [curate] = [p for p in pods_of if p["metadata"]["labels"].get("sft.tuning.dev/stage") == "curate"]
