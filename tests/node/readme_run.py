@@ -125,6 +125,14 @@ def _condition(st: dict[str, Any], ctype: str) -> dict[str, Any]:
     return next((c for c in st.get("conditions") or [] if c["type"] == ctype), {})
 
 
+def _maybe(prom: Any, promql: str) -> list[dict[str, Any]]:
+    """The query's result, or [] when it stays empty (the test then says what was missing)."""
+    try:
+        return list(prom.query(promql, timeout=30))
+    except TimeoutError:
+        return []
+
+
 def _query_panels(prom: Any, run: ReadmeRun, trainer: bool, timeout: float) -> None:
     for panel in all_panels():
         if panel.needs or ("sft_" in panel.expr.replace("sftjob_", "")) != trainer:
@@ -194,8 +202,8 @@ def run_readme_task(
         if phase == "Training" and step >= 1 and not trainer_checked:
             # while both ranks run: their discovered targets, every trainer panel, the rules' evaluation
             sel = f'up{{namespace="{namespace}", job="{namespace}/{release}-sftjob-operator-trainers"}}'
-            run.trainer_targets = prom.query(sel, timeout=30)
-            _query_panels(prom, run, trainer=True, timeout=30)
+            run.trainer_targets = _maybe(prom, sel)
+            _query_panels(prom, run, trainer=True, timeout=20)
             run.rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
             trainer_checked = True
         time.sleep(1.0)
@@ -203,7 +211,7 @@ def run_readme_task(
     run.rows += printed_rows(kube.kubectl("get", "sft", NAME, "-n", namespace).stdout)  # the finished run
 
     # after the run: the operator's panels (eval loss, phase timeline, ...) and the alert made to fire
-    run.operator_up = prom.query(f'up{{job="{release}-sftjob-operator-metrics"}} == 1', timeout=60)
+    run.operator_up = _maybe(prom, f'up{{job="{release}-sftjob-operator-metrics"}} == 1')
     _query_panels(prom, run, trainer=False, timeout=60)
     if doomed_applied:
         deadline = time.monotonic() + 120
