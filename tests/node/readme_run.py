@@ -59,7 +59,7 @@ def readme_sftjob(prefix: str, endpoint: str, secret: str) -> dict[str, Any]:
         "nodes": 2,
         "gpusPerNode": 0,
         "cpu": "900m",  # 2 ranks + the operator's 100m fill the node's 2 cores
-        "memory": "4Gi",
+        "memory": "6Gi",  # rank 0 was OOM-killed at 4Gi (ZeRO-3 gathers on top of the loaded model)
         "shmSize": "512Mi",
         "deepspeed": {"zeroStage": 3},
         "nodeSelector": NODE_SELECTOR,
@@ -175,6 +175,7 @@ def run_readme_task(
     apply(readme_sftjob(prefix, endpoint, secret))
     t0 = time.monotonic()
     doomed_applied = trainer_checked = False
+    applied_at = 0.0
     while True:
         now = time.monotonic() - t0
         if now > timeout:
@@ -194,12 +195,14 @@ def run_readme_task(
             apply(
                 doomed_sftjob(prefix, endpoint, secret)
             )  # after both ranks are placed: it must not take their CPU
-            doomed_applied = True
+            doomed_applied, applied_at = True, now
         if doomed_applied and not run.doomed_early:
             early = status(DOOMED)
             if _condition(early, "Unschedulable").get("status") == "True":
                 run.doomed_early = early
-        if phase == "Training" and step >= 1 and not trainer_checked:
+        # (the trainer checks may take seconds: first see the second SFTJob's condition, before its Stuck)
+        said = run.doomed_early or (doomed_applied and now - applied_at > 30)
+        if phase == "Training" and step >= 1 and not trainer_checked and said:
             # while both ranks run: their discovered targets, every trainer panel, the rules' evaluation
             sel = f'up{{namespace="{namespace}", job="{namespace}/{release}-sftjob-operator-trainers"}}'
             run.trainer_targets = _maybe(prom, sel)

@@ -33,6 +33,8 @@ from .toy import _is_float, apply_sftjob, condition, logs, pods, wait_status
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
 INDEX = "batch.kubernetes.io/job-completion-index"
+# The first test using readme_run pays for the whole run (its fixture): more than the suite's 900 s default.
+README_TIMEOUT = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,7 @@ def downloaded(kube: Any, readme_run: ReadmeRun, tmp_path_factory: pytest.TempPa
     return dest
 
 
+@README_TIMEOUT
 def test_the_readme_task_learns_on_two_zero3_ranks(readme_run: ReadmeRun, downloaded: Path) -> None:
     st = readme_run.status
     assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
@@ -166,7 +169,7 @@ def test_the_readme_task_learns_on_two_zero3_ranks(readme_run: ReadmeRun, downlo
     assert sorted(p["metadata"]["annotations"][INDEX] for p in train) == ["0", "1"]
     assert all(p["spec"]["nodeName"] for p in train)
     limits = train[0]["spec"]["containers"][0]["resources"]["limits"]
-    assert limits["cpu"] == "900m" and limits["memory"] == "4Gi", limits
+    assert limits["cpu"] == "900m" and limits["memory"] == "6Gi", limits
     # The eval stage's numbers: the fine-tuned model in status.evalResults, the base model beside it in
     # eval/results.json (both computed by the eval pod on the same held-out rows).
     results = json.loads((downloaded / "eval" / "results.json").read_text())
@@ -183,6 +186,7 @@ def test_the_readme_task_learns_on_two_zero3_ranks(readme_run: ReadmeRun, downlo
     assert json.loads(message)["evalResults"]["evalLoss"] == pytest.approx(tuned["eval_loss"])
 
 
+@README_TIMEOUT
 def test_the_merged_model_answers_in_the_requested_shape(readme_run: ReadmeRun, downloaded: Path) -> None:
     """Plain transformers, no peft, no trainer code: load merged/ and ask a held-out question."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,6 +206,7 @@ def test_the_merged_model_answers_in_the_requested_shape(readme_run: ReadmeRun, 
     assert set(json.loads(answer)) == set(json.loads(row["output"])), answer
 
 
+@README_TIMEOUT
 def test_the_adapter_is_handed_to_vllm(readme_run: ReadmeRun, downloaded: Path) -> None:
     """The example's `output.serving: vllm`: serving/serving.json names what vLLM serves, with this run's
     S3 URIs and eval numbers, and vLLM's rules accept the adapter (docs/serving.md)."""
@@ -227,6 +232,7 @@ def test_the_adapter_is_handed_to_vllm(readme_run: ReadmeRun, downloaded: Path) 
     assert args[args.index("--max-lora-rank") + 1] == "16"
 
 
+@README_TIMEOUT
 def test_curated_first_then_each_rank_reads_its_shard(readme_run: ReadmeRun) -> None:
     st, pods_of = readme_run.status, readme_run.pods
     [curate] = [p for p in pods_of if p["metadata"]["labels"].get("sft.tuning.dev/stage") == "curate"]
@@ -248,6 +254,7 @@ def test_curated_first_then_each_rank_reads_its_shard(readme_run: ReadmeRun) -> 
     assert st["data"]["dropped"] == {"near_duplicate": 1}, st["data"]  # the row uploaded twice
 
 
+@README_TIMEOUT
 def test_manifest_verifies_and_no_log_holds_a_credential(
     readme_run: ReadmeRun, chart_operator: ChartOperator, pod_s3: PodS3, kube: Any
 ) -> None:
@@ -264,6 +271,7 @@ def test_manifest_verifies_and_no_log_holds_a_credential(
         assert b.secret_key not in text and b.access_key not in text, f"a credential in {name}"
 
 
+@README_TIMEOUT
 def test_prometheus_discovers_the_pods_and_every_panel_and_rule_works(readme_run: ReadmeRun) -> None:
     run = readme_run
     # Found through the apiserver by the chart's PodMonitor (both ranks) and ServiceMonitor (the operator).
@@ -283,6 +291,7 @@ def test_prometheus_discovers_the_pods_and_every_panel_and_rule_works(readme_run
     assert run.doomed_final.get("phase") == "Failed" and run.doomed_final.get("reason") == "Stuck"
 
 
+@README_TIMEOUT
 def test_an_unschedulable_rank_is_said_at_once(readme_run: ReadmeRun) -> None:
     """The second SFTJob asks for 4 cores: the scheduler's message is a condition before Stuck's timeout."""
     early = readme_run.doomed_early
@@ -294,6 +303,7 @@ def test_an_unschedulable_rank_is_said_at_once(readme_run: ReadmeRun) -> None:
     assert stuck["reason"] == "Unschedulable" and "Insufficient cpu" in stuck["message"], stuck
 
 
+@README_TIMEOUT
 def test_the_users_view_of_the_same_run(kube: Any, readme_run: ReadmeRun) -> None:
     run, ns = readme_run, readme_run.namespace
     # `kubectl get sft` during the run: the phases in order, then progress and loss, never a made-up zero.

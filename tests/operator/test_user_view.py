@@ -15,7 +15,7 @@ from sftjob_operator.render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, Ch
 from sftjob_operator.render.observe import JobObs, observe_pod
 from sftjob_operator.render.progress import parse_progress
 from sftjob_operator.render.status import build_status, parse_status
-from sftjob_operator.render.user_view import unschedulable_condition
+from sftjob_operator.render.user_view import shown_progress, unschedulable_condition
 from sftjob_trainer.metrics import TrainerMetrics
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -136,3 +136,19 @@ def test_columns_say_restarting_during_a_group_restart_then_the_new_groups_readi
     )
     status = build_status(meta, fresh, SPEC, ph.next_phase(obs), obs, None, None, NOW, 1, ChildNames("run"))
     assert status.progress is not None and status.progress.summary == "31/120 (25.8%)"
+
+
+def test_the_status_patch_deletes_what_the_new_progress_no_longer_has() -> None:
+    """A JSON merge patch keeps keys it does not mention: the blanked LOSS/ETA must be patched to null (seen
+    on the real node: `Restarting` beside the old group's loss and ETA)."""
+    from sftjob_operator.render.status import status_patch
+
+    progress = {"step": 3, "summary": "3/12 (25%)", "loss": 0.1, "eta": "3m"}
+    stored = parse_status({"phase": "Training", "progress": progress}).model_dump(
+        mode="json", exclude_none=True
+    )
+    new = parse_status(stored)
+    new.progress = shown_progress(new.progress, "Restarting")
+    patch = status_patch(stored, new)
+    assert patch == {"progress": {"step": 3, "summary": "Restarting", "loss": None, "eta": None}}
+    assert status_patch(stored, parse_status(stored)) == {}  # unchanged: nothing written
