@@ -28,7 +28,8 @@ DATA = REPO / "examples" / "data"
 RULES = REPO / "helm" / "sftjob-operator" / "rules" / "sftjob-alerts.yaml"
 NAME = "smollm2-contacts"  # the example's own name
 DOOMED = "needs-four-cores"
-PHASES = ("Pending", "Curating", "Training", "Evaluating", "Merging", "Succeeded")
+# the stages in order (Pending may come between two: the next stage's Job is being created)
+PHASES = ("Curating", "Training", "Evaluating", "Merging", "Succeeded")
 
 
 def printed_rows(table: str) -> list[dict[str, str]]:

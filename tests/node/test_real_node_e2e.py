@@ -251,7 +251,7 @@ def test_curated_first_then_each_rank_reads_its_shard(readme_run: ReadmeRun) -> 
         ]
         assert fetched["keys"] == [f"{curated['curated_key']}/shards/{curated['shards']}/rank-{rank}.npz"]
     assert st["data"]["contentHash"] == curated["content_hash"] and st["data"]["reused"] is False, st["data"]
-    assert st["data"]["dropped"] == {"near_duplicate": 1}, st["data"]  # the row uploaded twice
+    assert st["data"]["dropped"] == {"duplicate": 1}, st["data"]  # the row uploaded twice
 
 
 @README_TIMEOUT
