@@ -202,7 +202,7 @@ def run_readme_task(
             if _condition(early, "Unschedulable").get("status") == "True":
                 run.doomed_early = early
         # (the trainer checks may take seconds: first see the second SFTJob's condition, before its Stuck)
-        said = run.doomed_early or (doomed_applied and now - applied_at > 30)
+        said = bool(run.doomed_early) or (doomed_applied and now - applied_at > 30)
         if phase == "Training" and step >= 1 and not trainer_checked and said:
             # while both ranks run: their discovered targets, every trainer panel, the rules' evaluation
             sel = f'up{{namespace="{namespace}", job="{namespace}/{release}-sftjob-operator-trainers"}}'
