@@ -14,7 +14,7 @@ BUCKET = "sftjob"  # the bucket of the chart's default admissionPolicy.uriPrefix
 
 # Values beyond the default policy, so that the host, priority class and key rules refuse something too.
 STRICT = {
-    "hosts": ["mlflow.example.com", "mlflow.mlflow.svc.cluster.local"],
+    "hosts": ["https://mlflow.example.com", "mlflow.mlflow.svc.cluster.local"],  # the first over https only
     "priorityClasses": ["training-high"],
     "podLabelKeys": ["team", "example.com/*"],
     "podAnnotationKeys": ["example.com/*"],
@@ -64,6 +64,7 @@ def allowed(namespace: str, name: str = "allowed") -> dict[str, Any]:
                 "credentialsSecret": {"name": "s3-credentials"},
             },
             "merge": {"uri": f"{own}/served/m"},
+            "training": {"resumeFrom": f"{own}/earlier-run/adapter/"},
             "tracking": {
                 "mlflow": {
                     "trackingUri": "http://mlflow.mlflow.svc.cluster.local:5000",
@@ -98,6 +99,11 @@ VIOLATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("spec.dataset.eval", _set("spec.dataset.eval", ["/data/e.jsonl"]), "default"),
     ("spec.output.uri", _set("spec.output.uri", "s3://sftjob/other-team"), "default"),
     ("spec.merge.uri", _set("spec.merge.uri", "s3://sftjob/other-team/served/m"), "default"),
+    (
+        "spec.training.resumeFrom",
+        _set("spec.training.resumeFrom", "s3://sftjob/other-team/run/checkpoints/0c5e/step-9/"),
+        "default",
+    ),
     ("spec.resources.image", _set("spec.resources.image", "evil.example.com/trainer:1"), "default"),
     ("spec.resources.serviceAccountName", _set("spec.resources.serviceAccountName", "default"), "default"),
     ("spec.output.credentialsSecret.name", _set("spec.output.credentialsSecret.name", "admin"), "default"),
@@ -107,6 +113,7 @@ VIOLATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "default",
     ),
     ("spec.output.endpoint", _set("spec.output.endpoint", "http://169.254.169.254"), "strict"),
+    ("spec.output.endpoint", _set("spec.output.endpoint", "http://mlflow.example.com"), "strict"),
     (
         "spec.tracking.mlflow.trackingUri",
         _set("spec.tracking.mlflow.trackingUri", "http://evil.io"),

@@ -23,15 +23,14 @@ from .status import SFTJobStatus
 CRD_FILE = f"{resource.GROUP}_{resource.PLURAL}.yaml"
 
 # Run-defining parts of the spec are immutable once created (CEL transition rules); scheduling
-# hints, suspend and the run policy stay editable.
+# hints, suspend and the run policy stay editable, and so does the group's size (resources.nodes and
+# gpusPerNode): checkpoints resume at any world size, and a new size takes effect at the next group start.
 IMMUTABLE_PATHS = (
     ("model",),
     ("dataset",),
     ("method",),
     ("training",),
     ("output",),
-    ("resources", "nodes"),
-    ("resources", "gpusPerNode"),
     ("resources", "deepspeed"),
 )
 
@@ -49,6 +48,7 @@ PRINTER_COLUMNS = [
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

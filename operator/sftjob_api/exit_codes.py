@@ -1,7 +1,7 @@
 """Exit codes of the trainer: a contract with the Job's podFailurePolicy (rendered by the operator).
 
 0 success; PERMANENT (2) means retrying cannot help (bad config, bad or empty data, a model that cannot be
-loaded as configured) and maps to `FailJob`, as does EVAL_GATE_FAILED (3); every other non-zero code is
+loaded as configured) and maps to `FailJob`, as do EVAL_GATE_FAILED (3) and SPEC_CHANGED (4); every other non-zero code is
 retryable and the next pod resumes from the newest complete checkpoint.
 """
 
@@ -19,6 +19,10 @@ class ExitCode(IntEnum):
     # The eval stage ran fine but a spec.eval.gates threshold did not hold: the merge must not run and
     # retrying cannot change the result (the operator ends Failed/EvalGateFailed and keeps the adapter).
     EVAL_GATE_FAILED = 3
+    # This run's newest checkpoint was written under another spec fingerprint (model, data, method or
+    # training hyper-parameters changed since): resuming would silently mix two runs, starting over would
+    # silently drop one. Retrying cannot help (docs/recovery.md, "Checkpoints and run identity").
+    SPEC_CHANGED = 4
     # Storage (S3) unreachable or failing after retries: retryable.
     STORAGE = 75  # EX_TEMPFAIL
     # SIGTERM received (preemption, node drain, `kubectl delete pod`): a checkpoint was saved; retryable.
@@ -26,7 +30,7 @@ class ExitCode(IntEnum):
 
 
 # The codes the Job's podFailurePolicy turns into FailJob (no retry).
-PERMANENT_CODES = (ExitCode.PERMANENT, ExitCode.EVAL_GATE_FAILED)
+PERMANENT_CODES = (ExitCode.PERMANENT, ExitCode.EVAL_GATE_FAILED, ExitCode.SPEC_CHANGED)
 
 
 class TrainerError(Exception):
@@ -45,6 +49,12 @@ class EvalGateFailed(TrainerError):
     """An eval gate did not hold (see EVAL_GATE_FAILED)."""
 
     exit_code = ExitCode.EVAL_GATE_FAILED
+
+
+class SpecChanged(PermanentError):
+    """The run's own checkpoint does not belong to this spec (see SPEC_CHANGED)."""
+
+    exit_code = ExitCode.SPEC_CHANGED
 
 
 class StorageError(TrainerError):

@@ -2,7 +2,8 @@
 
 Under the run's root `<output.uri>/<namespace>/<name>/`:
 
-    checkpoints/step-N/...   resumable DeepSpeed checkpoints, each with a COMPLETE marker (train stage)
+    checkpoints/<run>/step-N/  resumable checkpoints of run <run> (the SFTJob's uid), each with a COMPLETE
+                             marker: run, spec fingerprint, every file's sha256 (train stage; docs/recovery.md)
     adapter/                 the trained LoRA adapter + tokenizer (lora, qlora)       (train stage)
     model/                   the trained full model + tokenizer (method full)         (train stage)
     train/                   summary.json (steps, final loss, tokens), data_report.json (train stage)
@@ -73,7 +74,9 @@ def curated_root(output_uri: str, namespace: str) -> str:
     return f"{output_uri.rstrip('/')}/{namespace}/_curated/"
 
 
-_CHECKPOINT_KEY = re.compile(r"^checkpoints/step-(\d+)/(.+)$")
+_CHECKPOINT_KEY = re.compile(r"^checkpoints/([^/]+)/step-(\d+)/(.+)$")
+# A run id names a checkpoint prefix: the SFTJob's metadata.uid (a UUID), or `sftjob run`'s own.
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
 class Layout:
@@ -108,30 +111,49 @@ class Layout:
         return Layout.MODEL if method == "full" else Layout.ADAPTER
 
     @staticmethod
-    def checkpoint(step: int) -> str:
-        return f"{Layout.CHECKPOINTS}/step-{step}"
+    def run_checkpoints(run_id: str) -> str:
+        """The prefix of one run's checkpoints: a re-created SFTJob (another uid) has its own, so it neither
+        resumes nor overwrites the old run's (docs/recovery.md, "Checkpoints and run identity")."""
+        if not RUN_ID.match(run_id):
+            raise ValueError(f"run id {run_id!r} does not match {RUN_ID.pattern}")
+        return f"{Layout.CHECKPOINTS}/{run_id}"
 
     @staticmethod
-    def checkpoint_marker(step: int) -> str:
-        return f"{Layout.checkpoint(step)}/{Layout.CHECKPOINT_MARKER}"
+    def checkpoint(run_id: str, step: int) -> str:
+        return f"{Layout.run_checkpoints(run_id)}/step-{step}"
 
     @staticmethod
-    def scan_checkpoints(keys: Iterable[str]) -> tuple[list[int], list[int]]:
-        """(complete steps, incomplete steps), ascending, from a listing of keys under the run root."""
+    def checkpoint_marker(run_id: str, step: int) -> str:
+        return f"{Layout.checkpoint(run_id, step)}/{Layout.CHECKPOINT_MARKER}"
+
+    @staticmethod
+    def scan_checkpoints(keys: Iterable[str], run_id: str) -> tuple[list[int], list[int]]:
+        """Run `run_id`'s (complete steps, incomplete steps), ascending, from a listing of keys under the run
+        root; other runs' checkpoints are not seen."""
         seen: set[int] = set()
         done: set[int] = set()
         for k in keys:
             m = _CHECKPOINT_KEY.match(k)
-            if m:
-                seen.add(int(m.group(1)))
-                if m.group(2) == Layout.CHECKPOINT_MARKER:
-                    done.add(int(m.group(1)))
+            if m and m.group(1) == run_id:
+                seen.add(int(m.group(2)))
+                if m.group(3) == Layout.CHECKPOINT_MARKER:
+                    done.add(int(m.group(2)))
         return sorted(done), sorted(seen - done)
 
     @staticmethod
-    def newest_checkpoint(keys: Iterable[str]) -> int | None:
-        done, _ = Layout.scan_checkpoints(keys)
+    def newest_checkpoint(keys: Iterable[str], run_id: str) -> int | None:
+        done, _ = Layout.scan_checkpoints(keys, run_id)
         return done[-1] if done else None
+
+    @staticmethod
+    def checkpoint_runs(keys: Iterable[str]) -> list[str]:
+        """Every run that has a complete checkpoint in a listing (e.g. earlier SFTJobs of the same name)."""
+        runs = set()
+        for k in keys:
+            m = _CHECKPOINT_KEY.match(k)
+            if m and m.group(3) == Layout.CHECKPOINT_MARKER:
+                runs.add(m.group(1))
+        return sorted(runs)
 
 
 def status_artifacts(spec: SFTJobSpec, namespace: str, name: str) -> Artifacts:
@@ -173,6 +195,6 @@ def handoff(spec: SFTJobSpec, root: str) -> ServingHandoff:
     )
 
 
-def checkpoint_uri(spec: SFTJobSpec, namespace: str, name: str, step: int) -> str:
-    """The prefix of the trainer's checkpoint of `step`."""
-    return f"{run_root(spec, namespace, name)}{Layout.checkpoint(step)}/"
+def checkpoint_uri(spec: SFTJobSpec, namespace: str, name: str, run_id: str, step: int) -> str:
+    """The prefix of the trainer's checkpoint of `step` in run `run_id` (the SFTJob's uid)."""
+    return f"{run_root(spec, namespace, name)}{Layout.checkpoint(run_id, step)}/"

@@ -46,7 +46,7 @@ class Rule:
             VALUE: "must match an entry of",
             MODEL_URI: "must be a model-cache name (if allowed) or match an entry of",
             OUTPUT_URI: "with /<namespace>/ appended (where the runs go) must match an entry of",
-            HOST: "must name a host matching an entry of",
+            HOST: "must name a host (or scheme://host) matching an entry of",
         }[self.kind]
         keys = "(keys) " if self.path.endswith("{}") else ""
         return f"{keys}{what} admissionPolicy.{self.allowed}"
@@ -64,6 +64,7 @@ RULES: tuple[Rule, ...] = (
     Rule("spec.dataset.eval[*]", "uriPrefixes"),
     Rule("spec.output.uri", "uriPrefixes", OUTPUT_URI),
     Rule("spec.merge.uri", "uriPrefixes"),
+    Rule("spec.training.resumeFrom", "uriPrefixes"),
     Rule("spec.resources.image", "images"),
     Rule("spec.resources.serviceAccountName", "serviceAccounts"),
     Rule("spec.resources.priorityClassName", "priorityClasses"),
@@ -94,8 +95,13 @@ def _ok(rule: Rule, value: str, policy: Mapping[str, Any], namespace: str) -> bo
         return True  # a name from the trainer image's model cache reads no tenant's data
     if rule.kind == OUTPUT_URI:
         value = f"{value.rstrip('/')}/{namespace}/"  # layout.run_root: runs go under <uri>/<namespace>/
-    if rule.kind == HOST:
-        value = (urlsplit(value).hostname or "").lower()
+    if rule.kind == HOST:  # an entry with a scheme (https://*) also pins the scheme
+        url = urlsplit(value)
+        host = (url.hostname or "").lower()
+        return any(
+            _allowed(f"{url.scheme.lower()}://{host}" if "://" in e else host, [e], namespace)
+            for e in entries
+        )
     return _allowed(value, entries, namespace)
 
 
@@ -161,8 +167,9 @@ def policy_error(sftjob: Mapping[str, Any], namespace: str, policy: Mapping[str,
 def _cel_ok(rule: Rule, v: str) -> str:
     if rule.kind == OUTPUT_URI:
         v = f"({v}.endsWith('/') ? {v}.substring(0, size({v}) - 1) : {v}) + '/' + request.namespace + '/'"
-    if rule.kind == HOST:
-        v = f"url({v}).getHostname().lowerAscii()"
+    if rule.kind == HOST:  # `a` is the entry the value is compared with (exists() below)
+        host = f"url({v}).getHostname().lowerAscii()"
+        v = f"(a.contains('://') ? url({v}).getScheme().lowerAscii() + '://' + {host} : {host})"
     match = (
         f"variables.{rule.allowed}.exists(a, a.endsWith('*')"
         f" ? ({v}).startsWith(a.substring(0, size(a) - 1)) : ({v}) == a)"

@@ -7,7 +7,36 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel
+from .base import ApiModel, CelRule
+
+
+class ElasticPolicy(ApiModel):
+    """An elastic training group: fewer nodes when some are lost and none replace them, more when capacity
+    returns (docs/recovery.md, "Elastic runs"). The trainer resumes its checkpoint at any world size and
+    keeps the global batch (training.globalBatchSize), recomputing gradient accumulation."""
+
+    min_nodes: int = Field(ge=1, le=512)
+    """The fewest trainer pods the group may re-form at."""
+    max_nodes: int | None = Field(default=None, ge=1, le=512)
+    """The most trainer pods it may grow to; resources.nodes when unset. The group starts at resources.nodes."""
+    replacement_timeout_seconds: int = Field(default=300, ge=1, le=86400)
+    """How long a rank of the group may stay unschedulable (a lost node not replaced) before the group
+    re-forms at the largest size that is scheduled, at least minNodes."""
+    max_resizes_per_hour: int = Field(default=4, ge=1, le=20)
+    """Resizes in any hour at most (shrinks and grows count); a grow waits while the budget is used."""
+
+    cel_rules = (
+        CelRule(
+            cel="!has(self.maxNodes) || self.minNodes <= self.maxNodes",
+            message="minNodes must not exceed maxNodes",
+            check=lambda e: e.max_nodes is None or e.min_nodes <= e.max_nodes,
+            field_path=".minNodes",
+        ),
+    )
+
+    def ceiling(self, nodes: int) -> int:
+        """The most nodes, for a spec whose resources.nodes is `nodes`."""
+        return self.max_nodes if self.max_nodes is not None else nodes
 
 
 class RunPolicy(ApiModel):
@@ -37,3 +66,6 @@ class RunPolicy(ApiModel):
     (but at least stallFloorSeconds) sets condition Stalled and restarts the group; 0 disables it."""
     stall_floor_seconds: int = Field(default=600, ge=10, le=604800)
     """The shortest time without a new step that counts as a stall (covers checkpoint saves)."""
+    elastic: ElasticPolicy | None = None
+    """Let the training group re-form at another number of nodes (minNodes to maxNodes); a fixed size when
+    unset."""

@@ -134,6 +134,10 @@ class TrainingSpec(ApiModel):
     """Save a resumable checkpoint every N optimizer steps (and on SIGTERM)."""
     neftune_alpha: float | None = Field(default=None, gt=0, le=100)
     """NEFTune: add uniform noise of this scale to input embeddings during training."""
+    resume_from: str | None = Field(default=None, pattern=OUTPUT_URI, max_length=1024)
+    """Warm start (lora, qlora): the adapter weights of this checkpoint (`.../checkpoints/<run>/step-N/`) or
+    adapter directory (`.../adapter/`), also another run's; training then starts at step 0 of this spec with
+    a fresh optimizer. Used only while the run has no checkpoint of its own (docs/recovery.md)."""
 
     cel_rules = (
         CelRule(
@@ -335,6 +339,13 @@ class SFTJobSpec(ApiModel):
             field_path=".training.globalBatchSize",
         ),
         CelRule(
+            cel="!has(self.training.resumeFrom) || self.method.type != 'full'",
+            message="training.resumeFrom warm-starts an adapter (lora, qlora); for method full set model.uri"
+            " to the earlier run's model/",
+            check=lambda s: s.training.resume_from is None or s.method.type != "full",
+            field_path=".training.resumeFrom",
+        ),
+        CelRule(
             cel="self.resources.deepspeed.zeroStage == 3 || self.method.type != 'qlora'"
             " || self.resources.nodes * self.resources.gpusPerNode <= 1",
             message="multi-GPU qlora needs resources.deepspeed.zeroStage 3 (4-bit weights are sharded)",
@@ -346,7 +357,77 @@ class SFTJobSpec(ApiModel):
             field_path=".resources.deepspeed.zeroStage",
         ),
         *serving_rules(),  # the server named in output.serving must be able to load the hand-off
+        CelRule(
+            cel="!has(self.runPolicy) || !has(self.runPolicy.elastic) || self.runPolicy.elastic.minNodes <= self.resources.nodes",
+            message="runPolicy.elastic.minNodes must not exceed resources.nodes (the size the group starts at)",
+            check=lambda s: (
+                s.run_policy.elastic is None or s.run_policy.elastic.min_nodes <= s.resources.nodes
+            ),
+            field_path=".runPolicy.elastic.minNodes",
+        ),
+        CelRule(
+            cel="!has(self.runPolicy) || !has(self.runPolicy.elastic) || !has(self.runPolicy.elastic.maxNodes)"
+            " || self.resources.nodes <= self.runPolicy.elastic.maxNodes",
+            message="runPolicy.elastic.maxNodes must be at least resources.nodes (the size the group starts at)",
+            check=lambda s: (
+                s.run_policy.elastic is None
+                or s.run_policy.elastic.max_nodes is None
+                or s.resources.nodes <= s.run_policy.elastic.max_nodes
+            ),
+            field_path=".runPolicy.elastic.maxNodes",
+        ),
+        CelRule(
+            cel="!has(self.runPolicy) || !has(self.runPolicy.elastic) || self.training.globalBatchSize % (self.training.microBatchSize"
+            " * self.runPolicy.elastic.minNodes * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode"
+            " : 1)) == 0",
+            message="training.globalBatchSize must be a multiple of microBatchSize x the world size at minNodes"
+            " (minNodes x max(gpusPerNode, 1)): the global batch is kept at every size",
+            check=lambda s: (
+                s.run_policy.elastic is None
+                or s.training.global_batch_size
+                % (
+                    s.training.micro_batch_size
+                    * s.run_policy.elastic.min_nodes
+                    * max(s.resources.gpus_per_node, 1)
+                )
+                == 0
+            ),
+            field_path=".runPolicy.elastic.minNodes",
+        ),
+        CelRule(
+            cel="!has(self.runPolicy) || !has(self.runPolicy.elastic) || !has(self.runPolicy.elastic.maxNodes)"
+            " || self.training.globalBatchSize % (self.training.microBatchSize * self.runPolicy.elastic.maxNodes"
+            " * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1)) == 0",
+            message="training.globalBatchSize must be a multiple of microBatchSize x the world size at maxNodes"
+            " (maxNodes x max(gpusPerNode, 1)): the global batch is kept at every size",
+            check=lambda s: (
+                s.run_policy.elastic is None
+                or s.run_policy.elastic.max_nodes is None
+                or s.training.global_batch_size
+                % (
+                    s.training.micro_batch_size
+                    * s.run_policy.elastic.max_nodes
+                    * max(s.resources.gpus_per_node, 1)
+                )
+                == 0
+            ),
+            field_path=".runPolicy.elastic.maxNodes",
+        ),
     )
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """The numbers of nodes the training group may run at, smallest first: resources.nodes, or with
+        runPolicy.elastic every size from minNodes to maxNodes at which the global batch divides evenly."""
+        elastic = self.run_policy.elastic
+        if elastic is None:
+            return (self.resources.nodes,)
+        per_node = self.training.micro_batch_size * max(self.resources.gpus_per_node, 1)
+        top = elastic.ceiling(self.resources.nodes)
+        return tuple(
+            n
+            for n in range(elastic.min_nodes, top + 1)
+            if self.training.global_batch_size % (per_node * n) == 0
+        )
 
     def world_size(self) -> int:
         return self.resources.nodes * max(self.resources.gpus_per_node, 1)

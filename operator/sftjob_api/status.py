@@ -177,6 +177,31 @@ class Artifacts(ApiModel):
     """The serving hand-off: which artifact to serve (spec.output.serving) and its serving manifest."""
 
 
+# A recovery keeps the ends of at most this many ranks (the cause first, then in the order they ended).
+MAX_RANK_ENDS = 16
+
+
+class RankEnd(ApiModel):
+    """How one rank's pod ended (its container's terminated state)."""
+
+    rank: int | None = None
+    """The pod's completion index."""
+    pod: str = Field(max_length=253)
+    """The pod."""
+    exit_code: int | None = None
+    """The container's exit code."""
+    signal: int | None = None
+    """The signal that ended the trainer: the container's, or one its log reports (torchrun's "Signal 9
+    (SIGKILL) received by PID ...", an exit code 128+N other than 143)."""
+    reason: str | None = Field(default=None, max_length=128)
+    """The container's reason (OOMKilled, Error) or the pod's (Evicted)."""
+    finished_at: datetime | None = None
+    """When the container ended (one-second resolution)."""
+    consequence: bool = False
+    """Whether the end looks like a consequence of another rank's: a collective error (connection
+    reset/closed by peer, a collective timeout), or SIGTERM/deletion by the Job controller's teardown."""
+
+
 class Recovery(ApiModel):
     """One restart of the whole training group (every rank together, from the newest complete checkpoint)."""
 
@@ -199,6 +224,12 @@ class Recovery(ApiModel):
     node: str | None = Field(default=None, max_length=253)
     """The node the failure pointed at (NotReady, gone, or a node-caused eviction): later attempts of this
     run's training group are kept off it (required node anti-affinity). See docs/recovery.md."""
+    ranks: list[RankEnd] = Field(default_factory=list, max_length=MAX_RANK_ENDS)
+    """How the failed attempt's ranks ended, the cause first (at most 16)."""
+    from_world_size: int | None = None
+    """A resize (runPolicy.elastic, or resources.nodes/gpusPerNode edited): the world size before."""
+    to_world_size: int | None = None
+    """A resize: the world size the group re-formed at."""
 
 
 class Children(ApiModel):
@@ -248,6 +279,11 @@ class SFTJobStatus(ApiModel):
     """Group restarts counted against runPolicy.backoffLimit (each resumed every rank from a checkpoint)."""
     recoveries: list[Recovery] = Field(default_factory=list, max_length=MAX_RECOVERIES)
     """The latest group restarts, newest last (at most 20)."""
+    nodes: int | None = None
+    """Trainer pods of the training group (the current one, or the next): resources.nodes, or the size an
+    elastic run re-formed at."""
+    world_size: int | None = None
+    """Ranks of that group: nodes x max(gpusPerNode, 1)."""
     children: Children | None = None
     """Child object names."""
     tracking: TrackingStatus | None = None

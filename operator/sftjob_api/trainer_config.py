@@ -15,6 +15,13 @@ from .base import ApiModel
 from .layout import Stage, final_stage
 from .spec import SFTJobSpec
 
+# The run's identity reaches the trainer as an environment variable, not in the config file: the operator sets
+# it to the SFTJob's metadata.uid in every pod (render/objects.py), `sftjob run` to the id kept in its work
+# directory. It names the run's checkpoint prefix (Layout.run_checkpoints) and is recorded in every marker.
+RUN_ID_ENV = "SFTJOB_RUN_ID"
+# A trainer started by hand, without either of them.
+DEFAULT_RUN_ID = "local"
+
 
 class RunSection(ApiModel):
     """Which SFTJob this is and where its artifacts go (resolved by whoever renders the config)."""

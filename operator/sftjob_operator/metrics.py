@@ -65,7 +65,8 @@ RESTARTS = Counter(
 )
 RECOVERIES = Counter(
     "sftjob_operator_recoveries",
-    "Group restarts, by cause (Failed: a retryable pod failure, Disrupted: preemption/drain, Stalled).",
+    "Group restarts, by cause (Failed: a retryable pod failure, Disrupted: preemption/drain, Stalled,"
+    " Resized: an elastic group re-formed at another size).",
     ["cause"],
     registry=REGISTRY,
 )

@@ -78,10 +78,10 @@ def checkpoints_sound(s3: Any, prefix: str) -> list[str]:
     bad = []
     for marker in (k for k in keys if k.endswith("/COMPLETE")):
         step = marker.rsplit("/", 1)[0]
-        # one rank runs ZeRO stage 0 (speed.effective_zero_stage): model+optimizer in mp_rank_00_model_states.pt
+        # an adapter run's checkpoint: the world-size-independent state and the one rank's RNG
         bad += [
             f"{step}/{f}"
-            for f in ("rng_state_rank0.pt", "mp_rank_00_model_states.pt")
+            for f in ("rng_rank0.json", "adapter_state.safetensors")
             if f"{step}/{f}" not in keys
         ]
     return bad

@@ -118,8 +118,8 @@ def crash_and_resume(
         "last_step_before_death": last_step,
         "partial_checkpoint": partial,
         "partial_left_incomplete": partial is not None
-        and f"checkpoints/step-{partial}/COMPLETE" not in after_kill
-        and any(k.startswith(f"checkpoints/step-{partial}/") for k in after_kill),
+        and f"checkpoints/local/step-{partial}/COMPLETE" not in after_kill
+        and any(k.startswith(f"checkpoints/local/step-{partial}/") for k in after_kill),
         "rc": again.returncode,
         "resumed_from": resumed[0] if resumed else 0,
         "steps": [e["step"] for e in events if e["event"] == "step"],
@@ -172,7 +172,7 @@ def test_rank_sigkilled_at_random_steps_resumes_exactly(
     def uploading(ev: dict[str, Any]) -> int | None:
         if ev["event"] != "step" or ev["step"] % CKPT_EVERY or ev["step"] >= MAX_STEPS:
             return None
-        prefix = f"upload/checkpoints/step-{ev['step']}/"
+        prefix = f"upload/checkpoints/local/step-{ev['step']}/"  # no SFTJOB_RUN_ID: run "local"
         for _ in range(2000):  # the save starts right after the step event; poll the bucket
             found = [
                 o["Key"] for o in store.list_objects_v2(Bucket=s3.bucket, Prefix=prefix).get("Contents", [])

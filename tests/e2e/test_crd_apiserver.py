@@ -62,5 +62,5 @@ def test_kubectl_explain_shows_field_descriptions(crd):
 def test_kubectl_get_shows_printer_columns_and_short_name(crd, namespace):
     crd.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / "sftjob-minimal.yaml"))
     header = crd.kubectl("get", "sft", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "AGE"]
+    assert header == ["NAME", "PHASE", "PROGRESS", "LOSS", "ETA", "NODES", "AGE"]
     assert "minimal" in crd.kubectl("get", "all", "-n", namespace).stdout

@@ -104,7 +104,7 @@ def test_every_dashboard_panel_returns_data(
     step = int(float(ckpt[0]["value"][1]))
     saved = [
         int(m.parent.name.removeprefix("step-"))
-        for m in trainer_log.parent.glob("out/checkpoints/*/COMPLETE")
+        for m in trainer_log.parent.glob("out/checkpoints/*/*/COMPLETE")  # checkpoints/<run>/step-N/
     ]
     # that checkpoint is complete on disk (or already rotated out by newer ones: keepCheckpoints is 2)
     assert step in saved or len([s for s in saved if s > step]) >= 2, (step, saved)

@@ -42,8 +42,16 @@ DONE = job(complete=True, succeeded=1)
 RUNNING = job(active=1, ready=1)
 
 
+def observed(**kw: object) -> ph.Observed:
+    """ph.Observed with the stage Jobs given by stage name (curate=, train=, eval=, merge=)."""
+    jobs = {Stage(s): kw.pop(s) for s in ("curate", "train", "eval", "merge") if kw.get(s) is not None}
+    for s in ("curate", "train", "eval", "merge"):
+        kw.pop(s, None)
+    return ph.Observed(jobs=jobs, **kw)  # type: ignore[arg-type]
+
+
 def decide(**kw: object) -> ph.Decision:
-    return ph.next_phase(ph.Observed(**kw))  # type: ignore[arg-type]
+    return ph.next_phase(observed(**kw))
 
 
 # ---- next_phase -------------------------------------------------------------------------------------------
@@ -113,17 +121,17 @@ def test_curation_comes_first_and_holds_no_training_job() -> None:
     """spec.dataset.curation: the curate Job runs alone; the train Job is created only once it completed."""
     d = decide(stages=CURATED)
     assert d == ph.Decision("Pending", "CreatingChildren", "creating the curation Job")
-    assert ph.active_stage(d, ph.Observed(stages=CURATED)) == "curate"
+    assert ph.active_stage(observed(stages=CURATED)) == "curate"
     for curate in (CURATING, job("x-curate")):  # running, or created with no pod yet
-        obs = ph.Observed(stages=CURATED, curate=curate)
+        obs = observed(stages=CURATED, curate=curate)
         d = ph.next_phase(obs)
         assert (d.phase, d.reason) == ("Curating", "CurateRunning")
-        assert ph.active_stage(d, obs) == "curate"  # not train: no GPU held while curating
+        assert ph.active_stage(obs) == "curate"  # not train: no GPU held while curating
     # complete: now the train Job
-    obs = ph.Observed(stages=CURATED, curate=CURATED_DONE)
+    obs = observed(stages=CURATED, curate=CURATED_DONE)
     d = ph.next_phase(obs)
     assert d == ph.Decision("Pending", "CreatingChildren", "creating the training Job")
-    assert ph.active_stage(d, obs) == "train"
+    assert ph.active_stage(obs) == "train"
     assert decide(stages=CURATED, curate=CURATED_DONE, train=job(active=1)).reason == "PodsPending"
     assert decide(stages=CURATED, curate=CURATED_DONE, train=RUNNING).phase == "Training"
     d = decide(stages=CURATED, curate=CURATED_DONE, train=DONE)
@@ -131,20 +139,20 @@ def test_curation_comes_first_and_holds_no_training_job() -> None:
     d = decide(stages=CURATED, curate=CURATED_DONE, train=DONE, eval=DONE, merge=DONE, gate_failures=())
     assert d == ph.Decision("Succeeded", "Succeeded", "curation, training, evaluation and merge completed")
     # a train Job exists only after curation: a curate Job deleted later is not run again
-    obs = ph.Observed(stages=CURATED, train=RUNNING)
-    assert ph.next_phase(obs).phase == "Training" and ph.active_stage(ph.next_phase(obs), obs) == "train"
+    obs = observed(stages=CURATED, train=RUNNING)
+    assert ph.next_phase(obs).phase == "Training" and ph.active_stage(obs) == "train"
     # the default (a spec without dataset.curation) never curates
-    assert Stage.CURATE not in ph.Observed().stages and decide(curate=CURATING).phase == "Pending"
+    assert Stage.CURATE not in observed().stages and decide(curate=CURATING).phase == "Pending"
 
 
 def test_curation_failure_says_why() -> None:
     failed = job("x-curate", failed=1, failed_reason="PodFailurePolicy", failed_message="exit code 2 ...")
     why = "curation gate maxDropFraction: 0.42 of the input rows were dropped > 0.2"
-    obs = ph.Observed(stages=CURATED, curate=failed, curate_failure=why)
+    obs = observed(stages=CURATED, curate=failed, curate_failure=why)
     d = ph.next_phase(obs)
     assert (d.phase, d.reason) == ("Failed", "CurationFailed")
     assert d.message == f"curation Job failed (PodFailurePolicy): {why}"
-    assert ph.active_stage(d, obs) is None  # no train Job, ever
+    assert ph.stage_to_create(obs) is None  # no train Job, ever
     d = decide(stages=CURATED, curate=replace(failed, failed_reason="BackoffLimitExceeded"))
     assert d.message == "curation Job failed (BackoffLimitExceeded): exit code 2 ..."  # no pod message
 
@@ -249,14 +257,18 @@ def test_stuck_failure() -> None:
 
 
 def test_active_stage() -> None:
-    obs = ph.Observed(train=DONE)
-    assert ph.active_stage(ph.next_phase(obs), obs) == "eval"
-    obs = ph.Observed(train=DONE, stages=TRAIN_MERGE)
-    assert ph.active_stage(ph.next_phase(obs), obs) == "merge"
-    obs = ph.Observed(train=None)
-    assert ph.active_stage(ph.next_phase(obs), obs) == "train"
-    obs = ph.Observed(train=job(failed_reason="X"))
-    assert ph.active_stage(ph.next_phase(obs), obs) is None
+    obs = observed(train=DONE)
+    assert ph.active_stage(obs) == "eval"
+    obs = observed(train=DONE, stages=TRAIN_MERGE)
+    assert ph.active_stage(obs) == "merge"
+    obs = observed(train=None)
+    assert ph.active_stage(obs) == "train"
+    obs = observed(train=job(failed_reason="X"))
+    assert ph.stage_to_create(obs) is None  # a failed Job is not created again
+    assert ph.stage_to_create(observed(train=DONE)) == "eval"
+    gated = observed(train=DONE, eval=DONE, gate_failures=("maxEvalLoss: 3 > 2",))
+    assert ph.stage_to_create(gated) is None  # Failed/EvalGateFailed: no merge
+    assert ph.stage_to_create(observed(train=DONE, spec_error="spec.x: bad")) is None
 
 
 def test_gates() -> None:
@@ -363,13 +375,13 @@ def test_eval_results_from_termination_message() -> None:
 
 
 def test_conditions_happy_path_and_transition_times() -> None:
-    obs = ph.Observed(train=RUNNING)
+    obs = observed(train=RUNNING)
     conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
     assert get_condition(conds, "Created").status == "True"  # type: ignore[union-attr]
     assert get_condition(conds, "Training").status == "True"  # type: ignore[union-attr]
     assert get_condition(conds, "Succeeded") is None  # appears when the run ends
     later = NOW + timedelta(minutes=5)
-    obs2 = ph.Observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
+    obs2 = observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
     conds2 = derive_conditions(conds, ph.next_phase(obs2), obs2, later, 1)
     by = {c.type: c for c in conds2}
     assert by["Created"].last_transition_time == NOW  # unchanged status keeps its time
@@ -388,33 +400,33 @@ def test_conditions_happy_path_and_transition_times() -> None:
 
 
 def test_conditions_failure_and_suspend() -> None:
-    obs = ph.Observed(train=job(failed_reason="PodFailurePolicy"))
+    obs = observed(train=job(failed_reason="PodFailurePolicy"))
     by = {c.type: c for c in derive_conditions([], ph.next_phase(obs), obs, NOW, 2)}
     assert by["Failed"].status == "True" and by["Failed"].reason == "TrainingFailed"
     assert by["Failed"].observed_generation == 2
-    obs = ph.Observed(suspend=True, train=job(suspended=True))
+    obs = observed(suspend=True, train=job(suspended=True))
     conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
     assert get_condition(conds, "Suspended").status == "True"  # type: ignore[union-attr]
-    obs = ph.Observed(phase=Phase.SUSPENDED, train=RUNNING)
+    obs = observed(phase=Phase.SUSPENDED, train=RUNNING)
     conds = derive_conditions(conds, ph.next_phase(obs), obs, NOW, 2)
     assert get_condition(conds, "Suspended").reason == "Resumed"  # type: ignore[union-attr]
-    invalid = ph.Observed(spec_error="spec.x: bad")
+    invalid = observed(spec_error="spec.x: bad")
     by = {c.type: c for c in derive_conditions([], ph.next_phase(invalid), invalid, NOW, 1)}
     assert by["Failed"].reason == "InvalidSpec" and "Created" not in by
 
 
 def test_curated_condition() -> None:
     # absent without a curate stage
-    obs = ph.Observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
+    obs = observed(train=DONE, eval=job(complete=True), merge=job(complete=True), gate_failures=())
     assert get_condition(derive_conditions([], ph.next_phase(obs), obs, NOW, 1), "Curated") is None
-    obs = ph.Observed(stages=CURATED, curate=CURATING)
+    obs = observed(stages=CURATED, curate=CURATING)
     conds = derive_conditions([], ph.next_phase(obs), obs, NOW, 1)
     by = {c.type: c for c in conds}
     assert (by["Curated"].status, by["Curated"].reason) == ("False", "CurateRunning")
     assert by["Created"].status == "True" and by["Created"].message == "curation Job x-curate created"
     assert by["Training"].status == "False" and [c.type for c in conds] == ["Created", "Curated", "Training"]
     later = NOW + timedelta(minutes=1)
-    obs = ph.Observed(stages=CURATED, curate=CURATED_DONE, train=RUNNING)
+    obs = observed(stages=CURATED, curate=CURATED_DONE, train=RUNNING)
     by = {c.type: c for c in derive_conditions(conds, ph.next_phase(obs), obs, later, 1)}
     assert (by["Curated"].status, by["Curated"].reason) == ("True", "CurationCompleted")
     assert by["Curated"].last_transition_time == later and by["Training"].status == "True"
@@ -422,7 +434,7 @@ def test_curated_condition() -> None:
         by["Created"].message == "training Job x-train created" and by["Created"].last_transition_time == NOW
     )
     failed = job("x-curate", failed_reason="PodFailurePolicy")
-    obs = ph.Observed(stages=CURATED, curate=failed, curate_failure="maxDropFraction: 0.5 > 0.2")
+    obs = observed(stages=CURATED, curate=failed, curate_failure="maxDropFraction: 0.5 > 0.2")
     by = {c.type: c for c in derive_conditions(conds, ph.next_phase(obs), obs, later, 1)}
     assert (by["Curated"].status, by["Curated"].reason) == ("False", "CurationFailed")
     assert "maxDropFraction: 0.5 > 0.2" in by["Curated"].message and by["Failed"].reason == "CurationFailed"
@@ -570,7 +582,7 @@ def test_progress_is_complete_once_the_train_job_succeeded() -> None:
     prev = parse_status({"phase": "Training", "progress": last.model_dump(mode="json", by_alias=True)})
     meta = {"namespace": "ns", "name": "run", "creationTimestamp": "2026-01-01T11:00:00Z"}
     for train, want in ((RUNNING, "120/480 (25%)"), (DONE, "480/480 (100%)"), (FAILED_JOB, "120/480 (25%)")):
-        obs = ph.Observed(phase=Phase.TRAINING, train=train, eval=job(active=1))
+        obs = observed(phase=Phase.TRAINING, train=train, eval=job(active=1))
         status = build_status(
             meta, prev, SPEC, ph.next_phase(obs), obs, None, None, NOW, 1, ChildNames("run")
         )
@@ -596,7 +608,7 @@ def test_format_duration() -> None:
 
 
 def test_replace_keeps_frozen_observed() -> None:
-    o = ph.Observed(train=RUNNING)
+    o = observed(train=RUNNING)
     assert replace(o, suspend=True).suspend and not o.suspend
 
 
@@ -612,35 +624,35 @@ SPEC = parse_spec(
 )
 FAILED_JOB = job(failed_reason="BackoffLimitExceeded", failed=3)
 SCENARIOS = {
-    "creating": ph.Observed(),
-    "queued": ph.Observed(queued=True, train=job(suspended=True)),
-    "pods pending": ph.Observed(train=job()),
-    "training": ph.Observed(train=RUNNING),
-    "restarting": ph.Observed(phase=Phase.TRAINING, train=job(failed=1)),
-    "evaluating": ph.Observed(phase=Phase.TRAINING, train=DONE),
-    "merging": ph.Observed(phase=Phase.EVALUATING, train=DONE, eval=job(complete=True), gate_failures=()),
-    "succeeded": ph.Observed(
+    "creating": observed(),
+    "queued": observed(queued=True, train=job(suspended=True)),
+    "pods pending": observed(train=job()),
+    "training": observed(train=RUNNING),
+    "restarting": observed(phase=Phase.TRAINING, train=job(failed=1)),
+    "evaluating": observed(phase=Phase.TRAINING, train=DONE),
+    "merging": observed(phase=Phase.EVALUATING, train=DONE, eval=job(complete=True), gate_failures=()),
+    "succeeded": observed(
         phase=Phase.MERGING, train=DONE, eval=job(complete=True), gate_failures=(), merge=job(complete=True)
     ),
-    "train-only succeeded": ph.Observed(phase=Phase.TRAINING, train=DONE, stages=TRAIN_ONLY),
-    "invalid spec": ph.Observed(spec_error="spec.x: bad"),
-    "backoff": ph.Observed(phase=Phase.TRAINING, train=FAILED_JOB),
-    "gate failed": ph.Observed(
+    "train-only succeeded": observed(phase=Phase.TRAINING, train=DONE, stages=TRAIN_ONLY),
+    "invalid spec": observed(spec_error="spec.x: bad"),
+    "backoff": observed(phase=Phase.TRAINING, train=FAILED_JOB),
+    "gate failed": observed(
         phase=Phase.EVALUATING, train=DONE, eval=job(complete=True), gate_failures=("maxEvalLoss: 2.5 > 2",)
     ),
-    "merge failed": ph.Observed(
+    "merge failed": observed(
         phase=Phase.MERGING, train=DONE, eval=job(complete=True), gate_failures=(), merge=FAILED_JOB
     ),
-    "stuck": ph.Observed(phase=Phase.PENDING, train=job(), stuck_failure="stuck for 700s"),
-    "suspended": ph.Observed(suspend=True, train=RUNNING),
-    "curating": ph.Observed(stages=CURATED, curate=CURATING),
-    "curation failed": ph.Observed(
+    "stuck": observed(phase=Phase.PENDING, train=job(), stuck_failure="stuck for 700s"),
+    "suspended": observed(suspend=True, train=RUNNING),
+    "curating": observed(stages=CURATED, curate=CURATING),
+    "curation failed": observed(
         phase=Phase.CURATING,
         stages=CURATED,
         curate=job("run-curate", failed_reason="PodFailurePolicy"),
         curate_failure="a bad input file",
     ),
-    "curated, succeeded": ph.Observed(
+    "curated, succeeded": observed(
         phase=Phase.MERGING,
         stages=CURATED,
         curate=CURATED_DONE,
@@ -698,7 +710,7 @@ def test_goes_back_only_along_the_forward_chain() -> None:
     assert ph.goes_back(Phase.CURATING, Phase.PENDING)  # a view without the curate Job: stale
     assert not ph.goes_back(Phase.CURATING, Phase.PENDING, curated=True)  # the train Job's pods pending
     assert ph.goes_back(Phase.TRAINING, Phase.PENDING, curated=True)
-    obs = ph.Observed(stages=CURATED, curate=CURATED_DONE, train=job(active=1))
+    obs = observed(stages=CURATED, curate=CURATED_DONE, train=job(active=1))
     assert not ph.goes_back(Phase.CURATING, ph.next_phase(obs).phase, ph.curation_done(obs))
 
 

@@ -75,7 +75,8 @@ def test_progress_from_rank0_metrics(
         assert p["loss"] == 0.9
         ckpts = f"s3://artifacts/sft/{namespace}/prog/checkpoints/"
         uri = wait_until(latest_checkpoint, 30, "status.artifacts.latestCheckpoint")
-        assert uri == f"{ckpts}step-200/", uri
+        uid = kube.kubectl("get", "sft", "prog", "-n", namespace, "-o", "jsonpath={.metadata.uid}").stdout
+        assert uid and uri == f"{ckpts}{uid}/step-200/", uri  # the run's own prefix (docs/recovery.md)
         out = kube.kubectl("get", "sft", "prog", "-n", namespace).stdout
         assert "240/480 (50%)" in out and "1h12m" in out, out
         text = operator.metrics()
@@ -84,7 +85,7 @@ def test_progress_from_rank0_metrics(
         tm.step.set(250)
         wait_until(lambda: progress("250/480 (52.1%)"), 30, "progress update")
         arts = status(kube, namespace, "prog")["artifacts"]
-        assert arts["latestCheckpoint"] == f"{ckpts}step-200/" and arts["checkpoints"] == ckpts, arts
+        assert arts["latestCheckpoint"] == uri and arts["checkpoints"] == ckpts, arts
     finally:
         tm.server.shutdown()
         tm.server.server_close()

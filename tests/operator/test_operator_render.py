@@ -127,6 +127,7 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
     assert "args" not in c
     env = {e["name"]: e for e in c["env"]}
     assert env["MASTER_ADDR"]["value"] == "llama-8b-support-bot-train-0.llama-8b-support-bot-train"
+    assert env["SFTJOB_RUN_ID"]["value"] == ref.uid  # the run's checkpoint prefix (docs/recovery.md)
     assert (
         env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
         == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -142,6 +143,9 @@ def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
         "SFTJOB_TERMINATION_LOG",
         "POD_NAME",
         "PYTHONUNBUFFERED",
+        "SFTJOB_RUN_ID",
+        "HOME",
+        "PYTHONSAFEPATH",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "MASTER_ADDR",
@@ -188,6 +192,16 @@ def test_security_context_and_shm(minimal: Any) -> None:
         assert vols["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
         mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         assert "/dev/shm" in mounts and "/etc/sftjob" in mounts
+        # a read-only root: what the trainer writes ($HOME's caches, /tmp) lies on emptyDirs of its own
+        assert sc["readOnlyRootFilesystem"] is True
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        writable = {
+            m["mountPath"]
+            for m in pod["containers"][0]["volumeMounts"]
+            if "emptyDir" in vols[m["name"]] and not m.get("readOnly")
+        }
+        assert {env["HOME"], "/tmp"} <= writable
+        assert env["PYTHONSAFEPATH"] == "1"  # the writable working directory is not on the import path
 
 
 def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
@@ -196,7 +210,7 @@ def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
-        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3]},
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]},
     }
     assert sorted(rules[0]["onExitCodes"]["values"]) == sorted(PERMANENT_CODES)
     assert len(rules) == 1  # disruptions too fail the train Job: the operator restarts the group uncounted
@@ -407,10 +421,11 @@ def test_status_artifacts_follow_the_stages(minimal: Any) -> None:
 
 def test_checkpoint_uri_is_the_trainers_checkpoint_prefix(minimal: Any) -> None:
     _, spec = minimal
-    uri = checkpoint_uri(spec, "team-a", "minimal", 40)
-    assert uri == "s3://artifacts/sft/team-a/minimal/checkpoints/step-40/"
+    uri = checkpoint_uri(spec, "team-a", "minimal", "0c5e-uid", 40)
+    assert uri == "s3://artifacts/sft/team-a/minimal/checkpoints/0c5e-uid/step-40/"
     root = render_trainer_config("team-a", "minimal", spec)["run"]["outputRoot"]
-    assert uri == f"{root}{Layout.checkpoint(40)}/"  # where the trainer writes it (sftjob_trainer.checkpoint)
+    # where the trainer writes it (sftjob_trainer.checkpoint)
+    assert uri == f"{root}{Layout.checkpoint('0c5e-uid', 40)}/"
     checkpoints = status_artifacts(spec, "team-a", "minimal").checkpoints
     assert checkpoints is not None and uri.startswith(checkpoints)
 
@@ -419,7 +434,7 @@ def test_status_keeps_latest_checkpoint_under_the_checkpoints_prefix(minimal: An
     _, spec = minimal
     meta = {"namespace": "team-a", "name": "minimal", "creationTimestamp": "2026-01-01T00:00:00Z"}
     decision = ph.Decision(ph.TRAINING, "PodsRunning", "1 trainer pod running")
-    obs = ph.Observed(phase=ph.TRAINING, train=JobObs(name="minimal-train", active=1, ready=1))
+    obs = ph.Observed(phase=ph.TRAINING, jobs={Stage.TRAIN: JobObs(name="minimal-train", active=1, ready=1)})
     now = datetime(2026, 1, 1, 0, 5, tzinfo=UTC)
 
     def built(prev_artifacts: dict[str, str] | None) -> dict[str, str]:
@@ -430,7 +445,7 @@ def test_status_keeps_latest_checkpoint_under_the_checkpoints_prefix(minimal: An
         return arts
 
     assert "latestCheckpoint" not in built(None)
-    latest = checkpoint_uri(spec, "team-a", "minimal", 40)
+    latest = checkpoint_uri(spec, "team-a", "minimal", "0c5e-uid", 40)
     # written by the progress reader; the reconcile's own artifacts keep it, so no status write undoes it
     assert built({"latestCheckpoint": latest})["latestCheckpoint"] == latest
     # a checkpoint of another output root (spec.output.uri changed) is not carried over

@@ -32,7 +32,7 @@ from sftjob_operator.render.recovery import (
 )
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-CKPT = "s3://b/sft/ns/run/checkpoints/step-40/"
+CKPT = "s3://b/sft/ns/run/checkpoints/0c5e-uid/step-40/"
 SPEC = {
     "model": {"uri": "s3://models/base"},
     "dataset": {"train": ["s3://data/train.jsonl"]},
@@ -144,7 +144,7 @@ def test_a_failed_group_is_recorded_once_with_steps_lost_and_counted_once() -> N
     deleting = JobObs(name="run-train", uid="job-1", deleting=True)
     assert plan_restart(plan.status, policy, deleting, [], None, NOW).group_restart
     assert plan_restart(plan.status, policy, None, [], None, NOW).group_restart
-    d = ph.next_phase(ph.Observed(phase=ph.TRAINING, train=None, group_restart="re-creating"))
+    d = ph.next_phase(ph.Observed(phase=ph.TRAINING, group_restart="re-creating"))
     assert (d.phase, d.reason) == ("Training", "Restarting")
 
 
@@ -251,7 +251,12 @@ def test_cause_kinds_label_the_recoveries_metric() -> None:
     for failure in (Failure("pod p (rank 0) exit code 1", True), Failure("pod p disrupted", False)):
         st = record_recovery(st, failure, failed_job(failure.cause), NOW)
     st = record_recovery(st, Failure("Stalled: step 5 ...", True), failed_job("s"), NOW)
-    assert [cause_kind(r) for r in st.recoveries] == list(CAUSE_KINDS) == ["Failed", "Disrupted", "Stalled"]
+    resized = st.recoveries[-1].model_copy(
+        update={"cause": "Resized: 2 -> 1 node(s) ...", "to_world_size": 8}
+    )
+    st = st.model_copy(update={"recoveries": [*st.recoveries, resized]})
+    kinds = ["Failed", "Disrupted", "Stalled", "Resized"]
+    assert [cause_kind(r) for r in st.recoveries] == list(CAUSE_KINDS) == kinds
 
 
 def test_only_a_running_training_group_is_judged_and_a_pause_restarts_the_clock() -> None:

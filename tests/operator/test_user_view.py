@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from prometheus_client import generate_latest
 
-from sftjob_api import Phase, parse_spec
+from sftjob_api import Phase, Stage, parse_spec
 from sftjob_operator.render import phase as ph
 from sftjob_operator.render.conditions import get_condition
 from sftjob_operator.render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
@@ -122,7 +122,9 @@ def test_columns_say_restarting_during_a_group_restart_then_the_new_groups_readi
     prev = parse_status({"phase": "Training", "progress": {**old_group, "eta": "3m00s"}})
     meta = {"namespace": "ns", "name": "run", "creationTimestamp": "2026-01-01T11:00:00Z"}
     torn_down = JobObs(name="run-train", deleting=True)
-    obs = ph.Observed(phase=Phase.TRAINING, train=torn_down, group_restart="tearing down the training group")
+    obs = ph.Observed(
+        phase=Phase.TRAINING, jobs={Stage.TRAIN: torn_down}, group_restart="tearing down the training group"
+    )
     decision = ph.next_phase(obs)
     status = build_status(meta, prev, SPEC, decision, obs, None, None, NOW, 1, ChildNames("run"))
     p = status.progress
@@ -130,7 +132,7 @@ def test_columns_say_restarting_during_a_group_restart_then_the_new_groups_readi
     assert p.step == 40  # the recovery records the step it failed at from here
 
     running = JobObs(name="run-train", active=2, ready=2)
-    obs = ph.Observed(phase=Phase.TRAINING, train=running, running_train_pods=2)
+    obs = ph.Observed(phase=Phase.TRAINING, jobs={Stage.TRAIN: running}, running_train_pods=2)
     fresh = prev.model_copy(
         update={"progress": prev.progress.model_copy(update={"summary": "31/120 (25.8%)"})}
     )

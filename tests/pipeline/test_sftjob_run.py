@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -124,7 +125,7 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     assert "interrupted by SIGINT in phase Training: the train stage stopped" in log1, log1[-3000:]
     client = s3.client()
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/")["Contents"]]
-    done = sorted(int(k.split("/")[4][5:]) for k in keys if "/checkpoints/" in k and k.endswith("/COMPLETE"))
+    done = sorted(int(m[1]) for k in keys if (m := re.search(r"/checkpoints/[^/]+/step-(\d+)/COMPLETE$", k)))
     assert done == [3], keys  # the step in flight when SIGTERM reached the held trainer, then its checkpoint
     assert f"checkpoint step-{done[-1]} saved" in log1
     assert not any(k.endswith("manifest.json") for k in keys)

@@ -10,11 +10,11 @@ from sftjob_trainer.checkpoint import files_for_rank
 from sftjob_trainer.model import zero3_init
 from sftjob_trainer.schedule import deepspeed_config
 
-# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/step-N/
+# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/<run>/step-N/ (deepspeed format: full or adamw_8bit)
 ZERO3 = [
     "COMPLETE",
-    "rng_state_rank0.pt",
-    "rng_state_rank1.pt",
+    "rng_rank0.json",
+    "rng_rank1.json",
     "zero_pp_rank_0_mp_rank_00_model_states.pt",
     "zero_pp_rank_0_mp_rank_00_optim_states.pt",
     "zero_pp_rank_1_mp_rank_00_model_states.pt",
@@ -24,7 +24,7 @@ ZERO3 = [
 
 def test_zero3_rank_gets_its_own_partition_and_rng_only():
     assert files_for_rank(ZERO3, 1) == [
-        "rng_state_rank1.pt",
+        "rng_rank1.json",
         "zero_pp_rank_1_mp_rank_00_model_states.pt",
         "zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
@@ -40,13 +40,13 @@ def test_shared_files_go_to_every_rank_and_rank_numbers_are_not_prefixes():
         "mp_rank_00_model_states.pt",
         "latest",
         *(f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1, 10, 11)),
-        *(f"rng_state_rank{r}.pt" for r in (0, 1, 10, 11)),
+        *(f"rng_rank{r}.json" for r in (0, 1, 10, 11)),
     ]
     assert files_for_rank(names, 1) == [
         "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
         "latest",
         "mp_rank_00_model_states.pt",
-        "rng_state_rank1.pt",
+        "rng_rank1.json",
     ]
     assert "bf16_zero_pp_rank_10_mp_rank_00_optim_states.pt" in files_for_rank(names, 10)
     assert files_for_rank(names, 2) == ["latest", "mp_rank_00_model_states.pt"]

@@ -22,8 +22,8 @@ def test_pack_rows_fits_and_keeps_every_sample():
 def test_layout_covers_the_step_once_across_ranks():
     lengths = list(range(1, 17))
     rows = [[i] for i in range(16)]
-    got = [r for rank in range(2) for mb in micro_batches_for(rank, 2, 1, rows, lengths, 2, 2) for r in mb]
-    assert sorted(i for r in got for i in r) == list(range(8, 16))  # step 1 = rows 8..15
+    got = [r for rank in range(2) for mb in micro_batches_for(rank, 2, 8, rows, lengths, 2, 2) for r in mb]
+    assert sorted(i for r in got for i in r) == list(range(8, 16))  # the step from row 8 = rows 8..15
 
 
 def test_row_targets_never_cross_samples():

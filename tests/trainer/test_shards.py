@@ -47,7 +47,9 @@ def loop_reads(order: shards.TrainOrder, lengths: list[int], world: int, seed: i
         epoch, within = divmod(step, plan.steps_per_epoch)
         ordered = epoch_order(order.rows, seed, epoch)
         for r in range(world):
-            for mb in micro_batches_for(r, world, within, ordered, lengths, plan.micro, plan.accum):
+            for mb in micro_batches_for(
+                r, world, within * plan.rows_per_step, ordered, lengths, plan.micro, plan.accum
+            ):
                 seen[r].update(i for row in mb for i in row)
     return seen
 

@@ -90,16 +90,12 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
         len(shard_reads[r]) == 1 and shard_reads[r][0].endswith(f"/rank-{r}.npz") for r in (0, 1)
     ), shard_reads
     ref_keys = keys(s3, "ref/")
-    # keepCheckpoints=2: step-4 and step-8, each with both ranks' ZeRO-3 shards and the marker
+    # keepCheckpoints=2: step-4 and step-8 under the run's prefix (no SFTJOB_RUN_ID: "local"), each the
+    # world-size-independent adapter state, both ranks' RNG state and the marker: nothing to unpickle
     for step in (4, 8):
-        for f in (
-            "COMPLETE",
-            "rng_state_rank0.pt",
-            "rng_state_rank1.pt",
-            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
-        ):
-            assert f"checkpoints/step-{step}/{f}" in ref_keys, ref_keys
+        got = sorted(k for k in ref_keys if k.startswith(f"checkpoints/local/step-{step}/"))
+        want = ["COMPLETE", "adapter_state.safetensors", "rng_rank0.json", "rng_rank1.json"]
+        assert got == [f"checkpoints/local/step-{step}/{f}" for f in want], ref_keys
     assert "adapter/adapter_model.safetensors" in ref_keys and "adapter/adapter_config.json" in ref_keys
     # eval and merge are off: training is the last stage, so it completes the run with a manifest
     ref_store = S3Store(s3.uri("ref/"), s3.client())
@@ -109,14 +105,13 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     assert summary["tokens"] == sum(e["tokens"] for e in ev if e["event"] == "step")
     # adapter checkpoints leave the frozen base out (it is reloaded from model.uri on resume)
     import torch
+    from safetensors.torch import load_file
 
-    dest = str(tmp_path / "model_states.pt")
-    s3.client().download_file(
-        s3.bucket, "ref/checkpoints/step-4/zero_pp_rank_0_mp_rank_00_model_states.pt", dest
-    )
-    states = torch.load(dest, weights_only=False)
-    assert not states.get("frozen_param_fragments") and not states.get("frozen_param_shapes")
-    assert states["module"] is None or all("lora_" in k for k in states["module"])
+    dest = str(tmp_path / "state.safetensors")
+    s3.client().download_file(s3.bucket, "ref/checkpoints/local/step-4/adapter_state.safetensors", dest)
+    state = load_file(dest)
+    assert state and all("lora_" in k for k in state)
+    assert {k.split("/")[0] for k in state} == {"param", "exp_avg", "exp_avg_sq"}
 
     # 2. same run, killed with SIGKILL (whole process group) right after checkpoint step-4 is complete
     cfg_b = config("crash")
@@ -138,12 +133,12 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     crash_keys = keys(s3, "crash/")
-    assert "checkpoints/step-4/COMPLETE" in crash_keys
+    assert "checkpoints/local/step-4/COMPLETE" in crash_keys
     assert not any(k.startswith("adapter/") for k in crash_keys)
     # a half-written newer checkpoint (no COMPLETE) must be ignored, never loaded
     s3.client().put_object(
         Bucket=s3.bucket,
-        Key="crash/checkpoints/step-8/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        Key="crash/checkpoints/local/step-8/adapter_state.safetensors",
         Body=b"garbage",
     )
 
@@ -152,15 +147,9 @@ def test_lora_zero3_two_ranks_resumes_after_kill_9(s3, tiny_model_dir, data_file
     assert again.returncode == 0, again.stderr[-4000:]
     ev2 = json_events(again.stdout)
     assert [e["step"] for e in ev2 if e["event"] == "resumed"] == [4]
-    # each rank fetched its own ZeRO partition and RNG state, nothing else: together, the whole checkpoint
+    # each rank fetched the shared adapter state and its own RNG state, nothing else
     fetched = {e["rank"]: e["files"] for e in ev2 if e["event"] == "checkpoint_fetched"}
-    stored = keys(s3, "crash/checkpoints/step-4/")
-    assert sorted(fetched) == [0, 1], fetched
-    for r in (0, 1):
-        assert len(fetched[r]) == 3 and all(f"rank_{r}_" in f or f"rank{r}." in f for f in fetched[r]), (
-            fetched
-        )
-    assert sorted(fetched[0] + fetched[1]) == sorted(set(stored) - {"COMPLETE"}), (fetched, stored)
+    assert fetched == {r: ["adapter_state.safetensors", f"rng_rank{r}.json"] for r in (0, 1)}, fetched
     assert [e["step"] for e in ev2 if e["event"] == "step"] == list(range(5, 13))
     # the restarted group found the shards the first attempt wrote: nobody curated again
     assert not [e for e in ev2 if e["event"] == "curating"]
@@ -194,7 +183,7 @@ def test_qlora_4bit_zero3_two_ranks(s3, tiny_model_dir, data_file, tmp_path):
     ls = losses(ev)
     assert len(ls) == 6 and ls[-1] < ls[0], ls
     k = keys(s3, "q/")
-    assert "checkpoints/step-3/COMPLETE" in k and "adapter/adapter_model.safetensors" in k
+    assert "checkpoints/local/step-3/COMPLETE" in k and "adapter/adapter_model.safetensors" in k
 
 
 def test_full_zero3_init_two_ranks_checkpoints_and_exports_the_whole_model(
@@ -221,10 +210,22 @@ def test_full_zero3_init_two_ranks_checkpoints_and_exports_the_whole_model(
     [info] = [e for e in ev if e["event"] == "model"]
     assert info["zero3_init"] and info["params_held"] == 0 and info["trainable_params"] == info["params"] > 0
     assert len(losses(ev)) == 2
-    assert (out / "checkpoints" / "step-1" / "COMPLETE").exists()
+    # full fine-tuning keeps DeepSpeed's per-rank format; the marker records every file's sha256
+    marker = json.loads((out / "checkpoints" / "local" / "step-1" / "COMPLETE").read_text())
+    assert marker["format"] == "deepspeed" and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in marker["files"]
     base = load_file(f"{tiny_model_dir}/model.safetensors")
     trained = load_file(str(out / "model" / "model.safetensors"))
     shared = base.keys() & trained.keys()
     assert len(shared) >= len(base) - 1, (base.keys(), trained.keys())  # a tied lm_head may be saved once
     assert all(trained[k].shape == base[k].shape for k in shared)
     assert any(not torch.equal(trained[k], base[k]) for k in shared)  # it trained, and not into empty shards
+    # the same run again resumes DeepSpeed's per-rank files at the same size (each rank its own partition,
+    # hashes verified) and reproduces step 2 (another size exits 2: recovery.md, "Formats")
+    again = run(launch_cmd(write_config(str(tmp_path / "full.json"), cfg), 2, free_port()), trainer_env())
+    assert again.returncode == 0, again.stderr[-4000:]
+    ev2 = json_events(again.stdout)
+    assert [e["step"] for e in ev2 if e["event"] == "resumed"] == [1]
+    fetched = {e["rank"]: e["files"] for e in ev2 if e["event"] == "checkpoint_fetched"}
+    assert all(f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" in fetched[r] for r in (0, 1)), fetched
+    assert not set(fetched[0]) & {f for f in fetched[1] if "rank" in f}
+    assert losses(ev2) == pytest.approx(losses(ev)[1:], rel=1e-6)

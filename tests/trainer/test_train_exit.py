@@ -70,7 +70,7 @@ def test_sigterm_saves_checkpoint_and_exits_retryable_with_metrics(s3, tiny_mode
     steps = [e["step"] for e in events if e["event"] == "step"]
     [ckpt] = [e["step"] for e in events if e["event"] == "checkpoint"]
     assert ckpt == steps[-1] < 200  # finished the step in flight, saved it, stopped
-    assert f"checkpoints/step-{ckpt}/COMPLETE" in keys(s3, "run/")
+    assert f"checkpoints/local/step-{ckpt}/COMPLETE" in keys(s3, "run/")  # no SFTJOB_RUN_ID: run "local"
     labels = 'namespace="test",rank="0",sftjob="tiny"'
     for name in (
         "sft_train_loss",

@@ -18,28 +18,36 @@ from sftjob_trainer.config import load_config, parse_config
 from sftjob_trainer.schedule import deepspeed_config, lr_factor, plan_batches
 
 
-def test_only_complete_checkpoints_count():
+def test_only_complete_checkpoints_of_this_run_count():
     keys = [
-        "checkpoints/step-4/a.pt",
-        "checkpoints/step-4/COMPLETE",
-        "checkpoints/step-12/a.pt",
-        "checkpoints/step-8/COMPLETE",
-        "checkpoints/step-8/a.pt",
+        "checkpoints/r1/step-4/a.pt",
+        "checkpoints/r1/step-4/COMPLETE",
+        "checkpoints/r1/step-12/a.pt",
+        "checkpoints/r1/step-8/COMPLETE",
+        "checkpoints/r1/step-8/a.pt",
+        "checkpoints/r0/step-99/COMPLETE",  # another run (an earlier SFTJob of the same name)
         "adapter/x",
-        "checkpoints/step-x/COMPLETE",
+        "checkpoints/r1/step-x/COMPLETE",
+        "checkpoints/step-50/COMPLETE",  # no run segment: nobody's
     ]
-    assert Layout.scan_checkpoints(keys) == ([4, 8], [12])
-    assert Layout.newest_checkpoint(keys) == 8  # 12 is newer but half-written
-    assert Layout.newest_checkpoint(["checkpoints/step-3/a.pt"]) is None
+    assert Layout.scan_checkpoints(keys, "r1") == ([4, 8], [12])
+    assert Layout.newest_checkpoint(keys, "r1") == 8  # 12 is newer but half-written; 99 is not ours
+    assert Layout.newest_checkpoint(keys, "r2") is None
+    assert Layout.checkpoint_runs(keys) == ["r0", "r1"]
+    assert Layout.newest_checkpoint(["checkpoints/r1/step-3/a.pt"], "r1") is None
+    with pytest.raises(ValueError):
+        Layout.checkpoint("../other", 1)  # a run id is never a path
 
 
-def test_retention_keeps_newest_and_drops_stale_partials():
-    keys = [f"checkpoints/step-{s}/COMPLETE" for s in (2, 4, 6)] + [
-        "checkpoints/step-5/x",
-        "checkpoints/step-9/x",
+def test_retention_keeps_newest_and_drops_stale_partials_of_this_run_only():
+    keys = [f"checkpoints/r1/step-{s}/COMPLETE" for s in (2, 4, 6)] + [
+        "checkpoints/r1/step-5/x",
+        "checkpoints/r1/step-9/x",
+        "checkpoints/r0/step-1/COMPLETE",
+        "checkpoints/r0/step-3/x",
     ]
-    assert to_delete(keys, keep=2, just_written=6) == [2, 5]
-    assert to_delete(keys, keep=0, just_written=6) == [2, 4, 5]  # keep>=1: never the one just written
+    assert to_delete(keys, "r1", keep=2, just_written=6) == [2, 5]
+    assert to_delete(keys, "r1", keep=0, just_written=6) == [2, 4, 5]  # keep>=1: never the one just written
 
 
 def test_gradient_accumulation_is_derived_and_must_divide():
@@ -89,9 +97,10 @@ def test_deepspeed_config_shape():
 
 def test_exit_code_contract():
     assert ExitCode.PERMANENT == 2 and ExitCode.OK == 0
-    assert set(PERMANENT_CODES) == {ExitCode.PERMANENT, ExitCode.EVAL_GATE_FAILED}
+    assert set(PERMANENT_CODES) == {ExitCode.PERMANENT, ExitCode.EVAL_GATE_FAILED, ExitCode.SPEC_CHANGED}
     # torchrun reports any worker failure as 1; the launcher restores the worker's code
     assert combine_exit_codes(1, [0, 2]) == ExitCode.PERMANENT
+    assert combine_exit_codes(1, [4, 1]) == ExitCode.SPEC_CHANGED  # torchrun's own code says 1
     assert combine_exit_codes(0, [0, 0]) == ExitCode.OK
     assert combine_exit_codes(1, [143, 143]) == ExitCode.PREEMPTED
     assert combine_exit_codes(-15, []) == ExitCode.PREEMPTED

@@ -1,5 +1,7 @@
 """The package boundaries: sftjob_operator and sftjob_trainer never import each other; both depend only on
-sftjob_api, which imports neither of them nor the heavy stacks (torch, kopf, ...)."""
+sftjob_api, which imports neither of them nor the heavy stacks (torch, kopf, ...). Inside the operator, the
+functional core (sftjob_operator/render/) does no Kubernetes I/O: it imports neither kubernetes nor kopf,
+nor the handlers that do."""
 
 from __future__ import annotations
 
@@ -57,6 +59,38 @@ def violations(package: str) -> list[str]:
             if module.split(".")[0] in FORBIDDEN[package]:
                 out.append(f"{path.relative_to(ROOT)} imports {module}")
     return out
+
+
+# The operator's pure core: render/ decides, handlers/ talks to the API server.
+RENDER = PACKAGES["sftjob_operator"] / "render"
+RENDER_FORBIDDEN = {"kubernetes", "kopf", "sftjob_operator.handlers", "sftjob_operator.main"}
+
+
+def render_violations(root: Path = RENDER) -> list[str]:
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        relative = {  # `from ..handlers import x` inside render/ is sftjob_operator.handlers
+            f"sftjob_operator.{node.module}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 2 and node.module
+        }
+        for module in imported_modules(path) | relative:
+            if any(module == f or module.startswith(f + ".") for f in RENDER_FORBIDDEN):
+                out.append(f"{path.relative_to(root)} imports {module}")
+    return out
+
+
+def test_render_is_pure_no_kubernetes_or_kopf():
+    assert RENDER.is_dir() and len(list(RENDER.glob("*.py"))) > 5
+    assert render_violations() == []
+
+
+def test_the_render_check_sees_a_client_import(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "from kubernetes.client import CoreV1Api\nfrom ..handlers.kube import Kube\nimport kopf\n"
+    )
+    assert len(render_violations(tmp_path)) == 3
 
 
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))

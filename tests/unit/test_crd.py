@@ -82,6 +82,9 @@ def test_run_defining_fields_are_immutable():
             "message": crd.IMMUTABLE_MESSAGE.format(field=f"spec.{field}"),
         } in rules
     assert "x-kubernetes-validations" not in spec["resources"]["properties"]["tolerations"]
+    # the group's size stays editable: checkpoints resume at any world size (docs/recovery.md, elastic runs)
+    for field in ("nodes", "gpusPerNode"):
+        assert "x-kubernetes-validations" not in spec["resources"]["properties"][field]
 
 
 def test_printer_columns_and_names():
@@ -91,6 +94,7 @@ def test_printer_columns_and_names():
         "Progress",
         "Loss",
         "ETA",
+        "Nodes",
         "Reason",
         "Age",
     ]

@@ -23,6 +23,7 @@ from sftjob_api.exit_codes import ExitCode, TrainerError
 
 from . import model_cache
 from .config import load_config
+from .extensions import seed_extensions
 from .metrics import log_json
 
 STAGES = tuple(Stage)
@@ -46,6 +47,9 @@ def run_stage(stage: Stage, config_path: str | None) -> int:
     try:
         cfg = load_config(config_path)
         term_log = cfg.runtime.termination_log or term_log
+        seed_extensions(
+            os.environ.get("SFTJOB_TORCH_EXTENSIONS_SEED"), os.environ.get("TORCH_EXTENSIONS_DIR")
+        )
         # Imported here: the torch stack loads only in the process that runs a stage (never in `launch`).
         if stage == Stage.CURATE:
             from .curate_stage import main as entry
@@ -99,15 +103,17 @@ def model(argv: list[str]) -> int:
 
 
 def combine_exit_codes(launcher_rc: int, worker_codes: list[int]) -> int:
-    """Permanent beats everything; then success; then preemption; else the launcher's (retryable) code."""
-    if ExitCode.PERMANENT in worker_codes:
-        return int(ExitCode.PERMANENT)
+    """Permanent beats everything (the most specific first); then success; then preemption; else the
+    launcher's (retryable) code."""
+    for permanent in (ExitCode.SPEC_CHANGED, ExitCode.PERMANENT):
+        if permanent in worker_codes:
+            return int(permanent)
     if launcher_rc == 0:
         return int(ExitCode.OK)
     if ExitCode.PREEMPTED in worker_codes or launcher_rc in (-signal.SIGTERM, 128 + signal.SIGTERM):
         return int(ExitCode.PREEMPTED)
     rc = launcher_rc if launcher_rc > 0 else 128 - launcher_rc
-    return rc if rc != ExitCode.PERMANENT else int(ExitCode.RETRYABLE)
+    return rc if rc not in (ExitCode.PERMANENT, ExitCode.SPEC_CHANGED) else int(ExitCode.RETRYABLE)
 
 
 def _children(parent: int) -> list[int]:

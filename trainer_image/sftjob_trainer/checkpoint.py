@@ -1,27 +1,35 @@
-"""Checkpoints under `<output_root>/checkpoints/step-N/` with a COMPLETE marker written last.
+"""Checkpoints under `<output_root>/checkpoints/<run>/step-N/` with a COMPLETE marker written last.
+
+Two formats, named in the marker:
+  adapter    lora/qlora with adamw: the trainable weights, their Adam moments (portable.py) in one safetensors
+             file, plus each rank's RNG state as JSON. Any world size resumes it: nothing is per-rank.
+  deepspeed  full fine-tuning and adamw_8bit: DeepSpeed's per-rank ZeRO partitions (torch pickles, read by
+             DeepSpeed itself) plus RNG JSON; only the same world size resumes it.
 
 Protocol (every rank takes part):
-  1. each rank: DeepSpeed save_checkpoint into its own local staging dir, plus its RNG state;
-  2. each rank uploads what it wrote to checkpoints/step-N/ (rank files never collide);
-  3. barrier; rank 0 writes checkpoints/step-N/COMPLETE (JSON: step, world size, trainer state); barrier;
-  4. rank 0 deletes the oldest complete checkpoints beyond `keep`, and incomplete ones older than N.
-Resume only ever considers steps whose COMPLETE exists, so a crash mid-upload is ignored. On resume each
-rank fetches only the files it reads (`needed_by`): its own ZeRO partition and RNG state, and the files
-no rank owns; with ZeRO-3 that is ~1/world of the checkpoint per rank instead of all of it.
+  1. each rank writes its files into a local staging dir and hashes them (sha256);
+  2. each rank uploads what it wrote to checkpoints/<run>/step-N/ (rank files never collide);
+  3. barrier; rank 0 writes COMPLETE (JSON: run, spec fingerprint, world size, the train state, and every
+     file's sha256); barrier;
+  4. rank 0 deletes this run's oldest complete checkpoints beyond `keep`, and its incomplete ones older than N.
+Resume only ever considers this run's steps whose COMPLETE exists (a crash mid-upload is ignored), checks the
+marker's run and fingerprint (run_identity.py), fetches only the files this rank reads, and verifies each
+against the marker's sha256 before anything parses it (docs/security.md says what that does and does not
+defend against).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,54 +37,95 @@ from sftjob_api.exit_codes import PermanentError
 from sftjob_api.layout import Layout
 from sftjob_api.storage import Store
 
+from . import portable
+from .run_identity import check_marker, digest
 
-def to_delete(keys: Iterable[str], keep: int, just_written: int) -> list[int]:
-    """Old complete checkpoints beyond `keep` (never the one just written), and stale incomplete ones."""
-    done, partial = Layout.scan_checkpoints(keys)
+ADAPTER, DEEPSPEED = "adapter", "deepspeed"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs to continue: the marker's `state`. `samples` is the cursor in the global sample
+    order (packed rows consumed since step 0): independent of the world size, so a resize continues with
+    exactly the rows not yet seen."""
+
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    loss: float = float("nan")
+
+    @staticmethod
+    def from_json(d: Mapping[str, Any]) -> TrainState:
+        return TrainState(int(d["step"]), int(d["samples"]), int(d["tokens"]), float(d["loss"]))
+
+
+def to_delete(keys: Iterable[str], run_id: str, keep: int, just_written: int) -> list[int]:
+    """This run's old complete checkpoints beyond `keep` (never the one just written), and stale incomplete
+    ones. Other runs' checkpoints are never touched."""
+    done, partial = Layout.scan_checkpoints(keys, run_id)
     old = [s for s in done if s != just_written][: max(0, len(done) - max(keep, 1))]
     return old + [s for s in partial if s < just_written]
 
 
 # files owned by one data-parallel rank: DeepSpeed's ZeRO partitions (model and optimizer states,
 # `bf16_` prefixed in bf16 mode) and our RNG state; `mp_rank_00` is the model-parallel rank, shared here
-_RANK_OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rng_state_rank(\d+)\.pt$")
+_RANK_OWNED = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_|^rng_rank(\d+)\.json$")
 
 
 def needed_by(name: str, rank: int) -> bool:
-    """Whether `rank` reads this checkpoint file (a name relative to checkpoints/step-N/) on resume: those it
-    owns and those no rank owns (e.g. mp_rank_00_model_states.pt below ZeRO-3), never the marker (already
-    read) nor another rank's partition (DeepSpeed reads only its own without elastic checkpoints)."""
+    """Whether `rank` reads this file of a deepspeed-format checkpoint on resume: those it owns and those no
+    rank owns (e.g. mp_rank_00_model_states.pt below ZeRO-3), never the marker (already read) nor another
+    rank's partition (DeepSpeed reads only its own)."""
     m = _RANK_OWNED.match(name)
     owner = None if m is None else int(m.group(1) or m.group(2))
     return name != Layout.CHECKPOINT_MARKER and owner in (None, rank)
 
 
 def files_for_rank(names: Iterable[str], rank: int) -> list[str]:
-    """The files of one checkpoint listing that `rank` needs on resume (`needed_by`)."""
+    """The files of one deepspeed-format checkpoint listing that `rank` needs on resume (`needed_by`)."""
     return sorted(n for n in names if needed_by(n, rank))
 
 
-def read_marker(store: Store, step: int) -> dict[str, Any]:
-    return dict(json.loads(store.get_bytes(Layout.checkpoint_marker(step))))
+def adapter_files(rank: int, saved_world: int) -> list[str]:
+    """What `rank` reads of an adapter-format checkpoint: the state, and the RNG of the rank it replaces."""
+    return [portable.STATE_FILE, f"rng_rank{rank % saved_world}.json"]
 
 
-def rng_state() -> dict[str, Any]:
-    st: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
+def hash_dir(local: str) -> dict[str, str]:
+    out = {}
+    for root, _, files in os.walk(local):
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, local).replace(os.sep, "/")] = sha256_file(path)
+    return out
+
+
+def verify(local: str, names: Iterable[str], hashes: Mapping[str, str], where: str) -> None:
+    """Each fetched file must be listed in the marker with this content: before anything parses it."""
+    for name in names:
+        want = hashes.get(name)
+        if want is None:
+            raise PermanentError(f"{where}/{name} is not listed in its COMPLETE marker: refusing to load it")
+        if sha256_file(os.path.join(local, name)) != want:
+            raise PermanentError(
+                f"{where}/{name} does not match the sha256 in its COMPLETE marker (changed after it was"
+                " written): refusing to load the checkpoint"
+            )
+
+
+def read_marker(store: Store, key: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads(store.get_bytes(key)))
+    except (ValueError, TypeError) as e:
+        raise PermanentError(f"{key} is not a checkpoint marker (JSON): {e}") from e
 
 
 # Test-only (docs/trainer.md): rank 0 waits (at most 10 min) before step N's COMPLETE marker, every rank's
@@ -89,64 +138,173 @@ def hold_before_marker(step: int, limit_s: float = 600) -> None:
         time.sleep(limit_s)
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who writes and may read a run's checkpoints."""
+
+    run_id: str
+    fingerprint: dict[str, Any]
+    fmt: str  # ADAPTER or DEEPSPEED
+
+    def marker(self, state: TrainState, world: int, files: Mapping[str, str]) -> dict[str, Any]:
+        return {
+            "step": state.step,
+            "run": self.run_id,
+            "format": self.fmt,
+            "world_size": world,
+            "fingerprint_sha256": digest(self.fingerprint),
+            "fingerprint": self.fingerprint,
+            "state": asdict(state),
+            "files": dict(sorted(files.items())),
+        }
+
+
 def save(
-    engine: Any,
-    store: Store,
-    step: int,
-    rank: int,
-    staging: str,
-    trainer_state: dict[str, Any],
-    keep: int,
-    save_frozen: bool = True,
+    engine: Any, store: Store, ident: Identity, state: TrainState, rank: int, staging: str, keep: int
 ) -> None:
+    step, world = state.step, dist.get_world_size()
     tag = f"step-{step}"
-    local = os.path.join(staging, f"rank{rank}")
-    shutil.rmtree(local, ignore_errors=True)
+    local = os.path.join(staging, f"rank{rank}", tag)
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
     os.makedirs(local, exist_ok=True)
-    engine.save_checkpoint(local, tag=tag, exclude_frozen_parameters=not save_frozen)
-    torch.save(rng_state(), os.path.join(local, tag, f"rng_state_rank{rank}.pt"))
-    store.upload_dir(os.path.join(local, tag), Layout.checkpoint(step))
-    shutil.rmtree(local, ignore_errors=True)
-    dist.barrier()
+    if ident.fmt == ADAPTER:
+        from safetensors.torch import save_file
+
+        tensors = portable.gather(engine)  # collective
+        if rank == 0:
+            save_file(tensors, os.path.join(local, portable.STATE_FILE))
+    else:
+        engine.save_checkpoint(os.path.dirname(local), tag=tag, exclude_frozen_parameters=not full(engine))
+    with open(os.path.join(local, f"rng_rank{rank}.json"), "wb") as f:
+        f.write(portable.rng_bytes())
+    mine = hash_dir(local)
+    store.upload_dir(local, Layout.checkpoint(ident.run_id, step))
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+    every: list[dict[str, str]] = [{} for _ in range(world)]
+    dist.all_gather_object(every, mine)
     if rank == 0:
         hold_before_marker(step)
-        marker = {"step": step, "world_size": dist.get_world_size(), "trainer_state": trainer_state}
-        store.put_bytes(json.dumps(marker, indent=1).encode(), Layout.checkpoint_marker(step))
-        for old in to_delete(store.list(Layout.CHECKPOINTS), keep, step):
-            store.delete_prefix(Layout.checkpoint(old))
+        files = {k: v for per_rank in every for k, v in per_rank.items()}
+        marker = ident.marker(state, world, files)
+        store.put_bytes(json.dumps(marker, indent=1).encode(), Layout.checkpoint_marker(ident.run_id, step))
+        for old in to_delete(store.list(Layout.CHECKPOINTS), ident.run_id, keep, step):
+            store.delete_prefix(Layout.checkpoint(ident.run_id, old))
     dist.barrier()
+
+
+def full(engine: Any) -> bool:
+    """Whether every parameter trains (method full): DeepSpeed then saves the frozen ones too (none)."""
+    return all(p.requires_grad for p in engine.module.parameters())
+
+
+def fetch(
+    store: Store, prefix: str, names: list[str], local: str, hashes: Mapping[str, str], where: str
+) -> list[str]:
+    """Download `names` of the checkpoint at `prefix` into `local` and verify them against the marker."""
+    shutil.rmtree(local, ignore_errors=True)
+    wanted = set(names)
+    got = set(store.download_dir(prefix, local, keep=lambda n: n in wanted))
+    if got != wanted:
+        raise PermanentError(f"{where} lacks {sorted(wanted - got)}, which its marker lists")
+    verify(local, sorted(got), hashes, where)
+    return sorted(got)
 
 
 def load(
-    engine: Any, store: Store, step: int, rank: int, staging: str, frozen_saved: bool = True
-) -> tuple[dict[str, Any], list[str]]:
-    """Restore model/optimizer/scheduler (DeepSpeed), this rank's RNG; return the trainer state and the files
-    this rank fetched."""
-    marker = read_marker(store, step)
-    if marker["world_size"] != dist.get_world_size():
-        raise PermanentError(
-            f"checkpoint step-{step} was written by {marker['world_size']} ranks, this run "
-            f"has {dist.get_world_size()}: ZeRO-3 shards cannot be re-partitioned here"
+    engine: Any, store: Store, ident: Identity, step: int, rank: int, staging: str
+) -> tuple[TrainState, list[str]]:
+    """Restore this run's checkpoint of `step` after checking run, fingerprint and every file's hash; return
+    the train state and the files this rank fetched."""
+    where = Layout.checkpoint(ident.run_id, step)
+    marker = read_marker(store, Layout.checkpoint_marker(ident.run_id, step))
+    check_marker(marker, ident.run_id, ident.fingerprint, where)
+    fmt, saved_world, hashes = marker.get("format"), int(marker["world_size"]), dict(marker["files"])
+    world = dist.get_world_size()
+    local = os.path.join(staging, f"resume-rank{rank}", f"step-{step}")
+    if fmt == ADAPTER:
+        names = adapter_files(rank, saved_world)
+    elif fmt == DEEPSPEED:
+        if saved_world != world:
+            raise PermanentError(
+                f"{where} was written by {saved_world} ranks, this run has {world}: full fine-tuning and"
+                " adamw_8bit checkpoints are DeepSpeed's per-rank ZeRO partitions, resumed at the same size"
+                " only (docs/recovery.md)"
+            )
+        names = files_for_rank(hashes, rank)
+    else:
+        raise PermanentError(f"{where}: unknown checkpoint format {fmt!r} in its marker")
+    fetched = fetch(store, where, names, local, hashes, where)
+    state = TrainState.from_json(marker["state"])
+    if fmt == ADAPTER:
+        from safetensors.torch import load_file
+
+        portable.scatter(engine, load_file(os.path.join(local, portable.STATE_FILE)), state.step)
+    else:
+        path, _ = engine.load_checkpoint(
+            os.path.dirname(local),
+            tag=f"step-{step}",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=full(engine),
         )
-    tag = f"step-{step}"
-    local = os.path.join(staging, f"resume-rank{rank}")
-    shutil.rmtree(local, ignore_errors=True)
-    # the store's own transfer (S3: parallel ranged GETs), restricted to this rank's files
-    fetched = sorted(
-        store.download_dir(
-            Layout.checkpoint(step), os.path.join(local, tag), keep=lambda n: needed_by(n, rank)
-        )
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load {where}")
+    rng = [n for n in fetched if n.startswith("rng_rank")]
+    if rng:
+        with open(os.path.join(local, rng[0])) as f:
+            portable.set_rng_state(json.load(f))
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+    return state, fetched
+
+
+def warm_start_tensors(store: Store, leaf: str, uri: str, staging: str) -> dict[str, torch.Tensor]:
+    """spec.training.resumeFrom (`uri`, the key `leaf` of `store`): the adapter weights of a checkpoint (adapter
+    format, hashes verified) keyed `param/<name>` as portable.gather saves them, or of an adapter directory
+    keyed `adapter/<peft key>`."""
+    from safetensors.torch import load_file
+
+    field = "spec.training.resumeFrom"
+    local = os.path.join(staging, "resume-from")
+    if store.exists(f"{leaf}/{Layout.CHECKPOINT_MARKER}"):
+        marker = read_marker(store, f"{leaf}/{Layout.CHECKPOINT_MARKER}")
+        if marker.get("format") != ADAPTER:
+            raise PermanentError(
+                f"{field}: {uri} is a {marker.get('format')!r} checkpoint; a warm start reads adapter"
+                " checkpoints (lora/qlora with adamw) or adapter directories"
+            )
+        fetch(store, leaf, [portable.STATE_FILE], local, marker.get("files") or {}, uri)
+        return load_file(os.path.join(local, portable.STATE_FILE))
+    weights = "adapter_model.safetensors"
+    if store.exists(f"{leaf}/adapter_config.json") and store.exists(f"{leaf}/{weights}"):
+        shutil.rmtree(local, ignore_errors=True)
+        store.download_dir(leaf, local, keep=lambda n: n == weights)
+        return {f"adapter/{k}": v for k, v in load_file(os.path.join(local, weights)).items()}
+    raise PermanentError(
+        f"{field}: {uri} is neither a complete checkpoint (no COMPLETE marker) nor an adapter directory"
+        " (adapter_config.json and adapter_model.safetensors)"
     )
-    path, _ = engine.load_checkpoint(
-        local,
-        tag=tag,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        load_module_strict=frozen_saved,
-    )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint step-{step}")
-    rng_file = os.path.join(local, tag, f"rng_state_rank{rank}.pt")
-    set_rng_state(torch.load(rng_file, weights_only=False))
-    shutil.rmtree(local, ignore_errors=True)
-    return dict(marker["trainer_state"]), fetched
+
+
+def adapter_key(param_name: str) -> str:
+    """peft's saved key of a trainable parameter: without our wrapper's `lm.` and the adapter name."""
+    return param_name.removeprefix("lm.").replace(".default", "")
+
+
+def warm_start(engine: Any, tensors: Mapping[str, torch.Tensor]) -> int:
+    """Load warm-start weights (no optimizer state) into the trainable parameters; return how many."""
+    want = {n: p for n, p in portable.trainable(engine.module)}
+    by_param: dict[str, torch.Tensor] = {}
+    for name, p in want.items():
+        t = tensors.get(f"param/{name}")
+        if t is None:
+            t = tensors.get(f"adapter/{adapter_key(name)}")
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if t is None or tuple(t.shape) != shape:
+            got = "missing" if t is None else f"shape {tuple(t.shape)}"
+            raise PermanentError(
+                f"spec.training.resumeFrom: {name} is {got}, this spec's adapter needs {shape}: the warm start"
+                " must come from an adapter with the same method.lora (r, targetModules, modulesToSave)"
+            )
+        by_param[f"param/{name}"] = t
+    portable.scatter(engine, by_param, None)
+    return len(by_param)

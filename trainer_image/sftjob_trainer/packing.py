@@ -67,10 +67,12 @@ def step_layout(step_rows: list[Row], lengths: Sequence[int], micro: int, world:
 
 
 def micro_batches_for(
-    rank: int, world: int, step: int, ordered_rows: list[Row], lengths: Sequence[int], micro: int, accum: int
+    rank: int, world: int, start: int, ordered_rows: list[Row], lengths: Sequence[int], micro: int, accum: int
 ) -> list[list[Row]]:
+    """This rank's micro-batches of the step that begins at row `start` of the epoch's order: the step takes
+    the next global batch of rows whatever the world size, so a resize changes only who trains which row."""
     g = micro * accum * world
-    step_rows = ordered_rows[step * g : (step + 1) * g]
+    step_rows = ordered_rows[start : start + g]
     layout = step_layout(step_rows, lengths, micro, world)
     return layout[rank * accum : (rank + 1) * accum]
 

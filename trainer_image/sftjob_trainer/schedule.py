@@ -28,7 +28,9 @@ def plan_batches(
     """Gradient accumulation = global / (micro x world); must divide exactly (no silent change of LR scale)."""
     if global_batch % (micro * world):
         raise PermanentError(
-            f"globalBatchSize {global_batch} is not a multiple of microBatchSize {micro} x world size {world}"
+            f"spec.training.globalBatchSize {global_batch} is not a multiple of microBatchSize {micro} x world"
+            f" size {world}: the global batch is kept across restarts and resizes (a checkpoint resumes at any"
+            f" world size W where it divides by microBatchSize x W; docs/api.md)"
         )
     accum = global_batch // (micro * world)
     steps_per_epoch = n_rows // global_batch

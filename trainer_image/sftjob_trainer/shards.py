@@ -65,7 +65,8 @@ def rank_examples(order: TrainOrder, lengths: Sequence[int], world: int, seed: i
         ordered = epoch_order(order.rows, seed, epoch)
         for within in range(min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)):
             for rank in range(world):
-                for mb in micro_batches_for(rank, world, within, ordered, lengths, plan.micro, plan.accum):
+                start = within * plan.rows_per_step
+                for mb in micro_batches_for(rank, world, start, ordered, lengths, plan.micro, plan.accum):
                     for row in mb:
                         needed[rank].update(row)
     return [sorted(s) for s in needed]

@@ -8,110 +8,39 @@ packing, padding and rank count do not change what is optimized.
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
-import signal
 import time
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any
 
-import bitsandbytes as bnb
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from sftjob_api import Layout, Stage
 from sftjob_api.exit_codes import ExitCode, Preempted
 from sftjob_api.manifest import close_run
-from sftjob_api.ports import free_port
 from sftjob_api.storage import open_store
 from sftjob_api.trainer_config import TrainerConfig
 
-from . import checkpoint
-from .config import DistEnv
-from .loss import SelectiveLossLM, base_causal_lm
-from .metrics import TrainerMetrics, log_json
-from .model import load_for_training, weights_dtype, zero3_init
-from .packing import collate, epoch_order, micro_batches_for
-from .pipeline import prepare_train
-from .schedule import deepspeed_config, lr_factor
-from .shards import train_order
-from .speed import effective_zero_stage
-from .tracking import Tracker, termination_message
+from . import checkpoint, portable
+from .checkpoint import TrainState
+from .loss import base_causal_lm
+from .metrics import log_json
+from .packing import Row, collate, epoch_order, micro_batches_for
+from .tracking import termination_message
+from .train_setup import (  # noqa: F401 (init_distributed, make_optimizer, numel, seed_all: benchmarks)
+    HOLD_ENV,
+    LOG_SAMPLES_ENV,
+    Setup,
+    init_distributed,
+    make_optimizer,
+    numel,
+    seed_all,
+    setup,
+)
 
 # deepspeed is imported inside the functions: it picks its accelerator at import, and train() sets
 # DS_ACCELERATOR=cpu first when there is no GPU.
-
-
-# Test-only (docs/trainer.md): after this optimizer step, wait (at most 10 min) until SIGTERM arrives, so a
-# test interrupts mid-training however fast the machine trains.
-HOLD_ENV = "SFTJOB_TEST_HOLD_AFTER_STEP"
-
-
-class StopFlag:
-    """Set by SIGTERM; checked (and agreed on by all ranks) after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.hold_after = int(os.environ.get(HOLD_ENV) or 0)
-        signal.signal(signal.SIGTERM, self._handler)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def hold(self, step: int, limit_s: float = 600) -> None:
-        deadline = time.monotonic() + limit_s
-        while step == self.hold_after and not self.requested and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-
-def init_distributed(env: DistEnv, on_gpu: bool, collective_timeout_s: int) -> None:
-    """Join the process group. Every collective waits at most `collective_timeout_s` (runPolicy.
-    collectiveTimeoutSeconds) for its peers, then raises: the rank exits with the retryable code instead of
-    waiting for DeepSpeed's default (10 min) when a peer vanished without closing its connections."""
-    import deepspeed
-
-    if "MASTER_ADDR" not in os.environ:  # plain `python -m sftjob_trainer train`: a world of one
-        os.environ.update(
-            {
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(free_port()),
-                "RANK": "0",
-                "WORLD_SIZE": "1",
-                "LOCAL_RANK": "0",
-            }
-        )
-    deepspeed.init_distributed(
-        dist_backend="nccl" if on_gpu else "gloo", timeout=timedelta(seconds=collective_timeout_s)
-    )
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def numel(p: Any) -> int:
-    """Elements of a parameter, also when ZeRO-3 has partitioned it (then `p` itself is empty)."""
-    return int(getattr(p, "ds_numel", p.numel()))
-
-
-def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
-    t = cfg.training
-    decay: list[Any] = []
-    no_decay: list[Any] = []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            ndim = len(getattr(p, "ds_shape", p.shape))  # a partitioned parameter is 1-d and empty
-            (no_decay if ndim < 2 or "norm" in name or name.endswith("bias") else decay).append(p)
-    groups = [
-        {"params": ps, "weight_decay": wd} for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps
-    ]  # ZeRO drops empty groups
-    if t.optimizer == "adamw_8bit":
-        return bnb.optim.AdamW8bit(groups, lr=t.learning_rate)  # type: ignore[attr-defined]
-    return torch.optim.AdamW(groups, lr=t.learning_rate)
 
 
 def _allreduce(values: list[float]) -> list[float]:
@@ -141,224 +70,180 @@ def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: 
     return Layout.weights(cfg.method.type)
 
 
-def train(cfg: TrainerConfig) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = DistEnv.from_env()
-    if on_gpu:
-        torch.cuda.set_device(env.local_rank)
-    stop = StopFlag()
-    init_distributed(env, on_gpu, cfg.run_policy.collective_timeout_seconds)
-    env = DistEnv.from_env()
-    import deepspeed
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int  # real tokens of the step, all ranks
+    local_tokens: int
+    seconds: float
+    stop: bool  # a SIGTERM reached some rank: all ranks agree to checkpoint now and exit
 
-    t = cfg.training
-    seed_all(t.seed)
-    port = cfg.runtime.metrics_port + env.local_rank if cfg.runtime.metrics_port else None
-    metrics = TrainerMetrics(cfg.run.namespace, cfg.run.name, env.rank, port)
-    store = open_store(cfg.run.output_root, cfg.output)
-    staging = os.path.join(cfg.runtime.work_dir, "staging")
-    is0 = env.rank == 0
-    tracker = Tracker(cfg, store, Stage.TRAIN, enabled=is0)  # rank 0 logs; never fails the run
 
-    ds = cfg.resources.deepspeed
-    stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
-    # DeepSpeed's precision must match the weights' dtype (bf16 on GPU, fp32 on CPU)
-    bf16 = weights_dtype(cfg.method, on_gpu) == torch.bfloat16
+def resume(s: Setup) -> TrainState:
+    """Where this run starts: its own newest checkpoint (run and fingerprint checked, files verified), else
+    spec.training.resumeFrom's weights (a warm start at step 0), else step 0 (docs/recovery.md)."""
+    keys = s.store.list(Layout.CHECKPOINTS)
+    others = [r for r in Layout.checkpoint_runs(keys) if r != s.ident.run_id]
+    if others and s.is0:  # an earlier SFTJob of the same name: kept, never loaded
+        log_json("checkpoints_of_other_runs_ignored", runs=others, run=s.ident.run_id)
+    step = Layout.newest_checkpoint(keys, s.ident.run_id)
+    state = TrainState()
+    if step is not None:
+        state, fetched = checkpoint.load(s.engine, s.store, s.ident, step, s.env.rank, s.staging)
+        log_json("checkpoint_fetched", rank=s.env.rank, step=step, files=fetched)  # every rank: its own list
+        portable.continue_schedule(s.sched, state.step)
+        s.metrics.resumed_step.set(state.step)
+        if s.is0:
+            log_json("resumed", step=state.step, samples=state.samples, world_size=s.env.world_size)
+    elif s.cfg.training.resume_from:
+        uri = s.cfg.training.resume_from
+        parent, _, leaf = uri.rstrip("/").rpartition("/")
+        src = open_store(parent + "/", s.cfg.output)
+        n = checkpoint.warm_start(s.engine, checkpoint.warm_start_tensors(src, leaf, uri, s.staging))
+        if s.is0:
+            log_json("warm_start", resume_from=uri, tensors=n)
+    return state
 
-    def ds_config(micro: int, accum: int) -> dict[str, Any]:
-        return deepspeed_config(
-            micro=micro,
-            accum=accum,
-            world=env.world_size,
-            stage=stage,
-            offload_optimizer=ds.offload_optimizer,
-            offload_params=ds.offload_params,
-            bf16=bf16,
-            fp16=False,
-            grad_clip=t.max_grad_norm,
-        )
 
-    # zero.Init reads only the ZeRO and precision sections; the batch geometry needs the data (below).
-    # Kept alive (a local of this function) through deepspeed.initialize: transformers and peft hold a weakref.
-    zero_init = zero3_init(ds_config(t.micro_batch_size, 1), cfg.method)
-    model, tok = load_for_training(cfg, on_gpu)
-    data = prepare_train(cfg, tok, env.rank, env.world_size)
-    examples, lengths, report = data.examples, data.lengths, data.report
-    log_json("data_fetched", rank=env.rank, keys=data.fetched, examples=len(examples))  # every rank: its own
-    if is0:
-        n_4bit = sum(
-            1
-            for m in model.modules()  # bitsandbytes' own class, not peft's wrapper of it
-            if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
-        )
+def train_step(s: Setup, state: TrainState, ordered: list[Row], offset: int) -> StepResult:
+    """One optimizer step over the global batch that starts at row `offset` of the epoch's order."""
+    t0 = time.monotonic()
+    env, plan = s.env, s.plan
+    mbs = micro_batches_for(env.rank, env.world_size, offset, ordered, s.lengths, plan.micro, plan.accum)
+    if os.environ.get(LOG_SAMPLES_ENV):
         log_json(
-            "model",
-            method=cfg.method.type,
-            linear_4bit_layers=n_4bit,
-            trainable_params=sum(numel(p) for p in model.parameters() if p.requires_grad),
-            params=sum(numel(p) for p in model.parameters()),
-            params_held=sum(p.numel() for p in model.parameters()),  # this rank's memory before DeepSpeed
-            gradient_checkpointing=t.gradient_checkpointing,
-            zero3_init=zero_init is not None,
+            "samples", rank=env.rank, step=state.step + 1, ids=sorted(i for mb in mbs for r in mb for i in r)
         )
-    metrics.record_data(report, data.reused)
-    order = train_order(lengths, cfg, env.world_size)
-    rows, plan = order.rows, order.plan
-    if is0:
-        log_json(
-            "data",
-            report=report,
-            curated_key=data.key,
-            curated_reused=data.reused,
-            train_examples=len(lengths),
-            eval_examples=report.get("eval_examples"),
-            rows=len(rows),
-            packing=cfg.dataset.packing,
-            plan=plan.__dict__,
-        )
-        store.put_bytes(json.dumps(report, indent=1).encode(), Layout.DATA_REPORT)
-
-    wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
-    # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
-    wrapper.train()
-    optimizer = make_optimizer(wrapper, cfg)
-    warmup = math.ceil(t.warmup_ratio * plan.total_steps)
-
-    def make_sched(opt: Any) -> Any:  # built on DeepSpeed's wrapped optimizer, saved in its checkpoints
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, plan.total_steps, warmup, t.scheduler)
-        )
-
-    if is0:
-        log_json(
-            "deepspeed", zero_stage=stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size
-        )
-    engine, _, _, sched = deepspeed.initialize(
-        model=wrapper, optimizer=optimizer, lr_scheduler=make_sched, config=ds_config(plan.micro, plan.accum)
+    pad_id = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
+    batches = [collate(mb, s.examples, pad_id) for mb in mbs]
+    local_labels = sum(int((b["targets"] != -100).sum()) for b in batches)
+    local_real = sum(b["real_tokens"] for b in batches)
+    n_labels, _ = _allreduce([local_labels, 0.0])
+    scale = plan.accum * env.world_size / max(n_labels, 1.0)
+    lr = s.sched.get_last_lr()[0]
+    loss_sum = 0.0
+    for b in batches:
+        out, _ = s.engine(*(b[name].to(s.engine.device) for name in ("input_ids", "position_ids", "targets")))
+        s.engine.backward(out * scale)
+        s.engine.step()
+        loss_sum += float(out.detach())
+    tot_loss, tot_real, stop_votes = _allreduce([loss_sum, float(local_real), float(s.stop.requested)])
+    gn = s.engine.get_global_grad_norm()
+    return StepResult(
+        tot_loss / max(n_labels, 1.0),
+        lr,
+        None if gn is None else float(gn),
+        int(tot_real),
+        local_real,
+        time.monotonic() - t0,
+        stop_votes > 0,
     )
 
-    start, tokens_seen = 0, 0
-    full = cfg.method.type == "full"  # adapters: the frozen base comes from the model source, not checkpoints
-    resume = Layout.newest_checkpoint(store.list(Layout.CHECKPOINTS))
-    if resume is not None:
-        state, fetched = checkpoint.load(engine, store, resume, env.rank, staging, frozen_saved=full)
-        log_json("checkpoint_fetched", rank=env.rank, step=resume, files=fetched)  # every rank: its own list
-        start, tokens_seen = int(state["step"]), int(state.get("tokens", 0))
-        metrics.resumed_step.set(start)
-        if is0:
-            log_json("resumed", step=start)
-    metrics.total_steps.set(plan.total_steps)
-    metrics.step.set(start)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    order_epoch, ordered = -1, rows
-    t_run = time.monotonic()
-    loss = float("nan")
 
-    for step in range(start, plan.total_steps):
-        t0 = time.monotonic()
-        epoch, within = divmod(step, plan.steps_per_epoch)
-        if epoch != order_epoch:
-            order_epoch, ordered = epoch, epoch_order(rows, t.seed, epoch)
-        mbs = micro_batches_for(env.rank, env.world_size, within, ordered, lengths, plan.micro, plan.accum)
-        batches = [collate(mb, examples, pad_id) for mb in mbs]
-        local_labels = sum(int((b["targets"] != -100).sum()) for b in batches)
-        local_real = sum(b["real_tokens"] for b in batches)
-        n_labels, _ = _allreduce([local_labels, 0.0])
-        scale = plan.accum * env.world_size / max(n_labels, 1.0)
-        lr = sched.get_last_lr()[0]
-        loss_sum = 0.0
-        for b in batches:
-            out, _ = engine(*(b[name].to(engine.device) for name in ("input_ids", "position_ids", "targets")))
-            engine.backward(out * scale)
-            engine.step()
-            loss_sum += float(out.detach())
-        tot_loss, tot_real, stop_votes = _allreduce([loss_sum, float(local_real), float(stop.requested)])
-        loss = tot_loss / max(n_labels, 1.0)
-        tokens_seen += int(tot_real)  # all ranks
-        done = step + 1
-        dt = time.monotonic() - t0
-        gn = engine.get_global_grad_norm()
-        tps = tot_real / dt if dt > 0 else 0.0
-        eta = (time.monotonic() - t_run) / (done - start) * (plan.total_steps - done)
-        metrics.loss.set(loss)
-        metrics.lr.set(lr)
-        metrics.step.set(done)
-        metrics.epoch.set(done / plan.steps_per_epoch)
-        metrics.tokens.inc(local_real)
-        metrics.tps.set(tps)
-        metrics.eta.set(eta)
-        if gn is not None:
-            metrics.grad_norm.set(float(gn))
-        metrics.sample_memory()
-        if is0 and (done % cfg.runtime.log_every_steps == 0 or done == plan.total_steps):
-            log_json(
-                "step",
-                step=done,
-                total_steps=plan.total_steps,
-                loss=round(loss, 6),
-                lr=lr,
-                grad_norm=None if gn is None else float(gn),
-                epoch=round(done / plan.steps_per_epoch, 4),
-                tokens_per_second=round(tps, 1),
-                tokens=int(tot_real),
-                step_seconds=round(dt, 3),
-                eta_seconds=round(eta, 1),
-            )
-            tracker.metrics(
-                {
-                    "train_loss": loss,
-                    "learning_rate": lr,
-                    "tokens_per_second": tps,
-                    "grad_norm": None if gn is None else float(gn),
-                    "epoch": done / plan.steps_per_epoch,
-                },
-                done,
-            )
-        preempt = stop_votes > 0
-        if (done % t.checkpoint_steps == 0 or preempt) and done < plan.total_steps:
-            c0 = time.monotonic()
-            checkpoint.save(
-                engine,
-                store,
-                done,
-                env.rank,
-                staging,
-                {"step": done, "tokens": tokens_seen, "loss": loss},
-                cfg.output.keep_checkpoints,
-                save_frozen=full,
-            )
-            metrics.ckpt_seconds.observe(time.monotonic() - c0)
-            metrics.checkpoint_step.set(done)
-            if is0:
-                log_json("checkpoint", step=done, seconds=round(time.monotonic() - c0, 3))
-        if preempt:
-            tracker.close(timeout=30)
-            raise Preempted(f"SIGTERM: checkpoint step-{done} saved, exiting for a retry")
-        stop.hold(done)
+def report_step(s: Setup, state: TrainState, r: StepResult, start: int, t_run: float) -> None:
+    """Metrics endpoint, JSON log and tracker for one finished step."""
+    plan, m, done = s.plan, s.metrics, state.step
+    tps = r.tokens / r.seconds if r.seconds > 0 else 0.0
+    eta = (time.monotonic() - t_run) / (done - start) * (plan.total_steps - done)
+    m.loss.set(r.loss)
+    m.lr.set(r.lr)
+    m.step.set(done)
+    m.epoch.set(done / plan.steps_per_epoch)
+    m.tokens.inc(r.local_tokens)
+    m.tps.set(tps)
+    m.eta.set(eta)
+    if r.grad_norm is not None:
+        m.grad_norm.set(r.grad_norm)
+    m.sample_memory()
+    if s.is0 and (done % s.cfg.runtime.log_every_steps == 0 or done == plan.total_steps):
+        log_json(
+            "step",
+            step=done,
+            total_steps=plan.total_steps,
+            loss=round(r.loss, 6),
+            lr=r.lr,
+            grad_norm=r.grad_norm,
+            epoch=round(done / plan.steps_per_epoch, 4),
+            tokens_per_second=round(tps, 1),
+            tokens=r.tokens,
+            step_seconds=round(r.seconds, 3),
+            eta_seconds=round(eta, 1),
+        )
+        s.tracker.metrics(
+            {
+                "train_loss": r.loss,
+                "learning_rate": r.lr,
+                "tokens_per_second": tps,
+                "grad_norm": r.grad_norm,
+                "epoch": done / plan.steps_per_epoch,
+            },
+            done,
+        )
 
-    out_dir = os.path.join(staging, "final")
-    kind = export_weights(engine, model, tok, cfg, env.rank, out_dir)
-    if is0:
-        store.upload_dir(out_dir, kind)
+
+def save_checkpoint(s: Setup, state: TrainState) -> None:
+    c0 = time.monotonic()
+    checkpoint.save(s.engine, s.store, s.ident, state, s.env.rank, s.staging, s.cfg.output.keep_checkpoints)
+    s.metrics.ckpt_seconds.observe(time.monotonic() - c0)
+    s.metrics.checkpoint_step.set(state.step)
+    if s.is0:
+        log_json("checkpoint", step=state.step, seconds=round(time.monotonic() - c0, 3))
+
+
+def export(s: Setup, state: TrainState, resumed_from: int | None) -> None:
+    """The trained weights, summary and (train-only runs) the manifest."""
+    cfg, plan = s.cfg, s.plan
+    out_dir = os.path.join(s.staging, "final")
+    kind = export_weights(s.engine, s.model, s.tok, cfg, s.env.rank, out_dir)
+    if s.is0:
+        s.store.upload_dir(out_dir, kind)
         summary = {
             "steps": plan.total_steps,
-            "final_loss": loss,
-            "tokens": tokens_seen,
-            "resumed_from": resume,
+            "final_loss": state.loss,
+            "tokens": state.tokens,
+            "resumed_from": resumed_from,
             "plan": plan.__dict__,
-            "data": report,
+            "data": s.report,
         }
-        store.put_bytes(json.dumps(summary, indent=1).encode(), Layout.TRAIN_SUMMARY)
-        tracker.metrics({"train_final_loss": loss, "train_tokens": tokens_seen}, plan.total_steps)
-        tracker.artifact(Layout.DATA_REPORT)
+        s.store.put_bytes(json.dumps(summary, indent=1).encode(), Layout.TRAIN_SUMMARY)
+        s.tracker.metrics({"train_final_loss": state.loss, "train_tokens": state.tokens}, plan.total_steps)
+        s.tracker.artifact(Layout.DATA_REPORT)
         if cfg.is_final(Stage.TRAIN):  # a train-only run: nothing runs after this stage
-            tracker.flush()  # the run's id is in the store before the manifest lists it
-            close_run(store, cfg, Stage.TRAIN)
-            tracker.artifact(Layout.MANIFEST)
-        termination_message(cfg, tracker.close(final=cfg.is_final(Stage.TRAIN)))
-        log_json("done", kind=kind, steps=plan.total_steps, final_loss=loss)
+            s.tracker.flush()  # the run's id is in the store before the manifest lists it
+            close_run(s.store, cfg, Stage.TRAIN)
+            s.tracker.artifact(Layout.MANIFEST)
+        termination_message(cfg, s.tracker.close(final=cfg.is_final(Stage.TRAIN)))
+        log_json("done", kind=kind, steps=plan.total_steps, final_loss=state.loss)
     dist.barrier()
+
+
+def train(cfg: TrainerConfig) -> int:
+    """setup -> resume -> steps (report, checkpoint) -> export."""
+    s = setup(cfg)
+    state = resume(s)
+    start, plan = state.step, s.plan
+    s.metrics.total_steps.set(plan.total_steps)
+    s.metrics.step.set(start)
+    epoch_rows = plan.steps_per_epoch * plan.rows_per_step  # rows an epoch trains (the rest are dropped)
+    order_epoch, ordered = -1, s.rows
+    t_run = time.monotonic()
+    while state.step < plan.total_steps:
+        epoch, offset = divmod(state.samples, epoch_rows)  # the cursor, whatever the world size
+        if epoch != order_epoch:
+            order_epoch, ordered = epoch, epoch_order(s.rows, cfg.training.seed, epoch)
+        r = train_step(s, state, ordered, offset)
+        state = TrainState(
+            state.step + 1, state.samples + plan.rows_per_step, state.tokens + r.tokens, r.loss
+        )
+        report_step(s, state, r, start, t_run)
+        due = state.step % cfg.training.checkpoint_steps == 0 or r.stop
+        if due and state.step < plan.total_steps:
+            save_checkpoint(s, state)
+        if r.stop:
+            s.tracker.close(timeout=30)
+            raise Preempted(f"SIGTERM: checkpoint step-{state.step} saved, exiting for a retry")
+        s.stop.hold(state.step)
+    export(s, state, start or None)
     return int(ExitCode.OK)

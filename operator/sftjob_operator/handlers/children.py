@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import datetime
 
@@ -12,6 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from sftjob_api import SFTJobSpec, Stage, stages
 
+from ..render.elastic import spec_at
 from ..render.names import ChildNames
 from ..render.network_policy import NetworkPolicyOptions, render_network_policy
 from ..render.objects import RenderOptions, SFTJobRef, needs_service, render_service, render_stage_job
@@ -35,7 +36,13 @@ class Children:
         self.network = network
 
     def ensure_base(
-        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: dict[Stage, JobObs], memo: Memo, full: FullSpec = None
+        self,
+        ref: SFTJobRef,
+        spec: SFTJobSpec,
+        jobs: Mapping[Stage, JobObs],
+        memo: Memo,
+        full: FullSpec = None,
+        nodes: int | None = None,
     ) -> None:
         """The NetworkPolicy, the Service of a multi-node run and the first stage's Job (curate, else train)."""
         # Once a stage Job exists its NetworkPolicy and Service were created before it.
@@ -45,19 +52,34 @@ class Children:
         if self.network is not None and "networkpolicy" not in memo.created:
             self.kube.create(render_network_policy(ref, self.network, self.opts.metrics_port))
             memo.created["networkpolicy"] = time.monotonic()
+        self._ensure_service(ref, spec, memo)
+        self.create_job(stages(spec)[0], ref, spec, memo, full, nodes)
+
+    def _ensure_service(self, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
         if needs_service(spec) and "service" not in memo.created:
             self.kube.create(render_service(ref))
             memo.created["service"] = time.monotonic()
-        self.create_job(stages(spec)[0], ref, spec, memo, full)
 
     def create_job(
-        self, stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo, full: FullSpec = None
+        self,
+        stage: Stage,
+        ref: SFTJobRef,
+        spec: SFTJobSpec,
+        memo: Memo,
+        full: FullSpec = None,
+        nodes: int | None = None,
     ) -> None:
-        """`full` gives the spec with its child-only fields when `spec` came from the slim index."""
+        """`full` gives the spec with its child-only fields when `spec` came from the slim index; `nodes`: the
+        training group's size (render/elastic.py), resources.nodes when None."""
         last = memo.created.get(stage)
         if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
             return  # created moments ago; the watch has not shown it yet
-        job = render_stage_job(stage, ref, full() if full else spec, self.opts)
+        whole = full() if full else spec
+        if stage == Stage.TRAIN:
+            # resources.nodes may have been edited from 1 (no Service yet) while the run was suspended
+            self._ensure_service(ref, whole, memo)
+            whole = spec_at(whole, nodes or whole.resources.nodes)
+        job = render_stage_job(stage, ref, whole, self.opts)
         if self.kube.create(job):
             log.info("created %s Job %s/%s", stage, ref.namespace, job["metadata"]["name"])
         memo.created[stage] = time.monotonic()
@@ -71,7 +93,7 @@ class Children:
     def find_stuck(
         self,
         namespace: str,
-        jobs: dict[Stage, JobObs],
+        jobs: Mapping[Stage, JobObs],
         pods: list[PodObs],
         spec: SFTJobSpec,
         now: datetime,

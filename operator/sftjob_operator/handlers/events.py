@@ -50,7 +50,13 @@ def record_transition(
     if new is not None and new.train_job_uid not in {r.train_job_uid for r in prev.recoveries}:
         cause = cause_kind(new)
         metrics.RECOVERIES.labels(cause=cause).inc()
-        kube.post_event(body, "Warning", "TrainerRestarted", f"group restart ({cause}): {decision.message}")
+        if new.to_world_size is not None:  # render/elastic.py
+            grew = new.to_world_size > (new.from_world_size or 0)
+            kube.post_event(body, "Normal" if grew else "Warning", "GroupResized", decision.message)
+        else:
+            kube.post_event(
+                body, "Warning", "TrainerRestarted", f"group restart ({cause}): {decision.message}"
+            )
     if prev_phase != new_phase or prev.reason != decision.reason:
         if prev_phase != new_phase:
             metrics.TRANSITIONS.labels(from_phase=prev_phase or "", to_phase=new_phase).inc()

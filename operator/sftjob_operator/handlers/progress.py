@@ -170,7 +170,7 @@ def progress_update(
         update["data"] = data
     saved = checkpoint_step(page.text)
     if saved is not None and status.artifacts is not None:
-        latest = checkpoint_uri(target.spec, meta["namespace"], meta["name"], saved)
+        latest = checkpoint_uri(target.spec, meta["namespace"], meta["name"], meta["uid"], saved)
         if status.artifacts.latest_checkpoint != latest:
             update["artifacts"] = status.artifacts.model_copy(update={"latest_checkpoint": latest})
     return update

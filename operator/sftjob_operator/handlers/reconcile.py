@@ -1,4 +1,4 @@
-"""The reconcile loop of one SFTJob: observe children -> next_phase -> act -> write status.
+"""The reconcile loop of one SFTJob: read -> observe -> decide -> act -> write status.
 
 Synchronous code run in worker threads (one lock per SFTJob). Every entry point (SFTJob create/update/resume,
 child Job events, the periodic timer) calls the same `reconcile`, so the outcome never depends on which
@@ -7,7 +7,8 @@ Jobs and Pods (kept current by kopf's watch streams).
 
 The pieces: `state` (what the reconcile works from), `children` (creating and suspending child objects,
 stuck detection), `events` (Events and metrics of a transition), `progress` (the progress reader),
-`terminal` (after the end: TTL); the status itself is computed by the pure `render.status`.
+`terminal` (after the end: TTL); the view, the decision and the status itself are pure
+(`render.observation`, `render.phase`).
 """
 
 from __future__ import annotations
@@ -15,35 +16,35 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
 
-from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
+from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec
 from sftjob_api.policy import policy_error
 
 from .. import metrics
 from ..render import phase as ph
 from ..render.bad_nodes import avoided_nodes
-from ..render.names import COMPLETION_INDEX_LABEL, LABEL_STAGE, ChildNames
-from ..render.objects import SFTJobRef
-from ..render.observe import JobObs, PodObs, observe_job, observe_pod
-from ..render.recovery import RestartPlan, plan_restart, stall_now, stalled_condition
-from ..render.status import (
-    EvalOutcome,
-    build_status,
-    eval_outcome,
-    failed_pod_message,
-    owned_by,
-    parse_status,
-    tracking_status,
+from ..render.elastic import capacity_mark, group_size, render_probe_job, spec_at
+from ..render.names import PROBE
+from ..render.objects import SFTJobRef, render_train_job
+from ..render.observation import (
+    Observation,
+    children_of,
+    observe,
+    read_spec,
+    render_status,
+    running_train_pods,
+    train_pods,
 )
-from ..render.stuck import Stuck, stuck_failure_message
-from ..render.trainer_config import cluster_output_error
-from ..render.user_view import unschedulable_condition
+from ..render.observe import JobObs, PodObs
+from ..render.recovery import Stall, stall_now
+from ..render.status import parse_status
+from ..render.stuck import Stuck
 from ..settings import Settings
-from .children import Children, FullSpec, own_suspend_writes, refresh_created
+from .children import RECREATE_AFTER_S, Children, FullSpec, own_suspend_writes, refresh_created
 from .events import record_transition
 from .kube import ChildConflict, ChildNotYet, ChildRejected, Kube
 from .kueue import sync_workload_active
@@ -174,27 +175,17 @@ class Reconciler:
     def _reconcile(self, body: Obj, snap: Snapshot, tick: bool, trust_snapshot: bool = False) -> str | None:
         meta = body["metadata"]
         namespace, name, uid = meta["namespace"], meta["name"], meta["uid"]
-        generation = meta.get("generation")
         prev = parse_status(body.get("status"))
-        prev_phase = prev.phase
         memo = self.memo(uid)
         now = _now()
 
-        if prev_phase is not None and prev_phase in ph.TERMINAL:
-            metrics.PHASES.set(uid, prev_phase, namespace, name, eval_loss=eval_loss(prev))
+        if prev.phase is not None and prev.phase in ph.TERMINAL:
+            metrics.PHASES.set(uid, prev.phase, namespace, name, eval_loss=eval_loss(prev))
             after_terminal(self.kube, self.children, body, prev, snap, memo, now)
-            return str(prev_phase)
+            return str(prev.phase)
 
-        spec: SFTJobSpec | None = None
-        spec_error: str | None = None
-        try:
-            spec = parse_spec(body.get("spec") or {})
-            spec_error = cluster_output_error(spec)
-        except SpecError as e:
-            spec_error = "; ".join(e.errors)
-        except Exception as e:  # the operator must never crash on user input
-            spec_error = f"spec could not be read: {e}"
-
+        # Read: the spec and the children this SFTJob owns.
+        spec, spec_error = read_spec(body.get("spec"))
         ref = SFTJobRef(
             name=name,
             namespace=namespace,
@@ -202,145 +193,70 @@ class Reconciler:
             labels=tuple(sorted((meta.get("labels") or {}).items())),
             avoid_nodes=avoided_nodes(prev.recoveries),
         )
-        names = ChildNames(name)
-        # A train Job being deleted stays in view: it is a group restart's teardown (render/recovery.py).
-        jobs = {
-            j["metadata"].get("labels", {}).get(LABEL_STAGE): j
-            for j in snap.jobs
-            if owned_by(j, uid)
-            and (
-                not j["metadata"].get("deletionTimestamp")
-                or j["metadata"].get("labels", {}).get(LABEL_STAGE) == Stage.TRAIN
-            )
-        }
-        job_uids = {s: j["metadata"].get("uid") for s, j in jobs.items()}
-        pods = [p for p in snap.pods if any(owned_by(p, u) for u in job_uids.values() if u)]
-        obs_jobs: dict[Stage, JobObs] = {Stage(s): observe_job(j) for s, j in jobs.items() if s in set(Stage)}
-        pod_obs = [observe_pod(p, LABEL_STAGE, COMPLETION_INDEX_LABEL) for p in pods]
-
+        kids = children_of(uid, snap.jobs, snap.pods)
+        jobs, name_conflict = kids.jobs, None
         if spec is not None and spec_error is None and not jobs:
             # The admin policy again, before the first child: for SFTJobs admitted before it existed
             # (sftjob_api/policy.py). Like admission, it judges what is about to start; a run already going
             # is not failed by a later, tighter policy.
             spec_error = policy_error(body, namespace, self.settings.admission_policy)
-
-        name_conflict: str | None = None
         if spec is not None and spec_error is None:
-            try:
-                self.children.ensure_base(ref, spec, obs_jobs, memo, self._full_spec(body))
-            except ChildRejected as e:  # the spec's fault: Failed/InvalidSpec, never retried
-                spec_error = str(e)
-            except ChildConflict as e:  # someone else's object has a child's name: Failed/NameConflict
-                name_conflict = str(e)
-            except ChildNotYet as e:  # an earlier SFTJob's child is still going: the next reconcile creates
-                log.info("%s/%s: %s", namespace, name, e)
+            size = group_size(spec, prev)
+            spec_error, name_conflict = self._ensure_base(ref, spec, jobs, memo, body, size)
         if spec is not None and spec_error is None:
-            obs_jobs = own_suspend_writes(refresh_created(ref, spec, obs_jobs, memo), memo)
+            jobs = own_suspend_writes(refresh_created(ref, spec, dict(jobs), memo), memo)
 
-        outcome = eval_outcome(spec, obs_jobs.get(Stage.EVAL), pod_obs, prev) if spec else EvalOutcome()
-
+        # Observe: the children, plus what they do not say (Job events of stuck pods, the step clock, Nodes).
         stuck: Stuck | None = None
-        stuck_fail: str | None = None
-        if spec is not None and spec_error is None and not spec.suspend:
-            stuck = self.children.find_stuck(namespace, obs_jobs, pod_obs, spec, now)
-            if stuck is not None:
-                stuck_fail = stuck_failure_message(
-                    stuck,
-                    now,
-                    spec.run_policy.stuck_pending_timeout_seconds,
-                    spec.run_policy.fail_when_stuck_seconds,
-                )
-
-        running = sum(
-            1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and not p.deleting
+        stall: Stall | None = None
+        problems: dict[str, str] = {}
+        pods = list(kids.pods)
+        if spec is not None and spec_error is None and name_conflict is None:
+            if not spec.suspend:
+                stuck = self.children.find_stuck(namespace, jobs, pods, spec, now)
+            train = jobs.get(Stage.TRAIN)
+            running, _ = running_train_pods(pods)
+            stall = stall_now(memo.steps, train, running, prev.phase, spec.suspend, spec.run_policy, now)
+            problems = self._node_problems(train, train_pods(pods), tick)
+        memo.capacity_since_step = capacity_mark(memo.capacity_since_step, kids.probe_pods, prev)
+        obs = observe(
+            prev,
+            spec,
+            spec_error,
+            name_conflict,
+            ref.queued,
+            jobs,
+            pods,
+            stuck,
+            stall,
+            problems,
+            now,
+            kids.probe_pods,
+            memo.capacity_since_step,
         )
-        stopping = sum(1 for p in pod_obs if p.stage == Stage.TRAIN and p.phase == "Running" and p.deleting)
-        restart = RestartPlan(prev)
-        train_job = obs_jobs.get(Stage.TRAIN)
-        if spec is not None and spec_error is None:
-            policy = spec.run_policy
-            stall = stall_now(memo.steps, train_job, running, prev_phase, spec.suspend, policy, now)
-            train_pods = [p for p in pod_obs if p.stage == Stage.TRAIN]
-            problems = self._node_problems(train_job, train_pods, tick)
-            restart = plan_restart(prev, spec.run_policy, train_job, train_pods, stall, now, problems)
+        # Act before deciding on one thing: the stage Job the run lacks, so that the decision (and the one
+        # status write of this transition) already sees it (benchmarks/operator_scale.py counts the writes).
+        if obs.runnable and spec is not None:
+            obs = self._create_missing(obs, ref, spec, memo, body)
 
-        obs = ph.Observed(
-            phase=prev_phase,
-            spec_error=spec_error,
-            name_conflict=name_conflict,
-            suspend=bool(spec.suspend) if spec else False,
-            queued=ref.queued,
-            curate=obs_jobs.get(Stage.CURATE),
-            train=obs_jobs.get(Stage.TRAIN),
-            eval=obs_jobs.get(Stage.EVAL),
-            merge=obs_jobs.get(Stage.MERGE),
-            stages=stages(spec) if spec else ph.ALL_STAGES,
-            gate_failures=outcome.gate_failures,
-            running_train_pods=running,
-            stopping_train_pods=stopping,
-            stuck_failure=stuck_fail,
-            eval_gate_exit=outcome.gate_exit,
-            curate_failure=failed_pod_message(obs_jobs.get(Stage.CURATE), pod_obs, Stage.CURATE),
-            group_restart=restart.group_restart,
-            restarts_exhausted=restart.exhausted,
-        )
-        decision = ph.next_phase(obs)
-        if not trust_snapshot and ph.goes_back(prev_phase, decision.phase, ph.curation_done(obs)):
-            raise StaleChildren(f"{prev_phase} -> {decision.phase}")  # before acting on the stale view
+        # Decide.
+        decision = ph.next_phase(obs.phase)
+        if not trust_snapshot and ph.goes_back(prev.phase, decision.phase, ph.curation_done(obs.phase)):
+            raise StaleChildren(f"{prev.phase} -> {decision.phase}")  # before acting on the stale view
 
-        # Act: the stage Job the decision needs, and suspend state of the live stage Job.
-        if spec is not None and spec_error is None and not decision.terminal:
-            stage = ph.active_stage(decision, obs)
-            if stage is not None and stage not in obs_jobs:
-                try:
-                    self.children.create_job(stage, ref, spec, memo, self._full_spec(body))
-                except ChildRejected as e:
-                    obs = replace(obs, spec_error=str(e))
-                    decision = ph.next_phase(obs)
-                except ChildConflict as e:
-                    obs = replace(obs, name_conflict=str(e))
-                    decision = ph.next_phase(obs)
-                except ChildNotYet as e:
-                    log.info("%s/%s: %s", namespace, name, e)
-                else:
-                    # Decide again with the new Job in view, as the next reconcile would: one status write
-                    # per transition instead of two (benchmarks/operator_scale.py counts them).
-                    obs_jobs = refresh_created(ref, spec, obs_jobs, memo)
-                    outcome = eval_outcome(spec, obs_jobs.get(Stage.EVAL), pod_obs, prev)
-                    obs = replace(
-                        obs,
-                        curate=obs_jobs.get(Stage.CURATE),
-                        train=obs_jobs.get(Stage.TRAIN),
-                        eval=obs_jobs.get(Stage.EVAL),
-                        merge=obs_jobs.get(Stage.MERGE),
-                        gate_failures=outcome.gate_failures,
-                        eval_gate_exit=outcome.gate_exit,
-                    )
-                    decision = ph.next_phase(obs)
-            for job in obs_jobs.values():
-                if job.finished or job.deleting:
-                    continue
-                if ref.queued and sync_workload_active(self.kube, namespace, job, not spec.suspend, memo):
-                    continue  # Kueue suspends and resumes its Job (handlers/kueue.py)
-                if spec.suspend and not job.suspended:
-                    self.kube.set_job_suspend(namespace, job.name, True)
-                    memo.suspended[job.name] = (True, time.monotonic())
-                elif not spec.suspend and job.suspended and not ref.queued:
-                    self.kube.set_job_suspend(namespace, job.name, False)
-                    memo.suspended[job.name] = (False, time.monotonic())
-
+        # Act: suspend state of the live stage Jobs; a finished run keeps nothing running.
+        if obs.runnable and spec is not None and not decision.terminal:
+            self._sync_suspend(ref, spec, obs, memo)
         if decision.terminal:
-            self.children.stop_unfinished(namespace, list(obs_jobs.values()))
+            self.children.stop_unfinished(namespace, list(obs.jobs.values()))
+        self._sync_probe(ref, obs, kids.probe, 0 if decision.terminal else obs.probe_pods, memo, body)
 
-        status = build_status(
-            meta, restart.status, spec, decision, obs, outcome.results, stuck, now, generation, names
-        )
-        status.conditions = stalled_condition(status.conditions, restart, now, generation)
-        status.conditions = unschedulable_condition(status.conditions, pod_obs, now, generation)
-        status.tracking = tracking_status(pod_obs, prev.tracking)
+        # Write the status, then what must follow it.
+        status = render_status(meta, obs, decision, now, meta.get("generation"))
         written = self.kube.write_status(body, status)
         if written is not body:
             memo.own_write = (meta["resourceVersion"], slim_sftjob(written))
+        restart = obs.restart
         if restart.delete is not None:  # after the recovery is recorded: a retry never counts it twice
             self.kube.delete_job(namespace, restart.delete.name, restart.delete.uid)
             memo.created.pop(Stage.TRAIN, None)  # re-create as soon as it is gone
@@ -348,14 +264,89 @@ class Reconciler:
             self.kube.force_delete_pod(namespace, pod.name)
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
         record_transition(self.kube, body, prev, status, decision, stuck, now)
+        if obs.grow_held and not memo.grow_held:  # once per wait (render/elastic.py)
+            self.kube.post_event(body, "Normal", "ResizeHeld", obs.grow_held)
+        memo.grow_held = obs.grow_held is not None
         if tick and decision.phase == ph.TRAINING and spec is not None:
-            train_uid = train_job.uid if train_job else ""
+            train_job = obs.jobs.get(Stage.TRAIN)
             port, interval = self.settings.trainer_metrics_port, self.settings.progress_interval
-            target = progress_target(pod_obs, port, interval, memo, train_uid, written, spec)
+            target = progress_target(
+                pods, port, interval, memo, train_job.uid if train_job else "", written, spec
+            )
             if target is not None:  # read by `progress`, after this lock is released
                 with self._locks_guard:
                     self._progress[(namespace, name)] = target
         return decision.phase
+
+    def _ensure_base(
+        self, ref: SFTJobRef, spec: SFTJobSpec, jobs: Mapping[Stage, JobObs], memo: Memo, body: Obj, size: int
+    ) -> tuple[str | None, str | None]:
+        """The first children of a run (render/objects.py); -> (spec error, name conflict)."""
+        try:
+            self.children.ensure_base(ref, spec, dict(jobs), memo, self._full_spec(body), size)
+        except ChildRejected as e:  # the spec's fault: Failed/InvalidSpec, never retried
+            return str(e), None
+        except ChildConflict as e:  # someone else's object has a child's name: Failed/NameConflict
+            return None, str(e)
+        except ChildNotYet as e:  # an earlier SFTJob's child is still going: the next reconcile creates
+            log.info("%s/%s: %s", ref.namespace, ref.name, e)
+        return None, None
+
+    def _create_missing(
+        self, obs: Observation, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo, body: Obj
+    ) -> Observation:
+        """Create the stage Job the observation lacks; -> the observation with it (or with why it failed)."""
+        stage = ph.stage_to_create(obs.phase)
+        if stage is None:
+            return obs
+        size = group_size(spec, obs.restart.status)
+        try:
+            self.children.create_job(stage, ref, spec, memo, self._full_spec(body), size)
+        except ChildRejected as e:
+            return obs.failing(spec_error=str(e))
+        except ChildConflict as e:
+            return obs.failing(name_conflict=str(e))
+        except ChildNotYet as e:
+            log.info("%s/%s: %s", ref.namespace, ref.name, e)
+            return obs
+        return obs.with_jobs(refresh_created(ref, spec, dict(obs.jobs), memo))
+
+    def _sync_probe(
+        self, ref: SFTJobRef, obs: Observation, probe: JobObs | None, want: int, memo: Memo, body: Obj
+    ) -> None:
+        """An elastic run's capacity probe (render/elastic.py): `want` placeholder pods, or none."""
+        if probe is not None and probe.completions != want:
+            self.kube.delete_job(ref.namespace, probe.name, probe.uid)  # re-created at the new count
+            memo.created.pop(PROBE, None)
+            return
+        if probe is not None or want == 0 or obs.spec is None:
+            return
+        last = memo.created.get(PROBE)
+        if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
+            return  # created moments ago; the watch has not shown it yet
+        full = self._full_spec(body)
+        try:
+            spec = full() if full else obs.spec
+        except (ChildNotYet, ChildRejected) as e:  # the next reconcile decides on it
+            log.info("%s/%s: capacity probe: %s", ref.namespace, ref.name, e)
+            return
+        train = render_train_job(ref, spec_at(spec, group_size(spec, obs.restart.status)), self.opts)
+        self.kube.create(render_probe_job(train, ref.name, want))
+        memo.created[PROBE] = time.monotonic()
+
+    def _sync_suspend(self, ref: SFTJobRef, spec: SFTJobSpec, obs: Observation, memo: Memo) -> None:
+        """spec.suspend onto every live stage Job (Kueue's Jobs through their Workload)."""
+        for job in obs.jobs.values():
+            if job.finished or job.deleting:
+                continue
+            if ref.queued and sync_workload_active(self.kube, ref.namespace, job, not spec.suspend, memo):
+                continue  # Kueue suspends and resumes its Job (handlers/kueue.py)
+            if spec.suspend and not job.suspended:
+                self.kube.set_job_suspend(ref.namespace, job.name, True)
+                memo.suspended[job.name] = (True, time.monotonic())
+            elif not spec.suspend and job.suspended and not ref.queued:
+                self.kube.set_job_suspend(ref.namespace, job.name, False)
+                memo.suspended[job.name] = (False, time.monotonic())
 
     # ---- the progress reader (handlers/progress.py) --------------------------------------------------------
 

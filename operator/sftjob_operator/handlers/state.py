@@ -121,3 +121,6 @@ class Memo:
     # Kueue: child Job name -> (its uid, the Workload spec.active we wrote) (handlers/kueue.py)
     workload_active: dict[str, tuple[str, bool]] = field(default_factory=dict)
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen
+    # Elastic runs: the checkpoint step when the capacity probe first found spare nodes (render/elastic.py)
+    capacity_since_step: int | None = None
+    grow_held: bool = False  # the Event ResizeHeld was posted for the grow that waits now

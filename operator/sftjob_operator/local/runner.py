@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +29,11 @@ import yaml
 
 from sftjob_api import Layout, Phase, Reason, SFTJob, SpecError, Stage, parse_sftjob, stages
 from sftjob_api.exit_codes import ExitCode
+from sftjob_api.layout import RUN_ID
 from sftjob_api.ports import free_port
 from sftjob_api.spec import CACHE_NAME, OutputSpec, SFTJobSpec
 from sftjob_api.storage import Store, open_store
-from sftjob_api.trainer_config import RuntimeSection, TrainerConfig
+from sftjob_api.trainer_config import RUN_ID_ENV, RuntimeSection, TrainerConfig
 
 from ..render.objects import TERMINATION_GRACE_SECONDS
 from ..render.trainer_config import trainer_config
@@ -136,7 +138,7 @@ class Run:
     cfg_path: str
     store: Store
     work: str
-    env: dict[str, str]
+    env: dict[str, str]  # the trainer's; carries the run id (RUN_ID_ENV)
     echo: Callable[[str], None]
     intr: Interrupt
     timings: dict[str, float] = field(default_factory=dict)
@@ -204,7 +206,7 @@ def run_curate(r: Run) -> int:
 
 def run_train(r: Run) -> int:
     nproc = r.cfg.world_size()
-    resume = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS))
+    resume = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS), r.env[RUN_ID_ENV])
     r.phase(Phase.TRAINING, f"{nproc} local rank(s)" + (f", resuming from step {resume}" if resume else ""))
     prog = Progress(r.steps_file)
     argv = ["launch", "--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1"]
@@ -290,11 +292,28 @@ def prepare(opts: Options, job: SFTJob, server: Any, intr: Interrupt) -> Run:
             store.delete_prefix(prefix)
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, exist_ok=True)
+    run_id = local_run_id(work)
     cfg_path = os.path.join(work, "config.json")
     with open(cfg_path, "w") as f:
         json.dump(cfg.model_dump(mode="json", exclude_none=True), f, indent=1)
     opts.echo(f"artifacts: {cfg.run.output_root}   logs and config: {work}/")
-    return Run(cfg, cfg_path, store, work, child_env(cfg.world_size(), s3env), opts.echo, intr)
+    env = child_env(cfg.world_size(), {**s3env, RUN_ID_ENV: run_id})
+    return Run(cfg, cfg_path, store, work, env, opts.echo, intr)
+
+
+def local_run_id(work: str) -> str:
+    """This run's identity, kept in its work directory: a rerun of the same manifest continues the same run
+    (and its checkpoints); --fresh, or another work directory, starts a new one (docs/recovery.md)."""
+    path = os.path.join(work, "run-id")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = f.read().strip()
+        if RUN_ID.match(kept):
+            return kept
+    run_id = uuid.uuid4().hex
+    with open(path, "w") as f:
+        f.write(run_id + "\n")
+    return run_id
 
 
 def run(opts: Options) -> int:
@@ -363,7 +382,11 @@ def stopped(intr: Interrupt, job: SFTJob, r: Run | None, opts: Options) -> int:
     planned = stages(r.cfg if r else job.spec)
     done = [s for s in planned if r and r.done(s)]
     todo = [str(s) for s in planned if s not in done]
-    newest = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS)) if r and Stage.TRAIN in todo else None
+    newest = (
+        Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS), r.env[RUN_ID_ENV])
+        if r and Stage.TRAIN in todo
+        else None
+    )
     running = r.running if r and intr.sent else None
     lines = stop_lines(
         signum,

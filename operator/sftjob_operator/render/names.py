@@ -15,6 +15,11 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 # Set by the Job controller on every pod of an Indexed Job (also exported as JOB_COMPLETION_INDEX).
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+# On the train Job: the group's shape it was rendered at (render/elastic.py compares it with the wanted one).
+LABEL_NODES = f"{GROUP}/nodes"
+LABEL_GPUS_PER_NODE = f"{GROUP}/gpus-per-node"
+# The stage label of an elastic run's capacity probe (render/elastic.py): not a stage of the run.
+PROBE = "probe"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class ChildNames:
     @property
     def merge_job(self) -> str:
         return f"{self.name}-merge"
+
+    @property
+    def probe_job(self) -> str:
+        return f"{self.name}-probe"
 
     def job(self, stage: Stage) -> str:
         return {

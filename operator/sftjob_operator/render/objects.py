@@ -16,9 +16,10 @@ from typing import Any
 from sftjob_api import SFTJobSpec, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.spec import ResourcesSpec
+from sftjob_api.trainer_config import RUN_ID_ENV
 
 from .bad_nodes import with_avoided_nodes
-from .names import KUEUE_LABELS, ChildNames, labels, owner_reference
+from .names import KUEUE_LABELS, LABEL_GPUS_PER_NODE, LABEL_NODES, ChildNames, labels, owner_reference
 from .trainer_config import (
     CONFIG_ANNOTATION,
     CONFIG_DIR,
@@ -36,6 +37,9 @@ METRICS_PORT = 9400
 MASTER_PORT = 29500
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RUN_AS_USER = 1000
+# The root filesystem is read-only: $HOME (caches of HF, triton, torch) and /tmp (the trainer's work dir, the
+# torch extension cache) are emptyDirs of their own.
+HOME_DIR = "/home/trainer"
 # Long enough for the trainer to write a checkpoint on SIGTERM (suspend, preemption, node drain).
 TERMINATION_GRACE_SECONDS = 300
 
@@ -81,8 +85,9 @@ def _meta(ref: SFTJobRef, name: str, stage: str, extra_labels: dict[str, str] | 
 
 
 def needs_service(spec: SFTJobSpec) -> bool:
-    """Only ranks on other pods need rank 0's DNS name; a one-pod group meets on 127.0.0.1."""
-    return spec.resources.nodes > 1
+    """Only ranks on other pods need rank 0's DNS name; a one-pod group meets on 127.0.0.1. An elastic run
+    that may grow past one node has it from the start."""
+    return max(spec.group_sizes(), default=spec.resources.nodes) > 1
 
 
 def render_service(ref: SFTJobRef) -> Obj:
@@ -128,6 +133,9 @@ def _env(spec: SFTJobSpec, opts: RenderOptions) -> list[Obj]:
         {"name": "SFTJOB_TERMINATION_LOG", "value": TERMINATION_MESSAGE_PATH},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HOME", "value": HOME_DIR},
+        # the working directory ($HOME) is writable: keep it off Python's import path
+        {"name": "PYTHONSAFEPATH", "value": "1"},
     ]
     if spec.resources.gpus_per_node == 0:
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
@@ -168,6 +176,7 @@ def _container_security() -> Obj:
     return {
         "allowPrivilegeEscalation": False,
         "privileged": False,
+        "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
@@ -191,7 +200,8 @@ def _pod_template(
         "image": res.image or opts.default_image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": command,
-        "env": _env(spec, opts) + (extra_env or []),
+        # the run's identity (checkpoint prefix and marker; sftjob_api.trainer_config.RUN_ID_ENV)
+        "env": _env(spec, opts) + [{"name": RUN_ID_ENV, "value": ref.uid}] + (extra_env or []),
         "ports": [{"name": "metrics", "containerPort": opts.metrics_port, "protocol": "TCP"}],
         "resources": _resources(res, gpus),
         "securityContext": _container_security(),
@@ -201,6 +211,7 @@ def _pod_template(
             {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "scratch", "mountPath": "/tmp"},
+            {"name": "home", "mountPath": HOME_DIR},
         ],
     }
     volumes: list[Obj] = []
@@ -228,6 +239,7 @@ def _pod_template(
             config_volume("config"),
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
             {"name": "scratch", "emptyDir": {}},
+            {"name": "home", "emptyDir": {}},
             *volumes,
         ],
     }
@@ -360,7 +372,7 @@ def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
         "--config",
         CONFIG_PATH,
     ]
-    multi_node = needs_service(spec)
+    multi_node = res.nodes > 1  # `spec` is at the group's size (render/elastic.py: spec_at)
     extra_env: list[Obj] = [
         {"name": "MASTER_ADDR", "value": names.master_addr if multi_node else "127.0.0.1"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
@@ -377,16 +389,12 @@ def render_train_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> O
     # backoffLimit 0: the first failed rank fails the Job, whose controller then stops the other ranks at once;
     # the operator restarts the whole group (render/recovery.py) and counts against runPolicy.backoffLimit.
     backoff = 0
-    return _job(
-        ref,
-        spec,
-        Stage.TRAIN,
-        template,
-        res.nodes,
-        backoff,
-        child_suspended(ref, spec),
-        True,
+    job = _job(ref, spec, Stage.TRAIN, template, res.nodes, backoff, child_suspended(ref, spec), True)
+    # The shape it runs at, for render/elastic.py to compare with the wanted one.
+    job["metadata"]["labels"].update(
+        {LABEL_NODES: str(res.nodes), LABEL_GPUS_PER_NODE: str(res.gpus_per_node)}
     )
+    return job
 
 
 def render_eval_job(ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:

@@ -9,6 +9,8 @@ from typing import Any
 
 from sftjob_api.status import EvalResults
 
+from .names import LABEL_GPUS_PER_NODE, LABEL_NODES
+
 Obj = dict[str, Any]
 
 
@@ -37,14 +39,23 @@ class JobObs:
     start_time: datetime | None = None
     uid: str = ""
     deleting: bool = False  # deletionTimestamp set (a group restart tears it down)
+    # The train Job's shape as rendered (labels; None on Jobs of operators before elastic runs).
+    nodes: int | None = None
+    gpus_per_node: int | None = None
 
     @property
     def finished(self) -> bool:
         return self.complete or self.failed_reason is not None
 
 
+def _int_label(labels: dict[str, Any], key: str) -> int | None:
+    value = str(labels.get(key) or "")
+    return int(value) if value.isdigit() else None
+
+
 def observe_job(job: Obj) -> JobObs:
     meta = job.get("metadata") or {}
+    lab = meta.get("labels") or {}
     spec = job.get("spec") or {}
     status = job.get("status") or {}
     complete = False
@@ -77,6 +88,8 @@ def observe_job(job: Obj) -> JobObs:
         failed_message=failed_message,
         start_time=parse_time(status.get("startTime")),
         deleting=bool(meta.get("deletionTimestamp")),
+        nodes=_int_label(lab, LABEL_NODES),
+        gpus_per_node=_int_label(lab, LABEL_GPUS_PER_NODE),
     )
 
 
@@ -107,6 +120,8 @@ class PodObs:
     reason: str | None = None  # the pod's status.reason, e.g. Evicted
     disruption: str | None = None  # condition DisruptionTarget=True: "<reason>: <message>"
     node: str | None = None  # spec.nodeName
+    signal: int | None = None  # the container's terminated.signal (set when a signal ended its main process)
+    finished_at: datetime | None = None  # the container's terminated.finishedAt
 
 
 def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
@@ -130,6 +145,8 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
     term_msg: str | None = None
     exit_code: int | None = None
     terminated_reason: str | None = None
+    signal: int | None = None
+    finished_at: datetime | None = None
     for cs in status.get("containerStatuses") or []:
         state = cs.get("state") or {}
         if state.get("waiting"):
@@ -142,6 +159,9 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
             if t.get("exitCode") is not None:
                 exit_code = int(t["exitCode"])
             terminated_reason = str(t.get("reason") or "") or terminated_reason
+            if t.get("signal"):
+                signal = int(t["signal"])
+            finished_at = parse_time(t.get("finishedAt")) or finished_at
     raw_index = lab.get(index_label) or (meta.get("annotations") or {}).get(index_label)
     return PodObs(
         name=str(meta.get("name", "")),
@@ -160,6 +180,8 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
         reason=status.get("reason") or None,
         disruption=disruption,
         node=(pod.get("spec") or {}).get("nodeName") or None,
+        signal=signal,
+        finished_at=finished_at,
     )
 
 

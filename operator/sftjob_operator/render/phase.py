@@ -17,7 +17,8 @@ single-pod stages of one shape (`_single_pod_stage`); training, a group of ranks
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from sftjob_api import Phase, Reason, Stage
 
@@ -45,10 +46,7 @@ class Observed:
     name_conflict: str | None = None  # a child's name is taken by someone else's object (render/ownership)
     suspend: bool = False  # spec.suspend
     queued: bool = False  # Kueue manages admission (queue-name label)
-    curate: JobObs | None = None
-    train: JobObs | None = None
-    eval: JobObs | None = None
-    merge: JobObs | None = None
+    jobs: Mapping[Stage, JobObs] = field(default_factory=dict)  # the live stage Jobs, by stage
     stages: tuple[Stage, ...] = ALL_STAGES  # what the spec runs: sftjob_api.stages(spec)
     # Gate failures computed from eval results; None while eval results are not known.
     gate_failures: tuple[str, ...] | None = None
@@ -66,6 +64,22 @@ class Observed:
     group_restart: str | None = None
     # A retryable failure (or stall) with runPolicy.backoffLimit used up: the message says which.
     restarts_exhausted: str | None = None
+
+    @property
+    def curate(self) -> JobObs | None:
+        return self.jobs.get(Stage.CURATE)
+
+    @property
+    def train(self) -> JobObs | None:
+        return self.jobs.get(Stage.TRAIN)
+
+    @property
+    def eval(self) -> JobObs | None:
+        return self.jobs.get(Stage.EVAL)
+
+    @property
+    def merge(self) -> JobObs | None:
+        return self.jobs.get(Stage.MERGE)
 
 
 @dataclass(frozen=True)
@@ -222,8 +236,8 @@ def _training(obs: Observed, train: JobObs) -> Decision:
     return Decision(PENDING, Reason.PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start")
 
 
-def next_phase(obs: Observed) -> Decision:
-    """The phase the SFTJob should be in given what is observed now."""
+def _ended(obs: Observed) -> Decision | None:
+    """The end that the observation decides before any stage Job is looked at."""
     if obs.spec_error is not None:
         return Decision(FAILED, Reason.INVALID_SPEC, obs.spec_error)
     if obs.name_conflict is not None:
@@ -235,6 +249,14 @@ def next_phase(obs: Observed) -> Decision:
         return Decision(FAILED, Reason.STUCK, obs.stuck_failure)
     if obs.restarts_exhausted is not None:
         return Decision(FAILED, Reason.BACKOFF, obs.restarts_exhausted)
+    return None
+
+
+def next_phase(obs: Observed) -> Decision:
+    """The phase the SFTJob should be in given what is observed now."""
+    ended = _ended(obs)
+    if ended is not None:
+        return ended
     if obs.group_restart is not None:
         if obs.suspend:
             return Decision(
@@ -307,15 +329,24 @@ def goes_back(prev: Phase | None, new: Phase, curated: bool = False) -> bool:
     return rank < _FORWARD[prev]
 
 
-def active_stage(decision: Decision, obs: Observed) -> Stage | None:
-    """The stage whose Job must exist for `decision` (None: no new Job is needed)."""
-    if decision.terminal:
+def active_stage(obs: Observed) -> Stage | None:
+    """The stage the run is at: the first of the spec's stages whose Job has not completed (None: all done,
+    or the run has ended)."""
+    if _ended(obs) is not None:
         return None
-    jobs = {Stage.CURATE: obs.curate, Stage.TRAIN: obs.train, Stage.EVAL: obs.eval, Stage.MERGE: obs.merge}
     for stage in obs.stages:
         if stage == Stage.CURATE and curation_done(obs):
             continue
-        job = jobs[stage]
+        job = obs.jobs.get(stage)
         if job is None or not job.complete:
             return stage
+        if stage == Stage.EVAL and obs.gate_failures:
+            return None  # Failed/EvalGateFailed: no merge
     return None
+
+
+def stage_to_create(obs: Observed) -> Stage | None:
+    """The stage Job to create now: the active stage, when it has no Job yet. Created before the decision,
+    so that the decision (and the one status write of this transition) already sees it."""
+    stage = active_stage(obs)
+    return stage if stage is not None and stage not in obs.jobs else None

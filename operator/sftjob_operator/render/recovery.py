@@ -12,16 +12,17 @@ from __future__ import annotations
 import re
 import statistics
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import pairwise
 
 from sftjob_api.run_policy import RunPolicy
-from sftjob_api.status import MAX_RECOVERIES, Condition, Recovery, SFTJobStatus
+from sftjob_api.status import MAX_RECOVERIES, Condition, RankEnd, Recovery, SFTJobStatus
 
 from .bad_nodes import blamed_node, down_under
 from .conditions import get_condition, set_condition
 from .observe import JobObs, PodObs
+from .rank_ends import describe, first_failed, rank_ends
 
 # The Job's failure reasons that a group restart answers (the rest are final: PodFailurePolicy = a permanent
 # exit code, DeadlineExceeded = runPolicy.activeDeadlineSeconds).
@@ -30,15 +31,18 @@ STALLED = "Stalled"
 # How many step advances the median step time is taken over.
 STEP_WINDOW = 20
 
-_CHECKPOINT_STEP = re.compile(r"/checkpoints/step-(\d+)/?$")
+_CHECKPOINT_STEP = re.compile(r"/checkpoints/(?:[^/]+/)?step-(\d+)/?$")
 
 
 # The `cause` label of sftjob_operator_recoveries_total.
-CAUSE_KINDS = ("Failed", "Disrupted", "Stalled")
+CAUSE_KINDS = ("Failed", "Disrupted", "Stalled", "Resized")
 
 
 def cause_kind(rec: Recovery) -> str:
-    """Failed (a counted pod failure), Disrupted (preemption, drain, node lost: not counted) or Stalled."""
+    """Failed (a counted pod failure), Disrupted (preemption, drain, node lost: not counted), Stalled, or
+    Resized (the group re-formed at another size: render/elastic.py)."""
+    if rec.to_world_size is not None:
+        return "Resized"
     return STALLED if rec.cause.startswith(STALLED) else "Failed" if rec.counted else "Disrupted"
 
 
@@ -49,6 +53,8 @@ class Failure:
     cause: str
     counted: bool
     node: str | None = None  # the node it points at (render/bad_nodes.py): later attempts avoid it
+    # how each rank of the attempt ended, the cause first
+    ranks: tuple[RankEnd, ...] = field(default=(), compare=False)
 
 
 def _node_of(pods: list[PodObs], problems: Mapping[str, str]) -> str | None:
@@ -79,23 +85,20 @@ def classify_failure(pods: list[PodObs], problems: Mapping[str, str] | None = No
             f"pod {disrupted.name} (rank {disrupted.index}) disrupted{on}: {disrupted.disruption}",
             False,
             node,
+            tuple(rank_ends(pods, disrupted)),
         )
-    if not failed:
-        return Failure("a training pod failed" + on, True, node)
     # A rank whose node failed is the cause: the others' errors (connection reset) are its consequence.
-    first = next((p for p in failed if p.node and p.node == node), failed[0])
-    if first.terminated_reason and first.terminated_reason not in ("Error", "Completed"):
-        what = first.terminated_reason  # e.g. OOMKilled
-        if first.exit_code is not None:
-            what += f", exit code {first.exit_code}"
-    elif first.exit_code is not None:
-        what = f"exit code {first.exit_code}"
-    else:
-        what = first.reason or "failed"
-    if first.reason and not what.startswith(first.reason):
-        what = f"{first.reason}, {what}"  # e.g. Evicted, exit code 137
+    # Else the rank that ended first on its own (render/rank_ends.py), not the first pod seen.
+    first = next((p for p in failed if p.node and p.node == node), None) or first_failed(failed)
+    if first is None:
+        return Failure("a training pod failed" + on, True, node, tuple(rank_ends(pods, None)))
     # A failure the node caused (eviction, node lost) is a disruption: not counted.
-    return Failure(f"pod {first.name} (rank {first.index}) {what}{on}", node is None, node)
+    return Failure(
+        f"pod {first.name} (rank {first.index}) {describe(first)}{on}",
+        node is None,
+        node,
+        tuple(rank_ends(pods, first)),
+    )
 
 
 def node_down(pods: list[PodObs], problems: Mapping[str, str]) -> Failure | None:
@@ -108,7 +111,7 @@ def node_down(pods: list[PodObs], problems: Mapping[str, str]) -> Failure | None
 
 
 def checkpoint_step_of(uri: str | None) -> int:
-    """Step of status.artifacts.latestCheckpoint (`.../checkpoints/step-N/`); 0 when there is none."""
+    """Step of status.artifacts.latestCheckpoint (`.../checkpoints/<run>/step-N/`); 0 when there is none."""
     m = _CHECKPOINT_STEP.search(uri or "")
     return int(m.group(1)) if m else 0
 
@@ -135,6 +138,7 @@ def record_recovery(prev: SFTJobStatus, failure: Failure, job: JobObs, now: date
         steps_lost=max(failed_step - resumed, 0) if failed_step is not None else None,
         train_job_uid=job.uid,
         node=failure.node,
+        ranks=list(failure.ranks),
     )
     return prev.model_copy(
         update={
