@@ -13,6 +13,7 @@ from .base import ApiModel, CelRule
 from .dataset import DATA_URI, DatasetSpec
 from .evaluation import ALL_METRICS, EvalGates, Metric
 from .labels import MAX_ENTRIES, AnnotationValue, LabelValue, keys_rule
+from .pod_strings import IMAGE_RULE, module_names_rule
 from .run_policy import RunPolicy
 from .scheduling import MAX_TOLERATIONS, Affinity, Toleration
 from .serving import Server
@@ -61,6 +62,11 @@ class LoraSpec(ApiModel):
     modules_to_save: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=16)
     """Modules trained in full and saved with the adapter (e.g. lm_head, embed_tokens); vLLM and TGI cannot
     load such adapters (docs/serving.md)."""
+
+    cel_rules = (
+        module_names_rule("targetModules", "method.lora.targetModules"),
+        module_names_rule("modulesToSave", "method.lora.modulesToSave"),
+    )
 
 
 class QuantizationSpec(ApiModel):
@@ -186,7 +192,8 @@ class ResourcesSpec(ApiModel):
     shm_size: str = Field(default="8Gi", pattern=QUANTITY, max_length=32)
     """Size of the /dev/shm emptyDir NCCL uses."""
     image: str | None = Field(default=None, max_length=512)
-    """Trainer image; the operator's default when unset."""
+    """Trainer image (an image reference: [registry[:port]/]name[:tag][@digest]); the operator's default
+    when unset."""
     node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
     """Node labels the pods must match (label keys and values)."""
     tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
@@ -208,6 +215,7 @@ class ResourcesSpec(ApiModel):
         keys_rule("nodeSelector", "resources.nodeSelector"),
         keys_rule("podLabels", "resources.podLabels"),
         keys_rule("podAnnotations", "resources.podAnnotations"),
+        IMAGE_RULE,
     )
 
 

@@ -68,6 +68,7 @@ ConditionType = Literal[
     "Suspended",
     "Stuck",
     "Stalled",
+    "Unschedulable",
 ]
 
 # status.recoveries keeps this many entries (newest last).

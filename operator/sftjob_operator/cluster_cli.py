@@ -4,7 +4,8 @@
     sftjob logs NAME [--stage curate|train|eval|merge] [--rank N] [-f]
     sftjob artifacts NAME [--download DIR]           the manifest; --download fetches and checks every file
 
-The same commands run as a kubectl plugin (`kubectl sft status NAME`: the `kubectl-sft` entry point).
+The same commands run as a kubectl plugin (`kubectl sft status NAME`: the `kubectl-sft` entry point is
+`cli:main`, the `sftjob` command itself).
 Credentials for artifacts: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY if set, else the spec's
 output.credentialsSecret read with your kubeconfig. kubernetes and sftjob_api are imported inside the
 commands: every `sftjob` invocation (`sftjob run` too) registers these commands when it parses arguments.
@@ -341,10 +342,3 @@ def add_commands(sub: Any) -> None:
     ar = sub.add_parser("artifacts", parents=[common], help="a run's artifacts; --download checks every file")
     ar.add_argument("--download", metavar="DIR", help="download everything, verifying manifest.json")
     ar.set_defaults(func=_wrap(_artifacts))
-
-
-def kubectl_plugin() -> int:
-    """`kubectl sft ...` (kubectl runs kubectl-sft from PATH)."""
-    from .cli import main
-
-    return main(sys.argv[1:])

@@ -8,6 +8,7 @@ import secrets
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from testbed.monitors import chart_monitors, prometheus_identity, scrape_configs
 from testbed.procs import LOOPBACK, free_port
 
 pytestmark = pytest.mark.e2e
@@ -57,27 +58,53 @@ def test_query_times_out_with_a_clear_message(prometheus):
         prometheus.query("no_such_metric_anywhere", timeout=2)
 
 
-def test_prometheus_scrapes_a_real_endpoint_on_a_kwok_pod_ip(kube, namespace, prometheus):
-    """The point of loopback pod IPs: a real process can serve on the address KWOK gave a pod."""
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "rank0"},
-        "spec": {"containers": [{"name": "trainer", "image": "registry.invalid/trainer:test"}]},
-    }
-    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
-    kube.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/rank0", "--timeout=30s")
+def test_the_charts_pod_monitor_finds_a_trainer_pod_through_the_apiserver(kube, namespace, prometheus):
+    """No static target: Prometheus discovers the pod from the apiserver (kubernetes_sd_configs, as a
+    ServiceAccount with only the Prometheus Operator's RBAC) and keeps it by the chart's PodMonitor's
+    relabelling (label sft.tuning.dev/job-name, port `metrics`); a pod without the label is not scraped.
+    The exporter is real and serves on the loopback address KWOK gave the pod."""
+    port = free_port()
+
+    def pod(name, labels):
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "image": "registry.invalid/trainer:test",
+                        "ports": [{"name": "metrics", "containerPort": port}],
+                    }
+                ]
+            },
+        }
+
+    kube.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(pod("rank0", {"sft.tuning.dev/job-name": "r"}))
+    )
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod("other", {"app": "other"})))
+    kube.kubectl("wait", "-n", namespace, "--for=condition=Ready", "pod/rank0", "pod/other", "--timeout=30s")
     pod_ip = kube.get_json("pod/rank0", "-n", namespace)["status"]["podIP"]
+    other_ip = kube.get_json("pod/other", "-n", namespace)["status"]["podIP"]
     assert ipaddress.ip_address(pod_ip).is_loopback
 
     registry = CollectorRegistry()
     Gauge("sft_train_step", "step", registry=registry).set(7)
-    port = free_port()
-    server, thread = start_http_server(port, addr=pod_ip, registry=registry)
+    servers = [start_http_server(port, addr=ip, registry=registry) for ip in (pod_ip, other_ip)]
     try:
-        job = "pod-" + secrets.token_hex(3)
-        prometheus.add_target(job, f"{pod_ip}:{port}")
-        assert prometheus.value(f'sft_train_step{{job="{job}",instance="{pod_ip}:{port}"}}') == 7.0
+        monitors = chart_monitors("sftjob", namespace, {"watch": {"namespaces": [namespace]}})
+        configs = scrape_configs(monitors, prometheus_identity(kube, namespace))
+        prometheus.add_scrape_configs(configs)
+        job = f"{namespace}/sftjob-sftjob-operator-trainers"  # the Prometheus Operator's job label
+        found = prometheus.query(f'sft_train_step{{job="{job}"}}', timeout=60)
+        assert [r["metric"]["pod"] for r in found] == ["rank0"], found
+        assert found[0]["metric"]["instance"] == f"{pod_ip}:{port}" and found[0]["value"][1] == "7"
+        assert found[0]["metric"]["namespace"] == namespace and found[0]["metric"]["endpoint"] == "metrics"
+        targets = prometheus.api("targets")["activeTargets"]
+        assert not [t for t in targets if t["labels"].get("pod") == "other"], targets
     finally:
-        server.shutdown()
-        thread.join(5)
+        for server, thread in servers:
+            server.shutdown()
+            thread.join(5)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from sftjob_operator_e2e_fixtures import Operator, apply, sftjob, wait_phase
 from sftjob_api.manifest import file_entries
 from sftjob_api.storage import S3Store
 from sftjob_operator.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -90,8 +93,12 @@ def test_status_artifacts_and_logs_of_a_run(
     plugin_dir = tmp_path / "bin"
     plugin_dir.mkdir()
     plugin = plugin_dir / "kubectl-sft"
+    # the entry point pyproject.toml declares, as pip's console-script wrapper calls it
+    module, func = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"][
+        "kubectl-sft"
+    ].split(":")
     plugin.write_text(
-        f"#!/bin/sh\nexec {sys.executable} -c 'import sys; from sftjob_operator.cluster_cli import kubectl_plugin; sys.exit(kubectl_plugin())' \"$@\"\n"
+        f"#!/bin/sh\nexec {sys.executable} -c 'import sys; from {module} import {func}; sys.exit({func}())' \"$@\"\n"
     )
     plugin.chmod(0o755)
     env = {**os.environ, "PATH": f"{plugin_dir}:{os.environ['PATH']}", "KUBECONFIG": str(kube.kubeconfig)}

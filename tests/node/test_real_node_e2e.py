@@ -1,7 +1,12 @@
 """The whole path on real containers: `helm install` the chart with the locally built images, `kubectl apply`
-an SFTJob, and two trainer pods rendezvous through the headless Service's DNS names, train with 2-rank
-ZeRO-3 on gloo, checkpoint to S3; then the eval and merge pods run and the run Succeeds. Also what a real
-kubelet adds: a deleted trainer pod, SIGTERM on suspend, an image that cannot be pulled.
+the README's SmolLM2 task (examples/sftjob-smollm2.yaml, data in S3, curation on) as two trainer pods that
+rendezvous through the headless Service's DNS names and train with 2-rank ZeRO-3 on gloo; then the eval and
+merge pods run and the run Succeeds. One run (tests/node/readme_run.py) is watched the way a user and a
+cluster's Prometheus watch it, and every test of it asserts on that one run: the model learned (eval stage's
+numbers vs the base model), the merged model answers in the requested shape, the manifest verifies, the
+pods are discovered from the apiserver and every dashboard panel and alert rule works on their data,
+`kubectl get sft` / `sftjob status|logs|artifacts` say what happened. Also what a real kubelet adds (tiny
+model, tests/node/toy.py): a deleted trainer pod, SIGTERM on suspend, an image that cannot be pulled.
 
 Real: kubelet, containerd/runc, CNI, kube-proxy, CoreDNS, both images, SeaweedFS, Prometheus. Simulated:
 GPUs (gpusPerNode: 0, the CPU path), multi-host networking (one node; the pods share its bridge).
@@ -10,24 +15,26 @@ GPUs (gpusPerNode: 0, the CPU path), multi-host networking (one node; the pods s
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from testbed.node import BRIDGE, NODE_SELECTOR, POD_SUBNET, ROUTE_TABLE, TOLERATIONS, RealNode
-from testbed.operator_e2e import load
 from testbed.procs import wait_until
 
 from .conftest import S3_SECRET, ChartOperator, PodS3
-
-# The operator e2e tests' SFTJob helpers: status(kube, ns, name), condition(status, type), pods(kube, ns, sel).
-_e2e = load()
-status, condition, pods = _e2e.status, _e2e.condition, _e2e.pods
+from .readme_run import DATA, NAME, PHASES, ReadmeRun, json_lines, run_readme_task, upload_data
+from .toy import _is_float, apply_sftjob, condition, logs, pods, wait_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
-GROUP = "sft.tuning.dev"
+INDEX = "batch.kubernetes.io/job-completion-index"
+# The first test using readme_run pays for the whole run (its fixture): more than the suite's 900 s default.
+README_TIMEOUT = pytest.mark.timeout(1800)
 
 
 @pytest.fixture(scope="module")
@@ -42,92 +49,6 @@ def inputs(pod_s3: PodS3, tiny_model_dir: str) -> str:
         body = "".join(json.dumps(r) + "\n" for r in dataset_rows(n, seed=seed))
         client.put_object(Bucket=bucket, Key=f"data/{name}.jsonl", Body=body.encode())
     return f"s3://{bucket}"
-
-
-def sftjob(name: str, prefix: str, endpoint: str, **over: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "model": {"uri": f"{prefix}/models/tiny"},
-        "dataset": {
-            "train": [f"{prefix}/data/train.jsonl"],
-            "eval": [f"{prefix}/data/eval.jsonl"],
-            "format": "alpaca",
-            "maxSeqLength": 96,
-        },
-        "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "training": {
-            "maxSteps": 24,
-            "learningRate": 3e-3,
-            "globalBatchSize": 4,  # micro 1 x 2 ranks x accumulation 2
-            "microBatchSize": 1,
-            "gradientCheckpointing": False,
-            "checkpointSteps": 4,
-        },
-        "resources": {
-            "nodes": 2,
-            "gpusPerNode": 0,
-            "cpu": "900m",  # 2 ranks + the operator (100m) fit 2 cores; at 250m a rank crawled
-            "memory": "3Gi",
-            "shmSize": "512Mi",
-            "nodeSelector": NODE_SELECTOR,
-            "tolerations": TOLERATIONS,
-        },
-        "output": {
-            "uri": f"{prefix}/runs",
-            "endpoint": endpoint,
-            "pathStyle": True,
-            "region": "us-east-1",
-            "credentialsSecret": {"name": S3_SECRET},
-        },
-        "eval": {"maxSamples": 8, "maxNewTokens": 8},
-        "merge": {"dtype": "float32"},
-        "runPolicy": {"stuckPendingTimeoutSeconds": 30},
-    }
-    for key, value in over.items():
-        spec[key] = {**spec[key], **value} if isinstance(value, dict) else value
-    return {"apiVersion": f"{GROUP}/v1alpha1", "kind": "SFTJob", "metadata": {"name": name}, "spec": spec}
-
-
-def apply_sftjob(kube: Any, ns: str, name: str, prefix: str, endpoint: str, **over: Any) -> None:
-    kube.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(sftjob(name, prefix, endpoint, **over)))
-
-
-def wait_status(kube: Any, ns: str, name: str, check: Any, timeout: float, what: str) -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        st = status(kube, ns, name)
-        if st.get("phase") == "Failed" and "Failed" not in what:
-            raise AssertionError(f"{name} Failed: {json.dumps(st, indent=1)}")
-        return st if check(st) else None
-
-    try:
-        return wait_until(probe, timeout, f"{name}: {what}", interval=1.0)
-    except TimeoutError as e:
-        raise AssertionError(f"{e}\nstatus: {json.dumps(status(kube, ns, name), indent=1)}") from e
-
-
-def logs(kube: Any, ns: str, pod: str) -> str:
-    return kube.kubectl("logs", "-n", ns, pod, check=False).stdout
-
-
-def json_lines(text: str) -> list[dict[str, Any]]:
-    """The trainer's JSON log events in a pod's log."""
-    return [json.loads(x) for x in text.splitlines() if x.startswith("{") and '"event"' in x]
-
-
-def printed_rows(table: str) -> list[dict[str, str]]:
-    """`kubectl get` output as dicts, cut at the header's column starts (cells may be empty)."""
-    header, *rows = table.splitlines()
-    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
-    names = header.split()
-    cut = [*starts[1:], None]
-    return [{n: row[a:b].strip() for n, a, b in zip(names, starts, cut, strict=True)} for row in rows]
-
-
-def _is_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 # ---- the node itself -------------------------------------------------------------------------------------
@@ -197,87 +118,221 @@ def test_images_run_non_root_with_a_read_only_root(
         assert "Read-only" in " ".join(out), out
 
 
-# ---- the whole path ------------------------------------------------------------------------------------------
+# ---- the whole path: the README's task, watched as a user and a cluster's Prometheus watch it -------------
 
 
-def test_helm_install_to_succeeded(
-    kube: Any, real_node: RealNode, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str, prometheus: Any
-) -> None:
+@pytest.fixture(scope="module")
+def readme_run(kube: Any, chart_operator: ChartOperator, pod_s3: PodS3, prometheus: Any) -> ReadmeRun:
+    """One run of examples/sftjob-smollm2.yaml through the chart's operator, shared by the tests below."""
+    client, bucket = pod_s3.bucket.client(), pod_s3.bucket.bucket
+    upload_data(client, bucket)
     ns = chart_operator.namespace
-    # The operator pod runs from its image with in-cluster config; the real Prometheus scrapes it.
-    op_ip = chart_operator.pod["status"]["podIP"]
-    prometheus.add_target("sftjob-operator", f"{op_ip}:8080")
-    wait_until(
-        lambda: prometheus.query('up{job="sftjob-operator"} == 1'), 60, "Prometheus scraping the operator pod"
+    run = run_readme_task(
+        kube, prometheus, ns, chart_operator.release, f"s3://{bucket}", pod_s3.endpoint, S3_SECRET, 1500
     )
+    print(f"\n{NAME} on the real node: first seen {run.first_seen}; wall s per phase {run.times()}")
+    return run
 
-    # with dataset.curation: a curate pod first, then the training ranks read their own shards of its output
-    apply_sftjob(
-        kube, ns, "whole-path", inputs, pod_s3.endpoint, dataset={"curation": {"nearDuplicates": {}}}
+
+def cli(kube: Any, ns: str, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """The `sftjob` command (the kubectl-sft plugin is the same entry point), as a user runs it."""
+    argv = [
+        sys.executable,
+        "-m",
+        "sftjob_operator.cli",
+        *args,
+        NAME,
+        "-n",
+        ns,
+        f"--kubeconfig={kube.kubeconfig}",
+    ]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def downloaded(kube: Any, readme_run: ReadmeRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`sftjob artifacts NAME --download DIR`: every artifact, each checked against manifest.json."""
+    dest = tmp_path_factory.mktemp("artifacts")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the Secret, read via kubeconfig
+    r = cli(kube, readme_run.namespace, "artifacts", "--download", str(dest), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "every file matches manifest.json" in r.stdout, r.stdout
+    return dest
+
+
+@README_TIMEOUT
+def test_the_readme_task_learns_on_two_zero3_ranks(readme_run: ReadmeRun, downloaded: Path) -> None:
+    st = readme_run.status
+    assert st["phase"] == "Succeeded", json.dumps(st, indent=1)
+    # Both ranks are real pods on the real node, one ZeRO-3 group (DeepSpeed on gloo) over the Service.
+    train = [p for p in readme_run.pods if p["metadata"]["labels"].get("sft.tuning.dev/stage") == "train"]
+    assert sorted(p["metadata"]["annotations"][INDEX] for p in train) == ["0", "1"]
+    assert all(p["spec"]["nodeName"] for p in train)
+    limits = train[0]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["cpu"] == "900m" and limits["memory"] == "6Gi", limits
+    # The eval stage's numbers: the fine-tuned model in status.evalResults, the base model beside it in
+    # eval/results.json (both computed by the eval pod on the same held-out rows).
+    results = json.loads((downloaded / "eval" / "results.json").read_text())
+    base, tuned = results["base"], results["trained"]
+    print(f"\nheld-out: base {base}\nfine-tuned {tuned}")
+    assert st["evalResults"]["exactMatch"] == pytest.approx(tuned["exact_match"])
+    assert st["evalResults"]["evalLoss"] == pytest.approx(tuned["eval_loss"])
+    assert tuned["exact_match"] - base["exact_match"] >= 0.30, results
+    assert tuned["eval_loss"] <= 0.5 * base["eval_loss"], results
+    assert st["evalResults"]["gatesPassed"] is True
+    # the eval pod wrote them as its termination message: `{"evalResults": {...}}`
+    [eval_pod] = [p for p in readme_run.pods if p["metadata"]["labels"].get("sft.tuning.dev/stage") == "eval"]
+    message = eval_pod["status"]["containerStatuses"][0]["state"]["terminated"].get("message", "")
+    assert json.loads(message)["evalResults"]["evalLoss"] == pytest.approx(tuned["eval_loss"])
+
+
+@README_TIMEOUT
+def test_the_merged_model_answers_in_the_requested_shape(readme_run: ReadmeRun, downloaded: Path) -> None:
+    """Plain transformers, no peft, no trainer code: load merged/ and ask a held-out question."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = downloaded / "merged"
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    row = json.loads((DATA / "contacts-eval.jsonl").read_text().splitlines()[-1])
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": f"{row['instruction']}\n\n{row['input']}"}],
+        add_generation_prompt=True,
+        tokenize=False,
     )
-    seen: list[dict[str, str]] = []
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=48, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert set(json.loads(answer)) == set(json.loads(row["output"])), answer
 
-    def training_with_loss(st: dict[str, Any]) -> bool:
-        seen.extend(printed_rows(kube.kubectl("get", "sft", "whole-path", "-n", ns).stdout))
-        progress = st.get("progress") or {}
-        return (
-            st.get("phase") == "Training" and progress.get("loss") is not None and progress.get("step", 0) > 0
-        )
 
-    wait_status(kube, ns, "whole-path", training_with_loss, 600, "Training with progress and loss")
-    # What a user watching `kubectl get sft` saw on the way: Training, with progress and a loss.
-    assert any(r["PHASE"] == "Training" and r["PROGRESS"] and _is_float(r["LOSS"]) for r in seen), seen
+@README_TIMEOUT
+def test_the_adapter_is_handed_to_vllm(readme_run: ReadmeRun, downloaded: Path) -> None:
+    """The example's `output.serving: vllm`: serving/serving.json names what vLLM serves, with this run's
+    S3 URIs and eval numbers, and vLLM's rules accept the adapter (docs/serving.md)."""
+    from sftjob_api import Layout
+    from sftjob_api.manifest import SERVING_MOUNT
+    from sftjob_api.serving import adapter_config_problems
 
-    # Both ranks are real pods, named by the headless Service (rank 1 resolved rank 0's DNS name).
-    train = pods(kube, ns, "sft.tuning.dev/stage=train")
-    assert len(train) == 2 and all(p["spec"]["nodeName"] == real_node.name for p in train)
+    serving = json.loads((downloaded / Layout.SERVING_MANIFEST).read_text())
+    adapter = json.loads((downloaded / "adapter" / "adapter_config.json").read_text())
+    root = readme_run.status["artifacts"]["root"].rstrip("/") + "/"
+    assert adapter["base_model_name_or_path"] == "smollm2-135m-instruct"  # the spec's name, not a cache path
+    assert adapter_config_problems("vllm", adapter) == []
+    assert (serving["server"], serving["artifact"], serving["message"]) == ("vllm", "adapter", "")
+    assert serving["uri"] == serving["adapter"]["uri"] == root + "adapter/"
+    assert serving["merged"]["uri"] == root + "merged/" and serving["adapterChecks"] == []
+    assert serving["baseModel"] == {"uri": "smollm2-135m-instruct", "revision": None}
+    assert "<|im_start|>" in serving["chatTemplate"] and serving["maxModelLen"] == 256
+    results = json.loads((downloaded / "eval" / "results.json").read_text())
+    assert serving["eval"] == {"trained": results["trained"], "base": results["base"]}
+    args = serving["vllm"]["args"]
+    assert args[:3] == ["vllm", "serve", "smollm2-135m-instruct"]
+    assert args[args.index("--lora-modules") + 1] == f"{NAME}={SERVING_MOUNT}/adapter"
+    assert args[args.index("--max-lora-rank") + 1] == "16"
 
-    r = kube.kubectl(
-        "wait", "--for=condition=Succeeded", "sftjob/whole-path", "-n", ns, "--timeout=900s", check=False,
-        timeout=960,
-    )  # fmt: skip
-    st = status(kube, ns, "whole-path")
-    assert r.returncode == 0, json.dumps(st, indent=1)
-    assert st["phase"] == "Succeeded"
-    done = st["progress"]
-    assert done["step"] == done["totalSteps"] and done["percent"] == 100, done  # not the last step read
-    # Curated first, by a pod with no GPU that finished before the training pods started; each training
-    # rank read only its own shard of what it wrote.
-    [curate] = pods(kube, ns, "sft.tuning.dev/stage=curate")
-    assert curate["spec"]["nodeName"] == real_node.name
+
+@README_TIMEOUT
+def test_curated_first_then_each_rank_reads_its_shard(readme_run: ReadmeRun) -> None:
+    st, pods_of = readme_run.status, readme_run.pods
+    [curate] = [p for p in pods_of if p["metadata"]["labels"].get("sft.tuning.dev/stage") == "curate"]
+    train = [p for p in pods_of if p["metadata"]["labels"].get("sft.tuning.dev/stage") == "train"]
     assert "nvidia.com/gpu" not in (curate["spec"]["containers"][0]["resources"].get("limits") or {})
     curated_at = curate["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"]
     assert all(p["metadata"]["creationTimestamp"] >= curated_at for p in train), (curated_at, train)
     assert any(c["type"] == "Curated" and c["status"] == "True" for c in st["conditions"]), st["conditions"]
-    [curated] = [e for e in json_lines(logs(kube, ns, curate["metadata"]["name"])) if e["event"] == "curated"]
+    [curated] = [
+        e for e in json_lines(readme_run.logs[curate["metadata"]["name"]]) if e["event"] == "curated"
+    ]
     for p in train:
-        rank = int(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
+        rank = int(p["metadata"]["annotations"][INDEX])
         [fetched] = [
-            e for e in json_lines(logs(kube, ns, p["metadata"]["name"])) if e["event"] == "data_fetched"
+            e for e in json_lines(readme_run.logs[p["metadata"]["name"]]) if e["event"] == "data_fetched"
         ]
         assert fetched["keys"] == [f"{curated['curated_key']}/shards/{curated['shards']}/rank-{rank}.npz"]
     assert st["data"]["contentHash"] == curated["content_hash"] and st["data"]["reused"] is False, st["data"]
+    assert st["data"]["dropped"] == {"duplicate": 1}, st["data"]  # the row uploaded twice
 
-    # Eval results came from the eval pod's termination message: `{"evalResults": {...}}`.
-    assert st.get("evalResults", {}).get("evalLoss") is not None, st
-    eval_pod = pods(kube, ns, "sft.tuning.dev/stage=eval")[0]
-    message = eval_pod["status"]["containerStatuses"][0]["state"]["terminated"].get("message", "")
-    assert json.loads(message)["evalResults"]["evalLoss"] == pytest.approx(st["evalResults"]["evalLoss"])
 
-    # The manifest in S3 verifies (every artifact present with its recorded size and hash).
+@README_TIMEOUT
+def test_manifest_verifies_and_no_log_holds_a_credential(
+    readme_run: ReadmeRun, chart_operator: ChartOperator, pod_s3: PodS3, kube: Any
+) -> None:
     from sftjob_api.manifest import verify_manifest
     from sftjob_api.storage import S3Store
 
+    st = readme_run.status
     store = S3Store(st["artifacts"]["manifest"].rsplit("/", 1)[0], pod_s3.bucket.client())
     assert verify_manifest(store) == []
-
     # The S3 credentials (from the Secret, through secretKeyRef) appear in no pod's log (issue 14, part 7).
     b = pod_s3.bucket
-    for pod in [*pods(kube, ns, "sft.tuning.dev/job-name=whole-path"), chart_operator.pod]:
-        text = logs(kube, ns, pod["metadata"]["name"])
-        assert b.secret_key not in text and b.access_key not in text, (
-            f"a credential in {pod['metadata']['name']}"
-        )
+    op_log = logs(kube, chart_operator.namespace, chart_operator.pod["metadata"]["name"])
+    for name, text in [*readme_run.logs.items(), ("operator", op_log)]:
+        assert b.secret_key not in text and b.access_key not in text, f"a credential in {name}"
+
+
+@README_TIMEOUT
+def test_prometheus_discovers_the_pods_and_every_panel_and_rule_works(readme_run: ReadmeRun) -> None:
+    run = readme_run
+    # Found through the apiserver by the chart's PodMonitor (both ranks) and ServiceMonitor (the operator).
+    assert sorted(t["metric"]["pod"].rsplit("-", 1)[0] for t in run.trainer_targets) == [
+        f"{NAME}-train-0",
+        f"{NAME}-train-1",
+    ], run.trainer_targets
+    assert all(t["value"][1] == "1" for t in run.trainer_targets), run.trainer_targets
+    assert len(run.operator_up) == 1, run.operator_up
+    assert run.panels_checked >= 20 and not run.panels_without_data, run.panels_without_data
+    # Every shipped rule evaluates on this data without error, and the one made to fire fired.
+    assert run.rules and all(r["health"] == "ok" for r in run.rules), run.rules
+    assert {r["name"] for r in run.rules} >= {"SFTJobFailed", "SFTJobTrainingStalled", "SFTJobOperatorDown"}
+    assert {r["name"]: r.get("state") for r in run.rules}["SFTJobOperatorDown"] == "inactive"
+    [fired] = run.fired
+    assert fired["labels"]["namespace"] == run.namespace and fired["labels"]["severity"] == "warning", fired
+    assert run.doomed_final.get("phase") == "Failed" and run.doomed_final.get("reason") == "Stuck"
+
+
+@README_TIMEOUT
+def test_an_unschedulable_rank_is_said_at_once(readme_run: ReadmeRun) -> None:
+    """The second SFTJob asks for 4 cores: the scheduler's message is a condition before Stuck's timeout."""
+    early = readme_run.doomed_early
+    assert early, "the Unschedulable condition was never seen before the run ended"
+    said = next(c for c in early["conditions"] if c["type"] == "Unschedulable")
+    assert "Insufficient cpu" in said["message"] and "train rank 0" in said["message"], said
+    assert not [c for c in early["conditions"] if c["type"] == "Stuck" and c["status"] == "True"], early
+    stuck = next(c for c in readme_run.doomed_final["conditions"] if c["type"] == "Stuck")
+    assert stuck["reason"] == "Unschedulable" and "Insufficient cpu" in stuck["message"], stuck
+
+
+@README_TIMEOUT
+def test_the_users_view_of_the_same_run(kube: Any, readme_run: ReadmeRun) -> None:
+    run, ns = readme_run, readme_run.namespace
+    # `kubectl get sft` during the run: the phases in order, then progress and loss, never a made-up zero.
+    assert set(PHASES) <= set(run.first_seen), run.first_seen
+    assert list(PHASES) == sorted(PHASES, key=run.first_seen.__getitem__), run.first_seen
+    training = [r for r in run.rows if r["PHASE"] == "Training"]
+    measured = [r for r in training if re.fullmatch(r"\d+/12 \([0-9.]+%\)", r["PROGRESS"])]
+    assert measured and all(_is_float(r["LOSS"]) and r["ETA"] for r in measured), training
+    unmeasured = [r for r in training if r not in measured]
+    assert all(
+        (r["PROGRESS"], r["LOSS"], r["ETA"]) in {("", "", ""), ("Restarting", "", "")} for r in unmeasured
+    )
+    made_up = [
+        r for r in run.rows if r["LOSS"] in ("0", "0.0") or (r["ETA"] == "0s" and r["PROGRESS"][:3] != "12/")
+    ]
+    assert not made_up, run.rows
+    assert run.rows[-1]["PROGRESS"] == "12/12 (100%)" and run.rows[-1]["PHASE"] == "Succeeded"
+
+    status = cli(kube, ns, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"{ns}/{NAME}: Succeeded" in status.stdout and "step 12/12 (100%)" in status.stdout, status.stdout
+    em = run.status["evalResults"]["exactMatch"]
+    assert re.search(rf"exactMatch\s+{em:.4g}", status.stdout), status.stdout
+    assert re.search(r"Merged\s+True\s+MergeCompleted", status.stdout), status.stdout
+
+    rank1 = cli(kube, ns, "logs", "--stage", "train", "--rank", "1")
+    assert rank1.returncode == 0 and f"==> pod {NAME}-train-1-" in rank1.stderr, rank1.stderr
+    [fetched] = [e for e in json_lines(rank1.stdout) if e["event"] == "data_fetched"]
+    assert fetched["keys"][0].endswith("/rank-1.npz"), fetched
 
 
 def test_deleted_trainer_pod_resumes_from_checkpoint(

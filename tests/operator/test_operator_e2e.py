@@ -190,6 +190,11 @@ def test_stuck_pending_on_unsatisfiable_gpu_request(
     cond = condition(st, "Stuck")
     assert cond["reason"] == "Unschedulable"
     assert "Insufficient nvidia.com/gpu" in cond["message"], cond  # the scheduler's own words
+    # Said at once, before the Stuck timeout: the Unschedulable condition with the scheduler's message.
+    early = condition(st, "Unschedulable")
+    assert early.get("status") == "True" and "Insufficient nvidia.com/gpu" in early["message"], early
+    assert early["message"].startswith("cannot be scheduled: train rank 0 (pod stuck-train-0"), early
+    assert early["lastTransitionTime"] < cond["lastTransitionTime"], (early, cond)
     assert st["phase"] == "Pending"
     wait_event(kube, namespace, "stuck", "StuckUnschedulable")
     st = wait_phase(kube, namespace, "stuck", "Failed", 60, operator)

@@ -2,8 +2,8 @@
 verifies), adapter_config.json naming the spec's base model (never the trainer's local copy), and the merged
 model handed off when the server cannot load the adapter (DoRA for vLLM).
 
-- the README's real model (SmolLM2-135M-Instruct, a model-cache name) through `sftjob run`, serving vllm:
-  tests/pipeline/test_example_smollm2.py, on the README example's own run;
+- the README's real model (SmolLM2-135M-Instruct, a model-cache name), serving vllm: the README example's
+  own run on the real node through the operator (tests/node/test_real_node_e2e.py);
 - the tiny Llama through `sftjob run` with DoRA, serving vllm: the merged model is the hand-off;
 - the train pod as the operator renders it (tests/pipeline/test_train_only.py) against real S3, train-only,
   serving tgi: the train stage writes the serving manifest.

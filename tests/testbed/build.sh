@@ -12,6 +12,7 @@ KWOK_VERSION=v0.7.0
 HELM_VERSION=v3.21.4
 COREDNS_VERSION=v1.14.7  # cluster DNS for the real node (built with only the plugins it uses)
 KUEUE_VERSION=v0.17.0    # Kueue's controller manager (tests/testbed/kueue.py); its CRDs from the same module
+PROMETHEUS_VERSION=v0.316.0  # Prometheus 3.x (module versions v0.3xx): Debian's 2.42 lacks kubernetes_sd_configs
 
 CACHE=${SFTJOB_TESTBED_CACHE:-$HOME/.cache/sftjob-testbed}
 GO=${GO:-$(command -v go || echo /usr/local/go/bin/go)}
@@ -172,6 +173,20 @@ build_kueue() {
   stamp "$name"
 }
 
+# Prometheus with its Kubernetes service discovery, which Debian's package (2.42) is built without: the
+# test bed's Prometheus finds pods through the apiserver as a cluster's does (tests/testbed/monitors.py).
+# Only that discovery mechanism (build tags; the others pull in cloud SDKs) and no embedded web UI (the
+# tests use the HTTP API). promtool stays Debian's (rule checks and rule unit tests).
+build_prometheus() {
+  local name=prometheus-$PROMETHEUS_VERSION
+  done_already "$name" prometheus && return 0
+  log "building $name"
+  mkdir -p "$CACHE/$name/bin"
+  GOFLAGS= GOBIN=$CACHE/$name/bin "$GO" install -trimpath -tags remove_all_sd,enable_kubernetes_sd \
+    -ldflags "-s -w" "github.com/prometheus/prometheus/cmd/prometheus@$PROMETHEUS_VERSION"
+  stamp "$name"
+}
+
 write_versions_env() {
   # One file the Python fixtures read, so versions live in this script only. Paths only, so it is written
   # first: images.sh (run alongside the builds) finds the pause binary; a fixture names any binary missing.
@@ -185,6 +200,7 @@ COREDNS_BIN=$CACHE/$COREDNS_NAME/bin
 PAUSE_BIN=$CACHE/$PAUSE_NAME/bin
 KUEUE_BIN=$CACHE/kueue-$KUEUE_VERSION/bin
 KUEUE_CRDS=$CACHE/kueue-$KUEUE_VERSION/crds
+PROMETHEUS_BIN=$CACHE/prometheus-$PROMETHEUS_VERSION/bin
 EOF
 }
 
@@ -199,7 +215,7 @@ main() {
   ( build_kubernetes; build_node; build_coredns ) &
   local control_plane=$!
   ( build_etcd; go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-    go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_kueue ) &
+    go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_prometheus; build_kueue ) &
   local others=$! rc=0
   wait $control_plane || rc=$?
   wait $others || rc=$?

@@ -1,20 +1,24 @@
-"""A real Prometheus (Debian's 2.42) for tests: own process on loopback, generated config, 1 s scrapes."""
+"""A real Prometheus (3.x, built by build.sh with its Kubernetes service discovery) for tests: own process on
+loopback, generated config, 1 s scrapes."""
 
 from __future__ import annotations
 
 import ipaddress
-import shutil
+import json
+import re
 from pathlib import Path
 from typing import Any
 
 import requests
 import yaml
 
+from .kube import PROVISION_HINT, binary_dirs
 from .procs import LOOPBACK, Proc, free_port, wait_until
 
 
 class Prometheus:
-    """Session-wide Prometheus. add_target() and add_rules() rewrite the config and hot-reload it."""
+    """Session-wide Prometheus. add_target(), add_scrape_configs() and add_rules() rewrite the config and
+    hot-reload it."""
 
     def __init__(self, work_dir: Path, log_dir: Path):
         self.work_dir = work_dir
@@ -24,20 +28,19 @@ class Prometheus:
         self.config_path = work_dir / "prometheus.yml"
         self.targets: dict[str, dict[str, Any]] = {}  # job -> {"targets": [...], "labels": {...}, path}
         self.rule_files: list[str] = []
+        self.discovered: dict[str, dict[str, Any]] = {}  # job_name -> a scrape config with service discovery
         self.proc: Proc | None = None
 
     def start(self, timeout: float = 60.0) -> Prometheus:
-        binary = shutil.which("prometheus")
-        if not binary:
-            raise RuntimeError(
-                "prometheus not installed: run `bash tests/testbed/provision.sh` "
-                "(apt-get install --no-install-recommends prometheus)"
-            )
+        # Built by build.sh from Go modules, with kubernetes_sd_configs (Debian's package lacks it).
+        binary = Path(binary_dirs().get("PROMETHEUS_BIN", "/nonexistent")) / "prometheus"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} missing: {PROVISION_HINT}")
         self._write_config()
         self.proc = Proc(
             "prometheus",
             [
-                binary,
+                str(binary),
                 f"--config.file={self.config_path}",
                 f"--storage.tsdb.path={self.work_dir / 'data'}",
                 f"--web.listen-address={LOOPBACK}:{self.port}",
@@ -76,6 +79,23 @@ class Prometheus:
         entry["labels"].update(labels or {})
         self.reload()
 
+    def add_scrape_configs(self, configs: list[dict[str, Any]]) -> None:
+        """Scrape configs with service discovery (e.g. testbed.monitors' kubernetes_sd_configs), each confined
+        to this machine: a last relabel rule keeps only targets on loopback or the real node's bridge."""
+        from .node import POD_SUBNET
+
+        net = ipaddress.ip_network(POD_SUBNET)
+        assert net.prefixlen == 24, POD_SUBNET  # the regex below spells the /24 out
+        prefix = re.escape(str(net.network_address).rsplit(".", 1)[0] + ".")
+        local = {
+            "action": "keep",
+            "source_labels": ["__address__"],
+            "regex": rf"(127\.[0-9.]+|{prefix}[0-9]+):[0-9]+",
+        }
+        for c in configs:
+            self.discovered[c["job_name"]] = {**c, "relabel_configs": [*c.get("relabel_configs", []), local]}
+        self.reload()
+
     def add_rules(self, path: Path | str) -> None:
         """Load a rule file (recording/alerting rules); check it with `promtool check rules` first."""
         self.rule_files.append(str(Path(path).resolve()))
@@ -98,9 +118,10 @@ class Prometheus:
                     "static_configs": [{"targets": e["targets"], "labels": e["labels"]}],
                 }
                 for job, e in self.targets.items()
-            ],
+            ]
+            + list(self.discovered.values()),
         }
-        self.config_path.write_text(yaml.safe_dump(config))
+        self.config_path.write_text(yaml.safe_dump(json.loads(json.dumps(config))))  # no YAML anchors
 
     def api(self, path: str, **params: Any) -> Any:
         r = requests.get(f"{self.url}/api/v1/{path}", params=params, timeout=10)

@@ -19,7 +19,7 @@ step() {  # step NAME COMMAND...: run it and say how long it took
 }
 
 apt_packages() {
-  # prometheus: the real server the metrics tests scrape with; openssl: test-bed certificates.
+  # prometheus: its promtool (rule checks; the server is built by build.sh); openssl: test-bed certificates.
   local missing=()
   command -v prometheus >/dev/null || missing+=(prometheus)
   command -v openssl >/dev/null || missing+=(openssl)

@@ -30,6 +30,7 @@ from .status import (
 )
 from .stuck import Stuck, stuck_failure_message
 from .trainer_config import cluster_output_error
+from .user_view import unschedulable_condition
 
 Obj = dict[str, Any]
 STAGES = frozenset(Stage)
@@ -242,6 +243,7 @@ def render_status(
         ChildNames(meta["name"]),
     )
     status.conditions = stalled_condition(status.conditions, obs.restart, now, generation)
+    status.conditions = unschedulable_condition(status.conditions, list(obs.pods), now, generation)
     status.tracking = tracking_status(list(obs.pods), obs.prev.tracking)
     if obs.spec is not None:
         train = obs.jobs.get(Stage.TRAIN)

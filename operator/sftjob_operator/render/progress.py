@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sftjob_api import metric_names as m
 from sftjob_api.status import DataSummary, Progress
 
+from .user_view import unmeasured_blanked
+
 # The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
 CHECKPOINT = (m.TRAIN_CHECKPOINT_STEP, m.TRAIN_RESUMED_FROM_STEP)
 
@@ -57,7 +59,8 @@ def format_duration(seconds: float) -> str:
 
 
 def parse_progress(text: str, now: datetime) -> Progress | None:
-    """status.progress from metrics text; None when the text has no training step yet."""
+    """status.progress from metrics text; None when the text has no training step yet (a step gauge still at
+    its start shows no loss or ETA: render/user_view.py)."""
     samples = _samples(text)
     step = samples.get(m.TRAIN_STEP)
     if step is None:
@@ -76,7 +79,7 @@ def parse_progress(text: str, now: datetime) -> Progress | None:
         out.eta = format_duration(eta)
     if (epoch := samples.get(m.TRAIN_EPOCH)) is not None:
         out.epoch = round(epoch, 3)
-    return out
+    return unmeasured_blanked(out, int(samples.get(m.TRAIN_RESUMED_FROM_STEP, 0)))
 
 
 def _summary(step: int, total: int, percent: float) -> str:

@@ -21,6 +21,7 @@ from .objects import needs_service
 from .observe import JobObs, PodObs, parse_eval_results, parse_time
 from .progress import training_done
 from .stuck import Stuck
+from .user_view import shown_progress
 
 Obj = dict[str, Any]
 
@@ -44,10 +45,19 @@ def parse_status(raw: Obj | None) -> SFTJobStatus:
 
 
 def status_patch(stored: Obj | None, new: SFTJobStatus) -> Obj:
-    """The top-level status keys of `new` that differ from the stored status (a merge patch)."""
+    """The top-level status keys of `new` that differ from the stored status (a merge patch). Inside them, a
+    key the stored object has and `new` lacks is patched to null: a JSON merge patch keeps any key it does
+    not mention, so an unset progress.loss or artifacts.latestCheckpoint would otherwise stay as it was."""
     dumped = new.model_dump(mode="json", exclude_none=True)
     stored = stored or {}
-    return {k: v for k, v in dumped.items() if stored.get(k) != v}
+    return {k: _removing_stale(stored.get(k), v) for k, v in dumped.items() if stored.get(k) != v}
+
+
+def _removing_stale(stored: Any, new: Any) -> Any:
+    if not (isinstance(stored, dict) and isinstance(new, dict)):
+        return new  # scalars and lists: a merge patch replaces them whole
+    out = {k: _removing_stale(stored.get(k), v) for k, v in new.items()}
+    return out | {k: None for k in stored.keys() - new.keys()}
 
 
 @dataclass(frozen=True)
@@ -134,9 +144,10 @@ def build_status(
         start_time=prev.start_time or parse_time(meta.get("creationTimestamp")) or now,
         restarts=prev.restarts,  # group restarts: counted by render/recovery.py
         recoveries=prev.recoveries,
-        progress=training_done(prev.progress)
-        if obs.train is not None and obs.train.complete
-        else prev.progress,
+        progress=shown_progress(
+            training_done(prev.progress) if obs.train is not None and obs.train.complete else prev.progress,
+            decision.reason,
+        ),
         training_start_time=prev.training_start_time,
         completion_time=prev.completion_time,
     )
