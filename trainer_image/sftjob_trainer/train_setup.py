@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from sftjob_api.trainer_config import TrainerConfig
 
 from . import checkpoint
 from .config import DistEnv
+from .curation.report import content_hash
 from .loss import SelectiveLossLM
 from .metrics import TrainerMetrics, log_json
 from .model import load_for_training, weights_dtype, zero3_init
@@ -251,11 +252,9 @@ def setup(cfg: TrainerConfig) -> Setup:
 
 
 def examples_digest(examples: Examples) -> str:
-    """The data's identity when it has no curated-cache key: a hash of every token id and label."""
-    h = hashlib.sha256()
-    for i in sorted(examples) if isinstance(examples, dict) else range(len(examples)):
-        h.update(json.dumps([examples[i].input_ids, examples[i].labels]).encode())
-    return "examples:" + h.hexdigest()
+    """The data's identity when it has no curated-cache key: curation's content hash of its examples."""
+    ordered = [examples[i] for i in sorted(examples)] if isinstance(examples, Mapping) else examples
+    return content_hash(ordered, ())
 
 
 def log_model(model: Any, cfg: TrainerConfig, zero_init: bool) -> None:
