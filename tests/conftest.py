@@ -12,7 +12,10 @@ Fixtures
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,6 +126,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _TIMES: list[tuple[str, float]] = []
+MODULE_CPU_LOG = "SFTJOB_MODULE_CPU_LOG"  # benchmarks/suite_profile.py sets it: CPU seconds per module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cpu(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Where the cores go: this worker's CPU time and that of the processes it started and reaped (test
+    beds, trainer launches), from before the module's first fixture to after its last teardown (autouse
+    fixtures come first). Not counted: session fixtures, and pods' processes (children of containerd)."""
+    log = os.environ.get(MODULE_CPU_LOG)
+    if not log:
+        yield
+        return
+
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    cpu0, wall0 = cpu(), time.monotonic()
+    yield
+    row = {
+        "module": request.node.nodeid,
+        "cpu_s": round(cpu() - cpu0, 1),
+        "wall_s": round(time.monotonic() - wall0, 1),
+    }
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
