@@ -8,6 +8,8 @@ Fixtures
   testbed_logs  session   directory holding every component's log
   tiny_model_dir session  a tiny Llama + BPE tokenizer saved offline (trainer.tiny), shared by the trainer
                           and pipeline tests
+  two_rank_reference session  the uninterrupted 2-rank run the crash tests compare with (trainer.reference),
+                          computed once for all workers
 """
 
 from __future__ import annotations
@@ -93,6 +95,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from trainer.tiny import make_model_dir
 
     return make_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str
+):  # -> trainer.reference.Reference
+    from trainer.reference import two_rank_reference
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (
+        base.parent if hasattr(request.config, "workerinput") else base
+    )  # an xdist worker: the run's root
+    return two_rank_reference(shared / "two-rank-reference", tiny_model_dir)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -345,7 +345,7 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(
         name,
         inputs,
         pod_s3.endpoint,
-        training={"maxSteps": 120, "checkpointSteps": 10},
+        training={"maxSteps": 60, "checkpointSteps": 10},  # room after step 25 for the kill to land first
         merge={"enabled": False},
     )
     st = wait_status(
@@ -377,7 +377,7 @@ def test_suspend_checkpoints_on_sigterm_then_resumes(
     ns, name = chart_operator.namespace, "suspended"
     apply_sftjob(
         kube, ns, name, inputs, pod_s3.endpoint,
-        training={"maxSteps": 200, "checkpointSteps": 1000}, merge={"enabled": False}, eval={"enabled": False},
+        training={"maxSteps": 80, "checkpointSteps": 1000}, merge={"enabled": False}, eval={"enabled": False},
     )  # fmt: skip
     wait_status(
         kube, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= 5, 600, "step 5 reached"
