@@ -241,7 +241,6 @@ def test_rank_sigkilled_at_random_steps_resumes_exactly(
 def finished_run_is_whole(s3: Any, prefix: str, r: dict[str, Any], ref: Any, tmp_path: Any) -> None:
     """What one crashed-and-resumed run left: data curated once and read per rank, adapter checkpoints, a
     manifest that verifies, the token count of the whole run."""
-    import torch  # noqa: F401 (safetensors' torch loader)
     from safetensors.torch import load_file
 
     from sftjob_api import Layout
