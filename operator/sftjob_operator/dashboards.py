@@ -167,7 +167,8 @@ OPERATOR_PANELS = [
         "Group restarts",
         "sum by (cause) (increase(sftjob_operator_recoveries_total[1h]))",
         legend="{{cause}}",
-        description="Training groups restarted from a checkpoint, by cause (Failed, Disrupted, Stalled);"
+        description="Training groups restarted from a checkpoint, by cause (Failed, Disrupted, Stalled, Resized:"
+        " an elastic group re-formed at another size);"
         " docs/recovery.md.",
     ),
     Panel(
