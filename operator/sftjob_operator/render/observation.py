@@ -26,6 +26,7 @@ from .status import (
     eval_outcome,
     failed_pod_message,
     owned_by,
+    spec_changed_message,
     tracking_status,
 )
 from .stuck import Stuck, stuck_failure_message
@@ -191,6 +192,7 @@ def observe(
         stuck_failure=stuck_fail,
         eval_gate_exit=outcome.gate_exit,
         curate_failure=failed_pod_message(jobs.get(Stage.CURATE), list(pods), Stage.CURATE),
+        spec_changed=spec_changed_message(jobs.get(Stage.TRAIN), list(pods)),
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )

@@ -108,6 +108,17 @@ def failed_pod_message(job: JobObs | None, pods: list[PodObs], stage: Stage) -> 
     return (newest.termination_message or "").strip()
 
 
+def spec_changed_message(train_job: JobObs | None, pods: list[PodObs]) -> str | None:
+    """What a train pod that exited SPEC_CHANGED said (the fields that changed), once the train Job failed;
+    None when no rank exited so."""
+    ranks = [p for p in pods if p.stage == Stage.TRAIN and p.exit_code == ExitCode.SPEC_CHANGED]
+    if train_job is None or train_job.failed_reason is None or not ranks:
+        return None
+    return failed_pod_message(train_job, ranks, Stage.TRAIN) or (
+        f"exit code {int(ExitCode.SPEC_CHANGED)} (SPEC_CHANGED)"
+    )
+
+
 def tracking_status(pods: list[PodObs], prev: TrackingStatus | None) -> TrackingStatus | None:
     """status.tracking: the MLflow run the stages report in their termination messages (any pod; the
     newest pod's report wins), else what status already holds."""
