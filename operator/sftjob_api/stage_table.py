@@ -11,10 +11,11 @@ new stage is a new row (plus its trainer entry point), never another copy of a r
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from .exit_codes import ExitCode
 from .spec import SFTJobSpec
 from .status import ConditionType, Phase, Reason
 
@@ -77,11 +78,17 @@ class StageRow:
     # The run shows Pending (CreatingChildren) while its Job is created: the first stages, whose pods wait
     # for the scheduler (and for Kueue) before anything runs. Later stages go straight into their phase.
     starts_pending: bool = False
-    also_failed: tuple[Reason, ...] = ()  # more Failed reasons that name this stage
+    # Trainer exit codes (sftjob_api.exit_codes) that end the run with a reason of their own, not `failed`.
+    exit_reasons: Mapping[ExitCode, Reason] = field(default_factory=dict)
+    also_failed: tuple[Reason, ...] = ()  # more Failed reasons that name this stage (the Job's own ends)
 
     @property
     def failed_reasons(self) -> tuple[Reason, ...]:
-        return (self.failed, *self.also_failed)
+        return (self.failed, *self.exit_reasons.values(), *self.also_failed)
+
+    def failure_reason(self, exit_code: int) -> Reason:
+        """The Failed reason when the stage's trainer exited with `exit_code` (non-zero)."""
+        return next((r for c, r in self.exit_reasons.items() if c == exit_code), self.failed)
 
 
 # In run order. `stages(spec)` picks the rows a spec runs.
@@ -119,7 +126,9 @@ STAGE_TABLE: dict[Stage, StageRow] = {
             waiting="spec.suspend is true; nothing is running",
             done=("TrainingCompleted", "training Job completed"),
             starts_pending=True,
-            also_failed=(Reason.SPEC_CHANGED, Reason.BACKOFF, Reason.DEADLINE),
+            # resuming would mix two runs' training inputs (docs/recovery.md, "Checkpoints and run identity")
+            exit_reasons={ExitCode.SPEC_CHANGED: Reason.SPEC_CHANGED},
+            also_failed=(Reason.BACKOFF, Reason.DEADLINE),
         ),
         StageRow(
             Stage.EVAL,
@@ -136,7 +145,7 @@ STAGE_TABLE: dict[Stage, StageRow] = {
             waiting="training done; evaluation waits for spec.suspend",
             done=("EvalPassed", "evaluation completed"),
             disabled="spec.eval.enabled is false",
-            also_failed=(Reason.GATE_FAILED,),
+            exit_reasons={ExitCode.EVAL_GATE_FAILED: Reason.GATE_FAILED},
         ),
         StageRow(
             Stage.MERGE,

@@ -24,9 +24,9 @@ from .status import (
     EvalOutcome,
     build_status,
     eval_outcome,
+    exit_failure,
     failed_pod_message,
     owned_by,
-    spec_changed_message,
     tracking_status,
 )
 from .stuck import Stuck, stuck_failure_message
@@ -192,7 +192,7 @@ def observe(
         stuck_failure=stuck_fail,
         eval_gate_exit=outcome.gate_exit,
         curate_failure=failed_pod_message(jobs.get(Stage.CURATE), list(pods), Stage.CURATE),
-        spec_changed=spec_changed_message(jobs.get(Stage.TRAIN), list(pods)),
+        train_exit=exit_failure(jobs.get(Stage.TRAIN), list(pods), Stage.TRAIN),
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )

@@ -61,8 +61,9 @@ class Observed:
     eval_gate_exit: str | None = None
     # The failed curate pod's termination message: why curation failed (a data gate, a bad input file).
     curate_failure: str | None = None
-    # A train pod exited SPEC_CHANGED (sftjob_api.exit_codes): what it said (its termination message).
-    spec_changed: str | None = None
+    # A train pod exited with a code the stage table gives a Failed reason of its own (SPEC_CHANGED): that
+    # reason and what the pod said (its termination message).
+    train_exit: tuple[Reason, str] | None = None
     # A group restart is under way (render/recovery.py): the failed or stalled train Job is being torn down
     # or re-created. The message says why.
     group_restart: str | None = None
@@ -87,12 +88,14 @@ class Observed:
 
 
 GATE_FAILED_PREFIX = "eval gates failed (adapter kept): "
-# What Failed/SpecChanged tells the user to do; the trainer's own message (which fields changed) follows.
-SPEC_CHANGED_ADVICE = (
+# What a Failed reason of a trainer exit code tells the user to do; the trainer's own message (which fields
+# changed) follows.
+_SPEC_CHANGED_ADVICE = (
     "the training inputs changed since this run's newest checkpoint, so it cannot be resumed without mixing "
     "two runs (nothing was mixed; the checkpoints are kept). Re-create the SFTJob to start a new run, "
     "warm-started from that checkpoint with spec.training.resumeFrom if you like. The trainer said: "
 )
+EXIT_ADVICE = {Reason.SPEC_CHANGED: _SPEC_CHANGED_ADVICE}
 
 
 @dataclass(frozen=True)
@@ -147,8 +150,9 @@ def curation_done(obs: Observed) -> bool:
 def _train_failure(obs: Observed, job: JobObs) -> Decision:
     reason = job.failed_reason or "Failed"
     detail = job.failed_message or reason
-    if obs.spec_changed is not None:
-        return Decision(FAILED, Reason.SPEC_CHANGED, SPEC_CHANGED_ADVICE + obs.spec_changed)
+    if obs.train_exit is not None:
+        reason, said = obs.train_exit
+        return Decision(FAILED, reason, EXIT_ADVICE.get(reason, "") + said)
     if reason == "PodFailurePolicy":
         return Decision(FAILED, Reason.TRAINING_FAILED, f"trainer exited with a permanent error: {detail}")
     if reason == "BackoffLimitExceeded":
