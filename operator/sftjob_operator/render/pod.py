@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sftjob_api import SFTJobSpec
-from sftjob_api.spec import ResourcesSpec
+from sftjob_api.resources_spec import ResourcesSpec
 from sftjob_api.stage_table import StageRow
 from sftjob_api.trainer_config import RUN_ID_ENV
 
