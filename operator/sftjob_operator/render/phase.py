@@ -272,7 +272,7 @@ def next_phase(obs: Observed) -> Decision:
 
 
 def succeeded_message(stages: tuple[Stage, ...]) -> str:
-    """ "curation, training, evaluation and merge completed": the nouns of the stages that ran."""
+    """The nouns of the stages that ran: e.g. "curation, training, evaluation and merge completed"."""
     nouns = [STAGE_TABLE[s].noun for s in stages]
     done = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " and " + nouns[-1]
     return done + " completed"
