@@ -54,7 +54,7 @@ def test_edited_manifest_is_refused_naming_the_field_and_fresh_starts_a_new_run(
     edited = sftjob_run(lr=1e-3)
     assert edited.returncode != 0, edited.stdout[-3000:]
     out = edited.stdout + edited.stderr
-    assert "phase Failed" in out and "exit code 4" in out, out[-3000:]
+    assert "phase Failed: SpecChanged (exit code 4)" in out, out[-3000:]  # the train row's reason for 4
     assert "spec.training.learningRate: 0.003 -> 0.001" in out, out[-3000:]
 
     again = sftjob_run()  # as written: the same run continues from its checkpoint
