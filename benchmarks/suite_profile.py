@@ -1,6 +1,8 @@
 """Run a command (by default the README's test command) and sample the machine while it runs: CPU busy %
 (from /proc/stat, all cores) and memory in use (MemTotal - MemAvailable) every few seconds. Prints a table
-at the end; the samples go to a CSV for plots. docs/testing.md records what it printed.
+at the end; the samples go to a CSV for plots. With the suite it also prints the modules that used the most
+CPU (tests/conftest.py's `_module_cpu`: on 2 busy cores, CPU seconds are what a module costs the wall).
+docs/testing.md records what it printed.
 
     python benchmarks/suite_profile.py                          # bash scripts/test.sh
     python benchmarks/suite_profile.py --csv /tmp/s.csv -- bash scripts/test.sh --quick
@@ -9,11 +11,34 @@ at the end; the samples go to a CSV for plots. docs/testing.md records what it p
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
+
+MODULE_CPU_LOG = "SFTJOB_MODULE_CPU_LOG"  # tests/conftest.py appends one JSON line per module here
+
+
+def module_cpu_table(log: str, top: int) -> list[str]:
+    """The `top` modules by CPU seconds, and the total, as markdown rows."""
+    lines = Path(log).read_text().splitlines() if os.path.exists(log) else []
+    rows = [json.loads(x) for x in lines if x.strip()]
+    if not rows:
+        return []
+    rows.sort(key=lambda r: -r["cpu_s"])
+    total = sum(r["cpu_s"] for r in rows)
+    out = [f"\n| module (top {top} of {len(rows)} by CPU) | CPU s | share | wall s |", "|---|---|---|---|"]
+    out += [
+        f"| {r['module']} | {r['cpu_s']:.0f} | {100 * r['cpu_s'] / total:.1f}% | {r['wall_s']:.0f} |"
+        for r in rows[:top]
+    ]
+    out.append(f"| all {len(rows)} modules | {total:.0f} | 100% | |")
+    return out
 
 
 def cpu_times() -> tuple[int, int]:
@@ -47,6 +72,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--interval", type=float, default=5.0)
     ap.add_argument("--csv", help="write every sample here (seconds, cpu %%, MiB used)")
+    ap.add_argument("--top", type=int, default=25, help="modules listed by CPU seconds")
     ap.add_argument("command", nargs="*", default=["bash", "scripts/test.sh"])
     args = ap.parse_args()
 
@@ -55,6 +81,9 @@ def main() -> int:
     sampler = threading.Thread(target=sample, args=(args.interval, stop, rows), daemon=True)
     base = mem_used_mib()
     t0 = time.monotonic()
+    cpu_log = os.environ.setdefault(
+        MODULE_CPU_LOG, tempfile.mkstemp(prefix="module-cpu-", suffix=".jsonl")[1]
+    )
     sampler.start()
     rc = subprocess.call(args.command)
     stop.set()
@@ -75,6 +104,7 @@ def main() -> int:
         f"| `{' '.join(args.command)}` | {rc} | {wall / 60:.1f} min | {statistics.median(cpu):.0f}% "
         f"| {statistics.fmean(cpu):.0f}% | {peak / 1024:.1f} GiB |"
     )
+    print("\n".join(module_cpu_table(cpu_log, args.top)))
     return rc
 
 

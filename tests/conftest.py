@@ -8,11 +8,16 @@ Fixtures
   testbed_logs  session   directory holding every component's log
   tiny_model_dir session  a tiny Llama + BPE tokenizer saved offline (trainer.tiny), shared by the trainer
                           and pipeline tests
+  two_rank_reference session  the uninterrupted 2-rank run the crash tests compare with (trainer.reference),
+                          computed once for all workers
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +97,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return make_model_dir(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
+@pytest.fixture(scope="session")
+def two_rank_reference(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str
+):  # -> trainer.reference.Reference
+    from trainer.reference import two_rank_reference
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (
+        base.parent if hasattr(request.config, "workerinput") else base
+    )  # an xdist worker: the run's root
+    return two_rank_reference(shared / "two-rank-reference", tiny_model_dir)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     """On a failure of a test using the test bed, attach the tail of every running component's log."""
@@ -123,6 +141,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 _TIMES: list[tuple[str, float]] = []
+MODULE_CPU_LOG = "SFTJOB_MODULE_CPU_LOG"  # benchmarks/suite_profile.py sets it: CPU seconds per module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cpu(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Where the cores go: this worker's CPU time and that of the processes it started and reaped (test
+    beds, trainer launches), from before the module's first fixture to after its last teardown (autouse
+    fixtures come first). Not counted: session fixtures, and pods' processes (children of containerd)."""
+    log = os.environ.get(MODULE_CPU_LOG)
+    if not log:
+        yield
+        return
+
+    def cpu() -> float:
+        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+    cpu0, wall0 = cpu(), time.monotonic()
+    yield
+    row = {
+        "module": request.node.nodeid,
+        "cpu_s": round(cpu() - cpu0, 1),
+        "wall_s": round(time.monotonic() - wall0, 1),
+    }
+    with open(log, "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

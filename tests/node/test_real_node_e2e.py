@@ -6,7 +6,8 @@ cluster's Prometheus watch it, and every test of it asserts on that one run: the
 numbers vs the base model), the merged model answers in the requested shape, the manifest verifies, the
 pods are discovered from the apiserver and every dashboard panel and alert rule works on their data,
 `kubectl get sft` / `sftjob status|logs|artifacts` say what happened. Also what a real kubelet adds (tiny
-model, tests/node/toy.py): a deleted trainer pod, SIGTERM on suspend, an image that cannot be pulled.
+model, tests/node/toy.py): a deleted trainer pod, SIGTERM on suspend and a resume on fewer nodes, an image
+that cannot be pulled.
 
 Real: kubelet, containerd/runc, CNI, kube-proxy, CoreDNS, both images, SeaweedFS, Prometheus. Simulated:
 GPUs (gpusPerNode: 0, the CPU path), multi-host networking (one node; the pods share its bridge).
@@ -19,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +347,7 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(
         name,
         inputs,
         pod_s3.endpoint,
-        training={"maxSteps": 120, "checkpointSteps": 10},
+        training={"maxSteps": 60, "checkpointSteps": 10},  # room after step 25 for the kill to land first
         merge={"enabled": False},
     )
     st = wait_status(
@@ -371,30 +373,48 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(
     wait_status(kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after the restart")
 
 
-def test_suspend_checkpoints_on_sigterm_then_resumes(
+def test_suspended_run_resumes_on_fewer_nodes(
     kube: Any, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
 ) -> None:
+    """Suspend writes a checkpoint from the SIGTERM handler alone (checkpointSteps is 1000); while Suspended the
+    run is patched from 2 nodes to 1 (docs/recovery.md, "An edited size"); resumed, one pod continues the
+    2-rank checkpoint at world size 1 (adapter checkpoints load at any size), evaluates and Succeeds. Prints
+    the resume time at the new size (unsuspend -> first step)."""
     ns, name = chart_operator.namespace, "suspended"
     apply_sftjob(
         kube, ns, name, inputs, pod_s3.endpoint,
-        training={"maxSteps": 200, "checkpointSteps": 1000}, merge={"enabled": False}, eval={"enabled": False},
+        training={"maxSteps": 80, "checkpointSteps": 1000}, merge={"enabled": False},
     )  # fmt: skip
     wait_status(
         kube, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= 5, 600, "step 5 reached"
     )
     kube.kubectl("patch", "sftjob", name, "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     st = wait_status(kube, ns, name, lambda s: s.get("phase") == "Suspended", 300, "Suspended")
-    # checkpointSteps is 1000: only the SIGTERM handler can have written a checkpoint.
     client, bucket = pod_s3.bucket.client(), pod_s3.bucket.bucket
-    keys = [
-        o["Key"]
-        for o in client.list_objects_v2(Bucket=bucket, Prefix=f"runs/{ns}/{name}/checkpoints/").get(
-            "Contents", []
-        )
-    ]
-    assert any(k.endswith("COMPLETE") for k in keys), (keys, st)
+    prefix = f"runs/{ns}/{name}/checkpoints/"
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+    saved = [int(m[1]) for k in keys if (m := re.search(r"/step-(\d+)/COMPLETE$", k))]
+    assert len(saved) == 1, (keys, st)  # only the SIGTERM handler can have written it
+
+    kube.kubectl(
+        "patch", "sftjob", name, "-n", ns, "--type=merge", "-p", '{"spec":{"resources":{"nodes":1}}}'
+    )
+    t_resume = time.time()
     kube.kubectl("patch", "sftjob", name, "-n", ns, "--type=merge", "-p", '{"spec":{"suspend":false}}')
-    wait_status(kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after unsuspend")
+    st = wait_status(
+        kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after unsuspend"
+    )
+    assert (st.get("nodes"), st.get("worldSize")) == (1, 1), st
+    assert condition(st, "Evaluated").get("status") == "True", st
+    [pod] = pods(
+        kube, ns, f"sft.tuning.dev/job-name={name},sft.tuning.dev/stage=train"
+    )  # the 2 went with their Job
+    events = json_lines(logs(kube, ns, pod["metadata"]["name"]))
+    assert [e["step"] for e in events if e["event"] == "resumed"] == saved, events[-20:]
+    assert [e["world_size"] for e in events if e["event"] == "deepspeed"] == [1]
+    first_step = next(e["ts"] for e in events if e["event"] == "step")
+    print(f"\nresumed at world size 1 from the 2-rank checkpoint of step {saved[0]}: unsuspend -> first step "
+          f"{first_step - t_resume:.1f} s (pod start, image, model, checkpoint fetch)")  # fmt: skip
 
 
 def test_unpullable_image_is_stuck_with_the_cause(

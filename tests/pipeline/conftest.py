@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from testbed.mlflow_server import MlflowServer
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +32,14 @@ def make_adapter(model_dir: str, out_dir: str, seed: int = 1, std: float = 0.05)
     pm.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, testbed_logs: Path) -> Iterator[MlflowServer]:
+    """A real MLflow tracking server on loopback (testbed.mlflow_server)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), testbed_logs).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""`sftjob run` end to end on the tiny model: invalid specs stop before any work; Ctrl-C checkpoints and a
-re-run resumes, then eval, merge, report and a manifest that verifies against S3 (real SeaweedFS)."""
+"""`sftjob run` end to end on the tiny model: invalid specs stop before any work; Ctrl-C checkpoints, a
+re-run from an edited manifest is refused naming the field, a re-run as written resumes, then eval, merge,
+report and a manifest that verifies against S3 (real SeaweedFS); `--fresh` starts a new run."""
 
 from __future__ import annotations
 
@@ -110,13 +111,19 @@ def wait_for_step(steps_file: str, proc: subprocess.Popen, step: int, timeout: f
 
 @pytest.mark.trainer
 @pytest.mark.slow
-def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s3):
+def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s3, mlflow_server):
+    """Also the MLflow test of one run across every stage and both invocations (docs/tracking.md): the same
+    expensive run proves both."""
     from trainer.tiny import dataset_rows, write_jsonl
 
     write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(240, seed=1))
     write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(12, seed=2))
     out = {"uri": f"s3://{s3.bucket}/runs", "endpoint": s3.endpoint_url, "pathStyle": True}
-    spec = write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, output=out))
+    tracking = {
+        "mlflow": {"trackingUri": mlflow_server.uri, "experiment": "sftjob-test", "tags": {"suite": "x"}}
+    }
+    as_written = {"output": out, "tracking": tracking}
+    spec = write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, **as_written))
     work = tmp_path / "work"
     env = {**os.environ, **s3.env(), "OMP_NUM_THREADS": "1"}
     cmd = [*CLI, "run", spec, "--work-dir", str(work)]
@@ -124,12 +131,32 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     log1 = sigint_after_step(cmd, tmp_path, env, work)
     assert "interrupted by SIGINT in phase Training: the train stage stopped" in log1, log1[-3000:]
     client = s3.client()
+    root = "runs/local/tiny-run/"
+
+    def get(key: str) -> bytes:
+        return client.get_object(Bucket=s3.bucket, Key=root + key)["Body"].read()
+
+    pointer = json.loads(get("tracking/mlflow.json"))  # the MLflow run, created by the first attempt
+    assert pointer["mlflowTrackingUri"] == mlflow_server.uri
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/")["Contents"]]
     done = sorted(int(m[1]) for k in keys if (m := re.search(r"/checkpoints/[^/]+/step-(\d+)/COMPLETE$", k)))
     assert done == [3], keys  # the step in flight when SIGTERM reached the held trainer, then its checkpoint
     assert f"checkpoint step-{done[-1]} saved" in log1
     assert not any(k.endswith("manifest.json") for k in keys)
 
+    # the manifest edited, the same work directory (the same run): refused naming the changed field, instead
+    # of continuing the old optimizer state under the new learning rate (docs/recovery.md, run identity)
+    training = spec_doc(tiny_model_dir)["spec"]["training"]
+    edited = {**as_written, "training": {**training, "learningRate": 1e-3}}
+    write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, **edited))
+    refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    said = refused.stdout + refused.stderr
+    # the train row's reason for exit code 4 (sftjob_api/stage_table.py)
+    assert refused.returncode != 0 and "phase Failed: SpecChanged (exit code 4)" in said, said[-3000:]
+    assert "spec.training.learningRate: 0.003 -> 0.001" in said, said[-3000:]
+    run_id = (work / "run-id").read_text().strip()
+
+    write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, **as_written))  # as written: it continues
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resuming from step {done[-1]}" in second.stdout
@@ -144,21 +171,16 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
         lines = (work / f"{stage}.log").read_text().splitlines()
         return [e for x in lines if x.startswith("{") and (e := json.loads(x))["event"] == name]
 
-    [cold, warm] = events("train", "data")
+    [cold, refused_data, warm] = events("train", "data")  # the refused attempt read the data too
     [ev] = events("eval", "eval_data")
-    assert cold["curated_key"] == warm["curated_key"] == ev["curated_key"]
+    assert cold["curated_key"] == refused_data["curated_key"] == warm["curated_key"] == ev["curated_key"]
     assert len(events("train", "curating")) == 1  # the first attempt only
-    [fetched_cold, fetched_warm] = [e["keys"] for e in events("train", "data_fetched")]
+    [fetched_cold, _, fetched_warm] = [e["keys"] for e in events("train", "data_fetched")]
     shard = f"{cold['curated_key']}/shards/"
     assert fetched_cold == fetched_warm and len(fetched_cold) == 1 and fetched_cold[0].startswith(shard)
     curated = "runs/local/_curated/"
     stored = [o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix=curated)["Contents"]]
     assert f"{curated}{cold['curated_key']}/COMPLETE" in stored and curated + fetched_cold[0] in stored
-
-    root = "runs/local/tiny-run/"
-
-    def get(key: str) -> bytes:
-        return client.get_object(Bucket=s3.bucket, Key=root + key)["Body"].read()
 
     summary = json.loads(get("train/summary.json"))
     assert summary["resumed_from"] == done[-1] and summary["steps"] == 16
@@ -175,6 +197,17 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
         body = get(f["path"])
         assert (len(body), hashlib.sha256(body).hexdigest()) == (f["size"], f["sha256"]), f["path"]
     assert get("report/loss_curve.png")[:4] == b"\x89PNG"
+    tracked_in_one_mlflow_run(
+        mlflow_server, pointer, second.stdout, work, json.loads(get("eval/results.json"))
+    )
+
+    # --fresh under the edited manifest: a new run (another id) trained from step 1, nothing resumed
+    write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, **edited))
+    (work / "steps.jsonl").unlink()  # the finished run's: the interrupt below waits for the new run's step 1
+    log3 = sigint_after_step([*cmd, "--fresh"], tmp_path, env, work, step=1)
+    assert (work / "run-id").read_text().strip() != run_id
+    assert "resuming from step" not in log3, log3[-3000:]
+    assert json.loads((work / "steps.jsonl").read_text().splitlines()[0])["step"] == 1
 
 
 @pytest.mark.trainer
@@ -212,3 +245,39 @@ def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
         assert store.exists("merged/model.safetensors")
     finally:
         server.stop()
+
+
+def tracked_in_one_mlflow_run(server, pointer: dict, stdout: str, work: Path, results: dict) -> None:
+    """Every stage of both invocations reported to the one MLflow run the first attempt created."""
+    run_id = pointer["mlflowRunId"]
+    assert f"MLflow run: {run_id} (experiment {pointer['mlflowExperimentId']}" in stdout
+    for stage in ("train", "eval", "merge"):  # every stage reported the same run, none had to warn
+        evs = [json.loads(x) for x in (work / f"{stage}.log").read_text().splitlines() if x.startswith("{")]
+        assert {e["mlflowRunId"] for e in evs if e["event"] == "tracking"} == {run_id}, stage
+        assert not [e for e in evs if e["event"] == "warning" and e.get("component") == "tracking"], stage
+    client = server.client()
+    exp = client.get_experiment_by_name("sftjob-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]  # one run across the invocations and all stages
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "local/tiny-run"
+    assert run.data.tags["suite"] == "x" and run.data.tags["sftjob.name"] == "tiny-run"
+    params = run.data.params
+    assert params["training.maxSteps"] == "16" and params["method.type"] == "lora"
+    assert params["training.learningRate"] == "0.003"  # the run's own spec, not the refused edit's
+    assert params["tracking.mlflow.experiment"] == "sftjob-test" and params["dataset.format"] == "alpaca"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert {m.step for m in history} == set(range(1, 17))  # steps of both attempts (resumed ones repeat)
+    assert run.data.metrics["eval_loss"] == pytest.approx(results["trained"]["eval_loss"])
+    assert run.data.metrics["base_eval_loss"] == pytest.approx(results["base"]["eval_loss"])
+    assert run.data.metrics["eval_exact_match"] == pytest.approx(results["trained"]["exact_match"])
+    assert "merge_max_abs_diff" in run.data.metrics and "train_final_loss" in run.data.metrics
+    arts = {a.path for a in client.list_artifacts(run_id)}
+    for d in ("train", "eval", "merged"):
+        arts |= {a.path for a in client.list_artifacts(run_id, d)}
+    assert {
+        "manifest.json",
+        "eval/results.json",
+        "train/data_report.json",
+        "merged/verification.json",
+    } <= arts

@@ -19,8 +19,8 @@ import pytest
 from sftjob_api.exit_codes import ExitCode
 from sftjob_api.ports import free_port
 
+from . import reference
 from .runner import json_events, launch_cmd, make_config, trainer_env, write_config
-from .tiny import dataset_rows, write_jsonl
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
 
@@ -84,7 +84,7 @@ class Node:
 @pytest.fixture
 def two_nodes(tiny_model_dir, tmp_path):
     """start(name, **training) -> two launched nodes of one run writing to tmp_path/name/."""
-    data = write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(120, seed=5))
+    data = reference.data_file(tmp_path)
     nodes: list[Node] = []
 
     def start(name: str = "run", max_steps: int = 400, checkpoint_steps: int = 1000, batch: int = 4):
@@ -171,14 +171,17 @@ def finish(*nodes: Node, timeout: float = 600) -> None:
         assert rc == 0, "".join(n.stderr)[-3000:]
 
 
-def test_killed_rank_group_restart_resumes_and_ends_like_an_uninterrupted_run(two_nodes, tmp_path):
+def test_killed_rank_group_restart_resumes_and_ends_like_an_uninterrupted_run(
+    two_nodes, two_rank_reference, tmp_path
+):
     """The group restart the operator does, with real processes: rank 1 is killed right after checkpoint 4,
     the survivor exits retryably, both ranks start again; they resume from step 4 and end with the very
-    adapter of an uninterrupted run. Prints the recovery time (failure -> first step after the restart)."""
+    adapter of an uninterrupted run (the shared 2-rank reference: torchrun with 2 processes, where these are
+    2 agents of 1). Prints the recovery time (failure -> first step after the restart)."""
     from safetensors.torch import load_file
 
-    finish(*two_nodes("ref", max_steps=12, checkpoint_steps=4, batch=8))
-    rank0, rank1 = two_nodes("crash", max_steps=12, checkpoint_steps=4, batch=8)
+    crash = {"max_steps": reference.MAX_STEPS, "checkpoint_steps": 4, "batch": 8}
+    rank0, rank1 = two_nodes("crash", **crash)
     end = time.monotonic() + 600
     while not any(e["event"] == "checkpoint" and e["step"] == 4 for _, e in rank0.events):
         assert time.monotonic() < end and rank0.proc.poll() is None, "".join(rank0.stderr)[-3000:]
@@ -188,13 +191,18 @@ def test_killed_rank_group_restart_resumes_and_ends_like_an_uninterrupted_run(tw
     last_step = rank0.steps[-1]
     rc, survivor_s = survivor_exit(rank0, TIMEOUT_S * 3 + 60)
     assert rc == ExitCode.RETRYABLE, "".join(rank0.stderr)[-3000:]
-    again0, again1 = two_nodes("crash", max_steps=12, checkpoint_steps=4, batch=8)  # the re-created group
+    again0, again1 = two_nodes("crash", **crash)  # the re-created group
     finish(again0, again1)
     resumed = [e["step"] for _, e in again0.events if e["event"] == "resumed"]
     steps = [(t, e["step"]) for t, e in again0.events if e["event"] == "step"]
-    assert resumed == [4] and [s for _, s in steps] == list(range(5, 13)), (resumed, steps)
+    assert resumed == [4] and [s for _, s in steps] == list(range(5, reference.MAX_STEPS + 1)), (
+        resumed,
+        steps,
+    )
     recovery_s = steps[0][0] - t_fail
-    a = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    losses = [e["loss"] for _, e in again0.events if e["event"] == "step"]
+    assert losses == pytest.approx(two_rank_reference.losses[4:], rel=1e-6)
+    a = two_rank_reference.adapter()
     b = load_file(str(tmp_path / "crash" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:

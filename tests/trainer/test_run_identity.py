@@ -5,7 +5,7 @@ learning rate starts fresh and leaves the old run's files as they were, never lo
 under a third run's prefix; a tampered checkpoint file is refused naming the file; another SFTJob
 warm-starts from the first run's adapter through spec.training.resumeFrom, and a resumeFrom that is neither
 checkpoint nor adapter fails naming the field. Runs are shared between the asserts: each launch imports torch and DeepSpeed anew. The same run
-with an edited spec: tests/pipeline/test_sftjob_run_identity.py (through `sftjob run`).
+with an edited spec: tests/pipeline/test_sftjob_run.py (through `sftjob run`).
 """
 
 from __future__ import annotations
