@@ -25,6 +25,6 @@ def downward_api_file(template: dict[str, Any], path: str) -> str:
 
 def trainer_config_file(job: dict[str, Any]) -> str:
     """The trainer config file the pods of a rendered stage Job read."""
-    from sftjob_operator.render.objects import CONFIG_PATH
+    from sftjob_operator.render.trainer_config import CONFIG_PATH
 
     return downward_api_file(job["spec"]["template"], CONFIG_PATH)

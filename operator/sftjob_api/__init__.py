@@ -6,7 +6,7 @@ stages a spec runs and the artifact layout, the trainer's metric names, eval res
 and the manifest. Both packages depend on this one; neither imports the other.
 """
 
-from .layout import Layout, Stage, curate_enabled, final_stage, merge_enabled, stages
+from .layout import Layout
 from .resource import (
     API_VERSION,
     GROUP,
@@ -19,6 +19,7 @@ from .resource import (
     parse_spec,
 )
 from .spec import SFTJobSpec
+from .stage_table import STAGE_TABLE, Stage, curate_enabled, final_stage, merge_enabled, stages
 from .status import TERMINAL_PHASES, Condition, Phase, Reason, SFTJobStatus
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "GROUP",
     "KIND",
     "PLURAL",
+    "STAGE_TABLE",
     "TERMINAL_PHASES",
     "VERSION",
     "Condition",

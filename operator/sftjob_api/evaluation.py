@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ApiModel
+from .base import ApiModel, CelRule
 
 Metric = Literal["loss", "perplexity", "rouge_l", "exact_match"]
 ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "rouge_l", "exact_match")
@@ -68,3 +68,39 @@ class EvalGates(ApiModel):
             elif not is_max and value < limit:
                 out.append(f"{gate}: {value:.4g} < {limit:.4g}")
         return out
+
+
+class EvalSpec(ApiModel):
+    """The evaluation stage after training."""
+
+    enabled: bool = True
+    """Run the evaluation stage."""
+    metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS), min_length=1, max_length=4)
+    """Metrics to compute on the held-out data."""
+    max_samples: int = Field(default=64, ge=1, le=100_000)
+    """Held-out samples generated for ROUGE-L and exact match."""
+    max_new_tokens: int = Field(default=128, ge=1, le=8192)
+    """Generation length limit for those samples."""
+    gates: EvalGates | None = None
+    """Thresholds that block the merge."""
+
+    cel_rules = (
+        CelRule(
+            cel="!has(self.gates) || self.enabled",
+            message="gates require eval enabled",
+            check=lambda e: e.gates is None or e.enabled,
+            field_path=".gates",
+        ),
+        CelRule(
+            cel="!has(self.gates) || !has(self.gates.minRougeL) || 'rouge_l' in self.metrics",
+            message="gates.minRougeL requires rouge_l in metrics",
+            check=lambda e: e.gates is None or e.gates.min_rouge_l is None or "rouge_l" in e.metrics,
+            field_path=".gates.minRougeL",
+        ),
+        CelRule(
+            cel="!has(self.gates) || !has(self.gates.minExactMatch) || 'exact_match' in self.metrics",
+            message="gates.minExactMatch requires exact_match in metrics",
+            check=lambda e: e.gates is None or e.gates.min_exact_match is None or "exact_match" in e.metrics,
+            field_path=".gates.minExactMatch",
+        ),
+    )

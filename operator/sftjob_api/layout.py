@@ -1,4 +1,4 @@
-"""The stages a spec runs, in order, and the artifact layout of one run: every key, written down once.
+"""The artifact layout of one run: every key, written down once (the stages: stage_table.py).
 
 Under the run's root `<output.uri>/<namespace>/<name>/`:
 
@@ -22,46 +22,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from enum import StrEnum
 
 from .serving import adapter_needs_merge
 from .spec import SFTJobSpec
+from .stage_table import Stage, merge_enabled, stages
 from .status import Artifacts, ServingHandoff
-
-
-class Stage(StrEnum):
-    CURATE = "curate"
-    TRAIN = "train"
-    EVAL = "eval"
-    MERGE = "merge"
-
-
-def merge_enabled(spec: SFTJobSpec) -> bool:
-    """Merging folds an adapter into the base model: nothing to merge for method full."""
-    return spec.merge.enabled and spec.method.type != "full"
-
-
-def curate_enabled(spec: SFTJobSpec) -> bool:
-    """A curate stage (its own Job, no GPU unless the perplexity filter scores) runs before training when
-    spec.dataset.curation is set: near-duplicate search, decontamination and scoring happen once, before any
-    training GPU is held, and the training ranks read only their own shards of the result."""
-    return spec.dataset.curation is not None
-
-
-def stages(spec: SFTJobSpec) -> tuple[Stage, ...]:
-    """The stages this spec runs, in order. The operator's phase machine, `sftjob run` and the trainer (the
-    last stage writes manifest.json) all follow this list."""
-    out = [Stage.CURATE] if curate_enabled(spec) else []
-    out.append(Stage.TRAIN)
-    if spec.eval.enabled:
-        out.append(Stage.EVAL)
-    if merge_enabled(spec):
-        out.append(Stage.MERGE)
-    return tuple(out)
-
-
-def final_stage(spec: SFTJobSpec) -> Stage:
-    return stages(spec)[-1]
 
 
 def run_root(spec: SFTJobSpec, namespace: str, name: str) -> str:

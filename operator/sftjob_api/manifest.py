@@ -20,9 +20,10 @@ import time
 from importlib import metadata
 from typing import Any
 
-from .layout import Layout, Stage, handoff, stages
+from .layout import Layout, handoff
 from .serving import adapter_config_problems, smallest_max_lora_rank
 from .spec import SFTJobSpec
+from .stage_table import Stage, stages
 from .storage import Store
 from .trainer_config import TrainerConfig
 

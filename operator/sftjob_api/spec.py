@@ -11,11 +11,10 @@ from pydantic import Field
 
 from .base import ApiModel, CelRule
 from .dataset import DATA_URI, DatasetSpec
-from .evaluation import ALL_METRICS, EvalGates, Metric
-from .labels import MAX_ENTRIES, AnnotationValue, LabelValue, keys_rule
-from .pod_strings import IMAGE_RULE, module_names_rule
+from .evaluation import EvalSpec
+from .pod_strings import module_names_rule
+from .resources_spec import ResourcesSpec
 from .run_policy import RunPolicy
-from .scheduling import MAX_TOLERATIONS, Affinity, Toleration
 from .serving import Server
 from .serving import cel_rules as serving_rules
 from .tracking import TrackingSpec
@@ -24,7 +23,6 @@ from .tracking import TrackingSpec
 CACHE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 MODEL_URI = DATA_URI[:-2] + "|" + CACHE_NAME + ")$"
 OUTPUT_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|/.*|\./.*|[A-Za-z0-9_][A-Za-z0-9._/-]*)$"
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$"
 Dtype = Literal["bfloat16", "float16", "float32"]
 
 
@@ -155,68 +153,7 @@ class TrainingSpec(ApiModel):
     )
 
 
-class DeepSpeedSpec(ApiModel):
-    """DeepSpeed ZeRO settings."""
-
-    zero_stage: int = Field(default=3, ge=0, le=3)
-    """ZeRO stage: 3 shards parameters, gradients and optimizer state across ranks."""
-    offload_optimizer: Literal["none", "cpu"] = "none"
-    """Keep optimizer state in host memory."""
-    offload_params: Literal["none", "cpu"] = "none"
-    """Keep parameters in host memory (ZeRO-3 only)."""
-
-    cel_rules = (
-        CelRule(
-            cel="self.offloadParams == 'none' || self.zeroStage == 3",
-            message="offloadParams requires zeroStage 3",
-            check=lambda d: d.offload_params == "none" or d.zero_stage == 3,
-            field_path=".offloadParams",
-        ),
-    )
-
-
 Object = dict[str, Any]
-
-
-class ResourcesSpec(ApiModel):
-    """Where and on what the trainer pods run."""
-
-    nodes: int = Field(default=1, ge=1, le=512)
-    """Number of trainer pods (one per node); pod 0 is the rendezvous master."""
-    gpus_per_node: int = Field(default=1, ge=0, le=16)
-    """nvidia.com/gpu per pod, one rank per GPU; 0 trains on CPU with one rank per pod."""
-    cpu: str | None = Field(default=None, pattern=QUANTITY, max_length=32)
-    """CPU request and limit per pod (Kubernetes quantity)."""
-    memory: str | None = Field(default=None, pattern=QUANTITY, max_length=32)
-    """Memory request and limit per pod (Kubernetes quantity)."""
-    shm_size: str = Field(default="8Gi", pattern=QUANTITY, max_length=32)
-    """Size of the /dev/shm emptyDir NCCL uses."""
-    image: str | None = Field(default=None, max_length=512)
-    """Trainer image (an image reference: [registry[:port]/]name[:tag][@digest]); the operator's default
-    when unset."""
-    node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
-    """Node labels the pods must match (label keys and values)."""
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
-    """Pod tolerations (core/v1 Toleration; lists and strings capped: sftjob_api/scheduling.py)."""
-    affinity: Affinity | None = None
-    """Pod affinity (core/v1 Affinity; lists and strings capped: sftjob_api/scheduling.py)."""
-    priority_class_name: str | None = Field(default=None, max_length=253)
-    """PriorityClass of the pods."""
-    service_account_name: str | None = Field(default=None, max_length=253)
-    """ServiceAccount of the pods; the chart's trainer account (no API permissions) when unset."""
-    pod_labels: dict[str, LabelValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
-    """Extra labels on every pod (label keys; values at most 63 characters)."""
-    pod_annotations: dict[str, AnnotationValue] = Field(default_factory=dict, max_length=MAX_ENTRIES)
-    """Extra annotations on every pod."""
-    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
-    """DeepSpeed ZeRO settings."""
-
-    cel_rules = (
-        keys_rule("nodeSelector", "resources.nodeSelector"),
-        keys_rule("podLabels", "resources.podLabels"),
-        keys_rule("podAnnotations", "resources.podAnnotations"),
-        IMAGE_RULE,
-    )
 
 
 class SecretRef(ApiModel):
@@ -250,42 +187,6 @@ class OutputSpec(ApiModel):
     can load the adapter (DoRA, modulesToSave, rank, target modules); if it cannot, the merged model is the
     hand-off (status.artifacts.serving says why), or the SFTJob is refused when merge is disabled. A serving
     manifest is written next to the artifacts (docs/serving.md)."""
-
-
-class EvalSpec(ApiModel):
-    """The evaluation stage after training."""
-
-    enabled: bool = True
-    """Run the evaluation stage."""
-    metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS), min_length=1, max_length=4)
-    """Metrics to compute on the held-out data."""
-    max_samples: int = Field(default=64, ge=1, le=100_000)
-    """Held-out samples generated for ROUGE-L and exact match."""
-    max_new_tokens: int = Field(default=128, ge=1, le=8192)
-    """Generation length limit for those samples."""
-    gates: EvalGates | None = None
-    """Thresholds that block the merge."""
-
-    cel_rules = (
-        CelRule(
-            cel="!has(self.gates) || self.enabled",
-            message="gates require eval enabled",
-            check=lambda e: e.gates is None or e.enabled,
-            field_path=".gates",
-        ),
-        CelRule(
-            cel="!has(self.gates) || !has(self.gates.minRougeL) || 'rouge_l' in self.metrics",
-            message="gates.minRougeL requires rouge_l in metrics",
-            check=lambda e: e.gates is None or e.gates.min_rouge_l is None or "rouge_l" in e.metrics,
-            field_path=".gates.minRougeL",
-        ),
-        CelRule(
-            cel="!has(self.gates) || !has(self.gates.minExactMatch) || 'exact_match' in self.metrics",
-            message="gates.minExactMatch requires exact_match in metrics",
-            check=lambda e: e.gates is None or e.gates.min_exact_match is None or "exact_match" in e.metrics,
-            field_path=".gates.minExactMatch",
-        ),
-    )
 
 
 class MergeSpec(ApiModel):

@@ -46,6 +46,8 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
     CURATE_FAILED = "CurationFailed"
     TRAINING_FAILED = "TrainingFailed"
+    # the trainer exited SPEC_CHANGED (4): this run's checkpoint was written under another spec fingerprint
+    SPEC_CHANGED = "SpecChanged"
     BACKOFF = "BackoffLimitExceeded"
     DEADLINE = "DeadlineExceeded"
     EVAL_FAILED = "EvalFailed"

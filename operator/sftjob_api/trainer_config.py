@@ -12,8 +12,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import ApiModel
-from .layout import Stage, final_stage
 from .spec import SFTJobSpec
+from .stage_table import Stage, final_stage
 
 # The run's identity reaches the trainer as an environment variable, not in the config file: the operator sets
 # it to the SFTJob's metadata.uid in every pod (render/objects.py), `sftjob run` to the id kept in its work

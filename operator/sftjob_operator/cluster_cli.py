@@ -1,7 +1,7 @@
 """`sftjob status|logs|artifacts NAME`: a run in a cluster, from a terminal, with the user's kubeconfig.
 
     sftjob status NAME [-n NS]                       phase, progress, conditions, eval table, last events
-    sftjob logs NAME [--stage curate|train|eval|merge] [--rank N] [-f]
+    sftjob logs NAME [--stage STAGE] [--rank N] [-f]  a stage's pod log (default: the stage the run is at)
     sftjob artifacts NAME [--download DIR]           the manifest; --download fetches and checks every file
 
 The same commands run as a kubectl plugin (`kubectl sft status NAME`: the `kubectl-sft` entry point is
@@ -23,19 +23,6 @@ from pathlib import Path
 from typing import Any
 
 Obj = dict[str, Any]
-STAGE_OF_PHASE = {
-    "Pending": "train",
-    "Curating": "curate",
-    "Training": "train",
-    "Evaluating": "eval",
-    "Merging": "merge",
-}
-STAGE_OF_REASON = {
-    "CurationFailed": "curate",
-    "EvalFailed": "eval",
-    "EvalGateFailed": "eval",
-    "MergeFailed": "merge",
-}
 
 
 class CliError(Exception):
@@ -171,17 +158,24 @@ def _status(a: argparse.Namespace, cluster: Cluster) -> int:
 
 
 def default_stage(status: Obj) -> str:
-    """The stage whose logs matter now: the running one, or the one a failure names."""
-    phase, reason = status.get("phase"), status.get("reason")
-    if phase in STAGE_OF_PHASE:
-        return STAGE_OF_PHASE[phase]
-    if phase == "Failed":
-        return STAGE_OF_REASON.get(reason or "", "train")
+    """The stage whose logs matter now: the running one, or the one a failure names (the stage table's
+    phases and Failed reasons); else the latest stage with a Job, training by default."""
+    from sftjob_api import STAGE_TABLE, Stage
+    from sftjob_api.stage_table import stage_of_failure, stage_of_phase
+
+    phase, reason = str(status.get("phase") or ""), str(status.get("reason") or "")
+    named = stage_of_failure(reason) if phase == "Failed" else stage_of_phase(phase)
+    if named is not None:
+        return str(named)
     children = status.get("children") or {}
-    return "merge" if children.get("mergeJob") else "eval" if children.get("evalJob") else "train"
+    return str(next((s for s in reversed(STAGE_TABLE) if children.get(f"{s}Job")), Stage.TRAIN))
 
 
 def _logs(a: argparse.Namespace, cluster: Cluster) -> int:
+    from sftjob_api import STAGE_TABLE
+
+    if a.stage is not None and a.stage not in STAGE_TABLE:
+        raise CliError(f"--stage {a.stage}: not a stage; one of {', '.join(STAGE_TABLE)}")
     stage = a.stage or default_stage(cluster.sftjob(a.name).get("status") or {})
     selector = f"sft.tuning.dev/job-name={a.name},sft.tuning.dev/stage={stage}"
     pods = [
@@ -334,7 +328,9 @@ def add_commands(sub: Any) -> None:
     s.add_argument("--events", type=int, default=10, help="how many of the latest events to show")
     s.set_defaults(func=_wrap(_status))
     lg = sub.add_parser("logs", parents=[common], help="logs of a run's pod (the current stage by default)")
-    lg.add_argument("--stage", choices=("curate", "train", "eval", "merge"))
+    # Checked against sftjob_api's stage table when the command runs (importing it here would slow every
+    # `sftjob` invocation).
+    lg.add_argument("--stage", help="the stage whose pod to read (default: the one the run is at)")
     lg.add_argument("--rank", type=int, default=0, help="trainer rank (train stage)")
     lg.add_argument("--tail", type=int, help="only the last N lines")
     lg.add_argument("-f", "--follow", action="store_true")

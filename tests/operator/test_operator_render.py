@@ -19,6 +19,7 @@ from sftjob_api.layout import checkpoint_uri, status_artifacts
 from sftjob_api.trainer_config import TrainerConfig
 from sftjob_operator.render import objects as o
 from sftjob_operator.render import phase as ph
+from sftjob_operator.render import pod
 from sftjob_operator.render.names import LABEL_JOB_NAME, LABEL_STAGE, ChildNames
 from sftjob_operator.render.observe import JobObs
 from sftjob_operator.render.status import build_status
@@ -53,10 +54,10 @@ def all_children(ref: o.SFTJobRef, spec: Any) -> list[dict[str, Any]]:
     opts = o.RenderOptions()
     return [
         o.render_service(ref),
-        o.render_train_job(ref, spec, opts),
-        o.render_eval_job(ref, spec, opts),
-        o.render_merge_job(ref, spec, opts),
-        o.render_curate_job(ref, spec, opts),
+        o.render_stage_job(Stage.TRAIN, ref, spec, opts),
+        o.render_stage_job(Stage.EVAL, ref, spec, opts),
+        o.render_stage_job(Stage.MERGE, ref, spec, opts),
+        o.render_stage_job(Stage.CURATE, ref, spec, opts),
     ]
 
 
@@ -98,7 +99,7 @@ def test_every_child_is_owned_and_labelled(multinode: Any) -> None:
 
 def test_train_job_is_indexed_with_torchrun_exec_array(multinode: Any) -> None:
     ref, spec = multinode
-    job = o.render_train_job(ref, spec, o.RenderOptions())
+    job = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())
     s = job["spec"]
     assert s["completionMode"] == "Indexed"
     assert s["completions"] == s["parallelism"] == 2
@@ -172,7 +173,7 @@ def test_no_spec_string_reaches_a_shell(minimal: Any) -> None:
         assert c["command"][:3] == ["python", "-m", "sftjob_trainer"]
         assert not any(x in ("sh", "bash", "-c", "/bin/sh") for x in c["command"])
         assert "rm -rf" not in json.dumps(c["command"]) + json.dumps(c["env"])
-    config = trainer_config_file(o.render_train_job(ref, spec, o.RenderOptions()))
+    config = trainer_config_file(o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions()))
     assert "rm -rf" in config  # the value lives in the config file, as data
 
 
@@ -206,7 +207,7 @@ def test_security_context_and_shm(minimal: Any) -> None:
 
 def test_pod_failure_policy_maps_trainer_exit_codes(minimal: Any) -> None:
     ref, spec = minimal
-    job = o.render_train_job(ref, spec, o.RenderOptions())
+    job = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
@@ -229,7 +230,7 @@ def test_pod_annotations_and_labels_reach_every_pod(minimal: Any) -> None:
     for job in all_children(ref, spec)[1:]:
         tmeta = job["spec"]["template"]["metadata"]
         assert tmeta["annotations"]["kwok.sftjob.dev/delay"] == "3s"
-        assert set(tmeta["annotations"]) == {"kwok.sftjob.dev/delay", o.CONFIG_ANNOTATION}
+        assert set(tmeta["annotations"]) == {"kwok.sftjob.dev/delay", pod.CONFIG_ANNOTATION}
         assert tmeta["labels"]["team"] == "nlp"
         assert tmeta["labels"][LABEL_JOB_NAME] == "minimal"  # ours win: the index relies on them
 
@@ -243,15 +244,15 @@ def test_kueue_label_passthrough_and_suspended_children(multinode: Any, minimal:
         assert job["spec"]["suspend"] is True
     ref2, spec2 = minimal
     assert not ref2.queued
-    assert o.render_train_job(ref2, spec2, o.RenderOptions())["spec"]["suspend"] is False
+    assert o.render_stage_job(Stage.TRAIN, ref2, spec2, o.RenderOptions())["spec"]["suspend"] is False
     spec2.suspend = True
-    assert o.render_train_job(ref2, spec2, o.RenderOptions())["spec"]["suspend"] is True
+    assert o.render_stage_job(Stage.TRAIN, ref2, spec2, o.RenderOptions())["spec"]["suspend"] is True
 
 
 def test_eval_and_merge_jobs(multinode: Any) -> None:
     ref, spec = multinode
-    ev = o.render_eval_job(ref, spec, o.RenderOptions())
-    mg = o.render_merge_job(ref, spec, o.RenderOptions())
+    ev = o.render_stage_job(Stage.EVAL, ref, spec, o.RenderOptions())
+    mg = o.render_stage_job(Stage.MERGE, ref, spec, o.RenderOptions())
     assert ev["spec"]["completions"] == 1 and ev["spec"]["completionMode"] == "NonIndexed"
     assert ev["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "python",
@@ -290,7 +291,8 @@ def test_curate_job_is_one_pod_without_gpu_unless_perplexity_scores(multinode: A
     assert s["backoffLimit"] == 2  # min(runPolicy.backoffLimit 4, 2), as for eval
     assert "activeDeadlineSeconds" not in s
     assert (
-        s["podFailurePolicy"] == o.render_eval_job(ref, spec, o.RenderOptions())["spec"]["podFailurePolicy"]
+        s["podFailurePolicy"]
+        == o.render_stage_job(Stage.EVAL, ref, spec, o.RenderOptions())["spec"]["podFailurePolicy"]
     )
     assert s["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [int(c) for c in PERMANENT_CODES]
     assert s["suspend"] is True  # the example is Kueue-managed: queued like every stage
@@ -305,10 +307,10 @@ def test_curate_job_is_one_pod_without_gpu_unless_perplexity_scores(multinode: A
     assert "subdomain" not in pod and "affinity" not in pod  # no avoid_nodes anti-affinity
     assert "MASTER_ADDR" not in {e["name"] for e in c["env"]}
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"  # a gate failure's text reaches status
-    train = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
+    train = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
     assert "affinity" in train  # the same ref keeps the train pods off the bad node
     # same pod security, volumes and credentials as eval
-    ev = o.render_eval_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
+    ev = o.render_stage_job(Stage.EVAL, ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
     assert pod["securityContext"] == ev["securityContext"] and pod["volumes"] == ev["volumes"]
     assert (
         c["env"] == ev["containers"][0]["env"]
@@ -316,10 +318,12 @@ def test_curate_job_is_one_pod_without_gpu_unless_perplexity_scores(multinode: A
     )
 
     scored = curated(doc, perplexity={"percentile": 95})
-    c = o.render_curate_job(ref, scored, o.RenderOptions())["spec"]["template"]["spec"]["containers"][0]
+    c = o.render_stage_job(Stage.CURATE, ref, scored, o.RenderOptions())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"  # min(gpusPerNode 8, 1)
     doc["spec"]["resources"]["gpusPerNode"] = 0
-    c = o.render_curate_job(ref, curated(doc, perplexity={"percentile": 95}), o.RenderOptions())
+    c = o.render_stage_job(Stage.CURATE, ref, curated(doc, perplexity={"percentile": 95}), o.RenderOptions())
     assert "nvidia.com/gpu" not in c["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
@@ -327,9 +331,9 @@ def test_curate_job_suspended_like_every_child(minimal: Any) -> None:
     ref, _ = minimal
     doc = load("sftjob-minimal.yaml")
     spec = curated(doc)
-    assert o.render_curate_job(ref, spec, o.RenderOptions())["spec"]["suspend"] is False
+    assert o.render_stage_job(Stage.CURATE, ref, spec, o.RenderOptions())["spec"]["suspend"] is False
     spec.suspend = True
-    assert o.render_curate_job(ref, spec, o.RenderOptions())["spec"]["suspend"] is True
+    assert o.render_stage_job(Stage.CURATE, ref, spec, o.RenderOptions())["spec"]["suspend"] is True
 
 
 def test_service_is_headless_and_selects_train_pods(minimal: Any) -> None:
@@ -345,7 +349,7 @@ def test_one_pod_group_meets_on_loopback_without_a_service(minimal: Any, multino
     """A Service exists only for the rank-0 DNS name of a multi-node group: one pod needs none."""
     for (ref, spec), nodes in ((minimal, 1), (multinode, 2)):
         assert spec.resources.nodes == nodes
-        pod = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
+        pod = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
         assert o.needs_service(spec) is (nodes > 1)
         if nodes == 1:
@@ -360,7 +364,9 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
     doc = load("sftjob-minimal.yaml")
     doc["spec"]["resources"] = {"gpusPerNode": 0}
     spec = parse_spec(doc["spec"])
-    c = o.render_train_job(ref, spec, o.RenderOptions())["spec"]["template"]["spec"]["containers"][0]
+    c = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())["spec"]["template"]["spec"][
+        "containers"
+    ][0]
     assert {"name": "DS_ACCELERATOR", "value": "cpu"} in c["env"]
     assert "--nproc-per-node=1" in c["command"]
     assert c["command"][3] == "launch"
@@ -369,18 +375,22 @@ def test_cpu_only_sets_ds_accelerator(minimal: Any) -> None:
 
 def test_threads_per_rank_follow_the_cpu_limit(minimal: Any) -> None:
     # torch sizes its pool by the node's cores, not the pod's quota; ranks of one pod share its CPUs
-    assert [o.omp_threads(cpu, procs) for cpu, procs in [("900m", 1), ("4", 1), ("2.5", 1), ("96", 8)]] == [
+    assert [pod.omp_threads(cpu, procs) for cpu, procs in [("900m", 1), ("4", 1), ("2.5", 1), ("96", 8)]] == [
         1,
         4,
         2,
         12,
     ]
-    assert o.omp_threads("4", 8) == 1 and o.omp_threads(None, 1) is None and o.omp_threads("1Gi", 1) is None
+    assert (
+        pod.omp_threads("4", 8) == 1
+        and pod.omp_threads(None, 1) is None
+        and pod.omp_threads("1Gi", 1) is None
+    )
     ref, _ = minimal
     doc = load("sftjob-minimal.yaml")
     for resources, threads in (({"gpusPerNode": 0, "cpu": "900m"}, "1"), ({"gpusPerNode": 0}, None)):
         doc["spec"]["resources"] = resources
-        job = o.render_train_job(ref, parse_spec(doc["spec"]), o.RenderOptions())
+        job = o.render_stage_job(Stage.TRAIN, ref, parse_spec(doc["spec"]), o.RenderOptions())
         env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         assert env.get("OMP_NUM_THREADS") == threads, env
 
@@ -481,7 +491,7 @@ def test_rendered_objects_validate_against_kubernetes_schemas(multinode: Any) ->
 def test_rendered_config_is_a_valid_trainer_config(multinode: Any, minimal: Any) -> None:
     """The contract with the trainer: the config model (sftjob_api) accepts what the operator renders."""
     for ref, spec in (multinode, minimal):
-        job = o.render_train_job(ref, spec, o.RenderOptions())
+        job = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())
         cfg = TrainerConfig.model_validate(json.loads(trainer_config_file(job)))
         assert cfg.run.name == ref.name and cfg.run.namespace == "team-a"
         assert cfg.run.output_root == f"s3://artifacts/sft/team-a/{ref.name}/"
@@ -508,7 +518,7 @@ def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
         ]
         mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
         assert mounts["/mnt/pvc/models"]["readOnly"] and mounts["/mnt/pvc/datasets"]["readOnly"]
-    job = o.render_train_job(ref, spec, o.RenderOptions())
+    job = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())
     cfg = TrainerConfig.model_validate(json.loads(trainer_config_file(job)))
     assert cfg.model.uri == "/mnt/pvc/models/llama-8b"
     assert cfg.dataset.train == [

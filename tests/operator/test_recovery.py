@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from sftjob_api import SFTJobStatus, SpecError, parse_spec
+from sftjob_api import SFTJobStatus, SpecError, Stage, parse_spec
 from sftjob_api.run_policy import RunPolicy
 from sftjob_api.status import MAX_RECOVERIES, Artifacts, Progress, Recovery
 from sftjob_operator.render import objects as o
@@ -65,11 +65,11 @@ def training(restarts: int = 0, step: int | None = 57) -> SFTJobStatus:
 def test_train_job_fails_on_the_first_pod_failure_and_eval_merge_keep_their_retries() -> None:
     ref = o.SFTJobRef(name="run", namespace="ns", uid="u")
     spec = parse_spec({**SPEC, "runPolicy": {"backoffLimit": 4}})
-    train = o.render_train_job(ref, spec, o.RenderOptions())["spec"]
+    train = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions())["spec"]
     # backoffLimit 0: the Job controller stops every surviving rank at once; the operator restarts the group
     assert train["backoffLimit"] == 0
     assert [r["action"] for r in train["podFailurePolicy"]["rules"]] == ["FailJob"]  # no Ignore: see below
-    ev = o.render_eval_job(ref, spec, o.RenderOptions())["spec"]
+    ev = o.render_stage_job(Stage.EVAL, ref, spec, o.RenderOptions())["spec"]
     assert ev["backoffLimit"] == 2
     assert [r["action"] for r in ev["podFailurePolicy"]["rules"]] == ["FailJob", "Ignore"]
 

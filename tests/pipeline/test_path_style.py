@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pod_files import trainer_config_file
 
-from sftjob_api import parse_spec
+from sftjob_api import Stage, parse_spec
 from sftjob_api.storage import S3Store, open_store
 from sftjob_api.trainer_config import TrainerConfig
 from sftjob_operator.render import objects as o
@@ -31,7 +31,7 @@ def spec_with(output: dict[str, Any]) -> Any:
 def trainer_store(output: dict[str, Any]) -> S3Store:
     """What the trainer in the pod opens: the config file the operator renders, parsed as the trainer does."""
     ref = o.SFTJobRef("run", "team-a", "uid-1")
-    rendered = trainer_config_file(o.render_train_job(ref, spec_with(output), o.RenderOptions()))
+    rendered = trainer_config_file(o.render_stage_job(Stage.TRAIN, ref, spec_with(output), o.RenderOptions()))
     cfg = TrainerConfig.model_validate(json.loads(rendered))
     store = open_store(cfg.run.output_root, cfg.output)
     assert isinstance(store, S3Store)
@@ -73,7 +73,7 @@ def test_path_style_reaches_the_trainers_s3_client(monkeypatch, output, style, u
 def test_only_credentials_travel_as_environment():
     """Endpoint, region and path style are in the config: the pod's env has no S3 settings besides the keys."""
     spec = spec_with({"endpoint": "http://minio.example:9000", "pathStyle": True, "region": "eu-west-1"})
-    job = o.render_train_job(o.SFTJobRef("run", "team-a", "uid-1"), spec, o.RenderOptions())
+    job = o.render_stage_job(Stage.TRAIN, o.SFTJobRef("run", "team-a", "uid-1"), spec, o.RenderOptions())
     env = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not {"AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "SFTJOB_S3_PATH_STYLE"} & env
 

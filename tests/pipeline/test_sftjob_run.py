@@ -151,7 +151,8 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
     write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, **edited))
     refused = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     said = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "phase Failed" in said and "exit code 4" in said, said[-3000:]
+    # the train row's reason for exit code 4 (sftjob_api/stage_table.py)
+    assert refused.returncode != 0 and "phase Failed: SpecChanged (exit code 4)" in said, said[-3000:]
     assert "spec.training.learningRate: 0.003 -> 0.001" in said, said[-3000:]
     run_id = (work / "run-id").read_text().strip()
 

@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 from pod_files import trainer_config_file
 
-from sftjob_api import Layout, parse_spec
+from sftjob_api import Layout, Stage, parse_spec
 from sftjob_api.layout import status_artifacts
 from sftjob_api.manifest import verify_manifest
 from sftjob_api.ports import free_port
 from sftjob_api.storage import LocalStore, S3Store
 from sftjob_operator.render import objects as o
+from sftjob_operator.render.trainer_config import CONFIG_PATH
 
 from .sftjob_cli import clean_env, sftjob_doc, sftjob_run, write_spec
 
@@ -78,7 +79,7 @@ def pod_command(job: dict[str, Any], config: str, env: dict[str, str]) -> list[s
     for arg in container["command"]:
         for var, value in env.items():
             arg = arg.replace(f"$({var})", value)
-        cmd.append(config if arg == o.CONFIG_PATH else arg)
+        cmd.append(config if arg == CONFIG_PATH else arg)
     assert cmd[0] == "python"
     return [sys.executable, *cmd[1:]]
 
@@ -111,7 +112,7 @@ def run_train_pod(spec: Any, s3: Any, tmp_path: Any) -> dict[str, str]:
     """The train pod the operator renders for `spec` (SFTJob team-a/tiny), run to its end; returns its env."""
     ref = o.SFTJobRef("tiny", "team-a", "uid-1")
     config = tmp_path / "config.yaml"
-    job = o.render_train_job(ref, spec, o.RenderOptions(metrics_port=free_port()))
+    job = o.render_stage_job(Stage.TRAIN, ref, spec, o.RenderOptions(metrics_port=free_port()))
     config.write_text(trainer_config_file(job))
     env = pod_env(job, s3, str(config), tmp_path)
     proc = subprocess.run(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sftjob_api import SFTJobStatus, SpecError, parse_spec
+from sftjob_api import SFTJobStatus, SpecError, Stage, parse_spec
 from sftjob_api.status import Recovery
 from sftjob_operator.render.elastic import (
     capacity_mark,
@@ -18,7 +18,7 @@ from sftjob_operator.render.elastic import (
     render_probe_job,
     spec_at,
 )
-from sftjob_operator.render.objects import RenderOptions, SFTJobRef, needs_service, render_train_job
+from sftjob_operator.render.objects import RenderOptions, SFTJobRef, needs_service, render_stage_job
 from sftjob_operator.render.observation import observe, render_status
 from sftjob_operator.render.observe import JobObs, PodObs, observe_job
 
@@ -178,14 +178,14 @@ def test_an_edited_size_re_forms_a_group_that_is_not_running() -> None:
 def test_the_group_renders_at_its_size_and_the_probe_at_the_missing_nodes() -> None:
     spec = parse_spec(spec_dict(nodes=2, elastic=ELASTIC))
     assert needs_service(spec)  # may grow past one node: the Service exists from the start
-    job = render_train_job(REF, spec_at(spec, 1), RenderOptions())
+    job = render_stage_job(Stage.TRAIN, REF, spec_at(spec, 1), RenderOptions())
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "--nnodes=1" in command and env["MASTER_ADDR"] == "127.0.0.1"
     assert job["spec"]["completions"] == 1 and "subdomain" not in job["spec"]["template"]["spec"]
     assert observe_job(job).nodes == 1 and observe_job(job).gpus_per_node == 8
     assert '"nodes":1' in job["spec"]["template"]["metadata"]["annotations"]["sft.tuning.dev/trainer-config"]
-    two = render_train_job(REF, spec_at(spec, 2), RenderOptions())
+    two = render_stage_job(Stage.TRAIN, REF, spec_at(spec, 2), RenderOptions())
     assert "--nnodes=2" in two["spec"]["template"]["spec"]["containers"][0]["command"]
 
     assert probe_size(spec, False, train_job(1), [rank(0)]) == 2  # up to maxNodes 3

@@ -12,7 +12,7 @@ import pytest
 from pod_files import trainer_config_file
 from testbed.procs import free_port
 
-from sftjob_api import Layout, SpecError, parse_spec
+from sftjob_api import Layout, SpecError, Stage, parse_spec
 from sftjob_api.storage import open_store
 from sftjob_api.tracking import TrackingStatus, parse_tracking, tracking_message
 from sftjob_api.trainer_config import TrainerConfig
@@ -60,7 +60,10 @@ def test_credentials_reach_the_pods_from_the_secret_only() -> None:
     spec = parse_spec(with_mlflow(credentialsSecret={"name": "mlflow-creds", "tokenKey": "api-token"}))
     ref = o.SFTJobRef("tracked", "team-a", "uid-1")
     opts = o.RenderOptions()
-    for job in (o.render_train_job(ref, spec, opts), o.render_eval_job(ref, spec, opts)):
+    for job in (
+        o.render_stage_job(Stage.TRAIN, ref, spec, opts),
+        o.render_stage_job(Stage.EVAL, ref, spec, opts),
+    ):
         env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
         for var, key in (
             ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_USERNAME"),
@@ -69,10 +72,10 @@ def test_credentials_reach_the_pods_from_the_secret_only() -> None:
         ):
             ref_ = env[var]["valueFrom"]["secretKeyRef"]
             assert ref_ == {"name": "mlflow-creds", "key": key, "optional": True} and "value" not in env[var]
-    config = trainer_config_file(o.render_train_job(ref, spec, opts))
+    config = trainer_config_file(o.render_stage_job(Stage.TRAIN, ref, spec, opts))
     assert "mlflow-creds" in json.dumps(config)  # the Secret's name only: the trainer never reads the Secret
     assert 'MLFLOW_TRACKING_PASSWORD": "' not in json.dumps(config)
-    no_secret = o.render_train_job(ref, parse_spec(with_mlflow()), opts)
+    no_secret = o.render_stage_job(Stage.TRAIN, ref, parse_spec(with_mlflow()), opts)
     names = {e["name"] for e in no_secret["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not {n for n in names if n.startswith("MLFLOW_")}
 

@@ -29,7 +29,7 @@ from ..render import phase as ph
 from ..render.bad_nodes import avoided_nodes
 from ..render.elastic import capacity_mark, group_size, render_probe_job, spec_at
 from ..render.names import PROBE
-from ..render.objects import SFTJobRef, render_train_job
+from ..render.objects import SFTJobRef, render_stage_job
 from ..render.observation import (
     Observation,
     children_of,
@@ -330,7 +330,9 @@ class Reconciler:
         except (ChildNotYet, ChildRejected) as e:  # the next reconcile decides on it
             log.info("%s/%s: capacity probe: %s", ref.namespace, ref.name, e)
             return
-        train = render_train_job(ref, spec_at(spec, group_size(spec, obs.restart.status)), self.opts)
+        train = render_stage_job(
+            Stage.TRAIN, ref, spec_at(spec, group_size(spec, obs.restart.status)), self.opts
+        )
         self.kube.create(render_probe_job(train, ref.name, want))
         memo.created[PROBE] = time.monotonic()
 

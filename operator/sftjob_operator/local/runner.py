@@ -1,8 +1,10 @@
 """`sftjob run SPEC.yaml`: validate with the API models, then run `stages(spec)` on this machine.
 
 Each stage is the trainer image's own entry point run as a child process, exactly as the operator runs it
-in a Job: curate (when spec.dataset.curation is set), train under torchrun (`python -m sftjob_trainer launch`, nodes x max(gpusPerNode, 1) local ranks),
-then `python -m sftjob_trainer eval` and `... merge` with the same trainer config. The final stage writes
+in a Job, with the arguments its row of sftjob_api.stage_table gives it (stage_run.py): curate (when
+spec.dataset.curation is set), train under torchrun (`python -m sftjob_trainer launch`, nodes x
+max(gpusPerNode, 1) local ranks), then `python -m sftjob_trainer eval` and `... merge` with the same trainer
+config. The final stage writes
 manifest.json, as in a cluster; `sftjob run` then adds report/ and writes the manifest again (still last).
 Phases and reasons are printed as the operator would set them in status. SIGINT (Ctrl-C) or SIGTERM in any
 phase stops the running stage (interrupt.py: the trainer finishes its step and saves a checkpoint), prints
@@ -30,30 +32,18 @@ import yaml
 from sftjob_api import Layout, Phase, Reason, SFTJob, SpecError, Stage, parse_sftjob, stages
 from sftjob_api.exit_codes import ExitCode
 from sftjob_api.layout import RUN_ID
-from sftjob_api.ports import free_port
 from sftjob_api.spec import CACHE_NAME, OutputSpec, SFTJobSpec
-from sftjob_api.storage import Store, open_store
-from sftjob_api.trainer_config import RUN_ID_ENV, RuntimeSection, TrainerConfig
+from sftjob_api.storage import open_store
+from sftjob_api.trainer_config import RUN_ID_ENV, RuntimeSection
 
 from ..render.objects import TERMINATION_GRACE_SECONDS
 from ..render.trainer_config import trainer_config
 from .interrupt import Interrupt, exit_code, resume_command, stop_lines
-from .process import ChildProcess, Progress, child_env
+from .process import child_env
+from .stage_run import Run, run_stage
 from .summary import print_summary, write_report
 
 EXIT_INVALID = 2
-PHASE_OF = {
-    Stage.CURATE: Phase.CURATING,
-    Stage.TRAIN: Phase.TRAINING,
-    Stage.EVAL: Phase.EVALUATING,
-    Stage.MERGE: Phase.MERGING,
-}
-FAILED_REASON = {
-    Stage.CURATE: Reason.CURATE_FAILED,
-    Stage.TRAIN: Reason.TRAINING_FAILED,
-    Stage.EVAL: Reason.EVAL_FAILED,
-    Stage.MERGE: Reason.MERGE_FAILED,
-}
 
 
 @dataclass
@@ -128,133 +118,6 @@ def resolve_model(uri: str, spec_dir: str, echo: Callable[[str], None], intr: In
     if proc.returncode != 0:
         raise LookupError((err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1])
     return out.strip().splitlines()[-1]
-
-
-@dataclass
-class Run:
-    """One `sftjob run`: its config, store, work directory and what each stage took."""
-
-    cfg: TrainerConfig
-    cfg_path: str
-    store: Store
-    work: str
-    env: dict[str, str]  # the trainer's; carries the run id (RUN_ID_ENV)
-    echo: Callable[[str], None]
-    intr: Interrupt
-    timings: dict[str, float] = field(default_factory=dict)
-    current: Phase = Phase.PENDING  # the last phase printed
-    running: Stage | None = None  # the stage whose child process is (or was last) running
-
-    def phase(self, p: Phase, msg: str = "") -> None:
-        self.current = p
-        self.echo(f"[{time.strftime('%H:%M:%S')}] phase {p}" + (f": {msg}" if msg else ""))
-
-    def child(self, stage: Stage, argv: list[str], on_event: Callable[[dict[str, Any]], Any]) -> int:
-        proc = ChildProcess(
-            stage,
-            [sys.executable, "-m", "sftjob_trainer", *argv],
-            self.env,
-            os.path.join(self.work, f"{stage}.log"),
-        )
-        t0 = time.monotonic()
-        self.running = stage
-        rc = proc.run(on_event, self.intr)
-        self.timings[PHASE_OF[stage]] = time.monotonic() - t0
-        if rc not in (0, ExitCode.EVAL_GATE_FAILED) and self.intr.signum is None:
-            self.phase(Phase.FAILED, f"{FAILED_REASON[stage]} (exit code {rc}): {proc.failure()}")
-        return rc
-
-    def done(self, stage: Stage) -> str | None:
-        """What shows that `stage` completed in an earlier attempt, so that a resume skips it (None: not
-        done). Each key is the last one its stage writes; merge, the final stage, completes the run."""
-        store = self.store
-        if store.exists(Layout.MANIFEST):
-            return Layout.MANIFEST  # the whole run
-        if stage == Stage.CURATE and store.exists(Layout.DATA_REPORT):
-            return Layout.DATA_REPORT
-        weights = Layout.weights(self.cfg.method.type)
-        if stage == Stage.TRAIN and store.exists(Layout.TRAIN_SUMMARY) and store.list(weights):
-            return Layout.TRAIN_SUMMARY
-        if stage == Stage.EVAL and (store.read_json(Layout.EVAL_RESULTS) or {}).get("gates_passed"):
-            return Layout.EVAL_RESULTS  # a failed gate is evaluated again (and fails again)
-        return None
-
-    def skip(self, stage: Stage) -> bool:
-        key = self.done(stage)
-        if key:
-            self.phase(PHASE_OF[stage], f"already done ({key} present): skipped")
-        return key is not None
-
-    @property
-    def steps_file(self) -> str:
-        return os.path.join(self.work, "steps.jsonl")
-
-
-def _print_curate_event(r: Run, ev: dict[str, Any]) -> None:
-    if ev.get("event") == "curated":
-        r.echo(
-            f"  {ev.get('train_examples')} training / {ev.get('eval_examples')} held-out examples, dropped "
-            f"{ev.get('dropped') or 'nothing'}, {'reused' if ev.get('reused') else 'curated'} in "
-            f"{ev.get('seconds')}s, shards for {ev.get('world_size')} rank(s)"
-        )
-
-
-def run_curate(r: Run) -> int:
-    r.phase(Phase.CURATING, "reading, curating and tokenizing the sources once")
-    return r.child(Stage.CURATE, ["curate", "--config", r.cfg_path], lambda ev: _print_curate_event(r, ev))
-
-
-def run_train(r: Run) -> int:
-    nproc = r.cfg.world_size()
-    resume = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS), r.env[RUN_ID_ENV])
-    r.phase(Phase.TRAINING, f"{nproc} local rank(s)" + (f", resuming from step {resume}" if resume else ""))
-    prog = Progress(r.steps_file)
-    argv = ["launch", "--nnodes=1", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1"]
-    argv += [f"--master-port={free_port()}", "train", "--config", r.cfg_path]
-    rc = r.child(Stage.TRAIN, argv, prog)
-    prog.close()
-    return rc
-
-
-def _print_eval_event(r: Run, ev: dict[str, Any]) -> None:
-    if str(ev.get("event", "")).startswith("eval_"):
-        fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items() if k != "ts")
-        r.echo("  " + " ".join(fields))
-
-
-def run_eval(r: Run) -> int:
-    r.phase(Phase.EVALUATING, "base model and fine-tuned model on the held-out data")
-    rc = r.child(Stage.EVAL, ["eval", "--config", r.cfg_path], lambda ev: _print_eval_event(r, ev))
-    if rc == ExitCode.EVAL_GATE_FAILED and r.intr.signum is None:
-        res = r.store.read_json(Layout.EVAL_RESULTS) or {}
-        r.phase(
-            Phase.FAILED,
-            f"{Reason.GATE_FAILED}: " + "; ".join(res.get("failed_gates", [])) + " (adapter kept)",
-        )
-        print_summary(r)
-    return rc
-
-
-def _print_merge_event(r: Run, ev: dict[str, Any]) -> None:
-    if ev.get("event") == "merge_verified":
-        r.echo(
-            f"  merged vs base+adapter: max |logit diff| {ev['merge_fp32']['max_abs_diff']:.2e} (fp32), "
-            f"saved copy rel. error {ev['saved']['rel_l2']:.2e}, top-1 agreement "
-            f"{ev['saved']['top1_agreement']:.3f}"
-        )
-
-
-def run_merge(r: Run) -> int:
-    r.phase(Phase.MERGING, f"adapter into the full-precision base, saved as {r.cfg.merge.dtype}")
-    return r.child(Stage.MERGE, ["merge", "--config", r.cfg_path], lambda ev: _print_merge_event(r, ev))
-
-
-RUNNERS: dict[Stage, Callable[[Run], int]] = {
-    Stage.CURATE: run_curate,
-    Stage.TRAIN: run_train,
-    Stage.EVAL: run_eval,
-    Stage.MERGE: run_merge,
-}
 
 
 def prepare(opts: Options, job: SFTJob, server: Any, intr: Interrupt) -> Run:
@@ -360,7 +223,7 @@ def _run(opts: Options, intr: Interrupt) -> int:
         else:
             for stage in stages(r.cfg):
                 if intr.signum is None and not r.skip(stage):
-                    rc = RUNNERS[stage](r)
+                    rc = run_stage(r, stage)
                     if rc != 0 and intr.signum is None:
                         return rc
                 if intr.signum is not None and not r.store.exists(Layout.MANIFEST):

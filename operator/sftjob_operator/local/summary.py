@@ -15,7 +15,7 @@ from . import report
 from .process import read_steps
 
 if TYPE_CHECKING:
-    from .runner import Run
+    from .stage_run import Run
 
 
 def write_report(r: Run, job: SFTJob, spec_path: str) -> None:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Literal, get_args
 
-from sftjob_api import Condition, Reason, Stage
+from sftjob_api import STAGE_TABLE, Condition, Stage
+from sftjob_api.stage_table import StageRow
 from sftjob_api.status import ConditionType
 
-from .phase import (
-    CURATING,
-    EVALUATING,
-    FAILED,
-    MERGING,
-    SUCCEEDED,
-    SUSPENDED,
-    TRAINING,
-    Decision,
-    Observed,
-)
+from .phase import FAILED, SUCCEEDED, SUSPENDED, Decision, Observed
 
 CONDITION_ORDER: tuple[ConditionType, ...] = get_args(ConditionType)
 Status = Literal["True", "False", "Unknown"]
@@ -52,6 +44,41 @@ def get_condition(conds: list[Condition], ctype: ConditionType) -> Condition | N
     return next((c for c in conds if c.type == ctype), None)
 
 
+Put = Callable[[ConditionType, Status, str, str], None]
+
+
+def _single_pod_condition(put: Put, row: StageRow, decision: Decision, obs: Observed) -> None:
+    """A single-pod stage's condition: True once its Job completed (eval: and every gate held), False with
+    the reason while it runs or once it failed; `row.disabled` (or absent) when the spec skips it."""
+    if row.stage not in obs.stages:
+        if row.disabled is not None:
+            put(row.condition, "False", "Disabled", row.disabled)
+        return
+    job = obs.jobs.get(row.stage)
+    gated = row.stage == Stage.EVAL
+    if job is not None and job.complete and not (gated and obs.gate_failures):
+        reason, message = row.done
+        held = gated and obs.gate_failures == ()  # known, and empty
+        put(row.condition, "True", reason, message + (" and every gate held" if held else ""))
+    elif decision.reason in row.failed_reasons:
+        put(row.condition, "False", decision.reason, decision.message)
+    elif decision.phase == row.phase:
+        put(row.condition, "False", row.running, decision.message)
+
+
+def _group_condition(put: Put, row: StageRow, decision: Decision, obs: Observed, present: bool) -> None:
+    """The training group's condition: True while the run is in its phase (the reason says how it goes),
+    False once its Job completed, or with the reason of the phase the run is in (kept when the run fails
+    before it started: `present`)."""
+    job = obs.jobs.get(row.stage)
+    if decision.phase == row.phase:
+        put(row.condition, "True", decision.reason, decision.message)
+    elif job is not None and job.complete:
+        put(row.condition, "False", *row.done)
+    elif decision.phase != FAILED or present:
+        put(row.condition, "False", decision.reason, decision.message)
+
+
 def derive_conditions(
     prev: list[Condition], decision: Decision, obs: Observed, now: datetime, generation: int | None
 ) -> list[Condition]:
@@ -71,45 +98,11 @@ def derive_conditions(
     elif phase != FAILED:
         put("Created", "False", decision.reason, decision.message)
 
-    # Curated: absent for a spec without a curate stage.
-    if Stage.CURATE in obs.stages:
-        if obs.curate is not None and obs.curate.complete:
-            put("Curated", "True", "CurationCompleted", "curation Job completed")
-        elif decision.reason == Reason.CURATE_FAILED:
-            put("Curated", "False", decision.reason, decision.message)
-        elif phase == CURATING:
-            put("Curated", "False", "CurateRunning", decision.message)
-
-    train_done = obs.train is not None and obs.train.complete
-    if phase == TRAINING:
-        put("Training", "True", decision.reason, decision.message)
-    elif train_done:
-        put("Training", "False", "TrainingCompleted", "training Job completed")
-    elif phase != FAILED or get_condition(conds, "Training") is not None:
-        put("Training", "False", decision.reason, decision.message)
-
-    if Stage.EVAL not in obs.stages:
-        put("Evaluated", "False", "Disabled", "spec.eval.enabled is false")
-    elif obs.eval is not None and obs.eval.complete and not obs.gate_failures:
-        put(
-            "Evaluated",
-            "True",
-            "EvalPassed",
-            "evaluation completed" + (" and every gate held" if obs.gate_failures == () else ""),
-        )
-    elif decision.reason in (Reason.EVAL_FAILED, Reason.GATE_FAILED):
-        put("Evaluated", "False", decision.reason, decision.message)
-    elif phase == EVALUATING:
-        put("Evaluated", "False", "EvalRunning", decision.message)
-
-    if Stage.MERGE not in obs.stages:
-        put("Merged", "False", "Disabled", "merge disabled (spec.merge.enabled false or method full)")
-    elif obs.merge is not None and obs.merge.complete:
-        put("Merged", "True", "MergeCompleted", "merged model written")
-    elif decision.reason == Reason.MERGE_FAILED:
-        put("Merged", "False", decision.reason, decision.message)
-    elif phase == MERGING:
-        put("Merged", "False", "MergeRunning", decision.message)
+    for row in STAGE_TABLE.values():
+        if row.group:
+            _group_condition(put, row, decision, obs, get_condition(conds, row.condition) is not None)
+        else:
+            _single_pod_condition(put, row, decision, obs)
 
     # Succeeded and Failed appear when the run ends (one True, the other False), as kubectl wait expects.
     if phase == SUCCEEDED:

@@ -40,31 +40,27 @@ class ChildNames:
 
     @property
     def curate_job(self) -> str:
-        return f"{self.name}-curate"
+        return self.job(Stage.CURATE)
 
     @property
     def train_job(self) -> str:
-        return f"{self.name}-train"
+        return self.job(Stage.TRAIN)
 
     @property
     def eval_job(self) -> str:
-        return f"{self.name}-eval"
+        return self.job(Stage.EVAL)
 
     @property
     def merge_job(self) -> str:
-        return f"{self.name}-merge"
+        return self.job(Stage.MERGE)
 
     @property
     def probe_job(self) -> str:
         return f"{self.name}-probe"
 
     def job(self, stage: Stage) -> str:
-        return {
-            Stage.CURATE: self.curate_job,
-            Stage.TRAIN: self.train_job,
-            Stage.EVAL: self.eval_job,
-            Stage.MERGE: self.merge_job,
-        }[stage]
+        """`<name>-<stage>`: every stage's Job (sftjob_api.stage_table)."""
+        return f"{self.name}-{stage}"
 
     @property
     def master_addr(self) -> str:

@@ -24,6 +24,7 @@ from .status import (
     EvalOutcome,
     build_status,
     eval_outcome,
+    exit_failure,
     failed_pod_message,
     owned_by,
     tracking_status,
@@ -191,6 +192,7 @@ def observe(
         stuck_failure=stuck_fail,
         eval_gate_exit=outcome.gate_exit,
         curate_failure=failed_pod_message(jobs.get(Stage.CURATE), list(pods), Stage.CURATE),
+        train_exit=exit_failure(jobs.get(Stage.TRAIN), list(pods), Stage.TRAIN),
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )

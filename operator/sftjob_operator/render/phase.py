@@ -6,13 +6,14 @@ actions that follow from a decision (create the eval Job when the phase is Evalu
 exist, ...) live in the handlers.
 
     Pending -> [Curating -> Pending] -> Training -> Evaluating -> Merging -> Succeeded
-    any -> Failed (InvalidSpec, NameConflict, CurationFailed, TrainingFailed, BackoffLimitExceeded, DeadlineExceeded,
-                   EvalFailed, EvalGateFailed, MergeFailed, Stuck)
+    any -> Failed (InvalidSpec, NameConflict, CurationFailed, TrainingFailed, SpecChanged,
+                   BackoffLimitExceeded, DeadlineExceeded, EvalFailed, EvalGateFailed, MergeFailed, Stuck)
     non-terminal <-> Suspended (spec.suspend)
 
 Curating (only when spec.dataset.curation is set): the curate Job runs alone; the train Job is created only
-once it has completed, so no training GPU is held while the data is curated. Curate, eval and merge are
-single-pod stages of one shape (`_single_pod_stage`); training, a group of ranks, has its own rules.
+once it has completed, so no training GPU is held while the data is curated. What each stage's phase,
+reasons and messages are is its row in sftjob_api.stage_table: curate, eval and merge are single-pod stages
+of one shape (`_single_pod_stage`); training, a group of ranks, has its own rules (`_training`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sftjob_api import Phase, Reason, Stage
+from sftjob_api import STAGE_TABLE, Phase, Reason, Stage
+from sftjob_api.stage_table import StageRow
 
 from .observe import JobObs
 
@@ -59,6 +61,9 @@ class Observed:
     eval_gate_exit: str | None = None
     # The failed curate pod's termination message: why curation failed (a data gate, a bad input file).
     curate_failure: str | None = None
+    # A train pod exited with a code the stage table gives a Failed reason of its own (SPEC_CHANGED): that
+    # reason and what the pod said (its termination message).
+    train_exit: tuple[Reason, str] | None = None
     # A group restart is under way (render/recovery.py): the failed or stalled train Job is being torn down
     # or re-created. The message says why.
     group_restart: str | None = None
@@ -82,6 +87,17 @@ class Observed:
         return self.jobs.get(Stage.MERGE)
 
 
+GATE_FAILED_PREFIX = "eval gates failed (adapter kept): "
+# What a Failed reason of a trainer exit code tells the user to do; the trainer's own message (which fields
+# changed) follows.
+_SPEC_CHANGED_ADVICE = (
+    "the training inputs changed since this run's newest checkpoint, so it cannot be resumed without mixing "
+    "two runs (nothing was mixed; the checkpoints are kept). Re-create the SFTJob to start a new run, "
+    "warm-started from that checkpoint with spec.training.resumeFrom if you like. The trainer said: "
+)
+EXIT_ADVICE = {Reason.SPEC_CHANGED: _SPEC_CHANGED_ADVICE}
+
+
 @dataclass(frozen=True)
 class Decision:
     phase: Phase
@@ -93,67 +109,32 @@ class Decision:
         return self.phase in TERMINAL
 
 
-@dataclass(frozen=True)
-class _Step:
-    """The words of one single-pod stage: its phase and reasons, its Job's name in messages."""
-
-    phase: Phase
-    running: Reason
-    failed: Reason
-    what: str  # in messages: "the <what> Job"
-    doing: str  # the message while it runs
-    start: Decision  # no Job yet: it is created now
-    waits: str  # the message when there is no Job yet and spec.suspend is set
-
-
-_CURATE = _Step(
-    phase=CURATING,
-    running=Reason.CURATE_RUNNING,
-    failed=Reason.CURATE_FAILED,
-    what="curation",
-    doing="curating the training data",
-    start=Decision(PENDING, Reason.CREATING, "creating the curation Job"),
-    waits="spec.suspend is true; nothing is running",
-)
-_EVAL = _Step(
-    phase=EVALUATING,
-    running=Reason.EVAL_RUNNING,
-    failed=Reason.EVAL_FAILED,
-    what="evaluation",
-    doing="evaluating the adapter on held-out data",
-    start=Decision(EVALUATING, Reason.EVAL_RUNNING, "training complete; starting evaluation"),
-    waits="training done; evaluation waits for spec.suspend",
-)
-_MERGE = _Step(
-    phase=MERGING,
-    running=Reason.MERGE_RUNNING,
-    failed=Reason.MERGE_FAILED,
-    what="merge",
-    doing="merging the adapter into the base model",
-    start=Decision(MERGING, Reason.MERGE_RUNNING, "merging the adapter into the base model"),
-    waits="merge waits for spec.suspend",
-)
+def _start(obs: Observed, row: StageRow) -> Decision:
+    """The decision when the stage's Job does not exist yet: it is created now (unless spec.suspend)."""
+    if obs.suspend:
+        return Decision(SUSPENDED, Reason.SUSPENDED, row.waiting)
+    if row.starts_pending:
+        return Decision(PENDING, Reason.CREATING, row.starting)
+    return Decision(row.phase, row.running, row.starting)
 
 
 def _single_pod_stage(
-    obs: Observed, job: JobObs | None, step: _Step, why: str | None = None
+    obs: Observed, job: JobObs | None, row: StageRow, why: str | None = None
 ) -> Decision | None:
     """The decision while a single-pod stage (curate, eval, merge) is not done; None once its Job completed.
     `why`: what the failed pod said (its termination message), else the Job's own failure message is used."""
     if job is None:
-        if obs.suspend:
-            return Decision(SUSPENDED, Reason.SUSPENDED, step.waits)
-        return step.start
+        return _start(obs, row)
     if job.failed_reason is not None:
         detail = why or job.failed_message or job.failed_reason
-        return Decision(FAILED, step.failed, f"{step.what} Job failed ({job.failed_reason}): {detail}")
+        return Decision(FAILED, row.failed, f"{row.noun} Job failed ({job.failed_reason}): {detail}")
     if job.complete:
         return None
     if obs.suspend:
-        return Decision(SUSPENDED, Reason.SUSPENDED, f"{step.what} suspended by spec.suspend")
+        return Decision(SUSPENDED, Reason.SUSPENDED, f"{row.noun} suspended by spec.suspend")
     if job.suspended and obs.queued:
-        return Decision(step.phase, Reason.QUEUED, f"waiting for Kueue to admit the {step.what} Job")
-    return Decision(step.phase, step.running, step.doing)
+        return Decision(row.phase, Reason.QUEUED, f"waiting for Kueue to admit the {row.noun} Job")
+    return Decision(row.phase, row.running, row.doing)
 
 
 def curation_done(obs: Observed) -> bool:
@@ -166,9 +147,12 @@ def curation_done(obs: Observed) -> bool:
     )
 
 
-def _train_failure(job: JobObs) -> Decision:
+def _train_failure(obs: Observed, job: JobObs) -> Decision:
     reason = job.failed_reason or "Failed"
     detail = job.failed_message or reason
+    if obs.train_exit is not None:
+        reason, said = obs.train_exit
+        return Decision(FAILED, reason, EXIT_ADVICE.get(reason, "") + said)
     if reason == "PodFailurePolicy":
         return Decision(FAILED, Reason.TRAINING_FAILED, f"trainer exited with a permanent error: {detail}")
     if reason == "BackoffLimitExceeded":
@@ -185,7 +169,7 @@ def _train_failure(job: JobObs) -> Decision:
 def _training(obs: Observed, train: JobObs) -> Decision:
     """The decision while the train Job exists and has not completed."""
     if train.failed_reason is not None:
-        return _train_failure(train)
+        return _train_failure(obs, train)
     stopping = obs.running_train_pods + obs.stopping_train_pods
     if obs.suspend and stopping and obs.phase != SUSPENDED:
         # Suspended promises a saved checkpoint: until the trainers have exited (SIGTERM makes them save
@@ -253,7 +237,8 @@ def _ended(obs: Observed) -> Decision | None:
 
 
 def next_phase(obs: Observed) -> Decision:
-    """The phase the SFTJob should be in given what is observed now."""
+    """The phase the SFTJob should be in given what is observed now: the first of the spec's stages that
+    is not done decides (a group stage by `_training`'s rules, the others alike)."""
     ended = _ended(obs)
     if ended is not None:
         return ended
@@ -264,54 +249,39 @@ def next_phase(obs: Observed) -> Decision:
             )
         return Decision(TRAINING, Reason.RESTARTING, obs.group_restart)
 
-    if not curation_done(obs):
-        curating = _single_pod_stage(obs, obs.curate, _CURATE, obs.curate_failure)
-        if curating is not None:
-            return curating
+    for stage in obs.stages:
+        row = STAGE_TABLE[stage]
+        job = obs.jobs.get(stage)
+        if stage == Stage.CURATE and curation_done(obs):
+            continue
+        if row.group:
+            if job is None:
+                return _start(obs, row)
+            if not job.complete:
+                return _training(obs, job)
+            continue
+        if stage == Stage.EVAL and job is not None and job.failed_reason is not None and obs.eval_gate_exit:
+            return Decision(FAILED, Reason.GATE_FAILED, GATE_FAILED_PREFIX + obs.eval_gate_exit)
+        decided = _single_pod_stage(obs, job, row, obs.curate_failure if stage == Stage.CURATE else None)
+        if decided is not None:
+            return decided
+        if stage == Stage.EVAL and obs.gate_failures:
+            return Decision(FAILED, Reason.GATE_FAILED, GATE_FAILED_PREFIX + "; ".join(obs.gate_failures))
 
-    train = obs.train
-    if train is None:
-        if obs.suspend:
-            return Decision(SUSPENDED, Reason.SUSPENDED, "spec.suspend is true; nothing is running")
-        return Decision(PENDING, Reason.CREATING, "creating the training Job")
-    if not train.complete:
-        return _training(obs, train)
-
-    if Stage.EVAL in obs.stages:
-        ev = obs.eval
-        if ev is not None and ev.failed_reason is not None and obs.eval_gate_exit is not None:
-            return Decision(
-                FAILED, Reason.GATE_FAILED, "eval gates failed (adapter kept): " + obs.eval_gate_exit
-            )
-        evaluating = _single_pod_stage(obs, ev, _EVAL)
-        if evaluating is not None:
-            return evaluating
-        if obs.gate_failures:
-            return Decision(
-                FAILED,
-                Reason.GATE_FAILED,
-                "eval gates failed (adapter kept): " + "; ".join(obs.gate_failures),
-            )
-
-    if Stage.MERGE in obs.stages:
-        merging = _single_pod_stage(obs, obs.merge, _MERGE)
-        if merging is not None:
-            return merging
-
-    return Decision(
-        SUCCEEDED,
-        Reason.SUCCEEDED,
-        ("curation, " if Stage.CURATE in obs.stages else "")
-        + "training"
-        + (", evaluation" if Stage.EVAL in obs.stages else "")
-        + (" and merge" if Stage.MERGE in obs.stages else "")
-        + " completed",
-    )
+    return Decision(SUCCEEDED, Reason.SUCCEEDED, succeeded_message(obs.stages))
 
 
-# Pending -> Curating -> Pending (the train Job's, `curated`) -> Training -> Evaluating -> Merging.
-_FORWARD = {PENDING: 0, CURATING: 1, TRAINING: 3, EVALUATING: 4, MERGING: 5}
-_PENDING_CURATED = 2
+def succeeded_message(stages: tuple[Stage, ...]) -> str:
+    """The nouns of the stages that ran: e.g. "curation, training, evaluation and merge completed"."""
+    nouns = [STAGE_TABLE[s].noun for s in stages]
+    done = nouns[0] if len(nouns) == 1 else ", ".join(nouns[:-1]) + " and " + nouns[-1]
+    return done + " completed"
+
+
+# Pending, then each stage's phase in run order; a Pending decision once curation is done (the train Job's
+# Pending) sits between Curating and Training.
+_FORWARD = {PENDING: 0.0} | {row.phase: float(i + 1) for i, row in enumerate(STAGE_TABLE.values())}
+_PENDING_CURATED = _FORWARD[CURATING] + 0.5
 
 
 def goes_back(prev: Phase | None, new: Phase, curated: bool = False) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sftjob_api import Reason, SFTJobSpec, SFTJobStatus, Stage
+from sftjob_api import STAGE_TABLE, Reason, SFTJobSpec, SFTJobStatus, Stage
 from sftjob_api.exit_codes import ExitCode
 from sftjob_api.layout import status_artifacts
 from sftjob_api.status import Children, EvalResults
@@ -106,6 +106,19 @@ def failed_pod_message(job: JobObs | None, pods: list[PodObs], stage: Stage) -> 
         return None
     newest = max(failed, key=lambda p: p.created or datetime.min.replace(tzinfo=UTC))
     return (newest.termination_message or "").strip()
+
+
+def exit_failure(job: JobObs | None, pods: list[PodObs], stage: Stage) -> tuple[Reason, str] | None:
+    """Once the stage's Job failed: the Failed reason its row gives the exit code one of its pods ended with
+    (sftjob_api.stage_table: exit_reasons), and what that pod said; None when no pod exited so."""
+    codes = STAGE_TABLE[stage].exit_reasons
+    ended = [p for p in pods if p.stage == stage and p.exit_code in codes]
+    if job is None or job.failed_reason is None or not ended:
+        return None
+    newest = max(ended, key=lambda p: p.created or datetime.min.replace(tzinfo=UTC))
+    code = newest.exit_code or 0
+    said = failed_pod_message(job, [newest], stage) or f"exit code {code}"
+    return STAGE_TABLE[stage].failure_reason(code), said
 
 
 def tracking_status(pods: list[PodObs], prev: TrackingStatus | None) -> TrackingStatus | None:
