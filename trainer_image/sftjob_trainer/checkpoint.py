@@ -5,8 +5,8 @@ Two formats, named in the marker:
              file, plus each rank's RNG state as JSON. Any world size resumes it: nothing is per-rank.
   deepspeed  full fine-tuning and adamw_8bit: DeepSpeed's per-rank ZeRO partitions (torch pickles, read by
              DeepSpeed itself) plus RNG JSON. The same world size fetches and loads its own partitions;
-             one rank resuming another size's checkpoint fetches every rank's files and converts them to
-             DeepSpeed's universal checkpoint (universal.py); other sizes are refused.
+             another size fetches every rank's files and converts them to DeepSpeed's universal checkpoint
+             (universal.py) once per node.
 
 Protocol (every rank takes part):
   1. each rank writes its files into a local staging dir and hashes them (sha256);
@@ -274,13 +274,13 @@ def load_resized(
     """A deepspeed-format checkpoint written by `saved_world` ranks, loaded at this run's world size: the
     first rank of each node (pods share no filesystem) fetches every rank's files (hashes verified) and
     converts them to DeepSpeed's universal checkpoint; every rank then loads it and takes the RNG state of
-    old rank `rank % saved_world`. Returns the files this node fetched. Only a one-rank stage-0 engine with
-    torch AdamW gets here today (universal.py says why), but the fetch and conversion are per node already."""
-    if engine.zero_optimization() or not universal.loadable(engine):
+    old rank `rank % saved_world`. Returns the files this node fetched."""
+    if not universal.loadable(engine) or not any("optim_states" in n for n in hashes):
         raise PermanentError(
             f"{where} was written by {saved_world} ranks, this run has {dist.get_world_size()}: a deepspeed-"
-            "format checkpoint (full fine-tuning, adamw_8bit) resumes at the same size, or with adamw on one"
-            " rank without ZeRO offload (DeepSpeed's universal checkpoint); not at this size (docs/recovery.md)"
+            "format checkpoint resumes at another size only with optimizer adamw and ZeRO partitions to convert"
+            " (DeepSpeed's universal checkpoint; adamw_8bit, or one rank without ZeRO, resume at the same size:"
+            " docs/recovery.md)"
         )
     t0 = time.monotonic()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -307,7 +307,7 @@ def load_resized(
             raise PermanentError(bad.removeprefix("PermanentError: "))
         raise RuntimeError(f"converting {where} to DeepSpeed's universal checkpoint failed: {bad}")
     converted = time.monotonic()
-    universal.load(engine, out)
+    universal.load(engine, out, strict=full(engine))
     restore_rng(src, [f"rng_rank{rank % saved_world}.json"])
     dist.barrier()  # every rank of the node has read the folders
     if local_rank == 0:

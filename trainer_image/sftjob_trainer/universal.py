@@ -2,16 +2,15 @@
 universal checkpoint (deepspeed/checkpoint/ds_to_universal.py; docs/recovery.md, "Formats").
 
 `convert` turns every rank's ZeRO partitions into one folder per parameter (`zero/<name>/fp32.pt`,
-`exp_avg.pt`, `exp_avg_sq.pt`) plus the optimizer's common state; `load` puts it into a stage-0 engine (one
-rank: speed.effective_zero_stage turns ZeRO off there), which has no ZeRO optimizer for DeepSpeed's universal
-loader: the whole tensors go straight into the module's parameters and the client optimizer's (torch AdamW)
-state, the same three tensors and step DeepSpeed's loader would use.
-
-Not a ZeRO engine (two or more ranks): DeepSpeed's universal loader (`checkpoint.load_universal`, read only
-inside `load_checkpoint`, so it can be switched on for one load) was tried and measured wrong here — after a
-2 -> 3 rank resume every norm weight (ZeRO-3 "persistent" parameters) ended one step 4e-4 away from the
-uninterrupted run's (other weights within 5e-8; a fresh 3-rank run matches the 2-rank run to 4e-6), so
-checkpoint.load_resized refuses that case (docs/recovery.md, "Not done yet").
+`exp_avg.pt`, `exp_avg_sq.pt`) plus the optimizer's common state; `load` puts it into the engine:
+  - a ZeRO engine (stage >= 1, i.e. more than one rank): DeepSpeed's own universal loading, switched on for
+    this one load (`checkpoint.load_universal` is read only inside `load_checkpoint`, never at initialize),
+    each rank slicing its new partition out of the whole tensors; two of its slips are undone after the load
+    (every group given the first group's hyper-parameters, e.g. weight decay; one `step` tensor shared by
+    every group: `unshare_steps`);
+  - a stage-0 engine (one rank: speed.effective_zero_stage turns ZeRO off there) has no ZeRO optimizer for
+    DeepSpeed to load into, so the whole tensors go straight into the module's parameters and the client
+    optimizer's (torch AdamW) state, the same three tensors and step DeepSpeed's loader would use.
 """
 
 from __future__ import annotations
@@ -46,15 +45,47 @@ def convert(src: str, out: str) -> None:
 
 
 def loadable(engine: Any) -> bool:
-    """Whether `load` can restore into this engine: no ZeRO, and torch AdamW's state (adamw_8bit keeps
+    """Whether `load` can restore into this engine's optimizer: torch AdamW's state (adamw_8bit keeps
     quantized moments that the universal format does not carry as exp_avg/exp_avg_sq)."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    return not engine.zero_optimization() and isinstance(inner, torch.optim.AdamW)
+    return isinstance(getattr(engine.optimizer, "optimizer", engine.optimizer), torch.optim.AdamW)
 
 
-def load(engine: Any, folder: str) -> None:
-    """Load the universal checkpoint `folder` (…/<tag>) into a stage-0 (one-rank) engine."""
+def load(engine: Any, folder: str, strict: bool) -> None:
+    """Load the universal checkpoint `folder` (…/<tag>) into `engine` at this run's world size."""
+    if engine.zero_optimization():
+        cfg = engine._config  # DeepSpeed has no per-call switch; this attribute is what load_checkpoint reads
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]
+        cfg.load_universal_checkpoint = True
+        try:
+            path, _ = engine.load_checkpoint(
+                os.path.dirname(folder),
+                tag=os.path.basename(folder),
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+                load_module_strict=strict,
+            )
+        finally:
+            cfg.load_universal_checkpoint = False
+        # DeepSpeed's ZeRO-3 universal loader copies the first group's hyper-parameters into every group,
+        # which would decay the no-decay group (norms, biases); the spec's own values are the ones to keep
+        for group, h in zip(inner.param_groups, hyper, strict=True):
+            group.update(h)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {folder}")
+        unshare_steps(inner)
+        return
     load_unpartitioned(engine.module, engine.optimizer, os.path.join(folder, ZERO))
+
+
+def unshare_steps(inner: Any) -> None:
+    """DeepSpeed's ZeRO-3 universal loader gives every sub-group's Adam state the *same* `step` tensor, which
+    torch's AdamW then increments in place once per sub-group and step: from the second group on (the
+    no-decay group: norms, biases) the bias correction ran a step ahead (measured: norms 4e-4 off after one
+    step at 2 -> 3 ranks, an update 14% too small, exactly Adam's step-3 vs step-2 correction)."""
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def _tensor(path: str) -> torch.Tensor:
