@@ -4,7 +4,9 @@ Two formats, named in the marker:
   adapter    lora/qlora with adamw: the trainable weights, their Adam moments (portable.py) in one safetensors
              file, plus each rank's RNG state as JSON. Any world size resumes it: nothing is per-rank.
   deepspeed  full fine-tuning and adamw_8bit: DeepSpeed's per-rank ZeRO partitions (torch pickles, read by
-             DeepSpeed itself) plus RNG JSON; only the same world size resumes it.
+             DeepSpeed itself) plus RNG JSON. The same world size fetches and loads its own partitions;
+             another size fetches every rank's files and converts them to DeepSpeed's universal checkpoint
+             (universal.py) once per node.
 
 Protocol (every rank takes part):
   1. each rank writes its files into a local staging dir and hashes them (sha256);
@@ -37,7 +39,8 @@ from sftjob_api.exit_codes import PermanentError
 from sftjob_api.layout import Layout
 from sftjob_api.storage import Store
 
-from . import portable
+from . import portable, universal
+from .metrics import log_json
 from .run_identity import check_marker, digest
 
 ADAPTER, DEEPSPEED = "adapter", "deepspeed"
@@ -223,13 +226,10 @@ def load(
     local = os.path.join(staging, f"resume-rank{rank}", f"step-{step}")
     if fmt == ADAPTER:
         names = adapter_files(rank, saved_world)
+    elif fmt == DEEPSPEED and saved_world != world:
+        state = TrainState.from_json(marker["state"])
+        return state, load_resized(engine, store, where, hashes, step, saved_world, rank, staging)
     elif fmt == DEEPSPEED:
-        if saved_world != world:
-            raise PermanentError(
-                f"{where} was written by {saved_world} ranks, this run has {world}: full fine-tuning and"
-                " adamw_8bit checkpoints are DeepSpeed's per-rank ZeRO partitions, resumed at the same size"
-                " only (docs/recovery.md)"
-            )
         names = files_for_rank(hashes, rank)
     else:
         raise PermanentError(f"{where}: unknown checkpoint format {fmt!r} in its marker")
@@ -249,12 +249,79 @@ def load(
         )
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load {where}")
+    restore_rng(local, fetched)
+    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
+    return state, fetched
+
+
+def restore_rng(local: str, fetched: list[str]) -> None:
     rng = [n for n in fetched if n.startswith("rng_rank")]
     if rng:
         with open(os.path.join(local, rng[0])) as f:
             portable.set_rng_state(json.load(f))
-    shutil.rmtree(os.path.dirname(local), ignore_errors=True)
-    return state, fetched
+
+
+def load_resized(
+    engine: Any,
+    store: Store,
+    where: str,
+    hashes: Mapping[str, str],
+    step: int,
+    saved_world: int,
+    rank: int,
+    staging: str,
+) -> list[str]:
+    """A deepspeed-format checkpoint written by `saved_world` ranks, loaded at this run's world size: the
+    first rank of each node (pods share no filesystem) fetches every rank's files (hashes verified) and
+    converts them to DeepSpeed's universal checkpoint; every rank then loads it and takes the RNG state of
+    old rank `rank % saved_world`. Returns the files this node fetched."""
+    if not universal.loadable(engine) or not any("optim_states" in n for n in hashes):
+        raise PermanentError(
+            f"{where} was written by {saved_world} ranks, this run has {dist.get_world_size()}: a deepspeed-"
+            "format checkpoint resumes at another size only with optimizer adamw and ZeRO partitions to convert"
+            " (DeepSpeed's universal checkpoint; adamw_8bit, or one rank without ZeRO, resume at the same size:"
+            " docs/recovery.md)"
+        )
+    t0 = time.monotonic()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # ranks are numbered node by node: the node's first rank names the folder, so two nodes sharing one
+    # machine (tests) never write into the same one
+    node_dir = os.path.join(staging, f"universal-rank{rank - local_rank}")
+    tag = f"step-{step}"
+    src, out = os.path.join(node_dir, "src", tag), os.path.join(node_dir, "universal", tag)
+    names = sorted(n for n in hashes if n != Layout.CHECKPOINT_MARKER)
+    fetched: list[str] = []
+    error = ""
+    if local_rank == 0:
+        try:
+            fetched = fetch(store, where, names, src, hashes, where)
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+            universal.convert(src, out)
+        except Exception as e:  # every rank must reach the barrier below, then all fail together
+            error = f"{type(e).__name__}: {e}"
+    errors: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        bad = next(e for e in errors if e)
+        if bad.startswith("PermanentError: "):
+            raise PermanentError(bad.removeprefix("PermanentError: "))
+        raise RuntimeError(f"converting {where} to DeepSpeed's universal checkpoint failed: {bad}")
+    converted = time.monotonic()
+    universal.load(engine, out, strict=full(engine))
+    restore_rng(src, [f"rng_rank{rank % saved_world}.json"])
+    dist.barrier()  # every rank of the node has read the folders
+    if local_rank == 0:
+        shutil.rmtree(node_dir, ignore_errors=True)
+    if rank == 0:
+        log_json(
+            "checkpoint_converted",
+            step=step,
+            from_world_size=saved_world,
+            to_world_size=dist.get_world_size(),
+            fetch_convert_seconds=round(converted - t0, 2),
+            load_seconds=round(time.monotonic() - converted, 2),
+        )
+    return fetched
 
 
 def warm_start_tensors(store: Store, leaf: str, uri: str, staging: str) -> dict[str, torch.Tensor]:
