@@ -211,11 +211,14 @@ main() {
   local t0=$SECONDS
   # Two streams side by side: one Go build alone left a core idle (module downloads, single-threaded
   # links): a cold build.sh took 27.5 min with 31 min of CPU. Each stream stops at its first failure.
+  # Balanced by the cold times of 2026-12-07 (docs/testing.md, "Cold"; minutes under load): kubernetes 23.8
+  # + node 2.1 + helm 5.9 + etcd 3.5 = 35.3 beside prometheus 13.4 + kueue 8.3 + kwok 7.6 + coredns 4.5 =
+  # 33.8 (the split before, with prometheus behind etcd/kwok/helm, ended at 38.7). node follows kubernetes:
+  # it reuses its compiled packages.
   build_pause
-  ( build_kubernetes; build_node; build_coredns ) &
+  ( build_kubernetes; build_node; go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_etcd ) &
   local control_plane=$!
-  ( build_etcd; go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-    go_install helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm; build_prometheus; build_kueue ) &
+  ( build_prometheus; build_kueue; go_install kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok; build_coredns ) &
   local others=$! rc=0
   wait $control_plane || rc=$?
   wait $others || rc=$?
