@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -47,6 +48,8 @@ BOXES = {
     "bench": (100, 300),
 }
 MIN_BOX_S = 25.0
+# part (b)'s runs per method: ours as shipped, ours with SDPA (GPU), TRL's defaults, TRL's fastest settings
+IMPLS = ("ours", "ours_sdpa", "trl", "trl_fastest")
 
 
 class GpuMemSampler:
@@ -202,6 +205,7 @@ class Check:
             "failures": {},
         }
         self.assets: dict[str, Any] = {}
+        self.have_trl = importlib.util.find_spec("trl") is not None
 
     # --- plumbing -------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -211,7 +215,9 @@ class Check:
         with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
             f.write(lib.markdown(self.res) + "\n")
 
-    def step(self, name: str, box: str, cmd: list[str]) -> dict[str, Any] | None:
+    def step(
+        self, name: str, box: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         """Run a step inside its time box; None (recorded as skipped) when the budget is spent."""
         want = BOXES[box][1 if self.smoke else 0]
         timeout = self.budget.box(want)
@@ -219,7 +225,7 @@ class Check:
             self.res["failures"][name] = f"skipped: {self.budget.left():.0f} s of the budget left"
             return None
         print(f"--- {name} (box {timeout:.0f} s, budget left {self.budget.left():.0f} s)", flush=True)
-        r = run_step(name, cmd, self.env, timeout, self.log)
+        r = run_step(name, cmd, env or self.env, timeout, self.log)
         if r["rc"] != 0 or r["timed_out"]:
             self.res["failures"][name] = f"{status_of(r)} after {r['seconds']} s\n{error_tail(r)}"
         print(f"--- {name}: {status_of(r)} in {r['seconds']} s", flush=True)
@@ -385,21 +391,30 @@ class Check:
         fpt = lib.lora_train_flops_per_token(self.assets["matmul_params"])
         batch, accum = (4, 2) if self.smoke else (self.a.trl_batch, self.a.trl_accum)
         trl_geo = ["--batch", str(batch), "--accum", str(accum), "--max-len", str(self.geometry()["seq"])]
-        for method in ("lora", "qlora"):
-            for impl in ("ours", "trl"):
+        # smoke: LoRA only, so that the whole path (ours, TRL default, TRL fastest) runs in ~2 minutes on CPU
+        for method in ("lora",) if self.smoke else ("lora", "qlora"):
+            for impl in IMPLS:
+                if impl == "ours_sdpa" and (self.smoke or method != "lora"):
+                    continue  # ours' CPU attention is SDPA already; on GPU one method shows the difference
                 name = f"{impl}_{method}"
                 run: dict[str, Any] = {"name": name, "impl": impl, "method": method}
                 part["runs"].append(run)
-                if impl == "ours":
+                if impl.startswith("trl") and not self.have_trl:
+                    run["status"] = "skipped: trl is not installed (pip install trl)"
+                    self.save()
+                    continue
+                if impl.startswith("ours"):
                     path = self.write_config(
                         f"b_{name}", self.config(f"b_{name}", method, steps=warm + timed, lr=2e-4)
                     )
-                    r = self.step(f"b_{name}", "bench", self.trainer("train", path))
+                    env = {**self.env, "SFTJOB_ATTENTION": "sdpa"} if impl == "ours_sdpa" else None
+                    r = self.step(f"b_{name}", "bench", self.trainer("train", path), env)
                     if r is not None:
                         ev = lib.json_events(r["stdout"])
                         run.update(lib.throughput(ev, warm))
                         data, ds = lib.first(ev, "data") or {}, lib.first(ev, "deepspeed") or {}
                         run["zero_stage"] = ds.get("zero_stage")
+                        run["attention"] = (lib.first(ev, "model") or {}).get("attention")
                         if data.get("rows"):
                             run["samples_per_step"] = round(
                                 data["train_examples"]
@@ -425,6 +440,8 @@ class Check:
                         str(warm),
                         "--lr",
                         "2e-4",
+                        "--config",
+                        "fastest" if impl == "trl_fastest" else "default",
                         *trl_geo,
                     ]
                     r = self.step(f"b_{name}", "bench", cmd)
@@ -445,6 +462,10 @@ class Check:
             f"{geo['micro']}), shipped one-rank default (ZeRO stage 0), first {warm} steps untimed, {timed} timed",
             f"TRL: SFTTrainer defaults (no packing, padded batches), {' '.join(trl_geo)}, bf16 autocast, "
             f"first {warm} steps untimed, {timed} timed",
+            "TRL fastest: the same with padding_free=True, Liger kernels when installed (GPU), and ours' "
+            "attention implementation (gpu_check_trl.py --config fastest)",
+            "ours_sdpa: ours with SFTJOB_ATTENTION=sdpa (the CPU path's attention) against ours' FlexAttention: "
+            "same first losses expected (bf16 rounding apart), the difference in tok/s is varlen attention's",
             "peak GPU memory: nvidia-smi memory.used of the whole GPU (CUDA context and allocator cache included)",
             f"MFU: {fpt / 1e9:.2f} GFLOP per token (4 x {self.assets['matmul_params'] / 1e9:.3f} B matmul weights) "
             f"over the measured peak ({self.res.get('peak_kind')})",
