@@ -390,7 +390,11 @@ class Check:
         self.res["parts"]["b_throughput"] = part
         fpt = lib.lora_train_flops_per_token(self.assets["matmul_params"])
         batch, accum = (4, 2) if self.smoke else (self.a.trl_batch, self.a.trl_accum)
-        trl_geo = ["--batch", str(batch), "--accum", str(accum), "--max-len", str(self.geometry()["seq"])]
+        geo = self.geometry()
+        trl_geo = ["--batch", str(batch), "--accum", str(accum), "--max-len", str(geo["seq"])]
+        # packed TRL gets ours' geometry: the same rows of `seq` tokens per micro-batch and per step
+        packed_geo = ["--batch", str(geo["micro"]), "--accum", str(geo["global_batch"] // geo["micro"])]
+        packed_geo += ["--max-len", str(geo["seq"])]
         # smoke: LoRA only, so that the whole path (ours, TRL default, TRL fastest) runs in ~2 minutes on CPU
         for method in ("lora",) if self.smoke else ("lora", "qlora"):
             for impl in IMPLS:
@@ -442,7 +446,7 @@ class Check:
                         "2e-4",
                         "--config",
                         "fastest" if impl == "trl_fastest" else "default",
-                        *trl_geo,
+                        *(packed_geo if impl == "trl_fastest" else trl_geo),
                     ]
                     r = self.step(f"b_{name}", "bench", cmd)
                     line = next(
@@ -456,14 +460,13 @@ class Check:
                     run["seconds_total"] = r["seconds"]
                 run["mfu"] = lib.mfu(run.get("tokens_per_second"), fpt, self.assets["peak_flops"])
                 self.save()
-        geo = self.geometry()
         part["notes"] = [
             f"ours: packed rows of <= {geo['seq']} tokens, {geo['global_batch']} rows per step (micro "
             f"{geo['micro']}), shipped one-rank default (ZeRO stage 0), first {warm} steps untimed, {timed} timed",
             f"TRL: SFTTrainer defaults (no packing, padded batches), {' '.join(trl_geo)}, bf16 autocast, "
             f"first {warm} steps untimed, {timed} timed",
-            "TRL fastest: the same with padding_free=True, Liger kernels when installed (GPU), and ours' "
-            "attention implementation (gpu_check_trl.py --config fastest)",
+            f"TRL fastest: packing=True (bfd), padding_free=True, Liger kernels when installed (GPU), ours' attention "
+            f"implementation (gpu_check_trl.py --config fastest), ours' rows: {' '.join(packed_geo)}",
             "ours_sdpa: ours with SFTJOB_ATTENTION=sdpa (the CPU path's attention) against ours' FlexAttention: "
             "same first losses expected (bf16 rounding apart), the difference in tok/s is varlen attention's",
             "peak GPU memory: nvidia-smi memory.used of the whole GPU (CUDA context and allocator cache included)",

@@ -6,7 +6,8 @@
 Same LoRA as ours (r16, alpha 32, no dropout, all linear layers), completion-only loss (TRL's default for
 prompt/completion data), no gradient checkpointing, bf16 on GPU (fp32 on CPU). Two configurations:
 - default: SFTConfig's defaults (padded batches);
-- fastest: `padding_free=True` (samples concatenated, position ids restarting, no padding), Liger kernels
+- fastest: `packing=True, packing_strategy="bfd", padding_free=True` (samples packed best-fit-decreasing
+  into rows of --max-len, position ids restarting per sample, no padding), Liger kernels
   (`use_liger_kernel`) when liger-kernel is installed and a GPU is there, and the attention implementation
   our trainer uses on this device (`model.training_attention`: FlexAttention on CUDA, SDPA on CPU).
 Real tokens are counted where they enter the model (attention-mask sum, or every token when padding-free
@@ -122,6 +123,10 @@ def main() -> None:
             lr_scheduler_type="constant",
             dataloader_num_workers=0,
             seed=42,
+            # TRL 1.16 enforces max_length under padding_free only when packing: best-fit-decreasing packing
+            # into rows of max_length (as ours), padding-free inside a row
+            packing=fastest,
+            packing_strategy="bfd",
             padding_free=fastest,
             use_liger_kernel=liger,
         )
@@ -152,8 +157,10 @@ def main() -> None:
         "median_step_tokens_per_second": round(statistics.median(per_step), 1) if per_step else None,
         "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
         "peak_rss_bytes": peak_rss_bytes(),
-        "samples_per_step": a.batch * a.accum,
+        "samples_per_step": None if fastest else a.batch * a.accum,  # packed: rows, each of several samples
+        "rows_per_step": a.batch * a.accum,
         "trl_config": a.config,
+        "packing": "bfd" if fastest else None,
         "padding_free": fastest,
         "liger": liger,
         "attention": model.config._attn_implementation,
