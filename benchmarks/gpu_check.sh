@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_check.sh prepare            # on a networked machine: fills .whl/ and .gpu_assets/
 #   bash benchmarks/gpu_check.sh [OUTDIR] [ARGS]    # on the GPU machine (OUTDIR defaults to $OUT)
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR # tiny model on CPU, same code paths (~5-8 min on 2 cores)
+#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR --parts b   # part (b) alone: ours, TRL default and TRL
+#                                                   # fastest on the tiny model, LoRA (~1 min; needs trl)
 #
 # `prepare` (needs the trainer stack installed here: trainer_image/install.sh) writes, into folders that
 # .git/info/exclude ignores and the device tool carries:

@@ -4,7 +4,8 @@ Samples are packed best-fit-decreasing into rows of at most max_len tokens. Each
 position ids (restarting at 0), and targets are shifted *within* the sample, so the last token of one
 sample never learns to predict the first token of the next. Cross-sample attention is prevented by the
 model seeing restarting position ids with no attention mask and use_cache=False (transformers then builds
-a block-diagonal causal mask; tests/trainer/test_packing.py proves it).
+a block-diagonal causal mask for SDPA, a document BlockMask for FlexAttention: model.training_attention;
+tests/trainer/test_packing.py proves both).
 """
 
 from __future__ import annotations
