@@ -306,6 +306,8 @@ class Check:
             zero3=True,
             eval_enabled=True,
             eval_samples=8 if self.smoke else 16,
+            # the shipped default (selective recomputation) around FlexAttention's compiled kernel: issue 27
+            gradient_checkpointing=True,
         )
         path = self.write_config("a", cfg)
         part: dict[str, Any] = {"status": "running", "config": cfg}

@@ -93,6 +93,7 @@ def trainer_config(
     eval_enabled: bool = False,
     eval_samples: int = 16,
     eval_new_tokens: int = 32,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """A trainer config as the operator renders it (camelCase spec sections + run/runtime).
 
@@ -122,7 +123,7 @@ def trainer_config(
             "scheduler": "constant",
             "globalBatchSize": global_batch,
             "microBatchSize": micro,
-            "gradientCheckpointing": False,
+            "gradientCheckpointing": gradient_checkpointing,  # on: the shipped selective policy
             "checkpointSteps": checkpoint_steps,
             "seed": 7,
         },
