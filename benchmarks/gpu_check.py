@@ -1,6 +1,6 @@
 """The ready GPU check (issue 17 part 4): one GPU, at most ~8 minutes, three parts, one result file.
 
-    python benchmarks/gpu_check.py --out DIR [--budget-s 390] [--parts a,c,b] [--tokenizer DIR]
+    python benchmarks/gpu_check.py --out DIR [--budget-s 520] [--parts a,c,b] [--tokenizer DIR]
     python benchmarks/gpu_check.py --cpu-smoke --out DIR      # the same code paths, tiny model, CPU/gloo
 
 (a) QLoRA nf4 (bf16 compute, bf16 quant storage) on a randomly initialised 1B-shaped Llama, through the real
@@ -9,7 +9,9 @@
     checkpoint must be written, and a second run on the same output must resume from it and repeat the
     first run's losses for the steps after it.
 (b) real tokens/s and MFU of our trainer (shipped defaults for one rank: ZeRO stage 0) vs TRL SFTTrainer on
-    the same model and data, bf16 LoRA and QLoRA, interleaved ours/TRL.
+    the same model and data, bf16 LoRA and QLoRA, interleaved: TRL's defaults and its fastest configuration
+    (packing bfd + padding_free + Liger when installed + ours' attention), and on a GPU ours with SDPA
+    instead of FlexAttention (LoRA; same first losses expected); first losses of every run.
 (c) the eval and merge stages (`python -m sftjob_trainer eval|merge`) on (a)'s adapter.
 
 Every step runs in its own process with its own time box inside a total budget; a failed or timed-out step
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -47,6 +50,8 @@ BOXES = {
     "bench": (100, 300),
 }
 MIN_BOX_S = 25.0
+# part (b)'s runs per method: ours as shipped, ours with SDPA (GPU), TRL's defaults, TRL's fastest settings
+IMPLS = ("ours", "ours_sdpa", "trl", "trl_fastest")
 
 
 class GpuMemSampler:
@@ -202,6 +207,7 @@ class Check:
             "failures": {},
         }
         self.assets: dict[str, Any] = {}
+        self.have_trl = importlib.util.find_spec("trl") is not None
 
     # --- plumbing -------------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -211,7 +217,9 @@ class Check:
         with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
             f.write(lib.markdown(self.res) + "\n")
 
-    def step(self, name: str, box: str, cmd: list[str]) -> dict[str, Any] | None:
+    def step(
+        self, name: str, box: str, cmd: list[str], env: dict[str, str] | None = None
+    ) -> dict[str, Any] | None:
         """Run a step inside its time box; None (recorded as skipped) when the budget is spent."""
         want = BOXES[box][1 if self.smoke else 0]
         timeout = self.budget.box(want)
@@ -219,7 +227,7 @@ class Check:
             self.res["failures"][name] = f"skipped: {self.budget.left():.0f} s of the budget left"
             return None
         print(f"--- {name} (box {timeout:.0f} s, budget left {self.budget.left():.0f} s)", flush=True)
-        r = run_step(name, cmd, self.env, timeout, self.log)
+        r = run_step(name, cmd, env or self.env, timeout, self.log)
         if r["rc"] != 0 or r["timed_out"]:
             self.res["failures"][name] = f"{status_of(r)} after {r['seconds']} s\n{error_tail(r)}"
         print(f"--- {name}: {status_of(r)} in {r['seconds']} s", flush=True)
@@ -298,6 +306,8 @@ class Check:
             zero3=True,
             eval_enabled=True,
             eval_samples=8 if self.smoke else 16,
+            # the shipped default (selective recomputation) around FlexAttention's compiled kernel: issue 27
+            gradient_checkpointing=True,
         )
         path = self.write_config("a", cfg)
         part: dict[str, Any] = {"status": "running", "config": cfg}
@@ -384,22 +394,35 @@ class Check:
         self.res["parts"]["b_throughput"] = part
         fpt = lib.lora_train_flops_per_token(self.assets["matmul_params"])
         batch, accum = (4, 2) if self.smoke else (self.a.trl_batch, self.a.trl_accum)
-        trl_geo = ["--batch", str(batch), "--accum", str(accum), "--max-len", str(self.geometry()["seq"])]
-        for method in ("lora", "qlora"):
-            for impl in ("ours", "trl"):
+        geo = self.geometry()
+        trl_geo = ["--batch", str(batch), "--accum", str(accum), "--max-len", str(geo["seq"])]
+        # packed TRL gets ours' geometry: the same rows of `seq` tokens per micro-batch and per step
+        packed_geo = ["--batch", str(geo["micro"]), "--accum", str(geo["global_batch"] // geo["micro"])]
+        packed_geo += ["--max-len", str(geo["seq"])]
+        # smoke: LoRA only, so that the whole path (ours, TRL default, TRL fastest) runs in ~2 minutes on CPU
+        for method in ("lora",) if self.smoke else ("lora", "qlora"):
+            for impl in IMPLS:
+                if impl == "ours_sdpa" and (self.smoke or method != "lora"):
+                    continue  # ours' CPU attention is SDPA already; on GPU one method shows the difference
                 name = f"{impl}_{method}"
                 run: dict[str, Any] = {"name": name, "impl": impl, "method": method}
                 part["runs"].append(run)
-                if impl == "ours":
+                if impl.startswith("trl") and not self.have_trl:
+                    run["status"] = "skipped: trl is not installed (pip install trl)"
+                    self.save()
+                    continue
+                if impl.startswith("ours"):
                     path = self.write_config(
                         f"b_{name}", self.config(f"b_{name}", method, steps=warm + timed, lr=2e-4)
                     )
-                    r = self.step(f"b_{name}", "bench", self.trainer("train", path))
+                    env = {**self.env, "SFTJOB_ATTENTION": "sdpa"} if impl == "ours_sdpa" else None
+                    r = self.step(f"b_{name}", "bench", self.trainer("train", path), env)
                     if r is not None:
                         ev = lib.json_events(r["stdout"])
                         run.update(lib.throughput(ev, warm))
                         data, ds = lib.first(ev, "data") or {}, lib.first(ev, "deepspeed") or {}
                         run["zero_stage"] = ds.get("zero_stage")
+                        run["attention"] = (lib.first(ev, "model") or {}).get("attention")
                         if data.get("rows"):
                             run["samples_per_step"] = round(
                                 data["train_examples"]
@@ -425,7 +448,9 @@ class Check:
                         str(warm),
                         "--lr",
                         "2e-4",
-                        *trl_geo,
+                        "--config",
+                        "fastest" if impl == "trl_fastest" else "default",
+                        *(packed_geo if impl == "trl_fastest" else trl_geo),
                     ]
                     r = self.step(f"b_{name}", "bench", cmd)
                     line = next(
@@ -439,12 +464,15 @@ class Check:
                     run["seconds_total"] = r["seconds"]
                 run["mfu"] = lib.mfu(run.get("tokens_per_second"), fpt, self.assets["peak_flops"])
                 self.save()
-        geo = self.geometry()
         part["notes"] = [
             f"ours: packed rows of <= {geo['seq']} tokens, {geo['global_batch']} rows per step (micro "
             f"{geo['micro']}), shipped one-rank default (ZeRO stage 0), first {warm} steps untimed, {timed} timed",
             f"TRL: SFTTrainer defaults (no packing, padded batches), {' '.join(trl_geo)}, bf16 autocast, "
             f"first {warm} steps untimed, {timed} timed",
+            f"TRL fastest: packing=True (bfd), padding_free=True, Liger kernels when installed (GPU), ours' attention "
+            f"implementation (gpu_check_trl.py --config fastest), ours' rows: {' '.join(packed_geo)}",
+            "ours_sdpa: ours with SFTJOB_ATTENTION=sdpa (the CPU path's attention) against ours' FlexAttention: "
+            "same first losses expected (bf16 rounding apart), the difference in tok/s is varlen attention's",
             "peak GPU memory: nvidia-smi memory.used of the whole GPU (CUDA context and allocator cache included)",
             f"MFU: {fpt / 1e9:.2f} GFLOP per token (4 x {self.assets['matmul_params'] / 1e9:.3f} B matmul weights) "
             f"over the measured peak ({self.res.get('peak_kind')})",
@@ -471,7 +499,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="result directory (default $OUT)")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU (gloo), same code paths")
     ap.add_argument(
-        "--budget-s", type=float, default=None, help="total wall-clock budget (390 GPU, 1500 smoke)"
+        "--budget-s", type=float, default=None, help="total wall-clock budget (520 GPU, 1500 smoke)"
     )
     ap.add_argument("--parts", default="a,c,b")
     # 64 x 2 = 128 samples per step, close to the ~140 that ours packs into 8 rows of 2048 tokens
@@ -485,7 +513,7 @@ def main() -> None:
     if not a.out:
         ap.error("--out or $OUT is required")
     if a.budget_s is None:
-        a.budget_s = 1500.0 if a.cpu_smoke else 390.0
+        a.budget_s = 1500.0 if a.cpu_smoke else 520.0  # (b) has 7 runs since issue 27 (was 4: 390 s)
     os.makedirs(a.out, exist_ok=True)
     shutil.rmtree(a.work, ignore_errors=True)
     os.makedirs(a.work)

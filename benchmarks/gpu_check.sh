@@ -4,12 +4,15 @@
 #   bash benchmarks/gpu_check.sh prepare            # on a networked machine: fills .whl/ and .gpu_assets/
 #   bash benchmarks/gpu_check.sh [OUTDIR] [ARGS]    # on the GPU machine (OUTDIR defaults to $OUT)
 #   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR # tiny model on CPU, same code paths (~5-8 min on 2 cores)
+#   bash benchmarks/gpu_check.sh --cpu-smoke OUTDIR --parts b   # part (b) alone: ours, TRL default and TRL
+#                                                   # fastest on the tiny model, LoRA (~1 min; needs trl)
 #
 # `prepare` (needs the trainer stack installed here: trainer_image/install.sh) writes, into folders that
 # .git/info/exclude ignores and the device tool carries:
 #   .whl/         wheels the GPU image lacks (Python 3.12, x86-64): deepspeed (built here, pure Python, ops
 #                 JIT-compiled there on demand), bitsandbytes (repacked with only its CUDA 13 and CPU
-#                 libraries: 43 MB -> ~4 MB), pydantic (+core), trl, datasets and their small dependencies;
+#                 libraries: 43 MB -> ~4 MB), pydantic (+core), trl, datasets and their small dependencies,
+#                 liger-kernel (Triton kernels: TRL fastest uses them when importable);
 #   .gpu_assets/  SmolLM2's tokenizer (vocab 49,152; the model itself is randomly initialised there) and a
 #                 snapshot of operator/ + trainer_image/ at HEAD (src/, with COMMIT), so edits made in the
 #                 working tree while the device runs do not change what is measured.
@@ -26,7 +29,7 @@ wheels() {
               --platform manylinux2014_x86_64 -d .whl)
   "$PY" -m pip download -q "${plat[@]}" "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" \
     "typing-inspection==0.4.5" "typing-extensions>=4.16" "hjson==3.1.0" "trl==1.16.0" "datasets==4.8.5" \
-    "dill==0.4.1" "multiprocess==0.70.19" "peft==0.21.2"
+    "dill==0.4.1" "multiprocess==0.70.19" "peft==0.21.2" "liger-kernel==0.8.5"
   local tmp; tmp=$(mktemp -d)
   "$PY" -m pip download -q "${plat[@]}" "bitsandbytes==0.50.2"
   mv .whl/bitsandbytes-*.whl "$tmp"/

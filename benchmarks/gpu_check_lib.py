@@ -93,6 +93,7 @@ def trainer_config(
     eval_enabled: bool = False,
     eval_samples: int = 16,
     eval_new_tokens: int = 32,
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """A trainer config as the operator renders it (camelCase spec sections + run/runtime).
 
@@ -122,7 +123,7 @@ def trainer_config(
             "scheduler": "constant",
             "globalBatchSize": global_batch,
             "microBatchSize": micro,
-            "gradientCheckpointing": False,
+            "gradientCheckpointing": gradient_checkpointing,  # on: the shipped selective policy
             "checkpointSteps": checkpoint_steps,
             "seed": 7,
         },
@@ -226,30 +227,42 @@ def _mark(ok: Any) -> str:
 
 
 def throughput_table(runs: list[dict[str, Any]]) -> list[str]:
-    """One row per throughput run; ours/TRL ratio against TRL's run of the same method."""
+    """One row per throughput run; ours against TRL's default and fastest runs of the same method; then the
+    first steps' losses of every run (same data and lr: the curves should start alike)."""
     rows = [
         "| run | method | status | samples/step | real tok/s | median step tok/s | MFU | peak GPU mem (GiB) "
-        "| ours / TRL |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| peak RSS (GiB) | ours / TRL default | ours / TRL fastest |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    trl = {
-        r["method"]: r.get("tokens_per_second")
-        for r in runs
-        if r["impl"] == "trl" and r.get("tokens_per_second")
-    }
+
+    def tps_of(impl: str) -> dict[str, float]:
+        return {
+            r["method"]: r["tokens_per_second"]
+            for r in runs
+            if r["impl"] == impl and r.get("tokens_per_second")
+        }
+
+    trl, fastest = tps_of("trl"), tps_of("trl_fastest")
     for r in runs:
         tps = r.get("tokens_per_second")
-        ratio = None
-        if r["impl"] == "ours" and tps and trl.get(r["method"]):
-            ratio = f"{tps / trl[r['method']]:.2f}x"
-        mem = r.get("peak_gpu_mem_bytes")
+        ours = r["impl"].startswith("ours") and tps
+        ratios = [
+            f"{tps / ref[r['method']]:.2f}x" if ours and ref.get(r["method"]) else None
+            for ref in (trl, fastest)
+        ]
+        mem, rss = r.get("peak_gpu_mem_bytes"), r.get("peak_rss_bytes")
         mfu_v = r.get("mfu")
         rows.append(
             f"| {r['name']} | {r['method']} | {r['status']} | {_fmt(r.get('samples_per_step'))} | "
             f"{_fmt(tps, ',.0f')} | {_fmt(r.get('median_step_tokens_per_second'), ',.0f')} | "
             f"{_fmt(None if mfu_v is None else 100 * mfu_v, '.1f')}{'%' if mfu_v is not None else ''} | "
-            f"{_fmt(None if mem is None else mem / 2**30, '.1f')} | {_fmt(ratio)} |"
+            f"{_fmt(None if mem is None else mem / 2**30, '.1f')} | {_fmt(None if rss is None else rss / 2**30, '.2f')} | "
+            f"{_fmt(ratios[0])} | {_fmt(ratios[1])} |"
         )
+    rows += ["", "| run | attention | first losses |", "| --- | --- | --- |"]
+    for r in runs:
+        losses = ", ".join(f"{x:.4f}" for x in (r.get("losses") or [])[:5])
+        rows.append(f"| {r['name']} | {_fmt(r.get('attention'))} | {losses or '-'} |")
     return rows
 
 

@@ -26,6 +26,21 @@ def test_layout_covers_the_step_once_across_ranks():
     assert sorted(i for r in got for i in r) == list(range(8, 16))  # the step from row 8 = rows 8..15
 
 
+def test_step_counts_equal_what_collate_counts():
+    from sftjob_trainer.packing import step_counts
+
+    exs = [
+        Example([1, 2, 3], [IGNORE, 2, 3]),
+        Example([4, 5], [4, 5]),
+        Example([6, 7, 8, 9], [IGNORE] * 2 + [8, 9]),
+    ]
+    mbs = [[[0, 1]], [[2], [1]]]
+    batches = [collate(mb, exs, pad_id=0) for mb in mbs]
+    labels = sum(int((b["targets"] != IGNORE).sum()) for b in batches)
+    assert labels == sum(len(b["label_pos"]) for b in batches) == 6
+    assert step_counts(mbs, exs) == (labels, sum(b["real_tokens"] for b in batches)) == (6, 11)
+
+
 def test_row_targets_never_cross_samples():
     a = Example([1, 2, 3], [IGNORE, 2, 3])
     b = Example([4, 5], [4, 5])
@@ -78,6 +93,11 @@ def test_packed_loss_equals_sum_of_separate_losses(model_and_examples):
     with torch.no_grad():
         packed, n = wrapped(batch["input_ids"], batch["position_ids"], batch["targets"])
     assert n == sum(ex.n_labels - (ex.labels[0] != IGNORE) for ex in examples)
+    with torch.no_grad():  # the trainer's call: labelled positions from collate (no boolean mask on device)
+        by_pos, n_pos = wrapped(
+            batch["input_ids"], batch["position_ids"], batch["targets"], batch["label_pos"]
+        )
+    assert (by_pos.item(), n_pos) == (packed.item(), n)
     assert packed.item() == pytest.approx(_separate_loss_sum(model, examples), rel=1e-5)
     # also with padding rows and chunked loss (chunk smaller than the label count)
     batch2 = collate([[0, 1], [2], [3]], examples, pad_id=0)
@@ -122,3 +142,62 @@ def test_gradients_match_between_packed_and_separate(model_and_examples):
     import torch
 
     assert torch.allclose(grad([[0, 1, 2, 3]]), grad([[0], [1], [2], [3]]), atol=1e-6, rtol=1e-4)
+
+
+def test_training_attention_is_flex_on_cuda_sdpa_on_cpu_and_the_override_is_checked():
+    from sftjob_api.exit_codes import PermanentError
+    from sftjob_trainer.model import training_attention
+
+    assert training_attention(on_gpu=False) == "sdpa"
+    assert training_attention(on_gpu=True) == "flex_attention"
+    assert training_attention(on_gpu=True, override="sdpa") == "sdpa"
+    with pytest.raises(PermanentError, match="SFTJOB_ATTENTION='flash'"):
+        training_attention(on_gpu=True, override="flash")
+    with pytest.raises(PermanentError, match="needs a GPU"):  # torch has no FlexAttention backward on CPU
+        training_attention(on_gpu=False, override="flex_attention")
+
+
+def test_flex_attention_document_mask_equals_separate_losses_and_the_sdpa_path(
+    tiny_model_dir, model_and_examples, monkeypatch
+):
+    """FlexAttention (the trainer's choice on CUDA) keeps packed samples apart exactly like the SDPA path.
+
+    Forward only: torch 2.13 has no FlexAttention backward on CPU (the GPU check compares the two paths'
+    training losses). transformers wraps flex_attention in torch.compile (inductor: ~30 s cold on this
+    machine); the test calls torch's flex_attention directly instead (its unfused reference). What is under
+    test is the document mask transformers builds from the restarting position ids, the same either way."""
+    import torch
+    import torch.nn.attention.flex_attention as torch_flex
+    import transformers.integrations.flex_attention as hf_flex
+    from transformers import AutoModelForCausalLM
+
+    from sftjob_trainer.loss import SelectiveLossLM
+
+    monkeypatch.setattr(
+        hf_flex,
+        "compile_friendly_flex_attention",
+        lambda q, k, v, training=False, **kw: torch_flex.flex_attention(q, k, v, **kw),
+    )
+    sdpa, examples = model_and_examples
+    flex = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="flex_attention"
+    ).eval()
+    assert flex.config._attn_implementation == "flex_attention"
+    row = collate([[0, 1, 2, 3]], examples, pad_id=0)  # all four samples in one row
+    padded = collate([[0, 1], [2], [3]], examples, pad_id=0)  # padding is a sample of its own
+    with torch.no_grad():
+        packed, _ = SelectiveLossLM(flex)(
+            row["input_ids"], row["position_ids"], row["targets"], row["label_pos"]
+        )
+        assert packed.item() == pytest.approx(_separate_loss_sum(sdpa, examples), rel=1e-5)
+        h_flex = flex.model(
+            input_ids=padded["input_ids"], position_ids=padded["position_ids"]
+        ).last_hidden_state
+        h_sdpa = sdpa.model(
+            input_ids=padded["input_ids"], position_ids=padded["position_ids"]
+        ).last_hidden_state
+        assert torch.allclose(h_flex, h_sdpa, atol=1e-5)
+        # the bite: one document over the whole row (positions 0..L-1) lets the samples attend to each other
+        one_doc = torch.arange(row["input_ids"].shape[1])[None]
+        leaky, _ = SelectiveLossLM(flex)(row["input_ids"], one_doc, row["targets"], row["label_pos"])
+    assert abs(leaky.item() - packed.item()) > 20 * 1e-5 * packed.item()  # measured: ~80x the tolerance

@@ -29,13 +29,23 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor
 
 
 def selective_ce_sum(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 2048,
+    label_pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Sum of cross-entropy over positions whose target != IGNORE (targets already shifted)."""
-    mask = targets != IGNORE
-    h = hidden[mask]
-    t = targets[mask]
-    n = int(t.numel())
+    """Sum of cross-entropy over positions whose target != IGNORE (targets already shifted).
+
+    `label_pos` (flat indices of those positions, from `packing.collate`) avoids boolean-mask indexing, which
+    waits for the GPU to learn how many positions there are (a host sync per micro-batch)."""
+    if label_pos is None:
+        mask = targets != IGNORE
+        h, t = hidden[mask], targets[mask]
+    else:
+        h = hidden.flatten(0, 1).index_select(0, label_pos)
+        t = targets.flatten().index_select(0, label_pos)
+    n = int(t.shape[0])
     if n == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected (ZeRO-3 expects every rank to backward)
     if n <= chunk:
@@ -71,8 +81,13 @@ class SelectiveLossLM(nn.Module):
         return output + torch.zeros_like(output).uniform_(-scale, scale)
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        targets: torch.Tensor,
+        label_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         base = base_causal_lm(self.lm)
         out = base.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        return selective_ce_sum(base.get_output_embeddings(), out.last_hidden_state, targets, self.chunk)
+        head = base.get_output_embeddings()
+        return selective_ce_sum(head, out.last_hidden_state, targets, self.chunk, label_pos)

@@ -96,6 +96,28 @@ def load_tokenizer(src: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+ATTENTION_ENV = "SFTJOB_ATTENTION"  # sdpa | flex_attention: overrides the choice below (e.g. the GPU check)
+ATTENTIONS = ("sdpa", "flex_attention")
+
+
+def training_attention(on_gpu: bool, override: str | None = None) -> str:
+    """transformers' attention implementation for training on packed rows (docs/performance.md).
+
+    Both keep each packed sample to itself (transformers derives the documents from the restarting position
+    ids): `flex_attention` on CUDA builds a block-sparse document mask and skips the blocks outside every
+    sample; `sdpa` (CPU) runs one kernel over the whole row with a block-diagonal boolean mask. torch 2.13's
+    FlexAttention has no CPU backward, and on CPU it would compile a kernel per shape."""
+    from transformers.utils.import_utils import is_torch_flex_attn_available
+
+    if override:
+        if override not in ATTENTIONS:
+            raise PermanentError(f"{ATTENTION_ENV}={override!r}: expected one of {', '.join(ATTENTIONS)}")
+        if override == "flex_attention" and not on_gpu:
+            raise PermanentError(f"{ATTENTION_ENV}=flex_attention needs a GPU (no CPU backward in torch)")
+        return override
+    return "flex_attention" if on_gpu and is_torch_flex_attn_available() else "sdpa"
+
+
 def disable_bnb_cpu_repack(model: Any) -> int:
     """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs in eval mode, which later breaks DeepSpeed
     save_checkpoint (`assert packed_weight.dtype == torch.uint8`); opt every Linear4bit out."""
@@ -107,9 +129,13 @@ def disable_bnb_cpu_repack(model: Any) -> int:
     return n
 
 
-def load_base(path: str, method: MethodSpec, dtype: Any, trust_remote_code: bool = False) -> Any:
-    """The base causal LM in `dtype`, 4-bit quantized for qlora."""
+def load_base(
+    path: str, method: MethodSpec, dtype: Any, trust_remote_code: bool = False, attention: str | None = None
+) -> Any:
+    """The base causal LM in `dtype`, 4-bit quantized for qlora; `attention`: transformers' default if None."""
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype}
+    if attention:
+        kw["attn_implementation"] = attention
     if gg := gguf_file(path):
         kw["gguf_file"] = gg
     if method.type == "qlora":
@@ -188,7 +214,9 @@ def load_for_training(cfg: TrainerConfig, on_gpu: bool) -> tuple[Any, Any]:
     """(model, tokenizer) ready to be handed to DeepSpeed."""
     base_dir = model_dir(cfg)
     tok = config_tokenizer(cfg, base_dir)
-    base = load_base(base_dir, cfg.method, weights_dtype(cfg.method, on_gpu), cfg.model.trust_remote_code)
+    attention = training_attention(on_gpu, os.environ.get(ATTENTION_ENV))
+    dtype = weights_dtype(cfg.method, on_gpu)
+    base = load_base(base_dir, cfg.method, dtype, cfg.model.trust_remote_code, attention)
     return apply_method(base, cfg.method, cfg.training), tok
 
 

@@ -4,7 +4,8 @@ Samples are packed best-fit-decreasing into rows of at most max_len tokens. Each
 position ids (restarting at 0), and targets are shifted *within* the sample, so the last token of one
 sample never learns to predict the first token of the next. Cross-sample attention is prevented by the
 model seeing restarting position ids with no attention mask and use_cache=False (transformers then builds
-a block-diagonal causal mask; tests/trainer/test_packing.py proves it).
+a block-diagonal causal mask for SDPA, a document BlockMask for FlexAttention: model.training_attention;
+tests/trainer/test_packing.py proves both).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .data import IGNORE, Example
 Row = list[int]  # indices into the example list
 # all examples, or one rank's shard of them by index (shards.py)
 Examples = Sequence[Example] | Mapping[int, Example]
+Batch = dict[str, Any]  # collate's tensors of one micro-batch
 
 
 def pack_rows(lengths: Sequence[int], max_len: int) -> list[Row]:
@@ -90,7 +92,7 @@ def row_arrays(row: Row, examples: Examples) -> tuple[list[int], list[int], list
     return ids, tgt, pos
 
 
-def collate(rows: list[Row], examples: Examples, pad_id: int) -> dict[str, Any]:
+def collate(rows: list[Row], examples: Examples, pad_id: int) -> Batch:
     """Tensors for one micro-batch. Padding is its own 'sample' (positions restart, targets ignored)."""
     import torch
 
@@ -106,4 +108,25 @@ def collate(rows: list[Row], examples: Examples, pad_id: int) -> dict[str, Any]:
         pos_t[b, :n] = torch.tensor(pos)
         pos_t[b, n:] = torch.arange(width - n)
     real = sum(len(a[0]) for a in arrays)
-    return {"input_ids": ids_t, "targets": tgt_t, "position_ids": pos_t, "real_tokens": real}
+    # flat positions that carry a label, known here on the host (loss.selective_ce_sum: no device sync)
+    label_pos = (tgt_t.flatten() != IGNORE).nonzero().flatten()
+    return {
+        "input_ids": ids_t,
+        "targets": tgt_t,
+        "position_ids": pos_t,
+        "label_pos": label_pos,
+        "real_tokens": real,
+    }
+
+
+def step_counts(mbs: list[list[Row]], examples: Examples) -> tuple[int, int]:
+    """(labelled positions, real tokens) of micro-batches without collating them: what `collate` would count.
+    The first target of a sample is its second label (targets are shifted within the sample)."""
+    labels = tokens = 0
+    for mb in mbs:
+        for row in mb:
+            for i in row:
+                ex = examples[i]
+                labels += sum(1 for x in ex.labels[1:] if x != IGNORE)
+                tokens += len(ex.input_ids)
+    return labels, tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from . import checkpoint, portable
 from .checkpoint import TrainState
 from .loss import base_causal_lm
 from .metrics import log_json
-from .packing import Row, collate, epoch_order, micro_batches_for
+from .packing import Batch, Row, collate, epoch_order, micro_batches_for, step_counts
 from .tracking import termination_message
 from .train_setup import (  # noqa: F401 (init_distributed, make_optimizer, numel, seed_all: benchmarks)
     HOLD_ENV,
@@ -43,11 +44,25 @@ from .train_setup import (  # noqa: F401 (init_distributed, make_optimizer, nume
 # DS_ACCELERATOR=cpu first when there is no GPU.
 
 
-def _allreduce(values: list[float]) -> list[float]:
-    # NCCL reduces CUDA tensors only
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return [float(x) for x in t]
+def on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float64 vector of host numbers on `device`, copied without making the host wait for the GPU."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def device_batches(mbs: list[list[Row]], examples: Any, pad_id: int, device: torch.device) -> Iterator[Batch]:
+    """The micro-batches on `device`, each collated when the loop asks for it. Nothing in the step waits
+    for the GPU, so the host collates micro-batch k+1 (and queues its copy from pinned memory) while the
+    kernels of k still run; on a CPU the same order costs nothing extra (`.to(cpu)` is no copy)."""
+    cuda = device.type == "cuda"
+    for mb in mbs:
+        b = collate(mb, examples, pad_id)
+        yield {
+            k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
+            if isinstance(v, torch.Tensor)
+            else v
+            for k, v in b.items()
+        }
 
 
 def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: int, out_dir: str) -> str:
@@ -108,33 +123,41 @@ def resume(s: Setup) -> TrainState:
 
 
 def train_step(s: Setup, state: TrainState, ordered: list[Row], offset: int) -> StepResult:
-    """One optimizer step over the global batch that starts at row `offset` of the epoch's order."""
+    """One optimizer step over the global batch that starts at row `offset` of the epoch's order.
+
+    The host waits for the device once, at the end (`tolist`): losses add up on the device, the label
+    count is all-reduced there before the first micro-batch (the loss scale stays a device tensor), and
+    the loss sum, stop votes and grad norm come back together."""
     t0 = time.monotonic()
-    env, plan = s.env, s.plan
+    env, plan, dev = s.env, s.plan, torch.device(s.engine.device or "cpu")
     mbs = micro_batches_for(env.rank, env.world_size, offset, ordered, s.lengths, plan.micro, plan.accum)
     if os.environ.get(LOG_SAMPLES_ENV):
         log_json(
             "samples", rank=env.rank, step=state.step + 1, ids=sorted(i for mb in mbs for r in mb for i in r)
         )
     pad_id = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
-    batches = [collate(mb, s.examples, pad_id) for mb in mbs]
-    local_labels = sum(int((b["targets"] != -100).sum()) for b in batches)
-    local_real = sum(b["real_tokens"] for b in batches)
-    n_labels, _ = _allreduce([local_labels, 0.0])
-    scale = plan.accum * env.world_size / max(n_labels, 1.0)
+    local_labels, local_real = step_counts(mbs, s.examples)
+    counts = on_device([float(local_labels), float(local_real)], dev)
+    dist.all_reduce(counts)  # [labels, real tokens] of the global batch
+    # float32 like the loss, as when the scale was a Python number
+    scale = (plan.accum * env.world_size / counts[0].clamp(min=1.0)).float()
     lr = s.sched.get_last_lr()[0]
-    loss_sum = 0.0
-    for b in batches:
-        out, _ = s.engine(*(b[name].to(s.engine.device) for name in ("input_ids", "position_ids", "targets")))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    for b in device_batches(mbs, s.examples, pad_id, dev):
+        out, _ = s.engine(b["input_ids"], b["position_ids"], b["targets"], b["label_pos"])
         s.engine.backward(out * scale)
         s.engine.step()
-        loss_sum += float(out.detach())
-    tot_loss, tot_real, stop_votes = _allreduce([loss_sum, float(local_real), float(s.stop.requested)])
+        loss_sum += out.detach()
+    votes = torch.cat([loss_sum.reshape(1), on_device([float(s.stop.requested)], dev)])
+    dist.all_reduce(votes)  # [loss sum, ranks asked to stop]
     gn = s.engine.get_global_grad_norm()
+    tail = [gn.detach().double().reshape(1).to(dev)] if isinstance(gn, torch.Tensor) else []
+    tot_loss, stop_votes, n_labels, tot_real, *gn_dev = torch.cat([votes, counts, *tail]).tolist()
+    grad_norm = gn_dev[0] if gn_dev else (None if gn is None else float(gn))
     return StepResult(
         tot_loss / max(n_labels, 1.0),
         lr,
-        None if gn is None else float(gn),
+        grad_norm,
         int(tot_real),
         local_real,
         time.monotonic() - t0,

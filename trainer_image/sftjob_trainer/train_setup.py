@@ -272,4 +272,5 @@ def log_model(model: Any, cfg: TrainerConfig, zero_init: bool) -> None:
         params_held=sum(p.numel() for p in model.parameters()),  # this rank's memory before DeepSpeed
         gradient_checkpointing=cfg.training.gradient_checkpointing,
         zero3_init=zero_init,
+        attention=getattr(model.config, "_attn_implementation", None),  # model.training_attention
     )
