@@ -217,6 +217,12 @@ class Check:
         with open(os.path.join(self.out, "gpu_check.md"), "w") as f:
             f.write(lib.markdown(self.res) + "\n")
 
+    def ours_env(self, attention: str | None = None) -> dict[str, str]:
+        """Our trainer's environment: FlexAttention on the GPU (opt-in until this check has run it there,
+        model.training_attention), SDPA on the CPU smoke (no CPU backward)."""
+        chosen = attention or ("sdpa" if self.smoke else "flex_attention")
+        return {**self.env, "SFTJOB_ATTENTION": chosen}
+
     def step(
         self, name: str, box: str, cmd: list[str], env: dict[str, str] | None = None
     ) -> dict[str, Any] | None:
@@ -312,7 +318,7 @@ class Check:
         path = self.write_config("a", cfg)
         part: dict[str, Any] = {"status": "running", "config": cfg}
         self.res["parts"]["a_qlora_zero3"] = part
-        r1 = self.step("a1_train", "a1", self.trainer("train", path))
+        r1 = self.step("a1_train", "a1", self.trainer("train", path), self.ours_env())
         if r1 is None:
             part["status"] = "skipped"
             return
@@ -337,7 +343,7 @@ class Check:
         if ck is None:
             part["resume"] = {"passed": False, "reason": "no checkpoint event in the first run"}
             return
-        r2 = self.step("a2_resume", "a2", self.trainer("train", path))
+        r2 = self.step("a2_resume", "a2", self.trainer("train", path), self.ours_env())
         if r2 is None:
             return
         ev2 = lib.json_events(r2["stdout"])
@@ -415,7 +421,7 @@ class Check:
                     path = self.write_config(
                         f"b_{name}", self.config(f"b_{name}", method, steps=warm + timed, lr=2e-4)
                     )
-                    env = {**self.env, "SFTJOB_ATTENTION": "sdpa"} if impl == "ours_sdpa" else None
+                    env = self.ours_env("sdpa" if impl == "ours_sdpa" else None)
                     r = self.step(f"b_{name}", "bench", self.trainer("train", path), env)
                     if r is not None:
                         ev = lib.json_events(r["stdout"])

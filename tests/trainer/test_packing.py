@@ -144,12 +144,13 @@ def test_gradients_match_between_packed_and_separate(model_and_examples):
     assert torch.allclose(grad([[0, 1, 2, 3]]), grad([[0], [1], [2], [3]]), atol=1e-6, rtol=1e-4)
 
 
-def test_training_attention_is_flex_on_cuda_sdpa_on_cpu_and_the_override_is_checked():
+def test_training_attention_is_sdpa_flex_is_opt_in_on_cuda_and_the_override_is_checked():
     from sftjob_api.exit_codes import PermanentError
     from sftjob_trainer.model import training_attention
 
     assert training_attention(on_gpu=False) == "sdpa"
-    assert training_attention(on_gpu=True) == "flex_attention"
+    assert training_attention(on_gpu=True) == "sdpa"  # until the GPU check has run FlexAttention
+    assert training_attention(on_gpu=True, override="flex_attention") == "flex_attention"
     assert training_attention(on_gpu=True, override="sdpa") == "sdpa"
     with pytest.raises(PermanentError, match="SFTJOB_ATTENTION='flash'"):
         training_attention(on_gpu=True, override="flash")

@@ -105,17 +105,19 @@ def training_attention(on_gpu: bool, override: str | None = None) -> str:
 
     Both keep each packed sample to itself (transformers derives the documents from the restarting position
     ids): `flex_attention` on CUDA builds a block-sparse document mask and skips the blocks outside every
-    sample; `sdpa` (CPU) runs one kernel over the whole row with a block-diagonal boolean mask. torch 2.13's
-    FlexAttention has no CPU backward, and on CPU it would compile a kernel per shape."""
+    sample; `sdpa` runs one kernel over the whole row with a block-diagonal boolean mask. torch 2.13's
+    FlexAttention has no CPU backward, and on CPU it would compile a kernel per shape. The default is `sdpa`
+    on every device until the GPU check has run FlexAttention (with selective checkpointing) on a GPU:
+    `flex_attention` is opt-in on CUDA."""
     from transformers.utils.import_utils import is_torch_flex_attn_available
 
-    if override:
-        if override not in ATTENTIONS:
-            raise PermanentError(f"{ATTENTION_ENV}={override!r}: expected one of {', '.join(ATTENTIONS)}")
-        if override == "flex_attention" and not on_gpu:
-            raise PermanentError(f"{ATTENTION_ENV}=flex_attention needs a GPU (no CPU backward in torch)")
-        return override
-    return "flex_attention" if on_gpu and is_torch_flex_attn_available() else "sdpa"
+    if not override:
+        return "sdpa"
+    if override not in ATTENTIONS:
+        raise PermanentError(f"{ATTENTION_ENV}={override!r}: expected one of {', '.join(ATTENTIONS)}")
+    if override == "flex_attention" and not (on_gpu and is_torch_flex_attn_available()):
+        raise PermanentError(f"{ATTENTION_ENV}=flex_attention needs a GPU (no CPU backward in torch)")
+    return override
 
 
 def disable_bnb_cpu_repack(model: Any) -> int:
