@@ -148,6 +148,13 @@ def test_markdown_reports_every_part_and_the_failures():
                         "tokens_per_second": 1500.0,
                         "mfu": 0.15,
                     },
+                    {
+                        "name": "trl_fastest_lora",
+                        "impl": "trl_fastest",
+                        "method": "lora",
+                        "status": "ok",
+                        "tokens_per_second": 2000.0,
+                    },
                     {"name": "trl_qlora", "impl": "trl", "method": "qlora", "status": "timeout"},
                 ]
             },
@@ -155,8 +162,8 @@ def test_markdown_reports_every_part_and_the_failures():
         "failures": {"b_trl_qlora": "timeout after 100 s\nTraceback", "a2_resume": None},
     }
     md = lib.markdown(res)
-    assert "| ours_lora | lora | ok | 64.5 | 3,000 | 3,100 | 31.0% | 8.0 | 2.00x |" in md
-    assert "| trl_qlora | qlora | timeout | - | - | - | - | - | - |" in md
+    assert "| ours_lora | lora | ok | 64.5 | 3,000 | 3,100 | 31.0% | 8.0 | - | 2.00x | 1.50x |" in md
+    assert "| trl_qlora | qlora | timeout | - | - | - | - | - | - | - | - |" in md
     assert "### b_trl_qlora" in md and "a2_resume" not in md
     assert "(c) eval and merge" in md and "not run" in md
 
