@@ -405,6 +405,9 @@ def test_suspended_run_resumes_on_fewer_nodes(
         kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after unsuspend"
     )
     assert (st.get("nodes"), st.get("worldSize")) == (1, 1), st
+    [resized] = [r for r in st.get("recoveries") or [] if r["cause"].startswith("Resized")]
+    assert (resized["fromWorldSize"], resized["toWorldSize"], resized["counted"]) == (2, 1, False), resized
+    assert "resources.nodes changed while the group was not running" in resized["cause"], resized
     assert condition(st, "Evaluated").get("status") == "True", st
     [pod] = pods(
         kube, ns, f"sft.tuning.dev/job-name={name},sft.tuning.dev/stage=train"
