@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -66,16 +67,19 @@ def test_full_zero3_init_two_ranks_checkpoints_and_exports_the_whole_model(
     import torch
     from safetensors.torch import load_file
 
+    def full_config(out: Path, work: str) -> dict:
+        return make_config(
+            tiny_model_dir,
+            data_file,
+            str(out),
+            str(tmp_path / work),
+            method="full",
+            max_steps=2,
+            checkpoint_steps=1,
+        )
+
     out = tmp_path / "out"
-    cfg = make_config(
-        tiny_model_dir,
-        data_file,
-        str(out),
-        str(tmp_path / "work"),
-        method="full",
-        max_steps=2,
-        checkpoint_steps=1,
-    )
+    cfg = full_config(out, "work")
     res = run(launch_cmd(write_config(str(tmp_path / "full.json"), cfg), 2, free_port()), trainer_env())
     assert res.returncode == 0, res.stderr[-4000:]
     ev = json_events(res.stdout)
@@ -105,15 +109,7 @@ def test_full_zero3_init_two_ranks_checkpoints_and_exports_the_whole_model(
     assert not set(fetched[0]) & {f for f in fetched[1] if "rank" in f}
     assert losses(ev2) == pytest.approx(losses(ev)[1:], rel=1e-6)
     # one rank resumes the 2-rank checkpoint through DeepSpeed's universal checkpoint (recovery.md, "Formats")
-    cfg1 = make_config(
-        tiny_model_dir,
-        data_file,
-        str(other),
-        str(tmp_path / "work1"),
-        method="full",
-        max_steps=2,
-        checkpoint_steps=1,
-    )
+    cfg1 = full_config(other, "work1")
     one = run(launch_cmd(write_config(str(tmp_path / "one.json"), cfg1), 1, free_port()), trainer_env())
     assert one.returncode == 0, one.stderr[-4000:]
     ev1 = json_events(one.stdout)
