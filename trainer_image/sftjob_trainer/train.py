@@ -44,25 +44,23 @@ from .train_setup import (  # noqa: F401 (init_distributed, make_optimizer, nume
 # DS_ACCELERATOR=cpu first when there is no GPU.
 
 
-def on_device(values: list[float], device: torch.device) -> torch.Tensor:
-    """A float64 vector of host numbers on `device`, copied without making the host wait for the GPU."""
-    t = torch.tensor(values, dtype=torch.float64)
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`, copied from pinned memory without making the host wait for the GPU (a CPU: `t`)."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+def on_device(values: list[float], device: torch.device) -> torch.Tensor:
+    """A float64 vector of host numbers on `device` (to_device)."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
 
 
 def device_batches(mbs: list[list[Row]], examples: Any, pad_id: int, device: torch.device) -> Iterator[Batch]:
     """The micro-batches on `device`, each collated when the loop asks for it. Nothing in the step waits
     for the GPU, so the host collates micro-batch k+1 (and queues its copy from pinned memory) while the
     kernels of k still run; on a CPU the same order costs nothing extra (`.to(cpu)` is no copy)."""
-    cuda = device.type == "cuda"
     for mb in mbs:
         b = collate(mb, examples, pad_id)
-        yield {
-            k: (v.pin_memory() if cuda else v).to(device, non_blocking=cuda)
-            if isinstance(v, torch.Tensor)
-            else v
-            for k, v in b.items()
-        }
+        yield {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
 def export_weights(engine: Any, model: Any, tok: Any, cfg: TrainerConfig, rank: int, out_dir: str) -> str:
