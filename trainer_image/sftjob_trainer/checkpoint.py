@@ -224,17 +224,16 @@ def load(
     fmt, saved_world, hashes = marker.get("format"), int(marker["world_size"]), dict(marker["files"])
     world = dist.get_world_size()
     local = os.path.join(staging, f"resume-rank{rank}", f"step-{step}")
+    state = TrainState.from_json(marker["state"])
     if fmt == ADAPTER:
         names = adapter_files(rank, saved_world)
     elif fmt == DEEPSPEED and saved_world != world:
-        state = TrainState.from_json(marker["state"])
         return state, load_resized(engine, store, where, hashes, step, saved_world, rank, staging)
     elif fmt == DEEPSPEED:
         names = files_for_rank(hashes, rank)
     else:
         raise PermanentError(f"{where}: unknown checkpoint format {fmt!r} in its marker")
     fetched = fetch(store, where, names, local, hashes, where)
-    state = TrainState.from_json(marker["state"])
     if fmt == ADAPTER:
         from safetensors.torch import load_file
 
