@@ -140,6 +140,18 @@ def test_columns_say_restarting_during_a_group_restart_then_the_new_groups_readi
     assert status.progress is not None and status.progress.summary == "31/120 (25.8%)"
 
 
+def test_a_group_that_restarted_after_its_last_step_and_completed_shows_every_step_done() -> None:
+    # Seen on a loaded machine: the group failed after step 12 of 12, the new group resumed and finished
+    # before the progress reader's next reading; `kubectl get sft` then said Succeeded ... Restarting.
+    last = {"step": 12, "totalSteps": 12, "percent": 100.0, "summary": "Restarting"}
+    prev = parse_status({"phase": "Training", "reason": "Restarting", "progress": last})
+    meta = {"namespace": "ns", "name": "run", "creationTimestamp": "2026-01-01T11:00:00Z"}
+    done = JobObs(name="run-train", succeeded=2, completions=2, complete=True)
+    obs = ph.Observed(phase=Phase.TRAINING, jobs={Stage.TRAIN: done})
+    status = build_status(meta, prev, SPEC, ph.next_phase(obs), obs, None, None, NOW, 1, ChildNames("run"))
+    assert status.progress is not None and status.progress.summary == "12/12 (100%)"
+
+
 def test_the_status_patch_deletes_what_the_new_progress_no_longer_has() -> None:
     """A JSON merge patch keeps keys it does not mention: the blanked LOSS/ETA must be patched to null (seen
     on the real node: `Restarting` beside the old group's loss and ETA)."""

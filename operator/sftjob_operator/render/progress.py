@@ -88,8 +88,10 @@ def _summary(step: int, total: int, percent: float) -> str:
 
 def training_done(progress: Progress | None) -> Progress | None:
     """The progress of a run whose train Job succeeded: every planned step is done (the trainer exits 0 only
-    after its last step), though the last reading of its metrics may have been a few steps short."""
-    if progress is None or not progress.total_steps or progress.step == progress.total_steps:
+    after its last step), though the last reading of its metrics may have been a few steps short, or taken
+    before a group restart (a summary of `Restarting`: a group that failed after its last step and finished
+    before the next reading)."""
+    if progress is None or not progress.total_steps:
         return progress
     total = progress.total_steps
     return progress.model_copy(
