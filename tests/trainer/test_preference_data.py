@@ -183,6 +183,37 @@ def test_field_mapping_renames_the_columns(tmp_path, tiny_model_dir, tiny_tokeni
     assert tiny_tokenizer.decode(m.rejected) == "blue<|im_end|>\n"
 
 
+def test_parquet_conversations_and_row_numbers(tmp_path, tiny_model_dir, tiny_tokenizer):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    user = {"role": "user", "content": "repeat red"}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "red"}],
+            "rejected": [user, {"role": "assistant", "content": "blue"}],
+        },
+        {"chosen": None, "rejected": [user, {"role": "assistant", "content": "blue"}]},
+    ]
+    path = str(tmp_path / "p.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    data = load_preference_data(
+        config(tmp_path, tiny_model_dir, {"train": [path], "eval": [path], "format": "preference_messages"}),
+        tiny_tokenizer,
+    )
+    [pair] = data.train
+    flat = jsonl(tmp_path / "f.jsonl", [{"prompt": "repeat red", "chosen": "red", "rejected": "blue"}])
+    [same] = load_preference_data(
+        config(tmp_path, tiny_model_dir, {"train": [flat], "eval": [flat]}), tiny_tokenizer
+    ).train
+    assert pair.origin == f"{path}:1" and (pair.prompt, pair.chosen, pair.rejected) == (
+        same.prompt,
+        same.chosen,
+        same.rejected,
+    )
+    assert data.report["files"][path]["examples"]["missing_field"] == [f"{path}:2: missing field 'chosen'"]
+
+
 def test_every_drop_reason_is_counted_with_file_and_line(tmp_path, tiny_model_dir, tiny_tokenizer):
     ok = {"prompt": "repeat red", "chosen": "red", "rejected": "blue"}
     pref = jsonl(
