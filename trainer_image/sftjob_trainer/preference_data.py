@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sftjob_api.alignment import PreferenceFieldMapping
+from sftjob_api.alignment import PreferenceDataset, PreferenceFieldMapping
 from sftjob_api.exit_codes import PermanentError
 from sftjob_api.trainer_config import TrainerConfig
 
@@ -227,9 +227,8 @@ def _pairs(rows: list[_Row], tok: Any, templ: bool, max_len: int, files: _Files)
                 files.drop(r, "chosen_equals_rejected", "chosen and rejected are the same tokens")
                 continue
             longer = max(len(chosen), len(rejected))
-            if (
-                longer + 1 > max_len
-            ):  # at least one prompt token must stay to predict the first response token
+            # at least one prompt token must stay: the first response token is predicted from it
+            if longer + 1 > max_len:
                 files.drop(
                     r, "too_long", f"a {longer}-token response leaves no room in maxSeqLength {max_len}"
                 )
@@ -244,9 +243,10 @@ def _pairs(rows: list[_Row], tok: Any, templ: bool, max_len: int, files: _Files)
 # ---- files and the whole set ----
 
 
-def _read(files: _Files, uris: list[str], split_name: str, cfg: TrainerConfig, cache_dir: str) -> list[_Row]:
-    assert cfg.alignment is not None
-    ds = cfg.alignment.dataset
+def _read(
+    files: _Files, uris: list[str], split_name: str, ds: PreferenceDataset, cfg: TrainerConfig, cache_dir: str
+) -> list[_Row]:
+    """Valid rows of one split's files (train or eval), exact duplicates within the split dropped."""
     rows: list[_Row] = []
     seen: dict[tuple[str | Turns, str, str], str] = {}
     for uri in uris:
@@ -354,11 +354,15 @@ def load_preference_data(cfg: TrainerConfig, tokenizer: Any) -> PreferenceData:
     cache_dir = os.path.join(cfg.runtime.work_dir, "data")
     files = _Files()
 
-    train = _pairs(_read(files, list(ds.train), "train", cfg, cache_dir), tokenizer, templ, max_len, files)
-    _require(train, files, "train", list(ds.train))
+    def pairs_of(uris: list[str], split_name: str) -> list[_Pair]:
+        rows = _read(files, uris, split_name, ds, cfg, cache_dir)
+        pairs = _pairs(rows, tokenizer, templ, max_len, files)
+        _require(pairs, files, split_name, uris)
+        return pairs
+
+    train = pairs_of(list(ds.train), "train")
     if ds.eval:
-        ev = _pairs(_read(files, list(ds.eval), "eval", cfg, cache_dir), tokenizer, templ, max_len, files)
-        _require(ev, files, "eval", list(ds.eval))
+        ev = pairs_of(list(ds.eval), "eval")
     else:
         train, ev = split(train, ds.eval_split, cfg.training.seed)
     train, contamination = _decontaminate(cfg, train, ev, files, cache_dir)
