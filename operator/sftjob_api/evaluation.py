@@ -28,6 +28,11 @@ class EvalMetrics(ApiModel):
     """ROUGE-L F1 of generations against references."""
     exact_match: float | None = None
     """Share of generations equal to the reference after normalisation."""
+    preference_accuracy: float | None = None
+    """With spec.alignment: share of held-out pairs whose chosen response gets the higher implicit reward
+    (policy vs reference log-probability ratio) than the rejected one."""
+    reward_margin: float | None = None
+    """With spec.alignment: mean implicit reward of chosen minus rejected on the held-out pairs."""
 
 
 # (gate field, metric field, the gate is an upper bound)
@@ -36,7 +41,11 @@ GATE_CHECKS: tuple[tuple[str, str, bool], ...] = (
     ("max_perplexity", "perplexity", True),
     ("min_rouge_l", "rouge_l", False),
     ("min_exact_match", "exact_match", False),
+    ("min_preference_accuracy", "preference_accuracy", False),
+    ("min_reward_margin", "reward_margin", False),
 )
+# Gates on the preference metrics: they need spec.alignment (a rule of SFTJobSpec).
+PREFERENCE_GATES = ("minPreferenceAccuracy", "minRewardMargin")
 
 
 class EvalGates(ApiModel):
@@ -50,6 +59,10 @@ class EvalGates(ApiModel):
     """Lowest acceptable ROUGE-L F1."""
     min_exact_match: float | None = Field(default=None, ge=0, le=1)
     """Lowest acceptable exact-match rate."""
+    min_preference_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Lowest acceptable held-out preference accuracy (needs spec.alignment)."""
+    min_reward_margin: float | None = Field(default=None, ge=-1000, le=1000)
+    """Lowest acceptable held-out mean reward margin (needs spec.alignment)."""
 
     def failures(self, results: EvalMetrics) -> list[str]:
         """Gates that do not hold, as "maxEvalLoss: 2.31 > 2.0"; a gate whose metric is missing fails too."""

@@ -7,6 +7,10 @@ Under the run's root `<output.uri>/<namespace>/<name>/`:
     adapter/                 the trained LoRA adapter + tokenizer (lora, qlora)       (train stage)
     model/                   the trained full model + tokenizer (method full)         (train stage)
     train/                   summary.json (steps, final loss, tokens), data_report.json (train stage)
+    align/                   summary.json, data_report.json, the reference log-probabilities (align stage)
+    align/checkpoints/<run>/step-N/  the align stage's resumable checkpoints, as checkpoints/ (align stage)
+    aligned/                 the aligned adapter (lora, qlora) or model (full) + tokenizer (align stage);
+                             with spec.alignment, eval and merge read it instead of adapter/ or model/
     eval/                    results.json, samples.jsonl                              (eval stage)
     merged/                  safetensors + tokenizer + generation config, verification.json (merge stage)
     report/                  report.md, loss_curve.png                                (`sftjob run` only)
@@ -52,6 +56,8 @@ class Layout:
     ADAPTER = "adapter"
     MODEL = "model"
     TRAIN = "train"
+    ALIGN = "align"
+    ALIGNED = "aligned"
     EVAL = "eval"
     MERGED = "merged"
     REPORT = "report"
@@ -68,12 +74,17 @@ class Layout:
     SERVING_MANIFEST = "serving/serving.json"
     MLFLOW_RUN = "tracking/mlflow.json"
     # Every prefix the manifest lists (the manifest itself is not listed).
-    PREFIXES = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, EVAL, MERGED, REPORT, SERVING, TRACKING)
+    PREFIXES = (CHECKPOINTS, ADAPTER, MODEL, TRAIN, ALIGN, ALIGNED, EVAL, MERGED, REPORT, SERVING, TRACKING)
 
     @staticmethod
     def weights(method: str) -> str:
         """Where the train stage puts what it trained: the adapter, or the whole model for method full."""
         return Layout.MODEL if method == "full" else Layout.ADAPTER
+
+    @staticmethod
+    def final_weights(spec: SFTJobSpec) -> str:
+        """What eval and merge read: the aligned weights when the spec aligns, else what training wrote."""
+        return Layout.ALIGNED if spec.alignment is not None else Layout.weights(spec.method.type)
 
     @staticmethod
     def run_checkpoints(run_id: str) -> str:

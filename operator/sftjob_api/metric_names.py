@@ -26,4 +26,17 @@ DATA_TRAIN_EXAMPLES = "sft_data_train_examples"
 TRAIN_CHECKPOINT_STEP = "sft_train_checkpoint_step"
 TRAIN_RESUMED_FROM_STEP = "sft_train_resumed_from_step"
 
+# The align stage (DPO, spec.alignment) exports the training metrics above for its own steps (sft_train_loss
+# is then the DPO loss; the operator's progress reader and stall detection read them unchanged) and, per
+# optimizer step, these means over the step's pairs. Rewards are beta * (policy - reference) log-probability
+# of a response; log-probabilities are summed over its tokens.
+ALIGN_REWARDS_CHOSEN = "sft_align_rewards_chosen"
+ALIGN_REWARDS_REJECTED = "sft_align_rewards_rejected"
+ALIGN_REWARD_MARGIN = "sft_align_reward_margin"  # chosen - rejected
+ALIGN_REWARD_ACCURACY = "sft_align_reward_accuracy"  # share of pairs with chosen reward > rejected
+ALIGN_LOGPS_CHOSEN = "sft_align_logps_chosen"  # policy
+ALIGN_LOGPS_REJECTED = "sft_align_logps_rejected"
+ALIGN_REF_LOGPS_CHOSEN = "sft_align_ref_logps_chosen"  # reference (the SFT result)
+ALIGN_REF_LOGPS_REJECTED = "sft_align_ref_logps_rejected"
+
 LABELS = ("namespace", "sftjob", "rank")

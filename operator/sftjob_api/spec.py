@@ -9,9 +9,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from .alignment import ALIGN_LR_DIVISOR, AlignmentSpec
 from .base import ApiModel, CelRule
 from .dataset import DATA_URI, DatasetSpec
-from .evaluation import EvalSpec
+from .evaluation import PREFERENCE_GATES, EvalSpec
 from .pod_strings import module_names_rule
 from .resources_spec import ResourcesSpec
 from .run_policy import RunPolicy
@@ -155,6 +156,12 @@ class TrainingSpec(ApiModel):
 
 Object = dict[str, Any]
 
+# CEL: an alignment.training setting, or spec.training's when unset.
+_ALIGN_SETTING = (
+    "(has(self.alignment.training) && has(self.alignment.training.{0})"
+    " ? self.alignment.training.{0} : self.training.{0})"
+)
+
 
 class SecretRef(ApiModel):
     """A Secret in the SFTJob's namespace holding S3 credentials."""
@@ -225,6 +232,9 @@ class SFTJobSpec(ApiModel):
     """Retries, deadlines and clean-up."""
     tracking: TrackingSpec | None = None
     """Experiment tracking (MLflow); none when unset."""
+    alignment: AlignmentSpec | None = None
+    """Preference alignment (DPO) after training: phase Aligning between Training and Evaluating
+    (docs/alignment.md); none when unset."""
 
     cel_rules = (
         CelRule(
@@ -314,6 +324,37 @@ class SFTJobSpec(ApiModel):
             ),
             field_path=".runPolicy.elastic.maxNodes",
         ),
+        CelRule(
+            cel="!has(self.alignment) || "
+            + _ALIGN_SETTING.format("globalBatchSize")
+            + " % ("
+            + _ALIGN_SETTING.format("microBatchSize")
+            + " * self.resources.nodes"
+            " * (self.resources.gpusPerNode > 0 ? self.resources.gpusPerNode : 1)) == 0",
+            message="the alignment's globalBatchSize must be a multiple of its microBatchSize x world size"
+            " (unset: spec.training's)",
+            check=lambda s: (
+                s.alignment is None
+                or s.alignment_training().global_batch_size
+                % (s.alignment_training().micro_batch_size * s.world_size())
+                == 0
+            ),
+            field_path=".alignment.training.globalBatchSize",
+        ),
+        CelRule(
+            cel="has(self.alignment) || !has(self.eval.gates) || ("
+            + " && ".join(f"!has(self.eval.gates.{g})" for g in PREFERENCE_GATES)
+            + ")",
+            message="eval gates on preference metrics ("
+            + ", ".join(PREFERENCE_GATES)
+            + ") need spec.alignment",
+            check=lambda s: (
+                s.alignment is not None
+                or s.eval.gates is None
+                or (s.eval.gates.min_preference_accuracy is None and s.eval.gates.min_reward_margin is None)
+            ),
+            field_path=".eval.gates",
+        ),
     )
 
     def group_sizes(self) -> tuple[int, ...]:
@@ -329,6 +370,16 @@ class SFTJobSpec(ApiModel):
             for n in range(elastic.min_nodes, top + 1)
             if self.training.global_batch_size % (per_node * n) == 0
         )
+
+    def alignment_training(self) -> TrainingSpec:
+        """The align stage's training settings: spec.alignment.training over spec.training (the learning rate
+        unset: spec.training's / ALIGN_LR_DIVISOR; epochs: 1 when neither epochs nor maxSteps is set)."""
+        base = self.training
+        own = self.alignment.training.model_dump(exclude_none=True) if self.alignment else {}
+        if "max_steps" in own or "epochs" in own:
+            base = base.model_copy(update={"epochs": None, "max_steps": None})
+        own.setdefault("learning_rate", base.learning_rate / ALIGN_LR_DIVISOR)
+        return base.model_copy(update=own)
 
     def world_size(self) -> int:
         return self.resources.nodes * max(self.resources.gpus_per_node, 1)

@@ -25,6 +25,7 @@ class Stage(StrEnum):
 
     CURATE = "curate"
     TRAIN = "train"
+    ALIGN = "align"
     EVAL = "eval"
     MERGE = "merge"
 
@@ -129,6 +130,21 @@ STAGE_TABLE: dict[Stage, StageRow] = {
             # resuming would mix two runs' training inputs (docs/recovery.md, "Checkpoints and run identity")
             exit_reasons={ExitCode.SPEC_CHANGED: Reason.SPEC_CHANGED},
             also_failed=(Reason.BACKOFF, Reason.DEADLINE),
+        ),
+        StageRow(
+            Stage.ALIGN,
+            enabled=lambda spec: spec.alignment is not None,
+            phase=Phase.ALIGNING,
+            running=Reason.PODS_RUNNING,
+            failed=Reason.ALIGNMENT_FAILED,
+            condition="Aligned",
+            group=True,
+            gpus=_node_gpus,
+            noun="alignment",
+            doing="aligning the model to the preference pairs",
+            starting="training complete; creating the alignment Job",
+            waiting="training done; alignment waits for spec.suspend",
+            done=("AlignmentCompleted", "alignment Job completed"),
         ),
         StageRow(
             Stage.EVAL,

@@ -17,6 +17,7 @@ class Phase(StrEnum):
     PENDING = "Pending"
     CURATING = "Curating"
     TRAINING = "Training"
+    ALIGNING = "Aligning"
     EVALUATING = "Evaluating"
     MERGING = "Merging"
     SUCCEEDED = "Succeeded"
@@ -46,6 +47,7 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
     CURATE_FAILED = "CurationFailed"
     TRAINING_FAILED = "TrainingFailed"
+    ALIGNMENT_FAILED = "AlignmentFailed"
     # the trainer exited SPEC_CHANGED (4): this run's checkpoint was written under another spec fingerprint
     SPEC_CHANGED = "SpecChanged"
     BACKOFF = "BackoffLimitExceeded"
@@ -63,6 +65,7 @@ ConditionType = Literal[
     "Created",
     "Curated",
     "Training",
+    "Aligned",
     "Evaluated",
     "Merged",
     "Succeeded",

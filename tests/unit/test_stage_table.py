@@ -124,4 +124,6 @@ def test_every_failed_reason_names_one_stage_and_the_cli_reads_its_logs() -> Non
 def test_the_run_succeeds_naming_the_stages_that_ran() -> None:
     assert ph.succeeded_message((Stage.TRAIN,)) == "training completed"
     assert ph.succeeded_message((Stage.TRAIN, Stage.EVAL)) == "training and evaluation completed"
-    assert ph.succeeded_message(tuple(STAGE_TABLE)) == "curation, training, evaluation and merge completed"
+    assert ph.succeeded_message(tuple(STAGE_TABLE)) == (
+        "curation, training, alignment, evaluation and merge completed"
+    )
