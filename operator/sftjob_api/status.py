@@ -118,6 +118,8 @@ class Progress(ApiModel):
     """Estimated time left, e.g. 1h12m."""
     last_update: datetime | None = None
     """When progress was last read."""
+    stage: str | None = Field(default=None, max_length=16)
+    """The group stage these steps are of: train, or align (spec.alignment); unset: train."""
 
 
 class DataSummary(ApiModel):
@@ -208,7 +210,8 @@ class RankEnd(ApiModel):
 
 
 class Recovery(ApiModel):
-    """One restart of the whole training group (every rank together, from the newest complete checkpoint)."""
+    """One restart of a whole group of ranks (every rank together, from the newest complete checkpoint): the
+    training group, or the alignment group (spec.alignment)."""
 
     time: datetime
     """When the operator tore the group down."""
@@ -225,7 +228,9 @@ class Recovery(ApiModel):
     downtime_seconds: float | None = None
     """From the failure to the first training step seen after the restart."""
     train_job_uid: str = Field(default="", max_length=64)
-    """The torn-down training Job (each Job attempt is restarted at most once)."""
+    """The torn-down group Job, train or align (each Job attempt is restarted at most once)."""
+    stage: str | None = Field(default=None, max_length=16)
+    """The group stage restarted: train, or align; unset: train."""
     node: str | None = Field(default=None, max_length=253)
     """The node the failure pointed at (NotReady, gone, or a node-caused eviction): later attempts of this
     run's training group are kept off it (required node anti-affinity). See docs/recovery.md."""
@@ -244,9 +249,12 @@ class Children(ApiModel):
     """Trainer config ConfigMap: written by earlier operator versions only (the config now travels in the pod
     template); kept so their statuses still parse."""
     service: str | None = None
-    """Headless Service for the rendezvous of a multi-node run (none when resources.nodes is 1)."""
+    """Headless Service for the training group's rendezvous in a multi-node run (none when resources.nodes is
+    1); the alignment group has its own, named like its Job."""
     train_job: str | None = None
     """Indexed training Job."""
+    align_job: str | None = None
+    """Indexed alignment Job (spec.alignment)."""
     eval_job: str | None = None
     """Evaluation Job."""
     merge_job: str | None = None
@@ -257,7 +265,7 @@ class SFTJobStatus(ApiModel):
     """Observed state of the run."""
 
     phase: Phase | None = None
-    """Pending, Training, Evaluating, Merging, Succeeded, Failed or Suspended."""
+    """Pending, Curating, Training, Aligning, Evaluating, Merging, Succeeded, Failed or Suspended."""
     reason: str | None = None
     """Why the phase was entered, e.g. TrainingFailed, EvalGateFailed."""
     message: str | None = None
@@ -273,7 +281,7 @@ class SFTJobStatus(ApiModel):
     completion_time: datetime | None = None
     """When the run reached Succeeded or Failed."""
     progress: Progress | None = None
-    """Training progress."""
+    """Progress of the group stage that runs (training, then alignment: progress.stage says which)."""
     data: DataSummary | None = None
     """The curated training data (read from the rank-0 trainer's metrics with the progress)."""
     eval_results: EvalResults | None = None

@@ -159,34 +159,39 @@ def _status(a: argparse.Namespace, cluster: Cluster) -> int:
 
 def default_stage(status: Obj) -> str:
     """The stage whose logs matter now: the running one, or the one a failure names (the stage table's
-    phases and Failed reasons); else the latest stage with a Job, training by default."""
+    phases and Failed reasons); else the latest stage with a Job, training by default. A run-wide ending
+    (BackoffLimitExceeded, DeadlineExceeded: any group stage's) names the latest group stage with a Job."""
     from sftjob_api import STAGE_TABLE, Stage
     from sftjob_api.stage_table import stage_of_failure, stage_of_phase
 
     phase, reason = str(status.get("phase") or ""), str(status.get("reason") or "")
     named = stage_of_failure(reason) if phase == "Failed" else stage_of_phase(phase)
+    children = status.get("children") or {}
+    if named is not None and reason in STAGE_TABLE[named].also_failed:
+        groups = [s for s, row in STAGE_TABLE.items() if row.group and children.get(f"{s}Job")]
+        return str(groups[-1] if groups else named)
     if named is not None:
         return str(named)
-    children = status.get("children") or {}
     return str(next((s for s in reversed(STAGE_TABLE) if children.get(f"{s}Job")), Stage.TRAIN))
 
 
 def _logs(a: argparse.Namespace, cluster: Cluster) -> int:
-    from sftjob_api import STAGE_TABLE
+    from sftjob_api import STAGE_TABLE, Stage
 
     if a.stage is not None and a.stage not in STAGE_TABLE:
         raise CliError(f"--stage {a.stage}: not a stage; one of {', '.join(STAGE_TABLE)}")
     stage = a.stage or default_stage(cluster.sftjob(a.name).get("status") or {})
+    group = STAGE_TABLE[Stage(stage)].group  # ranks: --rank picks one (train, align)
     selector = f"sft.tuning.dev/job-name={a.name},sft.tuning.dev/stage={stage}"
     pods = [
         p
         for p in cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector).items
-        if stage != "train"
+        if not group
         or (p.metadata.labels or {}).get("batch.kubernetes.io/job-completion-index") == str(a.rank)
     ]
     if not pods:
         raise CliError(
-            f"no {stage} pod of {a.name}" + (f" (rank {a.rank})" if stage == "train" else "") + " in "
+            f"no {stage} pod of {a.name}" + (f" (rank {a.rank})" if group else "") + " in "
             f"namespace {cluster.namespace}: not started yet, or deleted (runPolicy.ttlSecondsAfterFinished)"
         )
     pod = max(pods, key=lambda p: p.metadata.creation_timestamp)  # the newest attempt
@@ -331,7 +336,7 @@ def add_commands(sub: Any) -> None:
     # Checked against sftjob_api's stage table when the command runs (importing it here would slow every
     # `sftjob` invocation).
     lg.add_argument("--stage", help="the stage whose pod to read (default: the one the run is at)")
-    lg.add_argument("--rank", type=int, default=0, help="trainer rank (train stage)")
+    lg.add_argument("--rank", type=int, default=0, help="trainer rank (train and align stages)")
     lg.add_argument("--tail", type=int, help="only the last N lines")
     lg.add_argument("-f", "--follow", action="store_true")
     lg.set_defaults(func=_wrap(_logs))

@@ -31,13 +31,15 @@ class Panel:
     kind: str = "timeseries"  # timeseries | stat | state-timeline
     description: str = ""
     needs: str | None = None  # an exporter outside this project the panel reads (e.g. dcgm-exporter)
+    only: str | None = None  # the runs whose trainers export the panel's series (e.g. spec.alignment)
 
 
 TRAINING_PANELS = [
     Panel(
         "Training loss",
         f"{m.TRAIN_LOSS}{{{RANK0}}}",
-        description="Mean loss of the last optimizer step (rank 0).",
+        description="Mean loss of the last optimizer step (rank 0); while aligning (spec.alignment), the DPO"
+        " loss of the align stage's steps.",
     ),
     Panel(
         "Eval loss",
@@ -98,7 +100,7 @@ TRAINING_PANELS = [
     ),
     Panel(
         "GPU utilization",
-        'DCGM_FI_DEV_GPU_UTIL{namespace=~"$namespace", pod=~"$sftjob-train-.*"}',
+        'DCGM_FI_DEV_GPU_UTIL{namespace=~"$namespace", pod=~"$sftjob-(train|align)-.*"}',
         unit="percent",
         legend="{{pod}} gpu {{gpu}}",
         description="From NVIDIA dcgm-exporter, where it runs.",
@@ -106,7 +108,7 @@ TRAINING_PANELS = [
     ),
     Panel(
         "GPU memory used",
-        'DCGM_FI_DEV_FB_USED{namespace=~"$namespace", pod=~"$sftjob-train-.*"} * 1024 * 1024',
+        'DCGM_FI_DEV_FB_USED{namespace=~"$namespace", pod=~"$sftjob-(train|align)-.*"} * 1024 * 1024',
         unit="bytes",
         legend="{{pod}} gpu {{gpu}}",
         description="Framebuffer in use, from NVIDIA dcgm-exporter, where it runs.",
@@ -118,6 +120,41 @@ TRAINING_PANELS = [
         legend="{{sftjob}} {{phase}}",
         kind="state-timeline",
         description="The SFTJob's phase over time, from the operator.",
+    ),
+]
+
+ALIGNED = "spec.alignment"
+# The align stage's DPO metrics (per optimizer step, means over its pairs; docs/alignment.md): rank 0's.
+ALIGNMENT_PANELS = [
+    Panel(
+        "DPO rewards: chosen vs rejected",
+        f'{{__name__=~"{m.ALIGN_REWARDS_CHOSEN}|{m.ALIGN_REWARDS_REJECTED}", {RANK0}}}',
+        legend="{{sftjob}} {{__name__}}",
+        description="Implicit rewards beta x (policy - reference) log-probability of the chosen and of the"
+        " rejected responses; they should move apart.",
+        only=ALIGNED,
+    ),
+    Panel(
+        "DPO reward margin",
+        f"{m.ALIGN_REWARD_MARGIN}{{{RANK0}}}",
+        description="Chosen reward minus rejected reward (mean over the step's pairs); rising while aligning.",
+        only=ALIGNED,
+    ),
+    Panel(
+        "DPO reward accuracy",
+        f"{m.ALIGN_REWARD_ACCURACY}{{{RANK0}}}",
+        unit="percentunit",
+        description="Share of the step's pairs whose chosen response gets the higher reward.",
+        only=ALIGNED,
+    ),
+    Panel(
+        "DPO log-probabilities: policy vs reference",
+        f'{{__name__=~"{m.ALIGN_LOGPS_CHOSEN}|{m.ALIGN_LOGPS_REJECTED}|{m.ALIGN_REF_LOGPS_CHOSEN}'
+        f'|{m.ALIGN_REF_LOGPS_REJECTED}", {RANK0}}}',
+        legend="{{sftjob}} {{__name__}}",
+        description="Summed log-probabilities of the chosen and rejected responses under the policy and the"
+        " reference (the SFT result); the policy's chosen should not fall far below the reference's.",
+        only=ALIGNED,
     ),
 ]
 
@@ -167,8 +204,8 @@ OPERATOR_PANELS = [
         "Group restarts",
         "sum by (cause) (increase(sftjob_operator_recoveries_total[1h]))",
         legend="{{cause}}",
-        description="Training groups restarted from a checkpoint, by cause (Failed, Disrupted, Stalled, Resized:"
-        " an elastic group re-formed at another size);"
+        description="Training and alignment groups restarted from a checkpoint, by cause (Failed, Disrupted,"
+        " Stalled, Resized: an elastic group re-formed at another size);"
         " docs/recovery.md.",
     ),
     Panel(
@@ -176,7 +213,7 @@ OPERATOR_PANELS = [
         "histogram_quantile(0.9, sum by (le) (rate(sftjob_operator_recovery_seconds_bucket[1h])))",
         legend="p90",
         unit="s",
-        description="From a group restart to the first training step seen after it.",
+        description="From a group restart to the first step of that group seen after it.",
     ),
 ]
 
@@ -188,7 +225,9 @@ def _panel_json(panel: Panel, index: int) -> dict[str, Any]:
         "id": index + 1,
         "type": panel.kind,
         "title": panel.title,
-        "description": panel.description + (f" Needs {panel.needs}." if panel.needs else ""),
+        "description": panel.description
+        + (f" Needs {panel.needs}." if panel.needs else "")
+        + (f" Only runs with {panel.only}." if panel.only else ""),
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
         "gridPos": {"h": 8, "w": width, "x": (index % per_row) * width, "y": (index // per_row) * 8},
         "fieldConfig": {"defaults": {"unit": panel.unit}, "overrides": []},
@@ -235,13 +274,15 @@ def dashboard(uid: str, title: str, panels: list[Panel], with_job_variables: boo
 
 
 DASHBOARDS = {
-    "sftjob-training.json": dashboard("sftjob-training", "SFTJob training", TRAINING_PANELS, True),
+    "sftjob-training.json": dashboard(
+        "sftjob-training", "SFTJob training", TRAINING_PANELS + ALIGNMENT_PANELS, True
+    ),
     "sftjob-operator.json": dashboard("sftjob-operator", "SFTJob operator", OPERATOR_PANELS, False),
 }
 
 
 def all_panels() -> list[Panel]:
-    return TRAINING_PANELS + OPERATOR_PANELS
+    return TRAINING_PANELS + ALIGNMENT_PANELS + OPERATOR_PANELS
 
 
 def render(name: str) -> str:

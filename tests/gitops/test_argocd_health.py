@@ -132,10 +132,20 @@ def test_the_chart_ships_the_check_under_the_argocd_cm_key() -> None:
         ("Curating", "CurateRunning", "curating the training data"),
         ("Curating", "Queued", "waiting for Kueue to admit the curation Job"),
         ("Failed", "CurationFailed", "curation Job failed (PodFailurePolicy): maxDropFraction: 0.42 > 0.2"),
+        ("Aligning", "PodsRunning", "2/2 trainer pod(s) running"),
+        ("Aligning", "Restarting", "restarting every rank from step 10 after pod dpo-align-1-x (rank 1)"),
+        (
+            "Failed",
+            "AlignmentFailed",
+            "trainer exited with a permanent error: prefs.jsonl:3: chosen equals rejected",
+        ),
     ],
 )
-def test_curation_states_get_the_documented_health(phase: str, reason: str, message: str) -> None:
-    """The curate stage came after the captures: its states, written onto a captured Evaluating status."""
+def test_curation_and_alignment_states_get_the_documented_health(
+    phase: str, reason: str, message: str
+) -> None:
+    """The curate and align stages came after the captures: their states, written onto a captured Evaluating
+    status."""
     obj = captured("Evaluating", "EvalRunning")
     obj["status"].update(phase=phase, reason=reason, message=message)
     got = health(obj)

@@ -43,9 +43,9 @@ RUNNING = job(active=1, ready=1)
 
 
 def observed(**kw: object) -> ph.Observed:
-    """ph.Observed with the stage Jobs given by stage name (curate=, train=, eval=, merge=)."""
-    jobs = {Stage(s): kw.pop(s) for s in ("curate", "train", "eval", "merge") if kw.get(s) is not None}
-    for s in ("curate", "train", "eval", "merge"):
+    """ph.Observed with the stage Jobs given by stage name (curate=, train=, align=, eval=, merge=)."""
+    jobs = {Stage(s): kw.pop(s) for s in Stage if kw.get(s) is not None}
+    for s in Stage:
         kw.pop(s, None)
     return ph.Observed(jobs=jobs, **kw)  # type: ignore[arg-type]
 
@@ -67,7 +67,7 @@ def test_pending_while_pods_not_running() -> None:
 
 
 def test_training_when_a_pod_runs() -> None:
-    assert decide(train=job(active=1), running_train_pods=1).phase == "Training"
+    assert decide(train=job(active=1), running_group_pods=1).phase == "Training"
     d = decide(train=RUNNING)
     assert (d.phase, d.reason) == ("Training", "PodsRunning")
 
@@ -223,8 +223,8 @@ def test_suspend_in_every_stage() -> None:
     assert decide(phase="Suspended", train=job(suspended=True)).phase == "Pending"
     # ... and while the suspended Job's pods still show Running (tests/chaos saw Suspended -> Training ->
     # Pending when the watch cache lagged behind the operator's own suspend of the Job)
-    assert decide(phase="Suspended", train=RUNNING, running_train_pods=1).phase == "Pending"
-    assert decide(phase="Pending", train=RUNNING, running_train_pods=1).phase == "Training"
+    assert decide(phase="Suspended", train=RUNNING, running_group_pods=1).phase == "Pending"
+    assert decide(phase="Pending", train=RUNNING, running_group_pods=1).phase == "Training"
 
 
 def test_suspend_waits_for_the_trainers_to_save_and_exit() -> None:
@@ -234,14 +234,14 @@ def test_suspend_waits_for_the_trainers_to_save_and_exit() -> None:
             suspend=True,
             phase="Training",
             train=RUNNING,
-            running_train_pods=running,
-            stopping_train_pods=stopping,
+            running_group_pods=running,
+            stopping_group_pods=stopping,
         )
         assert (d.phase, d.reason) == ("Training", "Suspending"), (running, stopping, d)
         assert f"{running + stopping} trainer pod(s)" in d.message
     assert decide(suspend=True, phase="Training", train=RUNNING).phase == "Suspended"
     # once Suspended, a stale view of the stopping pods does not move the phase back
-    assert decide(suspend=True, phase="Suspended", train=RUNNING, stopping_train_pods=1).phase == "Suspended"
+    assert decide(suspend=True, phase="Suspended", train=RUNNING, stopping_group_pods=1).phase == "Suspended"
 
 
 def test_kueue_queued() -> None:
@@ -623,6 +623,7 @@ SPEC = parse_spec(
     }
 )
 FAILED_JOB = job(failed_reason="BackoffLimitExceeded", failed=3)
+ALIGNED = (Stage.TRAIN, Stage.ALIGN, Stage.EVAL, Stage.MERGE)
 SCENARIOS = {
     "creating": observed(),
     "queued": observed(queued=True, train=job(suspended=True)),
@@ -646,6 +647,14 @@ SCENARIOS = {
     "stuck": observed(phase=Phase.PENDING, train=job(), stuck_failure="stuck for 700s"),
     "suspended": observed(suspend=True, train=RUNNING),
     "curating": observed(stages=CURATED, curate=CURATING),
+    "aligning": observed(phase=Phase.TRAINING, stages=ALIGNED, train=DONE, align=RUNNING),
+    "alignment failed": observed(
+        phase=Phase.ALIGNING,
+        stages=ALIGNED,
+        train=DONE,
+        align=job("run-align", failed_reason="PodFailurePolicy"),
+        group_failure="align.jsonl:3: chosen equals rejected",
+    ),
     "curation failed": observed(
         phase=Phase.CURATING,
         stages=CURATED,

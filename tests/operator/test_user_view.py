@@ -132,7 +132,7 @@ def test_columns_say_restarting_during_a_group_restart_then_the_new_groups_readi
     assert p.step == 40  # the recovery records the step it failed at from here
 
     running = JobObs(name="run-train", active=2, ready=2)
-    obs = ph.Observed(phase=Phase.TRAINING, jobs={Stage.TRAIN: running}, running_train_pods=2)
+    obs = ph.Observed(phase=Phase.TRAINING, jobs={Stage.TRAIN: running}, running_group_pods=2)
     fresh = prev.model_copy(
         update={"progress": prev.progress.model_copy(update={"summary": "31/120 (25.8%)"})}
     )

@@ -119,6 +119,14 @@ def test_every_failed_reason_names_one_stage_and_the_cli_reads_its_logs() -> Non
     assert default_stage({"phase": "Curating", "reason": "CurateRunning"}) == "curate"
     assert default_stage({"phase": "Suspended", "children": {"trainJob": "t", "evalJob": "e"}}) == "eval"
     assert default_stage({"phase": "Pending"}) == "train"
+    assert default_stage({"phase": "Aligning"}) == "align"
+    # the run-wide ends of a group (restarts used up, deadline) name the latest group stage with a Job
+    both = {"trainJob": "t", "alignJob": "a"}
+    assert default_stage({"phase": "Failed", "reason": "BackoffLimitExceeded", "children": both}) == "align"
+    assert (
+        default_stage({"phase": "Failed", "reason": "DeadlineExceeded", "children": {"trainJob": "t"}})
+        == "train"
+    )
 
 
 def test_the_run_succeeds_naming_the_stages_that_ran() -> None:

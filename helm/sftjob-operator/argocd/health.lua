@@ -4,7 +4,8 @@
 -- the operator (tests/gitops/).
 --
 --   no status yet / spec not yet observed              Progressing
---   Pending, Curating, Training, Evaluating, Merging   Progressing   (reason, message, progress)
+--   Pending, Curating, Training, Aligning,
+--   Evaluating, Merging                                Progressing   (reason, message, progress)
 --   ... with condition Stuck=True                      Degraded      (the cause; Progressing once pods start)
 --   Suspended                                          Suspended
 --   Succeeded                                          Healthy
@@ -63,8 +64,8 @@ if phase == "Suspended" then
   return health("Suspended", describe(phase, status.reason, status.message))
 end
 
-if phase == "Pending" or phase == "Curating" or phase == "Training" or phase == "Evaluating"
-    or phase == "Merging" then
+if phase == "Pending" or phase == "Curating" or phase == "Training" or phase == "Aligning"
+    or phase == "Evaluating" or phase == "Merging" then
   -- Stuck: pods Pending past runPolicy.stuckPendingTimeoutSeconds (unschedulable, image pull, quota).
   -- Nothing moves without a person, so Degraded, like a Deployment past its progress deadline.
   local stuck = condition(status, "Stuck")

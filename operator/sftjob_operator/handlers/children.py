@@ -10,7 +10,7 @@ from datetime import datetime
 
 from kubernetes.client.exceptions import ApiException
 
-from sftjob_api import SFTJobSpec, Stage, stages
+from sftjob_api import STAGE_TABLE, SFTJobSpec, Stage, stages
 
 from ..render.elastic import spec_at
 from ..render.names import ChildNames
@@ -52,13 +52,15 @@ class Children:
         if self.network is not None and "networkpolicy" not in memo.created:
             self.kube.create(render_network_policy(ref, self.network, self.opts.metrics_port))
             memo.created["networkpolicy"] = time.monotonic()
-        self._ensure_service(ref, spec, memo)
+        self._ensure_service(ref, spec, memo, Stage.TRAIN)
         self.create_job(stages(spec)[0], ref, spec, memo, full, nodes)
 
-    def _ensure_service(self, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo) -> None:
-        if needs_service(spec) and "service" not in memo.created:
-            self.kube.create(render_service(ref))
-            memo.created["service"] = time.monotonic()
+    def _ensure_service(self, ref: SFTJobRef, spec: SFTJobSpec, memo: Memo, stage: Stage) -> None:
+        """A group stage's headless Service (a multi-node run), before its Job."""
+        key = f"service-{stage}"
+        if needs_service(spec) and key not in memo.created:
+            self.kube.create(render_service(ref, stage))
+            memo.created[key] = time.monotonic()
 
     def create_job(
         self,
@@ -69,15 +71,15 @@ class Children:
         full: FullSpec = None,
         nodes: int | None = None,
     ) -> None:
-        """`full` gives the spec with its child-only fields when `spec` came from the slim index; `nodes`: the
-        training group's size (render/elastic.py), resources.nodes when None."""
+        """`full` gives the spec with its child-only fields when `spec` came from the slim index; `nodes`: a
+        group stage's size (render/elastic.py: stage_size), resources.nodes when None."""
         last = memo.created.get(stage)
         if last is not None and time.monotonic() - last < RECREATE_AFTER_S:
             return  # created moments ago; the watch has not shown it yet
         whole = full() if full else spec
-        if stage == Stage.TRAIN:
+        if STAGE_TABLE[stage].group:
             # resources.nodes may have been edited from 1 (no Service yet) while the run was suspended
-            self._ensure_service(ref, whole, memo)
+            self._ensure_service(ref, whole, memo, stage)
             whole = spec_at(whole, nodes or whole.resources.nodes)
         job = render_stage_job(stage, ref, whole, self.opts)
         if self.kube.create(job):

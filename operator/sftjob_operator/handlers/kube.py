@@ -282,9 +282,9 @@ class Kube:
                 raise
 
     def delete_children(
-        self, namespace: str, jobs: list[tuple[str, str]], service: str | None, uid: str
+        self, namespace: str, jobs: list[tuple[str, str]], services: list[str], uid: str
     ) -> None:
-        """TTL clean-up: the given (name, uid) stage Jobs and the Service (if the run has one), each only if it
+        """TTL clean-up: the given (name, uid) stage Jobs and the Services (if the run has any), each only if it
         is still that very object and this SFTJob's (uid preconditions: an object someone else made under a
         child's name is never deleted). (The ConfigMap that earlier versions created goes with the SFTJob.)"""
 
@@ -294,7 +294,7 @@ class Kube:
             )
 
         calls = [(self.batch.delete_namespaced_job, name, job_uid) for name, job_uid in jobs]
-        if service is not None:
+        for service in services:
             try:
                 svc = self.core.read_namespaced_service(service, namespace, _request_timeout=self.timeout)
             except ApiException as e:

@@ -1,6 +1,7 @@
 """The progress reader: rank 0's trainer /metrics -> status.progress and status.artifacts.latestCheckpoint
 (rate-limited per SFTJob); it also feeds hang detection (when each step was first seen) and fills the newest
-recovery's downtime.
+recovery's downtime. Rank 0 is that of the group stage the run is in (train, then align: the same metric
+names), read while the run is in that stage's phase.
 
 The trainer's port is tenant-controlled, so a read must never block: the reconcile only picks the target
 (`progress_target`, under the SFTJob's lock); the read itself (`fetch_metrics`) runs afterwards on its own
@@ -18,12 +19,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
-from sftjob_api.layout import checkpoint_uri
 from sftjob_api.status import Progress
 
 from .. import metrics
 from ..render.observe import PodObs
-from ..render.progress import checkpoint_step, parse_data, parse_progress, progress_changed
+from ..render.progress import (
+    checkpoint_step,
+    parse_data,
+    parse_progress,
+    progress_changed,
+    stage_checkpoint_uri,
+)
 from ..render.recovery import with_downtime
 from .state import Memo, Obj
 
@@ -42,9 +48,10 @@ class ProgressTarget:
 
     host: str
     port: int
-    train_uid: str
+    train_uid: str  # the group Job attempt read (train or align)
     body: Obj  # the SFTJob as the reconcile wrote it (the status write chains on its resourceVersion)
     spec: SFTJobSpec
+    stage: Stage = Stage.TRAIN  # the group stage read; its phase is the one the status must still be in
 
 
 def progress_target(
@@ -55,21 +62,23 @@ def progress_target(
     train_uid: str,
     body: Obj,
     spec: SFTJobSpec,
+    stage: Stage = Stage.TRAIN,
 ) -> ProgressTarget | None:
-    """Rank 0's address when a read is due (at most one progress write per interval per SFTJob)."""
+    """Rank 0 of `stage`'s group: its address when a read is due (at most one progress write per interval
+    per SFTJob)."""
     if time.monotonic() - memo.last_progress_write < interval * 0.8:
         return None
     rank0 = next(
         (
             p
             for p in pods
-            if p.stage == Stage.TRAIN and p.index == 0 and p.phase == "Running" and p.ip and not p.deleting
+            if p.stage == stage and p.index == 0 and p.phase == "Running" and p.ip and not p.deleting
         ),
         None,
     )
     if rank0 is None or not rank0.ip:
         return None
-    return ProgressTarget(rank0.ip, port, train_uid, body, spec)
+    return ProgressTarget(rank0.ip, port, train_uid, body, spec, stage)
 
 
 class _Recorded:
@@ -155,11 +164,15 @@ def progress_update(
     target: ProgressTarget, meta: Obj, status: SFTJobStatus, page: Page, memo: Memo
 ) -> dict[str, object]:
     """The status fields a read page changes (empty: nothing to write)."""
-    progress, now = page.progress, page.read_at
+    now = page.read_at
+    # Whose steps these are: the align group's count from 0 again (render/status.group_progress).
+    progress = page.progress.model_copy(
+        update={"stage": None if target.stage == Stage.TRAIN else str(target.stage)}
+    )
     update: dict[str, object] = {}
     step = progress.step or 0
     memo.steps.observe(target.train_uid, step, now)  # hang detection (render/recovery.detect_stall)
-    after_restart = with_downtime(status, step, now)
+    after_restart = with_downtime(status, step, now, target.stage)
     if after_restart is not None:
         update["recoveries"] = after_restart.recoveries
         metrics.RECOVERY_SECONDS.observe(after_restart.recoveries[-1].downtime_seconds or 0.0)
@@ -170,7 +183,9 @@ def progress_update(
         update["data"] = data
     saved = checkpoint_step(page.text)
     if saved is not None and status.artifacts is not None:
-        latest = checkpoint_uri(target.spec, meta["namespace"], meta["name"], meta["uid"], saved)
+        latest = stage_checkpoint_uri(
+            target.spec, meta["namespace"], meta["name"], meta["uid"], saved, target.stage
+        )
         if status.artifacts.latest_checkpoint != latest:
             update["artifacts"] = status.artifacts.model_copy(update={"latest_checkpoint": latest})
     return update

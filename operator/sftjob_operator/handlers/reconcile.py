@@ -21,13 +21,13 @@ from datetime import UTC, datetime
 
 from kubernetes.client.exceptions import ApiException
 
-from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec
+from sftjob_api import STAGE_TABLE, SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
 from sftjob_api.policy import policy_error
 
 from .. import metrics
 from ..render import phase as ph
 from ..render.bad_nodes import avoided_nodes
-from ..render.elastic import capacity_mark, group_size, render_probe_job, spec_at
+from ..render.elastic import capacity_mark, group_size, render_probe_job, spec_at, stage_size
 from ..render.names import PROBE
 from ..render.objects import SFTJobRef, render_stage_job
 from ..render.observation import (
@@ -36,8 +36,8 @@ from ..render.observation import (
     observe,
     read_spec,
     render_status,
-    running_train_pods,
-    train_pods,
+    running_pods,
+    stage_pods,
 )
 from ..render.observe import JobObs, PodObs
 from ..render.recovery import Stall, stall_now
@@ -159,12 +159,12 @@ class Reconciler:
 
         return read
 
-    def _node_problems(self, train: JobObs | None, pods: list[PodObs], tick: bool) -> dict[str, str]:
-        """NotReady or gone nodes under the train pods (render/bad_nodes.py). Read at the progress interval
-        (`tick`) and while a failed or torn-down group is handled; never for a run with no live train pod."""
-        if train is None or self.kube.nodes_forbidden:
+    def _node_problems(self, job: JobObs | None, pods: list[PodObs], tick: bool) -> dict[str, str]:
+        """NotReady or gone nodes under the group's pods (render/bad_nodes.py). Read at the progress interval
+        (`tick`) and while a failed or torn-down group is handled; never for a run with no live group pod."""
+        if job is None or self.kube.nodes_forbidden:
             return {}
-        if not (tick or train.deleting or train.failed_reason):
+        if not (tick or job.deleting or job.failed_reason):
             return {}
         nodes = {p.node for p in pods if p.node and p.phase in ("Pending", "Running")}
         found = {n: self.kube.node_problem(n) for n in sorted(nodes)}
@@ -214,10 +214,11 @@ class Reconciler:
         if spec is not None and spec_error is None and name_conflict is None:
             if not spec.suspend:
                 stuck = self.children.find_stuck(namespace, jobs, pods, spec, now)
-            train = jobs.get(Stage.TRAIN)
-            running, _ = running_train_pods(pods)
-            stall = stall_now(memo.steps, train, running, prev.phase, spec.suspend, spec.run_policy, now)
-            problems = self._node_problems(train, train_pods(pods), tick)
+            group = ph.group_stage(jobs, stages(spec))  # the group of ranks the run is in (train, align)
+            job = jobs.get(group)
+            running, _ = running_pods(pods, group)
+            stall = stall_now(memo.steps, job, running, prev.phase, spec.suspend, spec.run_policy, now, group)
+            problems = self._node_problems(job, stage_pods(pods, group), tick)
         memo.capacity_since_step = capacity_mark(memo.capacity_since_step, kids.probe_pods, prev)
         obs = observe(
             prev,
@@ -259,7 +260,7 @@ class Reconciler:
         restart = obs.restart
         if restart.delete is not None:  # after the recovery is recorded: a retry never counts it twice
             self.kube.delete_job(namespace, restart.delete.name, restart.delete.uid)
-            memo.created.pop(Stage.TRAIN, None)  # re-create as soon as it is gone
+            memo.created.pop(obs.phase.group, None)  # re-create as soon as it is gone
         for pod in restart.force_delete:  # on a NotReady/gone node: no kubelet ends them
             self.kube.force_delete_pod(namespace, pod.name)
         metrics.PHASES.set(uid, decision.phase, namespace, name, stuck is not None, eval_loss(status))
@@ -267,11 +268,12 @@ class Reconciler:
         if obs.grow_held and not memo.grow_held:  # once per wait (render/elastic.py)
             self.kube.post_event(body, "Normal", "ResizeHeld", obs.grow_held)
         memo.grow_held = obs.grow_held is not None
-        if tick and decision.phase == ph.TRAINING and spec is not None:
-            train_job = obs.jobs.get(Stage.TRAIN)
+        group = obs.phase.group
+        if tick and decision.phase == STAGE_TABLE[group].phase and spec is not None:
+            group_job = obs.jobs.get(group)
             port, interval = self.settings.trainer_metrics_port, self.settings.progress_interval
             target = progress_target(
-                pods, port, interval, memo, train_job.uid if train_job else "", written, spec
+                pods, port, interval, memo, group_job.uid if group_job else "", written, spec, group
             )
             if target is not None:  # read by `progress`, after this lock is released
                 with self._locks_guard:
@@ -299,7 +301,7 @@ class Reconciler:
         stage = ph.stage_to_create(obs.phase)
         if stage is None:
             return obs
-        size = group_size(spec, obs.restart.status)
+        size = stage_size(spec, obs.restart.status, stage)
         try:
             self.children.create_job(stage, ref, spec, memo, self._full_spec(body), size)
         except ChildRejected as e:
@@ -371,7 +373,7 @@ class Reconciler:
                 if body is None or body["metadata"].get("uid") != uid:
                     return
                 status = parse_status(body.get("status"))
-                if status.phase != ph.TRAINING:
+                if status.phase != STAGE_TABLE[target.stage].phase:
                     return  # the run moved on while the trainer answered
                 update = progress_update(target, body["metadata"], status, page, memo)
                 if not update:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sftjob_api import SFTJobStatus, SpecError, parse_spec
+from sftjob_api import STAGE_TABLE, SFTJobStatus, SpecError, parse_spec, stages
 
 from ..render.names import ChildNames
 from ..render.objects import needs_service
@@ -39,14 +39,17 @@ def after_terminal(
         kube.post_event(body, "Normal", "TTLExpired", f"deleting the SFTJob {ttl}s after it finished")
         kube.delete_sftjob(meta["namespace"], meta["name"], meta["uid"])
     elif owned:
-        service = names.service if needs_service(spec) else None  # a one-pod run has none
+        # the group stages' Services (a one-pod run has none)
+        services = (
+            [names.service_of(s) for s in stages(spec) if STAGE_TABLE[s].group] if needs_service(spec) else []
+        )
         jobs = [(j.name, j.uid) for j in owned if j.uid]  # only ours (ownerReference), each by its uid
-        kube.delete_children(meta["namespace"], jobs, service, meta["uid"])
+        kube.delete_children(meta["namespace"], jobs, services, meta["uid"])
         kube.post_event(
             body,
             "Normal",
             "TTLExpired",
-            f"deleted the child Jobs{' and Service' if service else ''} {ttl}s after it finished;"
+            f"deleted the child Jobs{' and Services' if services else ''} {ttl}s after it finished;"
             " the SFTJob and its status are kept",
         )
     memo.ttl_done = True

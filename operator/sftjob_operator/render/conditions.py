@@ -48,8 +48,9 @@ Put = Callable[[ConditionType, Status, str, str], None]
 
 
 def _single_pod_condition(put: Put, row: StageRow, decision: Decision, obs: Observed) -> None:
-    """A single-pod stage's condition: True once its Job completed (eval: and every gate held), False with
-    the reason while it runs or once it failed; `row.disabled` (or absent) when the spec skips it."""
+    """A stage's outcome condition (Curated, Aligned, Evaluated, Merged): True once its Job completed (eval:
+    and every gate held), False with the reason while it runs or once it failed; `row.disabled` (or absent)
+    when the spec skips it."""
     if row.stage not in obs.stages:
         if row.disabled is not None:
             put(row.condition, "False", "Disabled", row.disabled)
@@ -63,7 +64,8 @@ def _single_pod_condition(put: Put, row: StageRow, decision: Decision, obs: Obse
     elif decision.reason in row.failed_reasons:
         put(row.condition, "False", decision.reason, decision.message)
     elif decision.phase == row.phase:
-        put(row.condition, "False", row.running, decision.message)
+        # a group's reason says more (Restarting, Suspending, ...): render/phase.py `_group`
+        put(row.condition, "False", decision.reason if row.group else row.running, decision.message)
 
 
 def _group_condition(put: Put, row: StageRow, decision: Decision, obs: Observed, present: bool) -> None:
@@ -99,7 +101,9 @@ def derive_conditions(
         put("Created", "False", decision.reason, decision.message)
 
     for row in STAGE_TABLE.values():
-        if row.group:
+        # A condition named after the phase (Training) is True while the run is in it; one named after the
+        # outcome (Aligned, Evaluated, ...) is True once the stage's Job completed.
+        if row.condition == row.phase:
             _group_condition(put, row, decision, obs, get_condition(conds, row.condition) is not None)
         else:
             _single_pod_condition(put, row, decision, obs)

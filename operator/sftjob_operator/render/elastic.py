@@ -18,6 +18,8 @@ Three resizes, each a group restart recorded in `status.recoveries` (not counted
 * **Edited size**: `resources.nodes` or `gpusPerNode` changed while the group was not running (suspended,
   not started): the train Job is re-created at the new shape. A running group keeps its size until its next
   (re)start.
+
+The alignment group (spec.alignment) is not elastic: it runs at resources.nodes (`stage_size`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sftjob_api import SFTJobSpec, SFTJobStatus
+from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
 from sftjob_api.status import MAX_RECOVERIES, Recovery
 
 from .names import LABEL_STAGE, PROBE, ChildNames, labels
@@ -50,6 +52,12 @@ def group_size(spec: SFTJobSpec, status: SFTJobStatus) -> int:
     if spec.run_policy.elastic is not None and status.nodes in spec.group_sizes():
         return int(status.nodes or spec.resources.nodes)
     return spec.resources.nodes
+
+
+def stage_size(spec: SFTJobSpec, status: SFTJobStatus, stage: Stage) -> int:
+    """The nodes a group stage's Job is rendered at: the training group's size (`group_size`); the alignment
+    group always runs at resources.nodes (its batch is checked against that size only: not elastic)."""
+    return group_size(spec, status) if stage == Stage.TRAIN else spec.resources.nodes
 
 
 def spec_at(spec: SFTJobSpec, nodes: int) -> SFTJobSpec:

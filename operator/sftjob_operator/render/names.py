@@ -30,9 +30,13 @@ class ChildNames:
 
     @property
     def service(self) -> str:
-        # The headless Service of a multi-node run is the pods' subdomain: <name>-train-<index>.<name>-train
-        # resolves.
-        return f"{self.name}-train"
+        """The training group's headless Service (status.children.service)."""
+        return self.service_of(Stage.TRAIN)
+
+    def service_of(self, stage: Stage) -> str:
+        """A group stage's headless Service in a multi-node run, named like its Job: it is the pods'
+        subdomain, so <name>-<stage>-<index>.<name>-<stage> resolves (<name>-train, <name>-align)."""
+        return self.job(stage)
 
     @property
     def network_policy(self) -> str:
@@ -64,8 +68,11 @@ class ChildNames:
 
     @property
     def master_addr(self) -> str:
-        """Stable DNS name of rank 0 (pod hostname = <job>-<index>, subdomain = the Service)."""
-        return f"{self.train_job}-0.{self.service}"
+        return self.master_addr_of(Stage.TRAIN)
+
+    def master_addr_of(self, stage: Stage) -> str:
+        """Stable DNS name of a group stage's rank 0 (pod hostname = <job>-<index>, subdomain = its Service)."""
+        return f"{self.job(stage)}-0.{self.service_of(stage)}"
 
 
 def labels(name: str, stage: str) -> dict[str, str]:

@@ -56,17 +56,18 @@ def needs_service(spec: SFTJobSpec) -> bool:
     return max(spec.group_sizes(), default=spec.resources.nodes) > 1
 
 
-def render_service(ref: SFTJobRef) -> Obj:
+def render_service(ref: SFTJobRef, stage: Stage = Stage.TRAIN) -> Obj:
+    """The headless Service of a group stage's ranks (train; align with spec.alignment): their subdomain."""
     names = ChildNames(ref.name)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _meta(ref, names.service, Stage.TRAIN),
+        "metadata": _meta(ref, names.service_of(stage), stage),
         "spec": {
             "clusterIP": "None",
             # Ranks must resolve each other before they are Ready (rendezvous happens first).
             "publishNotReadyAddresses": True,
-            "selector": labels(ref.name, Stage.TRAIN),
+            "selector": labels(ref.name, stage),
             "ports": [
                 {"name": "rendezvous", "port": MASTER_PORT, "targetPort": MASTER_PORT, "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
@@ -79,7 +80,7 @@ def pod_failure_policy(group: bool = False) -> Obj:
     """Permanent trainer exit codes fail the Job at once (reason PodFailurePolicy: no retry).
 
     A single-pod stage (curate, eval, merge): disruptions (preemption, drain) are ignored, every other failure counts
-    against the Job's backoffLimit. A group stage (train): no Ignore rule, since its Job has backoffLimit
+    against the Job's backoffLimit. A group stage (train, align): no Ignore rule, since its Job has backoffLimit
     0 and any failure must fail the Job so that every rank stops together; the operator restarts the group
     and tells a disruption (not counted) from a crash by the failed pod's DisruptionTarget condition.
     """
@@ -156,7 +157,7 @@ def _group_job(row: StageRow, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOpti
     )
     multi_node = res.nodes > 1
     extra_env: list[Obj] = [
-        {"name": "MASTER_ADDR", "value": names.master_addr if multi_node else "127.0.0.1"},
+        {"name": "MASTER_ADDR", "value": names.master_addr_of(row.stage) if multi_node else "127.0.0.1"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         # Also injected by the Job controller; defined here so $(JOB_COMPLETION_INDEX) always expands.
         {
@@ -166,7 +167,7 @@ def _group_job(row: StageRow, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOpti
             },
         },
     ]
-    subdomain = names.service if multi_node else None
+    subdomain = names.service_of(row.stage) if multi_node else None
     template = pod_template(ref, spec, opts, row, _command(row, launch), extra_env, subdomain)
     # backoffLimit 0: the first failed rank fails the Job, whose controller then stops the other ranks at once;
     # the operator restarts the whole group (render/recovery.py) and counts against runPolicy.backoffLimit.

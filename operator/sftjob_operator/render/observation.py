@@ -13,10 +13,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sftjob_api import SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
+from sftjob_api import STAGE_TABLE, SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
 
 from . import phase as ph
-from .elastic import group_size, plan_resize, probe_size, record_resize, resize_again, world
+from .elastic import plan_resize, probe_size, record_resize, resize_again, stage_size, world
 from .names import COMPLETION_INDEX_LABEL, LABEL_STAGE, PROBE, ChildNames
 from .observe import JobObs, PodObs, observe_job, observe_pod
 from .recovery import RestartPlan, Stall, plan_restart, stalled_condition
@@ -26,6 +26,7 @@ from .status import (
     eval_outcome,
     exit_failure,
     failed_pod_message,
+    failed_rank_message,
     owned_by,
     tracking_status,
 )
@@ -67,7 +68,7 @@ def _pods_of(jobs: Iterable[JobObs], pods: Iterable[Obj]) -> tuple[PodObs, ...]:
 
 def children_of(uid: str, jobs: Iterable[Obj], pods: Iterable[Obj]) -> Children:
     """The SFTJob's own stage Jobs and their pods out of the watched ones. A Job being deleted is left out,
-    except the train Job: its deletion is a group restart's teardown (render/recovery.py)."""
+    except a group stage's (train, align): its deletion is a group restart's teardown (render/recovery.py)."""
     by_stage: dict[Stage, JobObs] = {}
     probe: JobObs | None = None
     pods = list(pods)
@@ -78,7 +79,7 @@ def children_of(uid: str, jobs: Iterable[Obj], pods: Iterable[Obj]) -> Children:
             continue
         if stage == PROBE and not meta.get("deletionTimestamp"):
             probe = observe_job(j)
-        if stage not in STAGES or (meta.get("deletionTimestamp") and stage != Stage.TRAIN):
+        if stage not in STAGES or (meta.get("deletionTimestamp") and not STAGE_TABLE[Stage(stage)].group):
             continue
         by_stage[Stage(stage)] = observe_job(j)
     probe_pods = _pods_of([probe], pods) if probe is not None else ()
@@ -130,13 +131,13 @@ class Observation:
         return replace(self, phase=phase)
 
 
-def train_pods(pods: Iterable[PodObs]) -> list[PodObs]:
-    return [p for p in pods if p.stage == Stage.TRAIN]
+def stage_pods(pods: Iterable[PodObs], stage: Stage) -> list[PodObs]:
+    return [p for p in pods if p.stage == stage]
 
 
-def running_train_pods(pods: Iterable[PodObs]) -> tuple[int, int]:
-    """(Running train pods, Running train pods being deleted: saving a checkpoint after SIGTERM)."""
-    running = [p for p in train_pods(pods) if p.phase == "Running"]
+def running_pods(pods: Iterable[PodObs], stage: Stage) -> tuple[int, int]:
+    """(Running pods of `stage`, those of them being deleted: saving a checkpoint after SIGTERM)."""
+    running = [p for p in stage_pods(pods, stage) if p.phase == "Running"]
     return sum(1 for p in running if not p.deleting), sum(1 for p in running if p.deleting)
 
 
@@ -170,14 +171,20 @@ def observe(
     restart = RestartPlan(prev)
     probe = 0
     held: str | None = None
+    runs = stages(spec) if spec else ph.ALL_STAGES
+    group = ph.group_stage(jobs, runs)
+    group_job = jobs.get(group)
+    ranks = stage_pods(pods, group)
     if ok and spec is not None:
-        train = jobs.get(Stage.TRAIN)
-        ranks = train_pods(pods)
-        restart = plan_restart(prev, spec.run_policy, train, ranks, stall, now, node_problems)
-        if train is not None:
-            restart, held = _with_resize(restart, spec, train, ranks, probe_pods, capacity_since_step, now)
-        probe = probe_size(spec, queued, train, ranks) if restart.delete is None else 0
-    running, stopping = running_train_pods(pods)
+        restart = plan_restart(prev, spec.run_policy, group_job, ranks, stall, now, node_problems, group)
+        # Elastic resizes are the training group's only (docs/recovery.md, "Elastic runs").
+        if group == Stage.TRAIN and group_job is not None:
+            restart, held = _with_resize(
+                restart, spec, group_job, ranks, probe_pods, capacity_since_step, now
+            )
+        if group == Stage.TRAIN and restart.delete is None:
+            probe = probe_size(spec, queued, group_job, ranks)
+    running, stopping = running_pods(pods, group)
     phase = ph.Observed(
         phase=prev.phase,
         spec_error=spec_error,
@@ -185,14 +192,15 @@ def observe(
         suspend=bool(spec.suspend) if spec else False,
         queued=queued,
         jobs=dict(jobs),
-        stages=stages(spec) if spec else ph.ALL_STAGES,
+        stages=runs,
         gate_failures=outcome.gate_failures,
-        running_train_pods=running,
-        stopping_train_pods=stopping,
+        running_group_pods=running,
+        stopping_group_pods=stopping,
         stuck_failure=stuck_fail,
         eval_gate_exit=outcome.gate_exit,
         curate_failure=failed_pod_message(jobs.get(Stage.CURATE), list(pods), Stage.CURATE),
-        train_exit=exit_failure(jobs.get(Stage.TRAIN), list(pods), Stage.TRAIN),
+        group_exit=exit_failure(group_job, ranks, group),
+        group_failure=failed_rank_message(group_job, ranks),
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )
@@ -248,11 +256,12 @@ def render_status(
     status.conditions = unschedulable_condition(status.conditions, list(obs.pods), now, generation)
     status.tracking = tracking_status(list(obs.pods), obs.prev.tracking)
     if obs.spec is not None:
-        train = obs.jobs.get(Stage.TRAIN)
-        running = train is not None and not train.deleting and obs.restart.delete is None
-        if running and train is not None and train.nodes is not None:
-            nodes, gpus = train.nodes, train.gpus_per_node or 0  # the group as it runs
+        group = obs.phase.group
+        job = obs.jobs.get(group)
+        running = job is not None and not job.deleting and obs.restart.delete is None
+        if running and job is not None and job.nodes is not None:
+            nodes, gpus = job.nodes, job.gpus_per_node or 0  # the group as it runs
         else:
-            nodes, gpus = group_size(obs.spec, obs.restart.status), obs.spec.resources.gpus_per_node
+            nodes, gpus = stage_size(obs.spec, obs.restart.status, group), obs.spec.resources.gpus_per_node
         status.nodes, status.world_size = nodes, world(nodes, gpus)
     return status

@@ -5,15 +5,17 @@ because terminal phases are sticky), never on which event woke the operator up. 
 actions that follow from a decision (create the eval Job when the phase is Evaluating and it does not
 exist, ...) live in the handlers.
 
-    Pending -> [Curating -> Pending] -> Training -> Evaluating -> Merging -> Succeeded
-    any -> Failed (InvalidSpec, NameConflict, CurationFailed, TrainingFailed, SpecChanged,
+    Pending -> [Curating -> Pending] -> Training -> [Aligning] -> Evaluating -> Merging -> Succeeded
+    any -> Failed (InvalidSpec, NameConflict, CurationFailed, TrainingFailed, SpecChanged, AlignmentFailed,
                    BackoffLimitExceeded, DeadlineExceeded, EvalFailed, EvalGateFailed, MergeFailed, Stuck)
     non-terminal <-> Suspended (spec.suspend)
 
 Curating (only when spec.dataset.curation is set): the curate Job runs alone; the train Job is created only
-once it has completed, so no training GPU is held while the data is curated. What each stage's phase,
-reasons and messages are is its row in sftjob_api.stage_table: curate, eval and merge are single-pod stages
-of one shape (`_single_pod_stage`); training, a group of ranks, has its own rules (`_training`).
+once it has completed, so no training GPU is held while the data is curated. Aligning (only when
+spec.alignment is set) runs between training and evaluation. What each stage's phase, reasons and messages
+are is its row in sftjob_api.stage_table: curate, eval and merge are single-pod stages of one shape
+(`_single_pod_stage`); train and align, groups of ranks, share the group rules (`_group`): the group stage
+the run is in (`group_stage`) is the one whose ranks are restarted, suspended, read and judged for stalls.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .observe import JobObs
 PENDING = Phase.PENDING
 CURATING = Phase.CURATING
 TRAINING = Phase.TRAINING
+ALIGNING = Phase.ALIGNING
 EVALUATING = Phase.EVALUATING
 MERGING = Phase.MERGING
 SUCCEEDED = Phase.SUCCEEDED
@@ -37,6 +40,17 @@ SUSPENDED = Phase.SUSPENDED
 TERMINAL = (SUCCEEDED, FAILED)
 # The stages of a spec without dataset.curation (sftjob_api.stages(spec) says which a spec runs).
 ALL_STAGES = (Stage.TRAIN, Stage.EVAL, Stage.MERGE)
+# The stages that run as a group of ranks (rows with group=True), and the phases they run in.
+GROUP_STAGES = tuple(row.stage for row in STAGE_TABLE.values() if row.group)
+GROUP_PHASES = tuple(STAGE_TABLE[s].phase for s in GROUP_STAGES)
+
+
+def group_stage(jobs: Mapping[Stage, JobObs], stages: tuple[Stage, ...]) -> Stage:
+    """The group stage the run is in: the first of the spec's group stages whose Job has not completed (it
+    runs, is being restarted, or comes next), else the last one. Its ranks are the ones restarted, read for
+    progress and judged for stalls; the others' Jobs have completed or do not exist yet."""
+    groups = [s for s in stages if s in GROUP_STAGES] or [Stage.TRAIN]
+    return next((s for s in groups if s not in jobs or not jobs[s].complete), groups[-1])
 
 
 @dataclass(frozen=True)
@@ -52,19 +66,22 @@ class Observed:
     stages: tuple[Stage, ...] = ALL_STAGES  # what the spec runs: sftjob_api.stages(spec)
     # Gate failures computed from eval results; None while eval results are not known.
     gate_failures: tuple[str, ...] | None = None
-    running_train_pods: int = 0  # train pods in phase Running (not deleting)
-    stopping_train_pods: int = (
-        0  # train pods still Running after their deletion (SIGTERM: saving a checkpoint)
-    )
+    # Pods of the group stage the run is in (`group_stage`): Running (not deleting), and still Running after
+    # their deletion (SIGTERM: saving a checkpoint).
+    running_group_pods: int = 0
+    stopping_group_pods: int = 0
     stuck_failure: str | None = None  # set when pods were Stuck past runPolicy.failWhenStuckSeconds
     # The eval pod exited with the trainer's EVAL_GATE_FAILED code; its termination message says which gate.
     eval_gate_exit: str | None = None
     # The failed curate pod's termination message: why curation failed (a data gate, a bad input file).
     curate_failure: str | None = None
-    # A train pod exited with a code the stage table gives a Failed reason of its own (SPEC_CHANGED): that
-    # reason and what the pod said (its termination message).
-    train_exit: tuple[Reason, str] | None = None
-    # A group restart is under way (render/recovery.py): the failed or stalled train Job is being torn down
+    # A rank of the group stage exited with a code the stage table gives a Failed reason of its own
+    # (SPEC_CHANGED): that reason and what the pod said (its termination message).
+    group_exit: tuple[Reason, str] | None = None
+    # The failed group Job's rank in its own words (the termination message of the rank that exited with a
+    # permanent code, else of the rank that took the group down).
+    group_failure: str | None = None
+    # A group restart is under way (render/recovery.py): the failed or stalled group Job is being torn down
     # or re-created. The message says why.
     group_restart: str | None = None
     # A retryable failure (or stall) with runPolicy.backoffLimit used up: the message says which.
@@ -77,6 +94,11 @@ class Observed:
     @property
     def train(self) -> JobObs | None:
         return self.jobs.get(Stage.TRAIN)
+
+    @property
+    def group(self) -> Stage:
+        """The group stage the run is in (`group_stage`)."""
+        return group_stage(self.jobs, self.stages)
 
     @property
     def eval(self) -> JobObs | None:
@@ -147,14 +169,15 @@ def curation_done(obs: Observed) -> bool:
     )
 
 
-def _train_failure(obs: Observed, job: JobObs) -> Decision:
+def _group_failure(obs: Observed, job: JobObs, row: StageRow) -> Decision:
     reason = job.failed_reason or "Failed"
     detail = job.failed_message or reason
-    if obs.train_exit is not None:
-        reason, said = obs.train_exit
+    if obs.group_exit is not None:
+        reason, said = obs.group_exit
         return Decision(FAILED, reason, EXIT_ADVICE.get(reason, "") + said)
     if reason == "PodFailurePolicy":
-        return Decision(FAILED, Reason.TRAINING_FAILED, f"trainer exited with a permanent error: {detail}")
+        said = f"{obs.group_failure} ({detail})" if obs.group_failure else detail
+        return Decision(FAILED, row.failed, f"trainer exited with a permanent error: {said}")
     if reason == "BackoffLimitExceeded":
         return Decision(
             FAILED,
@@ -163,19 +186,21 @@ def _train_failure(obs: Observed, job: JobObs) -> Decision:
         )
     if reason == "DeadlineExceeded":
         return Decision(FAILED, Reason.DEADLINE, f"runPolicy.activeDeadlineSeconds exceeded: {detail}")
-    return Decision(FAILED, Reason.TRAINING_FAILED, f"training Job failed ({reason}): {detail}")
+    return Decision(FAILED, row.failed, f"{row.noun} Job failed ({reason}): {detail}")
 
 
-def _training(obs: Observed, train: JobObs) -> Decision:
-    """The decision while the train Job exists and has not completed."""
-    if train.failed_reason is not None:
-        return _train_failure(obs, train)
-    stopping = obs.running_train_pods + obs.stopping_train_pods
+def _group(obs: Observed, job: JobObs, row: StageRow) -> Decision:
+    """The decision while a group stage's Job exists and has not completed. Its pods not running yet: the
+    first group (train) shows Pending, a later one (align) its own phase, so the phases only move forward."""
+    waiting = PENDING if row.starts_pending else row.phase
+    if job.failed_reason is not None:
+        return _group_failure(obs, job, row)
+    stopping = obs.running_group_pods + obs.stopping_group_pods
     if obs.suspend and stopping and obs.phase != SUSPENDED:
         # Suspended promises a saved checkpoint: until the trainers have exited (SIGTERM makes them save
-        # one), the run is still Training.
+        # one), the run stays in the stage's phase.
         return Decision(
-            TRAINING,
+            row.phase,
             Reason.SUSPENDING,
             f"spec.suspend is true: {stopping} trainer pod(s) saving a checkpoint and stopping",
         )
@@ -183,41 +208,41 @@ def _training(obs: Observed, train: JobObs) -> Decision:
         return Decision(
             SUSPENDED,
             Reason.SUSPENDED,
-            "training suspended by spec.suspend; resuming continues from the newest checkpoint",
+            f"{row.noun} suspended by spec.suspend; resuming continues from the newest checkpoint",
         )
-    if train.suspended:
+    if job.suspended:
         if obs.queued:
-            return Decision(PENDING, Reason.QUEUED, "waiting for Kueue to admit the training Job")
-        return Decision(PENDING, Reason.PODS_PENDING, "training Job is suspended")
-    if (obs.running_train_pods > 0 or train.ready > 0) and obs.phase == SUSPENDED:
+            return Decision(waiting, Reason.QUEUED, f"waiting for Kueue to admit the {row.noun} Job")
+        return Decision(waiting, Reason.PODS_PENDING, f"{row.noun} Job is suspended")
+    if (obs.running_group_pods > 0 or job.ready > 0) and obs.phase == SUSPENDED:
         # Just resumed: pods seen Running are the suspended Job's, their deletion not seen yet (the Job's
-        # own suspend may not even be in the watch cache), so not Training yet: Suspended -> Pending.
-        return Decision(PENDING, Reason.PODS_PENDING, "resuming: waiting for trainer pod(s) to start")
-    if obs.running_train_pods > 0 or train.ready > 0:
+        # own suspend may not even be in the watch cache), so not running yet: Suspended -> Pending.
+        return Decision(waiting, Reason.PODS_PENDING, "resuming: waiting for trainer pod(s) to start")
+    if obs.running_group_pods > 0 or job.ready > 0:
         return Decision(
-            TRAINING,
+            row.phase,
             Reason.PODS_RUNNING,
-            f"{max(obs.running_train_pods, train.ready)}/{train.completions} trainer pod(s) running",
+            f"{max(obs.running_group_pods, job.ready)}/{job.completions} trainer pod(s) running",
         )
-    if obs.phase == TRAINING and train.failed > 0:
-        # A retryable failure: the Job controller is replacing the pod; training resumes from a checkpoint.
+    if obs.phase == row.phase and job.failed > 0:
+        # A retryable failure: the Job controller is replacing the pod; the stage resumes from a checkpoint.
         return Decision(
-            TRAINING,
+            row.phase,
             Reason.RESTARTING,
-            f"trainer pod(s) restarting after {train.failed} failure(s); resuming from checkpoint",
+            f"trainer pod(s) restarting after {job.failed} failure(s); resuming from checkpoint",
         )
-    if obs.phase == TRAINING and (train.active > 0 or train.succeeded == 0):
+    if obs.phase == row.phase and (job.active > 0 or job.succeeded == 0):
         # A re-created group (or a replaced pod) whose pods do not run yet; a Job just re-created after a
         # group restart has no pods at all yet (none finished: not Finishing).
         return Decision(
-            TRAINING, Reason.RESTARTING, f"waiting for {train.completions} trainer pod(s) to start"
+            row.phase, Reason.RESTARTING, f"waiting for {job.completions} trainer pod(s) to start"
         )
-    if obs.phase == TRAINING:
+    if obs.phase == row.phase:
         # Pods finished; the Job controller has not marked the Job complete yet.
         return Decision(
-            TRAINING, Reason.FINISHING, "trainer pod(s) finished; waiting for the Job to complete"
+            row.phase, Reason.FINISHING, "trainer pod(s) finished; waiting for the Job to complete"
         )
-    return Decision(PENDING, Reason.PODS_PENDING, f"waiting for {train.completions} trainer pod(s) to start")
+    return Decision(waiting, Reason.PODS_PENDING, f"waiting for {job.completions} trainer pod(s) to start")
 
 
 def _ended(obs: Observed) -> Decision | None:
@@ -238,16 +263,17 @@ def _ended(obs: Observed) -> Decision | None:
 
 def next_phase(obs: Observed) -> Decision:
     """The phase the SFTJob should be in given what is observed now: the first of the spec's stages that
-    is not done decides (a group stage by `_training`'s rules, the others alike)."""
+    is not done decides (a group stage by `_group`'s rules, the others alike)."""
     ended = _ended(obs)
     if ended is not None:
         return ended
     if obs.group_restart is not None:
+        row = STAGE_TABLE[obs.group]
         if obs.suspend:
             return Decision(
-                SUSPENDED, Reason.SUSPENDED, "spec.suspend is true; the training group restarts on resume"
+                SUSPENDED, Reason.SUSPENDED, f"spec.suspend is true; the {row.noun} group restarts on resume"
             )
-        return Decision(TRAINING, Reason.RESTARTING, obs.group_restart)
+        return Decision(row.phase, Reason.RESTARTING, obs.group_restart)
 
     for stage in obs.stages:
         row = STAGE_TABLE[stage]
@@ -258,7 +284,7 @@ def next_phase(obs: Observed) -> Decision:
             if job is None:
                 return _start(obs, row)
             if not job.complete:
-                return _training(obs, job)
+                return _group(obs, job, row)
             continue
         if stage == Stage.EVAL and job is not None and job.failed_reason is not None and obs.eval_gate_exit:
             return Decision(FAILED, Reason.GATE_FAILED, GATE_FAILED_PREFIX + obs.eval_gate_exit)
@@ -278,14 +304,14 @@ def succeeded_message(stages: tuple[Stage, ...]) -> str:
     return done + " completed"
 
 
-# Pending, then each stage's phase in run order; a Pending decision once curation is done (the train Job's
-# Pending) sits between Curating and Training.
+# Pending, then each stage's phase in run order (Training before Aligning); a Pending decision once curation
+# is done (the train Job's Pending) sits between Curating and Training.
 _FORWARD = {PENDING: 0.0} | {row.phase: float(i + 1) for i, row in enumerate(STAGE_TABLE.values())}
 _PENDING_CURATED = _FORWARD[CURATING] + 0.5
 
 
 def goes_back(prev: Phase | None, new: Phase, curated: bool = False) -> bool:
-    """Whether `new` is an earlier step of Pending -> Curating -> Training -> Evaluating -> Merging than
+    """Whether `new` is an earlier step of Pending -> Curating -> Training -> Aligning -> Evaluating -> Merging than
     `prev`. `curated`: the view shows curation done (`curation_done`), so a Pending decision is the train
     Job's, after Curating (a spec without a curate stage is always curated).
 

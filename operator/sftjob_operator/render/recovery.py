@@ -1,10 +1,12 @@
-"""Group recovery, decided purely: why a training group failed, whether its restart counts against
+"""Group recovery, decided purely: why a group of ranks failed, whether its restart counts against
 runPolicy.backoffLimit, whether a run has stalled, and the status.recoveries entry of a restart.
 
-The mechanism (see docs/recovery.md): the train Job runs with `backoffLimit: 0`, so the first failed pod
-fails the whole Job and the Job controller terminates the surviving ranks at once; the operator then records
-one recovery, deletes the Job (foreground: its pods are gone before it is) and creates it again, and the new
-group resumes from the newest complete checkpoint. A stall is handled the same way, without the Job failing.
+The mechanism (see docs/recovery.md): a group stage's Job (train, and align with spec.alignment) runs with
+`backoffLimit: 0`, so the first failed pod fails the whole Job and the Job controller terminates the
+surviving ranks at once; the operator then records one recovery, deletes the Job (foreground: its pods are
+gone before it is) and creates it again, and the new group resumes from the newest complete checkpoint. A
+stall is handled the same way, without the Job failing. The group is the one the run is in
+(render/phase.py: group_stage); the budget (runPolicy.backoffLimit) is the run's, shared by its groups.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from itertools import pairwise
 
+from sftjob_api import STAGE_TABLE, Stage
 from sftjob_api.run_policy import RunPolicy
 from sftjob_api.status import MAX_RECOVERIES, Condition, RankEnd, Recovery, SFTJobStatus
 
@@ -125,8 +128,15 @@ def budget_left(status: SFTJobStatus, policy: RunPolicy) -> bool:
     return status.restarts < policy.backoff_limit
 
 
-def record_recovery(prev: SFTJobStatus, failure: Failure, job: JobObs, now: datetime) -> SFTJobStatus:
-    """prev + one recovery (bounded list, newest last); restarts +1 when it counts."""
+def recovery_stage(rec: Recovery) -> Stage:
+    """The group stage a recovery restarted (entries of operators before alignment: train)."""
+    return Stage(rec.stage) if rec.stage in STAGE_TABLE else Stage.TRAIN
+
+
+def record_recovery(
+    prev: SFTJobStatus, failure: Failure, job: JobObs, now: datetime, stage: Stage = Stage.TRAIN
+) -> SFTJobStatus:
+    """prev + one recovery of `stage`'s group (bounded list, newest last); restarts +1 when it counts."""
     resumed = checkpoint_step_of(prev.artifacts.latest_checkpoint if prev.artifacts else None)
     failed_step = prev.progress.step if prev.progress else None
     entry = Recovery(
@@ -137,6 +147,7 @@ def record_recovery(prev: SFTJobStatus, failure: Failure, job: JobObs, now: date
         resumed_from_step=resumed,
         steps_lost=max(failed_step - resumed, 0) if failed_step is not None else None,
         train_job_uid=job.uid,
+        stage=None if stage == Stage.TRAIN else str(stage),
         node=failure.node,
         ranks=list(failure.ranks),
     )
@@ -148,12 +159,17 @@ def record_recovery(prev: SFTJobStatus, failure: Failure, job: JobObs, now: date
     )
 
 
-def with_downtime(status: SFTJobStatus, step: int, now: datetime) -> SFTJobStatus | None:
-    """The newest recovery gets its downtime when a step after the one it resumed from is first seen."""
+def with_downtime(
+    status: SFTJobStatus, step: int, now: datetime, stage: Stage = Stage.TRAIN
+) -> SFTJobStatus | None:
+    """The newest recovery gets its downtime when a step of its group stage after the one it resumed from is
+    first seen (another stage's steps count from 0 again: they say nothing about it)."""
     if not status.recoveries:
         return None
     last = status.recoveries[-1]
     if last.downtime_seconds is not None or step <= last.resumed_from_step or now <= last.time:
+        return None
+    if recovery_stage(last) != stage:
         return None
     done = last.model_copy(update={"downtime_seconds": round((now - last.time).total_seconds(), 1)})
     return status.model_copy(update={"recoveries": [*status.recoveries[:-1], done]})
@@ -202,22 +218,24 @@ def median_step_seconds(advances: list[tuple[datetime, int]]) -> float | None:
 
 def stall_now(
     clock: StepClock,
-    train: JobObs | None,
+    job: JobObs | None,
     running_pods: int,
     phase: str | None,
     suspend: bool,
     policy: RunPolicy,
     now: datetime,
+    group: Stage = Stage.TRAIN,
 ) -> Stall | None:
-    """The stall to act on now. While no train pod runs (suspended, queued, between two groups) the clock
-    starts afresh, so the next step seen is not judged against the time before; only a Training run that
-    is not being suspended is judged."""
-    if train is None or train.suspended or not running_pods:
+    """The stall of the group stage the run is in (`job`, with `running_pods` of its pods Running) to act on
+    now. While none of its pods runs (suspended, queued, between two groups) the clock starts afresh, so the
+    next step seen is not judged against the time before; only a run in the stage's phase (Training,
+    Aligning) that is not being suspended is judged."""
+    if job is None or job.suspended or not running_pods:
         clock.job_uid, clock.advances = "", None
         return None
-    if phase != "Training" or suspend:
+    if phase != STAGE_TABLE[group].phase or suspend:
         return None
-    return detect_stall(clock, train.uid, policy, now)
+    return detect_stall(clock, job.uid, policy, now)
 
 
 def detect_stall(clock: StepClock, job_uid: str, policy: RunPolicy, now: datetime) -> Stall | None:
@@ -255,9 +273,11 @@ def plan_restart(
     stall: Stall | None,
     now: datetime,
     problems: Mapping[str, str] | None = None,
+    stage: Stage = Stage.TRAIN,
 ) -> RestartPlan:
-    """What a group restart needs now: record it (once per Job attempt), tear down, wait, or give up.
-    `problems`: node -> why it is unusable (NotReady, gone), for the nodes of the train pods."""
+    """What a restart of `stage`'s group (`train`: its Job, `train_pods`: its ranks) needs now: record it
+    (once per Job attempt), tear down, wait, or give up. `problems`: node -> why it is unusable (NotReady,
+    gone), for the nodes of its pods."""
     problems = problems or {}
     failure: Failure | None = None
     if train is not None and not train.deleting:
@@ -267,7 +287,7 @@ def plan_restart(
             failure = node_down(train_pods, problems)
             if failure is None and stall is not None:
                 failure = Failure(f"{STALLED}: {stall.message}", True)
-    plan = _plan(prev, policy, train, failure, now)
+    plan = _plan(prev, policy, stage, train, failure, now)
     force: tuple[PodObs, ...] = ()
     if plan.delete is not None or (train is not None and train.deleting):
         force = tuple(p for p in train_pods if p.node in problems and p.phase not in ("Succeeded", "Failed"))
@@ -275,21 +295,32 @@ def plan_restart(
 
 
 def _plan(
-    prev: SFTJobStatus, policy: RunPolicy, train: JobObs | None, failure: Failure | None, now: datetime
+    prev: SFTJobStatus,
+    policy: RunPolicy,
+    stage: Stage,
+    train: JobObs | None,
+    failure: Failure | None,
+    now: datetime,
 ) -> RestartPlan:
+    row = STAGE_TABLE[stage]
     last = prev.recoveries[-1] if prev.recoveries else None
     if train is None:
-        if last is not None and last.downtime_seconds is None and prev.phase == "Training":
-            return RestartPlan(prev, group_restart=f"re-creating the training group after {last.cause}")
+        if (
+            last is not None
+            and last.downtime_seconds is None
+            and recovery_stage(last) == stage
+            and prev.phase == row.phase
+        ):
+            return RestartPlan(prev, group_restart=f"re-creating the {row.noun} group after {last.cause}")
         return RestartPlan(prev)
     if train.deleting:
         cause = last.cause if last is not None else "its deletion"
-        return RestartPlan(prev, group_restart=f"tearing down the training group after {cause}")
+        return RestartPlan(prev, group_restart=f"tearing down the {row.noun} group after {cause}")
     if failure is None:
         return RestartPlan(prev)
     if recovered(prev, train.uid):
         return RestartPlan(
-            prev, group_restart=f"tearing down the training group after {failure.cause}", delete=train
+            prev, group_restart=f"tearing down the {row.noun} group after {failure.cause}", delete=train
         )
     if failure.counted and not budget_left(prev, policy):
         return RestartPlan(
@@ -297,7 +328,7 @@ def _plan(
             exhausted=f"{failure.cause}; {prev.restarts} group restart(s) used, runPolicy.backoffLimit is"
             f" {policy.backoff_limit}",
         )
-    status = record_recovery(prev, failure, train, now)
+    status = record_recovery(prev, failure, train, now, stage)
     entry = status.recoveries[-1]
     count = f"restart {status.restarts}/{policy.backoff_limit}" if failure.counted else "not counted"
     lost = f", {entry.steps_lost} step(s) lost" if entry.steps_lost is not None else ""

@@ -9,9 +9,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from sftjob_api import STAGE_TABLE, Reason, SFTJobSpec, SFTJobStatus, Stage
-from sftjob_api.exit_codes import ExitCode
+from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode
 from sftjob_api.layout import status_artifacts
-from sftjob_api.status import Children, EvalResults
+from sftjob_api.status import Children, EvalResults, Progress
 from sftjob_api.tracking import TrackingStatus, parse_tracking
 
 from . import phase as ph
@@ -19,7 +19,8 @@ from .conditions import derive_conditions, get_condition, set_condition
 from .names import ChildNames
 from .objects import needs_service
 from .observe import JobObs, PodObs, parse_eval_results, parse_time
-from .progress import training_done
+from .progress import checkpoints_prefix, training_done
+from .rank_ends import first_failed
 from .stuck import Stuck
 from .user_view import shown_progress
 
@@ -108,6 +109,22 @@ def failed_pod_message(job: JobObs | None, pods: list[PodObs], stage: Stage) -> 
     return (newest.termination_message or "").strip()
 
 
+def failed_rank_message(job: JobObs | None, ranks: list[PodObs]) -> str | None:
+    """Why a failed group Job failed, in a rank's words: the termination message of the newest rank that
+    exited with a permanent code (the podFailurePolicy's FailJob rule), else of the rank that took the group
+    down (render/rank_ends.py). None while the Job has not failed, or when that rank said nothing."""
+    if job is None or job.failed_reason is None:
+        return None
+    said = [p for p in ranks if (p.termination_message or "").strip()]
+    permanent = [p for p in said if p.exit_code in PERMANENT_CODES]
+    pod = (
+        max(permanent, key=lambda p: p.created or datetime.min.replace(tzinfo=UTC))
+        if permanent
+        else first_failed(said)
+    )
+    return (pod.termination_message or "").strip() if pod is not None else None
+
+
 def exit_failure(job: JobObs | None, pods: list[PodObs], stage: Stage) -> tuple[Reason, str] | None:
     """Once the stage's Job failed: the Failed reason its row gives the exit code one of its pods ended with
     (sftjob_api.stage_table: exit_reasons), and what that pod said; None when no pod exited so."""
@@ -141,8 +158,8 @@ def build_status(
     generation: int | None,
     names: ChildNames,
 ) -> SFTJobStatus:
-    """Every status field the reconcile owns (progress is the progress reader's: kept from `prev`, and
-    completed once the train Job has succeeded)."""
+    """Every status field the reconcile owns (progress is the progress reader's: kept from `prev`, dropped
+    once the next group stage's Job exists, completed once the group stage's Job has succeeded)."""
     conds = derive_conditions(list(prev.conditions), decision, obs, now, generation)
     if stuck is not None and decision.phase != ph.SUCCEEDED:
         conds = set_condition(conds, "Stuck", "True", stuck.reason, stuck.message, now, generation)
@@ -157,29 +174,27 @@ def build_status(
         start_time=prev.start_time or parse_time(meta.get("creationTimestamp")) or now,
         restarts=prev.restarts,  # group restarts: counted by render/recovery.py
         recoveries=prev.recoveries,
-        progress=shown_progress(
-            training_done(prev.progress) if obs.train is not None and obs.train.complete else prev.progress,
-            decision.reason,
-        ),
+        progress=shown_progress(group_progress(prev.progress, obs), decision.reason),
         training_start_time=prev.training_start_time,
         completion_time=prev.completion_time,
     )
     if spec is not None and decision.reason != Reason.INVALID_SPEC:
         arts = status_artifacts(spec, meta["namespace"], meta["name"])
         # latestCheckpoint is the progress reader's (from the trainer's metrics): keep it while it is
-        # under this spec's checkpoints prefix.
+        # under this spec's checkpoints prefix of the group stage the run is in (train's, then align's).
         latest = prev.artifacts.latest_checkpoint if prev.artifacts else None
-        if latest and arts.checkpoints and latest.startswith(arts.checkpoints):
+        if latest and arts.root and latest.startswith(f"{arts.root}{checkpoints_prefix(obs.group)}/"):
             arts.latest_checkpoint = latest
         status.artifacts = arts
         status.children = Children(
             service=names.service if needs_service(spec) else None,
             train_job=names.train_job,
+            align_job=names.job(Stage.ALIGN) if obs.jobs.get(Stage.ALIGN) is not None else None,
             eval_job=names.eval_job if obs.eval is not None else None,
             merge_job=names.merge_job if obs.merge is not None else None,
         )
     if status.training_start_time is None and (
-        decision.phase == ph.TRAINING or (obs.train is not None and obs.train.complete)
+        decision.phase in ph.GROUP_PHASES or (obs.train is not None and obs.train.complete)
     ):
         status.training_start_time = now
     if eval_results is not None:
@@ -191,3 +206,13 @@ def build_status(
     if decision.terminal:
         status.completion_time = prev.completion_time or now
     return status
+
+
+def group_progress(progress: Progress | None, obs: ph.Observed) -> Progress | None:
+    """status.progress is the group stage's the run is in: another stage's (training's, once the align Job
+    exists) is dropped, the align group's steps count from 0; once the stage's Job has succeeded every
+    planned step is done."""
+    job = obs.jobs.get(obs.group)
+    if progress is not None and job is not None and (progress.stage or Stage.TRAIN) != obs.group:
+        return None
+    return training_done(progress) if job is not None and job.complete else progress

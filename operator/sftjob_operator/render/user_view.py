@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sftjob_api import Condition, Reason, Stage
+from sftjob_api import STAGE_TABLE, Condition, Reason, Stage
 from sftjob_api.status import Progress
 
 from .conditions import get_condition, set_condition
@@ -36,7 +36,8 @@ def unschedulable_pods(pods: list[PodObs]) -> list[PodObs]:
 
 
 def _described(pod: PodObs) -> str:
-    rank = f" rank {pod.index}" if pod.stage == Stage.TRAIN and pod.index is not None else ""
+    group = pod.stage in STAGE_TABLE and STAGE_TABLE[Stage(pod.stage)].group
+    rank = f" rank {pod.index}" if group and pod.index is not None else ""
     return f"{pod.stage or 'pod'}{rank} (pod {pod.name}): {pod.unschedulable_message}"
 
 
@@ -78,7 +79,7 @@ def unmeasured_blanked(progress: Progress, resumed_from_step: int) -> Progress:
 
 
 def shown_progress(progress: Progress | None, reason: str) -> Progress | None:
-    """status.progress as the reconcile writes it: while the training group restarts, `Restarting` in the
+    """status.progress as the reconcile writes it: while a group of ranks restarts, `Restarting` in the
     PROGRESS column and no LOSS/ETA (they were the old group's); step and totals stay (recovery bookkeeping
     reads the step)."""
     if progress is None or reason != Reason.RESTARTING:
