@@ -77,6 +77,8 @@ def prepare_pairs(cfg: TrainerConfig, tok: Any, env: DistEnv, metrics: TrainerMe
         rows, plan = plan_single_rows(cfg, len(data.train), env.world_size)
     except PermanentError as e:  # its message names spec.training's fields: the defaults of these
         raise PermanentError(f"spec.alignment.training (defaults from spec.training), pairs: {e}") from e
+    for reason, n in (data.report.get("dropped") or {}).items():  # the SFT data's drop counter, as in train
+        metrics.dropped.labels(**metrics.labels, reason=reason).inc(n)
     if env.rank == 0:
         log_json(
             "align_data",
