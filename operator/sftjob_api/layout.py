@@ -43,7 +43,11 @@ def curated_root(output_uri: str, namespace: str) -> str:
     return f"{output_uri.rstrip('/')}/{namespace}/_curated/"
 
 
-_CHECKPOINT_KEY = re.compile(r"^checkpoints/([^/]+)/step-(\d+)/(.+)$")
+def _checkpoint_key(prefix: str) -> re.Pattern[str]:
+    """`<prefix>/<run>/step-N/<file>`: the train stage's checkpoints/ or the align stage's align/checkpoints/."""
+    return re.compile(rf"^{re.escape(prefix)}/([^/]+)/step-(\d+)/(.+)$")
+
+
 # A run id names a checkpoint prefix: the SFTJob's metadata.uid (a UUID), or `sftjob run`'s own.
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
@@ -64,6 +68,11 @@ class Layout:
     SERVING = "serving"
     TRACKING = "tracking"
     MANIFEST = "manifest.json"
+    ALIGN_CHECKPOINTS = "align/checkpoints"  # the align stage's, laid out as CHECKPOINTS
+    ALIGN_SUMMARY = "align/summary.json"
+    ALIGN_DATA_REPORT = "align/data_report.json"
+    # the reference policy's log-probabilities of every preference pair (sftjob_trainer/align_stage.py)
+    ALIGN_REFERENCE = "align/reference_logps.json"
     TRAIN_SUMMARY = "train/summary.json"
     DATA_REPORT = "train/data_report.json"
     EVAL_RESULTS = "eval/results.json"
@@ -87,29 +96,33 @@ class Layout:
         return Layout.ALIGNED if spec.alignment is not None else Layout.weights(spec.method.type)
 
     @staticmethod
-    def run_checkpoints(run_id: str) -> str:
+    def run_checkpoints(run_id: str, prefix: str = CHECKPOINTS) -> str:
         """The prefix of one run's checkpoints: a re-created SFTJob (another uid) has its own, so it neither
-        resumes nor overwrites the old run's (docs/recovery.md, "Checkpoints and run identity")."""
+        resumes nor overwrites the old run's (docs/recovery.md, "Checkpoints and run identity"). `prefix`:
+        CHECKPOINTS (train stage) or ALIGN_CHECKPOINTS (align stage), the same layout under each."""
         if not RUN_ID.match(run_id):
             raise ValueError(f"run id {run_id!r} does not match {RUN_ID.pattern}")
-        return f"{Layout.CHECKPOINTS}/{run_id}"
+        return f"{prefix}/{run_id}"
 
     @staticmethod
-    def checkpoint(run_id: str, step: int) -> str:
-        return f"{Layout.run_checkpoints(run_id)}/step-{step}"
+    def checkpoint(run_id: str, step: int, prefix: str = CHECKPOINTS) -> str:
+        return f"{Layout.run_checkpoints(run_id, prefix)}/step-{step}"
 
     @staticmethod
-    def checkpoint_marker(run_id: str, step: int) -> str:
-        return f"{Layout.checkpoint(run_id, step)}/{Layout.CHECKPOINT_MARKER}"
+    def checkpoint_marker(run_id: str, step: int, prefix: str = CHECKPOINTS) -> str:
+        return f"{Layout.checkpoint(run_id, step, prefix)}/{Layout.CHECKPOINT_MARKER}"
 
     @staticmethod
-    def scan_checkpoints(keys: Iterable[str], run_id: str) -> tuple[list[int], list[int]]:
+    def scan_checkpoints(
+        keys: Iterable[str], run_id: str, prefix: str = CHECKPOINTS
+    ) -> tuple[list[int], list[int]]:
         """Run `run_id`'s (complete steps, incomplete steps), ascending, from a listing of keys under the run
-        root; other runs' checkpoints are not seen."""
+        root; other runs' checkpoints (and other prefixes') are not seen."""
         seen: set[int] = set()
         done: set[int] = set()
+        pattern = _checkpoint_key(prefix)
         for k in keys:
-            m = _CHECKPOINT_KEY.match(k)
+            m = pattern.match(k)
             if m and m.group(1) == run_id:
                 seen.add(int(m.group(2)))
                 if m.group(3) == Layout.CHECKPOINT_MARKER:
@@ -117,16 +130,17 @@ class Layout:
         return sorted(done), sorted(seen - done)
 
     @staticmethod
-    def newest_checkpoint(keys: Iterable[str], run_id: str) -> int | None:
-        done, _ = Layout.scan_checkpoints(keys, run_id)
+    def newest_checkpoint(keys: Iterable[str], run_id: str, prefix: str = CHECKPOINTS) -> int | None:
+        done, _ = Layout.scan_checkpoints(keys, run_id, prefix)
         return done[-1] if done else None
 
     @staticmethod
-    def checkpoint_runs(keys: Iterable[str]) -> list[str]:
+    def checkpoint_runs(keys: Iterable[str], prefix: str = CHECKPOINTS) -> list[str]:
         """Every run that has a complete checkpoint in a listing (e.g. earlier SFTJobs of the same name)."""
         runs = set()
+        pattern = _checkpoint_key(prefix)
         for k in keys:
-            m = _CHECKPOINT_KEY.match(k)
+            m = pattern.match(k)
             if m and m.group(3) == Layout.CHECKPOINT_MARKER:
                 runs.add(m.group(1))
         return sorted(runs)
@@ -139,7 +153,7 @@ def status_artifacts(spec: SFTJobSpec, namespace: str, name: str) -> Artifacts:
     return Artifacts(
         root=root,
         checkpoints=f"{root}{Layout.CHECKPOINTS}/",
-        adapter=f"{root}{Layout.weights(spec.method.type)}/",
+        adapter=f"{root}{Layout.final_weights(spec)}/",
         eval=f"{root}{Layout.EVAL}/" if Stage.EVAL in runs else None,
         merged=(spec.merge.uri or f"{root}{Layout.MERGED}/") if Stage.MERGE in runs else None,
         manifest=root + Layout.MANIFEST,
@@ -154,7 +168,7 @@ def handoff(spec: SFTJobSpec, root: str) -> ServingHandoff:
     manifest = root + Layout.SERVING_MANIFEST
     if spec.method.type == "full":
         return ServingHandoff(
-            server=server, artifact="model", uri=f"{root}{Layout.MODEL}/", manifest=manifest
+            server=server, artifact="model", uri=f"{root}{Layout.final_weights(spec)}/", manifest=manifest
         )
     problems = adapter_needs_merge(spec)
     if problems and merge_enabled(spec):
@@ -167,7 +181,7 @@ def handoff(spec: SFTJobSpec, root: str) -> ServingHandoff:
             message=f"the merged model is handed off: {why}",
         )
     return ServingHandoff(
-        server=server, artifact="adapter", uri=f"{root}{Layout.ADAPTER}/", manifest=manifest
+        server=server, artifact="adapter", uri=f"{root}{Layout.final_weights(spec)}/", manifest=manifest
     )
 
 

@@ -118,6 +118,9 @@ def build_manifest(
             k: merged.get(k) for k in ("max_abs_diff", "tolerance", "passed") if k in merged
         },
     }
+    align = store.read_json(Layout.ALIGN_SUMMARY)
+    if align is not None:  # the align stage ran (spec.alignment)
+        metrics["align"] = {k: align.get(k) for k in ("steps", "final_loss", "final") if k in align}
     return {
         "manifestVersion": MANIFEST_VERSION,
         "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -201,12 +204,12 @@ def serving_document(store: Store, cfg: TrainerConfig) -> dict[str, Any]:
     """serving/serving.json: what to serve and how (docs/serving.md). Pure given the store's contents."""
     root = cfg.run.output_root
     h = handoff(cfg, root)
-    weights = Layout.weights(cfg.method.type)
+    weights = Layout.final_weights(cfg)  # the aligned adapter when the spec aligns
     adapter_cfg = store.read_json(f"{weights}/adapter_config.json") if cfg.method.type != "full" else None
     adapter = None
     if adapter_cfg is not None:
         adapter = {
-            "uri": f"{root}{Layout.ADAPTER}/",
+            "uri": f"{root}{weights}/",
             "r": adapter_cfg.get("r"),
             "loraAlpha": adapter_cfg.get("lora_alpha"),
             "useRslora": adapter_cfg.get("use_rslora", False),

@@ -375,7 +375,8 @@ class SFTJobSpec(ApiModel):
         """The align stage's training settings: spec.alignment.training over spec.training (the learning rate
         unset: spec.training's / ALIGN_LR_DIVISOR; epochs: 1 when neither epochs nor maxSteps is set)."""
         base = self.training
-        own = self.alignment.training.model_dump(exclude_none=True) if self.alignment else {}
+        # field names, not the wire's camelCase: model_copy(update=) would set unknown attributes silently
+        own = self.alignment.training.model_dump(exclude_none=True, by_alias=False) if self.alignment else {}
         if "max_steps" in own or "epochs" in own:
             base = base.model_copy(update={"epochs": None, "max_steps": None})
         own.setdefault("learning_rate", base.learning_rate / ALIGN_LR_DIVISOR)

@@ -63,6 +63,7 @@ def assert_complete(store: Any, method: str) -> dict[str, Any]:
     assert manifest["stages"] == {
         "curate": "skipped",
         "train": "done",
+        "align": "skipped",
         "eval": "skipped",
         "merge": "skipped",
     }

@@ -76,8 +76,11 @@ def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def launch_cmd(config: str, nproc: int, port: int, nnodes: int = 1, node_rank: int = 0) -> list[str]:
-    """One node's `launch` (torchrun); several nodes on loopback share `port` (node 0 hosts the store)."""
+def launch_cmd(
+    config: str, nproc: int, port: int, nnodes: int = 1, node_rank: int = 0, stage: str = "train"
+) -> list[str]:
+    """One node's `launch` (torchrun) of a group stage; several nodes on loopback share `port` (node 0
+    hosts the store)."""
     return [
         sys.executable,
         "-m",
@@ -88,7 +91,7 @@ def launch_cmd(config: str, nproc: int, port: int, nnodes: int = 1, node_rank: i
         f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1",
         f"--master-port={port}",
-        "train",
+        stage,
         "--config",
         config,
     ]

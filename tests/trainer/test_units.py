@@ -39,6 +39,22 @@ def test_only_complete_checkpoints_of_this_run_count():
         Layout.checkpoint("../other", 1)  # a run id is never a path
 
 
+def test_align_checkpoints_are_their_own_prefix():
+    """The align stage's checkpoints (align/checkpoints/) and training's never see each other."""
+    A = Layout.ALIGN_CHECKPOINTS
+    keys = [
+        "checkpoints/r1/step-8/COMPLETE",
+        f"{A}/r1/step-2/COMPLETE",
+        f"{A}/r1/step-4/x",
+        f"{A}/r0/step-6/COMPLETE",
+    ]
+    assert Layout.newest_checkpoint(keys, "r1") == 8
+    assert Layout.scan_checkpoints(keys, "r1", A) == ([2], [4])
+    assert Layout.checkpoint_runs(keys, A) == ["r0", "r1"] and Layout.checkpoint_runs(keys) == ["r1"]
+    assert Layout.checkpoint_marker("r1", 2, A) == f"{A}/r1/step-2/COMPLETE"
+    assert to_delete(keys, "r1", keep=1, just_written=6, prefix=A) == [4]  # the stale partial only
+
+
 def test_retention_keeps_newest_and_drops_stale_partials_of_this_run_only():
     keys = [f"checkpoints/r1/step-{s}/COMPLETE" for s in (2, 4, 6)] + [
         "checkpoints/r1/step-5/x",

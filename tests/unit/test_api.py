@@ -103,3 +103,21 @@ def test_round_trip_through_the_wire_format():
     job = parse_sftjob(doc)
     again = SFTJob.model_validate(job.model_dump(mode="json"))
     assert again == job
+
+
+def test_alignment_training_takes_its_own_settings_over_training():
+    spec = parse_spec(
+        {
+            "model": {"uri": "smollm2-135m-instruct"},
+            "dataset": {"train": ["/data/t.jsonl"]},
+            "output": {"uri": "s3://bucket/runs"},
+            "training": {"maxSteps": 12, "learningRate": 1e-3, "globalBatchSize": 8},
+            "alignment": {
+                "dataset": {"train": ["/data/pairs.jsonl"]},
+                "training": {"maxSteps": 6, "globalBatchSize": 4, "microBatchSize": 1},
+            },
+        }
+    )
+    t = spec.alignment_training()
+    assert (t.max_steps, t.global_batch_size, t.micro_batch_size) == (6, 4, 1)
+    assert t.learning_rate == pytest.approx(1e-4) and t.epochs is None  # a tenth of training's

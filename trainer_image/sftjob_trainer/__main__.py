@@ -1,5 +1,5 @@
-"""Entry point: `python -m sftjob_trainer {curate,train,eval,merge} --config PATH` (or $SFTJOB_CONFIG),
-`python -m sftjob_trainer launch [torchrun args] train --config PATH`, and
+"""Entry point: `python -m sftjob_trainer {curate,train,align,eval,merge} --config PATH` (or $SFTJOB_CONFIG),
+`python -m sftjob_trainer launch [torchrun args] {train,align} --config PATH`, and
 `python -m sftjob_trainer model {list,prepare NAME [--force],resolve URI}` (the model cache; `sftjob model`).
 
 Exit codes are a contract (sftjob_api.exit_codes, docs/trainer.md). torchrun reports any failed worker as
@@ -55,6 +55,8 @@ def run_stage(stage: Stage, config_path: str | None) -> int:
             from .curate_stage import main as entry
         elif stage == Stage.TRAIN:
             from .train import train as entry
+        elif stage == Stage.ALIGN:
+            from .align_stage import main as entry
         elif stage == Stage.EVAL:
             from .eval_stage import main as entry
         else:

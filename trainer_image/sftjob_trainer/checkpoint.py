@@ -1,4 +1,5 @@
-"""Checkpoints under `<output_root>/checkpoints/<run>/step-N/` with a COMPLETE marker written last.
+"""Checkpoints under `<output_root>/checkpoints/<run>/step-N/` with a COMPLETE marker written last (the align
+stage's under `align/checkpoints/<run>/step-N/`, the same way: `Identity.prefix`).
 
 Two formats, named in the marker:
   adapter    lora/qlora with adamw: the trainable weights, their Adam moments (portable.py) in one safetensors
@@ -62,10 +63,12 @@ class TrainState:
         return TrainState(int(d["step"]), int(d["samples"]), int(d["tokens"]), float(d["loss"]))
 
 
-def to_delete(keys: Iterable[str], run_id: str, keep: int, just_written: int) -> list[int]:
+def to_delete(
+    keys: Iterable[str], run_id: str, keep: int, just_written: int, prefix: str = Layout.CHECKPOINTS
+) -> list[int]:
     """This run's old complete checkpoints beyond `keep` (never the one just written), and stale incomplete
     ones. Other runs' checkpoints are never touched."""
-    done, partial = Layout.scan_checkpoints(keys, run_id)
+    done, partial = Layout.scan_checkpoints(keys, run_id, prefix)
     old = [s for s in done if s != just_written][: max(0, len(done) - max(keep, 1))]
     return old + [s for s in partial if s < just_written]
 
@@ -148,6 +151,13 @@ class Identity:
     run_id: str
     fingerprint: dict[str, Any]
     fmt: str  # ADAPTER or DEEPSPEED
+    prefix: str = Layout.CHECKPOINTS  # the stage's checkpoint prefix (Layout.ALIGN_CHECKPOINTS: align)
+
+    def where(self, step: int) -> str:
+        return Layout.checkpoint(self.run_id, step, self.prefix)
+
+    def marker_key(self, step: int) -> str:
+        return Layout.checkpoint_marker(self.run_id, step, self.prefix)
 
     def marker(self, state: TrainState, world: int, files: Mapping[str, str]) -> dict[str, Any]:
         return {
@@ -181,7 +191,7 @@ def save(
     with open(os.path.join(local, f"rng_rank{rank}.json"), "wb") as f:
         f.write(portable.rng_bytes())
     mine = hash_dir(local)
-    store.upload_dir(local, Layout.checkpoint(ident.run_id, step))
+    store.upload_dir(local, ident.where(step))
     shutil.rmtree(os.path.dirname(local), ignore_errors=True)
     every: list[dict[str, str]] = [{} for _ in range(world)]
     dist.all_gather_object(every, mine)
@@ -189,9 +199,9 @@ def save(
         hold_before_marker(step)
         files = {k: v for per_rank in every for k, v in per_rank.items()}
         marker = ident.marker(state, world, files)
-        store.put_bytes(json.dumps(marker, indent=1).encode(), Layout.checkpoint_marker(ident.run_id, step))
-        for old in to_delete(store.list(Layout.CHECKPOINTS), ident.run_id, keep, step):
-            store.delete_prefix(Layout.checkpoint(ident.run_id, old))
+        store.put_bytes(json.dumps(marker, indent=1).encode(), ident.marker_key(step))
+        for old in to_delete(store.list(ident.prefix), ident.run_id, keep, step, ident.prefix):
+            store.delete_prefix(ident.where(old))
     dist.barrier()
 
 
@@ -218,8 +228,8 @@ def load(
 ) -> tuple[TrainState, list[str]]:
     """Restore this run's checkpoint of `step` after checking run, fingerprint and every file's hash; return
     the train state and the files this rank fetched."""
-    where = Layout.checkpoint(ident.run_id, step)
-    marker = read_marker(store, Layout.checkpoint_marker(ident.run_id, step))
+    where = ident.where(step)
+    marker = read_marker(store, ident.marker_key(step))
     check_marker(marker, ident.run_id, ident.fingerprint, where)
     fmt, saved_world, hashes = marker.get("format"), int(marker["world_size"]), dict(marker["files"])
     world = dist.get_world_size()

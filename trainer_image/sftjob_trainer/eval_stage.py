@@ -9,6 +9,10 @@ training held out) computes, for the base model *and* the trained one:
 - ROUGE-L and exact match (eval_metrics.py) of greedy generations for the first eval.maxSamples examples:
   the prompt is everything before the example's last labelled span, the reference is that span's text.
 
+With spec.alignment the trained model is the aligned one (aligned/, Layout.final_weights), and the trained
+results add preference_accuracy and reward_margin on the held-out pairs, against the reference
+log-probabilities the align stage stored (docs/alignment.md, "Eval and gates").
+
 Writes eval/results.json (plus `status`, shaped like SFTJob status.evalResults) and eval/samples.jsonl, then
 checks spec.eval.gates against the trained model: exit 0 when they hold (and the termination message, if
 configured, is `{"evalResults": {...}}`), EVAL_GATE_FAILED (3) otherwise (the message names the failed gates).
@@ -35,6 +39,7 @@ from sftjob_api.storage import Store, open_store
 from sftjob_api.trainer_config import TrainerConfig
 
 from .data import IGNORE, Example
+from .dpo import load_pairs, pairs_digest, preference_scores
 from .eval_metrics import generation_scores, loss_summary
 from .loss import SelectiveLossLM
 from .metrics import log_json
@@ -176,7 +181,7 @@ def load_models(cfg: TrainerConfig, store: Store, work: str) -> tuple[Any, Any, 
     dtype = weights_dtype(cfg.method, on_gpu)
     base_dir = model_dir(cfg)
     tok = config_tokenizer(cfg, base_dir)
-    weights = Layout.weights(cfg.method.type)
+    weights = Layout.final_weights(cfg)  # aligned/ when the spec aligns
     trained_dir = os.path.join(work, weights)
     if not store.download_dir(weights, trained_dir):
         raise PermanentError(f"nothing under {weights}/: did training finish?")
@@ -202,6 +207,25 @@ def load_models(cfg: TrainerConfig, store: Store, work: str) -> tuple[Any, Any, 
     return model, tok, as_base_adapter
 
 
+def held_out_preferences(cfg: TrainerConfig, store: Store, model: Any, tok: Any) -> dict[str, Any]:
+    """preference_accuracy and reward_margin of the aligned model on the held-out pairs, against the
+    reference log-probabilities the align stage stored for exactly these pairs."""
+    assert cfg.alignment is not None
+    ref = store.read_json(Layout.ALIGN_REFERENCE)
+    if ref is None:
+        raise PermanentError(f"no {Layout.ALIGN_REFERENCE}: did the align stage finish?")
+    pairs = load_pairs(cfg, tok).eval
+    if (ref.get("fingerprint") or {}).get("eval") != pairs_digest(pairs) or len(ref["eval"]) != len(pairs):
+        raise PermanentError(
+            f"the held-out preference pairs differ from those {Layout.ALIGN_REFERENCE} was computed for"
+            " (spec.alignment.dataset changed after the align stage?)"
+        )
+    if not pairs:
+        return {}
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return preference_scores(model, pairs, ref["eval"], cfg.alignment.beta, pad)
+
+
 def main(cfg: TrainerConfig) -> int:
     t0 = time.monotonic()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -224,6 +248,8 @@ def main(cfg: TrainerConfig) -> int:
         base_res, base_preds = evaluate_model(base, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
     log_json("eval_base", **base_res)
     trained_res, preds = evaluate_model(model, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+    if cfg.alignment is not None:
+        trained_res.update(held_out_preferences(cfg, store, model, tok))
     log_json("eval_trained", **trained_res)
     trained = metrics_of(trained_res)
     failed = ev.gates.failures(trained) if ev.gates else []

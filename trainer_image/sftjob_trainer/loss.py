@@ -28,6 +28,45 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
+def labelled(
+    hidden: torch.Tensor, targets: torch.Tensor, label_pos: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states and targets of the labelled positions only (flattened over the batch)."""
+    if label_pos is None:
+        mask = targets != IGNORE
+        return hidden[mask], targets[mask]
+    return hidden.flatten(0, 1).index_select(0, label_pos), targets.flatten().index_select(0, label_pos)
+
+
+def _chunk_logps(head: nn.Module, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return -F.cross_entropy(head(h).float(), t, reduction="none")
+
+
+def sequence_logps(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, label_pos: torch.Tensor, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of the batch: (sum of the log-probabilities of its labelled targets, how many there are).
+
+    The output layer runs at labelled positions only, in chunks (as selective_ce_sum), so prompt and padding
+    positions never get full-vocabulary logits; each token's log-probability goes to its row."""
+    rows, width = targets.shape
+    h, t = labelled(hidden, targets, label_pos)
+    row_of = torch.div(label_pos, width, rounding_mode="floor")
+    counts = torch.bincount(row_of, minlength=rows)
+    n = int(t.shape[0])
+    if n == 0:
+        return hidden.sum() * 0.0 + hidden.new_zeros(rows, dtype=torch.float32), counts
+    parts = [
+        _chunk_logps(head, h, t)
+        if n <= chunk
+        else checkpoint(_chunk_logps, head, h[s : s + chunk], t[s : s + chunk], use_reentrant=False)
+        for s in range(0, n, chunk)
+    ]
+    token_logps = torch.cat(parts) if len(parts) > 1 else parts[0]
+    sums = hidden.new_zeros(rows, dtype=torch.float32).index_add(0, row_of, token_logps)
+    return sums, counts
+
+
 def selective_ce_sum(
     head: nn.Module,
     hidden: torch.Tensor,
@@ -39,12 +78,7 @@ def selective_ce_sum(
 
     `label_pos` (flat indices of those positions, from `packing.collate`) avoids boolean-mask indexing, which
     waits for the GPU to learn how many positions there are (a host sync per micro-batch)."""
-    if label_pos is None:
-        mask = targets != IGNORE
-        h, t = hidden[mask], targets[mask]
-    else:
-        h = hidden.flatten(0, 1).index_select(0, label_pos)
-        t = targets.flatten().index_select(0, label_pos)
+    h, t = labelled(hidden, targets, label_pos)
     n = int(t.shape[0])
     if n == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph connected (ZeRO-3 expects every rank to backward)

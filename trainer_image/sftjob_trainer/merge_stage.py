@@ -1,7 +1,8 @@
 """The merge stage: `python -m sftjob_trainer merge --config PATH`.
 
-Folds the trained LoRA adapter into the *full-precision* base model (also for qlora: the adapter is merged
-into the original float weights, never into the 4-bit ones) with peft's `merge_and_unload`, casts to
+Folds the trained LoRA adapter (the aligned one with spec.alignment: Layout.final_weights) into the
+*full-precision* base model (also for qlora: the adapter is merged into the original float weights, never
+into the 4-bit ones) with peft's `merge_and_unload`, casts to
 spec.merge.dtype and writes safetensors + tokenizer + generation config to merged/ (or spec.merge.uri).
 
 Verification (results in merged/verification.json; the stage fails if either check fails):
@@ -128,9 +129,10 @@ def main(cfg: TrainerConfig) -> int:
     shutil.rmtree(work, ignore_errors=True)
     base_dir = model_dir(cfg)
     tok = config_tokenizer(cfg, base_dir)
-    adapter_dir = os.path.join(work, Layout.ADAPTER)
-    if not store.download_dir(Layout.ADAPTER, adapter_dir):
-        raise PermanentError(f"no adapter under {Layout.ADAPTER}/: did training finish?")
+    weights = Layout.final_weights(cfg)  # aligned/ when the spec aligns
+    adapter_dir = os.path.join(work, weights)
+    if not store.download_dir(weights, adapter_dir):
+        raise PermanentError(f"no adapter under {weights}/: did training (and alignment) finish?")
     out_dir = os.path.join(work, Layout.MERGED)
     log_json("merge_start", dtype=cfg.merge.dtype)
     rec = merge_adapter(base_dir, adapter_dir, tok, cfg.merge.dtype, out_dir, cfg.model.trust_remote_code)

@@ -26,7 +26,7 @@ def rss_bytes() -> int:
 
 
 class TrainerMetrics:
-    def __init__(self, namespace: str, job: str, rank: int, port: int | None) -> None:
+    def __init__(self, namespace: str, job: str, rank: int, port: int | None, align: bool = False) -> None:
         self.registry = CollectorRegistry()
         # not `job`: that is Prometheus' target label
         self.labels = dict(zip(m.LABELS, (namespace, job, str(rank)), strict=True))
@@ -75,6 +75,25 @@ class TrainerMetrics:
         self.checkpoint_step = g(
             m.TRAIN_CHECKPOINT_STEP, "Step of the newest checkpoint this run saved (0: none)"
         )
+        # the align stage's per-step means (dpo.STATS order), only in its pods
+        self.align = (
+            {
+                "rewards_chosen": g(m.ALIGN_REWARDS_CHOSEN, "Mean reward of the chosen responses"),
+                "rewards_rejected": g(m.ALIGN_REWARDS_REJECTED, "Mean reward of the rejected responses"),
+                "reward_margin": g(m.ALIGN_REWARD_MARGIN, "Mean reward margin (chosen - rejected)"),
+                "reward_accuracy": g(m.ALIGN_REWARD_ACCURACY, "Share of pairs whose chosen reward is higher"),
+                "logps_chosen": g(
+                    m.ALIGN_LOGPS_CHOSEN, "Mean policy log-probability of the chosen responses"
+                ),
+                "logps_rejected": g(m.ALIGN_LOGPS_REJECTED, "Mean policy log-probability of the rejected"),
+                "ref_logps_chosen": g(m.ALIGN_REF_LOGPS_CHOSEN, "Mean reference log-probability, chosen"),
+                "ref_logps_rejected": g(
+                    m.ALIGN_REF_LOGPS_REJECTED, "Mean reference log-probability, rejected"
+                ),
+            }
+            if align
+            else {}
+        )
         self.port = None
         if port:
             self.server, _ = start_http_server(
@@ -91,6 +110,11 @@ class TrainerMetrics:
         self.train_examples.labels(
             **self.labels, content_hash=report["content_hash"], reused=str(reused).lower()
         ).set(report["train_examples"])
+
+    def record_align(self, stats: dict[str, float]) -> None:
+        for name, value in stats.items():
+            if name in self.align:
+                self.align[name].set(value)
 
     def sample_memory(self) -> None:
         try:

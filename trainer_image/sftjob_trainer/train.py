@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -92,16 +92,18 @@ class StepResult:
     local_tokens: int
     seconds: float
     stop: bool  # a SIGTERM reached some rank: all ranks agree to checkpoint now and exit
+    stats: dict[str, float] = field(default_factory=dict)  # the align stage's (dpo.STATS), all ranks' means
 
 
 def resume(s: Setup) -> TrainState:
     """Where this run starts: its own newest checkpoint (run and fingerprint checked, files verified), else
     spec.training.resumeFrom's weights (a warm start at step 0), else step 0 (docs/recovery.md)."""
-    keys = s.store.list(Layout.CHECKPOINTS)
-    others = [r for r in Layout.checkpoint_runs(keys) if r != s.ident.run_id]
+    prefix = s.ident.prefix
+    keys = s.store.list(prefix)
+    others = [r for r in Layout.checkpoint_runs(keys, prefix) if r != s.ident.run_id]
     if others and s.is0:  # an earlier SFTJob of the same name: kept, never loaded
         log_json("checkpoints_of_other_runs_ignored", runs=others, run=s.ident.run_id)
-    step = Layout.newest_checkpoint(keys, s.ident.run_id)
+    step = Layout.newest_checkpoint(keys, s.ident.run_id, prefix)
     state = TrainState()
     if step is not None:
         state, fetched = checkpoint.load(s.engine, s.store, s.ident, step, s.env.rank, s.staging)
@@ -177,6 +179,7 @@ def report_step(s: Setup, state: TrainState, r: StepResult, start: int, t_run: f
     m.eta.set(eta)
     if r.grad_norm is not None:
         m.grad_norm.set(r.grad_norm)
+    m.record_align(r.stats)
     m.sample_memory()
     if s.is0 and (done % s.cfg.runtime.log_every_steps == 0 or done == plan.total_steps):
         log_json(
@@ -191,17 +194,19 @@ def report_step(s: Setup, state: TrainState, r: StepResult, start: int, t_run: f
             tokens=r.tokens,
             step_seconds=round(r.seconds, 3),
             eta_seconds=round(eta, 1),
+            **{k: round(v, 6) for k, v in r.stats.items()},
         )
-        s.tracker.metrics(
-            {
-                "train_loss": r.loss,
-                "learning_rate": r.lr,
-                "tokens_per_second": tps,
-                "grad_norm": r.grad_norm,
-                "epoch": done / plan.steps_per_epoch,
-            },
-            done,
-        )
+        values = {
+            "train_loss": r.loss,
+            "learning_rate": r.lr,
+            "tokens_per_second": tps,
+            "grad_norm": r.grad_norm,
+            "epoch": done / plan.steps_per_epoch,
+            **r.stats,
+        }
+        if s.stage != Stage.TRAIN:  # one MLflow run holds every stage: the align steps' own names
+            values = {f"{s.stage}_{k.removeprefix('train_')}": v for k, v in values.items()}
+        s.tracker.metrics(values, done)
 
 
 def save_checkpoint(s: Setup, state: TrainState) -> None:
@@ -240,31 +245,43 @@ def export(s: Setup, state: TrainState, resumed_from: int | None) -> None:
     dist.barrier()
 
 
-def train(cfg: TrainerConfig) -> int:
-    """setup -> resume -> steps (report, checkpoint) -> export."""
-    s = setup(cfg)
-    state = resume(s)
+StepFn = Callable[[Setup, TrainState, list[Row], int], StepResult]
+
+
+def loop(s: Setup, state: TrainState, step: StepFn) -> tuple[TrainState, StepResult | None]:
+    """steps (report, checkpoint, stop on SIGTERM) from `state` to the plan's end; the train and align
+    stages' shared loop. Returns the final state and the last step's result (None: nothing left to do)."""
     start, plan = state.step, s.plan
     s.metrics.total_steps.set(plan.total_steps)
     s.metrics.step.set(start)
     epoch_rows = plan.steps_per_epoch * plan.rows_per_step  # rows an epoch trains (the rest are dropped)
     order_epoch, ordered = -1, s.rows
     t_run = time.monotonic()
+    r = None
     while state.step < plan.total_steps:
         epoch, offset = divmod(state.samples, epoch_rows)  # the cursor, whatever the world size
         if epoch != order_epoch:
-            order_epoch, ordered = epoch, epoch_order(s.rows, cfg.training.seed, epoch)
-        r = train_step(s, state, ordered, offset)
+            order_epoch, ordered = epoch, epoch_order(s.rows, s.cfg.training.seed, epoch)
+        r = step(s, state, ordered, offset)
         state = TrainState(
             state.step + 1, state.samples + plan.rows_per_step, state.tokens + r.tokens, r.loss
         )
         report_step(s, state, r, start, t_run)
-        due = state.step % cfg.training.checkpoint_steps == 0 or r.stop
+        due = state.step % s.cfg.training.checkpoint_steps == 0 or r.stop
         if due and state.step < plan.total_steps:
             save_checkpoint(s, state)
         if r.stop:
             s.tracker.close(timeout=30)
             raise Preempted(f"SIGTERM: checkpoint step-{state.step} saved, exiting for a retry")
         s.stop.hold(state.step)
+    return state, r
+
+
+def train(cfg: TrainerConfig) -> int:
+    """setup -> resume -> steps (report, checkpoint) -> export."""
+    s = setup(cfg)
+    state = resume(s)
+    start = state.step
+    state, _ = loop(s, state, train_step)
     export(s, state, start or None)
     return int(ExitCode.OK)

@@ -1,4 +1,5 @@
-"""Setting up a training run: process group, data, model and the DeepSpeed engine (train.py runs it)."""
+"""Setting up a training run: process group, data, model and the DeepSpeed engine (train.py runs it; the
+align stage, align_stage.py, runs the same setup with its own data, wrapper and checkpoint prefix)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -28,10 +29,10 @@ from .curation.report import content_hash
 from .loss import SelectiveLossLM
 from .metrics import TrainerMetrics, log_json
 from .model import load_for_training, weights_dtype, zero3_init
-from .packing import Examples, Row
+from .packing import Examples, Row, single_rows
 from .pipeline import prepare_train
 from .run_identity import fingerprint, run_id_from_env
-from .schedule import BatchPlan, deepspeed_config, lr_factor
+from .schedule import BatchPlan, deepspeed_config, lr_factor, plan_batches
 from .shards import train_order
 from .speed import effective_zero_stage
 from .tracking import Tracker
@@ -112,6 +113,24 @@ def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
     return torch.optim.AdamW(groups, lr=t.learning_rate)
 
 
+# Where each looping stage keeps its checkpoints (the same format and protocol under each).
+CHECKPOINT_PREFIX = {Stage.TRAIN: Layout.CHECKPOINTS, Stage.ALIGN: Layout.ALIGN_CHECKPOINTS}
+
+
+@dataclass
+class StageData:
+    """What a stage's loop steps through: `rows` of indices into `examples` and the batch plan over them."""
+
+    examples: Any  # Examples (train), or the align stage's preference pairs
+    lengths: list[int]  # tokens of each example (the micro-batch layout groups similar lengths)
+    rows: list[Row]
+    plan: BatchPlan
+    report: dict[str, Any]
+    key: str  # the data's content identity (in the checkpoint fingerprint)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # more fields that decide the computation
+    held_out: Any = None  # the align stage's eval pairs
+
+
 @dataclass
 class Setup:
     """Everything built once before the first step (`setup`); the loop's parts read it."""
@@ -133,14 +152,29 @@ class Setup:
     examples: Examples
     report: dict[str, Any]
     ident: checkpoint.Identity
+    stage: Stage = Stage.TRAIN
+    held_out: Any = None
 
     @property
     def is0(self) -> bool:
         return self.env.rank == 0
 
 
-def setup(cfg: TrainerConfig) -> Setup:
-    """Process group, data, model, DeepSpeed engine: everything the steps need."""
+Prepare = Callable[[TrainerConfig, Any, DistEnv, TrainerMetrics], StageData]  # (cfg, tokenizer, env, metrics)
+
+
+def sft_wrapper(model: Any, cfg: TrainerConfig) -> Any:
+    return SelectiveLossLM(model, neftune_alpha=cfg.training.neftune_alpha)
+
+
+def setup(
+    cfg: TrainerConfig,
+    stage: Stage = Stage.TRAIN,
+    prepare: Prepare | None = None,
+    wrap: Callable[[Any, TrainerConfig], Any] = sft_wrapper,
+) -> Setup:
+    """Process group, data, model, DeepSpeed engine: everything the steps need. `prepare` reads the stage's
+    data (default: the SFT data), `wrap` puts the module DeepSpeed trains around the model."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -157,14 +191,14 @@ def setup(cfg: TrainerConfig) -> Setup:
     t = cfg.training
     seed_all(t.seed)
     port = cfg.runtime.metrics_port + env.local_rank if cfg.runtime.metrics_port else None
-    metrics = TrainerMetrics(cfg.run.namespace, cfg.run.name, env.rank, port)
+    metrics = TrainerMetrics(cfg.run.namespace, cfg.run.name, env.rank, port, align=stage == Stage.ALIGN)
     store = open_store(cfg.run.output_root, cfg.output)
     staging = os.path.join(cfg.runtime.work_dir, "staging")
     is0 = env.rank == 0
-    tracker = Tracker(cfg, store, Stage.TRAIN, enabled=is0)  # rank 0 logs; never fails the run
+    tracker = Tracker(cfg, store, stage, enabled=is0)  # rank 0 logs; never fails the run
 
     ds = cfg.resources.deepspeed
-    stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
+    zero_stage = effective_zero_stage(ds.zero_stage, env.world_size, ds.offload_params, ds.offload_optimizer)
     # DeepSpeed's precision must match the weights' dtype (bf16 on GPU, fp32 on CPU)
     bf16 = weights_dtype(cfg.method, on_gpu) == torch.bfloat16
 
@@ -173,7 +207,7 @@ def setup(cfg: TrainerConfig) -> Setup:
             micro=micro,
             accum=accum,
             world=env.world_size,
-            stage=stage,
+            stage=zero_stage,
             offload_optimizer=ds.offload_optimizer,
             offload_params=ds.offload_params,
             bf16=bf16,
@@ -185,31 +219,17 @@ def setup(cfg: TrainerConfig) -> Setup:
     # Kept alive (a local of this function) through deepspeed.initialize: transformers and peft hold a weakref.
     zero_init = zero3_init(ds_config(t.micro_batch_size, 1), cfg.method)
     model, tok = load_for_training(cfg, on_gpu)
-    data = prepare_train(cfg, tok, env.rank, env.world_size)
-    log_json("data_fetched", rank=env.rank, keys=data.fetched, examples=len(data.examples))  # every rank
     if is0:
         log_model(model, cfg, zero_init is not None)
-    metrics.record_data(data.report, data.reused)
-    order = train_order(data.lengths, cfg, env.world_size)
+    data = (prepare or prepare_sft)(cfg, tok, env, metrics)
     if is0:
-        log_json(
-            "data",
-            report=data.report,
-            curated_key=data.key,
-            curated_reused=data.reused,
-            train_examples=len(data.lengths),
-            eval_examples=data.report.get("eval_examples"),
-            rows=len(order.rows),
-            packing=cfg.dataset.packing,
-            plan=order.plan.__dict__,
-        )
-        store.put_bytes(json.dumps(data.report, indent=1).encode(), Layout.DATA_REPORT)
+        store.put_bytes(json.dumps(data.report, indent=1).encode(), DATA_REPORT[stage])
 
-    wrapper = SelectiveLossLM(model, neftune_alpha=t.neftune_alpha)
+    wrapper = wrap(model, cfg)
     # from_pretrained returns eval mode: without this, no LoRA dropout, no NEFTune, no grad checkpointing
     wrapper.train()
     optimizer = make_optimizer(wrapper, cfg)
-    plan = order.plan
+    plan = data.plan
     warmup = math.ceil(t.warmup_ratio * plan.total_steps)
 
     def make_sched(opt: Any) -> Any:  # built on DeepSpeed's wrapped optimizer
@@ -219,7 +239,7 @@ def setup(cfg: TrainerConfig) -> Setup:
 
     if is0:
         log_json(
-            "deepspeed", zero_stage=stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size
+            "deepspeed", zero_stage=zero_stage, configured_zero_stage=ds.zero_stage, world_size=env.world_size
         )
     engine, _, _, sched = deepspeed.initialize(
         model=wrapper, optimizer=optimizer, lr_scheduler=make_sched, config=ds_config(plan.micro, plan.accum)
@@ -227,8 +247,9 @@ def setup(cfg: TrainerConfig) -> Setup:
     portable_ok = cfg.method.type != "full" and t.optimizer == "adamw"
     ident = checkpoint.Identity(
         run_id,
-        fingerprint(cfg, data.key or examples_digest(data.examples)),
+        {**fingerprint(cfg, data.key), **data.fingerprint},
         checkpoint.ADAPTER if portable_ok else checkpoint.DEEPSPEED,
+        CHECKPOINT_PREFIX[stage],
     )
     return Setup(
         cfg,
@@ -243,11 +264,46 @@ def setup(cfg: TrainerConfig) -> Setup:
         engine,
         sched,
         plan,
-        order.rows,
+        data.rows,
         data.lengths,
         data.examples,
         data.report,
         ident,
+        stage,
+        data.held_out,
+    )
+
+
+DATA_REPORT = {Stage.TRAIN: Layout.DATA_REPORT, Stage.ALIGN: Layout.ALIGN_DATA_REPORT}
+
+
+def prepare_sft(cfg: TrainerConfig, tok: Any, env: DistEnv, metrics: TrainerMetrics) -> StageData:
+    """The SFT data: curated (or reused), this rank's shard, packed into rows and planned."""
+    data = prepare_train(cfg, tok, env.rank, env.world_size)
+    log_json("data_fetched", rank=env.rank, keys=data.fetched, examples=len(data.examples))  # every rank
+    metrics.record_data(data.report, data.reused)
+    order = train_order(data.lengths, cfg, env.world_size)
+    if env.rank == 0:
+        log_json(
+            "data",
+            report=data.report,
+            curated_key=data.key,
+            curated_reused=data.reused,
+            train_examples=len(data.lengths),
+            eval_examples=data.report.get("eval_examples"),
+            rows=len(order.rows),
+            packing=cfg.dataset.packing,
+            plan=order.plan.__dict__,
+        )
+    key = data.key or examples_digest(data.examples)
+    return StageData(data.examples, data.lengths, order.rows, order.plan, data.report, key)
+
+
+def plan_single_rows(cfg: TrainerConfig, n: int, world: int) -> tuple[list[Row], BatchPlan]:
+    """One example per row (the align stage's pairs), planned with cfg.training's batch settings."""
+    t = cfg.training
+    return single_rows(n), plan_batches(
+        n, t.global_batch_size, t.micro_batch_size, world, t.epochs, t.max_steps
     )
 
 

@@ -163,11 +163,13 @@ def stop_lines(
         if done
         else "no stage completed yet"
     )
-    if "train" in todo:
+    looping = next((s for s in todo if s in ("train", "align")), None)  # the stages with checkpoints
+    if looping:
+        what = "training" if looping == "train" else "alignment"
         lines.append(
-            f"checkpoint step-{checkpoint} saved (training resumes from it)"
+            f"checkpoint step-{checkpoint} saved ({what} resumes from it)"
             if checkpoint
-            else "no checkpoint saved yet (training starts from step 0)"
+            else f"no checkpoint saved yet ({what} starts from step 0)"
         )
     if todo:
         lines.append(f"to resume, run the same command (it runs {', '.join(todo)}): {command}")

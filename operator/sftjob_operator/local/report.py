@@ -11,13 +11,17 @@ ROWS = (
     ("perplexity", "perplexity", "lower"),
     ("rouge_l", "ROUGE-L", "higher"),
     ("exact_match", "exact match", "higher"),
+    # spec.alignment: the aligned model against the SFT reference (no base value)
+    ("preference_accuracy", "preference accuracy", "higher"),
+    ("reward_margin", "reward margin", "higher"),
 )
+PERCENT = ("rouge_l", "exact_match", "preference_accuracy")
 
 
 def _fmt(v: Any, key: str) -> str:
     if v is None:
         return "-"
-    if key in ("rouge_l", "exact_match"):
+    if key in PERCENT:
         return f"{100 * v:.1f}%"
     return f"{v:.4f}" if v < 100 else f"{v:.1f}"
 
@@ -25,7 +29,7 @@ def _fmt(v: Any, key: str) -> str:
 def _change(base: Any, trained: Any, key: str) -> str:
     if base is None or trained is None:
         return "-"
-    if key in ("rouge_l", "exact_match"):
+    if key in PERCENT:
         return f"{100 * (trained - base):+.1f} pts"
     if base == 0:
         return "-"

@@ -40,7 +40,7 @@ from ..render.objects import TERMINATION_GRACE_SECONDS
 from ..render.trainer_config import trainer_config
 from .interrupt import Interrupt, exit_code, resume_command, stop_lines
 from .process import child_env
-from .stage_run import Run, run_stage
+from .stage_run import Run, newest_checkpoint, run_stage
 from .summary import print_summary, write_report
 
 EXIT_INVALID = 2
@@ -88,6 +88,10 @@ def local_spec(spec: SFTJobSpec, spec_dir: str, output: OutputSpec, model_dir: s
                 }
             ),
             "dataset": ds.with_uris(lambda u: _local(u, spec_dir)),
+            "alignment": spec.alignment
+            and spec.alignment.model_copy(
+                update={"dataset": spec.alignment.dataset.with_uris(lambda u: _local(u, spec_dir))}
+            ),
             "output": output,
             "merge": spec.merge.model_copy(
                 update={
@@ -245,11 +249,9 @@ def stopped(intr: Interrupt, job: SFTJob, r: Run | None, opts: Options) -> int:
     planned = stages(r.cfg if r else job.spec)
     done = [s for s in planned if r and r.done(s)]
     todo = [str(s) for s in planned if s not in done]
-    newest = (
-        Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS), r.env[RUN_ID_ENV])
-        if r and Stage.TRAIN in todo
-        else None
-    )
+    # the newest checkpoint of the first group stage left to run (train, else align)
+    group = next((Stage(s) for s in todo if s in (Stage.TRAIN, Stage.ALIGN)), None)
+    newest = newest_checkpoint(r, group) if r and group else None
     running = r.running if r and intr.sent else None
     lines = stop_lines(
         signum,

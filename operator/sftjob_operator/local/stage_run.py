@@ -70,6 +70,8 @@ class Run:
         weights = Layout.weights(self.cfg.method.type)
         if stage == Stage.TRAIN and store.exists(Layout.TRAIN_SUMMARY) and store.list(weights):
             return Layout.TRAIN_SUMMARY
+        if stage == Stage.ALIGN and store.exists(Layout.ALIGN_SUMMARY) and store.list(Layout.ALIGNED):
+            return Layout.ALIGN_SUMMARY
         if stage == Stage.EVAL and (store.read_json(Layout.EVAL_RESULTS) or {}).get("gates_passed"):
             return Layout.EVAL_RESULTS  # a failed gate is evaluated again (and fails again)
         return None
@@ -82,7 +84,11 @@ class Run:
 
     @property
     def steps_file(self) -> str:
-        return os.path.join(self.work, "steps.jsonl")
+        """The training steps (report/'s loss curve)."""
+        return self.stage_steps_file(Stage.TRAIN)
+
+    def stage_steps_file(self, stage: Stage) -> str:
+        return os.path.join(self.work, "steps.jsonl" if stage == Stage.TRAIN else f"{stage}-steps.jsonl")
 
 
 def _print_curate_event(r: Run, ev: dict[str, Any]) -> None:
@@ -109,16 +115,28 @@ def _print_merge_event(r: Run, ev: dict[str, Any]) -> None:
         )
 
 
-def _training_intro(r: Run) -> str:
-    resume = Layout.newest_checkpoint(r.store.list(Layout.CHECKPOINTS), r.env[RUN_ID_ENV])
-    return f"{r.cfg.world_size()} local rank(s)" + (f", resuming from step {resume}" if resume else "")
+def newest_checkpoint(r: Run, stage: Stage) -> int | None:
+    """The newest complete checkpoint of this run's train or align stage (None: none, or another stage)."""
+    prefix = {Stage.TRAIN: Layout.CHECKPOINTS, Stage.ALIGN: Layout.ALIGN_CHECKPOINTS}.get(stage)
+    if prefix is None:
+        return None
+    return Layout.newest_checkpoint(r.store.list(prefix), r.env[RUN_ID_ENV], prefix)
+
+
+def _group_intro(stage: Stage) -> Callable[[Run], str]:
+    def intro(r: Run) -> str:
+        resume = newest_checkpoint(r, stage)
+        return f"{r.cfg.world_size()} local rank(s)" + (f", resuming from step {resume}" if resume else "")
+
+    return intro
 
 
 # What the terminal shows of a stage besides its phase (a stage without an entry: the row's `doing`, and
 # none of its events).
 _INTRO: dict[Stage, Callable[[Run], str]] = {
     Stage.CURATE: lambda r: "reading, curating and tokenizing the sources once",
-    Stage.TRAIN: _training_intro,
+    Stage.TRAIN: _group_intro(Stage.TRAIN),
+    Stage.ALIGN: _group_intro(Stage.ALIGN),
     Stage.EVAL: lambda r: "base model and fine-tuned model on the held-out data",
     Stage.MERGE: lambda r: f"adapter into the full-precision base, saved as {r.cfg.merge.dtype}",
 }
@@ -143,7 +161,7 @@ def run_stage(r: Run, stage: Stage) -> int:
     r.phase(row.phase, intro(r) if intro else row.doing)
     argv = trainer_argv(stage, r.cfg_path, launch)
     if row.group:
-        prog = Progress(r.steps_file)
+        prog = Progress(r.stage_steps_file(stage))
         rc = r.child(stage, argv, prog)
         prog.close()
         return rc

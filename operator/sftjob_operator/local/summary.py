@@ -72,6 +72,14 @@ def print_summary(r: Run) -> None:
             f"training: {summary.get('steps')} steps, {summary.get('tokens')} tokens, "
             f"final train loss {summary.get('final_loss', float('nan')):.4f}"
         )
+    align = r.store.read_json(Layout.ALIGN_SUMMARY)
+    if align:
+        final = align.get("final") or {}
+        echo(
+            f"alignment ({align.get('loss')} DPO, beta {align.get('beta')}): {align.get('steps')} steps, final"
+            f" loss {align.get('final_loss', float('nan')):.4f}, train reward accuracy"
+            f" {final.get('reward_accuracy', float('nan')):.3f}, margin {final.get('reward_margin', float('nan')):.4f}"
+        )
     if results:
         echo(
             report.render_table(
