@@ -69,6 +69,8 @@ class Layout:
     TRACKING = "tracking"
     MANIFEST = "manifest.json"
     ALIGN_CHECKPOINTS = "align/checkpoints"  # the align stage's, laid out as CHECKPOINTS
+    # Where each group stage (the looping ones) keeps its checkpoints: the same format and protocol under each.
+    STAGE_CHECKPOINTS = {Stage.TRAIN: CHECKPOINTS, Stage.ALIGN: ALIGN_CHECKPOINTS}
     ALIGN_SUMMARY = "align/summary.json"
     ALIGN_DATA_REPORT = "align/data_report.json"
     # the reference policy's log-probabilities of every preference pair (sftjob_trainer/align_stage.py)
@@ -185,6 +187,9 @@ def handoff(spec: SFTJobSpec, root: str) -> ServingHandoff:
     )
 
 
-def checkpoint_uri(spec: SFTJobSpec, namespace: str, name: str, run_id: str, step: int) -> str:
-    """The prefix of the trainer's checkpoint of `step` in run `run_id` (the SFTJob's uid)."""
-    return f"{run_root(spec, namespace, name)}{Layout.checkpoint(run_id, step)}/"
+def checkpoint_uri(
+    spec: SFTJobSpec, namespace: str, name: str, run_id: str, step: int, stage: Stage = Stage.TRAIN
+) -> str:
+    """The prefix of group stage `stage`'s checkpoint of `step` in run `run_id` (the SFTJob's uid)."""
+    prefix = Layout.STAGE_CHECKPOINTS[stage]
+    return f"{run_root(spec, namespace, name)}{Layout.checkpoint(run_id, step, prefix)}/"

@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sftjob_api import Phase, Reason, SFTJobStatus, Stage, parse_spec
+from sftjob_api.layout import checkpoint_uri
 from sftjob_api.status import Artifacts, Progress
 from sftjob_operator.cluster_cli import default_stage
 from sftjob_operator.render import phase as ph
 from sftjob_operator.render.names import COMPLETION_INDEX_LABEL
 from sftjob_operator.render.objects import RenderOptions, SFTJobRef, render_service, render_stage_job
 from sftjob_operator.render.observation import children_of, observe, render_status
-from sftjob_operator.render.progress import stage_checkpoint_uri
 from sftjob_operator.render.recovery import StepClock, stall_now, with_downtime
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -139,7 +139,7 @@ def test_a_failed_align_rank_restarts_the_align_group_and_counts_once() -> None:
         progress=Progress(step=12, total_steps=50, stage="align"),
         artifacts=Artifacts(
             root="s3://out/sft/team-a/run/",
-            latest_checkpoint=stage_checkpoint_uri(SPEC, "team-a", "run", REF.uid, 10, Stage.ALIGN),
+            latest_checkpoint=checkpoint_uri(SPEC, "team-a", "run", REF.uid, 10, Stage.ALIGN),
         ),
     )
     failed = stage_job(
@@ -162,7 +162,7 @@ def test_a_failed_align_rank_restarts_the_align_group_and_counts_once() -> None:
         2,
     )
     assert "run-align-1-x (rank 1)" in rec.cause and st.restarts == 1
-    kept = stage_checkpoint_uri(SPEC, "team-a", "run", REF.uid, 10, Stage.ALIGN)
+    kept = checkpoint_uri(SPEC, "team-a", "run", REF.uid, 10, Stage.ALIGN)
     assert kept == "s3://out/sft/team-a/run/align/checkpoints/sftjob-uid/step-10/"
     assert st.artifacts is not None and st.artifacts.latest_checkpoint == kept  # align's, under align/
     # the torn-down Job gone: the alignment group is re-created, not training

@@ -113,10 +113,6 @@ def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
     return torch.optim.AdamW(groups, lr=t.learning_rate)
 
 
-# Where each looping stage keeps its checkpoints (the same format and protocol under each).
-CHECKPOINT_PREFIX = {Stage.TRAIN: Layout.CHECKPOINTS, Stage.ALIGN: Layout.ALIGN_CHECKPOINTS}
-
-
 @dataclass
 class StageData:
     """What a stage's loop steps through: `rows` of indices into `examples` and the batch plan over them."""
@@ -249,7 +245,7 @@ def setup(
         run_id,
         {**fingerprint(cfg, data.key), **data.fingerprint},
         checkpoint.ADAPTER if portable_ok else checkpoint.DEEPSPEED,
-        CHECKPOINT_PREFIX[stage],
+        Layout.STAGE_CHECKPOINTS[stage],
     )
     return Setup(
         cfg,

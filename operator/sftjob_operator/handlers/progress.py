@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sftjob_api import SFTJobSpec, SFTJobStatus, Stage
+from sftjob_api.layout import checkpoint_uri
 from sftjob_api.status import Progress
 
 from .. import metrics
@@ -28,7 +29,6 @@ from ..render.progress import (
     parse_data,
     parse_progress,
     progress_changed,
-    stage_checkpoint_uri,
 )
 from ..render.recovery import with_downtime
 from .state import Memo, Obj
@@ -183,7 +183,7 @@ def progress_update(
         update["data"] = data
     saved = checkpoint_step(page.text)
     if saved is not None and status.artifacts is not None:
-        latest = stage_checkpoint_uri(
+        latest = checkpoint_uri(
             target.spec, meta["namespace"], meta["name"], meta["uid"], saved, target.stage
         )
         if status.artifacts.latest_checkpoint != latest:

@@ -117,7 +117,7 @@ def _print_merge_event(r: Run, ev: dict[str, Any]) -> None:
 
 def newest_checkpoint(r: Run, stage: Stage) -> int | None:
     """The newest complete checkpoint of this run's train or align stage (None: none, or another stage)."""
-    prefix = {Stage.TRAIN: Layout.CHECKPOINTS, Stage.ALIGN: Layout.ALIGN_CHECKPOINTS}.get(stage)
+    prefix = Layout.STAGE_CHECKPOINTS.get(stage)
     if prefix is None:
         return None
     return Layout.newest_checkpoint(r.store.list(prefix), r.env[RUN_ID_ENV], prefix)

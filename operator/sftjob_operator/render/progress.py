@@ -7,30 +7,13 @@ from datetime import datetime
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from sftjob_api import Layout, SFTJobSpec, Stage
 from sftjob_api import metric_names as m
-from sftjob_api.layout import checkpoint_uri, run_root
 from sftjob_api.status import DataSummary, Progress
 
 from .user_view import unmeasured_blanked
 
 # The newest checkpoint: saved by this run, or (before its first save) the one it resumed from.
 CHECKPOINT = (m.TRAIN_CHECKPOINT_STEP, m.TRAIN_RESUMED_FROM_STEP)
-
-
-def checkpoints_prefix(stage: Stage) -> str:
-    """Where a group stage's checkpoints are under the run root (sftjob_api.layout): the training group's
-    under checkpoints/, the alignment group's under align/checkpoints/."""
-    return Layout.CHECKPOINTS if stage == Stage.TRAIN else f"{Layout.ALIGN}/{Layout.CHECKPOINTS}"
-
-
-def stage_checkpoint_uri(
-    spec: SFTJobSpec, namespace: str, name: str, run_id: str, step: int, stage: Stage = Stage.TRAIN
-) -> str:
-    """The prefix of `stage`'s checkpoint of `step` in run `run_id` (the SFTJob's uid)."""
-    if stage == Stage.TRAIN:
-        return checkpoint_uri(spec, namespace, name, run_id, step)
-    return f"{run_root(spec, namespace, name)}{Layout.ALIGN}/{Layout.checkpoint(run_id, step)}/"
 
 
 def _samples(text: str) -> dict[str, float]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sftjob_api import STAGE_TABLE, Reason, SFTJobSpec, SFTJobStatus, Stage
+from sftjob_api import STAGE_TABLE, Layout, Reason, SFTJobSpec, SFTJobStatus, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode
 from sftjob_api.layout import status_artifacts
 from sftjob_api.status import Children, EvalResults, Progress
@@ -19,7 +19,7 @@ from .conditions import derive_conditions, get_condition, set_condition
 from .names import ChildNames
 from .objects import needs_service
 from .observe import JobObs, PodObs, parse_eval_results, parse_time
-from .progress import checkpoints_prefix, training_done
+from .progress import training_done
 from .rank_ends import first_failed
 from .stuck import Stuck
 from .user_view import shown_progress
@@ -183,7 +183,7 @@ def build_status(
         # latestCheckpoint is the progress reader's (from the trainer's metrics): keep it while it is
         # under this spec's checkpoints prefix of the group stage the run is in (train's, then align's).
         latest = prev.artifacts.latest_checkpoint if prev.artifacts else None
-        if latest and arts.root and latest.startswith(f"{arts.root}{checkpoints_prefix(obs.group)}/"):
+        if latest and arts.root and latest.startswith(f"{arts.root}{Layout.STAGE_CHECKPOINTS[obs.group]}/"):
             arts.latest_checkpoint = latest
         status.artifacts = arts
         status.children = Children(
