@@ -65,6 +65,9 @@ def allowed(namespace: str, name: str = "allowed") -> dict[str, Any]:
             },
             "merge": {"uri": f"{own}/served/m"},
             "training": {"resumeFrom": f"{own}/earlier-run/adapter/"},
+            "alignment": {
+                "dataset": {"train": [f"{own}/data/pairs.jsonl"], "eval": [f"{own}/data/pairs-e.jsonl"]}
+            },
             "tracking": {
                 "mlflow": {
                     "trackingUri": "http://mlflow.mlflow.svc.cluster.local:5000",
@@ -97,6 +100,12 @@ VIOLATIONS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("spec.dataset.train", _set("spec.dataset.train", ["/etc/passwd"]), "default"),
     ("spec.dataset.sources", _sources, "default"),
     ("spec.dataset.eval", _set("spec.dataset.eval", ["/data/e.jsonl"]), "default"),
+    (
+        "spec.alignment.dataset.train",
+        _set("spec.alignment.dataset.train", ["s3://sftjob/other-team/pairs.jsonl"]),
+        "default",
+    ),
+    ("spec.alignment.dataset.eval", _set("spec.alignment.dataset.eval", ["/data/pairs.jsonl"]), "default"),
     ("spec.output.uri", _set("spec.output.uri", "s3://sftjob/other-team"), "default"),
     ("spec.merge.uri", _set("spec.merge.uri", "s3://sftjob/other-team/served/m"), "default"),
     (

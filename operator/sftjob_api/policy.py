@@ -62,6 +62,8 @@ RULES: tuple[Rule, ...] = (
     Rule("spec.dataset.train[*]", "uriPrefixes"),
     Rule("spec.dataset.sources[*].files[*]", "uriPrefixes"),
     Rule("spec.dataset.eval[*]", "uriPrefixes"),
+    Rule("spec.alignment.dataset.train[*]", "uriPrefixes"),
+    Rule("spec.alignment.dataset.eval[*]", "uriPrefixes"),
     Rule("spec.output.uri", "uriPrefixes", OUTPUT_URI),
     Rule("spec.merge.uri", "uriPrefixes"),
     Rule("spec.training.resumeFrom", "uriPrefixes"),

@@ -21,9 +21,22 @@ CONFIG_ANNOTATION = f"{GROUP}/trainer-config"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 
 
+def input_uris(spec: SFTJobSpec) -> list[tuple[str, str | None]]:
+    """(field path, uri) of everything the trainer reads: the model, its tokenizer, the dataset's files and
+    the preference pairs'."""
+    inputs: list[tuple[str, str | None]] = [
+        ("spec.model.uri", spec.model.uri),
+        ("spec.model.tokenizer", spec.model.tokenizer),
+    ]
+    inputs += [(f"spec.dataset.{path}", u) for path, u in spec.dataset.input_uris()]
+    if spec.alignment is not None:
+        inputs += [(f"spec.alignment.dataset.{path}", u) for path, u in spec.alignment.dataset.input_uris()]
+    return inputs
+
+
 def pvc_claims(spec: SFTJobSpec) -> list[str]:
     """PersistentVolumeClaims named by pvc://claim/path inputs, in first-seen order."""
-    uris = [spec.model.uri, spec.model.tokenizer, *(u for _, u in spec.dataset.input_uris())]
+    uris = [u for _, u in input_uris(spec)]
     claims: list[str] = []
     for uri in uris:
         if uri and uri.startswith("pvc://"):
@@ -57,7 +70,10 @@ def trainer_config(namespace: str, name: str, spec: SFTJobSpec) -> TrainerConfig
         output_root=run_root(spec, namespace, name),
         model_uri=spec.model.uri if model.uri != spec.model.uri else None,  # pvc:// became a pod path
     )
-    fields = {**dict(spec), "model": model, "dataset": dataset, "run": run}
+    alignment = spec.alignment and spec.alignment.model_copy(
+        update={"dataset": spec.alignment.dataset.with_uris(pvc_path)}
+    )
+    fields = {**dict(spec), "model": model, "dataset": dataset, "alignment": alignment, "run": run}
     return TrainerConfig.model_validate(fields)
 
 
@@ -75,12 +91,7 @@ def cluster_output_error(spec: SFTJobSpec) -> str | None:
     them against the manifest's directory on one machine). Only the operator knows it runs in a cluster, so
     this is an InvalidSpec it alone can detect. Outputs must be s3:// or an absolute path (a mounted volume).
     """
-    inputs: list[tuple[str, str | None]] = [
-        ("spec.model.uri", spec.model.uri),
-        ("spec.model.tokenizer", spec.model.tokenizer),
-    ]
-    inputs += [(f"spec.dataset.{path}", u) for path, u in spec.dataset.input_uris()]
-    for field, uri in inputs:
+    for field, uri in input_uris(spec):
         if uri is not None and _is_relative(uri):
             return (
                 f"{field}: {uri!r} is a path relative to the manifest (only `sftjob run` resolves those);"
