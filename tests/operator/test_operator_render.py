@@ -526,3 +526,25 @@ def test_pvc_inputs_are_mounted_read_only_and_rewritten(minimal: Any) -> None:
         "/mnt/pvc/datasets/b.jsonl",
         "s3://bucket/c.jsonl",
     ]
+
+
+def test_pvc_preference_files_are_mounted_and_rewritten_for_the_align_stage(minimal: Any) -> None:
+    ref, _ = minimal
+    doc = load("sftjob-minimal.yaml")
+    doc["spec"]["alignment"] = {
+        "dataset": {"train": ["pvc://prefs/p.jsonl"], "eval": ["s3://bucket/e.jsonl"]}
+    }
+    spec = parse_spec(doc["spec"])
+    job = o.render_stage_job(Stage.ALIGN, ref, spec, o.RenderOptions())
+    pod = job["spec"]["template"]["spec"]
+    claims = [v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "prefs", "readOnly": True}]
+    cfg = TrainerConfig.model_validate(json.loads(trainer_config_file(job)))
+    assert cfg.alignment is not None
+    assert (cfg.alignment.dataset.train, cfg.alignment.dataset.eval) == (
+        ["/mnt/pvc/prefs/p.jsonl"],
+        ["s3://bucket/e.jsonl"],
+    )
+    doc["spec"]["alignment"]["dataset"]["train"] = ["./prefs.jsonl"]
+    err = cluster_output_error(parse_spec(doc["spec"]))
+    assert err is not None and err.startswith("spec.alignment.dataset.train.0:")
