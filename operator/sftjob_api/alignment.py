@@ -18,6 +18,13 @@ from .dataset import DataUri
 
 PreferenceFormat = Literal["preference", "preference_messages"]
 DpoLoss = Literal["sigmoid", "ipo"]
+# spec.training and spec.alignment.training: a run's length is given one way.
+EPOCHS_XOR_MAX_STEPS = CelRule(
+    cel="!(has(self.epochs) && has(self.maxSteps))",
+    message="set either epochs or maxSteps, not both",
+    check=lambda t: t.epochs is None or t.max_steps is None,
+    field_path=".maxSteps",
+)
 # Unset alignment.training.learningRate: spec.training.learningRate divided by this.
 ALIGN_LR_DIVISOR = 10
 
@@ -87,14 +94,7 @@ class AlignmentTraining(ApiModel):
     checkpoint_steps: int | None = Field(default=None, ge=1, le=10_000_000)
     """Save a resumable checkpoint every N steps; spec.training.checkpointSteps when unset."""
 
-    cel_rules = (
-        CelRule(
-            cel="!(has(self.epochs) && has(self.maxSteps))",
-            message="set either epochs or maxSteps, not both",
-            check=lambda t: t.epochs is None or t.max_steps is None,
-            field_path=".maxSteps",
-        ),
-    )
+    cel_rules = (EPOCHS_XOR_MAX_STEPS,)
 
 
 class AlignmentSpec(ApiModel):

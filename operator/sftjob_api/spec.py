@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .alignment import ALIGN_LR_DIVISOR, AlignmentSpec
+from .alignment import ALIGN_LR_DIVISOR, EPOCHS_XOR_MAX_STEPS, AlignmentSpec
 from .base import ApiModel, CelRule
 from .dataset import DATA_URI, DatasetSpec
 from .evaluation import PREFERENCE_GATES, EvalSpec
@@ -139,12 +139,7 @@ class TrainingSpec(ApiModel):
     a fresh optimizer. Used only while the run has no checkpoint of its own (docs/recovery.md)."""
 
     cel_rules = (
-        CelRule(
-            cel="!(has(self.epochs) && has(self.maxSteps))",
-            message="set either epochs or maxSteps, not both",
-            check=lambda t: t.epochs is None or t.max_steps is None,
-            field_path=".maxSteps",
-        ),
+        EPOCHS_XOR_MAX_STEPS,
         CelRule(
             cel="self.globalBatchSize % self.microBatchSize == 0",
             message="globalBatchSize must be a multiple of microBatchSize",

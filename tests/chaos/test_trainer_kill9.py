@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import subprocess
 from typing import Any
 
 import pytest
+from trainer.runner import kill_rank
 
 from sftjob_api.ports import free_port
 
@@ -60,20 +60,6 @@ def launch(runner: Any, cfg: str, env: dict[str, str]) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
-
-
-def kill_rank(launcher_pid: int, rank: int) -> None:
-    """SIGKILL the worker process of one rank (found by its RANK environment variable), nothing else."""
-    import psutil
-
-    for p in psutil.Process(launcher_pid).children(recursive=True):
-        try:
-            if p.environ().get("RANK") == str(rank) and "LOCAL_RANK" in p.environ():
-                p.send_signal(signal.SIGKILL)
-                return
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no worker process of rank {rank} under {launcher_pid}")
 
 
 def keys(s3: Any, prefix: str) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -108,3 +109,17 @@ def json_events(stdout: str) -> list[dict[str, Any]]:
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
     return out
+
+
+def kill_rank(launcher_pid: int, rank: int) -> None:
+    """SIGKILL the worker process of one rank (found by its RANK environment variable), nothing else."""
+    import psutil
+
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if p.environ().get("RANK") == str(rank) and "LOCAL_RANK" in p.environ():
+                p.send_signal(signal.SIGKILL)
+                return
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no worker process of rank {rank} under {launcher_pid}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from sftjob_api.ports import free_port
 
 from . import reference
-from .runner import json_events, launch_cmd, run, trainer_env, write_config
+from .runner import json_events, kill_rank, launch_cmd, run, trainer_env, write_config
 from .tiny import preference_rows, write_jsonl
 
 pytestmark = [pytest.mark.trainer, pytest.mark.slow]
@@ -51,19 +50,6 @@ def align_config(tmp_path: Path, model_dir: str, sft: Path, name: str) -> str:
         },
     }
     return write_config(str(tmp_path / f"{name}.json"), cfg)
-
-
-def kill_rank(launcher_pid: int, rank: int) -> None:
-    import psutil
-
-    for p in psutil.Process(launcher_pid).children(recursive=True):
-        try:
-            if p.environ().get("RANK") == str(rank) and "LOCAL_RANK" in p.environ():
-                p.send_signal(signal.SIGKILL)
-                return
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no worker process of rank {rank} under {launcher_pid}")
 
 
 def aligned(out: Path) -> dict:
