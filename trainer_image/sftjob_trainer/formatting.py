@@ -42,14 +42,14 @@ class RowError(ValueError):
         self.reason = reason
 
 
-def _field(row: Mapping[str, Any], key: str, required: bool = True) -> Any:
+def row_field(row: Mapping[str, Any], key: str, required: bool = True) -> Any:
     val = row.get(key)
     if val is None and required:
         raise RowError("missing_field", f"missing field {key!r}")
     return val
 
 
-def _text(val: Any, key: str) -> str:
+def string_field(val: Any, key: str) -> str:
     if not isinstance(val, str):
         raise RowError("wrong_type", f"field {key!r} is {type(val).__name__}, not a string")
     return val
@@ -109,9 +109,9 @@ def format_row(
     f = fields or FieldMapping()
     templ = bool(tok.chat_template) if use_chat_template is None else use_chat_template
     if fmt == "alpaca":
-        instr = _text(_field(row, f.instruction), f.instruction)
-        inp = _text(_field(row, f.input, required=False) or "", f.input)
-        out = _text(_field(row, f.output), f.output)
+        instr = string_field(row_field(row, f.instruction), f.instruction)
+        inp = string_field(row_field(row, f.input, required=False) or "", f.input)
+        out = string_field(row_field(row, f.output), f.output)
         if templ:
             prompt = instr + (f"\n\n{inp}" if inp else "")
         else:
@@ -122,11 +122,11 @@ def format_row(
             )
         return _pair(tok, prompt, out, templ)
     if fmt == "prompt_completion":
-        prompt = _text(_field(row, f.prompt), f.prompt)
-        comp = _text(_field(row, f.completion), f.completion)
+        prompt = string_field(row_field(row, f.prompt), f.prompt)
+        comp = string_field(row_field(row, f.completion), f.completion)
         return _pair(tok, prompt, comp, templ)
     if fmt == "messages":
-        raw = _field(row, f.messages)
+        raw = row_field(row, f.messages)
         if not isinstance(raw, Sequence) or isinstance(raw, str) or not raw:
             raise RowError("missing_field", f"field {f.messages!r} is not a non-empty list")
         msgs: list[dict[str, str]] = []

@@ -26,7 +26,7 @@ from .curation.decontam import EvalIndex
 from .curation.report import MAX_EXAMPLES, check_contamination_gate, check_drop_gate
 from .curation.text import Content, content_of, snippet
 from .data import IGNORE, split, tokenize_batch
-from .formatting import CONTENT, ROLE, Formatted, RowError, format_row
+from .formatting import CONTENT, ROLE, Formatted, RowError, format_row, row_field, string_field
 from .records import MAX_EXAMPLES_PER_REASON, DropReport, iter_rows
 
 Turns = tuple[tuple[str, str], ...]  # (role, content)
@@ -117,19 +117,6 @@ class _Files:
 # ---- one row: pure ----
 
 
-def _get(data: Mapping[str, Any], name: str) -> Any:
-    val = data.get(name)
-    if val is None:
-        raise RowError("missing_field", f"missing field {name!r}")
-    return val
-
-
-def _string(val: Any, name: str) -> str:
-    if not isinstance(val, str):
-        raise RowError("wrong_type", f"field {name!r} is {type(val).__name__}, not a string")
-    return val
-
-
 def _turns(val: Any, name: str) -> Turns:
     if not isinstance(val, list):
         raise RowError(
@@ -151,7 +138,7 @@ def parse_row(data: Mapping[str, Any], fmt: str, f: PreferenceFieldMapping) -> t
     """(prompt, chosen, rejected) of one row, or RowError with the drop reason."""
     prompt: str | Turns
     if fmt == "preference":
-        raw_p, raw_c, raw_r = [_get(data, k) for k in (f.prompt, f.chosen, f.rejected)]
+        raw_p, raw_c, raw_r = [row_field(data, k) for k in (f.prompt, f.chosen, f.rejected)]
         if isinstance(raw_p, list):
             prompt = _turns(raw_p, f.prompt)
         elif isinstance(raw_p, str):
@@ -160,9 +147,9 @@ def parse_row(data: Mapping[str, Any], fmt: str, f: PreferenceFieldMapping) -> t
             raise RowError(
                 "wrong_type", f"field {f.prompt!r} is {type(raw_p).__name__}, not a string or a list of turns"
             )
-        chosen, rejected = _string(raw_c, f.chosen), _string(raw_r, f.rejected)
+        chosen, rejected = string_field(raw_c, f.chosen), string_field(raw_r, f.rejected)
     elif fmt == "preference_messages":
-        raw_c, raw_r = [_get(data, k) for k in (f.chosen, f.rejected)]
+        raw_c, raw_r = [row_field(data, k) for k in (f.chosen, f.rejected)]
         c, r = _turns(raw_c, f.chosen), _turns(raw_r, f.rejected)
         for conv, name in ((c, f.chosen), (r, f.rejected)):
             if not conv or conv[-1][0] != "assistant":
