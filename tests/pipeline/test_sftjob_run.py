@@ -1,6 +1,7 @@
 """`sftjob run` end to end on the tiny model: invalid specs stop before any work; Ctrl-C checkpoints, a
 re-run from an edited manifest is refused naming the field, a re-run as written resumes, then eval, merge,
-report and a manifest that verifies against S3 (real SeaweedFS); `--fresh` starts a new run."""
+report and a manifest that verifies against S3 (real SeaweedFS); `--fresh` starts a new run; a run with
+spec.alignment on the embedded S3 trains, aligns, evaluates and merges the aligned adapter."""
 
 from __future__ import annotations
 
@@ -212,18 +213,34 @@ def test_interrupted_run_resumes_and_completes_on_s3(tiny_model_dir, tmp_path, s
 
 @pytest.mark.trainer
 @pytest.mark.slow
-def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
-
-    from trainer.tiny import dataset_rows, write_jsonl
+def test_run_with_embedded_s3_trains_aligns_evaluates_and_merges_the_aligned_adapter(
+    tiny_model_dir, tmp_path
+):
+    """`--embedded-s3`, and also the local run of spec.alignment (docs/alignment.md): train -> align -> eval
+    (held-out preference metrics and their gates) -> merge of the aligned adapter; one run proves both."""
+    import torch
+    from safetensors.torch import load as load_safetensors
+    from safetensors.torch import load_file
+    from trainer.tiny import dataset_rows, preference_rows, write_jsonl
 
     from sftjob_api.manifest import verify_manifest
     from sftjob_api.storage import S3Store
     from sftjob_operator.local.embedded_s3 import EmbeddedS3
 
-    write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(60, seed=1))
-    write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(6, seed=2))
+    write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(40, seed=1))
+    write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(4, seed=2))
+    write_jsonl(str(tmp_path / "pairs.jsonl"), preference_rows(16, seed=3))
+    write_jsonl(str(tmp_path / "held.jsonl"), preference_rows(6, seed=4))
     training = {"maxSteps": 3, "globalBatchSize": 4, "microBatchSize": 2, "gradientCheckpointing": False}
-    spec = write_spec(tmp_path / "tiny.yaml", spec_doc(tiny_model_dir, training=training))
+    alignment = {
+        "beta": 0.5,
+        "dataset": {"train": ["./pairs.jsonl"], "eval": ["./held.jsonl"]},
+        "training": {"maxSteps": 4, "learningRate": 5e-3, "globalBatchSize": 4, "microBatchSize": 2},
+    }
+    gates = {"minPreferenceAccuracy": 0.0, "minRewardMargin": -1000}
+    evals = {"maxSamples": 4, "maxNewTokens": 4, "gates": gates}
+    doc = spec_doc(tiny_model_dir, training=training, alignment=alignment, eval=evals)
+    spec = write_spec(tmp_path / "tiny.yaml", doc)
     env = {**os.environ, "SFTJOB_S3_DIR": str(tmp_path / "s3"), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [*CLI, "run", spec, "--embedded-s3", "--work-dir", str(tmp_path / "work")],
@@ -236,15 +253,39 @@ def test_run_with_embedded_s3(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "embedded S3 (SeaweedFS) at http://127.0.0.1:" in proc.stdout
     assert not (tmp_path / "runs").exists()  # nothing went to the local directory
+    phases = [x.split("phase ")[1].split(":")[0] for x in proc.stdout.splitlines() if "] phase " in x]
+    assert phases == ["Pending", "Training", "Aligning", "Evaluating", "Merging", "Succeeded"], proc.stdout
 
     server = EmbeddedS3(str(tmp_path / "s3")).start()  # the data outlives the command
     try:
         store = S3Store("s3://sftjob/runs/local/tiny-run", client=server.client())
-        assert store.exists("manifest.json")
         assert verify_manifest(store) == []
-        assert store.exists("merged/model.safetensors")
+        manifest = store.read_json("manifest.json")
+        assert manifest["stages"]["align"] == "done" and manifest["metrics"]["align"]["steps"] == 4
+        results = store.read_json("eval/results.json")
+        trained = results["trained"]
+        assert trained["preference_pairs"] == len(store.read_json("align/reference_logps.json")["eval"])
+        assert 0 <= results["status"]["preferenceAccuracy"] <= 1 and results["gates_passed"]
+        assert results["status"]["rewardMargin"] == pytest.approx(trained["reward_margin"])
+        assert store.read_json("serving/serving.json")["adapter"]["uri"].endswith("/aligned/")
+        merged = load_safetensors(store.get_bytes("merged/model.safetensors"))
+        adapters = {
+            d: load_safetensors(store.get_bytes(f"{d}/adapter_model.safetensors"))
+            for d in ("aligned", "adapter")
+        }
     finally:
         server.stop()
+
+    # the merged model folds the aligned adapter (not the SFT one): W + (alpha / r) B A for one layer
+    base = load_file(f"{tiny_model_dir}/model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    lora = "base_model.model." + key.removesuffix(".weight")
+
+    def folded(a: dict) -> torch.Tensor:
+        return base[key] + 2.0 * a[f"{lora}.lora_B.weight"] @ a[f"{lora}.lora_A.weight"]
+
+    assert torch.allclose(merged[key], folded(adapters["aligned"]), atol=1e-5)
+    assert not torch.allclose(merged[key], folded(adapters["adapter"]), atol=1e-5)
 
 
 def tracked_in_one_mlflow_run(server, pointer: dict, stdout: str, work: Path, results: dict) -> None:

@@ -12,7 +12,7 @@ import yaml
 
 from sftjob_api import Layout
 from sftjob_api.exit_codes import PERMANENT_CODES, ExitCode, PermanentError
-from sftjob_trainer.__main__ import combine_exit_codes, main
+from sftjob_trainer.__main__ import combine_exit_codes, main, unused_optional_packages
 from sftjob_trainer.checkpoint import to_delete
 from sftjob_trainer.config import load_config, parse_config
 from sftjob_trainer.schedule import deepspeed_config, lr_factor, plan_batches
@@ -144,6 +144,18 @@ def test_operator_rendered_config_is_a_valid_trainer_config(tmp_path):
     assert cfg.run.output_root == "s3://out/runs/team-a/run-1/"
     assert cfg.method.type == "lora" and cfg.method.lora.r == 8 and cfg.training.max_steps == 10
     assert cfg.dataset.format == "messages"
+
+
+def test_a_run_starts_without_the_optional_packages_it_does_not_use():
+    def unused(**over: object) -> list[str]:
+        return unused_optional_packages(parse_config({"run": {"outputRoot": "/tmp/x"}, **SPEC, **over}))
+
+    assert unused() == ["bitsandbytes", "mlflow"]
+    assert unused(method={"type": "qlora"}) == ["mlflow"]  # 4-bit weights are bitsandbytes'
+    assert unused(training={**SPEC["training"], "optimizer": "adamw_8bit"}) == ["mlflow"]
+    tracked = {"mlflow": {"trackingUri": "http://127.0.0.1:5000", "experiment": "x"}}
+    assert unused(tracking=tracked) == ["bitsandbytes"]
+    assert unused(tracking={}) == ["bitsandbytes", "mlflow"]
 
 
 def test_bad_config_names_the_field(tmp_path, monkeypatch):

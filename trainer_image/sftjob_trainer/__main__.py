@@ -22,7 +22,7 @@ from sftjob_api import Stage
 from sftjob_api.exit_codes import ExitCode, TrainerError
 
 from . import model_cache
-from .config import load_config
+from .config import TrainerConfig, load_config
 from .extensions import seed_extensions
 from .metrics import log_json
 
@@ -42,6 +42,26 @@ def _record_exit(code: int, message: str, termination_log: str | None) -> None:
             pass
 
 
+def unused_optional_packages(cfg: TrainerConfig) -> list[str]:
+    """Installed packages this run does not use that other libraries import just because they are installed:
+    peft and transformers import bitsandbytes, which compiles its CPU ops with torch.compile and so loads
+    torch's whole compiler stack (~3 CPU-s per process); DeepSpeed's autotuner imports MLflow (~1.4 s).
+    Every rank and stage pays that at start-up, so a run that needs neither starts without them."""
+    unused = []
+    if cfg.method.type != "qlora" and cfg.training.optimizer != "adamw_8bit":
+        unused.append("bitsandbytes")
+    if cfg.tracking is None or cfg.tracking.mlflow is None:
+        unused.append("mlflow")
+    return unused
+
+
+def hide_packages(names: list[str]) -> None:
+    """None in sys.modules makes `import name` raise ImportError and importlib's find_spec return None, so
+    libraries take their not-installed path (they all treat these packages as optional)."""
+    for name in names:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def run_stage(stage: Stage, config_path: str | None) -> int:
     term_log = os.environ.get("SFTJOB_TERMINATION_LOG")
     try:
@@ -51,6 +71,7 @@ def run_stage(stage: Stage, config_path: str | None) -> int:
             os.environ.get("SFTJOB_TORCH_EXTENSIONS_SEED"), os.environ.get("TORCH_EXTENSIONS_DIR")
         )
         # Imported here: the torch stack loads only in the process that runs a stage (never in `launch`).
+        hide_packages(unused_optional_packages(cfg))
         if stage == Stage.CURATE:
             from .curate_stage import main as entry
         elif stage == Stage.TRAIN:

@@ -14,7 +14,6 @@ import glob
 import os
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -123,6 +122,8 @@ def training_attention(on_gpu: bool, override: str | None = None) -> str:
 def disable_bnb_cpu_repack(model: Any) -> int:
     """bitsandbytes repacks 4-bit weights on AVX512-BF16 CPUs in eval mode, which later breaks DeepSpeed
     save_checkpoint (`assert packed_weight.dtype == torch.uint8`); opt every Linear4bit out."""
+    import bitsandbytes as bnb  # here: only qlora runs load it (__main__.unused_optional_packages)
+
     n = 0
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):  # type: ignore[attr-defined]

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import bitsandbytes as bnb
 import numpy as np
 import torch
 
@@ -109,6 +108,8 @@ def make_optimizer(model: Any, cfg: TrainerConfig) -> Any:
         {"params": ps, "weight_decay": wd} for ps, wd in ((decay, t.weight_decay), (no_decay, 0.0)) if ps
     ]  # ZeRO drops empty groups
     if t.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb  # here: only runs that use it load it (__main__.unused_optional_packages)
+
         return bnb.optim.AdamW8bit(groups, lr=t.learning_rate)  # type: ignore[attr-defined]
     return torch.optim.AdamW(groups, lr=t.learning_rate)
 

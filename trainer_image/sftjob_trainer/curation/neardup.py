@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from datasketch import MinHash, MinHashLSH
-
 from .text import ngrams, words
 
 MINHASH_SEED = 1  # fixed: the same rows give the same signatures on every rank and every run
@@ -30,6 +28,8 @@ class Cluster:
 def near_duplicates(texts: list[str | None], threshold: float, shingle: int, num_perm: int) -> list[Cluster]:
     """Clusters of rows whose shingle sets have Jaccard >= threshold with an earlier kept row, in input order.
     Rows given as None are not considered. Every row is compared against kept rows only."""
+    from datasketch import MinHash, MinHashLSH  # here: it loads scipy (~0.7 s), which only curation needs
+
     lsh = MinHashLSH(threshold=max(0.3, threshold - LSH_MARGIN), num_perm=num_perm, weights=LSH_WEIGHTS)
     shingles: dict[int, set[str]] = {}
     clusters: dict[int, Cluster] = {}
