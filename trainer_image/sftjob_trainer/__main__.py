@@ -20,9 +20,10 @@ import traceback
 
 from sftjob_api import Stage
 from sftjob_api.exit_codes import ExitCode, TrainerError
+from sftjob_api.trainer_config import TrainerConfig
 
 from . import model_cache
-from .config import TrainerConfig, load_config
+from .config import load_config
 from .extensions import seed_extensions
 from .metrics import log_json
 
