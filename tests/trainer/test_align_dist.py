@@ -100,8 +100,9 @@ def test_align_reference_is_the_sft_policy_and_a_kill9_resumes_bit_exactly(
     assert proc.stdout is not None
     ev_a = []
     for line in proc.stdout:
-        ev_a += json_events(line)
-        if any(e["event"] == "step" and e["step"] == KILL_AFTER for e in json_events(line)):
+        events = json_events(line)
+        ev_a += events
+        if any(e["event"] == "step" and e["step"] == KILL_AFTER for e in events):
             kill_rank(proc.pid, 1)
     assert proc.wait(timeout=300) != 0
     steps_a = [e for e in ev_a if e["event"] == "step"]
