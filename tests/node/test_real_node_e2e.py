@@ -30,7 +30,20 @@ from testbed.procs import wait_until
 
 from .conftest import S3_SECRET, ChartOperator, PodS3
 from .readme_run import DATA, NAME, PHASES, ReadmeRun, json_lines, run_readme_task, upload_data
-from .toy import _is_float, apply_sftjob, condition, logs, pods, wait_status
+from .toy import (
+    RESIZED_EVAL_RTOL,
+    TOY_GATES,
+    TOY_STEPS,
+    ToyRun,
+    _is_float,
+    apply_sftjob,
+    assert_passes_the_gate,
+    condition,
+    eval_results,
+    logs,
+    pods,
+    wait_status,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.trainer]
 
@@ -337,19 +350,21 @@ def test_the_users_view_of_the_same_run(kube: Any, readme_run: ReadmeRun) -> Non
     assert fetched["keys"][0].endswith("/rank-1.npz"), fetched
 
 
-def test_deleted_trainer_pod_resumes_from_checkpoint(
+# ---- recoveries of the toy spec: a deleted pod at the same size, a suspend and a resize to 1 node ---------
+
+
+@pytest.fixture(scope="module")
+def unresized_run(
     kube: Any, real_node: RealNode, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
-) -> None:
+) -> ToyRun:
+    """A 2-pod run whose trainer pod is deleted at step 25 or later, through to Succeeded: the deletion test's
+    run, and the reference the resized run is compared with (whichever test asks first pays for it)."""
     ns, name = chart_operator.namespace, "resilient"
     apply_sftjob(
-        kube,
-        ns,
-        name,
-        inputs,
-        pod_s3.endpoint,
-        training={"maxSteps": 60, "checkpointSteps": 10},  # room after step 25 for the kill to land first
+        kube, ns, name, inputs, pod_s3.endpoint,
+        training={"maxSteps": TOY_STEPS, "checkpointSteps": 10}, eval={"gates": TOY_GATES},
         merge={"enabled": False},
-    )
+    )  # fmt: skip
     st = wait_status(
         kube, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= 25, 600, "step 25 reached"
     )
@@ -369,21 +384,35 @@ def test_deleted_trainer_pod_resumes_from_checkpoint(
         return None
 
     resumed = wait_until(resumed_from, 600, "a trainer pod resuming from a checkpoint", interval=2.0)
-    assert step_at_kill - resumed <= 10 + 2, (step_at_kill, resumed)  # lost <= checkpoint interval (+ lag)
-    wait_status(kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after the restart")
+    st = wait_status(
+        kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after the restart"
+    )
+    run = ToyRun(st, eval_results(pod_s3, ns, name), step_at_kill, resumed)
+    print(
+        f"\n{name}: eval loss {run.results['trained']['eval_loss']} (base {run.results['base']['eval_loss']})"
+    )
+    return run
+
+
+def test_deleted_trainer_pod_resumes_from_checkpoint(unresized_run: ToyRun) -> None:
+    run = unresized_run
+    assert run.step_at_kill - run.resumed <= 10 + 2, run  # lost <= checkpoint interval (+ lag)
+    assert_passes_the_gate(run)
 
 
 def test_suspended_run_resumes_on_fewer_nodes(
-    kube: Any, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
+    kube: Any, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str, unresized_run: ToyRun
 ) -> None:
     """Suspend writes a checkpoint from the SIGTERM handler alone (checkpointSteps is 1000); while Suspended the
     run is patched from 2 nodes to 1 (docs/recovery.md, "An edited size"); resumed, one pod continues the
-    2-rank checkpoint at world size 1 (adapter checkpoints load at any size), evaluates and Succeeds. Prints
-    the resume time at the new size (unsuspend -> first step)."""
+    2-rank checkpoint at world size 1 (adapter checkpoints load at any size), evaluates and Succeeds; its
+    adapter passes the same gate as the run that stayed at 2 pods, with the same eval loss. Prints the resume
+    time at the new size (unsuspend -> first step)."""
     ns, name = chart_operator.namespace, "suspended"
     apply_sftjob(
         kube, ns, name, inputs, pod_s3.endpoint,
-        training={"maxSteps": 80, "checkpointSteps": 1000}, merge={"enabled": False},
+        training={"maxSteps": TOY_STEPS, "checkpointSteps": 1000}, eval={"gates": TOY_GATES},
+        merge={"enabled": False},
     )  # fmt: skip
     wait_status(
         kube, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= 5, 600, "step 5 reached"
@@ -418,6 +447,16 @@ def test_suspended_run_resumes_on_fewer_nodes(
     first_step = next(e["ts"] for e in events if e["event"] == "step")
     print(f"\nresumed at world size 1 from the 2-rank checkpoint of step {saved[0]}: unsuspend -> first step "
           f"{first_step - t_resume:.1f} s (pod start, image, model, checkpoint fetch)")  # fmt: skip
+
+    # The resized adapter evaluates as the unresized run's does: the same gate passes, the same eval loss.
+    run = ToyRun(st, eval_results(pod_s3, ns, name))
+    loss, reference = run.results["trained"]["eval_loss"], unresized_run.results["trained"]["eval_loss"]
+    print(
+        f"{name}: eval loss {loss} vs {reference} unresized ({abs(loss - reference) / reference:.2g} relative)"
+    )
+    assert_passes_the_gate(run)
+    assert run.results["base"] == unresized_run.results["base"]  # the same held-out rows, the same base model
+    assert loss == pytest.approx(reference, rel=RESIZED_EVAL_RTOL), (loss, reference)
 
 
 def test_unpullable_image_is_stuck_with_the_cause(

@@ -4,19 +4,58 @@ they share with the README run's tests."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from testbed.node import NODE_SELECTOR, TOLERATIONS
 from testbed.operator_e2e import load
 from testbed.procs import wait_until
 
-from .conftest import S3_SECRET
+from .conftest import S3_SECRET, PodS3
 
 # The operator e2e tests' SFTJob helpers: status(kube, ns, name), condition(status, type), pods(kube, ns, sel).
 _e2e = load()
 status, condition, pods = _e2e.status, _e2e.condition, _e2e.pods
 
 GROUP = "sft.tuning.dev"
+
+# Both recovering runs train the same steps under the same eval gate, so the resized run's adapter is judged
+# against the deleted-pod run's, whose resume at the same size is exact (docs/recovery.md). 60 steps: room
+# after step 25 for the kill to land first, and after step 5 for the suspend (its SIGTERM checkpoint has
+# come at step 20-31, the latter under load 8-9); the suspended run trained 80, 20 more at world size 1 for nothing.
+TOY_STEPS = 60
+# The tiny model's held-out loss (eval/results.json) is 5.97 untrained and 5.63 after 60 steps (at 40: 5.65):
+# the gate fails the base model (asserted from its own numbers) and passes a trained one with room either way.
+TOY_GATES = {"maxEvalLoss": 5.8}
+# The resized adapter's eval loss vs the unresized one's, relative. A resize changes only the order of fp32
+# additions (accumulation 4 on 1 rank vs 2 x 2 all-reduced): the gloo resize test measured 1.7e-7 on each
+# step's loss, and a local 1-rank vs 2-rank run of this spec gave equal eval losses (all 16 digits). 1e-4 is
+# far above that, and below the 4.6e-4 between this spec's runs of 56 and 60 steps (5.6349, 5.6323): a resumed
+# run that trained on other samples or steps would show.
+RESIZED_EVAL_RTOL = 1e-4
+
+
+@dataclass(frozen=True)
+class ToyRun:
+    status: dict[str, Any]  # the SFTJob's status once Succeeded
+    results: dict[str, Any]  # its eval/results.json
+    step_at_kill: int = 0
+    resumed: int = 0  # the checkpoint step a trainer resumed from
+
+
+def eval_results(pod_s3: PodS3, ns: str, name: str) -> dict[str, Any]:
+    body = pod_s3.bucket.client().get_object(
+        Bucket=pod_s3.bucket.bucket, Key=f"runs/{ns}/{name}/eval/results.json"
+    )
+    return json.loads(body["Body"].read())
+
+
+def assert_passes_the_gate(run: ToyRun) -> None:
+    """The spec's gate reached the eval stage, the untrained model fails it and the trained adapter passes."""
+    assert run.results["gates"] == TOY_GATES, run.results["gates"]
+    assert run.results["base"]["eval_loss"] > TOY_GATES["maxEvalLoss"], run.results["base"]
+    ev = run.status["evalResults"]
+    assert (ev["gatesPassed"], ev["failedGates"]) == (True, []), ev
 
 
 def sftjob(name: str, prefix: str, endpoint: str, **over: Any) -> dict[str, Any]:
