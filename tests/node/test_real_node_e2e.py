@@ -31,6 +31,7 @@ from testbed.procs import wait_until
 from .conftest import S3_SECRET, ChartOperator, PodS3
 from .readme_run import DATA, NAME, PHASES, ReadmeRun, json_lines, run_readme_task, upload_data
 from .toy import (
+    KILL_AT_STEP,
     RESIZED_EVAL_RTOL,
     TOY_GATES,
     TOY_STEPS,
@@ -42,6 +43,7 @@ from .toy import (
     eval_results,
     logs,
     pods,
+    status,
     wait_status,
 )
 
@@ -357,7 +359,7 @@ def test_the_users_view_of_the_same_run(kube: Any, readme_run: ReadmeRun) -> Non
 def unresized_run(
     kube: Any, real_node: RealNode, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
 ) -> ToyRun:
-    """A 2-pod run whose trainer pod is deleted at step 25 or later, through to Succeeded: the deletion test's
+    """A 2-pod run whose trainer pod is deleted at step 12 or later, through to Succeeded: the deletion test's
     run, and the reference the resized run is compared with (whichever test asks first pays for it)."""
     ns, name = chart_operator.namespace, "resilient"
     apply_sftjob(
@@ -366,7 +368,12 @@ def unresized_run(
         merge={"enabled": False},
     )  # fmt: skip
     st = wait_status(
-        kube, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= 25, 600, "step 25 reached"
+        kube,
+        ns,
+        name,
+        lambda s: (s.get("progress") or {}).get("step", 0) >= KILL_AT_STEP,
+        600,
+        "the kill's step",
     )
     step_at_kill = st["progress"]["step"]
     victim = next(
@@ -375,15 +382,16 @@ def unresized_run(
     kube.kubectl("delete", "pod", victim["metadata"]["name"], "-n", ns, "--wait=false")
 
     # A new pod of the same index runs and the trainer resumes from the newest complete checkpoint
-    # (rank 0 logs {"event": "resumed", "step": N}).
+    # (rank 0 logs {"event": "resumed", "step": N}); -1: training ended first (the kill came too late).
     def resumed_from() -> int | None:
         for p in pods(kube, ns, "sft.tuning.dev/stage=train"):
             for line in logs(kube, ns, p["metadata"]["name"]).splitlines():
                 if line.startswith("{") and '"resumed"' in line:
                     return int(json.loads(line)["step"])
-        return None
+        return -1 if status(kube, ns, name).get("phase") in ("Evaluating", "Succeeded", "Failed") else None
 
     resumed = wait_until(resumed_from, 600, "a trainer pod resuming from a checkpoint", interval=2.0)
+    assert resumed >= 0, f"training ended before the kill of step {step_at_kill} landed"
     st = wait_status(
         kube, ns, name, lambda s: s.get("phase") == "Succeeded", 900, "Succeeded after the restart"
     )
