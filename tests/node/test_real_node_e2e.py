@@ -397,7 +397,8 @@ def unresized_run(
     )
     run = ToyRun(st, eval_results(pod_s3, ns, name), step_at_kill, resumed)
     print(
-        f"\n{name}: eval loss {run.results['trained']['eval_loss']} (base {run.results['base']['eval_loss']})"
+        f"\n{name}: killed at step {step_at_kill}, resumed from {resumed}; eval loss "
+        f"{run.results['trained']['eval_loss']} (base {run.results['base']['eval_loss']})"
     )
     return run
 

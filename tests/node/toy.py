@@ -21,18 +21,18 @@ GROUP = "sft.tuning.dev"
 
 # Both recovering runs train the same steps under the same eval gate, so the resized run's adapter is judged
 # against the deleted-pod run's, whose resume at the same size is exact (docs/recovery.md). 80 steps, the
-# suspended run's before: its SIGTERM checkpoint has come 15-26 steps after the step-5 trigger, and with 60 the
-# deleted-pod run once finished training before its kill landed (under load 10-13, the test at nice 19).
+# suspended run's before: its SIGTERM checkpoint came at step 10-31 after the step-5 trigger; with 60 the
+# deleted-pod run twice ended training before its kill (then at step 25) landed, at load 3 and at load 13.
 TOY_STEPS = 80
 # The deletion waits for this step: past the first checkpoint (checkpointSteps 10), far from the last step.
 KILL_AT_STEP = 12
-# The tiny model's held-out loss (eval/results.json) is 5.97 untrained and 5.62 after 80 steps (5.65 after 40):
+# The tiny model's held-out loss (eval/results.json) is 5.97 untrained, 5.62 after 80 steps (5.65 after 40):
 # the gate fails the base model (asserted from its own numbers) and passes a trained one with room either way.
 TOY_GATES = {"maxEvalLoss": 5.8}
 # The resized adapter's eval loss vs the unresized one's, relative. A resize changes only the order of fp32
 # additions (accumulation 4 on 1 rank vs 2 x 2 all-reduced): the gloo resize test measured 1.7e-7 on each
-# step's loss, and a local 1-rank vs 2-rank run of this spec (60 steps) gave equal eval losses (all 16 digits).
-# 1e-4 is far above that, and below the 4.6e-4 between this spec's runs of 76 and 80 steps (5.6187, 5.6161):
+# step's loss; a local 1-rank and a 2-rank run of this spec (60 steps) gave equal eval losses (16 digits);
+# 1e-4 is far above that and below the 4.6e-4 between this spec's runs of 76 and 80 steps (5.6187, 5.6161):
 # a resumed run that trained on other samples or steps would show.
 RESIZED_EVAL_RTOL = 1e-4
 
