@@ -359,7 +359,7 @@ def test_the_users_view_of_the_same_run(kube: Any, readme_run: ReadmeRun) -> Non
 def unresized_run(
     kube: Any, real_node: RealNode, chart_operator: ChartOperator, pod_s3: PodS3, inputs: str
 ) -> ToyRun:
-    """A 2-pod run whose trainer pod is deleted at step 12 or later, through to Succeeded: the deletion test's
+    """A 2-pod run whose trainer pod is deleted at step 20 or later, through to Succeeded: the deletion test's
     run, and the reference the resized run is compared with (whichever test asks first pays for it)."""
     ns, name = chart_operator.namespace, "resilient"
     apply_sftjob(

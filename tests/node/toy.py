@@ -22,10 +22,11 @@ GROUP = "sft.tuning.dev"
 # Both recovering runs train the same steps under the same eval gate, so the resized run's adapter is judged
 # against the deleted-pod run's, whose resume at the same size is exact (docs/recovery.md). 80 steps, the
 # suspended run's before: its SIGTERM checkpoint came at step 10-31 after the step-5 trigger; with 60 the
-# deleted-pod run twice ended training before its kill (then at step 25) landed, at load 3 and at load 13.
+# deleted-pod run twice ended training before its kill (at step 25) landed, at load 3 and at load 13.
 TOY_STEPS = 80
-# The deletion waits for this step: past the first checkpoint (checkpointSteps 10), far from the last step.
-KILL_AT_STEP = 12
+# The deletion waits for this step: far from the last (the kill has landed 9-15 steps after it on an idle
+# machine, more under load), and past 12, so a restart from step 0 would break the test's bound on lost steps.
+KILL_AT_STEP = 20
 # The tiny model's held-out loss (eval/results.json) is 5.97 untrained, 5.62 after 80 steps (5.65 after 40):
 # the gate fails the base model (asserted from its own numbers) and passes a trained one with room either way.
 TOY_GATES = {"maxEvalLoss": 5.8}
