@@ -253,7 +253,7 @@ class Reconciler:
             self.children.stop_unfinished(namespace, list(obs.jobs.values()))
         self._sync_probe(ref, obs, kids.probe, 0 if decision.terminal else obs.probe_pods, memo, body)
         if obs.admitted is not None and not decision.terminal:
-            self._size_admitted(namespace, obs.jobs[Stage.TRAIN].name, obs.admitted, body)
+            self._size_admitted(namespace, obs.jobs[Stage.TRAIN], obs.admitted, body, memo)
 
         # Write the status, then what must follow it.
         status = render_status(meta, obs, decision, now, meta.get("generation"))
@@ -341,12 +341,13 @@ class Reconciler:
         self.kube.create(render_probe_job(train, ref.name, want))
         memo.created[PROBE] = time.monotonic()
 
-    def _size_admitted(self, namespace: str, job: str, admitted: Admitted, body: Obj) -> None:
+    def _size_admitted(self, namespace: str, job: JobObs, admitted: Admitted, body: Obj, memo: Memo) -> None:
         """A train Job Kueue admitted (render/admission.py): its size label first (a retry after a crash
         finds it set and only opens the pods left), then each gated pod gets the size and its gate removed."""
-        if admitted.relabel:
-            self.kube.set_job_label(namespace, job, LABEL_NODES, str(admitted.nodes))
+        if admitted.relabel and memo.sized != (job.uid, admitted.nodes):
+            self.kube.set_job_label(namespace, job.name, LABEL_NODES, str(admitted.nodes))
             self.kube.post_event(body, "Normal", "Admitted", admitted.message)
+            memo.sized = (job.uid, admitted.nodes)
         for pod in admitted.open:
             self.kube.open_pod_gate(namespace, pod, GROUP_SIZE_GATE, {NNODES_ANNOTATION: str(admitted.nodes)})
 

@@ -127,6 +127,9 @@ class Memo:
     # (resourceVersion a status write started from, the SFTJob it returned): until the watch shows the write
     own_write: tuple[str, Obj] | None = None
     ttl_done: bool = False
+    # Kueue's partial admission: (train Job uid, the size label we wrote), until the watch shows it
+    # (render/admission.py): one label write and one Event per admission
+    sized: tuple[str, int] | None = None
     # Kueue: child Job name -> (its uid, the Workload spec.active we wrote) (handlers/kueue.py)
     workload_active: dict[str, tuple[str, bool]] = field(default_factory=dict)
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen
