@@ -15,7 +15,8 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 # Set by the Job controller on every pod of an Indexed Job (also exported as JOB_COMPLETION_INDEX).
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-# On the train Job: the group's shape it was rendered at (render/elastic.py compares it with the wanted one).
+# On the train Job: the group's shape it was rendered at, or its size as Kueue admitted it (render/admission.py);
+# render/elastic.py compares it with the wanted one.
 LABEL_NODES = f"{GROUP}/nodes"
 LABEL_GPUS_PER_NODE = f"{GROUP}/gpus-per-node"
 # A Kueue-sized elastic group (render/admission.py): Kueue's partial admission of a batch/v1 Job, our

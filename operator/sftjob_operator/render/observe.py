@@ -39,7 +39,8 @@ class JobObs:
     start_time: datetime | None = None
     uid: str = ""
     deleting: bool = False  # deletionTimestamp set (a group restart tears it down)
-    # The train Job's shape as rendered (labels; None on Jobs of operators before elastic runs).
+    # The train Job's shape as rendered, or as Kueue admitted it (labels; None on Jobs of operators before
+    # elastic runs).
     nodes: int | None = None
     gpus_per_node: int | None = None
     # Kueue's partial admission (render/admission.py): the Job's parallelism and its min-parallelism
