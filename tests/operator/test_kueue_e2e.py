@@ -262,5 +262,5 @@ def test_an_elastic_run_starts_at_the_size_the_queue_has_room_for(
         for pod in pods:
             assert pod["metadata"]["annotations"]["sft.tuning.dev/nnodes"] == "2", pod["metadata"]
             assert not pod["spec"].get("schedulingGates"), pod["spec"]
-        [admitted_event] = [e for e in events(kube, ns, "part") if e["reason"] == "Admitted"]
+        [admitted_event] = [e for e in events(kube, ns, "part") if e["reason"] == "GroupAdmitted"]
         assert "Kueue admitted 2 pod(s): the training group starts at 2 node(s)" in admitted_event["message"]

@@ -346,7 +346,7 @@ class Reconciler:
         finds it set and only opens the pods left), then each gated pod gets the size and its gate removed."""
         if admitted.relabel and memo.sized != (job.uid, admitted.nodes):
             self.kube.set_job_label(namespace, job.name, LABEL_NODES, str(admitted.nodes))
-            self.kube.post_event(body, "Normal", "Admitted", admitted.message)
+            self.kube.post_event(body, "Normal", "GroupAdmitted", admitted.message)
             memo.sized = (job.uid, admitted.nodes)
         for pod in admitted.open:
             self.kube.open_pod_gate(namespace, pod, GROUP_SIZE_GATE, {NNODES_ANNOTATION: str(admitted.nodes)})

@@ -17,7 +17,7 @@ An elastic run (runPolicy.elastic) under Kueue asks for its group at the size it
   whose index is >= that size (P is no allowed size) find node_rank >= nnodes and exit 0 at once (`python -m
   sftjob_trainer launch`): their indexes complete, and Kueue reclaims their quota.
 
-Starting at a smaller size is not a recovery: nothing ran, nothing was lost. It is an Event (`Admitted`).
+Starting at a smaller size is not a recovery: nothing ran, nothing was lost. It is an Event (`GroupAdmitted`).
 """
 
 from __future__ import annotations
