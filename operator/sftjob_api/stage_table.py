@@ -222,7 +222,7 @@ class Launch:
     """Where a group stage's ranks meet: torchrun's arguments (strings: a Job passes `$(VAR)` references
     that Kubernetes expands, `sftjob run` the values)."""
 
-    nnodes: int
+    nnodes: int | str  # a str: a `$(VAR)` the pod's env resolves (a Kueue-sized group: render/admission.py)
     nproc_per_node: int
     master_addr: str
     master_port: str
