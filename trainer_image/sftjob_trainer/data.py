@@ -10,7 +10,7 @@ import hashlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sftjob_api.dataset import DatasetSpec, FieldMapping
 from sftjob_api.exit_codes import PermanentError
@@ -20,6 +20,7 @@ from .formatting import Formatted, RowError, format_row
 from .records import DropReport, Row, iter_rows
 
 IGNORE = -100
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,9 @@ def build_examples(
     return out
 
 
-def split(examples: list[Example], eval_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Deterministic train/eval split (same seed, same split on every rank and every restart)."""
+def split(examples: list[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Deterministic train/eval split (same seed, same split on every rank and every restart); also splits
+    the align stage's preference pairs."""
     if eval_fraction <= 0 or len(examples) < 2:
         return examples, []
     idx = list(range(len(examples)))

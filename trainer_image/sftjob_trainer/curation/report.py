@@ -122,7 +122,8 @@ def check_contamination_gate(cur: CurationSpec | None, leaked: int, checked: int
         )
 
 
-def check_drop_gate(cur: CurationSpec | None, report: DataReport) -> None:
+def check_drop_gate(cur: CurationSpec | None, report: DataReport | DropReport) -> None:
+    """The SFT data report, or the align stage's preference rows (preference_data.py)."""
     if cur is None or cur.max_drop_fraction is None or not report.total_rows:
         return
     dropped = sum(report.dropped.values())
