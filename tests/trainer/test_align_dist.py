@@ -120,7 +120,8 @@ def test_align_reference_is_the_sft_policy_and_a_kill9_resumes_bit_exactly(
     assert len(stored["train"]) >= 20 and len(stored["eval"]) == len(expect) >= 5
     assert torch.allclose(torch.tensor(stored["eval"]), torch.tensor(expect), atol=1e-4), (stored, expect)
     summary = json.loads((out_a / "align" / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["final"]["reward_margin"] == steps_a[-1]["reward_margin"]
+    assert summary["steps"] == STEPS
+    assert summary["final"]["reward_margin"] == pytest.approx(steps_a[-1]["reward_margin"], abs=1e-5)
     assert (out_a / "align" / "checkpoints" / "local" / f"step-{CKPT}" / "COMPLETE").exists()
     assert not (out_a / "checkpoints").exists()  # the train stage's prefix is untouched
 

@@ -56,18 +56,17 @@ def dataset_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """{prompt, chosen, rejected}: reverse a few words; chosen is right, rejected keeps the order."""
+    """{prompt, chosen, rejected}: reverse a few words; chosen is right, rejected keeps the order and adds
+    a filler (a difference a few DPO steps learn even on the tiny model)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         words = [rng.choice(WORDS[:18]) for _ in range(rng.randint(2, 6))]
-        while words == words[::-1]:  # chosen must differ from rejected
-            words.append(rng.choice(WORDS[:18]))
         rows.append(
             {
                 "prompt": "reverse " + " ".join(words),
                 "chosen": " ".join(words[::-1]),
-                "rejected": " ".join(words),
+                "rejected": " ".join([*words, "the", "of", "the"]),
             }
         )
     return rows

@@ -16,11 +16,10 @@ Rewards are beta * (policy - reference) summed log-probability, as TRL reports t
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -28,6 +27,7 @@ from torch.nn import functional as F
 from .data import IGNORE, Example
 from .loss import SelectiveLossLM, base_causal_lm, sequence_logps
 from .packing import Batch, collate
+from .preference_data import PreferenceData, PreferencePair, load_preference_data
 
 LOSSES = ("sigmoid", "ipo")
 # The per-step statistics the align stage reports (means over the step's pairs), in this order.
@@ -43,17 +43,12 @@ STATS = (
 )
 
 
-class Pair(Protocol):
-    """A preference pair as token ids (sftjob_trainer.preference_data.PreferencePair)."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
+Pair = PreferencePair  # prompt, chosen, rejected token ids (and origin)
 
 
-def load_pairs(cfg: Any, tok: Any) -> Any:
-    """sftjob_trainer.preference_data.load_preference_data(cfg, tok): PreferenceData(train, eval, report)."""
-    return importlib.import_module("sftjob_trainer.preference_data").load_preference_data(cfg, tok)
+def load_pairs(cfg: Any, tok: Any) -> PreferenceData:
+    """spec.alignment.dataset's pairs: PreferenceData(train, eval, report) (preference_data.py)."""
+    return load_preference_data(cfg, tok)
 
 
 def pairs_digest(pairs: Sequence[Pair]) -> str:

@@ -9,6 +9,10 @@ training held out) computes, for the base model *and* the trained one:
 - ROUGE-L and exact match (eval_metrics.py) of greedy generations for the first eval.maxSamples examples:
   the prompt is everything before the example's last labelled span, the reference is that span's text.
 
+With spec.alignment the trained model is the aligned one (aligned/, Layout.final_weights), and the trained
+results add preference_accuracy and reward_margin on the held-out pairs, against the reference
+log-probabilities the align stage stored (docs/alignment.md, "Eval and gates").
+
 Writes eval/results.json (plus `status`, shaped like SFTJob status.evalResults) and eval/samples.jsonl, then
 checks spec.eval.gates against the trained model: exit 0 when they hold (and the termination message, if
 configured, is `{"evalResults": {...}}`), EVAL_GATE_FAILED (3) otherwise (the message names the failed gates).

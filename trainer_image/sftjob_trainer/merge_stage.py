@@ -1,7 +1,8 @@
 """The merge stage: `python -m sftjob_trainer merge --config PATH`.
 
-Folds the trained LoRA adapter into the *full-precision* base model (also for qlora: the adapter is merged
-into the original float weights, never into the 4-bit ones) with peft's `merge_and_unload`, casts to
+Folds the trained LoRA adapter (the aligned one with spec.alignment: Layout.final_weights) into the
+*full-precision* base model (also for qlora: the adapter is merged into the original float weights, never
+into the 4-bit ones) with peft's `merge_and_unload`, casts to
 spec.merge.dtype and writes safetensors + tokenizer + generation config to merged/ (or spec.merge.uri).
 
 Verification (results in merged/verification.json; the stage fails if either check fails):
