@@ -160,10 +160,12 @@ def preference_scores(
     batch: int = 8,
 ) -> dict[str, float]:
     """Held-out preference accuracy and mean reward margin of `model` (a causal LM, no DeepSpeed) on `pairs`
-    against the reference's stored log-probabilities `ref` ([chosen, rejected] per pair)."""
+    against the reference's stored log-probabilities `ref` ([chosen, rejected] per pair); and
+    chosen_logp_accuracy: the share of pairs whose chosen response `model` itself finds more likely (the
+    measure that also applies to the reference and the base model, whose implicit rewards are 0)."""
     wrapper = PolicyLogps(model).eval()
     dev = next(model.parameters()).device
-    correct, margin = 0.0, 0.0
+    correct, margin, own = 0.0, 0.0, 0.0
     with torch.no_grad():
         for s in range(0, len(pairs), batch):
             b = collate_pairs(pairs[s : s + batch], pad_id)
@@ -173,5 +175,16 @@ def preference_scores(
             out = dpo_loss(pc, pj, r[:, 0], r[:, 1], beta)  # rewards do not depend on the loss kind
             correct += float(out.accuracy.sum())
             margin += float(out.margin.sum())
+            own += float((pc > pj).sum())
     n = max(len(pairs), 1)
-    return {"preference_accuracy": correct / n, "reward_margin": margin / n, "preference_pairs": len(pairs)}
+    return {
+        "preference_accuracy": correct / n,
+        "reward_margin": margin / n,
+        "chosen_logp_accuracy": own / n,
+        "preference_pairs": len(pairs),
+    }
+
+
+def chosen_logp_accuracy(logps: Sequence[Sequence[float]]) -> float:
+    """The share of [chosen, rejected] log-probability pairs in which chosen is the more likely."""
+    return sum(c > r for c, r in logps) / max(len(logps), 1)

@@ -39,7 +39,7 @@ from sftjob_api.storage import Store, open_store
 from sftjob_api.trainer_config import TrainerConfig
 
 from .data import IGNORE, Example
-from .dpo import load_pairs, pairs_digest, preference_scores
+from .dpo import chosen_logp_accuracy, load_pairs, pairs_digest, preference_scores
 from .eval_metrics import generation_scores, loss_summary
 from .loss import SelectiveLossLM
 from .metrics import log_json
@@ -207,9 +207,9 @@ def load_models(cfg: TrainerConfig, store: Store, work: str) -> tuple[Any, Any, 
     return model, tok, as_base_adapter
 
 
-def held_out_preferences(cfg: TrainerConfig, store: Store, model: Any, tok: Any) -> dict[str, Any]:
-    """preference_accuracy and reward_margin of the aligned model on the held-out pairs, against the
-    reference log-probabilities the align stage stored for exactly these pairs."""
+def held_out_pairs(cfg: TrainerConfig, store: Store, tok: Any) -> tuple[list[Any], list[list[float]]]:
+    """The held-out preference pairs and the reference (SFT) log-probabilities the align stage stored for
+    exactly these pairs ([chosen, rejected] each)."""
     assert cfg.alignment is not None
     ref = store.read_json(Layout.ALIGN_REFERENCE)
     if ref is None:
@@ -220,10 +220,25 @@ def held_out_preferences(cfg: TrainerConfig, store: Store, model: Any, tok: Any)
             f"the held-out preference pairs differ from those {Layout.ALIGN_REFERENCE} was computed for"
             " (spec.alignment.dataset changed after the align stage?)"
         )
-    if not pairs:
-        return {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return preference_scores(model, pairs, ref["eval"], cfg.alignment.beta, pad)
+    return pairs, ref["eval"]
+
+
+def evaluate_sft(
+    cfg: TrainerConfig, store: Store, work: str, tok: Any, examples: list[Example]
+) -> dict[str, Any]:
+    """With spec.alignment: the SFT metrics of the SFT result (training's adapter/ or model/, the align
+    stage's starting point), so the report can show base / SFT / aligned side by side."""
+    on_gpu = torch.cuda.is_available()
+    weights = Layout.weights(cfg.method.type)
+    sft_dir = os.path.join(work, "sft")
+    if not store.download_dir(weights, sft_dir):
+        raise PermanentError(f"nothing under {weights}/: did training finish?")
+    sft = load_trained(cfg, model_dir(cfg), sft_dir, weights_dtype(cfg.method, on_gpu)).eval()
+    if on_gpu and cfg.method.type != "qlora":
+        sft = sft.to("cuda")
+    ev = cfg.eval
+    res, _ = evaluate_model(sft, tok, examples, list(ev.metrics), ev.max_samples, ev.max_new_tokens)
+    return res
 
 
 def main(cfg: TrainerConfig) -> int:
@@ -244,18 +259,31 @@ def main(cfg: TrainerConfig) -> int:
     log_json(
         "eval_start", examples=len(examples), generate=min(ev.max_samples, len(examples)), metrics=metrics
     )
+    pairs, ref_logps = held_out_pairs(cfg, store, tok) if cfg.alignment is not None else ([], [])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    beta = cfg.alignment.beta if cfg.alignment is not None else 0.0
     with as_base() as base:
         base_res, base_preds = evaluate_model(base, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+        if pairs:  # only the base's own preference: its rewards against the SFT reference mean little
+            own = preference_scores(base, pairs, ref_logps, beta, pad)["chosen_logp_accuracy"]
+            base_res["chosen_logp_accuracy"] = own
     log_json("eval_base", **base_res)
-    trained_res, preds = evaluate_model(model, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+    sft_res: dict[str, Any] | None = None
     if cfg.alignment is not None:
-        trained_res.update(held_out_preferences(cfg, store, model, tok))
+        sft_res = evaluate_sft(cfg, store, work, tok, examples)
+        if pairs:  # the SFT model is the reference: rewards 0, its own preference from the stored logps
+            sft_res.update(chosen_logp_accuracy=chosen_logp_accuracy(ref_logps), reward_margin=0.0)
+        log_json("eval_sft", **sft_res)
+    trained_res, preds = evaluate_model(model, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+    if pairs:
+        trained_res.update(preference_scores(model, pairs, ref_logps, beta, pad))
     log_json("eval_trained", **trained_res)
     trained = metrics_of(trained_res)
     failed = ev.gates.failures(trained) if ev.gates else []
     status = EvalResults(**dict(trained), gates_passed=not failed, failed_gates=failed)
     results = {
         "base": base_res,
+        **({"sft": sft_res} if sft_res is not None else {}),
         "trained": trained_res,
         "gates": ev.gates.model_dump(mode="json", exclude_none=True) if ev.gates else {},
         "gates_passed": not failed,

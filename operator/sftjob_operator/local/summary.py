@@ -83,7 +83,7 @@ def print_summary(r: Run) -> None:
     if results:
         echo(
             report.render_table(
-                ("held-out metric", "base model", "fine-tuned", "change"), report.eval_table(results)
+                ("held-out metric", *report.eval_header(results)[1:]), report.eval_table(results)
             )
         )
         if results.get("failed_gates"):
