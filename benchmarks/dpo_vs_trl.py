@@ -1,19 +1,20 @@
 """Real tokens/s and peak RSS of DPO steps: our align stage vs TRL's DPOTrainer, side by side (not a test).
 
-Same pairs (examples/data/preferences-train.jsonl, the SFT + DPO example's), same model (SmolLM2-135M-Instruct
-from the model cache, float32 on CPU), LoRA r16/alpha32/dropout 0 on q,k,v,o,gate,up,down, sigmoid loss,
-beta 0.1, lr 5e-4, 8 pairs per optimizer step, at most 160 tokens per sequence. Both start from a fresh
-adapter on the base model (ours: an untrained adapter written where training's would be; TRL: its peft_config),
-so the reference is the base model on both sides. Each mode runs in its own process; the first step is
+Same pairs (examples/data/preferences-train.jsonl) and settings as the SFT + DPO example
+(examples/sftjob-sft-dpo.yaml, read from it: LoRA, beta, sftLossWeight, learning rate, pairs per step,
+micro-batch, token limit), same model (SmolLM2-135M-Instruct from the model cache, float32 on CPU). Both
+start from a fresh adapter on the base model (ours: an untrained adapter written where training's would be;
+TRL: its peft_config), so the reference is the base model on both sides. With sftLossWeight TRL runs
+loss_type [sigmoid, sft] (its NLL is averaged over the batch's chosen tokens, ours per pair: same work). Each mode runs in its own process; the first step is
 warm-up and not timed. Real tokens = the non-padding tokens of the forward passes that carry gradients
 (prompt twice + chosen + rejected per pair), on both sides.
 
 Modes:
-    ours          the align stage as examples/sftjob-sft-dpo.yaml runs it: micro-batch 4 pairs x 2,
+    ours          the align stage as examples/sftjob-sft-dpo.yaml runs it: micro-batch of pairs x 2 rows,
                   no gradient checkpointing; reference log-probabilities computed once before step 1
     ours_gc       the same with gradient checkpointing (our default policy, selective)
     trl_default   DPOConfig defaults (gradient checkpointing on, the reference forward every step through the
-                  adapter-disabled model), batch 8
+                  adapter-disabled model), the example's pairs per step in one batch
     trl_fast      TRL's documented speed settings that apply on CPU: gradient_checkpointing=False,
                   precompute_ref_log_probs=True (padding_free is documented as falling back to padding in
                   TRL 1.x, use_liger_kernel needs Triton on a GPU)
@@ -40,10 +41,33 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from trainer_throughput import MODEL, median, vm_hwm  # noqa: E402
 
+EXAMPLE = HERE.parent / "examples" / "sftjob-sft-dpo.yaml"
 PAIRS = HERE.parent / "examples" / "data" / "preferences-train.jsonl"
 MODES = ("ours", "ours_gc", "trl_default", "trl_fast")
-MAX_LEN, BATCH, MICRO, LR, BETA, R = 160, 8, 4, 5e-4, 0.1, 16
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def example_settings() -> dict:
+    """The example's alignment settings (one home: the benchmark runs what the example runs)."""
+    import yaml
+
+    spec = yaml.safe_load(EXAMPLE.read_text())["spec"]
+    al, t, lora = spec["alignment"], spec["alignment"]["training"], spec["method"]["lora"]
+    return {
+        "max_len": al["dataset"]["maxSeqLength"],
+        "batch": t["globalBatchSize"],
+        "micro": t["microBatchSize"],
+        "lr": t["learningRate"],
+        "beta": al["beta"],
+        "sft_weight": al.get("sftLossWeight", 0.0),
+        "r": lora["r"],
+        "alpha": lora["alpha"],
+        "targets": lora["targetModules"],
+    }
+
+
+S = example_settings()
+MAX_LEN, BATCH, MICRO, LR, BETA, R = S["max_len"], S["batch"], S["micro"], S["lr"], S["beta"], S["r"]
+TARGETS = S["targets"]
 
 
 def fresh_adapter(out_root: str) -> None:
@@ -58,7 +82,9 @@ def fresh_adapter(out_root: str) -> None:
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(resolve(MODEL), dtype=torch.float32)
-    lora = LoraConfig(r=R, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=R, lora_alpha=S["alpha"], lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
     get_peft_model(base, lora).save_pretrained(os.path.join(out_root, Layout.ADAPTER))
 
 
@@ -77,11 +103,12 @@ def run_ours(steps: int, gc: bool, tmp: str) -> dict:
             "dataset": {"train": [str(PAIRS)], "format": "alpaca", "maxSeqLength": 256},  # unused by align
             "method": {
                 "type": "lora",
-                "lora": {"r": R, "alpha": 32, "dropout": 0.0, "targetModules": TARGETS},
+                "lora": {"r": R, "alpha": S["alpha"], "dropout": 0.0, "targetModules": TARGETS},
             },
             "training": {"maxSteps": steps, "learningRate": LR * 10, "gradientCheckpointing": gc},
             "alignment": {
                 "beta": BETA,
+                "sftLossWeight": S["sft_weight"],
                 "dataset": {"train": [str(PAIRS)], "maxSeqLength": MAX_LEN},
                 "training": {
                     "maxSteps": steps,
@@ -153,6 +180,12 @@ def run_trl(steps: int, tmp: str, mode: str) -> dict:
         max_steps=steps,
         learning_rate=LR,
         beta=BETA,
+        # sftLossWeight: TRL's sigmoid + sft combination (the same length-normalised NLL of the chosen answer)
+        **(
+            {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, S["sft_weight"]]}
+            if S["sft_weight"]
+            else {}
+        ),
         max_length=MAX_LEN,
         use_cpu=True,
         report_to=[],
@@ -164,7 +197,9 @@ def run_trl(steps: int, tmp: str, mode: str) -> dict:
         fp16=False,
         **({"gradient_checkpointing": False, "precompute_ref_log_probs": True} if fast else {}),
     )
-    lora = LoraConfig(r=R, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=R, lora_alpha=S["alpha"], lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
+    )
     trainer = DPOTrainer(
         model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[Clock()]
     )
