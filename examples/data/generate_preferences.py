@@ -43,7 +43,7 @@ from generate_contacts import (
 )
 
 PAIR_SEED = 20261207
-N_TRAIN = 192  # 24 align steps x 8 pairs: one pass (the reference is computed for every pair)
+N_TRAIN = 192  # 24 align steps x 8 pairs per pass (the reference is computed once for every pair)
 N_EVAL = 32
 UPPER = INSTRUCTION + " Write the city in capital letters."
 

@@ -280,6 +280,7 @@ def export_aligned(
             "resumed_from": resumed_from,
             "loss": al.loss,
             "beta": al.beta,
+            "sft_loss_weight": al.sft_loss_weight,
             "plan": plan.__dict__,
             "pairs": {"train": len(ref["train"]), "eval": len(ref["eval"])},
             "data": s.report,

@@ -76,7 +76,9 @@ def print_summary(r: Run) -> None:
     if align:
         final = align.get("final") or {}
         echo(
-            f"alignment ({align.get('loss')} DPO, beta {align.get('beta')}): {align.get('steps')} steps, final"
+            f"alignment ({align.get('loss')} DPO, beta {align.get('beta')}"
+            + (f", SFT term {align['sft_loss_weight']}" if align.get("sft_loss_weight") else "")
+            + f"): {align.get('steps')} steps, final"
             f" loss {align.get('final_loss', float('nan')):.4f}, train reward accuracy"
             f" {final.get('reward_accuracy', float('nan')):.3f}, margin {final.get('reward_margin', float('nan')):.4f}"
         )
