@@ -269,6 +269,12 @@ def test_run_with_embedded_s3_trains_aligns_evaluates_and_merges_the_aligned_ada
         assert trained["preference_pairs"] == len(store.read_json("align/reference_logps.json")["eval"])
         assert 0 <= results["status"]["preferenceAccuracy"] <= 1 and results["gates_passed"]
         assert results["status"]["rewardMargin"] == pytest.approx(trained["reward_margin"])
+        # the SFT result is evaluated too (a second adapter on the eval stage's one base model): a third set
+        # of numbers, neither the base model's nor the aligned one's, shown in its own column
+        sft = results["sft"]
+        assert {"eval_loss", "exact_match", "chosen_logp_accuracy"} <= sft.keys(), sft
+        assert sft["eval_loss"] not in (results["base"]["eval_loss"], trained["eval_loss"]), results
+        assert "aligned vs SFT" in proc.stdout
         assert results["failed_gates"] == [] and results["gates"] == gates
         assert store.read_json("serving/serving.json")["adapter"]["uri"].endswith("/aligned/")
         merged = load_safetensors(store.get_bytes("merged/model.safetensors"))

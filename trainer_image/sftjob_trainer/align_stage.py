@@ -96,7 +96,12 @@ def prepare_pairs(cfg: TrainerConfig, tok: Any, env: DistEnv, metrics: TrainerMe
         plan,
         dict(data.report),
         pairs_digest(data.train),
-        {"spec.alignment.loss": al.loss, "spec.alignment.beta": al.beta},
+        {
+            "spec.alignment.loss": al.loss,
+            "spec.alignment.beta": al.beta,
+            # only when set: checkpoints written before the field existed keep their fingerprint
+            **({"spec.alignment.sftLossWeight": al.sft_loss_weight} if al.sft_loss_weight else {}),
+        },
         data.eval,
     )
 
@@ -202,7 +207,7 @@ def dpo_step(
         b = {k: to_device(v, dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         pc, pj, nc, nj = pair_logps(s.engine, b)
         refs = on_device([x for i in idx for x in ref[i]], dev).float().view(-1, 2)
-        out = dpo_loss(pc, pj, refs[:, 0], refs[:, 1], al.beta, al.loss, nc, nj)
+        out = dpo_loss(pc, pj, refs[:, 0], refs[:, 1], al.beta, al.loss, nc, nj, al.sft_loss_weight)
         loss = out.losses.sum()
         s.engine.backward(loss * scale)
         s.engine.step()
@@ -257,6 +262,7 @@ def export_aligned(
             "resumed_from": resumed_from,
             "loss": al.loss,
             "beta": al.beta,
+            "sft_loss_weight": al.sft_loss_weight,
             "plan": plan.__dict__,
             "pairs": {"train": len(ref["train"]), "eval": len(ref["eval"])},
             "data": s.report,
