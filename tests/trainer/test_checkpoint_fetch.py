@@ -10,7 +10,7 @@ from sftjob_trainer.checkpoint import files_for_rank
 from sftjob_trainer.model import zero3_init
 from sftjob_trainer.schedule import deepspeed_config
 
-# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/<run>/step-N/ (deepspeed format: full or adamw_8bit)
+# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/<run>/step-N/ (deepspeed format: full fine-tuning)
 ZERO3 = [
     "COMPLETE",
     "rng_rank0.json",

@@ -193,18 +193,11 @@ def save(
         if bnb_state.is_bnb(opt):
             save_file(bnb_state.raw_state(engine, opt), os.path.join(local, bnb_state.rank_file(rank)))
     else:
-        # without ZeRO (one rank) nothing names the optimizer's state per parameter: recorded for a resize
-        names = (
-            {}
-            if engine.zero_optimization()
-            else {
-                universal.OPTIMIZER_PARAM_NAMES: universal.optimizer_param_names(
-                    engine.module, engine.optimizer
-                )
-            }
-        )
         engine.save_checkpoint(
-            os.path.dirname(local), tag=tag, client_state=names, exclude_frozen_parameters=not full(engine)
+            os.path.dirname(local),
+            tag=tag,
+            client_state=universal.client_state(engine),
+            exclude_frozen_parameters=not full(engine),
         )
     with open(os.path.join(local, f"rng_rank{rank}.json"), "wb") as f:
         f.write(portable.rng_bytes())

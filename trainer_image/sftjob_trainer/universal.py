@@ -53,12 +53,21 @@ OPTIMIZER_PARAM_NAMES = "sftjob_optimizer_param_names"
 _ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # what ZeRO-3's universal loader globs
 
 
-def optimizer_param_names(module: torch.nn.Module, optimizer: Any) -> list[str]:
+def optimizer_param_names(module: torch.nn.Module, optimizer: Any) -> list[str] | None:
     """The module's name of each parameter in the optimizer's state_dict order (torch numbers them group by
-    group): saved with a stage-0 checkpoint, so that its state can be named per parameter later."""
+    group): saved with a stage-0 checkpoint, so that its state can be named per parameter later. None where
+    the optimizer steps other tensors (bf16: DeepSpeed's fp32 partitions, which ds_to_universal converts)."""
     opt = getattr(optimizer, "optimizer", optimizer)
     by_id = {id(p): n for n, p in module.named_parameters()}
-    return [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
+    names = [by_id.get(id(p)) for g in opt.param_groups for p in g["params"]]
+    return None if None in names else [n for n in names if n is not None]
+
+
+def client_state(engine: Any) -> dict[str, Any]:
+    """What a deepspeed-format save adds to DeepSpeed's model-states file: without ZeRO (one rank, fp32)
+    the parameter names in the optimizer's order, which nothing else records (`convert_unpartitioned`)."""
+    names = None if engine.zero_optimization() else optimizer_param_names(engine.module, engine.optimizer)
+    return {} if names is None else {OPTIMIZER_PARAM_NAMES: names}
 
 
 def convert_unpartitioned(src: str, out: str) -> None:
