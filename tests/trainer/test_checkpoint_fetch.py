@@ -1,4 +1,4 @@
-"""Which checkpoint files each rank fetches on resume (`checkpoint.files_for_rank`), and which DeepSpeed config
+"""Which checkpoint files each rank fetches on resume (`checkpoint.files_for_rank`, `adapter_files`), and which DeepSpeed config
 makes the base model be built under ZeRO-3 init (`model.zero3_init`)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sftjob_api.spec import MethodSpec
-from sftjob_trainer.checkpoint import files_for_rank
+from sftjob_trainer.checkpoint import adapter_files, files_for_rank
 from sftjob_trainer.model import zero3_init
 from sftjob_trainer.schedule import deepspeed_config
 
@@ -31,6 +31,21 @@ def test_zero3_rank_gets_its_own_partition_and_rng_only():
     # every file but the marker is fetched by exactly one rank
     got = files_for_rank(ZERO3, 0) + files_for_rank(ZERO3, 1)
     assert sorted(got) == sorted(set(ZERO3) - {"COMPLETE"})
+
+
+def test_adapter_format_raw_8bit_state_only_at_the_same_size():
+    # adamw_8bit: every rank's raw 8-bit state is its partition's, so it is read back only at the same world
+    # size (bit-exact); at another size the fp32 moments in the state file are requantized (bnb_state.py)
+    names = ["COMPLETE", "adapter_state.safetensors", "rng_rank0.json", "rng_rank1.json"]
+    raw = [f"bnb_state_rank{r}.safetensors" for r in (0, 1)]
+    assert adapter_files(1, 2, 2, names + raw) == [
+        "adapter_state.safetensors",
+        "bnb_state_rank1.safetensors",
+        "rng_rank1.json",
+    ]
+    assert adapter_files(0, 2, 1, names + raw) == ["adapter_state.safetensors", "rng_rank0.json"]
+    assert adapter_files(2, 2, 3, names + raw) == ["adapter_state.safetensors", "rng_rank0.json"]
+    assert adapter_files(1, 2, 2, names) == ["adapter_state.safetensors", "rng_rank1.json"]  # adamw
 
 
 def test_shared_files_go_to_every_rank_and_rank_numbers_are_not_prefixes():
