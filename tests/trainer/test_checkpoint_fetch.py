@@ -101,3 +101,17 @@ def test_zero3_init_only_where_it_applies(stage, method, expected):
     finally:
         del keep
     assert not is_deepspeed_zero3_enabled()  # a weak reference: gone with the object
+
+
+def test_one_rank_checkpoint_without_recorded_names_is_refused_not_retried(tmp_path):
+    # a stage-0 checkpoint written before the optimizer's parameter names were recorded: its numbered Adam
+    # state cannot be named per parameter, so another world size exits 2 (a retry would fail the same way)
+    import torch
+
+    from sftjob_api.exit_codes import PermanentError
+    from sftjob_trainer import universal
+
+    state = {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"params": [0]}]}
+    torch.save({"module": {"w": torch.zeros(2)}, "optimizer": state}, tmp_path / universal.UNPARTITIONED)
+    with pytest.raises(PermanentError, match=universal.OPTIMIZER_PARAM_NAMES):
+        universal.convert_unpartitioned(str(tmp_path), str(tmp_path / "out"))

@@ -94,31 +94,38 @@ def raw_state(engine: Any, base: Any) -> dict[str, torch.Tensor]:
     out = {}
     with slots(engine, base) as ss:
         for n, (_, _, _, t) in enumerate(ss):
-            for k, v in base.state[t].items():
-                if torch.is_tensor(v) and not k.startswith("qmap"):
-                    out[f"{n}/{k}"] = v.detach().cpu().clone().contiguous()
+            for k, v in _quantized(base.state[t]):
+                out[f"{n}/{k}"] = v.detach().cpu().clone().contiguous()
     return out
 
 
 def quantize_into(engine: Any, base: Any, steps: int, raw: Mapping[str, torch.Tensor] | None) -> None:
     """Turn the fp32 `exp_avg`/`exp_avg_sq` that portable.scatter loaded into bitsandbytes' own state at
-    this world size (module docstring); `raw`: this rank's saved state, at the same world size."""
+    this world size (module docstring). `raw`: this rank's saved state, from the same world size; used only
+    if it fits the new layout tensor for tensor (e.g. not after a change of zeroStage), else requantized."""
     import bitsandbytes.functional as F
 
     with slots(engine, base) as ss:
-        for n, (group, gi, pi, t) in enumerate(ss):
+        states, moments = [], []
+        for group, gi, pi, t in ss:
             st = base.state[t]
-            moments = {i: st.pop(MOMENT_OF[i]) for i in (1, 2)}
+            moments.append({i: st.pop(MOMENT_OF[i]) for i in (1, 2)})
             st.clear()
             base.init_state(group, t, gi, pi)  # bitsandbytes' layout: 8-bit blocks or fp32 by size
             st["step"] = steps
-            for i, m in moments.items():
+            states.append(st)
+        if raw is not None and not all(
+            _fits(raw.get(f"{n}/{k}"), v) for n, st in enumerate(states) for k, v in _quantized(st)
+        ):
+            raw = None
+        for n, (st, ms) in enumerate(zip(states, moments, strict=True)):
+            if raw is not None:
+                for k, v in _quantized(st):
+                    v.copy_(raw[f"{n}/{k}"].to(v.device))
+                continue
+            for i, m in ms.items():
                 s = st[f"state{i}"]
-                if raw is not None:
-                    for k in (f"state{i}", f"absmax{i}"):
-                        if k in st:
-                            st[k].copy_(_raw(raw, f"{n}/{k}", st[k]))
-                elif s.dtype == torch.uint8:
+                if s.dtype == torch.uint8:
                     q, qs = F.quantize_blockwise(m.to(s.device), code=st[f"qmap{i}"], blocksize=BLOCK)
                     s.copy_(q)
                     st[f"absmax{i}"].copy_(qs.absmax)
@@ -126,11 +133,10 @@ def quantize_into(engine: Any, base: Any, steps: int, raw: Mapping[str, torch.Te
                     s.copy_(m.view_as(s))
 
 
-def _raw(raw: Mapping[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
-    t = raw.get(key)
-    if t is None or t.shape != like.shape or t.dtype != like.dtype:
-        got = "missing" if t is None else f"{t.dtype} {tuple(t.shape)}"
-        raise RuntimeError(
-            f"8-bit optimizer state {key}: {got}, this rank needs {like.dtype} {tuple(like.shape)}"
-        )
-    return t.to(like.device)
+def _quantized(st: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The state tensors that hold the moments (codes and absmax, or fp32), as `raw_state` saves them."""
+    return [(k, v) for k, v in st.items() if torch.is_tensor(v) and not k.startswith("qmap")]
+
+
+def _fits(t: torch.Tensor | None, like: torch.Tensor) -> bool:
+    return t is not None and t.shape == like.shape and t.dtype == like.dtype

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from sftjob_api.exit_codes import PermanentError
+
 ZERO = "zero"
 
 
@@ -77,11 +79,16 @@ def convert_unpartitioned(src: str, out: str) -> None:
     ZeRO-3's universal loader reads. Every tensor is copied, nothing recomputed."""
     sd = torch.load(os.path.join(src, UNPARTITIONED), map_location="cpu", weights_only=False)
     names, osd = sd.get(OPTIMIZER_PARAM_NAMES), sd.get("optimizer")
-    if not names or not osd:
-        raise RuntimeError(f"{UNPARTITIONED} lacks the optimizer state or {OPTIMIZER_PARAM_NAMES}")
+    if not names or not osd:  # e.g. written before the names were recorded: it resumes at its own size
+        raise PermanentError(
+            f"{UNPARTITIONED} lacks the optimizer state or {OPTIMIZER_PARAM_NAMES}: this one-rank checkpoint"
+            " resumes on one rank only"
+        )
     order = [i for g in osd["param_groups"] for i in g["params"]]
     if len(order) != len(names):
-        raise RuntimeError(f"{len(names)} parameter names for {len(order)} optimizer entries")
+        raise PermanentError(
+            f"{UNPARTITIONED}: {len(names)} parameter names for {len(order)} optimizer entries"
+        )
     for i, name in zip(order, names, strict=True):
         d = os.path.join(out, ZERO, name)
         os.makedirs(d)
@@ -89,7 +96,7 @@ def convert_unpartitioned(src: str, out: str) -> None:
         weights = sd["module"][name].float()
         for key, t in (("fp32", weights), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
             if t.shape != weights.shape:
-                raise RuntimeError(
+                raise PermanentError(
                     f"{name}: {key} has shape {tuple(t.shape)}, the weights {tuple(weights.shape)}"
                 )
             torch.save({"param": t.float()}, os.path.join(d, f"{key}.pt"))
