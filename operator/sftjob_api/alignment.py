@@ -107,6 +107,10 @@ class AlignmentSpec(ApiModel):
     """sigmoid: the DPO paper's loss, -log sigmoid(beta * margin); ipo: (margin - 1 / (2 beta))^2 (IPO)."""
     beta: float = Field(default=0.1, gt=0, le=10)
     """How far the policy may move from the reference: higher keeps it closer."""
+    sft_loss_weight: float = Field(default=0.0, ge=0, le=100)
+    """Adds this weight times the chosen response's mean token negative log-likelihood to each pair's loss
+    (RPO, Pang et al. 2024; TRL's loss_type ["sigmoid", "sft"]): keeps the chosen responses likely, so a
+    large preference shift does not drag the SFT task's outputs down with the rejected ones. 0: plain DPO."""
     dataset: PreferenceDataset
     """The preference pairs."""
     training: AlignmentTraining = Field(default_factory=AlignmentTraining)

@@ -11,7 +11,7 @@ new stage is a new row (plus its trainer entry point), never another copy of a r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -72,8 +72,10 @@ class StageRow:
     gpus: Callable[[SFTJobSpec], int]  # GPUs of each of its pods
     noun: str  # in messages: "the <noun> Job"
     doing: str  # status.message while its one pod runs
-    starting: str  # status.message when its Job is created
-    waiting: str  # status.message when spec.suspend holds the run before its Job exists
+    # status.message when its Job is created / when spec.suspend holds the run before its Job exists.
+    # "{previous}": the noun of the stage that completed just before it in this run (`starting_in`).
+    starting: str
+    waiting: str
     done: tuple[str, str]  # the condition's (reason, message) once its Job completed
     disabled: str | None = None  # the condition's message when the spec skips the stage (None: absent)
     # The run shows Pending (CreatingChildren) while its Job is created: the first stages, whose pods wait
@@ -86,6 +88,14 @@ class StageRow:
     @property
     def failed_reasons(self) -> tuple[Reason, ...]:
         return (self.failed, *self.exit_reasons.values(), *self.also_failed)
+
+    def starting_in(self, run: Sequence[Stage]) -> str:
+        """`starting` in a run of these stages (the spec's `stages`)."""
+        return self.starting.format(previous=_previous_noun(run, self.stage))
+
+    def waiting_in(self, run: Sequence[Stage]) -> str:
+        """`waiting` in a run of these stages (the spec's `stages`)."""
+        return self.waiting.format(previous=_previous_noun(run, self.stage))
 
     def failure_reason(self, exit_code: int) -> Reason:
         """The Failed reason when the stage's trainer exited with `exit_code` (non-zero)."""
@@ -142,8 +152,8 @@ STAGE_TABLE: dict[Stage, StageRow] = {
             gpus=_node_gpus,
             noun="alignment",
             doing="aligning the model to the preference pairs",
-            starting="training complete; creating the alignment Job",
-            waiting="training done; alignment waits for spec.suspend",
+            starting="{previous} complete; creating the alignment Job",
+            waiting="{previous} done; alignment waits for spec.suspend",
             done=("AlignmentCompleted", "alignment Job completed"),
         ),
         StageRow(
@@ -157,8 +167,9 @@ STAGE_TABLE: dict[Stage, StageRow] = {
             gpus=_one_gpu,
             noun="evaluation",
             doing="evaluating the adapter on held-out data",
-            starting="training complete; starting evaluation",
-            waiting="training done; evaluation waits for spec.suspend",
+            # after training, or after alignment when the spec aligns
+            starting="{previous} complete; starting evaluation",
+            waiting="{previous} done; evaluation waits for spec.suspend",
             done=("EvalPassed", "evaluation completed"),
             disabled="spec.eval.enabled is false",
             exit_reasons={ExitCode.EVAL_GATE_FAILED: Reason.GATE_FAILED},
@@ -185,6 +196,12 @@ STAGE_TABLE: dict[Stage, StageRow] = {
 }
 
 
+def _previous_noun(run: Sequence[Stage], stage: Stage) -> str:
+    """The noun of the stage before `stage` in `run` ("" for the first)."""
+    i = list(run).index(stage)
+    return STAGE_TABLE[run[i - 1]].noun if i else ""
+
+
 def stage_of_phase(phase: str) -> Stage | None:
     """The stage whose Job runs while the run is in `phase` (None: no stage's own phase)."""
     return next((row.stage for row in STAGE_TABLE.values() if row.phase == phase), None)
@@ -205,7 +222,7 @@ class Launch:
     """Where a group stage's ranks meet: torchrun's arguments (strings: a Job passes `$(VAR)` references
     that Kubernetes expands, `sftjob run` the values)."""
 
-    nnodes: int
+    nnodes: int | str  # a str: a `$(VAR)` the pod's env resolves (a Kueue-sized group: render/admission.py)
     nproc_per_node: int
     master_addr: str
     master_port: str

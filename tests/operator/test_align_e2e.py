@@ -1,10 +1,12 @@
 """The align stage (spec.alignment) on the real control plane, KWOK pods standing in for the trainer: the
 operator runs it as a second group stage between training and evaluation (phase Aligning, its own indexed
-Job and rendezvous Service), and a failing align rank ends the run Failed/AlignmentFailed in its own words.
+Job and rendezvous Service), a failing align rank ends the run Failed/AlignmentFailed in its own words, and
+held-out preference metrics below spec.eval.gates end it Failed/EvalGateFailed without a merge Job.
 The pure side (restarts, suspend, progress) is tests/operator/test_align_phase.py."""
 
 from __future__ import annotations
 
+import json
 from itertools import pairwise
 from typing import Any
 
@@ -17,6 +19,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 ALIGNMENT = {"dataset": {"train": ["s3://datasets/prefs.jsonl"]}, "beta": 0.1}
 WHY = "prefs.jsonl:3: chosen equals rejected (the only pair of the file)"
+# What a real eval stage of an aligned run reports (its JSON termination message; KWOK sets it from an
+# annotation): the SFT metrics and the held-out preference metrics, both below the preference gates.
+PREFERENCE_GATES = {"minPreferenceAccuracy": 0.9, "minRewardMargin": 0.5}
+MEASURED = {"evalLoss": 0.9, "preferenceAccuracy": 0.55, "rewardMargin": 0.125}
 
 
 def transitions(text: str, before: str, after: str) -> float:
@@ -31,12 +37,22 @@ def test_align_runs_as_a_group_between_training_and_eval_and_a_failed_rank_fails
     kube, ns = sftjob_crd, namespace
     two_nodes = {"nodes": 2, "gpusPerNode": 1, "podAnnotations": {"kwok.sftjob.dev/delay": "2s"}}
     slow = {"gpusPerNode": 1, "podAnnotations": {"kwok.sftjob.dev/delay": "5s"}}
+    reports = {
+        "kwok.sftjob.dev/delay": "1s",
+        "kwok.sftjob.dev/message": json.dumps({"evalResults": MEASURED}),
+    }
     with curate_e2e.job_history(kube, ns) as seen:
         apply(
             kube,
             ns,
             sftjob("dpo", resources=two_nodes, alignment=ALIGNMENT),
             sftjob("dpofail", resources=slow, alignment=ALIGNMENT),
+            sftjob(
+                "dpogate",
+                resources={"gpusPerNode": 1, "podAnnotations": reports},
+                alignment=ALIGNMENT,
+                eval={"gates": PREFERENCE_GATES},
+            ),
         )
         # The second run's align rank fails with a permanent error: KWOK ends it with exit code 2 and the
         # trainer's reason as its termination message, as the real align stage does on bad preference data.
@@ -55,6 +71,7 @@ def test_align_runs_as_a_group_between_training_and_eval_and_a_failed_rank_fails
         )  # fmt: skip
         st = wait_phase(kube, ns, "dpo", ("Succeeded", "Failed"), 150, operator)
         failed = wait_phase(kube, ns, "dpofail", ("Succeeded", "Failed"), 60, operator)
+        gated = wait_phase(kube, ns, "dpogate", ("Succeeded", "Failed"), 60, operator)
         history = list(seen)
 
     # The run: training, then alignment, then evaluation and merge.
@@ -73,8 +90,8 @@ def test_align_runs_as_a_group_between_training_and_eval_and_a_failed_rank_fails
     for before, after in pairwise(order):
         assert any(n == before and done for _, n, done in history[: first[after]]), (before, after, history)
     text = operator.metrics()
-    assert transitions(text, "Training", "Aligning") == 2.0, text  # both runs
-    assert transitions(text, "Aligning", "Evaluating") == 1.0
+    assert transitions(text, "Training", "Aligning") == 3.0, text  # every run
+    assert transitions(text, "Aligning", "Evaluating") == 2.0  # dpo's and dpogate's
     assert transitions(text, "Training", "Evaluating") == 0.0
 
     # The align group: launched like training (indexed, one pod per node, backoffLimit 0 so the operator
@@ -101,3 +118,19 @@ def test_align_runs_as_a_group_between_training_and_eval_and_a_failed_rank_fails
     )
     assert names == ["dpofail-align", "dpofail-train"]
     assert status(kube, ns, "dpofail")["phase"] == "Failed"
+
+    # The gated run: the eval pod's preference metrics fail both gates; the run ends Failed/EvalGateFailed
+    # naming each gate with the measured value, and no merge Job was ever created.
+    assert (gated["phase"], gated["reason"]) == ("Failed", "EvalGateFailed"), gated
+    assert "minPreferenceAccuracy: 0.55 < 0.9" in gated["message"], gated["message"]
+    assert "minRewardMargin: 0.125 < 0.5" in gated["message"], gated["message"]
+    results = gated["evalResults"]
+    assert (results["preferenceAccuracy"], results["rewardMargin"], results["gatesPassed"]) == (
+        0.55,
+        0.125,
+        False,
+    )
+    assert condition(gated, "Evaluated")["status"] == "False"
+    assert condition(gated, "Aligned")["reason"] == "AlignmentCompleted"
+    made = {n for _, n, _ in history if n.startswith("dpogate-")}
+    assert made == {"dpogate-train", "dpogate-align", "dpogate-eval"}, history

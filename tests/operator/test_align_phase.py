@@ -95,6 +95,7 @@ def test_phases_go_training_aligning_evaluating_and_each_stage_creates_the_next(
     kids = children_of(REF.uid, [done(Stage.TRAIN)], [])
     obs = observe(st, SPEC, None, None, False, kids.jobs, kids.pods, None, None, {}, NOW)
     assert ph.stage_to_create(obs.phase) == Stage.ALIGN
+    assert reconcile(st, [done(Stage.TRAIN)], []).message == "training complete; creating the alignment Job"
     starting = stage_job(Stage.ALIGN, "align-uid", active=2)
     st = reconcile(st, [done(Stage.TRAIN), starting], [])
     assert (st.phase, st.reason) == (Phase.ALIGNING, Reason.PODS_PENDING)
@@ -110,8 +111,13 @@ def test_phases_go_training_aligning_evaluating_and_each_stage_creates_the_next(
     kids = children_of(REF.uid, [done(Stage.TRAIN), done(Stage.ALIGN)], [])
     obs = observe(st, SPEC, None, None, False, kids.jobs, kids.pods, None, None, {}, NOW)
     assert ph.stage_to_create(obs.phase) == Stage.EVAL
+    paused = reconcile(st, [done(Stage.TRAIN), done(Stage.ALIGN)], [], suspend=True)
+    assert paused.phase == Phase.SUSPENDED
+    assert paused.message == "alignment done; evaluation waits for spec.suspend"
     st = reconcile(st, [done(Stage.TRAIN), done(Stage.ALIGN)], [])
     assert (st.phase, condition(st, "Aligned")) == (Phase.EVALUATING, ("True", "AlignmentCompleted"))
+    # the message names the stage that completed just before evaluation (without alignment: training)
+    assert st.message == "alignment complete; starting evaluation"
     assert ph.goes_back(Phase.EVALUATING, Phase.ALIGNING) and ph.goes_back(Phase.ALIGNING, Phase.TRAINING)
 
 

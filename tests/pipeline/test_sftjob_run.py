@@ -223,9 +223,11 @@ def test_run_with_embedded_s3_trains_aligns_evaluates_and_merges_the_aligned_ada
     from safetensors.torch import load_file
     from trainer.tiny import dataset_rows, preference_rows, write_jsonl
 
+    from sftjob_api.evaluation import EvalGates
     from sftjob_api.manifest import verify_manifest
     from sftjob_api.storage import S3Store
     from sftjob_operator.local.embedded_s3 import EmbeddedS3
+    from sftjob_trainer.eval_stage import metrics_of
 
     write_jsonl(str(tmp_path / "train.jsonl"), dataset_rows(40, seed=1))
     write_jsonl(str(tmp_path / "eval.jsonl"), dataset_rows(4, seed=2))
@@ -267,6 +269,13 @@ def test_run_with_embedded_s3_trains_aligns_evaluates_and_merges_the_aligned_ada
         assert trained["preference_pairs"] == len(store.read_json("align/reference_logps.json")["eval"])
         assert 0 <= results["status"]["preferenceAccuracy"] <= 1 and results["gates_passed"]
         assert results["status"]["rewardMargin"] == pytest.approx(trained["reward_margin"])
+        # the SFT result is evaluated too (a second adapter on the eval stage's one base model): a third set
+        # of numbers, neither the base model's nor the aligned one's, shown in its own column
+        sft = results["sft"]
+        assert {"eval_loss", "exact_match", "chosen_logp_accuracy"} <= sft.keys(), sft
+        assert sft["eval_loss"] not in (results["base"]["eval_loss"], trained["eval_loss"]), results
+        assert "aligned vs SFT" in proc.stdout
+        assert results["failed_gates"] == [] and results["gates"] == gates
         assert store.read_json("serving/serving.json")["adapter"]["uri"].endswith("/aligned/")
         merged = load_safetensors(store.get_bytes("merged/model.safetensors"))
         adapters = {
@@ -275,6 +284,18 @@ def test_run_with_embedded_s3_trains_aligns_evaluates_and_merges_the_aligned_ada
         }
     finally:
         server.stop()
+
+    # The local gate decision on this run's measured preference metrics (a failing gate would take a second
+    # run): the eval stage checks spec.eval.gates on `metrics_of` its results, exits EVAL_GATE_FAILED naming
+    # each gate that failed, and `sftjob run` prints those as Failed/EvalGateFailed (stage_run.run_stage).
+    acc, margin = trained["preference_accuracy"], trained["reward_margin"]
+    strict = EvalGates.model_validate({"minPreferenceAccuracy": 1.0, "minRewardMargin": margin + 0.5})
+    below = [f"minPreferenceAccuracy: {acc:.4g} < 1"] if acc < 1.0 else []
+    assert strict.failures(metrics_of(trained)) == [
+        *below,
+        f"minRewardMargin: {margin:.4g} < {margin + 0.5:.4g}",
+    ]
+    assert EvalGates.model_validate(gates).failures(metrics_of(trained)) == []
 
     # the merged model folds the aligned adapter (not the SFT one): W + (alpha / r) B A for one layer
     base = load_file(f"{tiny_model_dir}/model.safetensors")

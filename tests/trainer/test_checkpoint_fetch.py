@@ -1,4 +1,4 @@
-"""Which checkpoint files each rank fetches on resume (`checkpoint.files_for_rank`), and which DeepSpeed config
+"""Which checkpoint files each rank fetches on resume (`checkpoint.files_for_rank`, `adapter_files`), and which DeepSpeed config
 makes the base model be built under ZeRO-3 init (`model.zero3_init`)."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from sftjob_api.spec import MethodSpec
-from sftjob_trainer.checkpoint import files_for_rank
+from sftjob_trainer.checkpoint import adapter_files, files_for_rank
 from sftjob_trainer.model import zero3_init
 from sftjob_trainer.schedule import deepspeed_config
 
-# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/<run>/step-N/ (deepspeed format: full or adamw_8bit)
+# what a 2-rank ZeRO-3 save_checkpoint plus our RNG files and marker put under checkpoints/<run>/step-N/ (deepspeed format: full fine-tuning)
 ZERO3 = [
     "COMPLETE",
     "rng_rank0.json",
@@ -31,6 +31,21 @@ def test_zero3_rank_gets_its_own_partition_and_rng_only():
     # every file but the marker is fetched by exactly one rank
     got = files_for_rank(ZERO3, 0) + files_for_rank(ZERO3, 1)
     assert sorted(got) == sorted(set(ZERO3) - {"COMPLETE"})
+
+
+def test_adapter_format_raw_8bit_state_only_at_the_same_size():
+    # adamw_8bit: every rank's raw 8-bit state is its partition's, so it is read back only at the same world
+    # size (bit-exact); at another size the fp32 moments in the state file are requantized (bnb_state.py)
+    names = ["COMPLETE", "adapter_state.safetensors", "rng_rank0.json", "rng_rank1.json"]
+    raw = [f"bnb_state_rank{r}.safetensors" for r in (0, 1)]
+    assert adapter_files(1, 2, 2, names + raw) == [
+        "adapter_state.safetensors",
+        "bnb_state_rank1.safetensors",
+        "rng_rank1.json",
+    ]
+    assert adapter_files(0, 2, 1, names + raw) == ["adapter_state.safetensors", "rng_rank0.json"]
+    assert adapter_files(2, 2, 3, names + raw) == ["adapter_state.safetensors", "rng_rank0.json"]
+    assert adapter_files(1, 2, 2, names) == ["adapter_state.safetensors", "rng_rank1.json"]  # adamw
 
 
 def test_shared_files_go_to_every_rank_and_rank_numbers_are_not_prefixes():
@@ -86,3 +101,17 @@ def test_zero3_init_only_where_it_applies(stage, method, expected):
     finally:
         del keep
     assert not is_deepspeed_zero3_enabled()  # a weak reference: gone with the object
+
+
+def test_one_rank_checkpoint_without_recorded_names_is_refused_not_retried(tmp_path):
+    # a stage-0 checkpoint written before the optimizer's parameter names were recorded: its numbered Adam
+    # state cannot be named per parameter, so another world size exits 2 (a retry would fail the same way)
+    import torch
+
+    from sftjob_api.exit_codes import PermanentError
+    from sftjob_trainer import universal
+
+    state = {"state": {0: {"step": torch.tensor(1.0)}}, "param_groups": [{"params": [0]}]}
+    torch.save({"module": {"w": torch.zeros(2)}, "optimizer": state}, tmp_path / universal.UNPARTITIONED)
+    with pytest.raises(PermanentError, match=universal.OPTIMIZER_PARAM_NAMES):
+        universal.convert_unpartitioned(str(tmp_path), str(tmp_path / "out"))

@@ -77,6 +77,7 @@ def test_sequence_logps_and_losses_equal_a_hand_computed_reference(tiny_lm):
     rj = torch.tensor([r[1] for r in REF])
     sig = dpo_loss(pc, pj, rc, rj, BETA, "sigmoid")
     ipo = dpo_loss(pc, pj, rc, rj, BETA, "ipo", nc, nj)
+    rpo = dpo_loss(pc, pj, rc, rj, BETA, "sigmoid", nc, nj, sft_weight=0.5)
     for i, p in enumerate(PAIRS):
         chosen_ratio, rejected_ratio = hand_c[i] - REF[i][0], hand_j[i] - REF[i][1]
         x = BETA * (chosen_ratio - rejected_ratio)
@@ -84,12 +85,17 @@ def test_sequence_logps_and_losses_equal_a_hand_computed_reference(tiny_lm):
         # TRL's ipo: log-ratios averaged over each response's tokens, squared distance to 1 / (2 beta)
         d = chosen_ratio / len(p.chosen) - rejected_ratio / len(p.rejected)
         assert float(ipo.losses[i]) == pytest.approx((d - 1 / (2 * BETA)) ** 2, rel=1e-4)
+        # sftLossWeight: plus the weight times the chosen response's mean token NLL (RPO)
+        nll = -hand_c[i] / len(p.chosen)
+        assert float(rpo.losses[i]) == pytest.approx(math.log1p(math.exp(-x)) + 0.5 * nll, rel=1e-4)
         assert float(sig.rewards_chosen[i]) == pytest.approx(BETA * chosen_ratio, rel=1e-4)
         assert float(sig.rewards_rejected[i]) == pytest.approx(BETA * rejected_ratio, rel=1e-4)
         assert float(sig.accuracy[i]) == float(chosen_ratio > rejected_ratio)
     assert 0 < sig.accuracy.sum() < len(PAIRS)  # the made-up reference makes both outcomes occur
     with pytest.raises(ValueError, match="ipo averages"):
         dpo_loss(pc, pj, rc, rj, BETA, "ipo")
+    with pytest.raises(ValueError, match="chosen tokens"):
+        dpo_loss(pc, pj, rc, rj, BETA, "sigmoid", sft_weight=0.5)
 
 
 def test_prompt_and_padding_never_contribute(tiny_lm):

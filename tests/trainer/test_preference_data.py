@@ -447,3 +447,37 @@ def test_decontamination_removes_pairs_that_contain_eval_text(tmp_path, tiny_mod
     assert leaking and before.eval == after.eval
     assert [p.origin for p in after.train] == [p.origin for p in before.train if p.origin not in leaking]
     assert after.report["dropped"] == {"contaminated": len(leaking)}
+
+
+def test_the_sft_dpo_examples_pairs_are_as_generated_and_all_kept(tmp_path):
+    """examples/sftjob-sft-dpo.yaml's pairs: the committed files are the generator's output, and its
+    alignment.dataset loads them with the real SmolLM2 tokenizer without a drop (half ask for capitals)."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    from sftjob_trainer.model_cache import resolve
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    gen_spec = importlib.util.spec_from_file_location(
+        "gen_pref", examples / "data" / "generate_preferences.py"
+    )
+    assert gen_spec and gen_spec.loader
+    gen = importlib.util.module_from_spec(gen_spec)
+    gen_spec.loader.exec_module(gen)
+    assert gen.main(["--check"]) == 0, "run: python examples/data/generate_preferences.py"
+
+    spec = yaml.safe_load((examples / "sftjob-sft-dpo.yaml").read_text())["spec"]
+    align = spec["alignment"]["dataset"]
+    align.update({k: [str(examples / p) for p in align[k]] for k in ("train", "eval")})
+    model = resolve(spec["model"]["uri"])
+    data = load_preference_data(
+        config(tmp_path, model, align, format=spec["dataset"]["format"]), AutoTokenizer.from_pretrained(model)
+    )
+    assert data.report["dropped"] == {} and (len(data.train), len(data.eval)) == (gen.N_TRAIN, gen.N_EVAL)
+    asks = [
+        gen.UPPER in json.loads(x)["prompt"] for x in (examples / "data" / "preferences-eval.jsonl").open()
+    ]
+    assert sum(asks) == gen.N_EVAL // 2

@@ -168,11 +168,26 @@ def _forward(proc: subprocess.Popen[bytes], sig: int) -> None:
         proc.send_signal(sig)
 
 
+def outside_group(torchrun_args: list[str]) -> str | None:
+    """Why this pod has no rank to run (None: it has): its node rank is not below the group's size. A group
+    Kueue admitted with more pods than the largest allowed size uses gets those extra pods, which end with 0
+    (the operator's render/admission.py)."""
+    opts = dict(a.removeprefix("--").split("=", 1) for a in torchrun_args if a.startswith("--") and "=" in a)
+    nnodes, rank = opts.get("nnodes", ""), opts.get("node-rank", "")
+    if nnodes.isdigit() and rank.isdigit() and int(rank) >= int(nnodes):
+        return f"node rank {rank} is outside the group of {nnodes} node(s): nothing to run"
+    return None
+
+
 def launch(argv: list[str]) -> int:
     split_at = next((i for i, a in enumerate(argv) if a in STAGES), None)
     if split_at is None:
         sys.stderr.write("usage: python -m sftjob_trainer launch [torchrun args] train --config PATH\n")
         return int(ExitCode.PERMANENT)
+    idle = outside_group(argv[:split_at])
+    if idle is not None:
+        print(idle, flush=True)
+        return int(ExitCode.OK)
     with tempfile.TemporaryDirectory(prefix="sftjob-exit-") as d:
         env = {**os.environ, "SFTJOB_EXIT_DIR": d}
         cmd = [

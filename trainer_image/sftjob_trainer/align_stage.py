@@ -51,7 +51,7 @@ from .dpo import (
 from .metrics import TrainerMetrics, log_json
 from .packing import Row, micro_batches_for
 from .tracking import termination_message
-from .train import StepResult, export_weights, loop, on_device, resume, to_device
+from .train import StepResult, export_weights, finish_step, loop, on_device, resume, to_device
 from .train_setup import Setup, StageData, plan_single_rows, setup
 
 # {"train": [[chosen, rejected], ...], "eval": [...]}: the reference's summed log-probabilities per pair
@@ -96,7 +96,12 @@ def prepare_pairs(cfg: TrainerConfig, tok: Any, env: DistEnv, metrics: TrainerMe
         plan,
         dict(data.report),
         pairs_digest(data.train),
-        {"spec.alignment.loss": al.loss, "spec.alignment.beta": al.beta},
+        {
+            "spec.alignment.loss": al.loss,
+            "spec.alignment.beta": al.beta,
+            # only when set: checkpoints written before the field existed keep their fingerprint
+            **({"spec.alignment.sftLossWeight": al.sft_loss_weight} if al.sft_loss_weight else {}),
+        },
         data.eval,
     )
 
@@ -182,7 +187,7 @@ def dpo_step(
 ) -> StepResult:
     """One optimizer step over the global batch of pairs that starts at row `offset` of the epoch's order:
     the loss is the mean per-pair DPO loss over the whole global batch (its size is fixed: no count to
-    all-reduce first); one host sync at the end, as in train.train_step."""
+    all-reduce first); it ends as train.train_step does (`finish_step`)."""
     t0 = time.monotonic()
     al = s.cfg.alignment
     assert al is not None
@@ -202,30 +207,12 @@ def dpo_step(
         b = {k: to_device(v, dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
         pc, pj, nc, nj = pair_logps(s.engine, b)
         refs = on_device([x for i in idx for x in ref[i]], dev).float().view(-1, 2)
-        out = dpo_loss(pc, pj, refs[:, 0], refs[:, 1], al.beta, al.loss, nc, nj)
+        out = dpo_loss(pc, pj, refs[:, 0], refs[:, 1], al.beta, al.loss, nc, nj, al.sft_loss_weight)
         loss = out.losses.sum()
         s.engine.backward(loss * scale)
         s.engine.step()
         sums += torch.cat([loss.detach().double().reshape(1), stat_sums(out, pc, pj, refs[:, 0], refs[:, 1])])
-    votes = torch.cat([sums, on_device([float(s.stop.requested), float(local_real)], dev)])
-    dist.all_reduce(votes)  # [loss, *STATS, ranks asked to stop, real tokens]
-    gn = s.engine.get_global_grad_norm()
-    tail = [gn.detach().double().reshape(1).to(dev)] if isinstance(gn, torch.Tensor) else []
-    tot_loss, *rest = torch.cat([votes, *tail]).tolist()
-    stats = dict(zip(STATS, (v / pairs_per_step for v in rest[: len(STATS)]), strict=True))
-    stop_votes, tot_real = rest[len(STATS)], rest[len(STATS) + 1]
-    gn_dev = rest[len(STATS) + 2 :]
-    grad_norm = gn_dev[0] if gn_dev else (None if gn is None else float(gn))
-    return StepResult(
-        tot_loss / pairs_per_step,
-        lr,
-        grad_norm,
-        int(tot_real),
-        local_real,
-        time.monotonic() - t0,
-        stop_votes > 0,
-        stats,
-    )
+    return finish_step(s, t0, lr, sums, local_real, on_device([float(pairs_per_step)], dev), STATS)
 
 
 def fetch_sft_model(cfg: TrainerConfig, store: Store) -> str:
@@ -275,6 +262,7 @@ def export_aligned(
             "resumed_from": resumed_from,
             "loss": al.loss,
             "beta": al.beta,
+            "sft_loss_weight": al.sft_loss_weight,
             "plan": plan.__dict__,
             "pairs": {"train": len(ref["train"]), "eval": len(ref["eval"])},
             "data": s.report,

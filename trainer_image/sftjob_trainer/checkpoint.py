@@ -2,12 +2,12 @@
 stage's under `align/checkpoints/<run>/step-N/`, the same way: `Identity.prefix`).
 
 Two formats, named in the marker:
-  adapter    lora/qlora with adamw: the trainable weights, their Adam moments (portable.py) in one safetensors
-             file, plus each rank's RNG state as JSON. Any world size resumes it: nothing is per-rank.
-  deepspeed  full fine-tuning and adamw_8bit: DeepSpeed's per-rank ZeRO partitions (torch pickles, read by
-             DeepSpeed itself) plus RNG JSON. The same world size fetches and loads its own partitions;
-             another size fetches every rank's files and converts them to DeepSpeed's universal checkpoint
-             (universal.py) once per node.
+  adapter    lora/qlora: the trainable weights, their Adam moments in fp32 (portable.py; adamw_8bit's
+             dequantized: bnb_state.py) in one safetensors file, plus each rank's RNG state as JSON (and,
+             adamw_8bit, its raw 8-bit state, read back only at the same world size). Any world size resumes it.
+  deepspeed  full fine-tuning: DeepSpeed's per-rank files (torch pickles, read by DeepSpeed itself) plus RNG
+             JSON. The same world size fetches and loads its own partitions; another size fetches every
+             rank's files and converts them to DeepSpeed's universal checkpoint (universal.py) once per node.
 
 Protocol (every rank takes part):
   1. each rank writes its files into a local staging dir and hashes them (sha256);
@@ -40,7 +40,7 @@ from sftjob_api.exit_codes import PermanentError
 from sftjob_api.layout import Layout
 from sftjob_api.storage import Store
 
-from . import portable, universal
+from . import bnb_state, portable, universal
 from .metrics import log_json
 from .run_identity import check_marker, digest
 
@@ -92,9 +92,12 @@ def files_for_rank(names: Iterable[str], rank: int) -> list[str]:
     return sorted(n for n in names if needed_by(n, rank))
 
 
-def adapter_files(rank: int, saved_world: int) -> list[str]:
-    """What `rank` reads of an adapter-format checkpoint: the state, and the RNG of the rank it replaces."""
-    return [portable.STATE_FILE, f"rng_rank{rank % saved_world}.json"]
+def adapter_files(rank: int, saved_world: int, world: int, names: Iterable[str]) -> list[str]:
+    """What `rank` reads of an adapter-format checkpoint: the state, the RNG of the rank it replaces, and at
+    the same world size its own raw 8-bit optimizer state if there is one (bnb_state.py)."""
+    raw = bnb_state.rank_file(rank)
+    same = [raw] if saved_world == world and raw in names else []
+    return sorted([portable.STATE_FILE, f"rng_rank{rank % saved_world}.json", *same])
 
 
 def sha256_file(path: str) -> str:
@@ -186,8 +189,16 @@ def save(
         tensors = portable.gather(engine)  # collective
         if rank == 0:
             save_file(tensors, os.path.join(local, portable.STATE_FILE))
+        opt = portable.base(engine)
+        if bnb_state.is_bnb(opt):
+            save_file(bnb_state.raw_state(engine, opt), os.path.join(local, bnb_state.rank_file(rank)))
     else:
-        engine.save_checkpoint(os.path.dirname(local), tag=tag, exclude_frozen_parameters=not full(engine))
+        engine.save_checkpoint(
+            os.path.dirname(local),
+            tag=tag,
+            client_state=universal.client_state(engine),
+            exclude_frozen_parameters=not full(engine),
+        )
     with open(os.path.join(local, f"rng_rank{rank}.json"), "wb") as f:
         f.write(portable.rng_bytes())
     mine = hash_dir(local)
@@ -236,7 +247,7 @@ def load(
     local = os.path.join(staging, f"resume-rank{rank}", f"step-{step}")
     state = TrainState.from_json(marker["state"])
     if fmt == ADAPTER:
-        names = adapter_files(rank, saved_world)
+        names = adapter_files(rank, saved_world, world, hashes)
     elif fmt == DEEPSPEED and saved_world != world:
         return state, load_resized(engine, store, where, hashes, step, saved_world, rank, staging)
     elif fmt == DEEPSPEED:
@@ -247,7 +258,9 @@ def load(
     if fmt == ADAPTER:
         from safetensors.torch import load_file
 
-        portable.scatter(engine, load_file(os.path.join(local, portable.STATE_FILE)), state.step)
+        raw = bnb_state.rank_file(rank)
+        raw_8bit = load_file(os.path.join(local, raw)) if raw in names else None
+        portable.scatter(engine, load_file(os.path.join(local, portable.STATE_FILE)), state.step, raw_8bit)
     else:
         path, _ = engine.load_checkpoint(
             os.path.dirname(local),
@@ -284,12 +297,14 @@ def load_resized(
     first rank of each node (pods share no filesystem) fetches every rank's files (hashes verified) and
     converts them to DeepSpeed's universal checkpoint; every rank then loads it and takes the RNG state of
     old rank `rank % saved_world`. Returns the files this node fetched."""
-    if not universal.loadable(engine) or not any("optim_states" in n for n in hashes):
+    partitions = any("optim_states" in n for n in hashes)
+    one_rank = saved_world == 1 and universal.UNPARTITIONED in hashes and not partitions
+    if not universal.loadable(engine) or not (partitions or (one_rank and universal.zero3(engine))):
         raise PermanentError(
             f"{where} was written by {saved_world} ranks, this run has {dist.get_world_size()}: a deepspeed-"
-            "format checkpoint resumes at another size only with optimizer adamw and ZeRO partitions to convert"
-            " (DeepSpeed's universal checkpoint; adamw_8bit, or one rank without ZeRO, resume at the same size:"
-            " docs/recovery.md)"
+            "format checkpoint resumes at another size only with optimizer adamw, and from one rank without"
+            " ZeRO only into zeroStage 3 (DeepSpeed's universal checkpoint; full fine-tuning with adamw_8bit"
+            " resumes at the same size: docs/recovery.md)"
         )
     t0 = time.monotonic()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -305,7 +320,7 @@ def load_resized(
         try:
             fetched = fetch(store, where, names, src, hashes, where)
             shutil.rmtree(os.path.dirname(out), ignore_errors=True)
-            universal.convert(src, out)
+            (universal.convert_unpartitioned if one_rank else universal.convert)(src, out)
         except Exception as e:  # every rank must reach the barrier below, then all fail together
             error = f"{type(e).__name__}: {e}"
     errors: list[str] = [""] * dist.get_world_size()
@@ -346,7 +361,7 @@ def warm_start_tensors(store: Store, leaf: str, uri: str, staging: str) -> dict[
         if marker.get("format") != ADAPTER:
             raise PermanentError(
                 f"{field}: {uri} is a {marker.get('format')!r} checkpoint; a warm start reads adapter"
-                " checkpoints (lora/qlora with adamw) or adapter directories"
+                " checkpoints (lora/qlora) or adapter directories"
             )
         fetch(store, leaf, [portable.STATE_FILE], local, marker.get("files") or {}, uri)
         return load_file(os.path.join(local, portable.STATE_FILE))

@@ -10,6 +10,8 @@ Losses, per pair, with policy (p) and reference (r) summed log-probabilities of 
   sigmoid  -log sigmoid(beta * ((pc - rc) - (pj - rj)))                   (Rafailov et al., 2023)
   ipo      ((pc - rc) / nc - (pj - rj) / nj - 1 / (2 beta))^2             (Azar et al., 2023; as TRL 1.x:
            the log-ratios averaged over each response's n tokens)
+With spec.alignment.sftLossWeight w > 0 each pair's loss adds w * (-pc / nc): the chosen response's mean
+token negative log-likelihood (RPO, Pang et al. 2024, length-normalised as there).
 Rewards are beta * (policy - reference) summed log-probability, as TRL reports them (also for ipo).
 """
 
@@ -127,8 +129,10 @@ def dpo_loss(
     kind: str = "sigmoid",
     n_chosen: torch.Tensor | None = None,
     n_rejected: torch.Tensor | None = None,
+    sft_weight: float = 0.0,
 ) -> DpoOut:
-    """Per-pair DPO losses and rewards from summed log-probabilities (ipo also needs the token counts)."""
+    """Per-pair DPO losses and rewards from summed log-probabilities (ipo and sft_weight > 0 also need the
+    token counts)."""
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     if kind == "sigmoid":
@@ -140,6 +144,10 @@ def dpo_loss(
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss {kind!r}: expected one of {', '.join(LOSSES)}")
+    if sft_weight:
+        if n_chosen is None:
+            raise ValueError("the SFT term averages over the chosen tokens: pass n_chosen")
+        losses = losses - sft_weight * policy_chosen / n_chosen.clamp(min=1)
     return DpoOut(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
 
 
@@ -160,10 +168,12 @@ def preference_scores(
     batch: int = 8,
 ) -> dict[str, float]:
     """Held-out preference accuracy and mean reward margin of `model` (a causal LM, no DeepSpeed) on `pairs`
-    against the reference's stored log-probabilities `ref` ([chosen, rejected] per pair)."""
+    against the reference's stored log-probabilities `ref` ([chosen, rejected] per pair); and
+    chosen_logp_accuracy: the share of pairs whose chosen response `model` itself finds more likely (the
+    measure that also applies to the reference and the base model, whose implicit rewards are 0)."""
     wrapper = PolicyLogps(model).eval()
     dev = next(model.parameters()).device
-    correct, margin = 0.0, 0.0
+    correct, margin, own = 0.0, 0.0, 0.0
     with torch.no_grad():
         for s in range(0, len(pairs), batch):
             b = collate_pairs(pairs[s : s + batch], pad_id)
@@ -173,5 +183,16 @@ def preference_scores(
             out = dpo_loss(pc, pj, r[:, 0], r[:, 1], beta)  # rewards do not depend on the loss kind
             correct += float(out.accuracy.sum())
             margin += float(out.margin.sum())
+            own += float((pc > pj).sum())
     n = max(len(pairs), 1)
-    return {"preference_accuracy": correct / n, "reward_margin": margin / n, "preference_pairs": len(pairs)}
+    return {
+        "preference_accuracy": correct / n,
+        "reward_margin": margin / n,
+        "chosen_logp_accuracy": own / n,
+        "preference_pairs": len(pairs),
+    }
+
+
+def chosen_logp_accuracy(logps: Sequence[Sequence[float]]) -> float:
+    """The share of [chosen, rejected] log-probability pairs in which chosen is the more likely."""
+    return sum(c > r for c, r in logps) / max(len(logps), 1)

@@ -9,9 +9,11 @@ training held out) computes, for the base model *and* the trained one:
 - ROUGE-L and exact match (eval_metrics.py) of greedy generations for the first eval.maxSamples examples:
   the prompt is everything before the example's last labelled span, the reference is that span's text.
 
-With spec.alignment the trained model is the aligned one (aligned/, Layout.final_weights), and the trained
-results add preference_accuracy and reward_margin on the held-out pairs, against the reference
-log-probabilities the align stage stored (docs/alignment.md, "Eval and gates").
+With spec.alignment the trained model is the aligned one (aligned/, Layout.final_weights): the SFT result it
+started from is evaluated too (a second adapter on the same base model, or model/ for `full`), and the
+trained results add preference_accuracy and reward_margin on the held-out pairs, against the reference
+log-probabilities the align stage stored, plus each model's own chosen_logp_accuracy (docs/alignment.md,
+"Eval and gates").
 
 Writes eval/results.json (plus `status`, shaped like SFTJob status.evalResults) and eval/samples.jsonl, then
 checks spec.eval.gates against the trained model: exit 0 when they hold (and the termination message, if
@@ -25,6 +27,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +43,7 @@ from sftjob_api.storage import Store, open_store
 from sftjob_api.trainer_config import TrainerConfig
 
 from .data import IGNORE, Example
-from .dpo import load_pairs, pairs_digest, preference_scores
+from .dpo import chosen_logp_accuracy, load_pairs, pairs_digest, preference_scores
 from .eval_metrics import generation_scores, loss_summary
 from .loss import SelectiveLossLM
 from .metrics import log_json
@@ -175,41 +179,79 @@ def metrics_of(res: dict[str, Any]) -> EvalMetrics:
     return EvalMetrics.model_validate({k: res.get(k) for k in EvalMetrics.model_fields})
 
 
-def load_models(cfg: TrainerConfig, store: Store, work: str) -> tuple[Any, Any, Any]:
-    """(trained model, tokenizer, context manager factory giving the base model's behaviour)."""
+@dataclass(frozen=True)
+class Models:
+    """The model under test and views of the models it is compared with. An adapter run holds one base
+    model: the base is the adapter disabled, the SFT result (with spec.alignment) a second adapter on it."""
+
+    trained: Any
+    tok: Any
+    as_base: Callable[[], ContextManager[Any]]
+    as_sft: Callable[[], ContextManager[Any]] | None  # None: no alignment, the trained model is the SFT one
+
+
+def fetch_weights(store: Store, key: str, work: str) -> str:
+    local = os.path.join(work, key)
+    if not store.download_dir(key, local):
+        raise PermanentError(f"nothing under {key}/: did the stage that writes it finish?")
+    return local
+
+
+def as_is(model: Any) -> Callable[[], ContextManager[Any]]:
+    @contextlib.contextmanager
+    def view() -> Iterator[Any]:
+        yield model
+
+    return view
+
+
+def with_adapter(model: Any, name: str) -> Callable[[], ContextManager[Any]]:
+    """A view of a PeftModel with the adapter `name` active instead of the default one."""
+
+    @contextlib.contextmanager
+    def view() -> Iterator[Any]:
+        model.set_adapter(name)
+        try:
+            yield model
+        finally:
+            model.set_adapter("default")
+
+    return view
+
+
+def load_models(cfg: TrainerConfig, store: Store, work: str) -> Models:
     on_gpu = torch.cuda.is_available()
     dtype = weights_dtype(cfg.method, on_gpu)
     base_dir = model_dir(cfg)
     tok = config_tokenizer(cfg, base_dir)
-    weights = Layout.final_weights(cfg)  # aligned/ when the spec aligns
-    trained_dir = os.path.join(work, weights)
-    if not store.download_dir(weights, trained_dir):
-        raise PermanentError(f"nothing under {weights}/: did training finish?")
-    model = load_trained(cfg, base_dir, trained_dir, dtype).eval()
+    model = load_trained(cfg, base_dir, fetch_weights(store, Layout.final_weights(cfg), work), dtype).eval()
+    # with alignment, training's result (adapter/ or model/) is the SFT model the aligned one started from
+    sft_dir = (
+        fetch_weights(store, Layout.weights(cfg.method.type), work) if cfg.alignment is not None else None
+    )
     if cfg.method.type == "full":
         base = load_base(base_dir, cfg.method, dtype, cfg.model.trust_remote_code).eval()
+        sft = load_base(sft_dir, cfg.method, dtype, cfg.model.trust_remote_code).eval() if sft_dir else None
         if on_gpu:  # 4-bit models are placed on the GPU by transformers; full precision ones are not
             base, model = base.to("cuda"), model.to("cuda")
-
-        @contextlib.contextmanager
-        def as_base() -> Any:
-            yield base
-
-        return model, tok, as_base
+            sft = sft.to("cuda") if sft is not None else None
+        return Models(model, tok, as_is(base), as_is(sft) if sft is not None else None)
     if on_gpu and cfg.method.type != "qlora":  # 4-bit models are already there (transformers places them)
         model = model.to("cuda")
+    if sft_dir is not None:
+        model.load_adapter(sft_dir, adapter_name="sft")
 
     @contextlib.contextmanager
-    def as_base_adapter() -> Any:
+    def as_base_adapter() -> Iterator[Any]:
         with model.disable_adapter():
             yield model
 
-    return model, tok, as_base_adapter
+    return Models(model, tok, as_base_adapter, with_adapter(model, "sft") if sft_dir else None)
 
 
-def held_out_preferences(cfg: TrainerConfig, store: Store, model: Any, tok: Any) -> dict[str, Any]:
-    """preference_accuracy and reward_margin of the aligned model on the held-out pairs, against the
-    reference log-probabilities the align stage stored for exactly these pairs."""
+def held_out_pairs(cfg: TrainerConfig, store: Store, tok: Any) -> tuple[list[Any], list[list[float]]]:
+    """The held-out preference pairs and the reference (SFT) log-probabilities the align stage stored for
+    exactly these pairs ([chosen, rejected] each)."""
     assert cfg.alignment is not None
     ref = store.read_json(Layout.ALIGN_REFERENCE)
     if ref is None:
@@ -220,10 +262,7 @@ def held_out_preferences(cfg: TrainerConfig, store: Store, model: Any, tok: Any)
             f"the held-out preference pairs differ from those {Layout.ALIGN_REFERENCE} was computed for"
             " (spec.alignment.dataset changed after the align stage?)"
         )
-    if not pairs:
-        return {}
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return preference_scores(model, pairs, ref["eval"], cfg.alignment.beta, pad)
+    return pairs, ref["eval"]
 
 
 def main(cfg: TrainerConfig) -> int:
@@ -233,7 +272,8 @@ def main(cfg: TrainerConfig) -> int:
     tracker = Tracker(cfg, store, Stage.EVAL)
     work = os.path.join(cfg.runtime.work_dir, "eval")
     shutil.rmtree(work, ignore_errors=True)
-    model, tok, as_base = load_models(cfg, store, work)
+    models = load_models(cfg, store, work)
+    model, tok = models.trained, models.tok
     data = prepare_eval(cfg, tok)
     examples = data.eval
     log_json("eval_data", curated_key=data.key, curated_reused=data.reused)
@@ -244,18 +284,35 @@ def main(cfg: TrainerConfig) -> int:
     log_json(
         "eval_start", examples=len(examples), generate=min(ev.max_samples, len(examples)), metrics=metrics
     )
-    with as_base() as base:
+    pairs, ref_logps = held_out_pairs(cfg, store, tok) if cfg.alignment is not None else ([], [])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    beta = cfg.alignment.beta if cfg.alignment is not None else 0.0
+    with models.as_base() as base:
         base_res, base_preds = evaluate_model(base, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
+        if pairs:  # only the base's own preference: its rewards against the SFT reference mean little
+            own = preference_scores(base, pairs, ref_logps, beta, pad)["chosen_logp_accuracy"]
+            base_res["chosen_logp_accuracy"] = own
     log_json("eval_base", **base_res)
+    sft_res: dict[str, Any] | None = None
+    sft_preds: list[str] = []
+    if models.as_sft is not None:
+        with models.as_sft() as sft:
+            sft_res, sft_preds = evaluate_model(
+                sft, tok, examples, metrics, ev.max_samples, ev.max_new_tokens
+            )
+        if pairs:  # the SFT model is the reference: rewards 0, its own preference from the stored logps
+            sft_res.update(chosen_logp_accuracy=chosen_logp_accuracy(ref_logps), reward_margin=0.0)
+        log_json("eval_sft", **sft_res)
     trained_res, preds = evaluate_model(model, tok, examples, metrics, ev.max_samples, ev.max_new_tokens)
-    if cfg.alignment is not None:
-        trained_res.update(held_out_preferences(cfg, store, model, tok))
+    if pairs:
+        trained_res.update(preference_scores(model, pairs, ref_logps, beta, pad))
     log_json("eval_trained", **trained_res)
     trained = metrics_of(trained_res)
     failed = ev.gates.failures(trained) if ev.gates else []
     status = EvalResults(**dict(trained), gates_passed=not failed, failed_gates=failed)
     results = {
         "base": base_res,
+        **({"sft": sft_res} if sft_res is not None else {}),
         "trained": trained_res,
         "gates": ev.gates.model_dump(mode="json", exclude_none=True) if ev.gates else {},
         "gates_passed": not failed,
@@ -273,6 +330,7 @@ def main(cfg: TrainerConfig) -> int:
                 "prompt": tok.decode(p.prompt_ids, skip_special_tokens=False),
                 "reference": tok.decode(p.reference_ids, skip_special_tokens=True),
                 "base": base_preds[i] if i < len(base_preds) else None,
+                **({"sft": sft_preds[i] if i < len(sft_preds) else None} if models.as_sft else {}),
                 "trained": preds[i],
             }
         )

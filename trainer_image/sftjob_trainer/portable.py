@@ -5,11 +5,12 @@ Adam moments, through DeepSpeed's `safe_get_full_fp32_param` / `safe_get_full_op
 and bf16; deepspeed/utils/tensor_fragment.py), and written as one safetensors file. Any number of ranks loads
 it back with the `safe_set_*` counterparts, each rank keeping its own partition. One CPU rank runs without
 ZeRO (speed.effective_zero_stage): there the parameter is its own master copy and the moments sit in the
-torch optimizer's state.
+torch optimizer's state. bitsandbytes' 8-bit AdamW's moments travel the same way, as fp32 (bnb_state.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from collections.abc import Mapping
@@ -17,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import bnb_state
 
 STATE_FILE = "adapter_state.safetensors"
 MOMENTS = ("exp_avg", "exp_avg_sq")  # torch.optim.AdamW's state keys
@@ -27,7 +30,7 @@ def trainable(module: Any) -> list[tuple[str, Any]]:
     return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
-def _base(engine: Any) -> Any:
+def base(engine: Any) -> Any:
     """The torch optimizer under DeepSpeed's wrapper (ZeRO keeps its state on flat fp32 partitions)."""
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
@@ -40,31 +43,39 @@ def _plain(p: Any) -> bool:
 
 def gather(engine: Any) -> dict[str, torch.Tensor]:
     """Every trainable tensor and its Adam moments, whole, fp32, on CPU (collective under ZeRO-3)."""
+    out: dict[str, torch.Tensor] = {}
+    opt = base(engine)
+    eight_bit = bnb_state.float_moments(opt) if bnb_state.is_bnb(opt) else contextlib.nullcontext()
+    with eight_bit:
+        for name, p in trainable(engine.module):
+            out.update(_gathered(opt, name, p))
+    return out
+
+
+def _gathered(opt: Any, name: str, p: Any) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    out: dict[str, torch.Tensor] = {}
-    base = _base(engine)
-    for name, p in trainable(engine.module):
-        if _plain(p):
-            st = base.state.get(p, {})
-            got = {"param": p.detach(), **{k: st[k] for k in MOMENTS if k in st}}
-        else:
-            got = {"param": safe_get_full_fp32_param(p)}
-            got.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
-        for kind, t in got.items():
-            if t is not None:
-                out[f"{kind}/{name}"] = t.detach().float().cpu().clone().contiguous()
-    return out
+    if _plain(p):
+        st = opt.state.get(p, {})
+        got = {"param": p.detach(), **{k: st[k] for k in MOMENTS if k in st}}
+    else:
+        got = {"param": safe_get_full_fp32_param(p)}
+        got.update({k: safe_get_full_optimizer_state(p, k) for k in MOMENTS})
+    return {
+        f"{kind}/{name}": t.detach().float().cpu().clone().contiguous()
+        for kind, t in got.items()
+        if t is not None
+    }
 
 
 def _init_adam_state(engine: Any) -> None:
     """Adam's state as its first step would create it, so the saved moments have somewhere to go: DeepSpeed
     creates none before the first step. ZeRO-3 lists its flat fp32 partitions in the optimizer's param
     groups only around its own step, so they are taken from it directly."""
-    base = _base(engine)
+    opt = base(engine)
     flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    for fp in flat if flat is not None else [p for g in base.param_groups for p in g["params"]]:
-        st = base.state[fp]
+    for fp in flat if flat is not None else [p for g in opt.param_groups for p in g["params"]]:
+        st = opt.state[fp]
         if not st:
             st["step"] = torch.tensor(0.0)
             st.update({k: torch.zeros_like(fp, memory_format=torch.preserve_format) for k in MOMENTS})
@@ -86,13 +97,19 @@ def _z3_set(p: Any, value: torch.Tensor, key: str | None) -> None:
         opt._optimizer_states_and_gradient_swap_out(group)
 
 
-def scatter(engine: Any, tensors: Mapping[str, torch.Tensor], steps: int | None) -> None:
+def scatter(
+    engine: Any,
+    tensors: Mapping[str, torch.Tensor],
+    steps: int | None,
+    raw_8bit: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Load what `gather` saved (or, with steps=None, only the weights: a warm start) into this rank's
-    partitions: the module's parameters, DeepSpeed's fp32 master copies and the optimizer's moments."""
+    partitions: the module's parameters, DeepSpeed's fp32 master copies and the optimizer's moments
+    (`raw_8bit`: an 8-bit optimizer's own state of this rank, saved at this world size: bnb_state.py)."""
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    base = _base(engine)
+    opt = base(engine)
     if steps is not None:
         _init_adam_state(engine)
     moments = MOMENTS if steps is not None else ()
@@ -110,10 +127,14 @@ def scatter(engine: Any, tensors: Mapping[str, torch.Tensor], steps: int | None)
                 safe_set_full_optimizer_state(p, tensors[f"{k}/{name}"].to(engine.device), k)
         else:  # no ZeRO, fp32: the parameter is its own master copy
             for k in moments:
-                base.state[p][k].copy_(tensors[f"{k}/{name}"].view_as(p))
-    if steps is not None:
-        for st in base.state.values():
-            st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(steps))
+                opt.state[p][k].copy_(tensors[f"{k}/{name}"].view_as(p))
+    if steps is None:
+        return
+    if bnb_state.is_bnb(opt):
+        bnb_state.quantize_into(engine, opt, steps, raw_8bit)
+        return
+    for st in opt.state.values():
+        st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(steps))
 
 
 def continue_schedule(sched: Any, steps: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,9 +125,8 @@ def resume(s: Setup) -> TrainState:
 def train_step(s: Setup, state: TrainState, ordered: list[Row], offset: int) -> StepResult:
     """One optimizer step over the global batch that starts at row `offset` of the epoch's order.
 
-    The host waits for the device once, at the end (`tolist`): losses add up on the device, the label
-    count is all-reduced there before the first micro-batch (the loss scale stays a device tensor), and
-    the loss sum, stop votes and grad norm come back together."""
+    The host waits for the device once, at the end (`finish_step`): losses add up on the device and the
+    label count is all-reduced there before the first micro-batch (the loss scale stays a device tensor)."""
     t0 = time.monotonic()
     env, plan, dev = s.env, s.plan, torch.device(s.engine.device or "cpu")
     mbs = micro_batches_for(env.rank, env.world_size, offset, ordered, s.lengths, plan.micro, plan.accum)
@@ -137,10 +136,10 @@ def train_step(s: Setup, state: TrainState, ordered: list[Row], offset: int) -> 
         )
     pad_id = s.tok.pad_token_id if s.tok.pad_token_id is not None else 0
     local_labels, local_real = step_counts(mbs, s.examples)
-    counts = on_device([float(local_labels), float(local_real)], dev)
-    dist.all_reduce(counts)  # [labels, real tokens] of the global batch
+    labels = on_device([float(local_labels)], dev)
+    dist.all_reduce(labels)  # of the global batch
     # float32 like the loss, as when the scale was a Python number
-    scale = (plan.accum * env.world_size / counts[0].clamp(min=1.0)).float()
+    scale = (plan.accum * env.world_size / labels[0].clamp(min=1.0)).float()
     lr = s.sched.get_last_lr()[0]
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
     for b in device_batches(mbs, s.examples, pad_id, dev):
@@ -148,20 +147,42 @@ def train_step(s: Setup, state: TrainState, ordered: list[Row], offset: int) -> 
         s.engine.backward(out * scale)
         s.engine.step()
         loss_sum += out.detach()
-    votes = torch.cat([loss_sum.reshape(1), on_device([float(s.stop.requested)], dev)])
-    dist.all_reduce(votes)  # [loss sum, ranks asked to stop]
+    return finish_step(s, t0, lr, loss_sum.reshape(1), local_real, labels)
+
+
+def finish_step(
+    s: Setup,
+    t0: float,
+    lr: float,
+    sums: torch.Tensor,
+    local_real: int,
+    per: torch.Tensor,
+    stat_names: Sequence[str] = (),
+) -> StepResult:
+    """The end of every stage's optimizer step: one all-reduce of this rank's [loss sum, *stat sums, stop
+    vote, real tokens], the grad norm, and one host sync for all of them. `sums` are float64 on the
+    device; the step's loss and stats are their global totals divided by `per`, a global count already
+    on the device (the batch's labels, or its pairs)."""
+    dev = sums.device
+    votes = torch.cat([sums, on_device([float(s.stop.requested), float(local_real)], dev)])
+    dist.all_reduce(votes)  # [loss, *stats, ranks asked to stop, real tokens] of the global batch
     gn = s.engine.get_global_grad_norm()
     tail = [gn.detach().double().reshape(1).to(dev)] if isinstance(gn, torch.Tensor) else []
-    tot_loss, stop_votes, n_labels, tot_real, *gn_dev = torch.cat([votes, counts, *tail]).tolist()
+    values = torch.cat([votes, per.double().reshape(1), *tail]).tolist()
+    n = len(sums)
+    tot_loss, *stat_sums = values[:n]
+    stop_votes, tot_real, count = values[n : n + 3]
+    gn_dev, count = values[n + 3 :], max(count, 1.0)
     grad_norm = gn_dev[0] if gn_dev else (None if gn is None else float(gn))
     return StepResult(
-        tot_loss / max(n_labels, 1.0),
+        tot_loss / count,
         lr,
         grad_norm,
         int(tot_real),
         local_real,
         time.monotonic() - t0,
         stop_votes > 0,
+        dict(zip(stat_names, (v / count for v in stat_sums), strict=True)),
     )
 
 

@@ -241,7 +241,7 @@ def setup(
     engine, _, _, sched = deepspeed.initialize(
         model=wrapper, optimizer=optimizer, lr_scheduler=make_sched, config=ds_config(plan.micro, plan.accum)
     )
-    portable_ok = cfg.method.type != "full" and t.optimizer == "adamw"
+    portable_ok = cfg.method.type != "full"  # lora/qlora, adamw or adamw_8bit (bnb_state.py)
     ident = checkpoint.Identity(
         run_id,
         {**fingerprint(cfg, data.key), **data.fingerprint},

@@ -2,7 +2,10 @@
 universal checkpoint (deepspeed/checkpoint/ds_to_universal.py; docs/recovery.md, "Formats").
 
 `convert` turns every rank's ZeRO partitions into one folder per parameter (`zero/<name>/fp32.pt`,
-`exp_avg.pt`, `exp_avg_sq.pt`) plus the optimizer's common state; `load` puts it into the engine:
+`exp_avg.pt`, `exp_avg_sq.pt`) plus the optimizer's common state. A checkpoint of one rank without ZeRO
+(stage 0) has no partitions: DeepSpeed's model-states file holds the whole module and the torch optimizer's
+state_dict, and `convert_unpartitioned` writes the same layout from it (the parameter names in the
+optimizer's order are recorded at save: `OPTIMIZER_PARAM_NAMES`). `load` puts either into the engine:
   - a ZeRO engine (stage >= 1, i.e. more than one rank): DeepSpeed's own universal loading, switched on for
     this one load (`checkpoint.load_universal` is read only inside `load_checkpoint`, never at initialize),
     each rank slicing its new partition out of the whole tensors; two of its slips are undone after the load
@@ -22,6 +25,8 @@ import sys
 from typing import Any
 
 import torch
+
+from sftjob_api.exit_codes import PermanentError
 
 ZERO = "zero"
 
@@ -44,10 +49,73 @@ def convert(src: str, out: str) -> None:
         main(args)
 
 
+# DeepSpeed's model-states file of a rank without ZeRO (stage 0), and the key our save adds to it
+UNPARTITIONED = "mp_rank_00_model_states.pt"
+OPTIMIZER_PARAM_NAMES = "sftjob_optimizer_param_names"
+_ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # what ZeRO-3's universal loader globs
+
+
+def optimizer_param_names(module: torch.nn.Module, optimizer: Any) -> list[str] | None:
+    """The module's name of each parameter in the optimizer's state_dict order (torch numbers them group by
+    group): saved with a stage-0 checkpoint, so that its state can be named per parameter later. None where
+    the optimizer steps other tensors (bf16: DeepSpeed's fp32 partitions, which ds_to_universal converts)."""
+    opt = getattr(optimizer, "optimizer", optimizer)
+    by_id = {id(p): n for n, p in module.named_parameters()}
+    names = [by_id.get(id(p)) for g in opt.param_groups for p in g["params"]]
+    return None if None in names else [n for n in names if n is not None]
+
+
+def client_state(engine: Any) -> dict[str, Any]:
+    """What a deepspeed-format save adds to DeepSpeed's model-states file: without ZeRO (one rank, fp32)
+    the parameter names in the optimizer's order, which nothing else records (`convert_unpartitioned`)."""
+    names = None if engine.zero_optimization() else optimizer_param_names(engine.module, engine.optimizer)
+    return {} if names is None else {OPTIMIZER_PARAM_NAMES: names}
+
+
+def convert_unpartitioned(src: str, out: str) -> None:
+    """The universal layout (as `convert` writes it) from a checkpoint of one rank without ZeRO: each
+    parameter's weights (the module's, fp32: the engine's master copy) and torch AdamW's moments, the
+    optimizer's step and param groups, and the model-states file (LR scheduler, counters) under the name
+    ZeRO-3's universal loader reads. Every tensor is copied, nothing recomputed."""
+    sd = torch.load(os.path.join(src, UNPARTITIONED), map_location="cpu", weights_only=False)
+    names, osd = sd.get(OPTIMIZER_PARAM_NAMES), sd.get("optimizer")
+    if not names or not osd:  # e.g. written before the names were recorded: it resumes at its own size
+        raise PermanentError(
+            f"{UNPARTITIONED} lacks the optimizer state or {OPTIMIZER_PARAM_NAMES}: this one-rank checkpoint"
+            " resumes on one rank only"
+        )
+    order = [i for g in osd["param_groups"] for i in g["params"]]
+    if len(order) != len(names):
+        raise PermanentError(
+            f"{UNPARTITIONED}: {len(names)} parameter names for {len(order)} optimizer entries"
+        )
+    for i, name in zip(order, names, strict=True):
+        d = os.path.join(out, ZERO, name)
+        os.makedirs(d)
+        state = osd["state"][i]
+        weights = sd["module"][name].float()
+        for key, t in (("fp32", weights), ("exp_avg", state["exp_avg"]), ("exp_avg_sq", state["exp_avg_sq"])):
+            if t.shape != weights.shape:
+                raise PermanentError(
+                    f"{name}: {key} has shape {tuple(t.shape)}, the weights {tuple(weights.shape)}"
+                )
+            torch.save({"param": t.float()}, os.path.join(d, f"{key}.pt"))
+    step = osd["state"][order[0]]["step"]
+    common = {"optimizer_state_dict": {"state": {0: {"step": step}}, "param_groups": osd["param_groups"]}}
+    torch.save(common, os.path.join(out, ZERO, "optimizer_state.pt"))
+    rest = {k: v for k, v in sd.items() if k not in ("optimizer", "module")}
+    torch.save({**rest, "module": None}, os.path.join(out, _ZERO3_MODEL_STATES))
+
+
 def loadable(engine: Any) -> bool:
     """Whether `load` can restore into this engine's optimizer: torch AdamW's state (adamw_8bit keeps
     quantized moments that the universal format does not carry as exp_avg/exp_avg_sq)."""
     return isinstance(getattr(engine.optimizer, "optimizer", engine.optimizer), torch.optim.AdamW)
+
+
+def zero3(engine: Any) -> bool:
+    """Whether the engine partitions its parameters (ZeRO-3): the loader `convert_unpartitioned` writes for."""
+    return bool(engine.zero_optimization_partition_weights())
 
 
 def load(engine: Any, folder: str, strict: bool) -> None:

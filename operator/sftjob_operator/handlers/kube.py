@@ -215,6 +215,44 @@ class Kube:
             if e.status != 404:
                 raise
 
+    def set_job_label(self, namespace: str, name: str, key: str, value: str) -> None:
+        try:
+            self.batch.patch_namespaced_job(
+                name, namespace, {"metadata": {"labels": {key: value}}}, _request_timeout=self.timeout
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def open_pod_gate(self, namespace: str, name: str, gate: str, annotations: dict[str, str]) -> None:
+        """Set `annotations` on a pod and remove its scheduling gate `gate` in one write (render/admission.py:
+        its container's env reads them, and no container exists before the pod is scheduled). Other gates
+        stay; a pod gone, or changed since it was read (409), is left to the next reconcile."""
+        try:
+            pod = self.api.sanitize_for_serialization(
+                self.core.read_namespaced_pod(name, namespace, _request_timeout=self.timeout)
+            )
+            gates = [g["name"] for g in (pod.get("spec") or {}).get("schedulingGates") or []]
+            if gate not in gates:
+                return
+            body = {
+                "metadata": {
+                    "annotations": annotations,
+                    "resourceVersion": pod["metadata"]["resourceVersion"],
+                },
+                "spec": {"schedulingGates": [{"name": g} for g in gates if g != gate]},
+            }
+            self.core.patch_namespaced_pod(
+                name,
+                namespace,
+                body,
+                _request_timeout=self.timeout,
+                _content_type="application/merge-patch+json",
+            )
+        except ApiException as e:
+            if e.status not in (404, 409):
+                raise
+
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete this very Job (uid precondition: never a newer one of the same name); foreground, so the Job
         object goes only after its pods are gone and a re-created group never overlaps the old one."""

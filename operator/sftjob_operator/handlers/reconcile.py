@@ -26,9 +26,10 @@ from sftjob_api.policy import policy_error
 
 from .. import metrics
 from ..render import phase as ph
+from ..render.admission import Admitted
 from ..render.bad_nodes import avoided_nodes
 from ..render.elastic import capacity_mark, group_size, render_probe_job, spec_at, stage_size
-from ..render.names import PROBE
+from ..render.names import GROUP_SIZE_GATE, LABEL_NODES, NNODES_ANNOTATION, PROBE
 from ..render.objects import SFTJobRef, render_stage_job
 from ..render.observation import (
     Observation,
@@ -251,6 +252,8 @@ class Reconciler:
         if decision.terminal:
             self.children.stop_unfinished(namespace, list(obs.jobs.values()))
         self._sync_probe(ref, obs, kids.probe, 0 if decision.terminal else obs.probe_pods, memo, body)
+        if obs.admitted is not None and not decision.terminal:
+            self._size_admitted(namespace, obs.jobs[Stage.TRAIN], obs.admitted, body, memo)
 
         # Write the status, then what must follow it.
         status = render_status(meta, obs, decision, now, meta.get("generation"))
@@ -337,6 +340,16 @@ class Reconciler:
         )
         self.kube.create(render_probe_job(train, ref.name, want))
         memo.created[PROBE] = time.monotonic()
+
+    def _size_admitted(self, namespace: str, job: JobObs, admitted: Admitted, body: Obj, memo: Memo) -> None:
+        """A train Job Kueue admitted (render/admission.py): its size label first (a retry after a crash
+        finds it set and only opens the pods left), then each gated pod gets the size and its gate removed."""
+        if admitted.relabel and memo.sized != (job.uid, admitted.nodes):
+            self.kube.set_job_label(namespace, job.name, LABEL_NODES, str(admitted.nodes))
+            self.kube.post_event(body, "Normal", "GroupAdmitted", admitted.message)
+            memo.sized = (job.uid, admitted.nodes)
+        for pod in admitted.open:
+            self.kube.open_pod_gate(namespace, pod, GROUP_SIZE_GATE, {NNODES_ANNOTATION: str(admitted.nodes)})
 
     def _sync_suspend(self, ref: SFTJobRef, spec: SFTJobSpec, obs: Observation, memo: Memo) -> None:
         """spec.suspend onto every live stage Job (Kueue's Jobs through their Workload)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from sftjob_api.scheduling import split_child_only
 
-from ..render.names import COMPLETION_INDEX_LABEL
+from ..render.names import COMPLETION_INDEX_LABEL, KUEUE_MIN_PARALLELISM
 from ..render.recovery import StepClock
 
 Obj = dict[str, Any]
@@ -34,10 +34,14 @@ def slim_job(body: Any) -> Obj:
             "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
+            "annotations": {
+                k: v for k, v in (meta.get("annotations") or {}).items() if k == KUEUE_MIN_PARALLELISM
+            },
         },
         "spec": {
             "suspend": body.get("spec", {}).get("suspend"),
             "completions": body.get("spec", {}).get("completions"),
+            "parallelism": body.get("spec", {}).get("parallelism"),
         },
         "status": json.loads(json.dumps(dict(body.get("status") or {}))),
     }
@@ -92,7 +96,12 @@ def slim_pod(body: Any) -> Obj:
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
-        "spec": {"nodeName": (body.get("spec") or {}).get("nodeName")},
+        "spec": {
+            "nodeName": (body.get("spec") or {}).get("nodeName"),
+            "schedulingGates": [
+                {"name": g.get("name")} for g in (body.get("spec") or {}).get("schedulingGates") or []
+            ],
+        },
         "status": {
             "phase": status.get("phase"),
             "reason": status.get("reason"),
@@ -118,6 +127,9 @@ class Memo:
     # (resourceVersion a status write started from, the SFTJob it returned): until the watch shows the write
     own_write: tuple[str, Obj] | None = None
     ttl_done: bool = False
+    # Kueue's partial admission: (train Job uid, the size label we wrote), until the watch shows it
+    # (render/admission.py): one label write and one Event per admission
+    sized: tuple[str, int] | None = None
     # Kueue: child Job name -> (its uid, the Workload spec.active we wrote) (handlers/kueue.py)
     workload_active: dict[str, tuple[str, bool]] = field(default_factory=dict)
     steps: StepClock = field(default_factory=StepClock)  # hang detection: when each step was first seen

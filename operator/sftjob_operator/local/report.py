@@ -11,11 +11,13 @@ ROWS = (
     ("perplexity", "perplexity", "lower"),
     ("rouge_l", "ROUGE-L", "higher"),
     ("exact_match", "exact match", "higher"),
-    # spec.alignment: the aligned model against the SFT reference (no base value)
-    ("preference_accuracy", "preference accuracy", "higher"),
+    # spec.alignment, on the held-out pairs: which response the model itself finds more likely (base, SFT,
+    # aligned), and the implicit reward beta * (policy - SFT) of the aligned model (0 for SFT by definition)
+    ("chosen_logp_accuracy", "prefers chosen (log-prob)", "higher"),
+    ("preference_accuracy", "preference accuracy (reward)", "higher"),
     ("reward_margin", "reward margin", "higher"),
 )
-PERCENT = ("rouge_l", "exact_match", "preference_accuracy")
+PERCENT = ("rouge_l", "exact_match", "preference_accuracy", "chosen_logp_accuracy")
 
 
 def _fmt(v: Any, key: str) -> str:
@@ -36,18 +38,29 @@ def _change(base: Any, trained: Any, key: str) -> str:
     return f"{100 * (trained - base) / base:+.1f}%"
 
 
-def eval_table(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(metric, base, trained, change) rows from eval/results.json."""
+def eval_header(results: dict[str, Any]) -> tuple[str, ...]:
+    """The columns of eval_table: with alignment (an "sft" entry) base / SFT / aligned, the change from SFT."""
+    if "sft" in results:
+        return ("metric", "base model", "SFT", "aligned", "aligned vs SFT")
+    return ("metric", "base model", "fine-tuned", "change")
+
+
+def eval_table(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Rows under eval_header(results) from eval/results.json."""
     base, trained = results.get("base") or {}, results.get("trained") or {}
-    out = []
+    sft = results.get("sft")
+    before = base if sft is None else sft  # what "change" is measured from
+    out: list[tuple[str, ...]] = []
     for key, label, _ in ROWS:
-        if key in base or key in trained:
+        if key in base or key in trained or (sft and key in sft):
+            middle = () if sft is None else (_fmt(sft.get(key), key),)
             out.append(
                 (
                     label,
                     _fmt(base.get(key), key),
+                    *middle,
                     _fmt(trained.get(key), key),
-                    _change(base.get(key), trained.get(key), key),
+                    _change(before.get(key), trained.get(key), key),
                 )
             )
     return out
@@ -134,7 +147,7 @@ def markdown_report(
         lines += [
             "## Evaluation (held-out data)",
             "",
-            markdown_table(("metric", "base model", "fine-tuned", "change"), eval_table(results)),
+            markdown_table(eval_header(results), eval_table(results)),
             "",
         ]
         if results.get("failed_gates"):

@@ -76,14 +76,16 @@ def print_summary(r: Run) -> None:
     if align:
         final = align.get("final") or {}
         echo(
-            f"alignment ({align.get('loss')} DPO, beta {align.get('beta')}): {align.get('steps')} steps, final"
+            f"alignment ({align.get('loss')} DPO, beta {align.get('beta')}"
+            + (f", SFT term {align['sft_loss_weight']}" if align.get("sft_loss_weight") else "")
+            + f"): {align.get('steps')} steps, final"
             f" loss {align.get('final_loss', float('nan')):.4f}, train reward accuracy"
             f" {final.get('reward_accuracy', float('nan')):.3f}, margin {final.get('reward_margin', float('nan')):.4f}"
         )
     if results:
         echo(
             report.render_table(
-                ("held-out metric", "base model", "fine-tuned", "change"), report.eval_table(results)
+                ("held-out metric", *report.eval_header(results)[1:]), report.eval_table(results)
             )
         )
         if results.get("failed_gates"):

@@ -107,7 +107,12 @@ def plan_resize(
     live = _live(train_pods)
     running = [p for p in live if p.phase == "Running"]
     wanted = group_size(spec, status)
-    if (train.nodes, train.gpus_per_node) != (wanted, gpus) and (train.suspended or not running):
+    kueue_sized = train.min_parallelism is not None and not train.suspended  # render/admission.py
+    if (
+        (train.nodes, train.gpus_per_node) != (wanted, gpus)
+        and (train.suspended or not running)
+        and not kueue_sized
+    ):
         what = "resources.gpusPerNode" if train.gpus_per_node != gpus else "resources.nodes"
         return Resize(wanted, f"{what} changed while the group was not running")
     elastic = spec.run_policy.elastic

@@ -15,9 +15,16 @@ KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
 # Set by the Job controller on every pod of an Indexed Job (also exported as JOB_COMPLETION_INDEX).
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-# On the train Job: the group's shape it was rendered at (render/elastic.py compares it with the wanted one).
+# On the train Job: the group's shape it was rendered at, or its size as Kueue admitted it (render/admission.py);
+# render/elastic.py compares it with the wanted one.
 LABEL_NODES = f"{GROUP}/nodes"
 LABEL_GPUS_PER_NODE = f"{GROUP}/gpus-per-node"
+# A Kueue-sized elastic group (render/admission.py): Kueue's partial admission of a batch/v1 Job, our
+# scheduling gate on its pods and the annotation that gives each pod the group's size (--nnodes).
+KUEUE_MIN_PARALLELISM = "kueue.x-k8s.io/job-min-parallelism"
+KUEUE_COMPLETIONS_EQUAL_PARALLELISM = "kueue.x-k8s.io/job-completions-equal-parallelism"
+GROUP_SIZE_GATE = f"{GROUP}/group-size"
+NNODES_ANNOTATION = f"{GROUP}/nnodes"
 # The stage label of an elastic run's capacity probe (render/elastic.py): not a stage of the run.
 PROBE = "probe"
 

@@ -14,7 +14,18 @@ from sftjob_api import STAGE_TABLE, SFTJobSpec, Stage
 from sftjob_api.exit_codes import PERMANENT_CODES
 from sftjob_api.stage_table import TRAINER_MODULE, Launch, StageRow, trainer_argv
 
-from .names import LABEL_GPUS_PER_NODE, LABEL_NODES, ChildNames, labels, owner_reference
+from .admission import NNODES_ENV, partial_min
+from .names import (
+    GROUP_SIZE_GATE,
+    KUEUE_COMPLETIONS_EQUAL_PARALLELISM,
+    KUEUE_MIN_PARALLELISM,
+    LABEL_GPUS_PER_NODE,
+    LABEL_NODES,
+    NNODES_ANNOTATION,
+    ChildNames,
+    labels,
+    owner_reference,
+)
 from .pod import (
     CONTAINER,
     MASTER_PORT,
@@ -148,8 +159,10 @@ def _group_job(row: StageRow, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOpti
     (render/elastic.py: spec_at)."""
     names = ChildNames(ref.name)
     res = spec.resources
+    # An elastic group under Kueue: Kueue picks the size, the operator tells each pod (render/admission.py).
+    least = partial_min(spec, ref.queued, row.stage, res.nodes)
     launch = Launch(
-        nnodes=res.nodes,
+        nnodes=res.nodes if least is None else f"$({NNODES_ENV})",
         nproc_per_node=max(res.gpus_per_node, 1),
         node_rank="$(JOB_COMPLETION_INDEX)",
         master_addr="$(MASTER_ADDR)",
@@ -160,13 +173,10 @@ def _group_job(row: StageRow, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOpti
         {"name": "MASTER_ADDR", "value": names.master_addr_of(row.stage) if multi_node else "127.0.0.1"},
         {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
         # Also injected by the Job controller; defined here so $(JOB_COMPLETION_INDEX) always expands.
-        {
-            "name": "JOB_COMPLETION_INDEX",
-            "valueFrom": {
-                "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
-            },
-        },
+        _annotation_env("JOB_COMPLETION_INDEX", "batch.kubernetes.io/job-completion-index"),
     ]
+    if least is not None:
+        extra_env.append(_annotation_env(NNODES_ENV, NNODES_ANNOTATION))
     subdomain = names.service_of(row.stage) if multi_node else None
     template = pod_template(ref, spec, opts, row, _command(row, launch), extra_env, subdomain)
     # backoffLimit 0: the first failed rank fails the Job, whose controller then stops the other ranks at once;
@@ -176,7 +186,17 @@ def _group_job(row: StageRow, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOpti
     job["metadata"]["labels"].update(
         {LABEL_NODES: str(res.nodes), LABEL_GPUS_PER_NODE: str(res.gpus_per_node)}
     )
+    if least is not None:
+        job["metadata"]["annotations"] = {
+            KUEUE_MIN_PARALLELISM: str(least),
+            KUEUE_COMPLETIONS_EQUAL_PARALLELISM: "true",
+        }
+        template["spec"]["schedulingGates"] = [{"name": GROUP_SIZE_GATE}]
     return job
+
+
+def _annotation_env(name: str, annotation: str) -> Obj:
+    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{annotation}']"}}}
 
 
 def render_stage_job(stage: Stage, ref: SFTJobRef, spec: SFTJobSpec, opts: RenderOptions) -> Obj:

@@ -16,6 +16,7 @@ from typing import Any
 from sftjob_api import STAGE_TABLE, SFTJobSpec, SFTJobStatus, SpecError, Stage, parse_spec, stages
 
 from . import phase as ph
+from .admission import Admitted, plan_admission
 from .elastic import plan_resize, probe_size, record_resize, resize_again, stage_size, world
 from .names import COMPLETION_INDEX_LABEL, LABEL_STAGE, PROBE, ChildNames
 from .observe import JobObs, PodObs, observe_job, observe_pod
@@ -99,6 +100,7 @@ class Observation:
     stuck: Stuck | None
     probe_pods: int = 0  # capacity probe pods wanted now (render/elastic.py)
     grow_held: str | None = None  # a grow that is due but waits for the hourly resize budget: why
+    admitted: Admitted | None = None  # a train Job Kueue admitted partially, to size (render/admission.py)
 
     @property
     def jobs(self) -> Mapping[Stage, JobObs]:
@@ -175,6 +177,10 @@ def observe(
     group = ph.group_stage(jobs, runs)
     group_job = jobs.get(group)
     ranks = stage_pods(pods, group)
+    admitted = plan_admission(spec, group_job, ranks) if ok and spec and group == Stage.TRAIN else None
+    if admitted is not None and group_job is not None:  # the Job as it runs: at the size Kueue admitted
+        group_job = replace(group_job, nodes=admitted.nodes)
+        jobs = {**jobs, group: group_job}
     if ok and spec is not None:
         restart = plan_restart(prev, spec.run_policy, group_job, ranks, stall, now, node_problems, group)
         # Elastic resizes are the training group's only (docs/recovery.md, "Elastic runs").
@@ -204,7 +210,9 @@ def observe(
         group_restart=restart.group_restart,
         restarts_exhausted=restart.exhausted,
     )
-    return Observation(phase, prev, spec, pods, restart, outcome, stuck if ok else None, probe, held)
+    return Observation(
+        phase, prev, spec, pods, restart, outcome, stuck if ok else None, probe, held, admitted
+    )
 
 
 def _with_resize(

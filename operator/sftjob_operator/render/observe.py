@@ -9,7 +9,7 @@ from typing import Any
 
 from sftjob_api.status import EvalResults
 
-from .names import LABEL_GPUS_PER_NODE, LABEL_NODES
+from .names import GROUP_SIZE_GATE, KUEUE_MIN_PARALLELISM, LABEL_GPUS_PER_NODE, LABEL_NODES
 
 Obj = dict[str, Any]
 
@@ -39,9 +39,14 @@ class JobObs:
     start_time: datetime | None = None
     uid: str = ""
     deleting: bool = False  # deletionTimestamp set (a group restart tears it down)
-    # The train Job's shape as rendered (labels; None on Jobs of operators before elastic runs).
+    # The train Job's shape as rendered, or as Kueue admitted it (labels; None on Jobs of operators before
+    # elastic runs).
     nodes: int | None = None
     gpus_per_node: int | None = None
+    # Kueue's partial admission (render/admission.py): the Job's parallelism and its min-parallelism
+    # annotation (None: admitted whole).
+    parallelism: int | None = None
+    min_parallelism: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -90,6 +95,8 @@ def observe_job(job: Obj) -> JobObs:
         deleting=bool(meta.get("deletionTimestamp")),
         nodes=_int_label(lab, LABEL_NODES),
         gpus_per_node=_int_label(lab, LABEL_GPUS_PER_NODE),
+        parallelism=int(spec["parallelism"]) if spec.get("parallelism") is not None else None,
+        min_parallelism=_int_label(meta.get("annotations") or {}, KUEUE_MIN_PARALLELISM),
     )
 
 
@@ -122,6 +129,7 @@ class PodObs:
     node: str | None = None  # spec.nodeName
     signal: int | None = None  # the container's terminated.signal (set when a signal ended its main process)
     finished_at: datetime | None = None  # the container's terminated.finishedAt
+    gated: bool = False  # held by the operator's scheduling gate until it sets the group's size
 
 
 def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
@@ -182,6 +190,9 @@ def observe_pod(pod: Obj, stage_label: str, index_label: str) -> PodObs:
         node=(pod.get("spec") or {}).get("nodeName") or None,
         signal=signal,
         finished_at=finished_at,
+        gated=any(
+            g.get("name") == GROUP_SIZE_GATE for g in (pod.get("spec") or {}).get("schedulingGates") or []
+        ),
     )
 
 

@@ -134,10 +134,10 @@ class Decision:
 def _start(obs: Observed, row: StageRow) -> Decision:
     """The decision when the stage's Job does not exist yet: it is created now (unless spec.suspend)."""
     if obs.suspend:
-        return Decision(SUSPENDED, Reason.SUSPENDED, row.waiting)
+        return Decision(SUSPENDED, Reason.SUSPENDED, row.waiting_in(obs.stages))
     if row.starts_pending:
-        return Decision(PENDING, Reason.CREATING, row.starting)
-    return Decision(row.phase, row.running, row.starting)
+        return Decision(PENDING, Reason.CREATING, row.starting_in(obs.stages))
+    return Decision(row.phase, row.running, row.starting_in(obs.stages))
 
 
 def _single_pod_stage(
