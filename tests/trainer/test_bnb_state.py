@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from sftjob_api.ports import free_port
-
 pytestmark = pytest.mark.trainer
 
 STEPS, MORE = 3, 2
@@ -42,17 +40,10 @@ def _weights(engine) -> list:
 
 
 @pytest.fixture
-def one_rank(monkeypatch):
+def one_rank(one_rank_in_process):
     import deepspeed
-    import torch.distributed as dist
 
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    dist.destroy_process_group()
 
 
 def test_8bit_state_resumes_exactly_at_the_same_size_and_within_requantization_elsewhere(one_rank):

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import pytest
 
-from sftjob_api.ports import free_port
-
 from .runner import make_config
 from .tiny import dataset_rows, write_jsonl
 
@@ -43,41 +41,32 @@ def _reference(model, examples, ids) -> tuple[float, int, int]:
 
 
 def test_logged_loss_and_tokens_equal_the_separate_forward_of_the_step_samples(
-    tiny_model_dir, tmp_path, monkeypatch
+    tiny_model_dir, tmp_path, one_rank_in_process
 ):
-    import torch.distributed as dist
-
     from sftjob_trainer.checkpoint import TrainState
     from sftjob_trainer.config import parse_config
     from sftjob_trainer.packing import epoch_order, micro_batches_for
     from sftjob_trainer.train import train_step
     from sftjob_trainer.train_setup import setup
 
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_RANK", "0")
     data = write_jsonl(str(tmp_path / "d.jsonl"), dataset_rows(120, seed=5))
     cfg = make_config(
         tiny_model_dir, data, str(tmp_path / "out"), str(tmp_path / "work"), global_batch=8, micro=1
     )
     s = setup(parse_config(cfg))
-    try:
-        assert (s.plan.micro, s.plan.accum) == (1, 8)  # 8 packed rows, one per micro-batch
-        assert len(s.rows) >= 3 * s.plan.rows_per_step  # three steps inside epoch 0
-        ordered = epoch_order(s.rows, cfg["training"]["seed"], 0)
-        state = TrainState()
-        for step in range(3):
-            offset = step * s.plan.rows_per_step
-            mbs = micro_batches_for(0, 1, offset, ordered, s.lengths, s.plan.micro, s.plan.accum)
-            ids = [i for mb in mbs for r in mb for i in r]
-            s.model.eval()  # the reference: dropout 0 anyway; eval only for transformers' own switches
-            want_loss, _, want_tokens = _reference(s.model, s.examples, ids)
-            s.engine.train()
-            r = train_step(s, state, ordered, offset)
-            state = TrainState(state.step + 1, state.samples + s.plan.rows_per_step, 0, r.loss)
-            assert r.tokens == r.local_tokens == want_tokens, step
-            assert r.loss == pytest.approx(want_loss, rel=1e-5), step
-        assert not r.stop
-    finally:
-        dist.destroy_process_group()
+    assert (s.plan.micro, s.plan.accum) == (1, 8)  # 8 packed rows, one per micro-batch
+    assert len(s.rows) >= 3 * s.plan.rows_per_step  # three steps inside epoch 0
+    ordered = epoch_order(s.rows, cfg["training"]["seed"], 0)
+    state = TrainState()
+    for step in range(3):
+        offset = step * s.plan.rows_per_step
+        mbs = micro_batches_for(0, 1, offset, ordered, s.lengths, s.plan.micro, s.plan.accum)
+        ids = [i for mb in mbs for r in mb for i in r]
+        s.model.eval()  # the reference: dropout 0 anyway; eval only for transformers' own switches
+        want_loss, _, want_tokens = _reference(s.model, s.examples, ids)
+        s.engine.train()
+        r = train_step(s, state, ordered, offset)
+        state = TrainState(state.step + 1, state.samples + s.plan.rows_per_step, 0, r.loss)
+        assert r.tokens == r.local_tokens == want_tokens, step
+        assert r.loss == pytest.approx(want_loss, rel=1e-5), step
+    assert not r.stop
