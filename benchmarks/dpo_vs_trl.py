@@ -34,12 +34,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from trainer_throughput import MODEL, median, vm_hwm  # noqa: E402
+from trainer_throughput import MODEL, median, token_clock, vm_hwm  # noqa: E402
 
 EXAMPLE = HERE.parent / "examples" / "sftjob-sft-dpo.yaml"
 PAIRS = HERE.parent / "examples" / "data" / "preferences-train.jsonl"
@@ -138,7 +137,7 @@ def run_trl(steps: int, tmp: str, mode: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     from sftjob_trainer.model_cache import resolve
@@ -157,22 +156,7 @@ def run_trl(steps: int, tmp: str, mode: str) -> dict:
             for r in rows
         ]
     )
-    counted = {"tokens": 0}
-
-    def count(_m, args, kwargs):  # real tokens of forwards with gradients (not the reference's)
-        if not torch.is_grad_enabled():
-            return
-        am = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    marks: list[tuple[float, int]] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), counted["tokens"]))
-
+    clock, span = token_clock(model, grad_only=True)  # not the reference forwards
     fast = mode == "trl_fast"
     cfg = DPOConfig(
         output_dir=os.path.join(tmp, "trl"),
@@ -201,11 +185,10 @@ def run_trl(steps: int, tmp: str, mode: str) -> dict:
         r=R, lora_alpha=S["alpha"], lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM"
     )
     trainer = DPOTrainer(
-        model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[Clock()]
+        model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[clock]
     )
     trainer.train()
-    (t0, k0), (t1, k1) = marks[0], marks[-1]
-    return {"tokens": k1 - k0, "seconds": t1 - t0}
+    return span()
 
 
 def worker(mode: str, steps: int) -> None:

@@ -158,11 +158,42 @@ def run_ours(rows: list[dict], steps: int, gc: bool, tmp: str, policy: str, micr
     return {"tokens": sum(e["tokens"] for e in st), "seconds": sum(e["step_seconds"] for e in st)}
 
 
+def token_clock(model, grad_only: bool = False) -> tuple:
+    """(a transformers TrainerCallback, span): the callback marks (time, real tokens so far) at each optimizer
+    step's end, counting the tokens that enter `model` (padding excluded; with `grad_only`, only forwards
+    that carry gradients, not a reference model's); span() is {tokens, seconds} from the first mark to the
+    last (the first step is warm-up)."""
+    import torch
+    from transformers import TrainerCallback
+
+    counted = {"tokens": 0}
+
+    def count(_m, args, kwargs):
+        if grad_only and not torch.is_grad_enabled():
+            return
+        am = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    marks: list[tuple[float, int]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((time.perf_counter(), counted["tokens"]))
+
+    def span() -> dict:
+        (t0, k0), (t1, k1) = marks[0], marks[-1]
+        return {"tokens": k1 - k0, "seconds": t1 - t0}
+
+    return Clock(), span
+
+
 def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from sftjob_trainer.model_cache import resolve
@@ -179,20 +210,7 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
             for r in rows
         ]
     )
-    counted = {"tokens": 0}
-
-    def count(_m, args, kwargs):  # real tokens entering the model (padding excluded)
-        am = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        counted["tokens"] += int(am.sum()) if am is not None else int(ids.numel())
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
-    marks: list[tuple[float, int]] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), counted["tokens"]))
-
+    clock, span = token_clock(model)
     cfg = SFTConfig(
         output_dir=os.path.join(tmp, "trl"),
         per_device_train_batch_size=BATCH,
@@ -224,11 +242,10 @@ def run_trl(rows: list[dict], steps: int, gc: bool, tmp: str, mode: str) -> dict
         train_dataset=ds,
         processing_class=tok,
         peft_config=peft_cfg,
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     trainer.train()
-    (t0, k0), (t1, k1) = marks[0], marks[-1]
-    return {"tokens": k1 - k0, "seconds": t1 - t0}
+    return span()
 
 
 def worker(mode: str, dataset: str, steps: int, gc: bool, profile: bool = False) -> None:
